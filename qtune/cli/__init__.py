@@ -1,0 +1,1 @@
+"""The `qtune` command line."""

@@ -1,0 +1,132 @@
+"""The `qtune` command: tune | status | report | trial | operator."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qtune import __version__
+from qtune.spec import QtuneError, load_job
+
+logger = logging.getLogger("qtune")
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from qtune.cli.progress import RichProgress
+    from qtune.local import tune
+
+    console = Console(stderr=True)
+    job = load_job(args.job)
+    console.print(f"[bold]qtune[/bold] tuning [cyan]{job.name}[/cyan] ({job.spec.model.framework}, "
+                  f"strategy {job.spec.tuning.strategy}, up to {job.spec.tuning.max_trials} trials, "
+                  f"{job.spec.tuning.parallel_trials} at once)")
+    with RichProgress(console) as progress:
+        outcome = tune(job, args.job, output_dir=Path(args.output) if args.output else None,
+                       resume=args.resume, fresh=args.fresh, listener=progress)
+    best = outcome.best
+    colour = "green" if best else "red"
+    console.print(f"[{colour}]{outcome.outcome}[/{colour}] after {len(outcome.history.trials)} trials "
+                  f"in {outcome.elapsed_seconds:.1f}s (stopped: {outcome.stop_reason})")
+    if best is not None:
+        from qtune.tuning.session import objective_batch_size
+
+        batch = str(objective_batch_size(job.spec))
+        base = outcome.baseline.latency_ms.get(batch)
+        speedup = base / best.latency_ms[batch] if base and best.latency_ms.get(batch) else float("nan")
+        console.print(f"best: trial {best.index}, accuracy {best.accuracy:.4f} "
+                      f"(fp32 {outcome.baseline.accuracy:.4f}), {speedup:.2f}× faster at batch {batch}, "
+                      f"{len(best.config.fp32_ops())} ops in fp32")
+    console.print(f"output: {outcome.output_dir} (model/, best_config.json, history.json, report.html)")
+    return 0 if best is not None else 3
+
+
+def _status(args: argparse.Namespace) -> int:
+    from qtune.cli.status import print_status
+
+    return print_status(args.job)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from qtune.cli.status import regenerate_report
+
+    return regenerate_report(args.job, Path(args.output) if args.output else None)
+
+
+def _trial(argv: list[str]) -> int:
+    from qtune.runner.__main__ import main as runner_main
+
+    if not argv or argv[0] not in ("baseline", "trial"):
+        argv = ["trial", *argv]
+    return runner_main(argv)
+
+
+def _operator(argv: list[str]) -> int:
+    try:
+        from qtune.operator.main import main as operator_main
+    except ImportError as exc:
+        raise QtuneError(f"the operator needs the operator extra (pip install qtune[operator]): {exc}") from None
+    return operator_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtune", description="Accuracy-driven int8 tuning of ONNX Runtime and "
+                                     "PyTorch models, locally or on Kubernetes.")
+    parser.add_argument("--version", action="version", version=f"qtune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    tune = commands.add_parser("tune", help="tune a QuantizationJob on this machine")
+    tune.add_argument("job", help="job.yaml (kind QuantizationJob)")
+    tune.add_argument("-o", "--output", help="output folder (default spec.output.path or ./qtune-output/<name>)")
+    mode = tune.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its history")
+    mode.add_argument("--fresh", action="store_true", help="discard an earlier run of this job and start over")
+    tune.set_defaults(handler=_tune)
+
+    status = commands.add_parser("status", help="show the progress of a local run")
+    status.add_argument("job", help="job.yaml")
+    status.set_defaults(handler=_status)
+
+    report = commands.add_parser("report", help="write the report of a local run (also mid-run)")
+    report.add_argument("job", help="job.yaml")
+    report.add_argument("-o", "--output", help="folder for report.md / report.html (default: the workspace)")
+    report.set_defaults(handler=_report)
+
+    commands.add_parser("trial", help="run one trial or the baseline (what pods run); see `qtune trial -h`",
+                        add_help=False)
+    commands.add_parser("operator", help="run the Kubernetes operator; see `qtune operator -h`", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `trial` and `operator` pass their arguments through untouched
+    for position, word in enumerate(argv):
+        if word in ("trial", "operator"):
+            rest = argv[position + 1:]
+            try:
+                return _trial(rest) if word == "trial" else _operator(rest)
+            except QtuneError as exc:
+                print(f"qtune: error: {exc}", file=sys.stderr)  # noqa: T201
+                return 1
+        if not word.startswith("-"):
+            break
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except QtuneError as exc:
+        print(f"qtune: error: {exc}", file=sys.stderr)  # noqa: T201 - the one-line error a user reads
+        return 1
+    except KeyboardInterrupt:
+        print("qtune: interrupted; continue with --resume", file=sys.stderr)  # noqa: T201
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

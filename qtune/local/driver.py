@@ -1,0 +1,251 @@
+"""`qtune tune`: drive a whole job on this machine with the local executor.
+
+The workspace (default `<job dir>/.qtune/<job name>`) holds the state of a run: the space, the
+baseline, caches, one folder per trial, and `history.json` (saved after every change), so an
+interrupted run resumes with `--resume` without repeating a finished trial. The output folder
+is written only at the end, through a temporary folder, so it is never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from qtune.local.executor import LocalExecutor, cpu_slots
+from qtune.spec.errors import QtuneError
+from qtune.spec.load import resolve_path
+from qtune.spec.models import QuantizationJob
+from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
+from qtune.tuning.session import TuningSession
+from qtune.tuning.space import TuningSpace
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.json"
+JOB_FINGERPRINT_FILE = "job-fingerprint.json"
+
+
+class ProgressListener(Protocol):
+    def baseline_ready(self, baseline: Baseline, space: TuningSpace, max_trials: int) -> None: ...
+    def trial_started(self, record: TrialRecord) -> None: ...
+    def trial_finished(self, record: TrialRecord, best: TrialRecord | None, elapsed: float) -> None: ...
+
+
+@dataclass
+class TuneOutcome:
+    job: str
+    stop_reason: str
+    outcome: str
+    baseline: Baseline
+    space: TuningSpace
+    history: History
+    best: TrialRecord | None
+    output_dir: Path
+    workspace: Path
+    elapsed_seconds: float
+
+
+def default_workspace(job: QuantizationJob, job_file: Path) -> Path:
+    if job.spec.workspace.path:
+        return resolve_path(job_file, job.spec.workspace.path)
+    return job_file.resolve().parent / ".qtune" / job.name
+
+
+def default_output(job: QuantizationJob, job_file: Path) -> Path:
+    if job.spec.output.path:
+        return resolve_path(job_file, job.spec.output.path)
+    return Path.cwd() / "qtune-output" / job.name
+
+
+def _fingerprint(job: QuantizationJob) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one: model, data, quantization, tuning."""
+    spec = job.spec.model_dump(mode="json")
+    parts = {key: spec[key] for key in ("model", "data", "quantization", "benchmark")}
+    parts["tuning"] = {k: v for k, v in spec["tuning"].items()
+                       if k not in ("max_trials", "timeout_seconds", "parallel_trials", "max_failed_trials")}
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+            for key, value in parts.items()}
+
+
+def _check_resumable(workspace: Path, job: QuantizationJob) -> None:
+    stored = workspace / JOB_FINGERPRINT_FILE
+    if not stored.exists():
+        return
+    before, now = json.loads(stored.read_text()), _fingerprint(job)
+    changed = sorted(k for k in now if before.get(k) != now[k])
+    if changed:
+        raise QtuneError(
+            f"spec.{changed[0]} changed since the run in {workspace} started; "
+            "run with --fresh to start over (resuming would mix results of different jobs)"
+        )
+
+
+@contextmanager
+def _pinned(cpus: list[int]) -> Iterator[None]:
+    """Run the baseline benchmark on the same CPUs (and so thread count) a trial gets."""
+    try:
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, cpus)
+    except (AttributeError, OSError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _prepare(job: QuantizationJob, job_file: Path, workspace: Path, threads: int,
+             cpus: list[int]) -> tuple[TuningSpace, Baseline]:
+    from qtune.runner.baseline import run_baseline
+    from qtune.runner.context import JobContext
+
+    context = JobContext(job, job_file.resolve().parent, workspace, threads)
+    with _pinned(cpus):
+        return run_baseline(context)
+
+
+def _publish(outcome_dir: Path, history: History, best: TrialRecord | None, session: TuningSession,
+             job: QuantizationJob, stop_reason: str) -> None:
+    """Write the output folder atomically: build it beside the target, then swap it in."""
+    from qtune.report import write_report
+
+    outcome_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{outcome_dir.name}.", dir=outcome_dir.parent))
+    try:
+        history.save(staging / HISTORY_FILE)
+        if best is not None:
+            source = Path(best.model_path) if best.model_path else None
+            if source is not None and source.exists():
+                if source.is_dir():
+                    shutil.copytree(source, staging / "model")
+                else:
+                    (staging / "model").mkdir()
+                    for sibling in source.parent.iterdir():  # keeps external-data files beside the model
+                        if sibling.name.startswith(source.stem):
+                            shutil.copy2(sibling, staging / "model" / sibling.name)
+            write_json_atomic(staging / "best_config.json", {
+                "job": job.name, "trial": best.index, "accuracy": best.accuracy,
+                "baseline_accuracy": session.baseline.accuracy, "latency_ms": best.latency_ms,
+                "baseline_latency_ms": session.baseline.latency_ms, "model_size_bytes": best.model_size_bytes,
+                "tune_config": best.tune_config,
+            })
+        write_report(staging, job, session, history, best, stop_reason)
+        old = None
+        if outcome_dir.exists():
+            old = outcome_dir.with_name(f".{outcome_dir.name}.old-{os.getpid()}")
+            outcome_dir.rename(old)
+        staging.rename(outcome_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None = None, resume: bool = False,
+         fresh: bool = False, listener: ProgressListener | None = None,
+         workspace: Path | None = None) -> TuneOutcome:
+    """Tune a job on this machine. Raises QtuneError (one line) on bad input, before writing output."""
+    job_file = Path(job_file).resolve()
+    spec = job.spec
+    workspace = (workspace or default_workspace(job, job_file)).resolve()
+    output_dir = (output_dir or default_output(job, job_file)).resolve()
+    history_path = workspace / HISTORY_FILE
+
+    if fresh and workspace.exists():
+        shutil.rmtree(workspace)
+    if history_path.exists() and not resume:
+        raise QtuneError(
+            f"a run of job {job.name!r} already exists in {workspace}; "
+            "use --resume to continue it or --fresh to start over"
+        )
+    if resume:
+        _check_resumable(workspace, job)
+
+    created = not workspace.exists()
+    slots = cpu_slots(spec.tuning.parallel_trials)
+    threads = spec.benchmark.threads or len(slots[0])
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        space, baseline = _prepare(job, job_file, workspace, threads, slots[0])
+    except BaseException:
+        if created:
+            shutil.rmtree(workspace, ignore_errors=True)
+        raise
+    write_json_atomic(workspace / JOB_FINGERPRINT_FILE, _fingerprint(job))
+
+    history = History.load(history_path) if history_path.exists() else History(job=job.name)
+    history.baseline = baseline
+    history.stop_reason = None
+    session = TuningSession(spec, space, baseline, history)
+    if listener:
+        listener.baseline_ready(baseline, space, spec.tuning.max_trials)
+
+    executor = LocalExecutor(job_file, job_file.parent, workspace, spec.tuning.parallel_trials,
+                             float(spec.tuning.trial_timeout_seconds), spec.benchmark.threads)
+    run_started = time.monotonic()
+    base_elapsed = elapsed = history.elapsed_seconds
+
+    def save() -> None:
+        history.elapsed_seconds = elapsed
+        history.save(history_path)
+
+    stop_reason: str | None = None
+    try:
+        # trials an interrupted run left pending start again first, with their own index
+        queue = list(history.pending())
+        while True:
+            elapsed = base_elapsed + (time.monotonic() - run_started)
+            stop_reason = session.hard_stop(elapsed)
+            if stop_reason:
+                for index in executor.stop_all():
+                    session.fail(index, stop_reason, "stopped: the tuning ran out of its wall-clock limit"
+                                 if stop_reason == "Timeout" else f"stopped: {stop_reason}")
+                break
+            while queue and executor.free_slots() > 0:
+                record = queue.pop(0)
+                executor.start(record.index, record.tune_config)
+                if listener:
+                    listener.trial_started(record)
+            if not queue and executor.free_slots() > 0:
+                for record in session.start_trials(executor.free_slots()):
+                    executor.start(record.index, record.tune_config)
+                    if listener:
+                        listener.trial_started(record)
+                save()
+            if not executor.running:
+                stop_reason = session.finished_reason()
+                if stop_reason:
+                    break
+                if not queue:  # nothing running, nothing proposed: the strategy is waiting on nothing
+                    stop_reason = "SearchExhausted"
+                    break
+            for index, result in executor.poll(wait=0.5):
+                record = session.record_result(index, result)
+                elapsed = base_elapsed + (time.monotonic() - run_started)
+                save()
+                if listener:
+                    listener.trial_finished(record, session.best(), elapsed)
+    except BaseException:
+        executor.stop_all()  # interrupted: killed trials stay pending and run again on --resume
+        elapsed = base_elapsed + (time.monotonic() - run_started)
+        save()
+        raise
+    elapsed = base_elapsed + (time.monotonic() - run_started)
+    history.stop_reason = stop_reason
+    save()
+    best = session.best()
+    _publish(output_dir, history, best, session, job, stop_reason)
+    return TuneOutcome(job.name, stop_reason, session.outcome(stop_reason), baseline, space, history, best,
+                       output_dir, workspace, elapsed)

@@ -1,0 +1,1 @@
+"""Runs one trial (or the baseline step) end to end, in-process or as `python -m qtune.runner`."""

@@ -1,0 +1,72 @@
+"""The baseline step of a job, run once: fp32 accuracy and latency, the tuning space (capability
+intersected with the spec, fused patterns, op sensitivity) and the fp32 reference outputs.
+
+Its files in the workspace are what every trial and the strategy read; a resumed run or a
+restarted operator finds them there and does not redo this step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from qtune.runner.context import BASELINE_FILE, REFERENCE_FILE, SPACE_FILE, JobContext
+from qtune.tuning.history import Baseline, write_json_atomic
+from qtune.tuning.space import TuningSpace, build_space
+
+logger = logging.getLogger(__name__)
+
+
+def measure_latency(context: JobContext, model: object) -> tuple[dict[str, float], dict[str, float]]:
+    bench = context.spec.benchmark
+    p50: dict[str, float] = {}
+    p90: dict[str, float] = {}
+    for size, batch in context.benchmark_batches().items():
+        stats = context.adaptor.benchmark(model, batch, bench.warmup_runs, bench.runs, context.benchmark_threads)
+        p50[str(size)], p90[str(size)] = stats.p50_ms, stats.p90_ms
+    return p50, p90
+
+
+def compute_space(context: JobContext) -> TuningSpace:
+    adaptor, model = context.adaptor, context.model
+    capability = adaptor.query_fw_capability(model)
+    patterns = adaptor.query_fused_patterns(model)
+    samples = len(context.calibration_set)
+    space = build_space(capability, context.spec.quantization, patterns, samples)
+    started = time.perf_counter()
+    sensitivity = adaptor.op_sensitivity(model, space.default_config().to_dict(), context.calibration_set)
+    space.sensitivity = {name: float(sensitivity.get(name, 0.0)) for name in space.ops}
+    logger.info("op sensitivity of %d ops measured in %.1fs", len(space.ops), time.perf_counter() - started)
+    for name, note in space.notes.items():
+        logger.info("capability note: %s: %s", name, note)
+    return space
+
+
+def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
+    """Compute (or reuse) the space and the baseline of a job."""
+    workspace = context.workspace
+    if (workspace / SPACE_FILE).exists() and (workspace / BASELINE_FILE).exists():
+        return context.load_space(), context.load_baseline()
+    started = time.perf_counter()
+    model = context.model
+    metric = context.new_metric()
+    if metric.needs_reference:
+        reference = context.adaptor.predict(model, context.evaluation_loader(), context.spec.data.evaluation.output)
+        np.save(workspace / REFERENCE_FILE, np.asarray(reference))
+    accuracy = context.adaptor.evaluate(model, context.targets_loader(), metric=metric)
+    p50, p90 = measure_latency(context, model)
+    space = compute_space(context)
+    baseline = Baseline(
+        accuracy=float(accuracy),
+        latency_ms=p50,
+        latency_p90_ms=p90,
+        model_size_bytes=int(context.adaptor.model_size(model)),
+        seconds=time.perf_counter() - started,
+    )
+    write_json_atomic(workspace / SPACE_FILE, space.to_dict())
+    write_json_atomic(workspace / BASELINE_FILE, asdict(baseline))
+    logger.info("baseline: accuracy %.4f, %d quantizable ops", baseline.accuracy, len(space.ops))
+    return space, baseline

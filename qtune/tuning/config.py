@@ -1,0 +1,126 @@
+"""Tune configs: plain, JSON-serialisable data that travels to worker processes, pods and status.
+
+A tune config says, per quantizable op (keyed by op name), the activation and weight settings,
+`dtype: fp32` meaning the op stays in fp32 (fallback). The approach (static/dynamic) and format
+(QDQ/QOperator) are model-wise, as ONNX Runtime and torch apply them to a whole graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """Quantization of one tensor role. For dtype fp32 the other fields are meaningless (None)."""
+
+    dtype: str
+    scheme: str | None = None
+    granularity: str | None = None
+    algorithm: str | None = None
+    reduce_range: bool = False
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.dtype == FP32
+
+    @classmethod
+    def fp32(cls) -> TensorConfig:
+        return cls(dtype=FP32)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorConfig:
+        return cls(
+            dtype=data["dtype"],
+            scheme=data.get("scheme"),
+            granularity=data.get("granularity"),
+            algorithm=data.get("algorithm"),
+            reduce_range=bool(data.get("reduce_range", False)),
+        )
+
+
+@dataclass(frozen=True)
+class OpConfig:
+    op_type: str
+    activation: TensorConfig
+    weight: TensorConfig | None = None
+
+    @property
+    def is_fp32(self) -> bool:
+        return self.activation.is_fp32 and (self.weight is None or self.weight.is_fp32)
+
+    def as_fp32(self) -> OpConfig:
+        return OpConfig(self.op_type, TensorConfig.fp32(), None if self.weight is None else TensorConfig.fp32())
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op_type": self.op_type, "activation": asdict(self.activation)}
+        if self.weight is not None:
+            out["weight"] = asdict(self.weight)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OpConfig:
+        weight = data.get("weight")
+        return cls(
+            op_type=data["op_type"],
+            activation=TensorConfig.from_dict(data["activation"]),
+            weight=TensorConfig.from_dict(weight) if weight else None,
+        )
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    approach: str
+    format: str
+    ops: dict[str, OpConfig]
+    calibration_sampling_size: int = 100
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def fp32_ops(self) -> list[str]:
+        return sorted(name for name, op in self.ops.items() if op.is_fp32)
+
+    def quantized_ops(self) -> list[str]:
+        return sorted(name for name, op in self.ops.items() if not op.is_fp32)
+
+    def with_ops(self, updates: dict[str, OpConfig]) -> TuneConfig:
+        return replace(self, ops={**self.ops, **updates})
+
+    def with_fallback(self, names: list[str] | set[str]) -> TuneConfig:
+        return self.with_ops({name: self.ops[name].as_fp32() for name in names if name in self.ops})
+
+    def algorithms(self) -> set[str]:
+        """Calibration algorithms this config needs (static activations only)."""
+        return {
+            op.activation.algorithm
+            for op in self.ops.values()
+            if not op.activation.is_fp32 and op.activation.algorithm
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "approach": self.approach,
+            "format": self.format,
+            "calibration_sampling_size": self.calibration_sampling_size,
+            "ops": {name: self.ops[name].to_dict() for name in sorted(self.ops)},
+            "extras": dict(sorted(self.extras.items())),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
+        return cls(
+            approach=data["approach"],
+            format=data["format"],
+            ops={name: OpConfig.from_dict(op) for name, op in data["ops"].items()},
+            calibration_sampling_size=int(data.get("calibration_sampling_size", 100)),
+            extras=dict(data.get("extras", {})),
+        )
+
+    def key(self) -> str:
+        """Stable identity of the config: equal configs have equal keys in every process."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,155 @@
+"""Trial records and the job history: the only state a tuning run has.
+
+Strategies are pure functions of (space, history), so the history alone lets a run resume after a
+crash, and lets the operator pick up a job after a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qtune.tuning.config import TuneConfig
+
+PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+
+
+@dataclass
+class Baseline:
+    accuracy: float
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    """p50 per batch size, keys are batch sizes as strings (JSON keys)."""
+    latency_p90_ms: dict[str, float] = field(default_factory=dict)
+    model_size_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class TrialRecord:
+    index: int
+    config_key: str
+    tune_config: dict[str, Any]
+    status: str = PENDING
+    accuracy: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    latency_p90_ms: dict[str, float] = field(default_factory=dict)
+    model_size_bytes: int | None = None
+    passed: bool | None = None
+    reason: str | None = None
+    """Why a trial failed: Crashed, Timeout, OOMKilled, MetricsUnavailable, ... plus a message."""
+    message: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds: calibration, quantize, evaluate, benchmark, total."""
+    model_path: str | None = None
+    proposed_by: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def config(self) -> TuneConfig:
+        return TuneConfig.from_dict(self.tune_config)
+
+    @property
+    def done(self) -> bool:
+        return self.status != PENDING
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCEEDED
+
+    def latency(self, batch_size: int | str | None = None) -> float | None:
+        if not self.latency_ms:
+            return None
+        key = str(batch_size) if batch_size is not None else max(self.latency_ms, key=int)
+        return self.latency_ms.get(key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class History:
+    job: str
+    baseline: Baseline | None = None
+    trials: list[TrialRecord] = field(default_factory=list)
+    stop_reason: str | None = None
+    started_at: float | None = None
+    elapsed_seconds: float = 0.0
+    """Tuning wall time spent by earlier runs of this job (resumes add to it)."""
+
+    def keys(self) -> set[str]:
+        return {t.config_key for t in self.trials}
+
+    def find(self, config: TuneConfig) -> TrialRecord | None:
+        key = config.key()
+        return next((t for t in self.trials if t.config_key == key), None)
+
+    def finished(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.done]
+
+    def pending(self) -> list[TrialRecord]:
+        return [t for t in self.trials if not t.done]
+
+    def failed(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.status == FAILED]
+
+    def next_index(self) -> int:
+        return max((t.index for t in self.trials), default=-1) + 1
+
+    def add(self, config: TuneConfig, proposed_by: str | None = None) -> TrialRecord:
+        record = TrialRecord(self.next_index(), config.key(), config.to_dict(), proposed_by=proposed_by)
+        self.trials.append(record)
+        return record
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "job": self.job,
+            "baseline": asdict(self.baseline) if self.baseline else None,
+            "trials": [t.to_dict() for t in self.trials],
+            "stop_reason": self.stop_reason,
+            "started_at": self.started_at,
+            "elapsed_seconds": self.elapsed_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        baseline = data.get("baseline")
+        return cls(
+            job=data["job"],
+            baseline=Baseline(**baseline) if baseline else None,
+            trials=[TrialRecord.from_dict(t) for t in data.get("trials", [])],
+            stop_reason=data.get("stop_reason"),
+            started_at=data.get("started_at"),
+            elapsed_seconds=float(data.get("elapsed_seconds", 0.0)),
+        )
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path) -> History:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that readers never see a half-written file (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,221 @@
+"""The tuning space: an adaptor's capability intersected with the user's constraints.
+
+Plain data (JSON round trip), so the operator can propose trials without importing any
+framework: the baseline step computes the space once and stores it in the job's workspace.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtune.spec.errors import SpecError
+from qtune.spec.models import OpConstraint, QuantizationSpec, TensorConstraint
+from qtune.tuning.config import FP32, OpConfig, TensorConfig, TuneConfig
+
+logger = logging.getLogger(__name__)
+
+TENSOR_FIELDS = ("dtype", "scheme", "granularity", "algorithm", "reduce_range")
+_CAMEL = {"reduce_range": "reduceRange"}
+
+
+@dataclass
+class OpSpace:
+    """Choices for one op. `weight` is None for ops without weights."""
+
+    name: str
+    op_type: str
+    activation: dict[str, list[Any]]
+    weight: dict[str, list[Any]] | None
+    approach: list[str]
+
+    def quantizable(self, approach: str) -> bool:
+        return approach in self.approach and any(d != FP32 for d in self.activation.get("dtype", []))
+
+    def _tensor_options(self, options: dict[str, list[Any]] | None) -> list[TensorConfig]:
+        if options is None:
+            return []
+        dtypes = [d for d in options.get("dtype", []) if d != FP32]
+        values = [options.get(name) or [None] for name in ("scheme", "granularity", "algorithm")]
+        reduce = options.get("reduce_range") or [False]
+        return [
+            TensorConfig(dtype, scheme, granularity, algorithm, bool(rr))
+            for dtype, scheme, granularity, algorithm, rr in itertools.product(dtypes, *values, reduce)
+        ]
+
+    def choices(self, approach: str) -> list[OpConfig]:
+        """Every quantized setting of this op (preferred first); fp32 fallback is not included."""
+        if not self.quantizable(approach):
+            return []
+        activations = self._tensor_options(self.activation)
+        if approach == "dynamic":  # activations are quantized at run time: only the dtype matters
+            activations = list(dict.fromkeys(TensorConfig(a.dtype) for a in activations))
+        weights: list[TensorConfig | None] = list(self._tensor_options(self.weight)) or [None]
+        if self.weight is not None and weights == [None]:
+            weights = [TensorConfig.fp32()]
+        return [OpConfig(self.op_type, a, w) for a, w in itertools.product(activations, weights)]
+
+    def default(self, approach: str) -> OpConfig:
+        choices = self.choices(approach)
+        return choices[0] if choices else self.fp32()
+
+    def fp32(self) -> OpConfig:
+        return OpConfig(self.op_type, TensorConfig.fp32(), None if self.weight is None else TensorConfig.fp32())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "op_type": self.op_type, "activation": self.activation,
+                "weight": self.weight, "approach": self.approach}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OpSpace:
+        return cls(data["name"], data["op_type"], data["activation"], data.get("weight"), data["approach"])
+
+
+@dataclass
+class TuningSpace:
+    ops: dict[str, OpSpace]
+    """Quantizable ops in graph (topological) order."""
+    approaches: list[str]
+    format: str
+    calibration_sampling_size: int
+    fused_patterns: list[list[str]] = field(default_factory=list)
+    sensitivity: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def default_config(self, approach: str | None = None) -> TuneConfig:
+        approach = approach or self.approaches[0]
+        return TuneConfig(
+            approach=approach,
+            format=self.format,
+            ops={name: op.default(approach) for name, op in self.ops.items()},
+            calibration_sampling_size=self.calibration_sampling_size,
+        )
+
+    def sensitivity_order(self) -> list[str]:
+        """Ops most sensitive first; without measurements, last ops first (outputs tend to be fragile)."""
+        position = {name: i for i, name in enumerate(self.ops)}
+        return sorted(self.ops, key=lambda n: (-self.sensitivity.get(n, 0.0), -position[n]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ops": [op.to_dict() for op in self.ops.values()],
+            "approaches": self.approaches,
+            "format": self.format,
+            "calibration_sampling_size": self.calibration_sampling_size,
+            "fused_patterns": self.fused_patterns,
+            "sensitivity": self.sensitivity,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuningSpace:
+        ops = [OpSpace.from_dict(op) for op in data["ops"]]
+        return cls(
+            ops={op.name: op for op in ops},
+            approaches=list(data["approaches"]),
+            format=data["format"],
+            calibration_sampling_size=int(data["calibration_sampling_size"]),
+            fused_patterns=[list(p) for p in data.get("fused_patterns", [])],
+            sensitivity={k: float(v) for k, v in data.get("sensitivity", {}).items()},
+            notes=dict(data.get("notes", {})),
+        )
+
+
+def _intersect(options: dict[str, list[Any]] | None, constraint: TensorConstraint | None, field_path: str,
+               op_label: str) -> dict[str, list[Any]] | None:
+    if options is None or constraint is None:
+        return options
+    result = dict(options)
+    for name in TENSOR_FIELDS:
+        wanted = getattr(constraint, name)
+        if wanted is None:
+            continue
+        if name == "dtype" and wanted == [FP32]:
+            result["dtype"] = [FP32]
+            continue
+        available = options.get(name) or []
+        kept = [value for value in available if value in wanted]
+        if name == "dtype":
+            kept = [value for value in kept if value != FP32] + ([FP32] if FP32 in wanted else [])
+        if not [v for v in kept if v != FP32]:
+            allowed = ", ".join(str(v) for v in available if v != FP32) or "none"
+            raise SpecError(
+                f"{field_path}.{_CAMEL.get(name, name)}",
+                f"{wanted} is not supported for {op_label}; allowed: {allowed}",
+            )
+        result[name] = kept
+    return result
+
+
+def _apply(op: OpSpace, constraint: OpConstraint | None, field_path: str) -> OpSpace:
+    if constraint is None:
+        return op
+    label = f"{op.name} ({op.op_type})"
+    approach = op.approach
+    if constraint.approach is not None:
+        approach = [a for a in op.approach if a in constraint.approach]
+    weight = op.weight
+    if constraint.weight is not None and weight is not None:
+        weight = _intersect(weight, constraint.weight, f"{field_path}.weight", label)
+    activation = _intersect(op.activation, constraint.activation, f"{field_path}.activation", label)
+    return OpSpace(op.name, op.op_type, activation or {}, weight, approach)
+
+
+def _flatten_opwise(opwise: dict[Any, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    flat = []
+    for key, value in opwise.items():
+        name, op_type = key if isinstance(key, tuple) else (key, value.get("op_type", ""))
+        flat.append((name, op_type, value))
+    return flat
+
+
+def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
+                fused_patterns: list[list[str]], calibration_samples: int) -> TuningSpace:
+    """Intersect the adaptor capability with the job's model-, op-type- and op-wise constraints.
+
+    Raises SpecError naming the field when a constraint names an op that does not exist or asks
+    for something the op cannot do."""
+    flat = _flatten_opwise(capability.get("opwise", {}))
+    by_name = {name: (op_type, value) for name, op_type, value in flat}
+    order = [n for n in capability.get("graph_order", []) if n in by_name]
+    order += [n for n in by_name if n not in order]
+
+    unknown = sorted(set(quantization.op_wise) - set(by_name))
+    if unknown:
+        sample = ", ".join(order[:8]) + (", ..." if len(order) > 8 else "")
+        raise SpecError(
+            f"spec.quantization.opWise.{unknown[0]}",
+            f"no quantizable op named {unknown[0]!r} in the model; quantizable ops: {sample}",
+        )
+    present_types = {op_type for op_type, _ in by_name.values()}
+    for op_type in sorted(set(quantization.op_type_wise) - present_types):
+        logger.warning("spec.quantization.opTypeWise.%s: the model has no quantizable %s op", op_type, op_type)
+
+    ops: dict[str, OpSpace] = {}
+    for name in order:
+        op_type, value = by_name[name]
+        op = OpSpace(name, op_type, dict(value.get("activation", {})),
+                     dict(value["weight"]) if value.get("weight") else None,
+                     list(value.get("approach", ["static"])))
+        op = _apply(op, quantization.model_wise, "spec.quantization.modelWise")
+        op = _apply(op, quantization.op_type_wise.get(op_type), f"spec.quantization.opTypeWise.{op_type}")
+        op = _apply(op, quantization.op_wise.get(name), f"spec.quantization.opWise.{name}")
+        ops[name] = op
+
+    approaches = ["static", "dynamic"] if quantization.approach == "auto" else [quantization.approach]
+    approaches = [a for a in approaches if any(op.quantizable(a) for op in ops.values())]
+    if not approaches:
+        raise SpecError(
+            "spec.quantization.approach",
+            f"no op of the model can be quantized with approach {quantization.approach!r}",
+        )
+    return TuningSpace(
+        ops=ops,
+        approaches=approaches,
+        format=quantization.format,
+        calibration_sampling_size=calibration_samples,
+        fused_patterns=fused_patterns,
+        notes={str(k): str(v) for k, v in capability.get("notes", {}).items()},
+    )
