@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install everything qtune, its examples and its tests need on a fresh Debian machine (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_packages=(dataset-fashion-mnist prometheus prometheus-pushgateway etcd-server openssl iproute2)
+missing=()
+for package in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+echo "setup: installing qtune with all extras (pip's cache serves repeat installs)"
+python3 -m pip install -q --disable-pip-version-check -e ".[onnxruntime,torch,operator,examples,test]"
+
+if [ "${QTUNE_SKIP_CLUSTER_SETUP:-0}" != "1" ] && [ -f tests/cluster/setup.sh ]; then
+  echo "setup: building the Kubernetes test control plane (cached after the first build)"
+  bash tests/cluster/setup.sh
+fi
+echo "setup: done"

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite: lint, unit, integration and cluster tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+python3 -m ruff check .
+python3 -m pytest -q -p no:cacheprovider "$@"

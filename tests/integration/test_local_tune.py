@@ -1,0 +1,198 @@
+"""`qtune tune` end to end on a real ONNX model with real ONNX Runtime quantization.
+
+The model (tests/integration/sensitive_model.py) is an MLP trained on scikit-learn's digits with
+a few ops made hostile to int8 (function-preserving), so the tuner must find exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qtune.cli.main import main as qtune_main
+from qtune.local import tune
+from qtune.spec import load_job
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from sensitive_model import build_sensitive_mlp  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sensitive(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sensitive")
+    model, calib, evaluation, sensitive_ops = build_sensitive_mlp(folder)
+    return folder, Path(model), Path(calib), Path(evaluation), set(sensitive_ops)
+
+
+def write_job(folder: Path, sensitive, name: str = "mlp", **tuning) -> Path:
+    _, model, calib, evaluation, _ = sensitive
+    spec = {
+        "apiVersion": "qtune.io/v1alpha1",
+        "kind": "QuantizationJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"framework": "onnxruntime", "path": str(model)},
+            "data": {"calibration": {"path": str(calib), "samples": 128},
+                     "evaluation": {"path": str(evaluation), "metric": "top1"}},
+            "quantization": {"approach": "static", "format": "QDQ"},
+            "tuning": {"strategy": "basic", "accuracyCriterion": {"relative": 0.01}, "objective": "size",
+                       "maxTrials": 16, "seed": 0, **tuning},
+            "benchmark": {"batchSizes": [1, 16], "warmupRuns": 2, "runs": 5},
+            "output": {"path": str(folder / "out")},
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
+    job_file = write_job(tmp_path, sensitive)
+    outcome = tune(load_job(job_file), job_file)
+    assert outcome.best is not None, outcome.history.to_dict()
+    assert set(outcome.best.config.fp32_ops()) == sensitive[4]
+    assert outcome.best.accuracy >= outcome.baseline.accuracy * 0.99
+    assert len(outcome.history.trials) <= 12
+    out = tmp_path / "out"
+    for name in ("best_config.json", "history.json", "report.md", "report.html", "accuracy_latency.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "model").glob("*.onnx"))
+    best = json.loads((out / "best_config.json").read_text())
+    assert best["trial"] == outcome.best.index
+    # calibration ran once: only the first trial of each algorithm spent time on it
+    calibration_times = [t.timings.get("calibration", 0) for t in outcome.history.trials if t.ok]
+    assert sum(1 for seconds in calibration_times if seconds > 0) <= 3
+
+
+def test_parallel_and_sequential_runs_pick_the_same_best(sensitive, tmp_path):
+    sequential = write_job(tmp_path / "seq", sensitive, parallelTrials=1)
+    parallel = write_job(tmp_path / "par", sensitive, parallelTrials=2)
+    first = tune(load_job(sequential), sequential)
+    second = tune(load_job(parallel), parallel)
+    assert first.best is not None and second.best is not None
+    assert first.best.config_key == second.best.config_key
+
+
+def test_interrupted_run_resumes_without_repeating_a_trial(sensitive, tmp_path):
+    job_file = write_job(tmp_path, sensitive)
+    history_file = tmp_path / ".qtune" / "mlp" / "history.json"
+    process = subprocess.Popen([sys.executable, "-m", "qtune.cli.main", "tune", str(job_file)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    finished_before: list[dict] = []
+    while time.monotonic() < deadline and process.poll() is None:
+        if history_file.exists():
+            trials = json.loads(history_file.read_text())["trials"]
+            finished_before = [t for t in trials if t["status"] != "pending"]
+            if len(finished_before) >= 2:
+                break
+        time.sleep(0.2)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    os.kill(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert b"--resume" in stderr
+    assert not (tmp_path / "out").exists()  # no half-written output
+
+    interrupted = json.loads(history_file.read_text())["trials"]
+    done_keys = {t["config_key"]: t for t in interrupted if t["status"] != "pending"}
+    outcome = tune(load_job(job_file), job_file, resume=True)
+    keys = [t.config_key for t in outcome.history.trials]
+    assert len(keys) == len(set(keys)), "a trial ran twice"
+    for record in outcome.history.trials:
+        if record.config_key in done_keys:  # finished trials were kept, not re-run
+            assert record.finished_at == done_keys[record.config_key]["finished_at"]
+    assert set(outcome.best.config.fp32_ops()) == sensitive[4]
+
+
+def test_a_crashing_trial_is_recorded_and_tuning_goes_on(sensitive, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(HERE))
+    job_file = write_job(tmp_path, sensitive, strategy="random", maxTrials=3)
+    document = yaml.safe_load(job_file.read_text())
+    document["spec"]["model"]["framework"] = "crashing_adaptor:CrashingAdaptor"
+    job_file.write_text(yaml.safe_dump(document))
+    outcome = tune(load_job(job_file), job_file)
+    assert len(outcome.history.trials) == 3
+    crashed = [t for t in outcome.history.trials if t.reason == "Crashed"]
+    assert crashed and all(t.status == "failed" for t in crashed)
+    assert "exit code" in crashed[0].message or "killed by" in crashed[0].message
+
+
+def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path):
+    job_file = write_job(tmp_path, sensitive, maxTrials=2, trialTimeoutSeconds=1)
+    outcome = tune(load_job(job_file), job_file)
+    assert outcome.best is None and outcome.outcome == "NoConfigMeetsCriterion"
+    assert {t.reason for t in outcome.history.trials} == {"Timeout"}
+    assert (tmp_path / "out" / "report.html").exists()
+
+
+def _run_cli(job_file: Path, capsys) -> tuple[int, str]:
+    code = qtune_main(["tune", str(job_file)])
+    return code, capsys.readouterr().err.strip()
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("malformed", "malformed YAML at line"),
+    ("unknown-field", "spec.tuning.maxTrails: unknown field"),
+    ("unknown-op", "spec.quantization.opWise.no_such_op: no quantizable op named 'no_such_op'"),
+])
+def test_bad_job_files_fail_in_one_line_and_write_nothing(sensitive, tmp_path, capsys, case, expected):
+    job_file = write_job(tmp_path, sensitive)
+    text = job_file.read_text()
+    if case == "malformed":
+        text = "spec: [unclosed\n" + text
+    elif case == "unknown-field":
+        text = text.replace("maxTrials:", "maxTrails:")
+    else:
+        document = yaml.safe_load(text)
+        document["spec"]["quantization"]["opWise"] = {"no_such_op": {"activation": {"dtype": "fp32"}}}
+        text = yaml.safe_dump(document)
+    job_file.write_text(text)
+    code, err = _run_cli(job_file, capsys)
+    assert code == 1
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".qtune").exists()
+
+
+def test_missing_corrupt_model_and_mismatched_data_fail_in_one_line(sensitive, tmp_path, capsys):
+    import numpy as np
+
+    job_file = write_job(tmp_path, sensitive)
+    document = yaml.safe_load(job_file.read_text())
+
+    document["spec"]["model"]["path"] = str(tmp_path / "absent.onnx")
+    job_file.write_text(yaml.safe_dump(document))
+    code, err = _run_cli(job_file, capsys)
+    assert code == 1 and "absent.onnx" in err and "not found" in err and len(err.splitlines()) == 1
+
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"this is not a protobuf" * 10)
+    document["spec"]["model"]["path"] = str(corrupt)
+    job_file.write_text(yaml.safe_dump(document))
+    code, err = _run_cli(job_file, capsys)
+    assert code == 1 and "corrupt.onnx" in err and len(err.splitlines()) == 1
+
+    with np.load(sensitive[3]) as archive:
+        arrays = dict(archive)
+    name = next(k for k in arrays if k != "labels")
+    arrays[name] = arrays[name][:, :10]  # wrong feature count
+    bad = tmp_path / "bad_eval.npz"
+    np.savez(bad, **arrays)
+    document["spec"]["model"]["path"] = str(sensitive[1])
+    document["spec"]["data"]["evaluation"]["path"] = str(bad)
+    job_file.write_text(yaml.safe_dump(document))
+    code, err = _run_cli(job_file, capsys)
+    assert code == 1 and "spec.data.evaluation" in err and name in err, err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".qtune").exists()
