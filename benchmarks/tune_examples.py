@@ -28,7 +28,8 @@ EXAMPLES = {
 }
 
 
-def interleaved_ratio(context, fp32_model, int8_model, batch: dict, rounds: int, runs: int) -> tuple[float, float, float]:
+def interleaved_ratio(context, fp32_model, int8_model, batch: dict, rounds: int,  # noqa: ANN001
+                      runs: int) -> tuple[float, float, float]:
     """(fp32 ms, int8 ms, int8/fp32) as the median of per-round medians, A and B alternating."""
     adaptor, threads = context.adaptor, context.benchmark_threads
     fp32_times, int8_times = [], []
