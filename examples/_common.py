@@ -22,8 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-THREADS = 2
-"""Fixed torch/ORT thread count of every build, so results do not depend on the machine's cores."""
+THREADS = 1
+"""Fixed torch/ORT thread count of every build, so results do not depend on the machine's cores.
+
+One thread: these models are small, and on a shared 2-core machine a second OpenMP thread made
+a training step 10-50x slower whenever another process was busy (threads spin at barriers).
+`--threads` of the build scripts overrides it (results may then differ in the last bits)."""
 
 OPSET = 18
 ATOL = 1e-4
@@ -38,6 +42,9 @@ def parse_args(description: str, argv: list[str] | None = None,
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--force", action="store_true",
                         help="rebuild even when model.onnx, calib.npz and eval.npz already exist")
+    parser.add_argument("--threads", type=int, default=THREADS,
+                        help=f"torch threads for training (default {THREADS}: reproducible and "
+                             "fastest on a busy machine)")
     if extra is not None:
         extra(parser)
     return parser.parse_args(argv)
@@ -133,7 +140,7 @@ def train(model, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_size: int, 
             loss.backward()
             optimizer.step()
             schedule.step()
-            total_loss += float(loss) * len(index)
+            total_loss += float(loss.detach()) * len(index)
             correct += int((logits.argmax(dim=1) == target).sum())
         line = (f"  epoch {epoch:2d}/{epochs}  loss {total_loss / len(x):.4f}  "
                 f"train acc {correct / len(x):.4f}")

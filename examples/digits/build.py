@@ -12,6 +12,7 @@ exist; `--force` rebuilds. Run:  python examples/digits/build.py
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     clock = _common.Timer()
-    _common.set_deterministic(SEED)
+    _common.set_deterministic(SEED, args.threads)
     import torch
 
     print("digits: loading scikit-learn load_digits")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     acc, count = _common.npz_accuracy(MODEL, EVAL)
     print(f"digits: done in {clock}; fp32 ORT accuracy on {EVAL.name}: {acc:.4f} ({count} images)")
-    print(f"next: qtune tune {HERE.relative_to(Path.cwd()) if HERE.is_relative_to(Path.cwd()) else HERE}/job.yaml")
+    print(f"next: qtune tune {os.path.relpath(HERE / 'job.yaml')}")
     return 0
 
 

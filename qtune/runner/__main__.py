@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pushgateway", default=os.environ.get("QTUNE_PUSHGATEWAY_URL"))
     parser.add_argument("--job-uid", default=os.environ.get("QTUNE_JOB_UID", "local"))
     parser.add_argument("--log-level", default=os.environ.get("QTUNE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--publish-configmap", metavar="NAME",
+                        help="baseline: also write space.json and baseline.json to this ConfigMap (operator)")
     return parser
 
 
@@ -73,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         context = JobContext(job, base_dir.resolve(), workspace.resolve(), args.threads or default_threads())
         if args.command == "baseline":
             _, baseline = run_baseline(context)
+            if args.publish_configmap:
+                from qtune.runner.publish import publish_baseline
+
+                publish_baseline(args.publish_configmap, workspace)
             if args.pushgateway:
                 push_result(args.pushgateway, args.job_uid, "baseline",
                             {"status": "succeeded", "accuracy": baseline.accuracy,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -64,9 +65,10 @@ class GraphView:
         return None
 
     def activation_inputs(self, node: onnx.NodeProto) -> list[str]:
-        """Float inputs that are not the op's weights (weights: see `weight_inputs`)."""
-        weights = {name for name, _ in weight_inputs(node, self)}
-        return [name for name in node.input if name and name not in weights and self.is_float(name)]
+        """Float inputs that are neither the op's weights (see `weight_inputs`) nor its bias (ORT
+        quantizes a Conv/Gemm bias to int32 with scale = input scale × weight scale)."""
+        skip = {name for name, _ in weight_inputs(node, self)} | set(bias_inputs(node))
+        return [name for name in node.input if name and name not in skip and self.is_float(name)]
 
 
 def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -83,8 +85,6 @@ def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
         pending[index] = len(parents)
         for parent in parents:
             dependents[parent].append(index)
-    import heapq
-
     ready = [index for index, count in enumerate(pending) if count == 0]
     heapq.heapify(ready)
     order: list[int] = []
@@ -151,6 +151,12 @@ def weight_inputs(node: onnx.NodeProto, view: GraphView) -> list[tuple[str, int]
         return [(name, 1)] if name else []
     if op == "LSTM":
         return [(name, 0) for name in (constant(1), constant(2)) if name]
+    return []
+
+
+def bias_inputs(node: onnx.NodeProto) -> list[str]:
+    if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) > 2 and node.input[2]:
+        return [node.input[2]]
     return []
 
 

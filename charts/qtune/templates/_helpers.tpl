@@ -1,0 +1,180 @@
+{{/* Chart name, truncated for label values. */}}
+{{- define "qtune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-scoped name of the operator's objects. */}}
+{{- define "qtune.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "qtune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qtune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* Labels of every object, without the component. */}}
+{{- define "qtune.commonLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "qtune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/part-of: qtune
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Labels of the operator's objects. */}}
+{{- define "qtune.labels" -}}
+{{ include "qtune.commonLabels" . }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "qtune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "qtune.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The image reference (digest wins over tag; tag defaults to the appVersion). */}}
+{{- define "qtune.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Namespaces served, as a JSON list (the release namespace when none is listed). */}}
+{{- define "qtune.namespaces" -}}
+{{- $ns := .Values.watch.namespaces | default (list .Release.Namespace) -}}
+{{- $ns | uniq | toJson -}}
+{{- end -}}
+
+{{/* "true" when Kopf peering is on: forced by peering.enabled, else when replicaCount > 1. */}}
+{{- define "qtune.peering" -}}
+{{- if kindIs "bool" .Values.peering.enabled -}}
+{{- .Values.peering.enabled -}}
+{{- else -}}
+{{- gt (int .Values.replicaCount) 1 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The rules the operator needs in every namespace it serves: QuantizationJobs (+status), the pods
+and ConfigMaps of their trials, the per-job ServiceAccount/Role/RoleBinding of the baseline pod
+(which may only update its own ConfigMap: the operator can grant only what it holds itself),
+events, and Kopf's namespaced peering objects. No secrets, no deletion of anything but pods.
+*/}}
+{{- define "qtune.namespacedRules" -}}
+- apiGroups: [qtune.io]
+  resources: [quantizationjobs]
+  verbs: [get, list, watch, patch]
+- apiGroups: [qtune.io]
+  resources: [quantizationjobs/status]
+  verbs: [get, patch]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete, deletecollection]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, update, patch]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- if eq (include "qtune.peering" .) "true" }}
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch, create]
+{{- end }}
+{{- end -}}
+
+{{/* `qtune operator` arguments (see `qtune operator --help`). */}}
+{{- define "qtune.operatorArgs" -}}
+- operator
+{{- if .Values.watch.allNamespaces }}
+- --all-namespaces
+{{- else }}
+{{- range $ns := include "qtune.namespaces" . | fromJsonArray }}
+- --namespace={{ $ns }}
+{{- end }}
+{{- end }}
+{{- if eq (include "qtune.peering" .) "true" }}
+- --peering={{ .Values.peering.name }}
+- --priority=$(QTUNE_PEERING_PRIORITY)
+{{- end }}
+- --health-port={{ .Values.health.port }}
+- --metrics-port={{ .Values.metrics.port }}
+- --isa-label={{ .Values.trial.nodeAffinity.isaLabel }}
+- --log-level={{ .Values.operator.logLevel }}
+{{- with .Values.operator.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The operator's environment: endpoints and trial defaults (QTUNE_* variables). */}}
+{{- define "qtune.operatorEnv" -}}
+- name: QTUNE_TRIAL_IMAGE
+  value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
+{{- with .Values.prometheus.url }}
+- name: QTUNE_PROMETHEUS_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.pushgateway.url }}
+- name: QTUNE_PUSHGATEWAY_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.pushgateway.podUrl }}
+- name: QTUNE_POD_PUSHGATEWAY_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: QTUNE_TRIAL_VENDOR
+  value: {{ .Values.trial.nodeAffinity.vendor | quote }}
+- name: QTUNE_TRIAL_TOLERATIONS
+  value: {{ .Values.trial.tolerations | toJson | quote }}
+{{- if .Values.trial.serviceAccount.create }}
+- name: QTUNE_TRIAL_SERVICE_ACCOUNT
+  value: {{ .Values.trial.serviceAccount.name | quote }}
+{{- end }}
+{{- with .Values.trial.env }}
+- name: QTUNE_POD_ENV
+  value: {{ toJson . | quote }}
+{{- end }}
+{{- if eq (include "qtune.peering" .) "true" }}
+- name: QTUNE_PEERING_PRIORITY
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.labels['apps.kubernetes.io/pod-index']
+{{- end }}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: HOME
+  value: /tmp
+{{- with .Values.operator.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,338 @@
+"""`OnnxRuntimeAdaptor`: the qtune adaptor contract implemented on ONNX Runtime's quantization API."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qtune.adaptors.base import Adaptor, LatencyStats, adaptor_registry
+from qtune.adaptors.onnxrt import calibration as calib
+from qtune.adaptors.onnxrt import quantize as q
+from qtune.adaptors.onnxrt.capability import (
+    build_capability,
+    fused_patterns,
+    ops_touching,
+    static_non_finite_tensors,
+)
+from qtune.adaptors.onnxrt.graph import GraphView
+from qtune.adaptors.onnxrt.model import OnnxModel, load_onnx_model
+from qtune.adaptors.onnxrt.optimize import OptimizedModel, optimize
+from qtune.adaptors.onnxrt.sensitivity import op_sensitivity
+from qtune.adaptors.onnxrt.session import SessionCache, benchmark, check_feed, output_index
+from qtune.adaptors.onnxrt.workspace import read_json, write_json_atomic
+from qtune.data import DataLoader, Dataset, Metric
+from qtune.data.metrics import TopK
+from qtune.spec.errors import ModelLoadError
+from qtune.tuning.config import TuneConfig
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE_VERSION = 1
+"""Bump when the quantization recipe changes, so cached quantized models are rebuilt."""
+
+
+@adaptor_registry
+class OnnxRuntimeAdaptor(Adaptor):
+    """ONNX Runtime (CPUExecutionProvider). Models are `OnnxModel` handles (paths on disk).
+
+    Workspace layout (shared by all trials of a job):
+      optimized/<model hash>-vN/{model.onnx, meta.json}   pre-optimised fp32 graph
+      calibration/<hash>-<data>-<algorithm>-n<count>.json ORT TensorsData per algorithm
+      models/<tune config key>/{model.onnx, calibration.json, meta.json}  quantized models
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, framework_specific_info: dict[str, Any]) -> None:
+        super().__init__(framework_specific_info)
+        self._sessions = SessionCache()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._optimized: dict[str, OptimizedModel] = {}
+        self._capabilities: dict[str, tuple[dict[str, Any], dict[str, str]]] = {}
+        self.notes: dict[str, str] = {}
+        """Op (or tensor) → why it was restricted, accumulated over capability and quantize calls."""
+        self.last_quantization: dict[str, Any] = {}
+
+    # --- settings -----------------------------------------------------------------------------
+    def _quantization_setting(self, snake: str, default: Any) -> Any:
+        section = self.info.get("quantization") or {}
+        if hasattr(section, "model_dump"):
+            section = section.model_dump()
+        camel = snake.split("_")[0] + "".join(part.title() for part in snake.split("_")[1:])
+        for key in (snake, camel):
+            if key in section and section[key] is not None:
+                return section[key]
+        return default
+
+    @property
+    def keep_non_finite_fp32(self) -> bool:
+        return bool(self._quantization_setting("keep_non_finite_fp32", True))
+
+    @property
+    def quant_format(self) -> str:
+        return str(self._quantization_setting("format", "QDQ"))
+
+    # --- model I/O ------------------------------------------------------------------------------
+    def load_model(self, model_spec: dict[str, Any]) -> OnnxModel:
+        path = model_spec.get("path")
+        if not path:
+            raise ModelLoadError("model.path is required by the onnxruntime adaptor (a .onnx file)")
+        resolved = Path(path)
+        if not resolved.is_absolute() and self.info.get("job_dir"):
+            resolved = Path(self.info["job_dir"]) / resolved
+        return load_onnx_model(resolved)
+
+    def save_model(self, model: Any, path: Path) -> Path:
+        model = _as_model(model)
+        path = Path(path)
+        if path.suffix != ".onnx":
+            path = path / "model.onnx"
+        return model.copy_to(path).path
+
+    def model_size(self, model: Any) -> int:
+        return _as_model(model).size
+
+    def input_names(self, model: Any) -> list[str]:
+        return _as_model(model).input_names()
+
+    # --- hashing and pre-optimisation ----------------------------------------------------------
+    def model_hash(self, model: Any) -> str:
+        """Content hash, computed once per job: remembered per (path, size, mtime) in memory and
+        in the workspace, so other trial processes do not read the model again."""
+        model = _as_model(model)
+        stat = model.path.stat()
+        key = (str(model.path), stat.st_size, stat.st_mtime_ns)
+        if key not in self._hashes:
+            marker = self.workspace / "hashes" / (hashlib.sha1(repr(key).encode()).hexdigest() + ".txt")
+            if marker.is_file():
+                self._hashes[key] = marker.read_text().strip()
+            else:
+                self._hashes[key] = model.hash()
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                tmp = marker.with_suffix(f".{id(self)}.tmp")
+                tmp.write_text(self._hashes[key])
+                tmp.replace(marker)
+        return self._hashes[key]
+
+    def optimized(self, model: Any) -> OptimizedModel:
+        """The pre-optimised fp32 model (built once per job, shared through the workspace)."""
+        model = _as_model(model)
+        root = (self.workspace / "optimized").resolve()
+        if root in model.path.parents:  # already an optimised model of this workspace
+            meta = read_json(model.path.parent / "meta.json")
+            if meta is not None:
+                return OptimizedModel.from_meta(model.path.parent, meta)
+        digest = self.model_hash(model)
+        if digest not in self._optimized:
+            self._optimized[digest] = optimize(model, digest, root)
+        return self._optimized[digest]
+
+    # --- capability -----------------------------------------------------------------------------
+    def _capability(self, opt: OptimizedModel) -> tuple[dict[str, Any], dict[str, str]]:
+        """(capability, ops forced to fp32 → reason) of an optimised model, cached per instance."""
+        digest = opt.source_hash
+        if digest in self._capabilities:
+            return self._capabilities[digest]
+        view = GraphView(opt.model.load())
+        problems = static_non_finite_tensors(view)
+        problems.update(self._known_range_problems(opt))
+        for tensor, why in problems.items():
+            logger.warning("tensor %s: %s", tensor, why)
+        quantizable = {node.name for node in view.nodes}
+        forced = ops_touching(view, problems, quantizable) if self.keep_non_finite_fp32 else {}
+        model_notes = {f"tensor:{tensor}": why for tensor, why in problems.items()}
+        model_notes.update(opt.notes)
+        capability = build_capability(view, self.quant_format, opt.per_channel, forced, model_notes)
+        self.notes.update(capability["notes"])
+        self._capabilities[digest] = (capability, forced)
+        return capability, forced
+
+    def _known_range_problems(self, opt: OptimizedModel) -> dict[str, str]:
+        """Non-finite/absurd ranges measured by an earlier MinMax calibration of this model (any
+        calibration data), or by calibrating now when the job handed calibration data over in
+        framework_specific_info["calibration_data"] (a Dataset or DataLoader)."""
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        cache_dir = self.workspace / "calibration"
+        data = self.info.get("calibration_data")
+        if data is not None:
+            loader = data.loader(32) if isinstance(data, Dataset) else data
+            count = self.info.get("calibration_sampling_size") or self._quantization_setting(
+                "calibration_samples", None) or 100
+            samples = calib.collect_samples(loader, int(count))
+            minmax, _, _ = self._calibrate(opt, samples, "minmax", set())
+            return calib.problem_tensors(minmax)
+        problems: dict[str, str] = {}
+        for path in sorted(cache_dir.glob(f"{opt.source_hash[:16]}-*-minmax-*.json")):
+            try:
+                problems.update(calib.problem_tensors(load_tensors_data(path)))
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("unreadable calibration cache %s: %s", path, exc)
+        return problems
+
+    def _calibrate(self, opt: OptimizedModel, samples: calib.CalibrationSet, algorithm: str,
+                   skip: set[str]) -> tuple[Any, float, bool]:
+        view = GraphView(opt.model.graph_only())
+        capability, _ = self._capabilities.get(opt.source_hash, (None, None))
+        if capability is not None:
+            op_types = sorted({op_type for _, op_type in capability["opwise"]})
+        else:
+            op_types = sorted({node.op_type for node in view.nodes})
+        return calib.calibrate(opt.model.path, opt.source_hash, samples, algorithm,
+                               self.workspace / "calibration", op_types, skip,
+                               external_data=bool(opt.model.external_data_files()))
+
+    def query_fw_capability(self, model: Any) -> dict[str, Any]:
+        opt = self.optimized(model)
+        capability, _ = self._capability(opt)
+        return capability
+
+    def query_fused_patterns(self, model: Any) -> list[list[str]]:
+        opt = self.optimized(model)
+        return fused_patterns(GraphView(opt.model.graph_only()))
+
+    # --- quantization -----------------------------------------------------------------------------
+    def quantize(self, tune_cfg: dict[str, Any], model: Any, dataloader: DataLoader, q_func: Any = None) -> OnnxModel:
+        cfg = TuneConfig.from_dict(tune_cfg)
+        opt = self.optimized(model)
+        capability, forced = self._capability(opt)
+        quantizable = {name: entry for (name, _), entry in capability["opwise"].items()}
+        source = opt.model
+        view = GraphView(source.load())
+        out_dir = self.workspace / "models" / cfg.key()
+        output = out_dir / "model.onnx"
+        calibration_seconds = 0.0
+        started = time.perf_counter()
+
+        samples = None
+        if cfg.approach == "static":
+            samples = calib.collect_samples(dataloader, cfg.calibration_sampling_size)
+            if samples.count == 0:
+                from qtune.spec.errors import DataError
+
+                raise DataError("the calibration data yielded no samples")
+            check_feed(self._sessions.get(source.path, self.info.get("threads")),
+                       {name: array[:1] for name, array in samples.inputs.items()})
+        identity = {"version": QUANTIZE_VERSION, "model": opt.source_hash, "config": cfg.key(),
+                    "data": samples.fingerprint if samples else None, "count": samples.count if samples else None,
+                    "keep_non_finite_fp32": self.keep_non_finite_fp32}
+        meta = read_json(out_dir / "meta.json")
+        if meta is not None and meta.get("identity") == identity and output.is_file():
+            logger.info("quantized model for config %s already in the workspace", cfg.key())
+            self.timings = {"calibration": 0.0, "quantize": 0.0}
+            self.last_quantization = meta
+            return OnnxModel(output)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+
+        if cfg.approach == "dynamic":
+            plan = q.plan_dynamic(view, cfg, quantizable, forced)
+            if plan.quantized:
+                q.run_dynamic(source, view, plan, output, opt.per_channel)
+        else:
+            assert samples is not None
+            plan = q.plan_static(view, cfg, quantizable, forced)
+            if plan.quantized:
+                minmax, seconds, _ = self._calibrate(opt, samples, "minmax", set())
+                calibration_seconds += seconds
+                problems = calib.problem_tensors(minmax)
+                if problems:
+                    for tensor, why in problems.items():
+                        self.notes[f"tensor:{tensor}"] = why
+                    if self.keep_non_finite_fp32:
+                        extra = ops_touching(view, problems, set(plan.quantized))
+                        for name, why in extra.items():
+                            logger.warning("op %s kept fp32: %s", name, why)
+                            self.notes[name] = why
+                        plan = q.plan_static(view, cfg, quantizable, {**forced, **extra})
+                    else:
+                        logger.warning("tensors with non-finite/absurd ranges are quantized as asked "
+                                       "(quantization.keepNonFiniteFp32 is false): %s", sorted(problems))
+                owners = q.owner_algorithms(plan)
+                by_algorithm = {"minmax": minmax}
+                for algorithm in sorted(set(owners.values()) - {"minmax"}):
+                    data, seconds, _ = self._calibrate(opt, samples, algorithm, set(problems))
+                    by_algorithm[algorithm] = data
+                    calibration_seconds += seconds
+                ranges = calib.merged_tensors_data(minmax, by_algorithm, owners)
+                q.fill_overrides(plan, view, ranges, opt.per_channel)
+                if plan.quantized:
+                    q.run_static(source, view, plan, ranges, output, out_dir / "calibration.json")
+        if not plan.quantized:
+            logger.info("no op is quantized in config %s: the model stays fp32", cfg.key())
+            source.copy_to(output)
+        quantize_seconds = time.perf_counter() - started - calibration_seconds
+        self.timings = {"calibration": round(calibration_seconds, 4), "quantize": round(quantize_seconds, 4)}
+        record = {"identity": identity, "plan": plan.record(), "timings": self.timings,
+                  "optimizer_steps": opt.steps}
+        write_json_atomic(out_dir / "meta.json", record)
+        self.last_quantization = record
+        logger.info("quantized %d ops (%d fp32) with %s/%s in %.2fs (calibration %.2fs)", len(plan.quantized),
+                    len(plan.excluded), cfg.approach, cfg.format, quantize_seconds, calibration_seconds)
+        return OnnxModel(output)
+
+    # --- running ------------------------------------------------------------------------------------
+    def evaluate(self, model: Any, dataloader: DataLoader, postprocess: Any = None,
+                 metric: Metric | None = None, measurer: Any = None, iteration: int = -1,
+                 tensorboard: bool = False) -> float:
+        session = self._sessions.get(_as_model(model).path, self.info.get("threads"))
+        index = output_index(session, self.info.get("output"))
+        metric = metric if metric is not None else TopK(1)
+        for step, (inputs, labels) in enumerate(dataloader):
+            if 0 <= iteration <= step:
+                break
+            outputs = session.run(None, check_feed(session, inputs))
+            prediction = postprocess(outputs) if postprocess is not None else outputs[index]
+            metric.update(np.asarray(prediction), labels)
+        return float(metric.result())
+
+    def predict(self, model: Any, dataloader: DataLoader, output: str | int | None = None) -> np.ndarray:
+        session = self._sessions.get(_as_model(model).path, self.info.get("threads"))
+        index = output_index(session, output if output is not None else self.info.get("output"))
+        parts = [session.run(None, check_feed(session, inputs))[index] for inputs, _ in dataloader]
+        return np.concatenate(parts) if parts else np.empty((0,))
+
+    def benchmark(self, model: Any, inputs: dict[str, Any], warmup: int, runs: int, threads: int) -> LatencyStats:
+        session = self._sessions.get(_as_model(model).path, threads)
+        return benchmark(session, check_feed(session, inputs), warmup, runs, threads)
+
+    # --- sensitivity ----------------------------------------------------------------------------------
+    def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:
+        from onnxruntime.quantization.calibrate import load_tensors_data
+
+        cfg = TuneConfig.from_dict(tune_cfg)
+        opt = self.optimized(model)
+        if isinstance(dataset, Dataset):
+            inputs = dataset.take(32).inputs
+            full = dataset.take(cfg.calibration_sampling_size)
+            samples = calib.collect_samples(full.loader(64), cfg.calibration_sampling_size)
+        else:
+            samples = calib.collect_samples(dataset, cfg.calibration_sampling_size)
+            inputs = {name: array[:32] for name, array in samples.inputs.items()}
+        ranges: dict[str, Any] = {}
+        for algorithm in ("minmax", "kl", "percentile"):
+            path = calib.cache_path(self.workspace / "calibration", opt.source_hash, samples, algorithm)
+            if path.is_file():
+                ranges[algorithm] = load_tensors_data(path)
+        started = time.perf_counter()
+        scores = op_sensitivity(opt.model.path, cfg, inputs, ranges)
+        logger.info("op sensitivity of %d ops in %.2fs", len(scores), time.perf_counter() - started)
+        return scores
+
+
+def _as_model(model: Any) -> OnnxModel:
+    if isinstance(model, OnnxModel):
+        return model
+    if isinstance(model, str | Path):
+        return OnnxModel(Path(model))
+    path = getattr(model, "path", None)
+    if path is not None:
+        return OnnxModel(Path(path))
+    raise TypeError(f"expected an OnnxModel or a path, got {type(model).__name__}")

@@ -1,0 +1,533 @@
+"""Generate the QuantizationJob CRD from the pydantic spec models, so the two cannot drift.
+
+    python -m qtune.operator.crd > crds/quantizationjob.yaml
+    python -m qtune.operator.crd --peering > crds/kopf-peering.yaml
+
+Pydantic's JSON schema is converted into a Kubernetes *structural* schema: `$defs` are inlined,
+Optional fields lose their `null` branch (nulls are pruned by the API server), Literal becomes
+`enum`, `dict[str, X]` becomes `additionalProperties`, `dict[str, Any]` keeps unknown fields,
+`int | str` becomes `x-kubernetes-int-or-string`, and exclusive bounds use the OpenAPI v3.0
+boolean form. Defaults come from the models (default factories included). Rules that pydantic
+checks in Python (cross-field rules, patterns, immutability) are added as CEL
+`x-kubernetes-validations` with messages a person can act on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import typing
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from qtune.operator import constants as c
+from qtune.spec import models
+
+ENTRYPOINT_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
+NAME_RE = r"^[A-Za-z_][\w-]*$"
+MEMORY_RE = r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+
+# --------------------------------------------------------------------------------------------
+# CEL rules and extra constraints, by camelCase path inside `spec` ("" is spec itself)
+# --------------------------------------------------------------------------------------------
+
+
+def _cel(rule: str, message: str | None = None, *, message_expression: str | None = None,
+         reason: str | None = None, field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule}
+    if message:
+        out["message"] = message
+    if message_expression:
+        out["messageExpression"] = message_expression
+    if reason:
+        out["reason"] = reason
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def _in_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def _pretty(values: tuple[str, ...]) -> str:
+    return ", ".join(values)
+
+
+EXTRAS: dict[str, dict[str, Any]] = {
+    "model": {
+        "x-kubernetes-validations": [
+            _cel("self == oldSelf", "spec.model is immutable: create a new QuantizationJob to tune another model"),
+            _cel("has(self.path) || has(self.entrypoint)",
+                 "give model.path (a model file) or model.entrypoint (module:function)"),
+        ],
+    },
+    "model.framework": {
+        "maxLength": 253,
+        "x-kubernetes-validations": [
+            _cel(f"self in {_in_list(models.BUILTIN_FRAMEWORKS)} || self.matches('{NAME_RE}') "
+                 f"|| self.matches('{ENTRYPOINT_RE}')",
+                 message_expression=f"'unknown framework \"' + self + '\"; allowed: "
+                 f"{_pretty(models.BUILTIN_FRAMEWORKS)}, a registered adaptor name, or module:Class'"),
+        ],
+    },
+    "model.entrypoint": {"pattern": ENTRYPOINT_RE, "maxLength": 253},
+    "data": {
+        "x-kubernetes-validations": [
+            _cel("self == oldSelf", "spec.data is immutable: create a new QuantizationJob to use other data"),
+        ],
+    },
+    "data.calibration": {
+        "x-kubernetes-validations": [
+            _cel("has(self.path) != has(self.entrypoint)",
+                 "give exactly one of path (.npz file) or entrypoint (module:function)"),
+        ],
+    },
+    "data.calibration.entrypoint": {"pattern": ENTRYPOINT_RE, "maxLength": 253},
+    "data.evaluation": {
+        "x-kubernetes-validations": [
+            _cel("has(self.path) != has(self.entrypoint)",
+                 "give exactly one of path (.npz file) or entrypoint (module:function)"),
+        ],
+    },
+    "data.evaluation.entrypoint": {"pattern": ENTRYPOINT_RE, "maxLength": 253},
+    "tuning": {
+        "x-kubernetes-validations": [
+            _cel("!has(self.parallelTrials) || !has(self.maxTrials) || self.parallelTrials <= self.maxTrials",
+                 message_expression="'parallelTrials (' + string(self.parallelTrials) + ') must not exceed "
+                 "maxTrials (' + string(self.maxTrials) + ')'",
+                 field_path=".parallelTrials"),
+        ],
+    },
+    "tuning.strategy": {
+        "maxLength": 253,
+        "x-kubernetes-validations": [
+            _cel(f"self in {_in_list(models.BUILTIN_STRATEGIES)} || self.matches('{ENTRYPOINT_RE}')",
+                 message_expression=f"'unknown strategy \"' + self + '\"; allowed: "
+                 f"{_pretty(models.BUILTIN_STRATEGIES)}, or module:Class of your own strategy'"),
+        ],
+    },
+    "tuning.accuracyCriterion": {
+        "x-kubernetes-validations": [
+            _cel("!(has(self.relative) && has(self.absolute))",
+                 "give only one of relative or absolute, not both"),
+        ],
+    },
+    "trial.resources.cpu": {
+        "x-kubernetes-validations": [
+            _cel("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]*$')",
+                 "trial.resources.cpu must be a whole number of CPUs such as 2 or \"4\" "
+                 "(requests = limits, Guaranteed QoS)"),
+        ],
+    },
+    "trial.resources.memory": {"pattern": MEMORY_RE, "maxLength": 32},
+    "workspace.persistentVolumeClaim": {"maxLength": 253},
+    "workspace.mountPath": {"pattern": "^/", "maxLength": 1024},
+}
+"""Keyed by camelCase path below spec; a unit test checks every path exists in the schema."""
+
+ROOT_RULES = [
+    _cel("size(self.metadata.name) <= 63",
+         "metadata.name must be at most 63 characters: it is used in pod labels"),
+]
+
+INT_OR_STRING_PATHS = {"trial.resources.cpu"}
+"""Fields typed int in Python that users write as Kubernetes quantities ("4")."""
+
+# --------------------------------------------------------------------------------------------
+# pydantic JSON schema -> structural schema
+# --------------------------------------------------------------------------------------------
+
+
+class SchemaError(ValueError):
+    """The models use a construct the converter cannot express structurally."""
+
+
+def _model_classes(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """Every pydantic model reachable from `root`, by class name ($defs keys)."""
+    found: dict[str, type[BaseModel]] = {}
+
+    def visit(tp: Any) -> None:
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp.__name__ in found:
+                return
+            found[tp.__name__] = tp
+            for field in tp.model_fields.values():
+                visit(field.annotation)
+            return
+        for arg in typing.get_args(tp):
+            visit(arg)
+
+    visit(root)
+    return found
+
+
+def _factory_defaults(cls: type[BaseModel]) -> dict[str, Any]:
+    """JSON defaults of fields with a default_factory (pydantic leaves them out of the schema).
+
+    A nested model's default is `{}` so that the API server applies the nested defaults."""
+    out: dict[str, Any] = {}
+    for name, field in cls.model_fields.items():
+        if field.default_factory is None:
+            continue
+        alias = field.alias or name
+        value = field.default_factory()  # type: ignore[call-arg]
+        if isinstance(value, BaseModel):
+            out[alias] = {}
+        else:
+            out[alias] = _jsonable(value)
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _is_null(node: dict[str, Any]) -> bool:
+    return node.get("type") == "null"
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type[BaseModel]],
+             path: str) -> dict[str, Any]:
+    node = dict(node)
+    if "$ref" in node:
+        name = node.pop("$ref").rsplit("/", 1)[-1]
+        target = dict(defs[name])
+        target.update({k: v for k, v in node.items() if k in ("description", "default")})
+        out = _convert(target, defs, classes, path)
+        return out
+    if "anyOf" in node:
+        branches = [b for b in node.pop("anyOf") if not _is_null(b)]
+        outer = {k: v for k, v in node.items() if k in ("description", "default")}
+        if len(branches) == 1:
+            merged = dict(branches[0])
+            for key, value in outer.items():
+                merged.setdefault(key, value)
+            return _convert(merged, defs, classes, path)
+        kinds = {b.get("type") for b in branches}
+        if kinds <= {"integer", "string"} and all(set(b) <= {"type"} for b in branches):
+            out = {"x-kubernetes-int-or-string": True}
+            if "description" in outer:
+                out["description"] = outer["description"]
+            if outer.get("default") is not None:
+                out["default"] = outer["default"]
+            return out
+        raise SchemaError(f"spec.{path}: cannot express anyOf {branches} in a structural schema")
+    if "allOf" in node or "oneOf" in node:
+        raise SchemaError(f"spec.{path}: allOf/oneOf are not supported")
+
+    out: dict[str, Any] = {}
+    if "description" in node:
+        out["description"] = node["description"].strip()
+    if "const" in node:
+        node.setdefault("enum", [node.pop("const")])
+    kind = node.get("type")
+    if kind is None and "enum" in node:
+        kind = "string"
+    if kind is not None:
+        out["type"] = kind
+    if "enum" in node:
+        out["enum"] = list(node["enum"])
+    for key in ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems", "pattern",
+                "format"):
+        if key in node:
+            out[key] = node[key]
+    for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if key in node:
+            value = node[key]
+            if isinstance(value, bool):
+                out[key] = value
+            else:
+                out[bound] = value
+                out[key] = True
+    if node.get("default") is not None:
+        out["default"] = _jsonable(node["default"])
+
+    if kind == "object":
+        title = node.get("title")
+        props = node.get("properties")
+        additional = node.get("additionalProperties")
+        if props is not None:
+            cls = classes.get(title or "")
+            factory = _factory_defaults(cls) if cls else {}
+            out["properties"] = {}
+            for name, sub in props.items():
+                child = _convert(sub, defs, classes, f"{path}.{name}" if path else name)
+                if name in factory and "default" not in child:
+                    child["default"] = factory[name]
+                out["properties"][name] = child
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif isinstance(additional, dict) and additional:
+            out["additionalProperties"] = _convert(additional, defs, classes, f"{path}.*")
+        else:  # dict[str, Any]: free-form (affinity, tolerations)
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif kind == "array":
+        items = node.get("items")
+        if not items:
+            raise SchemaError(f"spec.{path}: arrays need an item type")
+        out["items"] = _convert(items, defs, classes, f"{path}[]")
+    elif kind is None:
+        raise SchemaError(f"spec.{path}: no type")
+    return out
+
+
+def _walk(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema
+    for part in path.split("."):
+        node = node["properties"][part]
+    return node
+
+
+def _apply_extras(spec_schema: dict[str, Any]) -> None:
+    for path in INT_OR_STRING_PATHS:
+        node = _walk(spec_schema, path)
+        keep = {k: v for k, v in node.items() if k in ("description", "default")}
+        node.clear()
+        node.update({"x-kubernetes-int-or-string": True, **keep})
+    for path, extra in EXTRAS.items():
+        node = _walk(spec_schema, path)
+        for key, value in extra.items():
+            if key == "x-kubernetes-validations":
+                node.setdefault(key, []).extend(copy.deepcopy(value))
+            else:
+                node[key] = value
+
+
+def spec_schema() -> dict[str, Any]:
+    """The structural openAPIV3Schema of `spec`."""
+    raw = models.JobSpec.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    classes = _model_classes(models.JobSpec)
+    schema = _convert(raw, defs, classes, "")
+    schema["description"] = ("What to tune and how: the same document runs locally (`qtune tune`) and "
+                             "on the cluster.")
+    _apply_extras(schema)
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------
+
+_NUMBER_MAP = {"type": "object", "additionalProperties": {"type": "number"}}
+
+
+def _trial_summary_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "index": {"type": "integer"},
+            "status": {"type": "string"},
+            "accuracy": {"type": "number"},
+            "latencyMs": {"type": "number", "description": "p50 at the objective batch size"},
+            "modelSizeBytes": {"type": "integer"},
+            "passed": {"type": "boolean"},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "configKey": {"type": "string"},
+            "fp32Ops": {"type": "integer"},
+            "seconds": {"type": "number"},
+        },
+    }
+
+
+def status_schema() -> dict[str, Any]:
+    condition = {
+        "type": "object",
+        "required": ["type", "status"],
+        "properties": {
+            "type": {"type": "string"},
+            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+            "reason": {"type": "string"},
+            "message": {"type": "string"},
+            "lastTransitionTime": {"type": "string", "format": "date-time"},
+            "observedGeneration": {"type": "integer"},
+        },
+    }
+    return {
+        "type": "object",
+        "description": "Written by the operator. The full trial history is in the ConfigMap "
+                       "named in status.history.configMap.",
+        "x-kubernetes-preserve-unknown-fields": True,
+        "properties": {
+            "state": {"type": "string", "enum": ["Pending", "Baseline", "Running", "Succeeded", "Failed"]},
+            "reason": {"type": "string", "description": "why the job is in its state (the outcome when done)"},
+            "stopReason": {"type": "string", "description": "the stop rule that ended the search"},
+            "message": {"type": "string"},
+            "observedGeneration": {"type": "integer"},
+            "conditions": {
+                "type": "array",
+                "items": condition,
+                "x-kubernetes-list-type": "map",
+                "x-kubernetes-list-map-keys": ["type"],
+            },
+            "startTime": {"type": "string", "format": "date-time"},
+            "completionTime": {"type": "string", "format": "date-time"},
+            "elapsedSeconds": {"type": "number"},
+            "workspace": {"type": "string"},
+            "progress": {"type": "string", "description": "finished/max trials"},
+            "trials": {
+                "type": "object",
+                "properties": {k: {"type": "integer"} for k in
+                               ("max", "started", "running", "finished", "succeeded", "failed", "passed")},
+            },
+            "baseline": {
+                "type": "object",
+                "properties": {
+                    "accuracy": {"type": "number"},
+                    "latencyMs": _NUMBER_MAP,
+                    "latencyP90Ms": _NUMBER_MAP,
+                    "modelSizeBytes": {"type": "integer"},
+                    "seconds": {"type": "number"},
+                },
+            },
+            "best": {
+                "type": "object",
+                "properties": {
+                    "trial": {"type": "integer"},
+                    "accuracy": {"type": "number"},
+                    "latencyMs": {"type": "number", "description": "p50 at the objective batch size"},
+                    "latencyP90Ms": {"type": "number"},
+                    "batchSize": {"type": "integer"},
+                    "speedup": {"type": "number", "description": "fp32 latency / int8 latency"},
+                    "modelSizeBytes": {"type": "integer"},
+                    "sizeRatio": {"type": "number", "description": "fp32 size / int8 size"},
+                    "fp32Ops": {"type": "integer"},
+                    "configKey": {"type": "string"},
+                    "modelPath": {"type": "string"},
+                    "tuneConfig": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                },
+            },
+            "recentTrials": {"type": "array", "items": _trial_summary_schema()},
+            "history": {
+                "type": "object",
+                "properties": {"configMap": {"type": "string"}, "trials": {"type": "integer"}},
+            },
+        },
+    }
+
+
+PRINTER_COLUMNS = [
+    {"name": "State", "type": "string", "jsonPath": ".status.state"},
+    {"name": "Trials", "type": "string", "jsonPath": ".status.progress", "description": "finished/max"},
+    {"name": "Best-Accuracy", "type": "number", "jsonPath": ".status.best.accuracy"},
+    {"name": "Speedup", "type": "number", "jsonPath": ".status.best.speedup"},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{c.PLURAL}.{c.GROUP}",
+            "labels": {"app.kubernetes.io/name": "qtune", "app.kubernetes.io/component": "crd"},
+        },
+        "spec": {
+            "group": c.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": c.KIND,
+                "listKind": f"{c.KIND}List",
+                "plural": c.PLURAL,
+                "singular": c.SINGULAR,
+                "shortNames": list(c.SHORT_NAMES),
+                "categories": list(c.CATEGORIES),
+            },
+            "versions": [{
+                "name": c.VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": PRINTER_COLUMNS,
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "An accuracy-driven int8 quantization tuning job.",
+                    "required": ["spec"],
+                    "x-kubernetes-validations": copy.deepcopy(ROOT_RULES),
+                    "properties": {
+                        "apiVersion": {"type": "string"},
+                        "kind": {"type": "string"},
+                        "metadata": {"type": "object"},
+                        "spec": spec_schema(),
+                        "status": status_schema(),
+                    },
+                }},
+            }],
+        },
+    }
+
+
+def peering_crds() -> list[dict[str, Any]]:
+    """Kopf's peering resources (kopf.dev/v1), needed for `qtune operator --peering NAME`."""
+    out = []
+    for kind, scope in (("ClusterKopfPeering", "Cluster"), ("KopfPeering", "Namespaced")):
+        plural = kind.lower() + "s"
+        out.append({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": f"{plural}.kopf.dev"},
+            "spec": {
+                "scope": scope,
+                "group": "kopf.dev",
+                "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+                "versions": [{
+                    "name": "v1", "served": True, "storage": True,
+                    "schema": {"openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {"status": {"type": "object",
+                                                  "x-kubernetes-preserve-unknown-fields": True}},
+                    }},
+                }],
+            },
+        })
+    return out
+
+
+HEADER = ("# Generated by `python -m qtune.operator.crd{args}` (qtune/operator/crd.py; the QuantizationJob\n"
+          "# schema comes from the models in qtune/spec/models.py): do not edit.\n"
+          "# tests/operator/test_crd.py fails when this file and the models disagree.\n")
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:  # no &anchors: every node written out
+        return True
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def render(peering: bool = False) -> str:
+    documents = peering_crds() if peering else [crd()]
+    body = "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+                        for d in documents)
+    return HEADER.format(args=" --peering" if peering else "") + "---\n" + body
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qtune.operator.crd", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peering", action="store_true", help="print Kopf's peering CRDs instead")
+    args = parser.parse_args(argv)
+    sys.stdout.write(render(peering=args.peering))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

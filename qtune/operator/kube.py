@@ -1,0 +1,176 @@
+"""Async access to the Kubernetes API for the operator's own writes.
+
+The official client is synchronous, so every call runs in a worker thread (`asyncio.to_thread`):
+the event loop never waits on the API server. Objects go in and come out as plain dicts
+(camelCase, as the API serves them). Watching is Kopf's job (handlers and the pod index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+
+from qtune.operator import constants as c
+
+logger = logging.getLogger(__name__)
+
+MERGE_PATCH = "application/merge-patch+json"
+T = TypeVar("T")
+
+
+class Conflict(RuntimeError):
+    """The object changed since it was read (HTTP 409 on update): read it again."""
+
+
+def load_client(kubeconfig: str | None = None, pool_size: int = 16) -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
+    configuration = client.Configuration()
+    try:
+        if kubeconfig:
+            raise config.ConfigException("kubeconfig given")
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
+
+
+def _raw(response: Any) -> dict[str, Any]:
+    data = response.data if hasattr(response, "data") else response
+    return json.loads(data) if data else {}
+
+
+class Kube:
+    """The calls the reconciler and handlers make, each awaited without blocking the loop."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.rbac = client.RbacAuthorizationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+    # ---- pods
+    async def create_pod(self, body: dict[str, Any]) -> bool:
+        """Create a pod; False when a pod of that name already exists (idempotent)."""
+        try:
+            await self._call(self.core.create_namespaced_pod, body["metadata"]["namespace"], body,
+                             _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> bool:
+        """Delete a pod; False when it was already gone."""
+        try:
+            await self._call(self.core.delete_namespaced_pod, name, namespace,
+                             grace_period_seconds=grace_seconds, _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    async def delete_pods(self, namespace: str, selector: str) -> None:
+        await self._call(self.core.delete_collection_namespaced_pod, namespace, label_selector=selector,
+                         _preload_content=False)
+
+    async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        response = await self._call(self.core.list_namespaced_pod, namespace, label_selector=selector,
+                                    _preload_content=False)
+        return list(_raw(response).get("items") or [])
+
+    # ---- config maps
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            response = await self._call(self.core.read_namespaced_config_map, name, namespace,
+                                        _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return _raw(response)
+
+    async def create_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Create; raises Conflict when it exists already."""
+        try:
+            response = await self._call(self.core.create_namespaced_config_map, body["metadata"]["namespace"],
+                                        body, _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status == 409:
+                raise Conflict(f"configmap {body['metadata']['name']} exists") from exc
+            raise
+        return _raw(response)
+
+    async def replace_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Replace (metadata.resourceVersion guards against lost updates); Conflict on a race."""
+        meta = body["metadata"]
+        try:
+            response = await self._call(self.core.replace_namespaced_config_map, meta["name"], meta["namespace"],
+                                        body, _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status in (409, 404):
+                raise Conflict(f"configmap {meta['name']} changed or vanished") from exc
+            raise
+        return _raw(response)
+
+    # ---- anything to create once (ServiceAccount, Role, RoleBinding, ConfigMap)
+    async def ensure(self, body: dict[str, Any]) -> bool:
+        """Create the object unless it exists; True when it was created."""
+        kind, namespace = body["kind"], body["metadata"]["namespace"]
+        create = {
+            "ServiceAccount": self.core.create_namespaced_service_account,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Role": self.rbac.create_namespaced_role,
+            "RoleBinding": self.rbac.create_namespaced_role_binding,
+        }[kind]
+        try:
+            await self._call(create, namespace, body, _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise
+        return True
+
+    # ---- the job
+    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch the status subresource; False when the job is gone."""
+        try:
+            await self._call(self.custom.patch_namespaced_custom_object_status, c.GROUP, c.VERSION, namespace,
+                             c.PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH,
+                             _preload_content=False)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    # ---- Kopf peering objects
+    async def ensure_peering(self, name: str, namespaces: list[str] | None) -> None:
+        """Create the (Cluster)KopfPeering object Kopf's peering needs, if missing."""
+        if namespaces is None:
+            targets: list[tuple[str | None, str, str]] = [(None, "clusterkopfpeerings", "ClusterKopfPeering")]
+        else:
+            targets = [(ns, "kopfpeerings", "KopfPeering") for ns in namespaces]
+        for namespace, plural, kind in targets:
+            body: dict[str, Any] = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
+            try:
+                if namespace is None:
+                    await self._call(self.custom.create_cluster_custom_object, "kopf.dev", "v1", plural, body,
+                                     _preload_content=False)
+                else:
+                    body["metadata"]["namespace"] = namespace
+                    await self._call(self.custom.create_namespaced_custom_object, "kopf.dev", "v1", namespace,
+                                     plural, body, _preload_content=False)
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise

@@ -1,0 +1,187 @@
+"""`qtune operator`: run the QuantizationJob operator (Kopf).
+
+    qtune operator [-n NAMESPACE ... | -A] [--peering NAME [--priority N]]
+                   [--prometheus-url URL] [--pushgateway-url URL] [--trial-image IMAGE]
+                   [--metrics-port 8000] [--health-port 8080] [--metrics-timeout 60]
+
+Peering: with `--peering NAME`, replicas of the operator elect one active instance through Kopf's
+peering object (ClusterKopfPeering NAME with -A, else KopfPeering NAME in each namespace; the
+CRDs are in crds/kopf-peering.yaml; the object is created on start when missing). The one with
+the highest --priority acts; the others pause until it is gone, so two replicas never both act on
+a job. Without --peering the operator runs standalone (run a single replica).
+
+Endpoints: GET http://:HEALTH_PORT/healthz (Kopf liveness probe: 200 while the operator is
+healthy), GET http://:METRICS_PORT/metrics (the operator's own metrics: jobs by state, trials
+started/finished/failed, dispatch latency, loop step duration).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import kopf
+
+from qtune.operator import constants as c
+from qtune.operator.config import OperatorConfig
+
+logger = logging.getLogger("qtune.operator")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", default=[],
+                       help="serve this namespace (repeatable; glob patterns allowed)")
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve the whole cluster (default)")
+    parser.add_argument("--peering", metavar="NAME",
+                        help="elect one active replica through Kopf peering object NAME (see crds/kopf-peering.yaml)")
+    parser.add_argument("--priority", type=int, default=0, help="peering priority (highest acts)")
+    parser.add_argument("--prometheus-url", help="Prometheus HTTP API (env QTUNE_PROMETHEUS_URL)")
+    parser.add_argument("--pushgateway-url", help="Pushgateway (env QTUNE_PUSHGATEWAY_URL)")
+    parser.add_argument("--pod-pushgateway-url",
+                        help="Pushgateway as trial pods reach it "
+                        "(env QTUNE_POD_PUSHGATEWAY_URL; default: --pushgateway-url)")
+    parser.add_argument("--trial-image", help="default trial image (env QTUNE_TRIAL_IMAGE)")
+    parser.add_argument("--metrics-timeout", type=float,
+                        help="seconds a succeeded trial's metrics may take to appear in Prometheus (default 60)")
+    parser.add_argument("--poll-interval", type=float, help="seconds between two steps of a job's loop (default 1)")
+    parser.add_argument("--recent-trials", type=int, help="trials kept in status.recentTrials (default 20)")
+    parser.add_argument("--isa-label", help=f"NFD label required by the default node affinity "
+                        f"(default {c.DEFAULT_ISA_LABEL})")
+    parser.add_argument("--keep-succeeded-pods", action="store_true", default=None,
+                        help="keep trial pods after their results are recorded")
+    parser.add_argument("--metrics-port", type=int, default=8000, help="port of /metrics (0: off)")
+    parser.add_argument("--health-port", type=int, default=8080, help="port of /healthz (0: off)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtune operator", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    return add_arguments(parser)
+
+
+def config_from_args(args: argparse.Namespace) -> OperatorConfig:
+    return OperatorConfig.from_env(
+        prometheus_url=args.prometheus_url, pushgateway_url=args.pushgateway_url,
+        pod_pushgateway_url=args.pod_pushgateway_url, trial_image=args.trial_image,
+        metrics_timeout=args.metrics_timeout, poll_interval=args.poll_interval,
+        recent_trials=args.recent_trials, isa_label=args.isa_label,
+        keep_succeeded_pods=args.keep_succeeded_pods,
+    )
+
+
+def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
+    """Kopf settings: peering, Events, where Kopf keeps its own state, pod watch selector."""
+    # kopf.operator() already applied the name, priority, standalone and scope of the peering
+    if peering:
+        settings.peering.mandatory = True  # refuse to run unpeered when peering was asked for
+    settings.posting.enabled = True
+    settings.posting.reporting_component = "qtune-operator"
+    settings.posting.level = logging.WARNING  # Events come from kopf.event(), not from log lines
+    settings.persistence.finalizer = c.FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.ANNOTATION_PREFIX, key="last-handled-configuration")
+    settings.watching.label_selectors["pods"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.execution.max_workers = 8
+
+
+def run(namespaces: Sequence[str] = (), *, config: OperatorConfig | None = None, peering: str | None = None,
+        priority: int = 0, metrics_port: int = 8000, health_port: int = 8080,
+        stop_flag: Any = None, ready_flag: Any = None) -> None:
+    """Run the operator until stopped (SIGINT/SIGTERM or `stop_flag`).
+
+    namespaces: serve these namespaces (patterns allowed); empty: the whole cluster.
+    config: operator settings (default: OperatorConfig.from_env()).
+    peering: Kopf peering name (two replicas never both act); None: standalone.
+    metrics_port / health_port: /metrics and /healthz (0 disables)."""
+    from qtune.operator import handlers  # noqa: F401  (registers the Kopf handlers)
+    from qtune.operator.metrics import OperatorMetrics
+
+    config = config or OperatorConfig.from_env()
+    clusterwide = not namespaces
+    metrics = OperatorMetrics()
+    if metrics_port:
+        metrics.serve(metrics_port)
+    memo = kopf.Memo(config=config, metrics=metrics, wakeups={}, peering=peering,
+                     namespaces=list(namespaces), clusterwide=clusterwide, priority=priority)
+    if not config.prometheus_url:
+        logger.warning("no Prometheus URL (--prometheus-url / QTUNE_PROMETHEUS_URL): trial results cannot be "
+                       "read; every succeeded trial will fail with MetricsUnavailable")
+    asyncio.run(_serve(memo, namespaces, clusterwide, peering, priority, health_port, stop_flag, ready_flag))
+
+
+async def _serve(memo: kopf.Memo, namespaces: Sequence[str], clusterwide: bool, peering: str | None,
+                 priority: int, health_port: int, stop_flag: Any, ready_flag: Any) -> None:
+    await kopf.operator(
+        clusterwide=clusterwide,
+        namespaces=list(namespaces),
+        standalone=not peering,
+        peering_name=peering,
+        priority=priority,
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+        memo=memo,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )
+
+
+@kopf.on.startup()
+async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    import aiohttp
+
+    from qtune.operator.kube import Kube, load_client
+    from qtune.operator.prom import PrometheusClient, PushgatewayClient
+    from qtune.operator.reconcile import Services
+
+    configure(settings, peering=memo.peering)
+    config: OperatorConfig = memo.config
+    kube = Kube(load_client())
+    if memo.peering:
+        await kube.ensure_peering(memo.peering, None if memo.clusterwide else
+                                  [ns for ns in memo.namespaces if not any(ch in ns for ch in "*?[]!")])
+    session = aiohttp.ClientSession()
+    memo.http = session
+    memo.services = Services(
+        kube=kube,
+        config=config,
+        metrics=memo.metrics,
+        prometheus=PrometheusClient(config.prometheus_url, session) if config.prometheus_url else None,
+        pushgateway=PushgatewayClient(config.pushgateway_url, session) if config.pushgateway_url else None,
+    )
+    logger.info("qtune operator: prometheus=%s pushgateway=%s (pods: %s) image=%s peering=%s",
+                config.prometheus_url, config.pushgateway_url, config.pushgateway_for_pods, config.trial_image,
+                memo.peering or "standalone")
+
+
+@kopf.on.cleanup()
+async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+    session = getattr(memo, "http", None)
+    if session is not None:
+        await session.close()
+    services = getattr(memo, "services", None)
+    if services is not None:
+        services.kube.api.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    run(args.namespaces, config=config_from_args(args), peering=args.peering, priority=args.priority,
+        metrics_port=args.metrics_port, health_port=args.health_port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Publish the baseline step's results (space.json, baseline.json) to a ConfigMap.
+
+The operator does not mount the job's PVC, so the baseline pod hands it the two small documents
+it needs to drive the tuning: `python -m qtune.runner baseline ... --publish-configmap NAME`.
+The operator creates the ConfigMap (empty, owned by the job) and a ServiceAccount whose Role
+allows get/update/patch of that one ConfigMap; this module merge-patches its data in.
+
+Documents up to 512 KiB are stored as plain JSON under `data`; larger ones gzip-compressed under
+`binaryData["<name>.gz"]`. The operator reads both forms (qtune/operator/store.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from qtune.spec.errors import QtuneError
+
+logger = logging.getLogger(__name__)
+
+FILES = ("space.json", "baseline.json")
+PLAIN_LIMIT = 512 * 1024
+CONFIGMAP_LIMIT = 1024 * 1024 - 16 * 1024
+NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def current_namespace() -> str:
+    namespace = os.environ.get("QTUNE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
+    if namespace:
+        return namespace
+    try:
+        return NAMESPACE_FILE.read_text().strip()
+    except OSError:
+        raise QtuneError("--publish-configmap: cannot tell the namespace (set QTUNE_NAMESPACE)") from None
+
+
+def configmap_patch(workspace: Path, files: tuple[str, ...] = FILES) -> dict[str, Any]:
+    """The merge patch carrying the files (plain or gzip+base64 when large)."""
+    data: dict[str, str | None] = {}
+    binary: dict[str, str | None] = {}
+    for name in files:
+        path = workspace / name
+        if not path.is_file():
+            raise QtuneError(f"--publish-configmap: {path} does not exist")
+        text = path.read_text()
+        if len(text.encode()) <= PLAIN_LIMIT:
+            data[name], binary[f"{name}.gz"] = text, None
+        else:
+            data[name], binary[f"{name}.gz"] = None, base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
+    size = sum(len(v) for v in (*data.values(), *binary.values()) if v)
+    if size > CONFIGMAP_LIMIT:
+        raise QtuneError(f"--publish-configmap: {size} bytes do not fit in a ConfigMap (1 MiB)")
+    return {"data": data, "binaryData": binary}
+
+
+def _api() -> Any:
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CoreV1Api()
+
+
+def publish_baseline(configmap: str, workspace: Path, namespace: str | None = None, attempts: int = 5) -> None:
+    """Merge-patch space.json and baseline.json of `workspace` into ConfigMap `configmap`."""
+    from kubernetes.client import ApiException
+
+    patch = configmap_patch(Path(workspace))
+    namespace = namespace or current_namespace()
+    api = _api()
+    for attempt in range(1, attempts + 1):
+        try:
+            api.patch_namespaced_config_map(configmap, namespace, patch)
+            logger.info("published %s to ConfigMap %s/%s", ", ".join(FILES), namespace, configmap)
+            return
+        except ApiException as exc:
+            if exc.status in (401, 403, 404) or attempt == attempts:
+                raise QtuneError(f"--publish-configmap: cannot update ConfigMap {namespace}/{configmap}: "
+                                 f"HTTP {exc.status} {exc.reason}") from None
+        except OSError as exc:
+            if attempt == attempts:
+                raise QtuneError(f"--publish-configmap: {exc}") from None
+        time.sleep(min(2.0 * attempt, 10.0))

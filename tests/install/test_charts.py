@@ -1,0 +1,298 @@
+"""The Helm charts: `helm lint` and `helm template` of qtune-crds and qtune (no cluster needed).
+
+Needs the helm that tests/install/build_helm.sh builds (skipped without it, failed when
+QTUNE_REQUIRE_HELM=1). The rendered objects are checked for what the chart promises: the CRD in
+sync with crds/, the operator's probes on Kopf's health endpoint, arguments the real
+`qtune operator` parser accepts, least-privilege RBAC, a permission-less trial ServiceAccount.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helm_support import (
+    CRD_CHART,
+    OPERATOR_CHART,
+    ROOT,
+    Manifest,
+    crd_documents,
+    find,
+    helm_binary,
+    one,
+    operator_container,
+    run_helm,
+    set_args,
+    template,
+)
+
+NS = "qtune-system"
+#: Resources the operator must never be able to touch.
+FORBIDDEN = {"secrets", "*"}
+#: Namespaced resources it may only use in the namespaces it serves (Role, not ClusterRole).
+NAMESPACED = {"pods", "configmaps", "events", "serviceaccounts", "roles", "rolebindings", "quantizationjobs",
+              "quantizationjobs/status", "kopfpeerings"}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Path:
+    helm = helm_binary()
+    if helm is None:
+        message = "helm not built: run bash tests/install/build_helm.sh"
+        if os.environ.get("QTUNE_REQUIRE_HELM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return helm
+
+
+def render(helm: Path, values: dict[str, Any] | None = None, **kwargs: Any) -> list[Manifest]:
+    return template(helm, OPERATOR_CHART, namespace=NS, values=values, **kwargs)
+
+
+def args_of(manifests: list[Manifest]) -> list[str]:
+    return operator_container(manifests)["args"]
+
+
+def env_of(manifests: list[Manifest]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in operator_container(manifests)["env"]}
+
+
+def rules_of(role: Manifest) -> list[tuple[str, str, set[str]]]:
+    return [(group, resource, set(rule["verbs"])) for rule in role.get("rules", [])
+            for group in rule.get("apiGroups", [""]) for resource in rule.get("resources", [])]
+
+
+# --------------------------------------------------------------------------- lint
+
+
+@pytest.mark.parametrize("values", [
+    {},
+    {"replicaCount": 2},
+    {"watch.namespaces": ["team-a", "team-b"], "metrics.podMonitor.enabled": True,
+     "metrics.serviceMonitor.enabled": True},
+    {"watch.allNamespaces": True, "trial.serviceAccount.create": False, "replicaCount": 3},
+], ids=["defaults", "ha", "namespaces+monitors", "cluster-wide"])
+def test_operator_chart_lints(helm: Path, values: dict[str, Any]) -> None:
+    proc = run_helm(helm, ["lint", "--strict", str(OPERATOR_CHART), "--namespace", NS, *set_args(values)])
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("values", [{}, {"kopfPeering.enabled": False, "keep": False}])
+def test_crd_chart_lints(helm: Path, values: dict[str, Any]) -> None:
+    proc = run_helm(helm, ["lint", "--strict", str(CRD_CHART), *set_args(values)])
+    assert "0 chart(s) failed" in proc.stdout
+
+
+# --------------------------------------------------------------------------- the CRD chart
+
+
+@pytest.mark.parametrize("name", ["quantizationjob.yaml", "kopf-peering.yaml"])
+def test_crd_chart_copies_are_in_sync_with_crds(name: str) -> None:
+    source, copy = ROOT / "crds" / name, CRD_CHART / "files" / name
+    assert copy.read_text() == source.read_text(), \
+        f"charts/qtune-crds/files/{name} differs from crds/{name}: run charts/qtune-crds/sync-crds.sh"
+
+
+def test_crd_chart_renders_the_repository_crds(helm: Path) -> None:
+    rendered = {m["metadata"]["name"]: m for m in template(helm, CRD_CHART)}
+    for name in ("quantizationjob.yaml", "kopf-peering.yaml"):
+        for crd in crd_documents(ROOT / "crds" / name):
+            got = rendered[crd["metadata"]["name"]]
+            assert got["spec"] == crd["spec"], f"{crd['metadata']['name']}: the chart's CRD differs from crds/{name}"
+            assert got["apiVersion"] == crd["apiVersion"] and got["kind"] == "CustomResourceDefinition"
+            assert got["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert got["metadata"]["labels"]["app.kubernetes.io/component"] == "crd"
+    assert set(rendered) == {"quantizationjobs.qtune.io", "kopfpeerings.kopf.dev", "clusterkopfpeerings.kopf.dev"}
+
+
+def test_crd_chart_can_leave_out_kopf_peering_and_keep(helm: Path) -> None:
+    rendered = template(helm, CRD_CHART, values={"kopfPeering.enabled": False, "keep": False})
+    assert [m["metadata"]["name"] for m in rendered] == ["quantizationjobs.qtune.io"]
+    assert "helm.sh/resource-policy" not in rendered[0]["metadata"].get("annotations", {})
+
+
+# --------------------------------------------------------------------------- the operator chart
+
+
+def test_operator_arguments_are_what_qtune_operator_accepts(helm: Path) -> None:
+    pytest.importorskip("kopf")
+    from qtune.operator.main import build_parser
+
+    for values in ({}, {"replicaCount": 2, "watch.namespaces": ["a", "b"]}, {"watch.allNamespaces": True,
+                                                                             "trial.serviceAccount.create": False}):
+        manifests = render(helm, values)
+        container = operator_container(manifests)
+        assert container["command"] == ["qtune"] and container["args"][0] == "operator"
+        env = {e["name"]: "7" for e in container["env"]}  # $(VAR) references resolve from env
+        argv = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], a) for a in container["args"][1:]]
+        parsed = build_parser().parse_args(argv)
+        if values.get("watch.allNamespaces"):
+            assert parsed.all_namespaces and not parsed.namespaces
+        else:
+            assert parsed.namespaces == values.get("watch.namespaces", [NS])
+        assert (parsed.peering == "qtune") == (values.get("replicaCount", 1) > 1)
+
+
+def test_probes_use_kopf_health_endpoint_and_ports_match(helm: Path) -> None:
+    manifests = render(helm, {"health.port": 18080, "metrics.port": 18000})
+    container = operator_container(manifests)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 18080, "metrics": 18000}
+    assert "--health-port=18080" in container["args"] and "--metrics-port=18000" in container["args"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    service = one(manifests, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    workload = one(manifests, "Deployment")
+    assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+
+
+def test_single_replica_is_a_standalone_deployment_that_recreates(helm: Path) -> None:
+    manifests = render(helm)
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate", "two standalone operators must never overlap"
+    assert not find(manifests, "StatefulSet")
+    assert not any(a.startswith("--peering") for a in args_of(manifests))
+
+
+def test_replicas_turn_on_peering_with_distinct_priorities(helm: Path) -> None:
+    manifests = render(helm, {"replicaCount": 3})
+    sts = one(manifests, "StatefulSet")
+    assert sts["spec"]["replicas"] == 3
+    args = args_of(manifests)
+    assert "--peering=qtune" in args and "--priority=$(QTUNE_PEERING_PRIORITY)" in args
+    assert env_of(manifests)["QTUNE_PEERING_PRIORITY"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    role = one(manifests, "Role", namespace=NS)
+    assert ("kopf.dev", "kopfpeerings", {"get", "list", "watch", "patch", "create"}) in rules_of(role)
+    # without replicas, no peering rule
+    assert not [r for r in rules_of(one(render(helm), "Role")) if r[1] == "kopfpeerings"]
+
+
+def test_replicas_without_peering_are_refused(helm: Path) -> None:
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"replicaCount": 2,
+                                                                              "peering.enabled": False})],
+                    check=False)
+    assert proc.returncode != 0 and "peering" in proc.stderr
+
+
+def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
+    manifests = render(helm, {"prometheus.url": "http://prometheus.monitoring:9090",
+                              "pushgateway.url": "http://pushgateway.monitoring:9091",
+                              "pushgateway.podUrl": "http://pgw:9091",
+                              "image.repository": "registry.example/qtune", "image.tag": "1.2.3",
+                              "trial.nodeAffinity.isaLabel": "feature.node.kubernetes.io/cpu-cpuid.AMXINT8"})
+    env = env_of(manifests)
+    assert env["QTUNE_PROMETHEUS_URL"] == "http://prometheus.monitoring:9090"
+    assert env["QTUNE_PUSHGATEWAY_URL"] == "http://pushgateway.monitoring:9091"
+    assert env["QTUNE_POD_PUSHGATEWAY_URL"] == "http://pgw:9091"
+    assert env["QTUNE_TRIAL_IMAGE"] == "registry.example/qtune:1.2.3"
+    assert operator_container(manifests)["image"] == "registry.example/qtune:1.2.3"
+    assert "--isa-label=feature.node.kubernetes.io/cpu-cpuid.AMXINT8" in args_of(manifests)
+    assert env["QTUNE_TRIAL_TOLERATIONS"] == \
+        '[{"effect":"NoSchedule","key":"qtune.io/dedicated","operator":"Equal","value":"tuning"}]'
+    # the variables the chart sets for endpoints are the ones the operator reads
+    config_source = (ROOT / "qtune/operator/config.py").read_text()
+    for name in ("QTUNE_PROMETHEUS_URL", "QTUNE_PUSHGATEWAY_URL", "QTUNE_POD_PUSHGATEWAY_URL", "QTUNE_TRIAL_IMAGE"):
+        assert name in config_source
+    digest = "sha256:" + "a" * 64
+    pinned = render(helm, {"image.digest": digest})
+    assert operator_container(pinned)["image"] == f"qtune@{digest}"
+    assert operator_container(render(helm))["image"] == "qtune:0.1.0", "tag defaults to the appVersion"
+
+
+def test_pod_is_non_root_read_only_with_a_writable_tmp(helm: Path) -> None:
+    manifests = render(helm)
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    container = operator_container(manifests)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}} in pod["volumes"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+
+
+# --------------------------------------------------------------------------- RBAC
+
+
+@pytest.mark.parametrize("values", [{}, {"replicaCount": 2, "watch.namespaces": ["team-a", "team-b"]}],
+                         ids=["release-namespace", "two-namespaces"])
+def test_rbac_is_least_privilege_and_per_served_namespace(helm: Path, values: dict[str, Any]) -> None:
+    manifests = render(helm, values)
+    served = values.get("watch.namespaces", [NS])
+    sa = one(manifests, "ServiceAccount", name="qtune", namespace=NS)
+    subject = {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": NS}
+
+    roles = find(manifests, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(served)
+    bindings = find(manifests, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(served)
+    for binding in bindings:
+        assert binding["subjects"] == [subject]
+        assert binding["roleRef"]["kind"] == "Role"
+
+    for role in [*roles, *find(manifests, "ClusterRole")]:
+        for group, resource, verbs in rules_of(role):
+            assert resource not in FORBIDDEN and group != "*" and "*" not in verbs, \
+                f"{role['kind']} {role['metadata']['name']}: {group}/{resource} {verbs}"
+            assert not verbs & {"escalate", "bind", "impersonate"}
+    cluster_rules = [r for role in find(manifests, "ClusterRole") for r in rules_of(role)]
+    assert {res for _, res, _ in cluster_rules} <= {"customresourcedefinitions", "namespaces"}, \
+        "only cluster-scoped needs in the ClusterRole"
+    assert all(verbs <= {"get", "list", "watch"} for _, _, verbs in cluster_rules), "cluster-wide: read only"
+    role = rules_of(roles[0])
+    for _group, resource, verbs in role:
+        if resource not in ("pods",):
+            assert "delete" not in verbs and "deletecollection" not in verbs, f"{resource}: no deletion needed"
+    assert {res for _, res, _ in role} <= NAMESPACED
+
+
+def test_cluster_wide_mode_uses_a_cluster_role(helm: Path) -> None:
+    manifests = render(helm, {"watch.allNamespaces": True, "trial.serviceAccount.create": False,
+                              "replicaCount": 2})
+    assert not find(manifests, "Role") and not find(manifests, "RoleBinding")
+    jobs = one(manifests, "ClusterRole", name="qtune-jobs")
+    assert ("", "secrets", {"get"}) not in rules_of(jobs)
+    cluster = one(manifests, "ClusterRole", name="qtune-cluster")
+    assert ("kopf.dev", "clusterkopfpeerings", {"get", "list", "watch", "patch", "create"}) in rules_of(cluster)
+    assert "--all-namespaces" in args_of(manifests)
+
+
+def test_cluster_wide_mode_needs_listed_namespaces_for_trial_accounts(helm: Path) -> None:
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"watch.allNamespaces": True})],
+                    check=False)
+    assert proc.returncode != 0 and "trial.serviceAccount.create" in proc.stderr
+
+
+def test_trial_service_account_has_no_permissions_and_no_token(helm: Path) -> None:
+    manifests = render(helm, {"watch.namespaces": ["team-a", "team-b"]})
+    trial = find(manifests, "ServiceAccount", name="qtune-trial")
+    assert sorted(t["metadata"]["namespace"] for t in trial) == ["team-a", "team-b"]
+    assert all(t["automountServiceAccountToken"] is False for t in trial)
+    for binding in [*find(manifests, "RoleBinding"), *find(manifests, "ClusterRoleBinding")]:
+        assert all(s["name"] != "qtune-trial" for s in binding["subjects"])
+    assert env_of(manifests)["QTUNE_TRIAL_SERVICE_ACCOUNT"] == "qtune-trial"
+
+
+# --------------------------------------------------------------------------- monitoring
+
+
+def test_pod_and_service_monitors_are_off_by_default(helm: Path) -> None:
+    manifests = render(helm)
+    assert not find(manifests, "PodMonitor") and not find(manifests, "ServiceMonitor")
+    on = render(helm, {"metrics.podMonitor.enabled": True, "metrics.serviceMonitor.enabled": True,
+                       "metrics.serviceMonitor.labels": {"release": "kube-prometheus"}})
+    pod_monitor, service_monitor = one(on, "PodMonitor"), one(on, "ServiceMonitor")
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert service_monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert service_monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    service = one(on, "Service")
+    assert all(service["metadata"]["labels"][k] == v for k, v in service_monitor["spec"]["selector"]["matchLabels"]
+               .items())

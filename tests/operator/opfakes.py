@@ -1,0 +1,179 @@
+"""Shared pieces of the operator unit tests: a job body, a tiny tuning space, fakes of the cluster.
+
+(Not named conftest.py: tests/cluster has a conftest module of its own.)
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import asdict
+from typing import Any
+
+
+from qtune.operator import constants as c
+from qtune.operator.config import OperatorConfig
+from qtune.operator.kube import Conflict
+from qtune.tuning.history import Baseline
+from qtune.tuning.space import OpSpace, TuningSpace
+
+UID = "0b6c7f5e-8d1a-4c2e-9f00-123456789abc"
+
+
+def job_body(name: str = "digits", spec: dict[str, Any] | None = None, generation: int = 1,
+             status: dict[str, Any] | None = None, uid: str = UID) -> dict[str, Any]:
+    spec = spec if spec is not None else {
+        "model": {"framework": "onnxruntime", "path": "model.onnx"},
+        "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}},
+        "tuning": {"maxTrials": 6, "parallelTrials": 2, "objective": "size"},
+        "trial": {"resources": {"cpu": 2, "memory": "1Gi"}},
+        "workspace": {"persistentVolumeClaim": "qtune-work", "mountPath": "/workspace"},
+    }
+    return {"apiVersion": c.API_VERSION, "kind": c.KIND,
+            "metadata": {"name": name, "namespace": "ml", "uid": uid, "generation": generation},
+            "spec": spec, "status": status or {}}
+
+
+def tiny_space() -> TuningSpace:
+    """Three ops; static only; two calibration algorithms (so `basic` has a variant stage)."""
+    act = {"dtype": ["uint8", "fp32"], "scheme": ["asym"], "granularity": ["per_tensor"],
+           "algorithm": ["minmax", "percentile"]}
+    weight = {"dtype": ["int8", "fp32"], "scheme": ["sym"], "granularity": ["per_channel"], "algorithm": ["minmax"]}
+    ops = {name: OpSpace(name, op_type, dict(act), dict(weight) if op_type != "Relu" else None, ["static"])
+           for name, op_type in (("conv1", "Conv"), ("conv2", "Conv"), ("fc", "Gemm"))}
+    return TuningSpace(ops=ops, approaches=["static"], format="QDQ", calibration_sampling_size=100,
+                       sensitivity={"fc": 0.3, "conv2": 0.2, "conv1": 0.1})
+
+
+def tiny_baseline() -> Baseline:
+    return Baseline(accuracy=0.95, latency_ms={"1": 1.0, "32": 10.0}, latency_p90_ms={"1": 1.2, "32": 12.0},
+                    model_size_bytes=400_000, seconds=3.0)
+
+
+class FakeKube:
+    """An in-memory stand-in for qtune.operator.kube.Kube (pods, ConfigMaps, status)."""
+
+    def __init__(self) -> None:
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.configmaps: dict[str, dict[str, Any]] = {}
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.status: dict[str, Any] = {}
+        self.patches: list[dict[str, Any]] = []
+        self.created_pods: list[str] = []
+        self.deleted_pods: list[str] = []
+        self._rv = itertools.count(1)
+
+    async def create_pod(self, body: dict[str, Any]) -> bool:
+        name = body["metadata"]["name"]
+        if name in self.pods:
+            return False
+        self.pods[name] = copy.deepcopy(body)
+        self.created_pods.append(name)
+        return True
+
+    async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> bool:
+        self.deleted_pods.append(name)
+        return self.pods.pop(name, None) is not None
+
+    async def delete_pods(self, namespace: str, selector: str) -> None:
+        self.pods.clear()
+
+    async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return list(self.pods.values())
+
+    async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        body = self.configmaps.get(name)
+        return copy.deepcopy(body) if body else None
+
+    async def create_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        if name in self.configmaps:
+            raise Conflict(name)
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.configmaps[name] = body
+        return copy.deepcopy(body)
+
+    async def replace_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        old = self.configmaps.get(name)
+        if old is None or old["metadata"]["resourceVersion"] != body["metadata"].get("resourceVersion"):
+            raise Conflict(name)
+        body = copy.deepcopy(body)
+        body["metadata"]["resourceVersion"] = str(next(self._rv))
+        self.configmaps[name] = body
+        return copy.deepcopy(body)
+
+    async def ensure(self, body: dict[str, Any]) -> bool:
+        if body["kind"] == "ConfigMap":
+            if body["metadata"]["name"] in self.configmaps:
+                return False
+            await self.create_configmap(body)
+            return True
+        key = (body["kind"], body["metadata"]["name"])
+        if key in self.objects:
+            return False
+        self.objects[key] = body
+        return True
+
+    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        self.patches.append(copy.deepcopy(patch))
+        self.status = merge(self.status, patch)
+        return True
+
+    # test helpers --------------------------------------------------------------------------
+    def publish_baseline(self, job: str = "digits") -> None:
+        import json
+
+        cm = self.configmaps[c.baseline_configmap(job)]
+        cm["data"] = {c.SPACE_KEY: json.dumps(tiny_space().to_dict()),
+                      c.BASELINE_KEY: json.dumps(asdict(tiny_baseline()))}
+
+    def finish_pod(self, name: str, phase: str = "Succeeded", **terminated: Any) -> None:
+        pod = self.pods[name]
+        state = {"exitCode": 0 if phase == "Succeeded" else 1, "reason": "Completed" if phase == "Succeeded"
+                 else "Error", "finishedAt": "2024-01-01T00:00:00Z", **terminated}
+        pod["status"] = {"phase": phase, "startTime": "2024-01-01T00:00:00Z",
+                         "containerStatuses": [{"name": "runner", "state": {"terminated": state}}]}
+
+    def run_pod(self, name: str) -> None:
+        self.pods[name]["status"] = {"phase": "Running", "startTime": "2099-01-01T00:00:00Z"}
+
+
+def merge(old: Any, patch: Any) -> Any:
+    if not isinstance(patch, dict) or not isinstance(old, dict):
+        return copy.deepcopy(patch)
+    out = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(old.get(key), value)
+    return out
+
+
+class FakeResults:
+    """Prometheus + Pushgateway in one: results by trial label, deletions recorded."""
+
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, Any]] = {}
+        self.deleted: list[str] = []
+        self.queries = 0
+
+    async def job_results(self, job_uid: str) -> dict[str, dict[str, Any]]:
+        self.queries += 1
+        return copy.deepcopy(self.results)
+
+    async def delete_group(self, job_uid: str, trial: int | str) -> None:
+        self.deleted.append(str(trial))
+        self.results.pop(str(trial), None)
+
+    async def delete_job_groups(self, job_uid: str) -> int:
+        count = len(self.results)
+        self.results.clear()
+        return count
+
+
+def make_config() -> OperatorConfig:
+    return OperatorConfig(prometheus_url="http://prom:9090", pushgateway_url="http://pgw:9091",
+                          trial_image="qtune:test", metrics_timeout=60.0)

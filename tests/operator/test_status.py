@@ -1,0 +1,101 @@
+"""Status and conditions: transitions, projections of the history, merge patches."""
+
+from __future__ import annotations
+
+from opfakes import tiny_baseline, tiny_space
+
+from qtune.operator import status as st
+from qtune.tuning import stop
+from qtune.tuning.history import History
+
+
+def _conds(conditions: list[dict]) -> dict[str, dict]:
+    return {cond["type"]: cond for cond in conditions}
+
+
+def test_conditions_of_each_state() -> None:
+    table = {
+        st.PENDING: (False, False, False, False),
+        st.BASELINE: (False, True, False, False),
+        st.RUNNING: (False, True, False, False),
+        st.SUCCEEDED_STATE: (True, False, True, False),
+        st.FAILED_STATE: (False, False, False, True),
+    }
+    for state, expected in table.items():
+        conds = _conds(st.conditions_for(state, "R", "m", 3, None, now=0))
+        got = tuple(conds[t]["status"] == "True" for t in (st.READY, st.RUNNING_COND, st.SUCCEEDED_COND,
+                                                            st.FAILED_COND))
+        assert got == expected, state
+        assert all(c["observedGeneration"] == 3 and c["reason"] == "R" for c in conds.values())
+
+
+def test_last_transition_time_moves_only_when_the_status_flips() -> None:
+    first = st.conditions_for(st.BASELINE, st.REASON_BASELINE, "", 1, None, now=100)
+    second = st.conditions_for(st.RUNNING, st.REASON_TUNING, "x", 1, first, now=200)
+    assert _conds(second)[st.RUNNING_COND]["lastTransitionTime"] == st.now_iso(100)  # still True
+    assert _conds(second)[st.RUNNING_COND]["reason"] == st.REASON_TUNING
+    third = st.conditions_for(st.SUCCEEDED_STATE, stop.GOAL_REACHED, "done", 2, second, now=300)
+    assert _conds(third)[st.RUNNING_COND]["lastTransitionTime"] == st.now_iso(300)  # flipped to False
+    assert _conds(third)[st.SUCCEEDED_COND]["lastTransitionTime"] == st.now_iso(300)
+    assert _conds(third)[st.FAILED_COND]["lastTransitionTime"] == st.now_iso(100)  # False all along
+    assert [c["type"] for c in third] == list(st.CONDITION_TYPES)
+
+
+def test_outcomes() -> None:
+    assert st.state_for_outcome(stop.GOAL_REACHED) == st.SUCCEEDED_STATE
+    assert st.state_for_outcome(stop.MAX_TRIALS) == st.SUCCEEDED_STATE
+    assert st.state_for_outcome(stop.TIMEOUT) == st.SUCCEEDED_STATE
+    for reason in (stop.NO_CONFIG, stop.TOO_MANY_FAILURES, st.INVALID_SPEC, st.BASELINE_FAILED):
+        assert st.state_for_outcome(reason) == st.FAILED_STATE
+
+
+def _history() -> History:
+    space = tiny_space()
+    history = History(job="digits", baseline=tiny_baseline())
+    base = space.default_config()
+    for i, config in enumerate([base, base.with_fallback(["fc"]), base.with_fallback(["fc", "conv2"])]):
+        record = history.add(config)
+        if i < 2:
+            record.status = "succeeded"
+            record.accuracy = 0.94 + 0.001 * i
+            record.latency_ms = {"1": 0.5, "32": 5.0 + i}
+            record.model_size_bytes = 100_000 + 10_000 * i
+            record.passed = True
+    history.trials[0].passed = True
+    return history
+
+
+def test_build_status_projects_the_history() -> None:
+    history = _history()
+    best = history.trials[0]
+    status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=2, old=None,
+                             history=history, max_trials=10, batch_size=32, best=best, recent=2,
+                             history_configmap="digits-history", workspace="/w", now=0)
+    assert status["progress"] == "2/10"
+    assert status["trials"] == {"max": 10, "started": 3, "running": 1, "finished": 2, "succeeded": 2, "failed": 0,
+                                "passed": 2}
+    assert [t["index"] for t in status["recentTrials"]] == [1, 2]  # bounded, newest last
+    assert status["best"]["trial"] == 0
+    assert status["best"]["speedup"] == 2.0  # 10 ms fp32 / 5 ms
+    assert status["best"]["sizeRatio"] == 4.0
+    assert status["best"]["tuneConfig"] == best.tune_config
+    assert status["baseline"]["accuracy"] == 0.95
+    assert status["history"] == {"configMap": "digits-history", "trials": 3}
+    assert "completionTime" not in status
+
+
+def test_merge_patch_replaces_stale_keys() -> None:
+    old = {"best": {"trial": 1, "tuneConfig": {"ops": {"a": 1, "b": 2}}}, "state": "Running", "kopf": {"x": 1}}
+    new = {"best": {"trial": 2, "tuneConfig": {"ops": {"c": 3}}}, "state": "Running"}
+    patch = st.status_patch(old, new)
+    assert patch == {"best": {"trial": 2, "tuneConfig": {"ops": {"a": None, "b": None, "c": 3}}}}
+    assert st.status_patch(new, new) is None
+
+
+def test_describe_best() -> None:
+    history = _history()
+    summary = st.best_summary(history.trials[0], history.baseline, 32)
+    text = st.describe_best(summary, history.baseline)
+    assert text.startswith("best trial 0: accuracy 0.9400 (fp32 0.9500)")
+    assert "2.00x faster at batch 32" in text and "4.00x smaller" in text
+    assert st.describe_best(None, None) == "no trial met the accuracy criterion"

@@ -1,0 +1,90 @@
+"""History ConfigMap encoding, and the runner's publish patch."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from opfakes import FakeKube, tiny_baseline, tiny_space
+
+from qtune.operator import constants as c
+from qtune.operator.kube import Conflict
+from qtune.operator.pods import JobRef
+from qtune.operator.store import HistoryStore, HistoryTooLarge, decode_history, decode_published, encode_history
+from qtune.runner import publish
+from qtune.tuning.history import History
+
+
+def _history(trials: int) -> History:
+    history = History(job="digits", baseline=tiny_baseline())
+    base = tiny_space().default_config()
+    for i in range(trials):
+        record = history.add(base.with_ops({}) if i == 0 else base.with_fallback(["fc"]).with_ops({}))
+        record.config_key = f"k{i}"
+        record.accuracy = 0.9
+    return history
+
+
+def test_small_history_is_plain_json() -> None:
+    history = _history(3)
+    data, binary = encode_history(history)
+    assert set(data) == {c.HISTORY_KEY} and not binary
+    assert decode_history({"data": data}).to_dict() == history.to_dict()
+
+
+def test_large_history_is_gzipped() -> None:
+    history = _history(400)
+    data, binary = encode_history(history, plain_limit=10_000)
+    assert not data and set(binary) == {c.HISTORY_GZ_KEY}
+    assert json.loads(gzip.decompress(base64.b64decode(binary[c.HISTORY_GZ_KEY])))["job"] == "digits"
+    assert decode_history({"binaryData": binary}).to_dict() == history.to_dict()
+
+
+def test_too_large_history(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("qtune.operator.store.CONFIGMAP_LIMIT", 100)
+    with pytest.raises(HistoryTooLarge, match="maxTrials"):
+        encode_history(_history(50), plain_limit=10)
+
+
+def test_store_detects_concurrent_writers() -> None:
+    kube = FakeKube()
+    job = JobRef("digits", "ml", "uid")
+
+    async def scenario() -> None:
+        first, second = HistoryStore(kube, job), HistoryStore(kube, job)  # type: ignore[arg-type]
+        assert await first.load() is None
+        await first.save(_history(1))
+        assert len((await second.load()).trials) == 1
+        await second.save(_history(2))
+        with pytest.raises(Conflict):
+            await first.save(_history(3))  # based on an old resourceVersion
+        assert len((await first.load()).trials) == 2
+
+    asyncio.run(scenario())
+    cm = kube.configmaps["digits-history"]
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "uid"
+    assert cm["metadata"]["annotations"]["qtune.io/trials"] == "2"
+
+
+def test_publish_patch_round_trips_through_the_operator_reader(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "space.json").write_text(json.dumps(tiny_space().to_dict()))
+    (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": 0.9}))
+    patch = publish.configmap_patch(tmp_path)
+    assert patch["binaryData"] == {"space.json.gz": None, "baseline.json.gz": None}
+    assert decode_published(patch, c.SPACE_KEY) == tiny_space().to_dict()
+
+    monkeypatch.setattr(publish, "PLAIN_LIMIT", 10)
+    patch = publish.configmap_patch(tmp_path)
+    assert patch["data"] == {"space.json": None, "baseline.json": None}
+    assert decode_published(patch, c.BASELINE_KEY) == {"accuracy": 0.9}
+
+
+def test_publish_needs_the_files(tmp_path: Path) -> None:
+    from qtune.spec.errors import QtuneError
+
+    with pytest.raises(QtuneError, match="space.json"):
+        publish.configmap_patch(tmp_path)
