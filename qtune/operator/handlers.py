@@ -60,7 +60,7 @@ def _events(body: kopf.Body):  # noqa: ANN202 - an EventSink
     return post
 
 
-@kopf.daemon(*JOB, id="tune", when=job_active, cancellation_timeout=10.0)
+@kopf.daemon(*JOB, id="tune", when=job_active, cancellation_backoff=5.0, cancellation_timeout=10.0)
 async def tune(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
                qtune_pods: kopf.Index, **_: Any) -> None:
     services: Services = memo.services

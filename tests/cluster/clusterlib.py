@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -101,9 +102,24 @@ class Cluster:
                  detail=lambda: repr(result[0].status) if result else "")
         return result[0]
 
+    @property
+    def local_agent(self) -> bool:
+        """Whether pods run as local processes under this plane's node agent (host checks)."""
+        return self.state_dir is not None and (self.state_dir / "agent").is_dir()
+
+    @property
+    def mount_namespace(self) -> bool:
+        """Whether pods see their volumes at their mountPaths (else paths are rewritten)."""
+        if not self.local_agent:
+            return True
+        assert self.state_dir is not None
+        info = json.loads((self.state_dir / "agent" / "agent.json").read_text())
+        return bool(info["mount_namespace"])
+
     def pod_log(self, namespace: str, name: str) -> str:
         """The pod's output: the node agent's log file, or the kubelet API on a real cluster."""
-        if self.state_dir is not None and not self.existing:
+        if self.local_agent:
+            assert self.state_dir is not None
             runs = sorted((self.state_dir / "agent" / "pods" / namespace / name).glob("*/*.log"),
                           key=lambda p: p.stat().st_mtime)
             return runs[-1].read_text(errors="replace") if runs else ""

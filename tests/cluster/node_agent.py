@@ -32,6 +32,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
+import fcntl
 import json
 import logging
 import math
@@ -45,11 +47,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from kubernetes import client, config, watch
 from kubernetes.utils import parse_quantity
@@ -63,7 +65,6 @@ MAX_GRACE_SECONDS = 10.0
 DEFAULT_TERMINATION_PATH = "/dev/termination-log"
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048
-CREATED_PATHS = "created-paths.txt"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 Obj = dict[str, Any]
 
@@ -92,22 +93,33 @@ class Retry(Exception):
 # --------------------------------------------------------------------------- host paths
 
 
-_paths_lock = threading.Lock()
+#: Mount points created on the host, shared by every node agent on this machine (several
+#: planes may run at once): the last agent to stop removes them, never while another agent
+#: runs, since its pods may have them mounted in their namespaces.
+MOUNTPOINT_REGISTRY = Path(tempfile.gettempdir()) / "qtune-node-agent-mountpoints.txt"
 
 
-def ensure_mount_target(state_dir: Path, target: Path, is_file: bool) -> None:
+@contextlib.contextmanager
+def _registry() -> Iterator[TextIO]:
+    with open(MOUNTPOINT_REGISTRY, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield f
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_mount_target(target: Path, is_file: bool) -> None:
     """Create a missing mount point on the host, recording what was created for cleanup."""
     if target.exists():
         return
-    missing = []
-    p = target
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    with _paths_lock, open(state_dir / CREATED_PATHS, "a") as record:
+    with _registry() as record:
+        missing = []
+        p = target
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
         for p in reversed(missing):
-            if p.exists():
-                continue
             if p == target and is_file:
                 p.touch()
             else:
@@ -115,20 +127,36 @@ def ensure_mount_target(state_dir: Path, target: Path, is_file: bool) -> None:
             record.write(f"{p}\n")
 
 
-def cleanup_created_paths(state_dir: Path) -> None:
-    """Remove the (empty) mount points :func:`ensure_mount_target` created; idempotent."""
-    record = state_dir / CREATED_PATHS
-    if not record.exists():
+def other_agents_running() -> bool:
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"node_agent.py") for a in argv[:3]):
+            return True
+    return False
+
+
+def cleanup_created_paths() -> None:
+    """Remove the (still empty) mount points agents created, unless another agent runs."""
+    if not MOUNTPOINT_REGISTRY.exists():
         return
-    with _paths_lock:
-        for line in reversed(record.read_text().splitlines()):
+    with _registry() as record:
+        if other_agents_running():
+            return
+        record.seek(0)
+        for line in reversed(record.read().splitlines()):
             p = Path(line)
             with contextlib.suppress(OSError):
                 if p.is_dir() and not p.is_symlink():
                     p.rmdir()
                 elif p.is_file() and p.stat().st_size == 0:
                     p.unlink()
-        record.unlink()
+        record.truncate(0)
 
 
 def process_group_rss(sid: int) -> int:
@@ -145,6 +173,15 @@ def process_group_rss(sid: int) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def _die_with_agent() -> None:
+    """preexec_fn: SIGKILL the pod process if the agent dies without stopping it (Linux).
+
+    Pods are only started from the agent's long-lived threads (watch, reaper), so the
+    "parent thread exited" trigger of PR_SET_PDEATHSIG means the agent is gone.
+    """
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -230,6 +267,9 @@ class NodeAgent:
         log.info("node agent for %s (mount namespace: %s)", sorted(self.nodes),
                  self.use_mount_namespace)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "agent.json").write_text(json.dumps({
+            "pid": os.getpid(), "nodes": sorted(self.nodes),
+            "mount_namespace": self.use_mount_namespace}))
         threads = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
                    threading.Thread(target=self._reaper_loop, name="reaper", daemon=True)]
         if self.provisioner:
@@ -257,7 +297,7 @@ class NodeAgent:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             _kill_group(r.proc.pid, signal.SIGKILL)
-        cleanup_created_paths(self.state_dir)
+        cleanup_created_paths()
         log.info("node agent stopped (%d pod process(es) killed)", len(alive))
 
     def _watch_forever(self, resource: str, handler: Callable[[str, Obj], None]) -> None:
@@ -273,7 +313,7 @@ class NodeAgent:
                 listing = self.raw(lister())
                 rv = listing["metadata"]["resourceVersion"]
                 for item in listing["items"]:
-                    handler("SYNC", item)
+                    self._handle(handler, "SYNC", item)
                 while not self.stop_event.is_set():
                     w = watch.Watch()
                     for ev in w.stream(lister(), resource_version=rv, timeout_seconds=60,
@@ -283,12 +323,20 @@ class NodeAgent:
                         if ev["type"] == "ERROR":
                             raise RuntimeError(f"watch error: {obj}")
                         if ev["type"] != "BOOKMARK":
-                            handler(ev["type"], obj)
+                            self._handle(handler, ev["type"], obj)
                         if self.stop_event.is_set():
                             w.stop()
             except Exception as e:  # noqa: BLE001 - expired watch, apiserver restart, ...
                 log.debug("%s watch restarts: %r", resource, e)
                 self.stop_event.wait(1.0)
+
+    @staticmethod
+    def _handle(handler: Callable[[str, Obj], None], event: str, obj: Obj) -> None:
+        try:
+            handler(event, obj)
+        except Exception:  # noqa: BLE001 - one bad object must not stop the watch
+            meta = obj.get("metadata") or {}
+            log.exception("%s %s/%s failed", event, meta.get("namespace"), meta.get("name"))
 
     # ---- node heartbeats
     def _heartbeat_loop(self) -> None:
@@ -416,6 +464,14 @@ class NodeAgent:
                 log.info("pod %s/%s waits: %s", ns, name, e)
             self.retry[uid] = pod
             return
+        except Exception as e:  # noqa: BLE001 - surface it on the pod, like the kubelet
+            log.exception("pod %s/%s cannot start", ns, name)
+            self.retry.pop(uid, None)
+            self._patch_status(pod, {"containerStatuses": [{
+                "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
+                "restartCount": 0, "state": {"waiting": {
+                    "reason": "CreateContainerConfigError", "message": repr(e)}}}]})
+            return
         self.retry.pop(uid, None)
 
         message_path = pod_dir / "termination-log"
@@ -462,7 +518,7 @@ class NodeAgent:
             with open(log_path, "ab") as out:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                         stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_agent)
         except OSError as e:
             self._patch_terminated(pod, exit_code=128, reason="StartError", message=str(e),
                                    started_at=None)
@@ -484,7 +540,7 @@ class NodeAgent:
         for src, path, read_only in sorted(mounts, key=lambda m: len(m[1])):
             is_file = src.is_file()
             if not any(path.startswith(p.rstrip("/") + "/") for p in mounted):
-                ensure_mount_target(self.state_dir, Path(path), is_file)
+                ensure_mount_target(Path(path), is_file)
             elif is_file:
                 lines.append(f"[ -e {shlex.quote(path)} ] || : > {shlex.quote(path)}")
             else:
@@ -863,7 +919,8 @@ def resource_value(c: Obj, ref: Obj) -> str:
     value = get(c, "resources", kind, res) or get(c, "resources", "limits", res)
     if value is None:  # the kubelet falls back to node allocatable; keep the host's
         value = str(os.cpu_count() or 1) if res == "cpu" else "32Gi"
-    q = parse_quantity(value) / parse_quantity(ref.get("divisor") or "1")
+    divisor = parse_quantity(ref.get("divisor") or "1") or 1  # the API defaults it to "0"
+    q = parse_quantity(value) / divisor
     return str(math.ceil(q))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -183,6 +184,22 @@ def make_pki(pki: Path) -> None:
         for e in ext:
             argv += ["-addext", e]
         _run(argv, pki)
+    # The aggregation layer's front proxy has its own CA (requestheader authentication).
+    _run(
+        ["openssl", "req", "-x509", *ec, "-keyout", "front-proxy-ca.key", "-out",
+         "front-proxy-ca.crt", "-days", "3650", "-subj", "/CN=qtune-front-proxy-ca",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature"],
+        pki,
+    )
+    _run(
+        ["openssl", "req", "-x509", *ec, "-keyout", "front-proxy-client.key", "-out",
+         "front-proxy-client.crt", "-days", "365", "-subj", "/CN=front-proxy-client",
+         "-CA", "front-proxy-ca.crt", "-CAkey", "front-proxy-ca.key",
+         "-addext", "extendedKeyUsage=clientAuth", "-addext", "basicConstraints=CA:FALSE",
+         "-addext", "keyUsage=critical,digitalSignature,keyEncipherment"],
+        pki,
+    )
     _run(["openssl", "genrsa", "-out", "sa.key", "2048"], pki)
     _run(["openssl", "rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub"], pki)
 
@@ -236,6 +253,11 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the thread that started it dies (Linux)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def stop_groups(pgids: list[int], grace: float = 10.0) -> None:
     """SIGTERM each process group (in order), then SIGKILL what is left after ``grace``."""
     for pgid in pgids:
@@ -275,6 +297,9 @@ class Plane:
     node_agent: bool = True
     keep_state: bool = False
     nodes: tuple[NodeSpec, ...] = NODES
+    #: None: bind-mount volumes in a private mount namespace when possible; False: rewrite
+    #: mountPaths instead (QTUNE_NODE_AGENT_MOUNT_NS=0 sets False).
+    mount_namespace: bool | None = None
     plane_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     components: list[Component] = field(default_factory=list, init=False)
@@ -283,6 +308,7 @@ class Plane:
     _own_state_dir: bool = field(default=False, init=False)
     _etcd_dir: Path | None = field(default=None, init=False)
     _stopped: bool = field(default=False, init=False)
+    _tie_to_parent: bool = field(default=True, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     # ---- paths and urls
@@ -317,7 +343,8 @@ class Plane:
     def env(self) -> dict[str, str]:
         """The variables a test (or a shell) needs to reach this plane."""
         assert self.state_dir
-        env = {"KUBECONFIG": str(self.kubeconfig), "QTUNE_PLANE_STATE_DIR": str(self.state_dir)}
+        env = {"KUBECONFIG": str(self.kubeconfig), "QTUNE_PLANE_STATE_DIR": str(self.state_dir),
+               "QTUNE_K8S_BIN_DIR": str(self.bin_dir or default_bin_dir())}
         if self.prometheus:
             env["QTUNE_PROMETHEUS_URL"] = str(self.prometheus_url)
             env["QTUNE_PUSHGATEWAY_URL"] = str(self.pushgateway_url)
@@ -340,6 +367,7 @@ class Plane:
             self._own_state_dir = True
         self.state_dir.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "logs").mkdir(exist_ok=True)
+        self._tie_to_parent = not detach
         if not detach:
             atexit.register(self.stop)
             _install_sigterm_handler()
@@ -402,7 +430,7 @@ class Plane:
         if killed := sweep_marked(self.plane_id):
             log.warning("killed %d leftover process(es) of plane %s", len(killed), self.plane_id)
         if self.state_dir:
-            _cleanup_agent_paths(self.state_dir)
+            _cleanup_agent_paths()
         if self._etcd_dir:
             shutil.rmtree(self._etcd_dir, ignore_errors=True)
         if self.state_dir and not self.keep_state:
@@ -425,6 +453,7 @@ class Plane:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=full_env, start_new_session=True, cwd=self.state_dir,
+                preexec_fn=_die_with_parent if self._tie_to_parent else None,
             )
         comp = Component(name, proc, log_path)
         self.components.append(comp)
@@ -452,7 +481,7 @@ class Plane:
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
             "--initial-cluster", f"qtune={peer}", "--initial-cluster-state", "new",
-            "--quota-backend-bytes", str(2 * 1024**3), "--log-level", "warn",
+            "--quota-backend-bytes", str(2 * 1024**3), "--logger", "zap", "--log-level", "warn",
         ])
 
     def _start_apiserver(self) -> None:
@@ -467,6 +496,13 @@ class Plane:
             f"--client-ca-file={pki / 'ca.crt'}",
             f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
             f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+            f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
@@ -515,6 +551,9 @@ class Plane:
 
     def _start_node_agent(self) -> None:
         assert self.state_dir
+        mount_ns = self.mount_namespace
+        if mount_ns is None and os.environ.get("QTUNE_NODE_AGENT_MOUNT_NS") == "0":
+            mount_ns = False
         self._spawn("node-agent", [
             sys.executable, str(NODE_AGENT),
             "--kubeconfig", str(self.state_dir / "node-agent.kubeconfig"),
@@ -522,6 +561,7 @@ class Plane:
             "--nodes", ",".join(n.name for n in self.nodes),
             "--provisioner", PROVISIONER,
             "--workdir", os.getcwd(),
+            *(["--no-mount-namespace"] if mount_ns is False else []),
         ], env={"PYTHONUNBUFFERED": "1"})
 
     def _start_monitoring(self) -> None:
@@ -654,15 +694,15 @@ class Plane:
             time.sleep(0.2)
 
     def _wait_http(self, what: str, url: str, deadline: float, client: bool = False) -> None:
-        session = requests.Session()
+        # verify/cert go on each request: a Session's verify loses to $REQUESTS_CA_BUNDLE.
+        kwargs: dict[str, Any] = {"timeout": 5}
         if client:
-            session.cert = (str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
-            session.verify = str(self.pki / "ca.crt")
+            kwargs["cert"] = (str(self.pki / "admin.crt"), str(self.pki / "admin.key"))
+            kwargs["verify"] = str(self.pki / "ca.crt")
         else:
-            session.verify = False  # controller-manager/scheduler serve self-signed certs
+            kwargs["verify"] = False  # controller-manager/scheduler serve self-signed certs
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
-        with session:
-            self._wait(what, lambda: session.get(url, timeout=5).status_code == 200, deadline)
+        self._wait(what, lambda: requests.get(url, **kwargs).status_code == 200, deadline)
 
     # ---- state files
     def _save(self) -> None:
@@ -708,21 +748,21 @@ def node_manifest(n: NodeSpec) -> dict[str, Any]:
     }
 
 
-def _cleanup_agent_paths(state_dir: Path) -> None:
+def _cleanup_agent_paths() -> None:
     """Remove mount points the node agent created on the host (see node_agent.py)."""
     sys.path.insert(0, str(HERE))
     try:
         import node_agent
     finally:
         sys.path.remove(str(HERE))
-    node_agent.cleanup_created_paths(state_dir / "agent")
+    node_agent.cleanup_created_paths()
 
 
 _sigterm_installed = False
 
 
 def _install_sigterm_handler() -> None:
-    """Turn SIGTERM into SystemExit so finalizers and atexit handlers run."""
+    """Turn SIGTERM into KeyboardInterrupt so pytest tears fixtures down and atexit runs."""
     global _sigterm_installed
     if _sigterm_installed or threading.current_thread() is not threading.main_thread():
         return
@@ -730,7 +770,7 @@ def _install_sigterm_handler() -> None:
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
+        raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, handler)
     _sigterm_installed = True
@@ -748,7 +788,7 @@ def teardown_from_state(state_dir: Path) -> bool:
     stop_groups([pgids[n] for n in order if n in pgids] +
                 [p for n, p in pgids.items() if n not in order])
     sweep_marked(info["plane_id"])
-    _cleanup_agent_paths(state_dir)
+    _cleanup_agent_paths()
     if info.get("etcd_dir"):
         shutil.rmtree(info["etcd_dir"], ignore_errors=True)
     shutil.rmtree(state_dir, ignore_errors=True)

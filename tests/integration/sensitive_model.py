@@ -137,7 +137,8 @@ def build_sensitive_mlp(tmp_dir: str | Path) -> tuple[Path, Path, Path, list[str
     data = _data()
     calib_npz = tmp_dir / "calib.npz"
     eval_npz = tmp_dir / "eval.npz"
-    np.savez(calib_npz, **{INPUT_NAME: data["x_train"][:CALIBRATION_SAMPLES], "labels": data["y_train"][:CALIBRATION_SAMPLES]})
+    np.savez(calib_npz, **{INPUT_NAME: data["x_train"][:CALIBRATION_SAMPLES],
+                           "labels": data["y_train"][:CALIBRATION_SAMPLES]})
     np.savez(eval_npz, **{INPUT_NAME: data["x_eval"], "labels": data["y_eval"]})
     names = _optimized_names(model_path)
     sensitive = [names[f"layer{layer}.weight"] for layer in HOSTILE_LAYERS]

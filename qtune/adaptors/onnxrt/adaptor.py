@@ -25,7 +25,7 @@ from qtune.adaptors.onnxrt.model import OnnxModel, load_onnx_model
 from qtune.adaptors.onnxrt.optimize import OptimizedModel, optimize
 from qtune.adaptors.onnxrt.sensitivity import op_sensitivity
 from qtune.adaptors.onnxrt.session import SessionCache, benchmark, check_feed, output_index
-from qtune.adaptors.onnxrt.workspace import read_json, write_json_atomic
+from qtune.adaptors.onnxrt.workspace import file_lock, read_json, write_json_atomic
 from qtune.data import DataLoader, Dataset, Metric
 from qtune.data.metrics import TopK
 from qtune.spec.errors import ModelLoadError
@@ -86,7 +86,14 @@ class OnnxRuntimeAdaptor(Adaptor):
         resolved = Path(path)
         if not resolved.is_absolute() and self.info.get("job_dir"):
             resolved = Path(self.info["job_dir"]) / resolved
-        return load_onnx_model(resolved)
+        model = load_onnx_model(resolved)
+        declared = [item.get("name") if isinstance(item, dict) else getattr(item, "name", None)
+                    for item in (model_spec.get("inputs") or [])]
+        unknown = [name for name in declared if name and name not in model.input_names()]
+        if unknown:
+            raise ModelLoadError(f"model file {resolved} has no input(s) {unknown} declared in model.inputs; "
+                                 f"its inputs are {model.input_names()}")
+        return model
 
     def save_model(self, model: Any, path: Path) -> Path:
         model = _as_model(model)
@@ -207,8 +214,6 @@ class OnnxRuntimeAdaptor(Adaptor):
         view = GraphView(source.load())
         out_dir = self.workspace / "models" / cfg.key()
         output = out_dir / "model.onnx"
-        calibration_seconds = 0.0
-        started = time.perf_counter()
 
         samples = None
         if cfg.approach == "static":
@@ -217,21 +222,33 @@ class OnnxRuntimeAdaptor(Adaptor):
                 from qtune.spec.errors import DataError
 
                 raise DataError("the calibration data yielded no samples")
-            check_feed(self._sessions.get(source.path, self.info.get("threads")),
-                       {name: array[:1] for name, array in samples.inputs.items()})
+            check_feed(self._sessions.get(source.path, self.info.get("threads")), samples.inputs)
         identity = {"version": QUANTIZE_VERSION, "model": opt.source_hash, "config": cfg.key(),
                     "data": samples.fingerprint if samples else None, "count": samples.count if samples else None,
                     "keep_non_finite_fp32": self.keep_non_finite_fp32}
-        meta = read_json(out_dir / "meta.json")
-        if meta is not None and meta.get("identity") == identity and output.is_file():
-            logger.info("quantized model for config %s already in the workspace", cfg.key())
-            self.timings = {"calibration": 0.0, "quantize": 0.0}
-            self.last_quantization = meta
-            return OnnxModel(output)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.mkdir(parents=True)
+        # One writer per config: a concurrent trial with the same config waits, then reuses.
+        with file_lock(self.workspace / "models" / ".locks" / f"{cfg.key()}.lock"):
+            meta = read_json(out_dir / "meta.json")
+            if meta is not None and meta.get("identity") == identity and output.is_file():
+                logger.info("quantized model for config %s already in the workspace", cfg.key())
+                self.timings = {"calibration": 0.0, "quantize": 0.0}
+                self.last_quantization = {**meta, "reused": True,
+                                          "calibration": dict.fromkeys(meta.get("calibration", {}), "cached")}
+                return OnnxModel(output)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+            return self._quantize_into(cfg, opt, view, quantizable, forced, samples, identity, out_dir)
 
+    def _quantize_into(self, cfg: TuneConfig, opt: OptimizedModel, view: GraphView,
+                       quantizable: dict[str, dict[str, Any]], forced: dict[str, str],
+                       samples: calib.CalibrationSet | None, identity: dict[str, Any], out_dir: Path) -> OnnxModel:
+        source = opt.model
+        output = out_dir / "model.onnx"
+        calibration_seconds = 0.0
+        calibration_log: dict[str, str] = {}
+        """algorithm → "measured" | "cached": which statistics this call computed or reused."""
+        started = time.perf_counter()
         if cfg.approach == "dynamic":
             plan = q.plan_dynamic(view, cfg, quantizable, forced)
             if plan.quantized:
@@ -240,8 +257,9 @@ class OnnxRuntimeAdaptor(Adaptor):
             assert samples is not None
             plan = q.plan_static(view, cfg, quantizable, forced)
             if plan.quantized:
-                minmax, seconds, _ = self._calibrate(opt, samples, "minmax", set())
+                minmax, seconds, hit = self._calibrate(opt, samples, "minmax", set())
                 calibration_seconds += seconds
+                calibration_log["minmax"] = "cached" if hit else "measured"
                 problems = calib.problem_tensors(minmax)
                 if problems:
                     for tensor, why in problems.items():
@@ -258,9 +276,10 @@ class OnnxRuntimeAdaptor(Adaptor):
                 owners = q.owner_algorithms(plan)
                 by_algorithm = {"minmax": minmax}
                 for algorithm in sorted(set(owners.values()) - {"minmax"}):
-                    data, seconds, _ = self._calibrate(opt, samples, algorithm, set(problems))
+                    data, seconds, hit = self._calibrate(opt, samples, algorithm, set(problems))
                     by_algorithm[algorithm] = data
                     calibration_seconds += seconds
+                    calibration_log[algorithm] = "cached" if hit else "measured"
                 ranges = calib.merged_tensors_data(minmax, by_algorithm, owners)
                 q.fill_overrides(plan, view, ranges, opt.per_channel)
                 if plan.quantized:
@@ -271,7 +290,7 @@ class OnnxRuntimeAdaptor(Adaptor):
         quantize_seconds = time.perf_counter() - started - calibration_seconds
         self.timings = {"calibration": round(calibration_seconds, 4), "quantize": round(quantize_seconds, 4)}
         record = {"identity": identity, "plan": plan.record(), "timings": self.timings,
-                  "optimizer_steps": opt.steps}
+                  "calibration": calibration_log, "optimizer_steps": opt.steps}
         write_json_atomic(out_dir / "meta.json", record)
         self.last_quantization = record
         logger.info("quantized %d ops (%d fp32) with %s/%s in %.2fs (calibration %.2fs)", len(plan.quantized),

@@ -2,9 +2,9 @@
 
 Only ops that ORT's quantization registry (`onnxruntime.quantization.registry`) knows are listed:
 static QDQ: the QDQ and QLinear op sets; static QOperator: the QLinear set; dynamic: the
-IntegerOps set (MatMul, Attention, LSTM, Gather/EmbedLayerNormalization of constant tables) plus
-Gemm with a constant B, which the dynamic path unfolds to MatMul + Add under the same node name
-(ORT has no dynamic Gemm rule). Conv is deliberately static-only: dynamic ConvInteger is 2.5–7×
+IntegerOps set (MatMul with a constant B, Attention, LSTM, Gather/EmbedLayerNormalization of
+constant tables) plus Gemm with a constant B, which ORT's dynamic quantizer rewrites as
+`<name>_MatMul` + `<name>_Add`. Conv is deliberately static-only: dynamic ConvInteger is 2.5–7×
 slower than fp32 on CPU and ruins accuracy.
 """
 
@@ -81,7 +81,7 @@ def _dynamic_eligible(node: onnx.NodeProto, view: GraphView, dynamic_types: set[
 
 
 def gemm_unfoldable(node: onnx.NodeProto, view: GraphView) -> bool:
-    """A Gemm the dynamic path can rewrite as MatMul (+ Add): constant B, no transA, alpha = beta = 1."""
+    """A Gemm ORT's dynamic quantizer rewrites as MatMul (+ Add): constant B, no transA, alpha = beta = 1."""
     if node.op_type != "Gemm" or len(node.input) < 2 or node.input[1] not in view.initializers:
         return False
     if _attr(node, "transA", 0) or float(_attr(node, "alpha", 1.0)) != 1.0:
@@ -180,7 +180,7 @@ def build_capability(
         if node.op_type == "Conv":
             op_notes.append("static only: dynamic ConvInteger is 2.5-7x slower than fp32 on CPU and hurts accuracy")
         if node.op_type == "Gemm" and dynamic_ok:
-            op_notes.append("dynamic: unfolded to MatMul+Add (same name) for ORT's MatMulInteger")
+            op_notes.append(f"dynamic: ORT rewrites it as {node.name}_MatMul (MatMulInteger) + {node.name}_Add")
         entry: dict[str, Any] = {"activation": activation, "approach": approaches}
         if weights:
             granularity = ["per_channel", "per_tensor"] if per_channel_ok else ["per_tensor"]

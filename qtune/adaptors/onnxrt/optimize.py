@@ -9,7 +9,9 @@ Steps, each logged and recorded in the folder's meta.json:
 3. ORT's `quant_pre_process` (symbolic shape inference, ORT basic graph optimisation, ONNX shape
    inference), retried with `skip_symbolic_shape=True` when symbolic inference fails, and run in
    a temporary working folder because it leaves large files in the current directory on failure;
-4. every node gets a unique name (ORT's quantizer addresses nodes by name).
+   (and, should ORT's optimisation itself fail, once more as shape inference only);
+4. every node gets a unique name (ORT's quantizer addresses nodes by name);
+5. Gemm biases of shape [1, N] become [N] (ORT's per-channel int32 bias check needs the 1-D form).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from qtune.adaptors.onnxrt.workspace import file_lock, new_staging_dir, publish_
 logger = logging.getLogger(__name__)
 
 MIN_PER_CHANNEL_OPSET = 13
-OPTIMIZER_VERSION = 1
+OPTIMIZER_VERSION = 2
 """Bump when the optimisation steps change, so cached optimised models are rebuilt."""
 
 _CHDIR_LOCK = threading.Lock()
@@ -70,7 +72,6 @@ class OptimizedModel:
     @classmethod
     def from_meta(cls, folder: Path, meta: dict[str, Any]) -> OptimizedModel:
         model = OnnxModel(folder / "model.onnx")
-        model._hash = None
         return cls(model=model, source_hash=meta["source_hash"], opset_from=meta["opset_from"],
                    opset_to=meta["opset_to"], per_channel=meta["per_channel"],
                    transformer=meta.get("transformer"), steps=list(meta.get("steps", [])),
@@ -117,6 +118,29 @@ def has_attention_blocks(proto: onnx.ModelProto) -> bool:
     return False
 
 
+def flatten_gemm_biases(proto: onnx.ModelProto) -> int:
+    """Gemm biases of shape [1, N] → [N] (same broadcast). ORT's int32 bias check indexes the bias
+    per output channel and fails on the 2-D form when weights are per-channel."""
+    from onnx import numpy_helper
+
+    view = GraphView(proto)
+    changed = 0
+    for name, initializer in view.initializers.items():
+        consumers = view.consumers.get(name, [])
+        if (len(initializer.dims) == 2 and initializer.dims[0] == 1 and consumers
+                and all(node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] == name
+                        and name not in node.input[:2] for node in consumers)):
+            flat = numpy_helper.from_array(numpy_helper.to_array(initializer).reshape(-1), name)
+            initializer.CopyFrom(flat)
+            changed += 1
+    if changed:
+        names = {init.name for init in proto.graph.initializer}
+        kept = [value for value in proto.graph.value_info if value.name not in names]
+        del proto.graph.value_info[:]
+        proto.graph.value_info.extend(kept)
+    return changed
+
+
 @contextlib.contextmanager
 def _working_directory(path: Path) -> Iterator[None]:
     """chdir for the duration (process-wide, so serialised by a lock) and always restore."""
@@ -134,9 +158,11 @@ def _pre_process(source: Path, target: Path, skip_optimization: bool, external: 
     """ORT's quant_pre_process in a private temporary folder; returns the path to use next."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    attempts = [False, True]  # skip_symbolic_shape
+    attempts = [(False, skip_optimization), (True, skip_optimization)]  # (skip_symbolic_shape, skip_optimization)
+    if not skip_optimization:
+        attempts.append((True, True))
     last_error: Exception | None = None
-    for skip_symbolic in attempts:
+    for skip_symbolic, skip_opt in attempts:
         with tempfile.TemporaryDirectory(prefix="qtune-preprocess-") as tmp:
             tmp_path = Path(tmp)
             output = tmp_path / "preprocessed.onnx"
@@ -144,7 +170,7 @@ def _pre_process(source: Path, target: Path, skip_optimization: bool, external: 
                 with _working_directory(tmp_path):
                     quant_pre_process(
                         str(source), str(output),
-                        skip_optimization=skip_optimization,
+                        skip_optimization=skip_opt,
                         skip_symbolic_shape=skip_symbolic,
                         save_as_external_data=external,
                         all_tensors_to_one_file=True,
@@ -153,20 +179,21 @@ def _pre_process(source: Path, target: Path, skip_optimization: bool, external: 
                 proto = onnx.load(str(output))
                 save_model(proto, target, external=external or None)
                 steps.append("quant_pre_process" + (" (skip_symbolic_shape)" if skip_symbolic else "")
-                             + (" (shape inference only)" if skip_optimization else ""))
-                if skip_symbolic:
-                    notes["<model>"] = (
-                        "symbolic shape inference failed during pre-processing; retried with "
-                        f"skip_symbolic_shape=True ({_one_line(last_error)})"
+                             + (" (shape inference only)" if skip_opt else ""))
+                if last_error is not None:
+                    notes["<model>:preprocess"] = (
+                        f"quant_pre_process failed ({_one_line(last_error)}); retried with "
+                        f"skip_symbolic_shape={skip_symbolic}, skip_optimization={skip_opt}"
                     )
-                    logger.warning("quant_pre_process: %s", notes["<model>"])
+                    logger.warning("%s", notes["<model>:preprocess"])
                 return target
             except Exception as exc:  # noqa: BLE001 - ORT raises many kinds here
                 last_error = exc
-                logger.info("quant_pre_process (skip_symbolic_shape=%s) failed: %s", skip_symbolic,
-                            _one_line(exc))
-    notes["<model>"] = f"ORT pre-processing failed, quantizing the unprocessed graph: {_one_line(last_error)}"
-    logger.warning(notes["<model>"])
+                logger.info("quant_pre_process (skip_symbolic_shape=%s, skip_optimization=%s) failed: %s",
+                            skip_symbolic, skip_opt, _one_line(exc))
+    notes["<model>:preprocess"] = (f"ORT pre-processing failed, quantizing the unprocessed graph: "
+                                   f"{_one_line(last_error)}")
+    logger.warning(notes["<model>:preprocess"])
     return source
 
 
@@ -193,9 +220,9 @@ def _build(source: OnnxModel, source_hash: str, folder: Path) -> OptimizedModel:
                         opset_from, MIN_PER_CHANNEL_OPSET)
         except Exception as exc:  # noqa: BLE001
             per_channel = False
-            notes["<model>"] = (f"opset {opset_from} < 13 and onnx.version_converter failed "
+            notes["<model>:opset"] = (f"opset {opset_from} < 13 and onnx.version_converter failed "
                                 f"({_one_line(exc)}): weights are offered per_tensor only")
-            logger.warning(notes["<model>"])
+            logger.warning(notes["<model>:opset"])
     transformer: dict[str, int] | None = None
     with tempfile.TemporaryDirectory(prefix="qtune-optimize-") as tmp:
         work = Path(tmp)
@@ -215,14 +242,17 @@ def _build(source: OnnxModel, source_hash: str, folder: Path) -> OptimizedModel:
                 steps.append(f"transformer optimizer (bert): {transformer}")
                 logger.info("transformer optimizer fused %s", transformer)
             except Exception as exc:  # noqa: BLE001
-                notes["<model>"] = f"transformer optimizer failed, continuing unfused: {_one_line(exc)}"
-                logger.warning(notes["<model>"])
+                notes["<model>:transformer"] = f"transformer optimizer failed, continuing unfused: {_one_line(exc)}"
+                logger.warning(notes["<model>:transformer"])
         current = _pre_process(current, work / "preprocessed.onnx", skip_optimization=is_transformer,
                                external=external, steps=steps, notes=notes)
         final_proto = onnx.load(str(current))
     renamed = ensure_node_names(final_proto)
     if renamed:
         steps.append(f"named {renamed} unnamed nodes")
+    flattened = flatten_gemm_biases(final_proto)
+    if flattened:
+        steps.append(f"reshaped {flattened} Gemm bias(es) [1, N] -> [N]")
     model = save_model(final_proto, folder / "model.onnx", external=external or None)
     seconds = time.perf_counter() - started
     return OptimizedModel(model=model, source_hash=source_hash, opset_from=opset_from,

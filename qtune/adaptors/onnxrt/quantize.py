@@ -23,7 +23,6 @@ How per-op choices map onto ORT's public API:
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from qtune.adaptors.onnxrt.capability import gemm_unfoldable
-from qtune.adaptors.onnxrt.graph import GraphView, _attr, weight_inputs
+from qtune.adaptors.onnxrt.graph import GraphView, weight_inputs
 from qtune.adaptors.onnxrt.model import OnnxModel, save_model
 from qtune.tuning.config import OpConfig, TensorConfig, TuneConfig
 
@@ -291,37 +289,6 @@ def _prune(proto: onnx.ModelProto) -> None:
 
 # --- dynamic --------------------------------------------------------------------------------------
 
-def unfold_gemms(proto: onnx.ModelProto, names: set[str]) -> dict[str, str]:
-    """Rewrite the named Gemm nodes as MatMul (same name) [+ Add]: ORT quantizes MatMul dynamically
-    but has no dynamic Gemm. Returns {old weight name: new weight name} for transposed weights."""
-    view = GraphView(proto)
-    renamed: dict[str, str] = {}
-    new_nodes: list[onnx.NodeProto] = []
-    for node in proto.graph.node:
-        if node.name not in names or not gemm_unfoldable(node, view):
-            new_nodes.append(node)
-            continue
-        weight = node.input[1]
-        if _attr(node, "transB", 0):
-            transposed = f"{weight}_transposed"
-            if transposed not in view.initializers:
-                array = numpy_helper.to_array(view.initializers[weight]).T.copy()
-                proto.graph.initializer.append(numpy_helper.from_array(array, transposed))
-                view.initializers[transposed] = proto.graph.initializer[-1]
-            renamed[weight] = transposed
-            weight = transposed
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        matmul_out = f"{node.output[0]}_matmul" if has_bias else node.output[0]
-        new_nodes.append(helper.make_node("MatMul", [node.input[0], weight], [matmul_out], name=node.name))
-        if has_bias:
-            new_nodes.append(helper.make_node("Add", [matmul_out, node.input[2]], [node.output[0]],
-                                              name=f"{node.name}/bias_add"))
-    del proto.graph.node[:]
-    proto.graph.node.extend(new_nodes)
-    _prune(proto)
-    return renamed
-
-
 def plan_dynamic(view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
                  forced_fp32: dict[str, str]) -> QuantPlan:
     quantized: dict[str, OpConfig] = {}
@@ -348,35 +315,33 @@ def plan_dynamic(view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[s
 
 
 def run_dynamic(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Path, per_channel_ok: bool) -> None:
+    """quantize_dynamic. ORT's dynamic quantizer itself rewrites every Gemm (alpha = beta = 1, no
+    transA) as `<name>_MatMul` [+ `<name>_Add`] and carries weight overrides over to a transposed B,
+    so an op is addressed under both names."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    proto = source.load()
-    gemms = {name for name in plan.quantized if view.by_name[name].op_type == "Gemm"}
-    renamed = unfold_gemms(proto, gemms) if gemms else {}
-    work_view = GraphView(proto)
-    _weight_overrides(plan, work_view, per_channel_ok)
-    plan.overrides = {renamed.get(name, name): value for name, value in plan.overrides.items()}
-    op_types = sorted({work_view.by_name[name].op_type for name in plan.quantized})
-    weight_types = [plan.quantized[name].weight.dtype for name in plan.quantized
-                    if plan.quantized[name].weight is not None]
+    _weight_overrides(plan, view, per_channel_ok)
+    op_types = sorted({"MatMul" if view.by_name[name].op_type == "Gemm" else view.by_name[name].op_type
+                       for name in plan.quantized})
+    weight_types = [op.weight.dtype for op in plan.quantized.values() if op.weight is not None]
     weight_type = QuantType.QUInt8 if weight_types and all(t == "uint8" for t in weight_types) else QuantType.QInt8
-    with tempfile.TemporaryDirectory(prefix="qtune-dynamic-") as tmp:
-        unfolded = save_model(proto, Path(tmp) / "input.onnx", external=bool(source.external_data_files()) or None)
-        del proto
-        quantize_dynamic(
-            str(unfolded.path), str(output),
-            op_types_to_quantize=op_types,
-            per_channel=plan.global_per_channel,
-            reduce_range=False,
-            weight_type=weight_type,
-            nodes_to_exclude=sorted(set(work_view.by_name) - set(plan.quantized)),
-            use_external_data_format=bool(source.external_data_files()),
-            extra_options={
-                "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed by fused transformer graphs
-                "MatMulConstBOnly": True,
-                "TensorQuantOverrides": plan.overrides,
-            },
-        )
+    excluded = set(view.by_name) - set(plan.quantized)
+    excluded |= {f"{name}_{suffix}" for name in excluded if view.by_name[name].op_type == "Gemm"
+                 for suffix in ("MatMul", "Add")}
+    quantize_dynamic(
+        str(source.path), str(output),
+        op_types_to_quantize=op_types,
+        per_channel=plan.global_per_channel,
+        reduce_range=False,
+        weight_type=weight_type,
+        nodes_to_exclude=sorted(excluded),
+        use_external_data_format=bool(source.external_data_files()),
+        extra_options={
+            "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed by fused transformer graphs
+            "MatMulConstBOnly": True,
+            "TensorQuantOverrides": plan.overrides,
+        },
+    )
 
 
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")

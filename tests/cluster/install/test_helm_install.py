@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 import requests
 from clusterlib import wait_for
-from helm_support import run_helm, set_args
+from helm_support import kubectl_binary, run_helm, set_args
 from install_cluster import OperatorProcess, Release, free_port
 
 log = logging.getLogger("qtune.tests.install")
@@ -75,6 +76,9 @@ def test_both_charts_install(release: Release) -> None:
     rbac.read_namespaced_role_binding(release.release, served)
     trial = core.read_namespaced_service_account("qtune-trial", served)
     assert trial.automount_service_account_token is False
+    notes = run_helm(release.helm, release.helm_args("get", "notes", release.release, "--namespace", ns)).stdout
+    assert f"Serving: {served}" in notes and "Replicas: 0 (standalone)" in notes
+    assert "CRD was not found" not in notes, "the CRD chart was installed first: NOTES must find the CRD"
     # nothing namespaced in the operator's own namespace or in the namespace it does not serve
     for other in (ns, release.unserved):
         assert not [r.metadata.name for r in rbac.list_namespaced_role(other).items
@@ -292,3 +296,38 @@ def test_chart_deployment_runs_the_operator_pod(release: Release) -> None:
                                              *set_args({**release.values, "replicaCount": 0})))
     with contextlib.suppress(client.ApiException):
         core.delete_namespaced_pod(pod.metadata.name, release.operator_namespace, grace_period_seconds=0)
+
+
+# --------------------------------------------------------------------------- GitOps, plain variant
+
+
+def test_plain_gitops_manifests_pass_a_server_side_dry_run(release: Release) -> None:
+    """examples/gitops/plain (the charts rendered for a kustomize-only setup) and the jobs stage are
+    accepted by the API server: schemas, the CRD's validation rules, RBAC (dry run, nothing kept but
+    the two example namespaces, created for real because namespaced objects need them)."""
+    kubectl = kubectl_binary()
+    if kubectl is None:
+        pytest.skip("kubectl not built")
+    gitops = ROOT / "examples" / "gitops"
+
+    def apply(path: Path, *flags: str) -> str:
+        proc = subprocess.run([str(kubectl), "--kubeconfig", str(release.cluster.kubeconfig), "apply", *flags,
+                               "-k", str(path)], capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, f"kubectl apply {' '.join(flags)} -k {path}:\n{proc.stdout}\n{proc.stderr}"
+        return proc.stdout
+
+    apply(gitops / "namespaces")
+    try:
+        out = apply(gitops / "plain" / "crds", "--dry-run=server")
+        assert "quantizationjobs.qtune.io" in out
+        out = apply(gitops / "plain" / "operator", "--dry-run=server")
+        for kind in ("deployment.apps/qtune", "role.rbac.authorization.k8s.io/qtune",
+                     "serviceaccount/qtune-trial"):
+            assert kind in out, out
+        out = apply(gitops / "jobs", "--dry-run=server")
+        assert "quantizationjob.qtune.io/digits-cnn-int8" in out, out
+    finally:
+        core = release.cluster.core()
+        for name in ("ml-jobs", "qtune-system"):
+            with contextlib.suppress(Exception):
+                core.delete_namespace(name)

@@ -61,7 +61,8 @@ def mlp_proto(hidden: tuple[int, ...] = (64, 32), opset: int = 17) -> onnx.Model
     nodes, inits, prev = [], [], INPUT
     for index, (w, b) in enumerate(zip(weights, biases, strict=True)):
         inits += [numpy_helper.from_array(w, f"fc{index}.weight"), numpy_helper.from_array(b, f"fc{index}.bias")]
-        nodes.append(helper.make_node("MatMul", [prev, f"fc{index}.weight"], [f"fc{index}.mm"], name=f"fc{index}/MatMul"))
+        nodes.append(helper.make_node("MatMul", [prev, f"fc{index}.weight"], [f"fc{index}.mm"],
+                                      name=f"fc{index}/MatMul"))
         last = index == len(weights) - 1
         out = "logits" if last else f"fc{index}.out"
         nodes.append(helper.make_node("Add", [f"fc{index}.mm", f"fc{index}.bias"], [out], name=f"fc{index}/Add"))
@@ -101,8 +102,10 @@ def cnn_proto(k1: np.ndarray | None = None, k2: np.ndarray | None = None, fc_w: 
               fc_b: np.ndarray | None = None, opset: int = 17) -> onnx.ModelProto:
     if k1 is None:
         k1, k2, fc_w, fc_b = _trained_cnn()
-    inits = [numpy_helper.from_array(k1, "conv1.weight"), numpy_helper.from_array(np.zeros(8, np.float32), "conv1.bias"),
-             numpy_helper.from_array(k2, "conv2.weight"), numpy_helper.from_array(np.zeros(16, np.float32), "conv2.bias")]
+    inits = [numpy_helper.from_array(k1, "conv1.weight"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "conv1.bias"),
+             numpy_helper.from_array(k2, "conv2.weight"),
+             numpy_helper.from_array(np.zeros(16, np.float32), "conv2.bias")]
     nodes = [
         helper.make_node("Conv", [INPUT, "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
