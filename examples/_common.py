@@ -155,14 +155,14 @@ def random_shift(max_shift: int) -> Callable[[object, object], object]:
     import torch
 
     def shift(batch, generator):
-        n, _, h, w = batch.shape
+        n, c, h, w = batch.shape
         padded = torch.nn.functional.pad(batch, (max_shift,) * 4)
         dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
         dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator)
-        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, batch.shape[1], h, w + 2 * max_shift)
-        out = padded.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, batch.shape[1], h, w)
-        return out.gather(3, cols)
+        # per image, the rows dy..dy+h-1 and columns dx..dx+w-1 of the padded image
+        rows = (dy[:, None] + torch.arange(h)).view(n, 1, h, 1).expand(n, c, h, w + 2 * max_shift)
+        cols = (dx[:, None] + torch.arange(w)).view(n, 1, 1, w).expand(n, c, h, w)
+        return padded.gather(2, rows).gather(3, cols)
 
     return shift
 
@@ -182,6 +182,15 @@ def _quiet_exporter() -> None:
     # The exporter logs a warning per torchvision op it cannot register (torchvision is absent).
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+
+
+def _strip_stack_traces(proto) -> None:
+    """Drop the exporter's per-node Python stack traces: they hold this machine's absolute paths
+    (so the same build in another folder would differ) and are most of the graph's metadata."""
+    for node in proto.graph.node:
+        kept = [prop for prop in node.metadata_props if prop.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def export_onnx(model, sample: np.ndarray, path: Path, *, input_name: str, output_name: str,
@@ -214,6 +223,7 @@ def export_onnx(model, sample: np.ndarray, path: Path, *, input_name: str, outpu
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
+    _strip_stack_traces(proto)
     proto.producer_name = "qtune-example"
     onnx.checker.check_model(proto, full_check=True)
     tmp_path = path.with_name(path.name + ".tmp")

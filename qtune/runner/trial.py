@@ -38,7 +38,7 @@ def run_trial(context: JobContext, config: TuneConfig, index: int | str) -> dict
         accuracy = adaptor.evaluate(quantized, context.targets_loader(), metric=context.new_metric())
         timings["evaluate"] = round(time.perf_counter() - phase, 4)
         phase = time.perf_counter()
-        p50, p90 = measure_latency(context, quantized)
+        p50, p90, fp32_p50 = measure_latency(context, quantized, reference=context.model)
         timings["benchmark"] = round(time.perf_counter() - phase, 4)
         saved = adaptor.save_model(quantized, trial_dir / "model")
         result.update(
@@ -46,6 +46,7 @@ def run_trial(context: JobContext, config: TuneConfig, index: int | str) -> dict
             accuracy=float(accuracy),
             latency_ms=p50,
             latency_p90_ms=p90,
+            fp32_latency_ms=fp32_p50,
             model_size_bytes=int(adaptor.model_size(quantized)),
             model_path=str(Path(saved).resolve()),
         )

@@ -192,8 +192,9 @@ class TuningSpec(SpecModel):
     trial_timeout_seconds: int = Field(default=1800, ge=1, description="wall-clock limit of one trial")
     parallel_trials: int = Field(default=1, ge=1, le=256)
     seed: int = 0
-    latency_tolerance: float = Field(
-        default=0.05, ge=0, lt=1, description="latencies within this fraction of the fastest count as equal"
+    objective_tolerance: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="objective values within this fraction of the best count as equal; then fewest fp32 ops wins",
     )
 
     @field_validator("strategy")

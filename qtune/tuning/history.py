@@ -37,6 +37,8 @@ class TrialRecord:
     accuracy: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     latency_p90_ms: dict[str, float] = field(default_factory=dict)
+    fp32_latency_ms: dict[str, float] = field(default_factory=dict)
+    """The fp32 model's p50, measured interleaved with this trial's model in the same process."""
     model_size_bytes: int | None = None
     passed: bool | None = None
     reason: str | None = None
@@ -66,6 +68,11 @@ class TrialRecord:
             return None
         key = str(batch_size) if batch_size is not None else max(self.latency_ms, key=int)
         return self.latency_ms.get(key)
+
+    def speedup(self, batch_size: int | str) -> float | None:
+        """fp32 latency / this trial's latency, both measured in the trial (interleaved)."""
+        own, fp32 = self.latency_ms.get(str(batch_size)), self.fp32_latency_ms.get(str(batch_size))
+        return fp32 / own if own and fp32 else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

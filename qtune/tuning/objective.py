@@ -1,9 +1,10 @@
 """Objectives and the choice of the best trial.
 
 The choice is independent of the order in which results arrived, so a parallel run picks the
-same winner as a sequential one. Latency is noisy on shared machines: latencies within
-`latency_tolerance` of the fastest passing trial count as equal, and among equals the config
-with the fewest fp32 ops wins (then the faster, then the config key).
+same winner as a sequential one. Measurements are noisy (latency on a shared machine) or differ
+by a few Q/DQ nodes (size): objective values within `objective_tolerance` of the best passing
+trial count as equal, and among equals the config with the fewest fp32 ops wins (then the better
+value, then the config key).
 """
 
 from __future__ import annotations
@@ -12,13 +13,19 @@ from qtune.tuning.history import History, TrialRecord
 
 
 def objective_value(record: TrialRecord, objective: str, batch_size: int | None = None) -> float:
+    """Lower is better. Latency is taken relative to the fp32 model measured interleaved in the same
+    trial when available (robust to the machine's load changing between trials)."""
     if objective == "size":
         return float(record.model_size_bytes or 0)
     latency = record.latency(batch_size)
-    return float("inf") if latency is None else latency
+    if latency is None:
+        return float("inf")
+    key = str(batch_size) if batch_size is not None else max(record.latency_ms, key=int)
+    fp32 = record.fp32_latency_ms.get(key)
+    return latency / fp32 if fp32 else latency
 
 
-def select_best(history: History, objective: str, latency_tolerance: float = 0.05,
+def select_best(history: History, objective: str, objective_tolerance: float = 0.05,
                 batch_size: int | None = None) -> TrialRecord | None:
     passing = [t for t in history.trials if t.ok and t.passed]
     if not passing:
@@ -27,8 +34,6 @@ def select_best(history: History, objective: str, latency_tolerance: float = 0.0
     def fp32_count(record: TrialRecord) -> int:
         return len(record.config.fp32_ops())
 
-    if objective == "size":
-        return min(passing, key=lambda t: (objective_value(t, "size"), fp32_count(t), t.config_key))
-    fastest = min(objective_value(t, objective, batch_size) for t in passing)
-    near = [t for t in passing if objective_value(t, objective, batch_size) <= fastest * (1 + latency_tolerance)]
+    best_value = min(objective_value(t, objective, batch_size) for t in passing)
+    near = [t for t in passing if objective_value(t, objective, batch_size) <= best_value * (1 + objective_tolerance)]
     return min(near, key=lambda t: (fp32_count(t), objective_value(t, objective, batch_size), t.config_key))

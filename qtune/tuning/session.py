@@ -22,8 +22,8 @@ from qtune.tuning.strategies import create_strategy
 
 logger = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("accuracy", "latency_ms", "latency_p90_ms", "model_size_bytes", "timings", "model_path",
-                 "reason", "message")
+RESULT_FIELDS = ("accuracy", "latency_ms", "latency_p90_ms", "fp32_latency_ms", "model_size_bytes", "timings",
+                 "model_path", "reason", "message")
 
 
 def objective_batch_size(spec: JobSpec) -> int:
@@ -90,7 +90,7 @@ class TuningSession:
         return None
 
     def best(self) -> TrialRecord | None:
-        return select_best(self.history, self.spec.tuning.objective, self.spec.tuning.latency_tolerance,
+        return select_best(self.history, self.spec.tuning.objective, self.spec.tuning.objective_tolerance,
                            objective_batch_size(self.spec))
 
     def outcome(self, stop_reason: str) -> str:

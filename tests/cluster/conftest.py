@@ -65,8 +65,16 @@ def cluster() -> Iterator[Cluster]:
             pytest.fail(msg)
         pytest.skip(msg)
 
-    p = plane_mod.Plane(keep_state=os.environ.get("QTUNE_PLANE_KEEP_STATE") == "1")
-    p.start()
+    keep = os.environ.get("QTUNE_PLANE_KEEP_STATE") == "1"
+    for attempt in (1, 2):  # a second try covers e.g. a free port taken by a concurrent plane
+        p = plane_mod.Plane(keep_state=keep)
+        try:
+            p.start()
+            break
+        except plane_mod.PlaneError:
+            if attempt == 2:
+                raise
+            log.warning("plane start failed, retrying once", exc_info=True)
     log.info("plane started in %.1fs (state %s)", p.startup_seconds, p.state_dir)
     saved = {k: os.environ.get(k) for k in p.env()}
     os.environ.update(p.env())

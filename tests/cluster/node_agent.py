@@ -234,6 +234,7 @@ class NodeAgent:
         self.lock = threading.RLock()
         self.runs: dict[str, Run] = {}
         self.retry: dict[str, Obj] = {}
+        self.broken: set[str] = set()  # pods that failed to start for good (not retried)
         self._local = threading.local()
         self._cpu_offset = 0
         self._transition: dict[tuple[str, str], str] = {}
@@ -410,12 +411,14 @@ class NodeAgent:
                     _kill_group(run.proc.pid, signal.SIGKILL)
                 elif run and run.done:
                     del self.runs[uid]
+                self.broken.discard(uid)
                 return
             if get(pod, "metadata", "deletionTimestamp"):
                 self.retry.pop(uid, None)
                 self._terminate(pod, run)
                 return
-            if run or get(pod, "status", "phase") in ("Succeeded", "Failed"):
+            if run or uid in self.broken or get(pod, "status", "phase") in ("Succeeded",
+                                                                            "Failed"):
                 return
             if get(pod, "status", "phase") == "Running":
                 # Started by an agent that is gone: its process is gone too.
@@ -467,6 +470,7 @@ class NodeAgent:
         except Exception as e:  # noqa: BLE001 - surface it on the pod, like the kubelet
             log.exception("pod %s/%s cannot start", ns, name)
             self.retry.pop(uid, None)
+            self.broken.add(uid)
             self._patch_status(pod, {"containerStatuses": [{
                 "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
                 "restartCount": 0, "state": {"waiting": {
@@ -549,7 +553,9 @@ class NodeAgent:
             if read_only:
                 lines.append(f"mount -o remount,bind,ro {shlex.quote(path)}")
             mounted.append(path)
-        lines += [f"cd {shlex.quote(workdir)}", 'exec "$@"']
+        if not any(workdir.startswith(p.rstrip("/") + "/") or workdir == p for p in mounted):
+            ensure_mount_target(Path(workdir), is_file=False)  # as the runtime would
+        lines += [f"mkdir -p {shlex.quote(workdir)}", f"cd {shlex.quote(workdir)}", 'exec "$@"']
         script = "\n".join(lines)
         return ["unshare", "--mount", "--propagation", "private", "--",
                 "/bin/sh", "-c", script, "pod", *argv], "/"

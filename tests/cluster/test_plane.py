@@ -230,6 +230,17 @@ def test_failing_pod_reports_exit_code_and_termination_message(cluster: Cluster,
     assert "ValueError: bad tune config" in state.message
 
 
+def test_pod_over_its_memory_limit_is_oom_killed(cluster: Cluster, namespace: str) -> None:
+    core = cluster.core()
+    core.create_namespaced_pod(namespace, pod_manifest(
+        "hog", python("import time; b = b'x' * (400 << 20); time.sleep(30)"),
+        resources={"limits": {"memory": "100Mi"}}))
+    pod = cluster.wait_for_pod(namespace, "hog")
+    state = terminated_state(pod)
+    assert pod.status.phase == "Failed"
+    assert (state.exit_code, state.reason) == (137, "OOMKilled")
+
+
 def test_pod_env_volumes_and_resources(cluster: Cluster, namespace: str) -> None:
     core = cluster.core()
     core.create_namespaced_persistent_volume_claim(namespace, {

@@ -296,3 +296,10 @@ def test_pod_and_service_monitors_are_off_by_default(helm: Path) -> None:
     service = one(on, "Service")
     assert all(service["metadata"]["labels"][k] == v for k, v in service_monitor["spec"]["selector"]["matchLabels"]
                .items())
+
+
+@pytest.mark.parametrize("values", [{"replicCount": 2}, {"replicaCount": -1}, {"image.digest": "latest"},
+                                    {"watch.namespaces": ["Not_A_Namespace"]}])
+def test_values_schema_rejects_mistakes(helm: Path, values: dict[str, Any]) -> None:
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args(values)], check=False)
+    assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, proc.stderr

@@ -101,7 +101,7 @@ def test_interrupted_run_resumes_without_repeating_a_trial(sensitive, tmp_path):
     assert process.poll() is None, "the run ended before it could be interrupted"
     os.kill(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert b"--resume" in stderr
+    assert b"--resume" in stderr, stderr.decode(errors="replace")[-3000:]
     assert not (tmp_path / "out").exists()  # no half-written output
 
     interrupted = json.loads(history_file.read_text())["trials"]
@@ -138,8 +138,11 @@ def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path)
 
 
 def _run_cli(job_file: Path, capsys) -> tuple[int, str]:
+    """Exit code and the error line (the last line on stderr; progress lines come before it)."""
     code = qtune_main(["tune", str(job_file)])
-    return code, capsys.readouterr().err.strip()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("qtune: error: "), last
+    return code, last
 
 
 @pytest.mark.parametrize(("case", "expected"), [

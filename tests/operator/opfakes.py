@@ -10,7 +10,6 @@ import itertools
 from dataclasses import asdict
 from typing import Any
 
-
 from qtune.operator import constants as c
 from qtune.operator.config import OperatorConfig
 from qtune.operator.kube import Conflict

@@ -193,7 +193,8 @@ def test_failure_reasons() -> None:
     assert pods.failure_of(trial) == ("TrialError", "ValueError: bad scale")
     crash = pods.summarize_pod(_pod_status("Failed", exitCode=139, reason="Error", message="Segmentation fault"))
     assert pods.failure_of(crash) == ("Crashed", "exit code 139; Segmentation fault")
-    deadline = pods.summarize_pod({**_pod_status("Failed"), "status": {"phase": "Failed", "reason": "DeadlineExceeded"}})
+    deadline = pods.summarize_pod({**_pod_status("Failed"),
+                                   "status": {"phase": "Failed", "reason": "DeadlineExceeded"}})
     assert pods.failure_of(deadline)[0] == "Timeout"
     summary = pods.summarize_pod(_pod_status("Succeeded", exitCode=0, message='{"model_path": "/w/m.onnx"}'))
     assert summary.index == 1 and summary.done and pods.model_path_of(summary) == "/w/m.onnx"

@@ -149,6 +149,6 @@ def test_random_depends_on_seed():
 
 def test_best_prefers_fewer_fp32_ops_among_latency_ties():
     history = run("basic", k=1)
-    best = select_best(history, "latency", latency_tolerance=0.5)
+    best = select_best(history, "latency", objective_tolerance=0.5)
     fewest = min(len(t.config.fp32_ops()) for t in history.trials if t.passed)
     assert len(best.config.fp32_ops()) == fewest

@@ -18,6 +18,7 @@ from qtune.adaptors.onnxrt.capability import (
     build_capability,
     fused_patterns,
     ops_touching,
+    registries,
     static_non_finite_tensors,
 )
 from qtune.adaptors.onnxrt.graph import GraphView
@@ -41,10 +42,13 @@ QUANTIZE_VERSION = 1
 class OnnxRuntimeAdaptor(Adaptor):
     """ONNX Runtime (CPUExecutionProvider). Models are `OnnxModel` handles (paths on disk).
 
-    Workspace layout (shared by all trials of a job):
-      optimized/<model hash>-vN/{model.onnx, meta.json}   pre-optimised fp32 graph
+    Workspace layout (shared by all trials of a job, safe for concurrent processes):
+      hashes/<stat key>.txt                               model content hash, computed once per job
+      optimized/<model hash>-vN/{model.onnx, meta.json}   pre-optimised fp32 graph (+ .data)
       calibration/<hash>-<data>-<algorithm>-n<count>.json ORT TensorsData per algorithm
-      models/<tune config key>/{model.onnx, calibration.json, meta.json}  quantized models
+      models/<tune config key>/{model.onnx, calibration.json, meta.json}  quantized model, the
+          ranges merged for it, and the record of what was done (plan, exclusions, timings)
+    `.locks/` folders hold the inter-process locks.
     """
 
     name = "onnxruntime"
@@ -185,15 +189,12 @@ class OnnxRuntimeAdaptor(Adaptor):
 
     def _calibrate(self, opt: OptimizedModel, samples: calib.CalibrationSet, algorithm: str,
                    skip: set[str]) -> tuple[Any, float, bool]:
-        view = GraphView(opt.model.graph_only())
-        capability, _ = self._capabilities.get(opt.source_hash, (None, None))
-        if capability is not None:
-            op_types = sorted({op_type for _, op_type in capability["opwise"]})
-        else:
-            op_types = sorted({node.op_type for node in view.nodes})
+        # The same tensors whatever the format or config, so one file serves every trial.
+        qdq, qoperator, _ = registries()
+        op_types = sorted({node.op_type for node in GraphView(opt.model.graph_only()).nodes} & (qdq | qoperator))
         return calib.calibrate(opt.model.path, opt.source_hash, samples, algorithm,
                                self.workspace / "calibration", op_types, skip,
-                               external_data=bool(opt.model.external_data_files()))
+                               data_files=opt.model.external_data_files())
 
     def query_fw_capability(self, model: Any) -> dict[str, Any]:
         opt = self.optimized(model)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from qtune.adaptors.onnxrt.capability import ORT_ALGORITHM_NAMES, range_problem
-from qtune.adaptors.onnxrt.workspace import file_lock
+from qtune.adaptors.onnxrt.workspace import file_lock, private_model_path
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def _quiet_stdout() -> Iterator[None]:
 
 def calibrate(model_path: Path, model_hash: str, data: CalibrationSet, algorithm: str, cache_dir: Path,
               op_types: list[str], skip_tensors: set[str] | None = None,
-              external_data: bool = False) -> tuple[Any, float, bool]:
+              data_files: list[Path] | None = None) -> tuple[Any, float, bool]:
     """TensorsData of `algorithm` ("minmax" | "kl" | "percentile") for the model, from the cache
     when present. Returns (tensors_data, seconds spent measuring, cache_hit)."""
     from onnxruntime.quantization.calibrate import load_tensors_data
@@ -117,7 +117,8 @@ def calibrate(model_path: Path, model_hash: str, data: CalibrationSet, algorithm
         if path.is_file():  # another process measured it while we waited
             return load_tensors_data(path), 0.0, True
         started = time.perf_counter()
-        tensors = _measure(model_path, data, algorithm, op_types, skip_tensors or set(), external_data)
+        with private_model_path(model_path) as private:
+            tensors = _measure(private, data, algorithm, op_types, skip_tensors or set(), bool(data_files))
         from onnxruntime.quantization.calibrate import save_tensors_data
 
         save_tensors_data(tensors, path)

@@ -54,7 +54,7 @@ FUSION_PATTERNS: list[list[str]] = [
 ]
 
 
-def _registries() -> tuple[set[str], set[str], set[str]]:
+def registries() -> tuple[set[str], set[str], set[str]]:
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
 
     qdq = set(QDQRegistry) | set(QLinearOpsRegistry)
@@ -147,7 +147,7 @@ def build_capability(
     model_notes: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The LPOT-shaped capability of an optimised graph (see qtune.adaptors.base)."""
-    qdq_types, qoperator_types, dynamic_types = _registries()
+    qdq_types, qoperator_types, dynamic_types = registries()
     static_types = qoperator_types if quant_format == "QOperator" else qdq_types
     forced_fp32 = dict(forced_fp32 or {})
     notes: dict[str, str] = dict(model_notes or {})

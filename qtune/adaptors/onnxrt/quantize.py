@@ -34,6 +34,7 @@ from onnx import numpy_helper
 
 from qtune.adaptors.onnxrt.graph import GraphView, weight_inputs
 from qtune.adaptors.onnxrt.model import OnnxModel, save_model
+from qtune.adaptors.onnxrt.workspace import private_model_path
 from qtune.tuning.config import OpConfig, TensorConfig, TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -328,20 +329,22 @@ def run_dynamic(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Pat
     excluded = set(view.by_name) - set(plan.quantized)
     excluded |= {f"{name}_{suffix}" for name in excluded if view.by_name[name].op_type == "Gemm"
                  for suffix in ("MatMul", "Add")}
-    quantize_dynamic(
-        str(source.path), str(output),
-        op_types_to_quantize=op_types,
-        per_channel=plan.global_per_channel,
-        reduce_range=False,
-        weight_type=weight_type,
-        nodes_to_exclude=sorted(excluded),
-        use_external_data_format=bool(source.external_data_files()),
-        extra_options={
-            "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed by fused transformer graphs
-            "MatMulConstBOnly": True,
-            "TensorQuantOverrides": plan.overrides,
-        },
-    )
+    external = bool(source.external_data_files())
+    with private_model_path(source.path) as private:
+        quantize_dynamic(
+            str(private), str(output),
+            op_types_to_quantize=op_types,
+            per_channel=plan.global_per_channel,
+            reduce_range=False,
+            weight_type=weight_type,
+            nodes_to_exclude=sorted(excluded),
+            use_external_data_format=external,
+            extra_options={
+                "DefaultTensorType": onnx.TensorProto.FLOAT,  # needed by fused transformer graphs
+                "MatMulConstBOnly": True,
+                "TensorQuantOverrides": plan.overrides,
+            },
+        )
 
 
 REMOVABLE_ACTIVATIONS = ("Relu", "Clip")
@@ -367,6 +370,8 @@ def keep_removable_activations(view: GraphView, plan: QuantPlan) -> bool:
 
 def run_static(source: OnnxModel, view: GraphView, plan: QuantPlan, ranges: Any, output: Path,
                merged_cache: Path) -> None:
+    """quantize_static on the ranges merged for this trial (ORT reads them as its calibration cache
+    and does not calibrate), then the QDQ post-processing."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
@@ -374,22 +379,23 @@ def run_static(source: OnnxModel, view: GraphView, plan: QuantPlan, ranges: Any,
     op_types = sorted({view.by_name[name].op_type for name in plan.quantized})
     external = bool(source.external_data_files())
     started = time.perf_counter()
-    quantize_static(
-        str(source.path), str(output),
-        calibration_data_reader=None,
-        quant_format=QuantFormat.QOperator if plan.quant_format == "QOperator" else QuantFormat.QDQ,
-        op_types_to_quantize=op_types,
-        per_channel=plan.global_per_channel,
-        reduce_range=False,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=sorted(set(view.by_name) - set(plan.quantized)),
-        use_external_data_format=external,
-        calibrate_method=CalibrationMethod.MinMax,
-        extra_options={"TensorQuantOverrides": plan.overrides, "ActivationSymmetric": False,
-                       "QDQKeepRemovableActivations": keep_removable_activations(view, plan)},
-        calibration_cache_path=str(merged_cache),
-    )
+    with private_model_path(source.path) as private:
+        quantize_static(
+            str(private), str(output),
+            calibration_data_reader=None,
+            quant_format=QuantFormat.QOperator if plan.quant_format == "QOperator" else QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            per_channel=plan.global_per_channel,
+            reduce_range=False,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=sorted(set(view.by_name) - set(plan.quantized)),
+            use_external_data_format=external,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"TensorQuantOverrides": plan.overrides, "ActivationSymmetric": False,
+                           "QDQKeepRemovableActivations": keep_removable_activations(view, plan)},
+            calibration_cache_path=str(merged_cache),
+        )
     logger.debug("quantize_static took %.2fs", time.perf_counter() - started)
     if plan.quant_format != "QOperator" and plan.restore:
         proto = onnx.load(str(output))

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,25 @@ def read_json(path: Path) -> Any | None:
             return json.load(handle)
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+@contextlib.contextmanager
+def private_model_path(model_path: Path) -> Iterator[Path]:
+    """The model file under a private name in its own folder (a hard link, or a copy).
+
+    ORT's quantization tools write scratch files named after the model they are given, next to it
+    (`<model>-inferred.onnx`, deleted again): two trials handing ORT the same shared file would
+    delete each other's scratch files. External data stays shared (same folder, same relative
+    location; onnx refuses external data reached through links, so those are never linked)."""
+    private = model_path.parent / f".{model_path.stem}-{uuid.uuid4().hex[:12]}{model_path.suffix}"
+    try:
+        try:
+            os.link(model_path, private)
+        except OSError:
+            shutil.copyfile(model_path, private)
+        yield private
+    finally:
+        private.unlink(missing_ok=True)
 
 
 def new_staging_dir(parent: Path, name: str) -> Path:

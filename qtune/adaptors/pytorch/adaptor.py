@@ -7,10 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from qtune.adaptors.base import Adaptor, LatencyStats, adaptor_registry
 from qtune.adaptors.pytorch import export, runtime
 from qtune.adaptors.pytorch.capability import build_capability, fused_patterns
+from qtune.adaptors.pytorch.graph import QUANTIZABLE_TYPES, OpInfo
 from qtune.adaptors.pytorch.loading import load_model
 from qtune.adaptors.pytorch.model import QuantizedTorchModel, TorchModel
 from qtune.adaptors.pytorch.quantize import Quantizer
@@ -54,13 +56,24 @@ class PyTorchAdaptor(Adaptor):
     # --- capability ------------------------------------------------------------------------
     def query_fw_capability(self, model: Any) -> dict[str, Any]:
         fp32 = _fp32(model)
+        if not fp32.has_graph:
+            ops = module_ops(fp32)
+            note = ("op order is the module registration order: the model is exported from the first "
+                    "calibration batch; give spec.model.inputs to get the graph order")
+            return build_capability(ops, {op.name: note for op in ops[:1]})
         lifted = fp32.lifted()
         return build_capability(lifted.ops, lifted.not_lifted)
 
     def query_fused_patterns(self, model: Any) -> list[list[str]]:
-        lifted = _fp32(model).lifted()
-        present = {op.op_type for op in lifted.ops}
-        for module in lifted.module.modules():
+        fp32 = _fp32(model)
+        if fp32.has_graph:
+            lifted = fp32.lifted()
+            present = {op.op_type for op in lifted.ops}
+            modules = lifted.module.modules()
+        else:
+            present = {op.op_type for op in module_ops(fp32)}
+            modules = fp32.module.modules() if fp32.module is not None else iter(())
+        for module in modules:
             if type(module).__name__ in _FUSABLE_NEIGHBOURS:
                 present.add(type(module).__name__)
         return fused_patterns(present)
@@ -97,6 +110,15 @@ class PyTorchAdaptor(Adaptor):
         samples = dataset.take(min(16, int(tune_cfg.get("calibration_sampling_size") or 16)))
         with runtime.threads(self._threads):
             return op_sensitivity(_fp32(model), tune_cfg, samples.inputs)
+
+
+def module_ops(model: TorchModel) -> list[OpInfo]:
+    """Quantizable ops from the module tree, for a model not exported yet (same names as the graph's)."""
+    if model.module is None:
+        return []
+    return [OpInfo(name, type(module).__name__, tuple(module.weight.shape))
+            for name, module in model.module.named_modules()
+            if type(module).__name__ in QUANTIZABLE_TYPES and isinstance(module, torch.nn.Module)]
 
 
 def _check(model: Any) -> TorchModel | QuantizedTorchModel:

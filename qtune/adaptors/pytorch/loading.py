@@ -146,12 +146,17 @@ def load_model(model_spec: dict[str, Any], job_dir: Path | None = None,
             if job_dir is not None and not weights_path.is_absolute():
                 weights_path = job_dir / weights_path
             state = load_state_dict(weights_path)
-            result = module.load_state_dict(state, strict=False)
-            if result.missing_keys or result.unexpected_keys:
+            expected = module.state_dict()
+            missing = [k for k in expected if k not in state]
+            unexpected = [k for k in state if k not in expected]
+            wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                     if k in state and tuple(state[k].shape) != tuple(v.shape)]
+            if missing or unexpected or wrong:
                 raise ModelLoadError(
-                    f"weights {weights_path.name} do not match {entrypoint}: missing {result.missing_keys[:5]}, "
-                    f"unexpected {result.unexpected_keys[:5]}"
+                    f"weights {weights_path.name} do not match {entrypoint}: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}, wrong shape {wrong[:3]}"
                 )
+            module.load_state_dict(state, strict=True)
         module.eval()
         names = [s.name for s in specs] if specs else _forward_inputs(module)
         model = TorchModel(source=entrypoint, input_names=names, module=module, input_specs=specs)

@@ -99,6 +99,7 @@ class TorchModel:
 
     @property
     def has_graph(self) -> bool:
+        """True when the graph exists or can be built without data."""
         return self._lifted is not None or self.exported is not None or bool(self.input_specs)
 
     def export(self, batch: dict[str, np.ndarray] | None = None) -> torch.export.ExportedProgram:

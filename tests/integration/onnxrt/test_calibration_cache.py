@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
+import pytest
 from ort_helpers import default_config, load, set_op
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
@@ -93,6 +94,7 @@ def _quantize_in_process(workspace: str, model_path: str, variant: int, queue: m
     queue.put(adaptor.last_quantization["calibration"])
 
 
+@pytest.mark.slow
 def test_concurrent_trials_calibrate_once(tmp_path: Path, mlp_path: Path) -> None:
     workspace = tmp_path / "shared"
     context = multiprocessing.get_context("spawn")

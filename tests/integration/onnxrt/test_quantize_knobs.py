@@ -53,7 +53,8 @@ def test_fp32_op_after_a_quantized_relu_reads_the_relu_output(adaptor, mlp, mlp_
     model, cfg = mlp
     quantized = adaptor.quantize(cfg.with_fallback([FC1]).to_dict(), model, mlp_data["calib"].loader(32))
     graph = QGraph(quantized.path)
-    assert not graph.has_qdq_around(FC1) or graph.dq_of_input(FC1, 0) is None
+    assert graph.dq_of_input(FC1, 0) is None
+    assert graph.producer[graph.node(FC1).input[0]].op_type == "Relu", "reads the real ReLU output"
     fp32 = adaptor.evaluate(model, mlp_data["eval"].loader(200))
     assert adaptor.evaluate(quantized, mlp_data["eval"].loader(200)) >= fp32 - 0.02
 
@@ -202,3 +203,47 @@ def test_all_fp32_config_returns_fp32_model(adaptor, mlp, mlp_data) -> None:
     model, cfg = mlp
     graph = quantize(adaptor, model, cfg.with_fallback(list(cfg.ops)), mlp_data)
     assert "QuantizeLinear" not in graph.op_types() and "DequantizeLinear" not in graph.op_types()
+
+
+def test_qoperator_mixes_per_channel_and_per_tensor(adaptor: OnnxRuntimeAdaptor, cnn_path: Path, cnn_data) -> None:
+    """QOperator only has a global per-channel switch: a per-tensor op then gets one range for all
+    channels (equal scales), numerically per-tensor."""
+    model = load(adaptor, cnn_path)
+    cfg = default_config(adaptor.query_fw_capability(model), quant_format="QOperator")
+    cfg = set_op(cfg, "conv2", weight={"granularity": "per_tensor"})
+    graph = quantize(adaptor, model, cfg, cnn_data)
+    scales = {}
+    for node in graph.graph.node:
+        if node.op_type == "QLinearConv":
+            scales[node.output[0]] = graph.value(node.input[4])  # w_scale
+    per_channel, per_tensor = sorted(scales.values(), key=lambda s: len(np.unique(s)), reverse=True)
+    assert len(np.unique(per_channel)) > 1
+    assert len(np.unique(per_tensor)) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_configs_load_run_and_stay_close(adaptor: OnnxRuntimeAdaptor, cnn_path: Path, mlp_path: Path,
+                                                cnn_data, mlp_data, seed: int) -> None:
+    """Any combination of the offered choices yields a model onnxruntime runs, near fp32 accuracy."""
+    import random
+
+    rng = random.Random(seed)
+    for path, data in ((cnn_path, cnn_data), (mlp_path, mlp_data)):
+        model = load(adaptor, path)
+        capability = adaptor.query_fw_capability(model)
+        quant_format = rng.choice(["QDQ", "QOperator"])
+        approach = rng.choice(["static", "static", "dynamic"])
+        cfg = default_config(capability, approach=approach, quant_format=quant_format, samples=64)
+        for (name, _), entry in capability["opwise"].items():
+            activation = {key: rng.choice(values) for key, values in entry["activation"].items()}
+            if activation["dtype"] == "fp32":
+                activation = {"dtype": "fp32", "scheme": None, "algorithm": None, "granularity": None}
+            weight = None
+            if "weight" in entry:
+                weight = {key: rng.choice(values) for key, values in entry["weight"].items()}
+                if weight["dtype"] == "fp32":
+                    weight = {"dtype": "fp32", "scheme": None, "granularity": None, "algorithm": None}
+            cfg = set_op(cfg, name, activation=activation, weight=weight)
+        fp32 = adaptor.evaluate(model, data["eval"].loader(200))
+        quantized = adaptor.quantize(cfg.to_dict(), model, data["calib"].loader(32))
+        assert adaptor.evaluate(quantized, data["eval"].loader(200)) >= fp32 - 0.1, cfg.to_dict()

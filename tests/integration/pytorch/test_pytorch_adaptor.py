@@ -309,3 +309,15 @@ def test_benchmark_and_sensitivity(loaded, digits_cnn):
     assert set(scores) == set(OPS)
     assert scores["fc2"] == 0.0
     assert all(scores[name] > 0 for name in ("conv1", "conv2", "fc1"))
+
+
+def test_model_without_declared_inputs_is_exported_from_the_first_calibration_batch(digits_cnn, tmp_path):
+    adaptor = make_adaptor(tmp_path / "ws")
+    model = adaptor.load_model({"entrypoint": "torch_models:build_cnn", "weights": str(digits_cnn["weights"])})
+    assert adaptor.input_names(model) == ["image"]  # from forward's signature
+    capability = adaptor.query_fw_capability(model)
+    assert capability["graph_order"] == OPS  # module names = graph op names
+    assert ["Conv2d", "BatchNorm2d", "ReLU"] in adaptor.query_fused_patterns(model)
+    quantized = adaptor.quantize(default_config(adaptor, model).to_dict(), model, digits_cnn["calib"].loader(32))
+    assert sorted(quantized.quantized_ops) == sorted(OPS)
+    assert adaptor.query_fw_capability(model)["graph_order"] == OPS
