@@ -119,19 +119,25 @@ class Observer:
             thread.start()
 
     def _watch(self) -> None:
-        from kubernetes import watch
+        from kubernetes import client, watch
 
         while not self.stop.is_set():
             stream = watch.Watch()
-            for event in stream.stream(self.core.list_namespaced_pod, NAMESPACE,
-                                       label_selector="qtune.io/role=trial", timeout_seconds=30):
-                if event["type"] == "ADDED":
-                    labels = event["object"].metadata.labels
-                    key = (labels["qtune.io/job-uid"], int(labels["qtune.io/trial"]))
-                    self.pod_added.setdefault(key, time.time())
-                if self.stop.is_set():
-                    stream.stop()
-                    break
+            try:
+                for event in stream.stream(self.core.list_namespaced_pod, NAMESPACE,
+                                           label_selector="qtune.io/role=trial", timeout_seconds=30):
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        labels = event["object"].metadata.labels
+                        key = (labels["qtune.io/job-uid"], int(labels["qtune.io/trial"]))
+                        created = event["object"].metadata.creation_timestamp.timestamp()
+                        # the event's arrival; a (re)listed pod counts from its creationTimestamp
+                        self.pod_added.setdefault(key, time.time() if event["type"] == "ADDED" and
+                                                  time.time() - created < 2 else created)
+                    if self.stop.is_set():
+                        stream.stop()
+                        break
+            except (client.ApiException, OSError, ValueError):
+                time.sleep(0.2)  # e.g. 504 "too large resource version": list and watch again
 
     def _poll(self) -> None:
         url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode(

@@ -17,9 +17,12 @@ fi
 
 echo "setup: installing qtune with all extras (pip's cache serves repeat installs)"
 python3 -m pip install -q --disable-pip-version-check -e ".[onnxruntime,torch,operator,examples,test]"
+python3 -m pip install -q --disable-pip-version-check -r requirements/lint.txt   # hadolint for the Dockerfile
 
 if [ "${QTUNE_SKIP_CLUSTER_SETUP:-0}" != "1" ] && [ -f tests/cluster/setup.sh ]; then
   echo "setup: building the Kubernetes test control plane (cached after the first build)"
   bash tests/cluster/setup.sh
+  echo "setup: building helm for the chart tests (cached after the first build)"
+  bash tests/install/build_helm.sh
 fi
 echo "setup: done"

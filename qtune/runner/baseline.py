@@ -10,11 +10,15 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import numpy as np
 
+from qtune.data import DataLoader, Dataset
 from qtune.runner.context import BASELINE_FILE, REFERENCE_FILE, SPACE_FILE, JobContext
+from qtune.spec.errors import DataError
 from qtune.tuning.history import Baseline, write_json_atomic
 from qtune.tuning.space import TuningSpace, build_space
 
@@ -46,6 +50,17 @@ def measure_latency(context: JobContext, model: object, reference: object | None
     return p50, p90, reference_p50
 
 
+@contextmanager
+def _blame(field: str) -> Iterator[None]:
+    """Prefix data errors with the spec field whose data set caused them."""
+    try:
+        yield
+    except DataError as exc:
+        if str(exc).startswith("spec."):
+            raise
+        raise DataError(f"{field}: {exc}") from None
+
+
 def compute_space(context: JobContext) -> TuningSpace:
     adaptor, model = context.adaptor, context.model
     capability = adaptor.query_fw_capability(model)
@@ -69,10 +84,15 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
     started = time.perf_counter()
     model = context.model
     metric = context.new_metric()
-    if metric.needs_reference:
-        reference = context.adaptor.predict(model, context.evaluation_loader(), context.spec.data.evaluation.output)
-        np.save(workspace / REFERENCE_FILE, np.asarray(reference))
-    accuracy = context.adaptor.evaluate(model, context.targets_loader(), metric=metric)
+    with _blame("spec.data.calibration"):  # fail now, not in every trial, when data and model disagree
+        first = next(iter(context.calibration_set.take(2).loader(2)))
+        context.adaptor.predict(model, DataLoader(Dataset(first[0], None), 2), context.spec.data.evaluation.output)
+    with _blame("spec.data.evaluation"):
+        if metric.needs_reference:
+            reference = context.adaptor.predict(model, context.evaluation_loader(),
+                                                context.spec.data.evaluation.output)
+            np.save(workspace / REFERENCE_FILE, np.asarray(reference))
+        accuracy = context.adaptor.evaluate(model, context.targets_loader(), metric=metric)
     p50, p90, _ = measure_latency(context, model)
     space = compute_space(context)
     baseline = Baseline(
