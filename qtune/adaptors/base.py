@@ -111,7 +111,9 @@ class Adaptor(ABC):
       workspace (str): folder for caches shared by all trials of a job (calibration statistics,
           optimised models); job_dir (str): folder that relative paths are resolved against;
       inputs (list of {name, shape, dtype}); quantization (the spec's quantization section as a
-          dict); threads (int); random_seed (int).
+          dict); threads (int); random_seed (int); output (name or index of the model output the
+          metric reads); calibration_data (a qtune Dataset, set before query_fw_capability so an
+          adaptor can spot non-finite ranges up front) and calibration_sampling_size (int).
     """
 
     name: ClassVar[str] = ""

@@ -140,7 +140,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
     import aiohttp
 
     from qtune.operator.kube import Kube, load_client
-    from qtune.operator.prom import PrometheusClient, PushgatewayClient
+    from qtune.operator.prom import PrometheusClient, PushgatewayClient, ResultsPoller
     from qtune.operator.reconcile import Services
 
     configure(settings, peering=memo.peering)
@@ -151,12 +151,18 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
                                   [ns for ns in memo.namespaces if not any(ch in ns for ch in "*?[]!")])
     session = aiohttp.ClientSession()
     memo.http = session
+    prometheus = PrometheusClient(config.prometheus_url, session) if config.prometheus_url else None
+    poller = None
+    if prometheus is not None and config.results_poll_interval > 0:
+        poller = ResultsPoller(prometheus, config.results_poll_interval, memo.wakeups)
+        memo.poller_task = asyncio.create_task(poller.run(), name="qtune results poller")
     memo.services = Services(
         kube=kube,
         config=config,
         metrics=memo.metrics,
-        prometheus=PrometheusClient(config.prometheus_url, session) if config.prometheus_url else None,
+        prometheus=prometheus,
         pushgateway=PushgatewayClient(config.pushgateway_url, session) if config.pushgateway_url else None,
+        poller=poller,
     )
     logger.info("qtune operator: prometheus=%s pushgateway=%s (pods: %s) image=%s peering=%s",
                 config.prometheus_url, config.pushgateway_url, config.pushgateway_for_pods, config.trial_image,
@@ -165,6 +171,9 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
 
 @kopf.on.cleanup()
 async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = getattr(memo, "poller_task", None)
+    if task is not None:
+        task.cancel()
     session = getattr(memo, "http", None)
     if session is not None:
         await session.close()

@@ -43,20 +43,31 @@ def _number(sample: Any) -> float | None:
     return value
 
 
+ALL_QUERY = f'{{__name__=~"{METRIC_PREFIX}.+",job="{PUSH_JOB}"}}'
+"""Every job's queryable results at once (what the operator-wide poller asks)."""
+
+
 def results_from_vector(vector: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Prometheus instant-vector samples -> {trial label: result dict as the runner writes it}.
+    """Prometheus instant-vector samples of ONE job -> {trial label: result dict as the runner writes it}.
 
     A trial counts only when its `qtune_trial_status` series is present (a Pushgateway group is
     replaced atomically, so the other series of the push come with it)."""
-    by_trial: dict[str, dict[str, Any]] = {}
+    return results_by_job(vector, any_job=True).get("", {})
+
+
+def results_by_job(vector: list[dict[str, Any]], any_job: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """Samples -> {job_uid: {trial: result}} (with any_job, every sample counts under "")."""
+    by_job: dict[str, dict[str, dict[str, Any]]] = {}
     for sample in vector:
         metric = sample.get("metric") or {}
         trial = metric.get("trial")
         name = metric.get("__name__", "")
         value = _number(sample.get("value"))
-        if trial is None or value is None:
+        uid = "" if any_job else metric.get("job_uid")
+        if trial is None or value is None or uid is None:
             continue
-        result = by_trial.setdefault(trial, {"latency_ms": {}, "latency_p90_ms": {}, "timings": {}})
+        result = by_job.setdefault(uid, {}).setdefault(
+            trial, {"latency_ms": {}, "latency_p90_ms": {}, "timings": {}})
         if name == "qtune_trial_status":
             result["status"] = "succeeded" if value >= 1 else "failed"
         elif name == "qtune_trial_accuracy":
@@ -69,7 +80,7 @@ def results_from_vector(vector: list[dict[str, Any]]) -> dict[str, dict[str, Any
             result["model_size_bytes"] = int(value) if math.isfinite(value) else None
         elif name == "qtune_trial_duration_seconds" and "phase" in metric:
             result["timings"][metric["phase"]] = value
-    return {trial: r for trial, r in by_trial.items() if "status" in r}
+    return {uid: {trial: r for trial, r in trials.items() if "status" in r} for uid, trials in by_job.items()}
 
 
 class PrometheusClient:
@@ -97,6 +108,48 @@ class PrometheusClient:
     async def job_results(self, job_uid: str) -> dict[str, dict[str, Any]]:
         """Every result of the job currently queryable, by trial label ("0", "1", ..., "baseline")."""
         return results_from_vector(await self.query(job_query(job_uid)))
+
+    async def all_results(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every job's queryable results: {job_uid: {trial: result}}."""
+        return results_by_job(await self.query(ALL_QUERY))
+
+
+class ResultsPoller:
+    """One operator-wide query every `interval` seconds: a job whose trial result just became
+    queryable is woken at once (its loop records the result even before the pod is reported
+    finished). One query for all jobs keeps the load on Prometheus independent of their number."""
+
+    def __init__(self, prometheus: PrometheusClient, interval: float, wakeups: dict[str, Any]) -> None:
+        self.prometheus = prometheus
+        self.interval = interval
+        self.wakeups = wakeups
+        self.snapshot: dict[str, dict[str, dict[str, Any]]] = {}
+        self.taken_at: float | None = None
+
+    def results(self, job_uid: str) -> dict[str, dict[str, Any]]:
+        return self.snapshot.get(job_uid, {})
+
+    async def poll_once(self) -> None:
+        import time
+
+        snapshot = await self.prometheus.all_results()
+        for uid, trials in snapshot.items():
+            if set(trials) - set(self.snapshot.get(uid, {})):
+                event = self.wakeups.get(uid)
+                if event is not None:
+                    event.set()
+        self.snapshot = snapshot
+        self.taken_at = time.time()
+
+    async def run(self) -> None:
+        import asyncio
+
+        while True:
+            try:
+                await self.poll_once()
+            except MetricsError as exc:
+                logger.warning("results poller: %s", exc)
+            await asyncio.sleep(self.interval)
 
 
 class PushgatewayClient:

@@ -32,7 +32,7 @@ from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
 from qtune.operator.kube import Conflict, Kube
 from qtune.operator.metrics import OperatorMetrics
-from qtune.operator.prom import MetricsError, PrometheusClient, PushgatewayClient
+from qtune.operator.prom import MetricsError, PrometheusClient, PushgatewayClient, ResultsPoller
 from qtune.operator.store import HistoryStore, decode_published
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
@@ -61,6 +61,7 @@ class Services:
     metrics: OperatorMetrics
     prometheus: PrometheusClient | None = None
     pushgateway: PushgatewayClient | None = None
+    poller: ResultsPoller | None = None
     clock: Callable[[], float] = time.time
 
 
@@ -120,6 +121,8 @@ class JobReconciler:
     query_at: float | None = None
     baseline_checked: bool = False
     unsaved: list[TrialRecord] = field(default_factory=list)
+    pods_seen_done: set[int] = field(default_factory=set)
+    """Trials whose finished pod was already handed to the clean-up (done once per process)."""
 
     def __post_init__(self) -> None:
         self.store = HistoryStore(self.services.kube, self.job, self.services.config.history_plain_limit)
@@ -280,6 +283,10 @@ class JobReconciler:
                 elif pod is None:
                     to_launch.append(record)
                 continue
+            if not pod.done and result is not None and result.get("status") == "succeeded":
+                # pushed and queryable: the runner is done; the pod goes once it is reported finished
+                recorded.append(self._record(session, record.index, result, pod, delete_pod=False))
+                continue
             if pod.phase == "Succeeded":
                 if result is not None:
                     recorded.append(self._record(session, record.index, result, pod))
@@ -303,7 +310,10 @@ class JobReconciler:
         # pods of trials recorded earlier (e.g. before an operator restart) are not run again
         done = {str(t.index) for t in history.finished()}
         for trial, pod in by_trial.items():
-            if trial in done and pod.phase == "Succeeded" and not pod.deleting and int(trial) not in self.uncleaned:
+            if trial not in done or pod.phase != "Succeeded" or pod.deleting:
+                continue
+            if int(trial) not in self.pods_seen_done:
+                self.pods_seen_done.add(int(trial))
                 self.uncleaned[int(trial)] = True
 
         # 5. stop rules (the history is saved by `finished`)
@@ -344,22 +354,24 @@ class JobReconciler:
 
     async def _results_if_needed(self, pending: list[TrialRecord],
                                  by_trial: dict[str, podlib.PodSummary]) -> dict[str, dict[str, Any]] | None:
-        """The job's queryable results, fetched only when a pending trial may have one."""
+        """The job's queryable results: the operator-wide poller's latest snapshot, plus a query of
+        this job when a pending trial's pod is finished (or gone) and the snapshot lacks its result."""
+        poller = self.services.poller
+        results = dict(poller.results(self.job.uid)) if poller is not None else {}
+        self.query_at = poller.taken_at if poller is not None else None
         needed = False
         for record in pending:
             pod = by_trial.get(str(record.index))
-            if pod is None or pod.deleting or pod.phase == "Succeeded":
+            if (pod is None or pod.deleting or pod.phase == "Succeeded") and str(record.index) not in results:
                 needed = True
                 break
-        if not needed or self.services.prometheus is None:
-            return None
-        try:
-            results = await self.services.prometheus.job_results(self.job.uid)
-        except MetricsError as exc:
-            logger.warning("%s/%s: %s", self.job.namespace, self.job.name, exc)
-            self.services.metrics.errors.labels(kind="prometheus").inc()
-            return None
-        self.query_at = self.services.clock()
+        if needed and self.services.prometheus is not None:
+            try:
+                results.update(await self.services.prometheus.job_results(self.job.uid))
+                self.query_at = self.services.clock()
+            except MetricsError as exc:
+                logger.warning("%s/%s: %s", self.job.namespace, self.job.name, exc)
+                self.services.metrics.errors.labels(kind="prometheus").inc()
         return results
 
     def _trial_dir(self, index: int) -> str:
@@ -367,7 +379,7 @@ class JobReconciler:
         return podlib.trial_dir(self.spec, self.job, index)
 
     def _record(self, session: TuningSession, index: int, result: dict[str, Any],
-                pod: podlib.PodSummary | None) -> TrialRecord:
+                pod: podlib.PodSummary | None, delete_pod: bool = True) -> TrialRecord:
         result = dict(result)
         if result.get("status") == "succeeded":
             result["model_path"] = (podlib.model_path_of(pod) if pod else None) or f"{self._trial_dir(index)}/model"
@@ -379,7 +391,9 @@ class JobReconciler:
             result.setdefault("reason", "TrialError")
             result.setdefault("message", "the trial reported failure (see the pod's log)")
         self.awaiting_metrics.pop(index, None)
-        self.uncleaned[index] = pod is not None and result.get("status") == "succeeded"
+        self.uncleaned[index] = delete_pod and pod is not None and result.get("status") == "succeeded"
+        if pod is not None and delete_pod:
+            self.pods_seen_done.add(index)
         if self.result_read_at is None:
             self.result_read_at = self.query_at
         return session.record_result(index, result)

@@ -63,6 +63,9 @@ def _blame(field: str) -> Iterator[None]:
 
 def compute_space(context: JobContext) -> TuningSpace:
     adaptor, model = context.adaptor, context.model
+    # lets the adaptor find non-finite calibration ranges (e.g. attention masks) up front
+    adaptor.info["calibration_data"] = context.calibration_set
+    adaptor.info["calibration_sampling_size"] = len(context.calibration_set)
     capability = adaptor.query_fw_capability(model)
     patterns = adaptor.query_fused_patterns(model)
     samples = len(context.calibration_set)

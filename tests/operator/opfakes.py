@@ -176,3 +176,14 @@ class FakeResults:
 def make_config() -> OperatorConfig:
     return OperatorConfig(prometheus_url="http://prom:9090", pushgateway_url="http://pgw:9091",
                           trial_image="qtune:test", metrics_timeout=60.0)
+
+
+class FakePoller:
+    """The operator-wide results poller: a snapshot of one job's results."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, dict[str, Any]] = {}
+        self.taken_at = 0.0
+
+    def results(self, job_uid: str) -> dict[str, dict[str, Any]]:
+        return copy.deepcopy(self.snapshot)

@@ -8,7 +8,7 @@ import copy
 from typing import Any
 
 import pytest
-from opfakes import FakeKube, FakeResults, job_body, make_config, tiny_baseline, tiny_space
+from opfakes import FakeKube, FakePoller, FakeResults, job_body, make_config, tiny_baseline, tiny_space
 
 from qtune.operator import constants as c
 from qtune.operator import pods as podlib
@@ -288,3 +288,39 @@ def test_can_resume_only_after_max_trials() -> None:
     assert not can_resume(history, spec)
     history.stop_reason = stop.MAX_TRIALS
     assert can_resume(history, spec)
+
+
+def test_a_result_is_recorded_as_soon_as_it_is_queryable() -> None:
+    world = World()
+    poller = FakePoller()
+    world.services.poller = poller  # type: ignore[assignment]
+    world.run_baseline()
+    world.step()                                   # trial 0 running
+    world.kube.run_pod("digits-trial-0")
+    pod = world.kube.pods["digits-trial-0"]
+    args = pod["spec"]["containers"][0]["args"]
+    import json
+
+    poller.snapshot = {"0": result_of(json.loads(args[args.index("--config") + 1]))}
+    world.step()                                   # recorded while the pod is still reported Running
+    assert world.kube.status["trials"]["finished"] == 1
+    assert "digits-trial-1" in world.kube.pods     # the next trials started at once
+    assert "digits-trial-0" in world.kube.pods     # the pod itself goes once it is reported finished
+    poller.snapshot = {}
+    world.kube.finish_pod("digits-trial-0")
+    world.step()
+    assert "digits-trial-0" not in world.kube.pods
+    assert world.kube.created_pods.count("digits-trial-0") == 1
+
+
+def test_kept_pods_are_cleaned_once() -> None:
+    world = World(config=OperatorConfig(keep_succeeded_pods=True))
+    world.run_baseline()
+    world.step()
+    world.finish_running_trials()
+    world.step()
+    deleted = len(world.results.deleted)
+    for _ in range(3):
+        world.step()
+    assert len(world.results.deleted) == deleted   # no repeated DELETEs for pods that stay
+    assert "digits-trial-0" in world.kube.pods
