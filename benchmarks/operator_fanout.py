@@ -167,6 +167,11 @@ class Observer:
         return out
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(1)
         observer.stop.set()
         rss = peak_rss_mib(operator.pid)
+        cpu = cpu_seconds(operator.pid)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             own = response.read().decode()
 
@@ -294,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         if own_count:
             print(f"  operator's own histogram (result read -> next pod created): {int(own_count)} samples, "
                   f"mean {own_sum / own_count:.3f}s")
-        print(f"  operator peak RSS: {rss:.1f} MiB")
+        print(f"  operator peak RSS: {rss:.1f} MiB; operator CPU time: {cpu:.1f}s over {elapsed:.0f}s "
+              f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
         if latencies:
             print(f"  (mean {statistics.mean(latencies):.3f}s; Prometheus scrape interval of the plane: 1s)")
         return 0 if len(done) == len(names) else 1

@@ -167,14 +167,6 @@ def random_shift(max_shift: int) -> Callable[[object, object], object]:
     return shift
 
 
-def random_hflip(batch, generator):
-    """Augmentation: mirror half of the images left-right."""
-    import torch
-
-    flip = torch.rand(len(batch), generator=generator) < 0.5
-    return torch.where(flip[:, None, None, None], batch.flip(3), batch)
-
-
 # --------------------------------------------------------------------------------------------
 # ONNX export and verification
 # --------------------------------------------------------------------------------------------

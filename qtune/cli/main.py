@@ -44,6 +44,10 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if args.cluster:
+        from qtune.cli.cluster_status import print_cluster_status
+
+        return print_cluster_status(args.job, args.namespace)
     from qtune.cli.status import print_status
 
     return print_status(args.job)
@@ -86,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--fresh", action="store_true", help="discard an earlier run of this job and start over")
     tune.set_defaults(handler=_tune)
 
-    status = commands.add_parser("status", help="show the progress of a local run")
-    status.add_argument("job", help="job.yaml")
+    status = commands.add_parser("status", help="show the progress of a run (local, or --cluster)")
+    status.add_argument("job", help="job.yaml, or with --cluster a QuantizationJob name")
+    status.add_argument("--cluster", action="store_true", help="read the QuantizationJob's status from Kubernetes")
+    status.add_argument("-n", "--namespace", help="namespace (default: the job file's, or the kubeconfig's)")
     status.set_defaults(handler=_status)
 
     report = commands.add_parser("report", help="write the report of a local run (also mid-run)")

@@ -70,25 +70,42 @@ def default_output(job: QuantizationJob, job_file: Path) -> Path:
     return Path.cwd() / "qtune-output" / job.name
 
 
-def _fingerprint(job: QuantizationJob) -> dict[str, str]:
-    """What a resumed run must share with the interrupted one: model, data, quantization, tuning."""
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint(job: QuantizationJob, job_file: Path) -> dict[str, str]:
+    """What a resumed run must share with the interrupted one: the spec's model, data, quantization and
+    tuning sections, and the content of the model and data files they name."""
     spec = job.spec.model_dump(mode="json")
     parts = {key: spec[key] for key in ("model", "data", "quantization", "benchmark")}
     parts["tuning"] = {k: v for k, v in spec["tuning"].items()
                        if k not in ("max_trials", "timeout_seconds", "parallel_trials", "max_failed_trials")}
-    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-            for key, value in parts.items()}
+    result = {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+              for key, value in parts.items()}
+    files = {"model.path": job.spec.model.path, "model.weights": job.spec.model.weights,
+             "data.calibration.path": job.spec.data.calibration.path,
+             "data.evaluation.path": job.spec.data.evaluation.path}
+    for field, value in files.items():
+        path = resolve_path(job_file, value) if value else None
+        if path is not None and path.is_file():
+            result[field] = _file_digest(path)
+    return result
 
 
-def _check_resumable(workspace: Path, job: QuantizationJob) -> None:
+def _check_resumable(workspace: Path, job: QuantizationJob, job_file: Path) -> None:
     stored = workspace / JOB_FINGERPRINT_FILE
     if not stored.exists():
         return
-    before, now = json.loads(stored.read_text()), _fingerprint(job)
+    before, now = json.loads(stored.read_text()), _fingerprint(job, job_file)
     changed = sorted(k for k in now if before.get(k) != now[k])
     if changed:
         raise QtuneError(
-            f"spec.{changed[0]} changed since the run in {workspace} started; "
+            f"spec.{changed[0]} (or the file it names) changed since the run in {workspace} started; "
             "run with --fresh to start over (resuming would mix results of different jobs)"
         )
 
@@ -195,7 +212,7 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
             "use --resume to continue it or --fresh to start over"
         )
     if resume:
-        _check_resumable(workspace, job)
+        _check_resumable(workspace, job, job_file)
 
     created = workspace  # the top-most folder this run creates, removed again if preparing fails
     while not created.parent.exists():
@@ -211,7 +228,7 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
         if created_new:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    write_json_atomic(workspace / JOB_FINGERPRINT_FILE, _fingerprint(job))
+    write_json_atomic(workspace / JOB_FINGERPRINT_FILE, _fingerprint(job, job_file))
 
     history = History.load(history_path) if history_path.exists() else History(job=job.name)
     history.baseline = baseline

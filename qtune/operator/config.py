@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from dataclasses import dataclass, field
+from typing import Any
 
 from qtune.operator import constants as c
 
@@ -47,6 +49,10 @@ class OperatorConfig:
     """Keep trial pods that succeeded (their results are in the history); failed pods are kept."""
     pod_env: dict[str, str] = field(default_factory=dict)
     """Extra environment of every pod the operator creates."""
+    default_tolerations: tuple[dict[str, Any], ...] = ()
+    """Tolerations of trial pods of jobs that set no spec.trial.tolerations (e.g. a dedicated pool's taint)."""
+    trial_service_account: str | None = None
+    """ServiceAccount of trial pods of jobs that set no spec.trial.serviceAccountName."""
     history_plain_limit: int = 256 * 1024
     """History JSON larger than this is stored gzip-compressed (binaryData)."""
 
@@ -58,7 +64,13 @@ class OperatorConfig:
     def from_env(cls, **overrides: object) -> OperatorConfig:
         """Defaults from QTUNE_* environment variables; keyword arguments that are not None win."""
         command = os.environ.get("QTUNE_RUNNER_COMMAND")
+        tolerations = json.loads(os.environ.get("QTUNE_TRIAL_TOLERATIONS") or "[]") or []
+        pod_env = json.loads(os.environ.get("QTUNE_POD_ENV") or "{}") or {}
         values: dict[str, object] = {
+            "vendor": os.environ.get("QTUNE_TRIAL_VENDOR") or "Intel",
+            "default_tolerations": tuple(dict(t) for t in tolerations),
+            "trial_service_account": os.environ.get("QTUNE_TRIAL_SERVICE_ACCOUNT") or None,
+            "pod_env": {str(k): str(v) for k, v in pod_env.items()},
             "prometheus_url": os.environ.get("QTUNE_PROMETHEUS_URL"),
             "pushgateway_url": os.environ.get("QTUNE_PUSHGATEWAY_URL"),
             "pod_pushgateway_url": os.environ.get("QTUNE_POD_PUSHGATEWAY_URL"),

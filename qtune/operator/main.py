@@ -13,6 +13,13 @@ a job. Without --peering the operator runs standalone (run a single replica).
 Endpoints: GET http://:HEALTH_PORT/healthz (Kopf liveness probe: 200 while the operator is
 healthy), GET http://:METRICS_PORT/metrics (the operator's own metrics: jobs by state, trials
 started/finished/failed, dispatch latency, loop step duration).
+
+RBAC the operator needs: quantizationjobs (+/status) get/list/watch/patch/update; pods
+get/list/watch/create/delete/deletecollection; configmaps get/create/update/patch; serviceaccounts,
+roles, rolebindings create; events create; kopfpeerings/clusterkopfpeerings get/list/watch/patch/
+create (with --peering); namespaces and customresourcedefinitions list/watch (Kopf's scanning).
+The Role it grants each job's baseline pod (get/update/patch of that job's `<job>-baseline`
+ConfigMap) requires it to hold those verbs itself.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +42,7 @@ logger = logging.getLogger("qtune.operator")
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     scope = parser.add_mutually_exclusive_group()
-    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", default=[],
+    scope.add_argument("-n", "--namespace", action="append", dest="namespaces", default=[], metavar="NAMESPACE",
                        help="serve this namespace (repeatable; glob patterns allowed)")
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="serve the whole cluster (default)")
     parser.add_argument("--peering", metavar="NAME",
@@ -108,6 +116,8 @@ def run(namespaces: Sequence[str] = (), *, config: OperatorConfig | None = None,
     from qtune.operator.metrics import OperatorMetrics
 
     config = config or OperatorConfig.from_env()
+    if os.environ.get("POD_NAME") and not os.environ.get("POD_ID"):
+        os.environ["POD_ID"] = os.environ["POD_NAME"]  # Kopf's peering identity: the pod's name
     clusterwide = not namespaces
     metrics = OperatorMetrics()
     if metrics_port:

@@ -206,8 +206,9 @@ def _pod(job: JobRef, spec: JobSpec, config: OperatorConfig, *, name: str, role:
         pod_spec["serviceAccountName"] = service_account
     if spec.trial.node_selector:
         pod_spec["nodeSelector"] = dict(spec.trial.node_selector)
-    if spec.trial.tolerations:
-        pod_spec["tolerations"] = [dict(t) for t in spec.trial.tolerations]
+    tolerations = spec.trial.tolerations or list(config.default_tolerations)
+    if tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in tolerations]
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": job.namespace,
@@ -226,7 +227,8 @@ def trial_pod(job: JobRef, spec: JobSpec, spec_dict: dict[str, Any], index: int,
     args += ["--index", str(index), "--config", json.dumps(tune_config, separators=(",", ":"), sort_keys=True)]
     annotations = {f"{c.GROUP}/config-key": config_key} if config_key else None
     return _pod(job, spec, config, name=c.trial_pod(job.name, index), role=c.ROLE_TRIAL, trial=str(index),
-                args=args, service_account=spec.trial.service_account_name, automount_token=False,
+                args=args, service_account=spec.trial.service_account_name or config.trial_service_account,
+                automount_token=False,
                 annotations=annotations)
 
 

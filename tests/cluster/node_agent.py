@@ -159,20 +159,21 @@ def cleanup_created_paths() -> None:
         record.truncate(0)
 
 
-def process_group_rss(sid: int) -> int:
-    """Resident memory (bytes) of all processes in session ``sid``."""
+def rss_by_session() -> dict[int, int]:
+    """Resident memory (bytes) per session id, over all processes (one /proc scan)."""
     page = os.sysconf("SC_PAGE_SIZE")
-    total = 0
+    totals: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == sid:  # fields: state ppid pgrp session ...
-                total += int((entry / "statm").read_text().split()[1]) * page
+            sid = int(fields[3])  # fields after the name: state ppid pgrp session ...
+            rss = int(fields[21]) * page  # rss in pages
         except (OSError, IndexError, ValueError):
             continue
-    return total
+        totals[sid] = totals.get(sid, 0) + rss
+    return totals
 
 
 def _die_with_agent() -> None:
@@ -212,7 +213,6 @@ class Run:
     kill_at: float | None = None
     oom_killed: bool = False
     done: bool = False
-    next_memory_check: float = 0.0
 
 
 class NodeAgent:
@@ -781,13 +781,17 @@ class NodeAgent:
 
     # ---- reaping
     def _reaper_loop(self) -> None:
-        last_retry = 0.0
+        last_retry = last_memory = 0.0
         while not self.stop_event.wait(0.1):
             try:
                 with self.lock:
                     runs = [r for r in self.runs.values() if not r.done]
+                rss: dict[int, int] = {}
+                if any(r.memory_limit for r in runs) and time.monotonic() - last_memory > 0.5:
+                    last_memory = time.monotonic()
+                    rss = rss_by_session()
                 for run in runs:
-                    self._check(run)
+                    self._check(run, rss)
                 if time.monotonic() - last_retry > 1.0:
                     last_retry = time.monotonic()
                     with self.lock:
@@ -797,22 +801,19 @@ class NodeAgent:
             except Exception:  # noqa: BLE001 - keep reaping
                 log.exception("reaper")
 
-    def _check(self, run: Run) -> None:
+    def _check(self, run: Run, rss: dict[int, int]) -> None:
         with self.lock:
-            self._check_locked(run)
+            self._check_locked(run, rss)
 
-    def _check_locked(self, run: Run) -> None:
+    def _check_locked(self, run: Run, rss: dict[int, int]) -> None:
         rc = run.proc.poll()
         if rc is None:
-            t = time.monotonic()
-            if run.kill_at is not None and t > run.kill_at:
+            if run.kill_at is not None and time.monotonic() > run.kill_at:
                 _kill_group(run.proc.pid, signal.SIGKILL)
-            elif run.memory_limit and t > run.next_memory_check:
-                run.next_memory_check = t + 0.5
-                if process_group_rss(run.proc.pid) > run.memory_limit:
-                    log.info("pod %s/%s over its memory limit: killed", run.namespace, run.name)
-                    run.oom_killed = True
-                    _kill_group(run.proc.pid, signal.SIGKILL)
+            elif run.memory_limit and rss.get(run.proc.pid, 0) > run.memory_limit:
+                log.info("pod %s/%s over its memory limit: killed", run.namespace, run.name)
+                run.oom_killed = True
+                _kill_group(run.proc.pid, signal.SIGKILL)
             return
         _kill_group(run.proc.pid, signal.SIGKILL)  # no stragglers in the pod's group
         run.done = True

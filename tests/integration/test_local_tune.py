@@ -199,3 +199,19 @@ def test_missing_corrupt_model_and_mismatched_data_fail_in_one_line(sensitive, t
     assert code == 1 and "spec.data.evaluation" in err and name in err, err
     assert len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists() and not (tmp_path / ".qtune").exists()
+
+
+def test_resume_refuses_a_changed_model_file(sensitive, tmp_path, capsys):
+    import shutil
+
+    model_copy = tmp_path / "model.onnx"
+    shutil.copy(sensitive[1], model_copy)
+    job_file = write_job(tmp_path, sensitive, maxTrials=1)
+    document = yaml.safe_load(job_file.read_text())
+    document["spec"]["model"]["path"] = str(model_copy)
+    job_file.write_text(yaml.safe_dump(document))
+    tune(load_job(job_file), job_file)
+    model_copy.write_bytes(model_copy.read_bytes() + b"\0")  # rebuilt model (still loads: trailing byte)
+    assert qtune_main(["tune", "--resume", str(job_file)]) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "spec.model.path (or the file it names) changed" in error and "--fresh" in error

@@ -198,3 +198,28 @@ def test_failure_reasons() -> None:
     assert pods.failure_of(deadline)[0] == "Timeout"
     summary = pods.summarize_pod(_pod_status("Succeeded", exitCode=0, message='{"model_path": "/w/m.onnx"}'))
     assert summary.index == 1 and summary.done and pods.model_path_of(summary) == "/w/m.onnx"
+
+
+def test_operator_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    toleration = {"key": "qtune.io/dedicated", "operator": "Equal", "value": "tuning", "effect": "NoSchedule"}
+    monkeypatch.setenv("QTUNE_TRIAL_VENDOR", "GenuineIntel")
+    monkeypatch.setenv("QTUNE_TRIAL_TOLERATIONS", json.dumps([toleration]))
+    monkeypatch.setenv("QTUNE_TRIAL_SERVICE_ACCOUNT", "qtune-trial")
+    monkeypatch.setenv("QTUNE_POD_ENV", json.dumps({"HTTPS_PROXY": "http://proxy:3128"}))
+    monkeypatch.setenv("QTUNE_RUNNER_COMMAND", "python -m mypkg.runner")
+    config = OperatorConfig.from_env(trial_image="qtune:2")
+    pod = _trial(config=config)
+    assert pod["spec"]["tolerations"] == [toleration]
+    assert pod["spec"]["serviceAccountName"] == "qtune-trial"
+    terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["GenuineIntel"]
+    container = pod["spec"]["containers"][0]
+    assert {"name": "HTTPS_PROXY", "value": "http://proxy:3128"} in container["env"]
+    assert container["command"] == ["python", "-m", "mypkg.runner"] and container["image"] == "qtune:2"
+    # a job's own tolerations win; the baseline pod keeps its publishing account
+    body = job_body()
+    body["spec"]["trial"]["tolerations"] = [{"key": "other", "operator": "Exists"}]
+    assert _trial(body, config)["spec"]["tolerations"] == [{"key": "other", "operator": "Exists"}]
+    spec, spec_dict = validate(job_body())
+    baseline = pods.baseline_pod(pods.JobRef.from_body(job_body()), spec, spec_dict, config)
+    assert baseline["spec"]["serviceAccountName"] == "digits-runner"

@@ -1,0 +1,7 @@
+"""`python -m qtune.operator` = `qtune operator`."""
+
+import sys
+
+from qtune.operator.main import main
+
+sys.exit(main())
