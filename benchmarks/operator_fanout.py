@@ -119,7 +119,7 @@ class Observer:
             thread.start()
 
     def _watch(self) -> None:
-        from kubernetes import client, watch
+        from kubernetes import watch
 
         while not self.stop.is_set():
             stream = watch.Watch()
@@ -136,8 +136,8 @@ class Observer:
                     if self.stop.is_set():
                         stream.stop()
                         break
-            except (client.ApiException, OSError, ValueError):
-                time.sleep(0.2)  # e.g. 504 "too large resource version": list and watch again
+            except Exception:  # noqa: BLE001 - e.g. 504 "too large resource version", a cut stream
+                time.sleep(0.2)  # list and watch again (until stopped)
 
     def _poll(self) -> None:
         url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode(

@@ -30,11 +30,13 @@ DONE_RECHECK_SECONDS = 30.0
 
 
 def job_active(status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
-    """The `when` filter of the job loop: not finished, or an invalid spec that was edited since."""
+    """The `when` filter of the job loop: not finished, or failed on its spec (invalid, or the
+    baseline failed) and edited since."""
     state = status.get("state")
     if state not in st.TERMINAL:
         return True
-    return status.get("reason") == st.INVALID_SPEC and status.get("observedGeneration") != meta.get("generation")
+    return (status.get("reason") in (st.INVALID_SPEC, st.BASELINE_FAILED)
+            and status.get("observedGeneration") != meta.get("generation"))
 
 
 def _wakeup(memo: kopf.Memo, uid: str) -> asyncio.Event:
@@ -76,6 +78,10 @@ async def tune(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, lo
             logger.warning("step failed, retrying: %s", str(exc).splitlines()[0] if str(exc) else repr(exc))
             services.metrics.errors.labels(kind=type(exc).__name__).inc()
             wait = max(services.config.poll_interval, 2.0)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the job's loop for good
+            logger.exception("step failed, retrying in 10s")
+            services.metrics.errors.labels(kind=type(exc).__name__).inc()
+            wait = 10.0
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(_woken(wake, stopped), timeout=wait)
 

@@ -25,6 +25,8 @@ from qtune.spec.models import JobSpec
 CONTAINER = "runner"
 EXIT_TRIAL_FAILED = 2
 EXIT_JOB_UNUSABLE = 1
+BASELINE_DEADLINE_FACTOR = 2
+"""The baseline (fp32 evaluation and benchmark plus op sensitivity) may take this many trial timeouts."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def _runner_args(command: str, job: JobRef, spec: JobSpec, spec_dict: dict[str, 
 
 
 def _pod(job: JobRef, spec: JobSpec, config: OperatorConfig, *, name: str, role: str, trial: str,
-         args: list[str], service_account: str | None, automount_token: bool,
+         args: list[str], service_account: str | None, automount_token: bool, deadline: int,
          annotations: dict[str, str] | None = None) -> dict[str, Any]:
     image = spec.trial.image or config.trial_image
     container: dict[str, Any] = {
@@ -184,7 +186,7 @@ def _pod(job: JobRef, spec: JobSpec, config: OperatorConfig, *, name: str, role:
         container["imagePullPolicy"] = spec.trial.image_pull_policy
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "activeDeadlineSeconds": int(spec.tuning.trial_timeout_seconds),
+        "activeDeadlineSeconds": deadline,
         "automountServiceAccountToken": automount_token,
         "enableServiceLinks": False,
         "securityContext": {
@@ -228,7 +230,7 @@ def trial_pod(job: JobRef, spec: JobSpec, spec_dict: dict[str, Any], index: int,
     annotations = {f"{c.GROUP}/config-key": config_key} if config_key else None
     return _pod(job, spec, config, name=c.trial_pod(job.name, index), role=c.ROLE_TRIAL, trial=str(index),
                 args=args, service_account=spec.trial.service_account_name or config.trial_service_account,
-                automount_token=False,
+                automount_token=False, deadline=int(spec.tuning.trial_timeout_seconds),
                 annotations=annotations)
 
 
@@ -240,7 +242,8 @@ def baseline_pod(job: JobRef, spec: JobSpec, spec_dict: dict[str, Any], config: 
     args += ["--publish-configmap", c.baseline_configmap(job.name)]
     account = spec.trial.service_account_name or c.runner_account(job.name)
     return _pod(job, spec, config, name=c.baseline_pod(job.name), role=c.ROLE_BASELINE, trial=c.BASELINE_TRIAL,
-                args=args, service_account=account, automount_token=True)
+                args=args, service_account=account, automount_token=True,
+                deadline=BASELINE_DEADLINE_FACTOR * int(spec.tuning.trial_timeout_seconds))
 
 
 def runner_rbac(job: JobRef) -> list[dict[str, Any]]:
@@ -292,6 +295,7 @@ class PodSummary:
     job_uid: str
     trial: str
     phase: str
+    uid: str = ""
     created: float | None = None
     started: float | None = None
     finished: float | None = None
@@ -331,6 +335,7 @@ def summarize_pod(body: Any) -> PodSummary:
         job_uid=lbl.get(c.LABEL_JOB_UID, ""),
         trial=lbl.get(c.LABEL_TRIAL, ""),
         phase=status.get("phase") or "Pending",
+        uid=meta.get("uid", ""),
         created=parse_time(meta.get("creationTimestamp")),
         started=parse_time(status.get("startTime")),
         finished=parse_time(terminated.get("finishedAt")),

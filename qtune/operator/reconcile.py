@@ -122,6 +122,8 @@ class JobReconciler:
     baseline_checked: bool = False
     unsaved: list[TrialRecord] = field(default_factory=list)
     pods_seen_done: set[int] = field(default_factory=set)
+    replaced_pods: set[str] = field(default_factory=set)
+    """uids of pods deleted to be replaced (ignored while they linger)."""
     """Trials whose finished pod was already handed to the clean-up (done once per process)."""
 
     def __post_init__(self) -> None:
@@ -180,6 +182,9 @@ class JobReconciler:
         if self.history is None:
             self.history = await self.store.load() or History(job=self.job.name)
         history = self.history
+        by_trial = {p.trial: p for p in pods if p.job_uid == self.job.uid and p.uid not in self.replaced_pods}
+        if history.stop_reason == st.BASELINE_FAILED and self._spec_changed_since_publish(generation):
+            await self._retry_baseline(by_trial.pop(c.BASELINE_TRIAL, None), generation)
         if history.stop_reason is not None:
             if not can_resume(history, spec):
                 return await self.finished(history.stop_reason, now, save=False)
@@ -190,8 +195,6 @@ class JobReconciler:
             await self.store.save(history)
             self.events("Normal", st.RESUMED, f"maxTrials raised to {spec.tuning.max_trials}: tuning continues")
 
-        by_trial = {p.trial: p for p in pods if p.job_uid == self.job.uid}
-
         # 3. the baseline
         if self.space is None or history.baseline is None:
             ready = await self.baseline_step(by_trial.get(c.BASELINE_TRIAL), now)
@@ -200,6 +203,23 @@ class JobReconciler:
 
         # 4-6. trials
         return await self.trials_step(by_trial, now)
+
+    def _spec_changed_since_publish(self, generation: int | None) -> bool:
+        published = (self.last_status or {}).get("observedGeneration")
+        return published is not None and generation is not None and published != generation
+
+    async def _retry_baseline(self, pod: podlib.PodSummary | None, generation: int | None) -> None:
+        """The spec changed after the baseline failed (e.g. resources, constraints): run it again."""
+        assert self.history is not None
+        if pod is not None:
+            if pod.uid:
+                self.replaced_pods.add(pod.uid)  # the failed pod may linger in the index for a moment
+            await self.kube.delete_pod(self.job.namespace, pod.name)
+        self.history.stop_reason = None
+        self.baseline_checked = False
+        self.awaiting_metrics.pop(-1, None)
+        await self.store.save(self.history)
+        self.events("Normal", st.RESUMED, f"spec changed (generation {generation}): the baseline runs again")
 
     # ----------------------------------------------------------------------------------------
     async def baseline_step(self, pod: podlib.PodSummary | None, now: float) -> StepResult | None:
@@ -226,6 +246,8 @@ class JobReconciler:
             await self._forget_trial(c.BASELINE_TRIAL, pod, delete_pod=pod is not None and pod.phase == "Succeeded")
             return None
 
+        if pod is not None and pod.deleting:
+            return StepResult(st.BASELINE, wait=self.config.poll_interval)  # a replaced pod going away
         if pod is None:
             if not self.spec.trial.service_account_name:
                 for obj in podlib.runner_rbac(self.job):

@@ -538,27 +538,34 @@ class NodeAgent:
 
     def _namespaced(self, argv: list[str], mounts: list[tuple[Path, str, bool]],
                     workdir: str) -> tuple[list[str], str]:
-        """Run in a private mount namespace with the volumes bind-mounted on their paths."""
+        """Run in a private mount namespace with the volumes bind-mounted on their paths.
+
+        Every source is opened first and mounted from ``/proc/self/fd/N`` (without
+        canonicalizing), so a mount on e.g. /tmp cannot hide the sources of later mounts.
+        """
+        q = shlex.quote
         lines = ["set -e"]
         mounted: list[str] = []
-        for src, path, read_only in sorted(mounts, key=lambda m: len(m[1])):
-            is_file = src.is_file()
+        for i, (src, path, read_only) in enumerate(sorted(mounts, key=lambda m: len(m[1]))):
+            fd = 10 + i
+            lines.insert(1, f"exec {fd}<{q(str(src))}")
             if not any(path.startswith(p.rstrip("/") + "/") for p in mounted):
-                ensure_mount_target(Path(path), is_file)
-            elif is_file:
-                lines.append(f"[ -e {shlex.quote(path)} ] || : > {shlex.quote(path)}")
+                ensure_mount_target(Path(path), src.is_file())
+            elif src.is_file():
+                lines.append(f"[ -e {q(path)} ] || : > {q(path)}")
             else:
-                lines.append(f"mkdir -p {shlex.quote(path)}")
-            lines.append(f"mount --bind {shlex.quote(str(src))} {shlex.quote(path)}")
+                lines.append(f"mkdir -p {q(path)}")
+            lines.append(f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(path)}")
             if read_only:
-                lines.append(f"mount -o remount,bind,ro {shlex.quote(path)}")
+                lines.append(f"mount -o remount,bind,ro {q(path)}")
+            lines.append(f"exec {fd}<&-")
             mounted.append(path)
         if not any(workdir.startswith(p.rstrip("/") + "/") or workdir == p for p in mounted):
             ensure_mount_target(Path(workdir), is_file=False)  # as the runtime would
-        lines += [f"mkdir -p {shlex.quote(workdir)}", f"cd {shlex.quote(workdir)}", 'exec "$@"']
+        lines += [f"mkdir -p {q(workdir)}", f"cd {q(workdir)}", 'exec "$@"']
         script = "\n".join(lines)
         return ["unshare", "--mount", "--propagation", "private", "--",
-                "/bin/sh", "-c", script, "pod", *argv], "/"
+                "/bin/bash", "-c", script, "pod", *argv], "/"
 
     def _rewritten(self, argv: list[str], env: dict[str, str],
                    mounts: list[tuple[Path, str, bool]], volumes: dict[str, Path],

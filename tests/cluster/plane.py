@@ -268,6 +268,37 @@ def stop_groups(pgids: list[int], grace: float = 10.0) -> None:
         _kill_group(pgid, signal.SIGKILL)
 
 
+def live_plane_ids() -> set[str]:
+    """Plane ids carried by running processes (see :data:`PLANE_ID_ENV`)."""
+    ids = set()
+    prefix = f"{PLANE_ID_ENV}=".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        for var in env.split(b"\0"):
+            if var.startswith(prefix):
+                ids.add(var[len(prefix):].decode(errors="replace"))
+    return ids
+
+
+def sweep_stale_etcd_dirs(min_age: float = 120.0) -> None:
+    """Remove /dev/shm etcd folders of planes that died without teardown (SIGKILL)."""
+    shm = Path("/dev/shm")
+    stale = [d for d in shm.glob("qtune-etcd-*-*")
+             if time.time() - d.stat().st_mtime > min_age]
+    if not stale:
+        return
+    live = live_plane_ids()
+    for d in stale:
+        if d.name.split("-")[2] not in live:
+            log.info("removing stale %s", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def sweep_marked(plane_id: str) -> list[int]:
     """SIGKILL every process whose environment carries this plane's marker; returns pids."""
     marker = f"{PLANE_ID_ENV}={plane_id}".encode() + b"\0"
@@ -469,6 +500,7 @@ class Plane:
         assert self.state_dir
         shm = Path("/dev/shm")
         if shm.is_dir() and os.access(shm, os.W_OK):  # memory-backed: no fsync stalls
+            sweep_stale_etcd_dirs()
             self._etcd_dir = Path(tempfile.mkdtemp(prefix=f"qtune-etcd-{self.plane_id}-", dir=shm))
             self._save()
             data_dir = self._etcd_dir

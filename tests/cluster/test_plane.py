@@ -257,6 +257,7 @@ def test_pod_env_volumes_and_resources(cluster: Cluster, namespace: str) -> None
         with open("/workspace/result.json", "w") as f:
             json.dump({"ok": True}, f)
         open("/scratch/tmp.txt", "w").write("x")
+        open("/tmp/private.txt", "w").write("x")
         keys = ["POD_NAME", "POD_NAMESPACE", "POD_UID", "NODE", "GREETING", "MODE",
                 "OMP_NUM_THREADS", "CPU_LIMIT"]
         out = {k: os.environ.get(k) for k in keys}
@@ -280,9 +281,11 @@ def test_pod_env_volumes_and_resources(cluster: Cluster, namespace: str) -> None
                    "requests": {"cpu": "1", "memory": "1Gi"}},
         volumeMounts=[{"name": "work", "mountPath": "/workspace"},
                       {"name": "scratch", "mountPath": "/scratch"},
+                      {"name": "tmp", "mountPath": "/tmp"},  # hides the host /tmp (state)
                       {"name": "settings", "mountPath": "/etc/settings", "readOnly": True}],
         volumes=[{"name": "work", "persistentVolumeClaim": {"claimName": "work"}},
                  {"name": "scratch", "emptyDir": {}},
+                 {"name": "tmp", "emptyDir": {}},
                  {"name": "settings", "configMap": {"name": "settings"}}]))
     pod = cluster.wait_for_pod(namespace, "inputs")
     state = terminated_state(pod)
@@ -298,8 +301,11 @@ def test_pod_env_volumes_and_resources(cluster: Cluster, namespace: str) -> None
     if cluster.mount_namespace:
         assert out["cwd"] == "/workspace"
     if cluster.local_agent:
+        assert cluster.state_dir is not None
         host = cluster.state_dir / "agent" / "pvc" / namespace / "work" / "result.json"
         assert json.loads(host.read_text()) == {"ok": True}
+        pod_dir = cluster.state_dir / "agent" / "pods" / namespace / "inputs" / pod.metadata.uid
+        assert (pod_dir / "volumes" / "tmp" / "private.txt").exists()
 
 
 def test_deleting_a_running_pod_kills_its_process(cluster: Cluster, namespace: str) -> None:

@@ -67,6 +67,7 @@ class FakeKube:
         if name in self.pods:
             return False
         self.pods[name] = copy.deepcopy(body)
+        self.pods[name]["metadata"]["uid"] = f"pod-uid-{next(self._rv)}"
         self.created_pods.append(name)
         return True
 

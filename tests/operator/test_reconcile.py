@@ -324,3 +324,26 @@ def test_kept_pods_are_cleaned_once() -> None:
         world.step()
     assert len(world.results.deleted) == deleted   # no repeated DELETEs for pods that stay
     assert "digits-trial-0" in world.kube.pods
+
+
+def test_a_failed_baseline_runs_again_after_the_spec_is_edited() -> None:
+    from qtune.operator.handlers import job_active
+
+    world = World()
+    world.step()
+    world.kube.finish_pod(c.baseline_pod("digits"), phase="Failed", reason="OOMKilled", exitCode=137)
+    assert world.step().done
+    status = world.kube.status
+    assert status["reason"] == st.BASELINE_FAILED and "OOMKilled" in status["message"]
+    assert not job_active(status=status, meta=world.body["metadata"])
+    world.body["spec"]["trial"]["resources"]["memory"] = "8Gi"
+    world.body["metadata"]["generation"] = 2
+    assert job_active(status=status, meta=world.body["metadata"])
+    world.restart()                                   # Kopf starts the job's loop again
+    assert world.step().state == st.BASELINE
+    pod = world.kube.pods[c.baseline_pod("digits")]
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
+    assert world.kube.created_pods.count(c.baseline_pod("digits")) == 2
+    world.kube.publish_baseline()
+    world.kube.finish_pod(c.baseline_pod("digits"))
+    assert world.run_to_end().state == st.SUCCEEDED_STATE

@@ -36,6 +36,19 @@ def _wait_state(cluster: Any, namespace: str, name: str, states: set[str], timeo
     return dict(seen)
 
 
+def _wait_until(cluster: Any, namespace: str, name: str, ok: Any, timeout: float, what: str) -> None:
+    """Wait for ok(status); fail at once (with the job's message) if the job fails instead."""
+    seen: dict[str, Any] = {}
+
+    def check() -> bool:
+        seen.clear()
+        seen.update(_status(cluster, namespace, name))
+        assert seen.get("state") != "Failed", f"the job failed: {seen.get('reason')}: {seen.get('message')}"
+        return bool(ok(seen))
+
+    wait_for(check, timeout, what, detail=lambda: repr(seen), interval=0.2)
+
+
 def _history(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     from qtune.operator.store import decode_history
 
@@ -74,8 +87,8 @@ def test_digits_end_to_end_with_operator_restart(cluster: Any, op_namespace: str
     uid = opcluster.get_job(cluster, ns, name)["metadata"]["uid"]
 
     # kill the operator (SIGKILL) once trials are running, start it again some seconds later
-    wait_for(lambda: _status(cluster, ns, name).get("trials", {}).get("started", 0) >= 2, 180,
-             "two trials started", interval=0.2)
+    _wait_until(cluster, ns, name, lambda st: st.get("trials", {}).get("started", 0) >= 2, 180,
+                "two trials started")
     operator.kill()
     time.sleep(6)  # trials go on finishing without the operator
     operator.start()
@@ -139,11 +152,11 @@ def test_deleting_a_running_job_leaves_nothing(cluster: Any, op_namespace: str, 
     core = client.CoreV1Api(cluster.api_client())
     selector = f"{c.LABEL_JOB_UID}={uid}"
 
-    def trials_running() -> bool:
+    def trials_running(_: dict[str, Any]) -> bool:
         pods = core.list_namespaced_pod(ns, label_selector=f"{selector},{c.LABEL_ROLE}=trial").items
         return any(p.status.phase == "Running" for p in pods)
 
-    wait_for(trials_running, 180, "trial pods running", interval=0.2)
+    _wait_until(cluster, ns, name, trials_running, 180, "trial pods running")
     opcluster.custom(cluster).delete_namespaced_custom_object(opcluster.GROUP, opcluster.VERSION, ns,
                                                               opcluster.PLURAL, name)
     wait_for(lambda: opcluster.get_job(cluster, ns, name) is None, 60, "the job deleted (finalizer done)")

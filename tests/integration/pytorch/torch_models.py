@@ -68,7 +68,7 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return images, data.target.astype(np.int64)
 
 
-def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int = 12, seed: int = 0) -> nn.Module:
+def train(model: nn.Module, images: np.ndarray, labels: np.ndarray, epochs: int = 8, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
