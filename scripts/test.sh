@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export QTUNE_REQUIRE_HELM=1   # the chart tests fail, not skip, without helm
+export QTUNE_REQUIRE_HELM=1      # the chart tests fail, not skip, without helm
+export QTUNE_REQUIRE_CLUSTER=1   # the cluster tests fail, not skip, without the control plane
 python3 -m ruff check .
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -34,7 +34,7 @@ class OperatorConfig:
     """Seconds between two steps of a job's loop when nothing wakes it earlier."""
     metrics_poll_interval: float = 0.25
     """Loop period while a finished trial's metrics are awaited in Prometheus."""
-    results_poll_interval: float = 0.5
+    results_poll_interval: float = 0.25
     """Period of the operator-wide query of every job's results (0: off, each job queries alone)."""
     metrics_timeout: float = 60.0
     """A succeeded pod whose metrics are not queryable after this long fails: MetricsUnavailable."""

@@ -1,6 +1,6 @@
 """Async access to the Kubernetes API for the operator's own writes.
 
-The official client is synchronous, so every call runs in a worker thread (`asyncio.to_thread`):
+The official client is synchronous, so every call runs in a worker thread (the Kube's own pool):
 the event loop never waits on the API server. Objects go in and come out as plain dicts
 (camelCase, as the API serves them). Watching is Kopf's job (handlers and the pod index).
 """
@@ -8,9 +8,11 @@ the event loop never waits on the API server. Objects go in and come out as plai
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from kubernetes import client, config
@@ -27,7 +29,7 @@ class Conflict(RuntimeError):
     """The object changed since it was read (HTTP 409 on update): read it again."""
 
 
-def load_client(kubeconfig: str | None = None, pool_size: int = 16) -> client.ApiClient:
+def load_client(kubeconfig: str | None = None, pool_size: int = 32) -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig ($KUBECONFIG)."""
     configuration = client.Configuration()
     try:
@@ -48,14 +50,21 @@ def _raw(response: Any) -> dict[str, Any]:
 class Kube:
     """The calls the reconciler and handlers make, each awaited without blocking the loop."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, threads: int = 32) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.rbac = client.RbacAuthorizationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        # own threads (not the loop's small default pool): many jobs' calls wait on I/O at once
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="qtune-kube")
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.api.close()
 
     # ---- pods
     async def create_pod(self, body: dict[str, Any]) -> bool:

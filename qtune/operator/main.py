@@ -100,7 +100,6 @@ def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:
     settings.watching.label_selectors["pods"] = f"{c.LABEL_MANAGED_BY}={c.MANAGED_BY}"
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.execution.max_workers = 8
 
 
 def run(namespaces: Sequence[str] = (), *, config: OperatorConfig | None = None, peering: str | None = None,
@@ -189,7 +188,7 @@ async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
         await session.close()
     services = getattr(memo, "services", None)
     if services is not None:
-        services.kube.api.close()
+        services.kube.close()
 
 
 def main(argv: list[str] | None = None) -> int:

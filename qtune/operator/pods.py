@@ -236,8 +236,8 @@ def trial_pod(job: JobRef, spec: JobSpec, spec_dict: dict[str, Any], index: int,
 
 def baseline_pod(job: JobRef, spec: JobSpec, spec_dict: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
     """The baseline pod: fp32 accuracy/latency, the tuning space and the calibration cache in the
-    workspace; publishes space.json and baseline.json to the job's baseline ConfigMap (it runs
-    as a ServiceAccount that may update only that ConfigMap)."""
+    workspace; publishes space.json and baseline.json to the job's baseline ConfigMap (its
+    ServiceAccount, `<job>-runner` or the job's own, is bound to a Role for that ConfigMap only)."""
     args = _runner_args("baseline", job, spec, spec_dict, config)
     args += ["--publish-configmap", c.baseline_configmap(job.name)]
     account = spec.trial.service_account_name or c.runner_account(job.name)
@@ -246,22 +246,26 @@ def baseline_pod(job: JobRef, spec: JobSpec, spec_dict: dict[str, Any], config: 
                 deadline=BASELINE_DEADLINE_FACTOR * int(spec.tuning.trial_timeout_seconds))
 
 
-def runner_rbac(job: JobRef) -> list[dict[str, Any]]:
-    """ServiceAccount + Role + RoleBinding of the baseline pod: get/update/patch of the job's
-    baseline ConfigMap only (the operator creates that ConfigMap empty beforehand)."""
+def runner_rbac(job: JobRef, account: str | None = None) -> list[dict[str, Any]]:
+    """Role + RoleBinding letting the baseline pod's ServiceAccount get/update/patch the job's
+    baseline ConfigMap only (the operator creates that ConfigMap empty beforehand); plus the
+    per-job ServiceAccount `<job>-runner` unless the job names its own (spec.trial.serviceAccountName)."""
     name = c.runner_account(job.name)
     meta = {"name": name, "namespace": job.namespace, "labels": labels(job, c.ROLE_BASELINE),
             "ownerReferences": [owner_reference(job)]}
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+    objects: list[dict[str, Any]] = []
+    if not account:
+        objects.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)})
+    objects += [
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
          "rules": [{"apiGroups": [""], "resources": ["configmaps"],
                     "resourceNames": [c.baseline_configmap(job.name)],
                     "verbs": ["get", "update", "patch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": job.namespace}]},
+         "subjects": [{"kind": "ServiceAccount", "name": account or name, "namespace": job.namespace}]},
     ]
+    return objects
 
 
 def configmap(job: JobRef, name: str, role: str, data: dict[str, str] | None = None,

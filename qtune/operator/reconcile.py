@@ -249,9 +249,8 @@ class JobReconciler:
         if pod is not None and pod.deleting:
             return StepResult(st.BASELINE, wait=self.config.poll_interval)  # a replaced pod going away
         if pod is None:
-            if not self.spec.trial.service_account_name:
-                for obj in podlib.runner_rbac(self.job):
-                    await self.kube.ensure(obj)
+            for obj in podlib.runner_rbac(self.job, self.spec.trial.service_account_name):
+                await self.kube.ensure(obj)
             await self.kube.ensure(podlib.configmap(self.job, name, c.ROLE_BASELINE))
             body = podlib.baseline_pod(self.job, self.spec, self.spec_dict, self.config)
             if await self.kube.create_pod(body):

@@ -167,6 +167,10 @@ def test_baseline_pod_publishes_with_its_own_account() -> None:
     role = next(o for o in pods.runner_rbac(job) if o["kind"] == "Role")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["digits-baseline"],
                               "verbs": ["get", "update", "patch"]}]
+    # a job's own ServiceAccount gets the same narrow binding; no account is created then
+    own = pods.runner_rbac(job, "team-sa")
+    assert [o["kind"] for o in own] == ["Role", "RoleBinding"]
+    assert own[1]["subjects"] == [{"kind": "ServiceAccount", "name": "team-sa", "namespace": "ml"}]
 
 
 def test_a_job_without_pvc_cannot_run_on_the_cluster() -> None:
