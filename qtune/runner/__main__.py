@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["status"] != "succeeded":
         _termination_message(f"{result.get('reason')}: {result.get('message')}")
         return 2
+    _termination_message(json.dumps({"model_path": result.get("model_path")}))
     return 0
 
 
