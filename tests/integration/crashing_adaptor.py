@@ -1,9 +1,10 @@
-"""A third-party adaptor (registered by module:Class in the job) whose quantize kills its process,
-as a framework segfault would."""
+"""Third-party adaptors (named by module:Class in the job) that misbehave in a trial process:
+one dies in quantize, as a framework segfault would; one hangs."""
 
 from __future__ import annotations
 
 import os
+import time
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 
@@ -13,3 +14,10 @@ class CrashingAdaptor(OnnxRuntimeAdaptor):
 
     def quantize(self, tune_cfg, model, dataloader, q_func=None):  # noqa: ANN001, ANN201
         os._exit(17)
+
+
+class HangingAdaptor(OnnxRuntimeAdaptor):
+    name = "hanging-onnxruntime"
+
+    def quantize(self, tune_cfg, model, dataloader, q_func=None):  # noqa: ANN001, ANN201
+        time.sleep(600)

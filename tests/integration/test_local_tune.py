@@ -129,12 +129,34 @@ def test_a_crashing_trial_is_recorded_and_tuning_goes_on(sensitive, tmp_path, mo
     assert "exit code" in crashed[0].message or "killed by" in crashed[0].message
 
 
-def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path):
-    job_file = write_job(tmp_path, sensitive, maxTrials=2, trialTimeoutSeconds=1)
+def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(HERE))
+    job_file = write_job(tmp_path, sensitive, maxTrials=2, trialTimeoutSeconds=2)
+    document = yaml.safe_load(job_file.read_text())
+    document["spec"]["model"]["framework"] = "crashing_adaptor:HangingAdaptor"
+    job_file.write_text(yaml.safe_dump(document))
+    started = time.monotonic()
     outcome = tune(load_job(job_file), job_file)
+    assert time.monotonic() - started < 120
     assert outcome.best is None and outcome.outcome == "NoConfigMeetsCriterion"
-    assert {t.reason for t in outcome.history.trials} == {"Timeout"}
+    assert outcome.history.trials and {t.reason for t in outcome.history.trials} == {"Timeout"}
     assert (tmp_path / "out" / "report.html").exists()
+
+
+def test_the_job_wall_clock_limit_stops_tuning(sensitive, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(HERE))
+    job_file = write_job(tmp_path, sensitive, timeoutSeconds=8, trialTimeoutSeconds=600)
+    document = yaml.safe_load(job_file.read_text())
+    document["spec"]["model"]["framework"] = "crashing_adaptor:HangingAdaptor"
+    job_file.write_text(yaml.safe_dump(document))
+    started = time.monotonic()
+    outcome = tune(load_job(job_file), job_file)
+    assert time.monotonic() - started < 60
+    assert outcome.stop_reason == "Timeout"
+    assert outcome.history.trials[-1].reason == "Timeout"
+    assert not outcome.history.pending()
 
 
 def _run_cli(job_file: Path, capsys) -> tuple[int, str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import fx
 
 from qtune.adaptors.pytorch.model import QuantizedTorchModel, TorchModel
 from qtune.adaptors.pytorch.quantize import quiet
@@ -29,9 +30,20 @@ from qtune.adaptors.pytorch.quantize import quiet
 logger = logging.getLogger(__name__)
 
 
+def scriptable(module: fx.GraphModule) -> fx.GraphModule:
+    """A copy whose ATen calls name the op packet (`aten.sym_size`) rather than one overload
+    (`aten.sym_size.int`): TorchScript resolves packets, not overload attributes."""
+    module = copy.deepcopy(module)
+    for node in module.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            node.target = node.target.overloadpacket
+    module.recompile()
+    return module
+
+
 def _script(model: QuantizedTorchModel) -> torch.jit.ScriptModule:
     with quiet():
-        return torch.jit.script(model.module)
+        return torch.jit.script(scriptable(model.module))
 
 
 def save(model: TorchModel | QuantizedTorchModel, path: Path) -> Path:

@@ -31,7 +31,6 @@ aten = torch.ops.aten
 LINEAR_OPS = {aten.linear.default: "Linear"}
 CONV_OPS = {aten.conv1d.default: "Conv1d", aten.conv2d.default: "Conv2d", aten.conv3d.default: "Conv3d"}
 WEIGHTED_OPS = {**LINEAR_OPS, **CONV_OPS}
-BATCH_NORM_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 RELU_OPS = {aten.relu.default, aten.relu_.default}
 # ATen ops with the same positional signature as a torch function that FX quantization knows how
 # to run on quantized tensors (so int8 flows through them instead of a dequantize/quantize pair).
@@ -120,6 +119,25 @@ def _getattr_target(node: Any) -> str | None:
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def _op_owner(node: fx.Node) -> str | None:
+    """Owner module of the parameters a liftable op reads (linear/conv weight, batch-norm mean)."""
+    if node.op != "call_function":
+        return None
+    if node.target in WEIGHTED_OPS and len(node.args) > 1:
+        target = _getattr_target(node.args[1])
+    elif node.target == aten.batch_norm.default and len(node.args) > 3:
+        target = _getattr_target(node.args[3])
+    else:
+        return None
+    return _owner(target) if target else None
+
+
+def _used_elsewhere(attrs: list[Any], owner: str) -> bool:
+    """True when a parameter of this op is also read by a node that is not an op of the same owner
+    (a tied weight, e.g. an embedding matrix reused as output projection): such an op stays fp32."""
+    return any(_op_owner(user) != owner for attr in attrs if isinstance(attr, fx.Node) for user in attr.users)
+
+
 def lift(exported: torch.export.ExportedProgram, input_names: list[str]) -> LiftedGraph:
     """Rewrite the exported program into a GraphModule whose linear/conv/bn/relu are modules."""
     source = exported.module()
@@ -143,9 +161,7 @@ def lift(exported: torch.export.ExportedProgram, input_names: list[str]) -> Lift
                 not_lifted[node.name] = f"{op_type} whose weight is computed, not a parameter: kept fp32"
                 continue
             name = _owner(weight_target) or node.name
-            others = [user for attr in (node.args[1], bias_arg) if attr is not None for user in attr.users
-                      if user is not node and _owner(_getattr_target(user.args[1]) or "") != name]
-            if others:
+            if _used_elsewhere([node.args[1], bias_arg], _owner(weight_target)):
                 not_lifted[name] = f"weight of {name} is shared with other ops: kept fp32"
                 continue
             if name not in lifted_modules:
@@ -162,21 +178,19 @@ def lift(exported: torch.export.ExportedProgram, input_names: list[str]) -> Lift
             if name not in seen_ops:
                 seen_ops.add(name)
                 ops.append(OpInfo(name, op_type, tuple(_attr(source, weight_target).shape)))
-        elif node.target in BATCH_NORM_OPS:
-            if node.target == aten.batch_norm.default and node.args[5]:
+        elif node.target == aten.batch_norm.default:  # (the no-training variant returns a tuple: left alone)
+            if node.args[5]:
                 continue  # training-mode batch norm
             targets = [_getattr_target(arg) for arg in node.args[1:5]]
             if targets[2] is None or targets[3] is None:
                 continue
             name = _owner(targets[2]) or node.name
-            momentum, eps = (node.args[6], node.args[7]) if node.target == aten.batch_norm.default \
-                else (node.args[5], node.args[6])
-            tensors = [_attr(source, t) if t else None for t in targets]
-            module = _bn_module(node, tensors, float(momentum), float(eps))
-            if module is None or name in lifted_modules:
+            if name in lifted_modules or _used_elsewhere(list(node.args[1:5]), _owner(targets[2])):
                 continue
-            if node.target == aten._native_batch_norm_legit_no_training.default:
-                continue  # returns a tuple; leave it alone
+            tensors = [_attr(source, t) if t else None for t in targets]
+            module = _bn_module(node, tensors, float(node.args[6]), float(node.args[7]))
+            if module is None:
+                continue
             lifted_modules[name] = module
             replaced[node] = (name, [node.args[0]])
         elif node.target in RELU_OPS:

@@ -45,7 +45,7 @@ def _import_entrypoint(entrypoint: str, job_dir: Path | None) -> Any:
     error: Exception | None = None
     for folder in search:
         if folder is not None and folder not in sys.path:
-            sys.path.insert(0, folder)
+            sys.path.append(folder)  # appended: the job's files never shadow installed modules
         try:
             module = importlib.import_module(module_name)
             return getattr(module, function_name)
