@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_VERSION = "qtune.io/v1alpha1"
@@ -51,6 +51,13 @@ DTypeList = Annotated[list[Literal["int8", "uint8", "fp32"]] | None, BeforeValid
 SchemeList = Annotated[list[Literal["sym", "asym"]] | None, BeforeValidator(_as_list)]
 GranularityList = Annotated[list[Literal["per_tensor", "per_channel"]] | None, BeforeValidator(_as_list)]
 AlgorithmList = Annotated[list[Literal["minmax", "kl", "percentile"]] | None, BeforeValidator(_as_list)]
+def _entrypoint_form(value: str | None) -> str | None:
+    if value is not None and not _ENTRYPOINT.match(value):
+        raise ValueError(f"{value!r} is not of the form module:function")
+    return value
+
+
+Entrypoint = Annotated[str | None, AfterValidator(_entrypoint_form)]
 BoolList = Annotated[list[bool] | None, BeforeValidator(_as_list)]
 ApproachList = Annotated[list[Literal["static", "dynamic"]] | None, BeforeValidator(_as_list)]
 
@@ -82,7 +89,7 @@ class ModelSpec(SpecModel):
         description="onnxruntime, pytorch, a registered adaptor name, or module:Class of your own adaptor"
     )
     path: str | None = Field(default=None, description="model file, relative to the job file")
-    entrypoint: str | None = Field(default=None, description="module:function building the model")
+    entrypoint: Entrypoint = Field(default=None, description="module:function building the model")
     weights: str | None = Field(default=None, description="weights file (loaded weights-only)")
     inputs: list[InputSpec] | None = None
 
@@ -96,13 +103,6 @@ class ModelSpec(SpecModel):
             "a registered adaptor name, or module:Class"
         )
 
-    @field_validator("entrypoint")
-    @classmethod
-    def _entrypoint_form(cls, value: str | None) -> str | None:
-        if value is not None and not _ENTRYPOINT.match(value):
-            raise ValueError(f"{value!r} is not of the form module:function")
-        return value
-
     @model_validator(mode="after")
     def _path_or_entrypoint(self) -> ModelSpec:
         if not self.path and not self.entrypoint:
@@ -112,16 +112,9 @@ class ModelSpec(SpecModel):
 
 class DatasetSpec(SpecModel):
     path: str | None = Field(default=None, description=".npz with one array per model input, plus labels")
-    entrypoint: str | None = Field(default=None, description="module:function returning (inputs, labels)")
+    entrypoint: Entrypoint = Field(default=None, description="module:function returning (inputs, labels)")
     samples: int | None = Field(default=None, ge=1, description="use at most this many samples")
     labels: str = Field(default="labels", description="name of the label array in the .npz")
-
-    @field_validator("entrypoint")
-    @classmethod
-    def _entrypoint_form(cls, value: str | None) -> str | None:
-        if value is not None and not _ENTRYPOINT.match(value):
-            raise ValueError(f"{value!r} is not of the form module:function")
-        return value
 
     @model_validator(mode="after")
     def _path_or_entrypoint(self) -> DatasetSpec:

@@ -115,13 +115,20 @@ def test_interrupted_run_resumes_without_repeating_a_trial(sensitive, tmp_path):
     assert set(outcome.best.config.fp32_ops()) == sensitive[4]
 
 
-def test_a_crashing_trial_is_recorded_and_tuning_goes_on(sensitive, tmp_path, monkeypatch):
+def job_with_adaptor(adaptor: str, folder: Path, sensitive, monkeypatch, **tuning) -> Path:
+    """A job whose framework is one of the misbehaving third-party adaptors in crashing_adaptor.py
+    (importable by the trial processes through PYTHONPATH)."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.syspath_prepend(str(HERE))
-    job_file = write_job(tmp_path, sensitive, strategy="random", maxTrials=3)
+    job_file = write_job(folder, sensitive, **tuning)
     document = yaml.safe_load(job_file.read_text())
-    document["spec"]["model"]["framework"] = "crashing_adaptor:CrashingAdaptor"
+    document["spec"]["model"]["framework"] = f"crashing_adaptor:{adaptor}"
     job_file.write_text(yaml.safe_dump(document))
+    return job_file
+
+
+def test_a_crashing_trial_is_recorded_and_tuning_goes_on(sensitive, tmp_path, monkeypatch):
+    job_file = job_with_adaptor("CrashingAdaptor", tmp_path, sensitive, monkeypatch, strategy="random", maxTrials=3)
     outcome = tune(load_job(job_file), job_file)
     assert len(outcome.history.trials) == 3
     crashed = [t for t in outcome.history.trials if t.reason == "Crashed"]
@@ -130,12 +137,8 @@ def test_a_crashing_trial_is_recorded_and_tuning_goes_on(sensitive, tmp_path, mo
 
 
 def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.syspath_prepend(str(HERE))
-    job_file = write_job(tmp_path, sensitive, maxTrials=2, trialTimeoutSeconds=2)
-    document = yaml.safe_load(job_file.read_text())
-    document["spec"]["model"]["framework"] = "crashing_adaptor:HangingAdaptor"
-    job_file.write_text(yaml.safe_dump(document))
+    job_file = job_with_adaptor("HangingAdaptor", tmp_path, sensitive, monkeypatch, maxTrials=2,
+                                trialTimeoutSeconds=2)
     started = time.monotonic()
     outcome = tune(load_job(job_file), job_file)
     assert time.monotonic() - started < 120
@@ -145,12 +148,8 @@ def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path,
 
 
 def test_the_job_wall_clock_limit_stops_tuning(sensitive, tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    monkeypatch.syspath_prepend(str(HERE))
-    job_file = write_job(tmp_path, sensitive, timeoutSeconds=8, trialTimeoutSeconds=600)
-    document = yaml.safe_load(job_file.read_text())
-    document["spec"]["model"]["framework"] = "crashing_adaptor:HangingAdaptor"
-    job_file.write_text(yaml.safe_dump(document))
+    job_file = job_with_adaptor("HangingAdaptor", tmp_path, sensitive, monkeypatch, timeoutSeconds=8,
+                                trialTimeoutSeconds=600)
     started = time.monotonic()
     outcome = tune(load_job(job_file), job_file)
     assert time.monotonic() - started < 60
