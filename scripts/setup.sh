@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Install everything qtune, its examples and its tests need on a fresh Debian machine (idempotent).
+#   bash scripts/setup.sh               everything, including the Kubernetes test control plane and helm
+#   bash scripts/setup.sh --no-cluster  only what `qtune tune` and the examples need
 set -euo pipefail
 cd "$(dirname "$0")/.."
+with_cluster=1
+[ "${1:-}" = "--no-cluster" ] && with_cluster=0
+[ "${QTUNE_SKIP_CLUSTER_SETUP:-0}" = "1" ] && with_cluster=0
 
 apt_packages=(dataset-fashion-mnist prometheus prometheus-pushgateway etcd-server openssl iproute2)
 missing=()
@@ -19,7 +24,7 @@ echo "setup: installing qtune with all extras (pip's cache serves repeat install
 python3 -m pip install -q --disable-pip-version-check -e ".[onnxruntime,torch,operator,examples,test]"
 python3 -m pip install -q --disable-pip-version-check -r requirements/lint.txt   # hadolint for the Dockerfile
 
-if [ "${QTUNE_SKIP_CLUSTER_SETUP:-0}" != "1" ] && [ -f tests/cluster/setup.sh ]; then
+if [ "$with_cluster" = "1" ]; then
   echo "setup: building the Kubernetes test control plane (cached after the first build)"
   bash tests/cluster/setup.sh
   echo "setup: building helm for the chart tests (cached after the first build)"
