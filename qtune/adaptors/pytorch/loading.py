@@ -187,4 +187,9 @@ def _from_program(program: torch.export.ExportedProgram, source: str, specs: lis
                              f"the program takes {len(signature_inputs)}: {signature_inputs}")
     model = TorchModel(source=source, input_names=names, exported=program, input_specs=specs)
     model.lifted()
+    static = [node.name for node in program.graph.nodes if node.op == "placeholder" and node.name in signature_inputs
+              and isinstance(getattr(node.meta.get("val"), "shape", [None])[0], int)]
+    if static:
+        logger.warning("%s: inputs %s were exported with a fixed batch size; data and benchmark batches must "
+                       "match it (export with dynamic_shapes for a dynamic batch)", source, static)
     return model

@@ -41,6 +41,7 @@ def quiet() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=r".*reduce_range will be deprecated.*")
         warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*")
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated.*")
+        warnings.filterwarnings("ignore", message=r".*TorchScript type system doesn't support instance-level.*")
         yield
 
 
