@@ -8,12 +8,12 @@ from rich.console import Console
 from rich.table import Table
 
 from qtune.local.driver import HISTORY_FILE, default_workspace
-from qtune.spec import QtuneError, load_job
+from qtune.spec import QtuneError, QuantizationJob, load_job
 from qtune.tuning.history import History
 from qtune.tuning.session import TuningSession, objective_batch_size
 
 
-def _load(job_file: str) -> tuple[object, History, Path]:
+def _load(job_file: str) -> tuple[QuantizationJob, History, Path]:
     job = load_job(job_file)
     workspace = default_workspace(job, Path(job_file))
     path = workspace / HISTORY_FILE
@@ -25,15 +25,16 @@ def _load(job_file: str) -> tuple[object, History, Path]:
 def print_status(job_file: str) -> int:
     job, history, workspace = _load(job_file)
     console = Console()
-    batch = str(objective_batch_size(job.spec))  # type: ignore[attr-defined]
+    batch = str(objective_batch_size(job.spec))
     table = Table(title=f"{history.job}: {len(history.finished())}/{len(history.trials)} trials finished, "
                   f"stopped: {history.stop_reason or 'not yet'}")
-    for column in ("trial", "status", "accuracy", "passes", f"latency b{batch} ms", "fp32 ops"):
+    for column in ("trial", "status", "accuracy", "passes", f"latency b{batch} ms", "speedup", "fp32 ops", "reason"):
         table.add_column(column)
     for t in history.trials:
+        speedup = t.speedup(batch)
         table.add_row(str(t.index), t.status, "–" if t.accuracy is None else f"{t.accuracy:.4f}",
                       "yes" if t.passed else "no", "–" if t.latency(batch) is None else f"{t.latency(batch):.3f}",
-                      str(len(t.config.fp32_ops())))
+                      "–" if speedup is None else f"{speedup:.2f}×", str(len(t.config.fp32_ops())), t.reason or "")
     if history.baseline:
         console.print(f"baseline accuracy {history.baseline.accuracy:.4f}, latency {history.baseline.latency_ms}")
     console.print(table)
@@ -45,12 +46,12 @@ def regenerate_report(job_file: str, output: Path | None) -> int:
     from qtune.runner.context import JobContext
 
     job, history, workspace = _load(job_file)
-    context = JobContext(job, Path(job_file).resolve().parent, workspace)  # type: ignore[arg-type]
+    context = JobContext(job, Path(job_file).resolve().parent, workspace)
     if history.baseline is None:
         raise QtuneError("the run has no baseline yet")
-    session = TuningSession(job.spec, context.load_space(), history.baseline, history)  # type: ignore[attr-defined]
+    session = TuningSession(job.spec, context.load_space(), history.baseline, history)
     folder = output or workspace
     folder.mkdir(parents=True, exist_ok=True)
-    write_report(folder, job, session, history, session.best(), history.stop_reason or "Running")  # type: ignore[arg-type]
+    write_report(folder, job, session, history, session.best(), history.stop_reason or "Running")
     Console().print(f"report written to {folder / 'report.html'}")
     return 0

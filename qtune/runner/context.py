@@ -21,7 +21,7 @@ from qtune.adaptors import Adaptor, get_adaptor_class
 from qtune.data import DataLoader, Dataset, Metric, create_metric, load_dataset
 from qtune.spec.errors import DataError, ModelLoadError
 from qtune.spec.load import resolve_path
-from qtune.spec.models import QuantizationJob
+from qtune.spec.models import JobSpec, QuantizationJob
 from qtune.tuning.history import Baseline
 from qtune.tuning.space import TuningSpace
 
@@ -47,7 +47,7 @@ class JobContext:
     threads: int = field(default_factory=default_threads)
 
     @property
-    def spec(self):  # noqa: ANN201 - JobSpec, kept short
+    def spec(self) -> JobSpec:
         return self.job.spec
 
     def resolve(self, value: str) -> Path:

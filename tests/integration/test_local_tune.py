@@ -75,6 +75,18 @@ def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
     assert sum(1 for seconds in calibration_times if seconds > 0) <= 3
 
 
+def test_status_and_report_read_a_finished_run(sensitive, tmp_path, capsys):
+    job_file = write_job(tmp_path, sensitive, maxTrials=2)
+    tune(load_job(job_file), job_file)
+    capsys.readouterr()
+    assert qtune_main(["status", str(job_file)]) == 0
+    shown = capsys.readouterr().out
+    assert "2/2 trials finished" in shown and "MaxTrialsReached" in shown
+    assert qtune_main(["report", str(job_file), "-o", str(tmp_path / "again")]) == 0
+    assert "qtune report: mlp" in (tmp_path / "again" / "report.md").read_text()
+    assert qtune_main(["status", str(tmp_path / "nowhere.yaml")]) == 1
+
+
 def test_parallel_and_sequential_runs_pick_the_same_best(sensitive, tmp_path):
     sequential = write_job(tmp_path / "seq", sensitive, parallelTrials=1)
     parallel = write_job(tmp_path / "par", sensitive, parallelTrials=2)
