@@ -70,7 +70,8 @@ def run_example(name: str, rounds: int) -> None:
                   f"{len(best.config.fp32_ops())}/{len(best.config.ops)} ops fp32, approach {best.config.approach}); "
                   f"trials to the criterion: {first_pass + 1}")
             context = JobContext(job, job_file.parent, Path(scratch) / "ws", threads=context_threads(job))
-            int8_model = context.adaptor.load_model({**context.model_spec(), "path": best.model_path})
+            # the winner again, from its tune config (calibration comes from the job's cache)
+            int8_model = context.adaptor.quantize(best.tune_config, context.model, context.calibration_loader())
             print(f"{'batch':>6} {'fp32 p50 ms':>12} {'int8 p50 ms':>12} {'int8/fp32':>10}")
             for size, batch in context.benchmark_batches().items():
                 a, b, ratio = interleaved_ratio(context, context.model, int8_model, batch, rounds,
