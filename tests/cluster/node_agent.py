@@ -109,6 +109,21 @@ def _registry() -> Iterator[TextIO]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def host_python_paths() -> list[str]:
+    """Folders the pod's process needs from the host: the interpreter, site-packages, sys.path
+    entries, and this checkout (an editable install of qtune points into it)."""
+    candidates = {sys.prefix, sys.base_prefix, str(Path(__file__).resolve().parents[2]), *sys.path}
+    return sorted(p for p in candidates if p and os.path.isabs(p) and os.path.isdir(p))
+
+
+def hidden_host_paths(targets: list[str]) -> list[str]:
+    """The host_python_paths() that mounting on `targets` would hide (outermost only)."""
+    roots = [t.rstrip("/") or "/" for t in targets]
+    hidden = [p for p in host_python_paths()
+              if any(p == t or p.startswith(t.rstrip("/") + "/") for t in roots)]
+    return [p for p in hidden if not any(p != o and p.startswith(o.rstrip("/") + "/") for o in hidden)]
+
+
 def ensure_mount_target(target: Path, is_file: bool) -> None:
     """Create a missing mount point on the host, recording what was created for cleanup."""
     if target.exists():
@@ -560,6 +575,13 @@ class NodeAgent:
                 lines.append(f"mount -o remount,bind,ro {q(path)}")
             lines.append(f"exec {fd}<&-")
             mounted.append(path)
+        # The pod's process runs in the host's Python: where a volume (e.g. an emptyDir on /tmp)
+        # covers the interpreter, the checkout or site-packages, bind those back on top of it.
+        for j, path in enumerate(hidden_host_paths([p for src, p, _ in mounts if not src.is_file()])):
+            fd = 10 + len(mounts) + j
+            lines.insert(1, f"exec {fd}<{q(path)}")
+            lines += [f"mkdir -p {q(path)}", f"mount --no-canonicalize --bind /proc/self/fd/{fd} {q(path)}",
+                      f"exec {fd}<&-"]
         if not any(workdir.startswith(p.rstrip("/") + "/") or workdir == p for p in mounted):
             ensure_mount_target(Path(workdir), is_file=False)  # as the runtime would
         lines += [f"mkdir -p {q(workdir)}", f"cd {q(workdir)}", 'exec "$@"']
