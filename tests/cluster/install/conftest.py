@@ -50,6 +50,21 @@ def helm() -> Path:
     return helm
 
 
+def adopt_existing_crds(cluster: Cluster, release: str, namespace: str) -> None:
+    """CRDs applied earlier in the session (e.g. by the operator tests) are adopted into the chart's
+    release the way Helm documents it (its ownership label and annotations), as a platform team
+    moving hand-applied CRDs under Helm would."""
+    from kubernetes import client
+
+    api = client.ApiextensionsV1Api(cluster.api_client())
+    patch = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"},
+                          "annotations": {"meta.helm.sh/release-name": release,
+                                          "meta.helm.sh/release-namespace": namespace}}}
+    for crd in api.list_custom_resource_definition().items:
+        if crd.spec.group in ("qtune.io", "kopf.dev"):
+            api.patch_custom_resource_definition(crd.metadata.name, patch)
+
+
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, helm: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     suffix = uuid.uuid4().hex[:6]
@@ -59,6 +74,7 @@ def release(cluster: Cluster, helm: Path, tmp_path_factory: pytest.TempPathFacto
               "operator.logLevel": "DEBUG"}
     rel = Release(cluster, helm, names[0], names[1], names[2], values, tmp=tmp_path_factory.mktemp("install"))
     crds_release = f"qtune-crds-{suffix}"
+    adopt_existing_crds(cluster, crds_release, names[0])
     t0 = time.monotonic()
     run_helm(helm, rel.helm_args("install", crds_release, str(CRD_CHART), "--namespace", names[0], "--wait",
                                  "--timeout", "120s"))
