@@ -204,13 +204,18 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     output_dir = (output_dir or default_output(job, job_file)).resolve()
     history_path = workspace / HISTORY_FILE
 
+    if history_path.exists() and not resume and not fresh:
+        previous = History.load(history_path)
+        if not (previous.stop_reason and not previous.pending()):
+            raise QtuneError(
+                f"an unfinished run of job {job.name!r} exists in {workspace}; "
+                "use --resume to continue it or --fresh to start over"
+            )
+        logger.warning("starting over: the finished run in %s is replaced (its results are in the output "
+                       "folder; --resume continues a finished run instead, e.g. with a larger maxTrials)", workspace)
+        fresh = True
     if fresh and workspace.exists():
         shutil.rmtree(workspace)
-    if history_path.exists() and not resume:
-        raise QtuneError(
-            f"a run of job {job.name!r} already exists in {workspace}; "
-            "use --resume to continue it or --fresh to start over"
-        )
     if resume:
         _check_resumable(workspace, job, job_file)
 

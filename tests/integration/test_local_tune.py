@@ -19,7 +19,7 @@ import yaml
 
 from qtune.cli.main import main as qtune_main
 from qtune.local import tune
-from qtune.spec import load_job
+from qtune.spec import QtuneError, load_job
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -85,6 +85,8 @@ def test_status_and_report_read_a_finished_run(sensitive, tmp_path, capsys):
     assert qtune_main(["report", str(job_file), "-o", str(tmp_path / "again")]) == 0
     assert "qtune report: mlp" in (tmp_path / "again" / "report.md").read_text()
     assert qtune_main(["status", str(tmp_path / "nowhere.yaml")]) == 1
+    again = tune(load_job(job_file), job_file)  # a finished run is replaced by a new one
+    assert len(again.history.trials) == 2 and all(t.index < 2 for t in again.history.trials)
 
 
 def test_parallel_and_sequential_runs_pick_the_same_best(sensitive, tmp_path):
@@ -118,6 +120,8 @@ def test_interrupted_run_resumes_without_repeating_a_trial(sensitive, tmp_path):
 
     interrupted = json.loads(history_file.read_text())["trials"]
     done_keys = {t["config_key"]: t for t in interrupted if t["status"] != "pending"}
+    with pytest.raises(QtuneError, match="unfinished run .* use --resume"):
+        tune(load_job(job_file), job_file)
     outcome = tune(load_job(job_file), job_file, resume=True)
     keys = [t.config_key for t in outcome.history.trials]
     assert len(keys) == len(set(keys)), "a trial ran twice"
