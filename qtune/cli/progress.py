@@ -45,7 +45,7 @@ class RichProgress:
         self.started = time.monotonic()
 
     def trial_started(self, record: TrialRecord) -> None:
-        self.progress.update(self.task, description=f"trial {record.index + 1}")
+        self.progress.update(self.task, description=f"running trial {record.index}")
 
     def trial_finished(self, record: TrialRecord, best: TrialRecord | None, elapsed: float) -> None:
         self.finished += 1
@@ -57,5 +57,5 @@ class RichProgress:
         per_trial = (time.monotonic() - self.started) / self.finished
         remaining = (self.progress.tasks[0].total or 0) - self.finished
         best_text = f"best: trial {best.index} acc {best.accuracy:.4f}" if best else "best: –"
-        self.progress.update(self.task, advance=1, best=best_text,
+        self.progress.update(self.task, advance=1, best=best_text, description="trials",
                              eta=f"≤{per_trial * remaining:.0f}s" if remaining > 0 else "0s")
