@@ -27,7 +27,8 @@ FROM ${PYTHON_IMAGE} AS builder
 ARG WITH_TORCH=false
 ARG TORCH_INDEX_URL=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_INPUT=1
+    PIP_NO_INPUT=1 \
+    PIP_CACHE_DIR=/var/cache/pip
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 # The context is an allow-list (.dockerignore): pyproject.toml, README.md, qtune/, requirements/.
@@ -35,7 +36,7 @@ COPY . .
 # /wheels/image.txt: the pins of the roles built in, then qtune==<version>. qtune's wheel is built from
 # this context only (--no-deps): the final stage installs with --no-index, so no package index can
 # ever supply a "qtune" (the name is taken on the public index by an unrelated project).
-RUN --mount=type=cache,target=/root/.cache/pip \
+RUN --mount=type=cache,target=/var/cache/pip \
     set -eu; \
     roles="operator runner"; \
     if [ "$WITH_TORCH" = "true" ]; then roles="$roles torch"; fi; \

@@ -5,5 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export QTUNE_REQUIRE_HELM=1      # the chart tests fail, not skip, without helm
 export QTUNE_REQUIRE_CLUSTER=1   # the cluster tests fail, not skip, without the control plane
+export QTUNE_REQUIRE_HADOLINT=1  # the Dockerfile lint fails, not skips, without hadolint
 python3 -m ruff check .
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -97,11 +97,11 @@ def _fingerprint(job: QuantizationJob, job_file: Path) -> dict[str, str]:
     return result
 
 
-def _check_resumable(workspace: Path, job: QuantizationJob, job_file: Path) -> None:
+def _check_resumable(workspace: Path, now: dict[str, str]) -> None:
     stored = workspace / JOB_FINGERPRINT_FILE
     if not stored.exists():
         return
-    before, now = json.loads(stored.read_text()), _fingerprint(job, job_file)
+    before = json.loads(stored.read_text())
     changed = sorted(k for k in now if before.get(k) != now[k])
     if changed:
         raise QtuneError(
@@ -216,8 +216,9 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
         fresh = True
     if fresh and workspace.exists():
         shutil.rmtree(workspace)
+    fingerprint = _fingerprint(job, job_file)  # hashes the model and data files: once per run
     if resume:
-        _check_resumable(workspace, job, job_file)
+        _check_resumable(workspace, fingerprint)
 
     created = workspace  # the top-most folder this run creates, removed again if preparing fails
     while not created.parent.exists():
@@ -233,7 +234,7 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
         if created_new:
             shutil.rmtree(created, ignore_errors=True)
         raise
-    write_json_atomic(workspace / JOB_FINGERPRINT_FILE, _fingerprint(job, job_file))
+    write_json_atomic(workspace / JOB_FINGERPRINT_FILE, fingerprint)
 
     history = History.load(history_path) if history_path.exists() else History(job=job.name)
     history.baseline = baseline

@@ -116,7 +116,10 @@ class LocalExecutor:
         code = trial.process.returncode
         tail = _log_tail(trial.trial_dir / "log.txt")
         if code is not None and code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
             reason = "OOMKilled" if -code == signal.SIGKILL else "Crashed"
             return {"status": FAILED, "reason": reason, "message": f"killed by {name}; {tail}"}
         return {"status": FAILED, "reason": "Crashed", "message": f"exit code {code}; {tail}"}

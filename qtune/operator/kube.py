@@ -62,6 +62,16 @@ class Kube:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
+    async def _call_or_none(self, tolerated: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+        """`_call`, but None instead of ApiException when the API answers `tolerated` (404: gone,
+        409: exists), which makes creates and deletes idempotent."""
+        try:
+            return await self._call(fn, *args, **kwargs)
+        except client.ApiException as exc:
+            if exc.status == tolerated:
+                return None
+            raise
+
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.api.close()
@@ -69,25 +79,15 @@ class Kube:
     # ---- pods
     async def create_pod(self, body: dict[str, Any]) -> bool:
         """Create a pod; False when a pod of that name already exists (idempotent)."""
-        try:
-            await self._call(self.core.create_namespaced_pod, body["metadata"]["namespace"], body,
-                             _preload_content=False)
-        except client.ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
+        response = await self._call_or_none(409, self.core.create_namespaced_pod, body["metadata"]["namespace"],
+                                            body, _preload_content=False)
+        return response is not None
 
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> bool:
         """Delete a pod; False when it was already gone."""
-        try:
-            await self._call(self.core.delete_namespaced_pod, name, namespace,
-                             grace_period_seconds=grace_seconds, _preload_content=False)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        response = await self._call_or_none(404, self.core.delete_namespaced_pod, name, namespace,
+                                            grace_period_seconds=grace_seconds, _preload_content=False)
+        return response is not None
 
     async def delete_pods(self, namespace: str, selector: str) -> None:
         await self._call(self.core.delete_collection_namespaced_pod, namespace, label_selector=selector,
@@ -100,14 +100,9 @@ class Kube:
 
     # ---- config maps
     async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            response = await self._call(self.core.read_namespaced_config_map, name, namespace,
-                                        _preload_content=False)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return _raw(response)
+        response = await self._call_or_none(404, self.core.read_namespaced_config_map, name, namespace,
+                                            _preload_content=False)
+        return None if response is None else _raw(response)
 
     async def create_configmap(self, body: dict[str, Any]) -> dict[str, Any]:
         """Create; raises Conflict when it exists already."""
@@ -142,26 +137,15 @@ class Kube:
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
         }[kind]
-        try:
-            await self._call(create, namespace, body, _preload_content=False)
-        except client.ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        return True
+        return await self._call_or_none(409, create, namespace, body, _preload_content=False) is not None
 
     # ---- the job
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch the status subresource; False when the job is gone."""
-        try:
-            await self._call(self.custom.patch_namespaced_custom_object_status, c.GROUP, c.VERSION, namespace,
-                             c.PLURAL, name, {"status": patch}, _content_type=MERGE_PATCH,
-                             _preload_content=False)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
+        response = await self._call_or_none(404, self.custom.patch_namespaced_custom_object_status, c.GROUP,
+                                            c.VERSION, namespace, c.PLURAL, name, {"status": patch},
+                                            _content_type=MERGE_PATCH, _preload_content=False)
+        return response is not None
 
     # ---- Kopf peering objects
     async def ensure_peering(self, name: str, namespaces: list[str] | None) -> None:
@@ -172,14 +156,10 @@ class Kube:
             targets = [(ns, "kopfpeerings", "KopfPeering") for ns in namespaces]
         for namespace, plural, kind in targets:
             body: dict[str, Any] = {"apiVersion": "kopf.dev/v1", "kind": kind, "metadata": {"name": name}}
-            try:
-                if namespace is None:
-                    await self._call(self.custom.create_cluster_custom_object, "kopf.dev", "v1", plural, body,
-                                     _preload_content=False)
-                else:
-                    body["metadata"]["namespace"] = namespace
-                    await self._call(self.custom.create_namespaced_custom_object, "kopf.dev", "v1", namespace,
-                                     plural, body, _preload_content=False)
-            except client.ApiException as exc:
-                if exc.status != 409:
-                    raise
+            if namespace is None:
+                await self._call_or_none(409, self.custom.create_cluster_custom_object, "kopf.dev", "v1", plural,
+                                         body, _preload_content=False)
+            else:
+                body["metadata"]["namespace"] = namespace
+                await self._call_or_none(409, self.custom.create_namespaced_custom_object, "kopf.dev", "v1",
+                                         namespace, plural, body, _preload_content=False)

@@ -63,11 +63,15 @@ class TrialRecord:
     def ok(self) -> bool:
         return self.status == SUCCEEDED
 
+    def batch_key(self, batch_size: int | str | None = None) -> str | None:
+        """The latency key of `batch_size`; by default the largest benchmarked batch."""
+        if batch_size is not None:
+            return str(batch_size)
+        return max(self.latency_ms, key=int) if self.latency_ms else None
+
     def latency(self, batch_size: int | str | None = None) -> float | None:
-        if not self.latency_ms:
-            return None
-        key = str(batch_size) if batch_size is not None else max(self.latency_ms, key=int)
-        return self.latency_ms.get(key)
+        key = self.batch_key(batch_size)
+        return None if key is None else self.latency_ms.get(key)
 
     def speedup(self, batch_size: int | str) -> float | None:
         """fp32 latency / this trial's latency, both measured in the trial (interleaved)."""

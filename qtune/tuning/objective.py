@@ -20,8 +20,7 @@ def objective_value(record: TrialRecord, objective: str, batch_size: int | None 
     latency = record.latency(batch_size)
     if latency is None:
         return float("inf")
-    key = str(batch_size) if batch_size is not None else max(record.latency_ms, key=int)
-    fp32 = record.fp32_latency_ms.get(key)
+    fp32 = record.fp32_latency_ms.get(record.batch_key(batch_size) or "")
     return latency / fp32 if fp32 else latency
 
 

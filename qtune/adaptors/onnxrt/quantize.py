@@ -81,6 +81,22 @@ class QuantPlan:
         }
 
 
+def _excluded_because(node: Any, op_cfg: OpConfig | None, capability: dict[str, Any],
+                      forced_fp32: dict[str, str], approach: str) -> str | None:
+    """Why an op stays fp32 under `approach` for reasons common to static and dynamic; None if none."""
+    if op_cfg is None:
+        return "not in the tune config"
+    if node.name in forced_fp32:
+        return forced_fp32[node.name]
+    if op_cfg.is_fp32:
+        return "fp32 in the tune config"
+    if approach not in capability.get("approach", []):
+        if approach == "dynamic" and node.op_type == "Conv":
+            return "static only (dynamic ConvInteger is slow on CPU)"
+        return f"no {approach} quantization in ONNX Runtime for this op"
+    return None
+
+
 def plan_static(view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
                 forced_fp32: dict[str, str]) -> QuantPlan:
     """Which ops ORT quantizes statically and with which tensor overrides (ranges come later)."""
@@ -92,17 +108,9 @@ def plan_static(view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[st
         if name not in quantizable:
             continue
         op_cfg = cfg.ops.get(name)
-        if op_cfg is None:
-            excluded[name] = "not in the tune config"
-            continue
-        if name in forced_fp32:
-            excluded[name] = forced_fp32[name]
-            continue
-        if op_cfg.is_fp32:
-            excluded[name] = "fp32 in the tune config"
-            continue
-        if "static" not in quantizable[name].get("approach", []):
-            excluded[name] = "no static quantization in ONNX Runtime for this op"
+        reason = _excluded_because(node, op_cfg, quantizable[name], forced_fp32, "static")
+        if reason is not None:
+            excluded[name] = reason
             continue
         weights = weight_inputs(node, view)
         act_fp32 = op_cfg.activation.is_fp32
@@ -299,15 +307,9 @@ def plan_dynamic(view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[s
         if name not in quantizable:
             continue
         op_cfg = cfg.ops.get(name)
-        if op_cfg is None:
-            excluded[name] = "not in the tune config"
-        elif name in forced_fp32:
-            excluded[name] = forced_fp32[name]
-        elif op_cfg.is_fp32:
-            excluded[name] = "fp32 in the tune config"
-        elif "dynamic" not in quantizable[name].get("approach", []):
-            excluded[name] = ("static only (dynamic ConvInteger is slow on CPU)" if node.op_type == "Conv"
-                              else "no dynamic quantization in ONNX Runtime for this op")
+        reason = _excluded_because(node, op_cfg, quantizable[name], forced_fp32, "dynamic")
+        if reason is not None:
+            excluded[name] = reason
         elif op_cfg.activation.is_fp32 or (op_cfg.weight is not None and op_cfg.weight.is_fp32):
             excluded[name] = "dynamic quantization needs both activation and weight quantized"
         else:

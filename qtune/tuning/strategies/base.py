@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.history import History
@@ -38,8 +39,8 @@ class Strategy(ABC):
         return False
 
 
-def fresh(configs: list[TuneConfig], history: History, k: int) -> list[TuneConfig]:
-    """The first k configs that are neither in the history nor repeated."""
+def fresh(configs: Iterable[TuneConfig], history: History, k: int) -> list[TuneConfig]:
+    """The first k configs that are neither in the history nor repeated (reads `configs` lazily)."""
     seen = history.keys()
     out: list[TuneConfig] = []
     for config in configs:

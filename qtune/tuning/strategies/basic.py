@@ -19,6 +19,7 @@ do not depend on the order in which parallel trials finish.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.history import History, TrialRecord
@@ -53,11 +54,7 @@ class BasicStrategy(Strategy):
             for name, op_cfg in base.ops.items():
                 if op_cfg.activation.is_fp32:
                     continue
-                candidate = op_cfg.__class__(
-                    op_cfg.op_type,
-                    op_cfg.activation.__class__(**{**op_cfg.activation.__dict__, "algorithm": algorithm}),
-                    op_cfg.weight,
-                )
+                candidate = replace(op_cfg, activation=replace(op_cfg.activation, algorithm=algorithm))
                 if candidate in space.ops[name].choices(base.approach):
                     updates[name] = candidate
             if updates:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from qtune.tuning.config import OpConfig, TuneConfig
 from qtune.tuning.history import History
 from qtune.tuning.space import TuningSpace
-from qtune.tuning.strategies.base import Strategy, strategy_registry
+from qtune.tuning.strategies.base import Strategy, fresh, strategy_registry
 
 
 def _configs(space: TuningSpace) -> Iterator[TuneConfig]:
@@ -41,14 +41,4 @@ class ExhaustiveStrategy(Strategy):
     name = "exhaustive"
 
     def propose(self, space: TuningSpace, history: History, k: int) -> list[TuneConfig]:
-        seen = history.keys()
-        out: list[TuneConfig] = []
-        for config in _configs(space):
-            key = config.key()
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(config)
-            if len(out) >= k:
-                break
-        return out
+        return fresh(_configs(space), history, k)
