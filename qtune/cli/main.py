@@ -11,6 +11,10 @@ from qtune import __version__
 from qtune.spec import QtuneError, load_job
 
 logger = logging.getLogger("qtune")
+EXIT_NO_CONFIG = 3
+"""`qtune tune`: no configuration meets the accuracy criterion."""
+EXIT_NO_SPEEDUP = 4
+"""`qtune tune`: configurations meet the criterion, but none is faster than fp32 (or minSpeedup)."""
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -27,20 +31,16 @@ def _tune(args: argparse.Namespace) -> int:
     with RichProgress(console) as progress:
         outcome = tune(job, args.job, output_dir=Path(args.output) if args.output else None,
                        resume=args.resume, fresh=args.fresh, listener=progress)
-    best = outcome.best
-    colour = "green" if best else "red"
-    console.print(f"[{colour}]{outcome.outcome}[/{colour}] after {len(outcome.history.trials)} trials "
-                  f"in {outcome.elapsed_seconds:.1f}s (stopped: {outcome.stop_reason})")
-    if best is not None:
-        from qtune.tuning.session import objective_batch_size
-
-        batch = str(objective_batch_size(job.spec))
-        speedup = best.speedup(batch) or float("nan")
-        console.print(f"best: trial {best.index}, accuracy {best.accuracy:.4f} "
-                      f"(fp32 {outcome.baseline.accuracy:.4f}), {speedup:.2f}× faster than fp32 at batch {batch} "
-                      f"(measured interleaved), {len(best.config.fp32_ops())} ops in fp32")
+    session = outcome.session
+    success = session.success(outcome.best)
+    colour = "green" if success else ("yellow" if outcome.best is not None else "red")
+    console.print(f"[{colour}]{session.verdict()}[/{colour}]")
+    console.print(f"{len(outcome.history.trials)} trials in {outcome.elapsed_seconds:.1f}s "
+                  f"(search stopped: {outcome.stop_reason})")
     console.print(f"output: {outcome.output_dir} (model/, best_config.json, history.json, report.html)")
-    return 0 if best is not None else 3
+    if outcome.best is None:
+        return EXIT_NO_CONFIG
+    return 0 if success else EXIT_NO_SPEEDUP
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -8,7 +8,9 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from qtune.protocol import SpeedMeasurement
 from qtune.tuning.history import Baseline, TrialRecord
+from qtune.tuning.session import TuningSession
 from qtune.tuning.space import TuningSpace
 
 
@@ -37,12 +39,29 @@ class RichProgress:
 
     def baseline_ready(self, baseline: Baseline, space: TuningSpace, max_trials: int) -> None:
         self.baseline = baseline
-        self.console.print(f"fp32 baseline: accuracy {baseline.accuracy:.4f}, "
-                           f"latency p50 {baseline.latency_ms} ms; {len(space.ops)} quantizable ops")
+        latency = ", ".join(f"batch {b}: {v:.3f} ms" for b, v in baseline.latency_ms.items())
+        self.console.print(f"fp32 baseline: {baseline.metric or 'accuracy'} {baseline.accuracy:.4f}, "
+                           f"latency p50 alone {latency}; {len(space.ops)} quantizable ops")
         for name, note in list(space.notes.items())[:10]:
             self.console.print(f"  [yellow]note[/yellow] {name}: {note}")
         self.progress.update(self.task, description="trials", total=max_trials, best="best: –")
         self.started = time.monotonic()
+
+    def confirm_started(self, candidates: list[int]) -> None:
+        self.progress.update(self.task, description="confirming")
+        self.console.print(f"re-measuring the best candidates (trials {', '.join(map(str, candidates))}) against "
+                           "fp32 in one interleaved session")
+
+    def confirm_finished(self, session: TuningSession) -> None:
+        confirmation = session.history.confirmation or {}
+        if confirmation.get("status") != "succeeded":
+            self.console.print(f"[yellow]confirmation failed[/yellow] ({confirmation.get('reason')}): the in-trial "
+                               "figures decide")
+            return
+        for index, by_batch in sorted(confirmation.get("speed", {}).items(), key=lambda kv: int(kv[0])):
+            data = by_batch.get(str(session.batch_size))
+            if data:
+                self.console.print(f"  trial {index}: {SpeedMeasurement.model_validate(data).describe()}")
 
     def trial_started(self, record: TrialRecord) -> None:
         self.progress.update(self.task, description=f"running trial {record.index}")
@@ -52,10 +71,16 @@ class RichProgress:
         mark = "[green]✓[/green]" if record.passed else ("[red]✗[/red]" if record.ok else "[red]failed[/red]")
         detail = (f"accuracy {record.accuracy:.4f}" if record.accuracy is not None
                   else f"{record.reason}: {(record.message or '')[:120]}")
+        measured = record.speed_at()
+        if measured is not None:
+            detail += f", {measured.speedup:.2f}× [{measured.low:.2f}–{measured.high:.2f}] vs fp32 at batch " \
+                      f"{measured.batch_size}"
         self.console.print(f"trial {record.index}: {mark} {detail}, {len(record.config.fp32_ops())} fp32 ops, "
                            f"{(record.timings or {}).get('total', 0):.1f}s")
         per_trial = (time.monotonic() - self.started) / self.finished
         remaining = (self.progress.tasks[0].total or 0) - self.finished
-        best_text = f"best: trial {best.index} acc {best.accuracy:.4f}" if best else "best: –"
+        best_speed = best.speed_at() if best else None
+        best_text = (f"best: trial {best.index} acc {best.accuracy:.4f}"
+                     + (f" {best_speed.speedup:.2f}×" if best_speed else "")) if best else "best: –"
         self.progress.update(self.task, advance=1, best=best_text, description="trials",
                              eta=f"≤{per_trial * remaining:.0f}s" if remaining > 0 else "0s")

@@ -10,6 +10,7 @@ from rich.table import Table
 from qtune.local.driver import HISTORY_FILE, default_workspace
 from qtune.spec import QtuneError, QuantizationJob, load_job
 from qtune.tuning.history import History
+from qtune.tuning.objective import speed_of
 from qtune.tuning.session import TuningSession, objective_batch_size
 
 
@@ -28,15 +29,19 @@ def print_status(job_file: str) -> int:
     batch = str(objective_batch_size(job.spec))
     table = Table(title=f"{history.job}: {len(history.finished())}/{len(history.trials)} trials finished, "
                   f"stopped: {history.stop_reason or 'not yet'}")
-    for column in ("trial", "status", "accuracy", "passes", f"latency b{batch} ms", "speedup", "fp32 ops", "reason"):
+    for column in ("trial", "status", "accuracy", "passes", f"fp32 p50 b{batch} ms", f"int8 p50 b{batch} ms",
+                   "speedup [95% interval]", "fp32 ops", "reason"):
         table.add_column(column)
     for t in history.trials:
-        speedup = t.speedup(batch)
+        measured = speed_of(history, t, batch)
         table.add_row(str(t.index), t.status, "–" if t.accuracy is None else f"{t.accuracy:.4f}",
-                      "yes" if t.passed else "no", "–" if t.latency(batch) is None else f"{t.latency(batch):.3f}",
-                      "–" if speedup is None else f"{speedup:.2f}×", str(len(t.config.fp32_ops())), t.reason or "")
+                      "yes" if t.passed else "no", "–" if measured is None else f"{measured.fp32_p50_ms:.3f}",
+                      "–" if measured is None else f"{measured.p50_ms:.3f}",
+                      "–" if measured is None else f"{measured.speedup:.2f}× [{measured.low:.2f}–{measured.high:.2f}]",
+                      str(len(t.config.fp32_ops())), t.reason or "")
     if history.baseline:
-        console.print(f"baseline accuracy {history.baseline.accuracy:.4f}, latency {history.baseline.latency_ms}")
+        console.print(f"baseline {history.baseline.metric or 'accuracy'} {history.baseline.accuracy:.4f}, "
+                      f"fp32 latency alone {history.baseline.latency_ms} ms")
     console.print(table)
     return 0
 
@@ -49,9 +54,12 @@ def regenerate_report(job_file: str, output: Path | None) -> int:
     context = JobContext(job, Path(job_file).resolve().parent, workspace)
     if history.baseline is None:
         raise QtuneError("the run has no baseline yet")
-    session = TuningSession(job.spec, context.load_space(), history.baseline, history)
+    session = TuningSession(job.spec, history, context.load_space())
+    if history.stop_reason is not None:
+        console = Console()
+        console.print(session.verdict())
     folder = output or workspace
     folder.mkdir(parents=True, exist_ok=True)
-    write_report(folder, job, session, history, session.best(), history.stop_reason or "Running")
+    write_report(folder, job, session)
     Console().print(f"report written to {folder / 'report.html'}")
     return 0

@@ -21,27 +21,32 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from qtune.local.executor import LocalExecutor, cpu_slots
+from qtune.local.executor import LocalExecutor
+from qtune.protocol import BASELINE_UNIT, CONFIRM_UNIT, SpeedMeasurement
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
 from qtune.spec.models import QuantizationJob
 from qtune.tuning import stop
+from qtune.tuning.engine import drive
 from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
-from qtune.tuning.session import TuningSession
+from qtune.tuning.session import TuningSession, WorkUnit
 from qtune.tuning.space import TuningSpace
 
 logger = logging.getLogger(__name__)
 
 HISTORY_FILE = "history.json"
 JOB_FINGERPRINT_FILE = "job-fingerprint.json"
+SPACE_FILE = "space.json"
 
 
 class ProgressListener(Protocol):
     def baseline_ready(self, baseline: Baseline, space: TuningSpace, max_trials: int) -> None: ...
     def trial_started(self, record: TrialRecord) -> None: ...
     def trial_finished(self, record: TrialRecord, best: TrialRecord | None, elapsed: float) -> None: ...
+    def confirm_started(self, candidates: list[int]) -> None: ...
+    def confirm_finished(self, session: TuningSession) -> None: ...
 
 
 @dataclass
@@ -49,13 +54,32 @@ class TuneOutcome:
     job: str
     stop_reason: str
     outcome: str
-    baseline: Baseline
-    space: TuningSpace
-    history: History
-    best: TrialRecord | None
+    session: TuningSession
     output_dir: Path
     workspace: Path
     elapsed_seconds: float
+
+    @property
+    def history(self) -> History:
+        return self.session.history
+
+    @property
+    def baseline(self) -> Baseline:
+        assert self.session.baseline is not None
+        return self.session.baseline
+
+    @property
+    def space(self) -> TuningSpace:
+        assert self.session.space is not None
+        return self.session.space
+
+    @property
+    def best(self) -> TrialRecord | None:
+        return self.session.best()
+
+    @property
+    def speed(self) -> SpeedMeasurement | None:
+        return self.session.best_speed()
 
 
 def default_workspace(job: QuantizationJob, job_file: Path) -> Path:
@@ -110,18 +134,14 @@ def _check_resumable(workspace: Path, now: dict[str, str]) -> None:
         )
 
 
-class _Interrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM, raised at a safe point of the loop (never in the middle of a fork)."""
-
-
 @contextmanager
 def _deferred_signals() -> Iterator[list[int]]:
-    """Record SIGINT/SIGTERM instead of raising wherever they land; the loop checks the list."""
+    """Record SIGINT/SIGTERM/SIGHUP instead of raising wherever they land; the loop checks the list."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for sig in previous:
         signal.signal(sig, lambda number, frame: received.append(number))
     try:
@@ -131,39 +151,37 @@ def _deferred_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-@contextmanager
-def _pinned(cpus: list[int]) -> Iterator[None]:
-    """Run the baseline benchmark on the same CPUs (and so thread count) a trial gets."""
-    try:
-        before = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, cpus)
-    except (AttributeError, OSError):
-        yield
-        return
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, before)
 
 
-def _prepare(job: QuantizationJob, job_file: Path, workspace: Path, threads: int,
-             cpus: list[int]) -> tuple[TuningSpace, Baseline]:
-    from qtune.runner.baseline import run_baseline
-    from qtune.runner.context import JobContext
-
-    context = JobContext(job, job_file.resolve().parent, workspace, threads)
-    with _pinned(cpus):
-        return run_baseline(context)
+# --- folders qtune owns ------------------------------------------------------------------------
+WORKSPACE_MARKER = ".qtune-workspace"
+OUTPUT_MARKER = ".qtune-output"
 
 
-def _publish(outcome_dir: Path, history: History, best: TrialRecord | None, session: TuningSession,
-             job: QuantizationJob, stop_reason: str) -> None:
+def _check_own_folder(path: Path, marker: str, field: str) -> None:
+    """Refuse to use (and later delete or replace) a folder qtune did not create."""
+    if path == Path.cwd().resolve() or path in Path.cwd().resolve().parents or path == Path(path.anchor):
+        raise QtuneError(f"{field}: {path} is the current folder or one of its parents; qtune replaces its "
+                         "workspace and output folders, so give each its own folder")
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not (path / marker).exists())):
+        raise QtuneError(f"{field}: {path} exists and was not created by qtune; choose a new or empty folder")
+
+
+def _make_own_folder(path: Path, marker: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / marker).touch()
+
+
+def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) -> None:
     """Write the output folder atomically: build it beside the target, then swap it in."""
     from qtune.report import write_report
 
+    history = session.history
+    best = session.best()
     outcome_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{outcome_dir.name}.", dir=outcome_dir.parent))
     try:
+        (staging / OUTPUT_MARKER).touch()
         history.save(staging / HISTORY_FILE)
         if best is not None:
             source = Path(best.model_path) if best.model_path else None
@@ -175,13 +193,8 @@ def _publish(outcome_dir: Path, history: History, best: TrialRecord | None, sess
                     for sibling in source.parent.iterdir():  # keeps external-data files beside the model
                         if sibling.name.startswith(source.stem):
                             shutil.copy2(sibling, staging / "model" / sibling.name)
-            write_json_atomic(staging / "best_config.json", {
-                "job": job.name, "trial": best.index, "accuracy": best.accuracy,
-                "baseline_accuracy": session.baseline.accuracy, "latency_ms": best.latency_ms,
-                "baseline_latency_ms": session.baseline.latency_ms, "model_size_bytes": best.model_size_bytes,
-                "tune_config": best.tune_config,
-            })
-        write_report(staging, job, session, history, best, stop_reason)
+            write_json_atomic(staging / "best_config.json", best_config(job, session))
+        write_report(staging, job, session)
         old = None
         if outcome_dir.exists():
             old = outcome_dir.with_name(f".{outcome_dir.name}.old-{os.getpid()}")
@@ -194,6 +207,71 @@ def _publish(outcome_dir: Path, history: History, best: TrialRecord | None, sess
         raise
 
 
+def best_config(job: QuantizationJob, session: TuningSession) -> dict[str, Any]:
+    """best_config.json: the winner, its ONE speed figure (the same the console and report show)."""
+    best = session.best()
+    assert best is not None and session.baseline is not None
+    speed = session.best_speed()
+    return {
+        "job": job.name,
+        "outcome": session.outcome(),
+        "verdict": session.verdict(),
+        "trial": best.index,
+        "accuracy": best.accuracy,
+        "baseline_accuracy": session.baseline.accuracy,
+        "metric": session.baseline.metric,
+        "speed": speed.model_dump() if speed else None,
+        "speed_source": ("confirmation: re-measured against fp32 and the other best candidates in one "
+                         "interleaved session" if speed is not None and _confirmed(session, best.index)
+                         else "the trial: fp32 and int8 measured interleaved in the trial's process"),
+        "fp32_alone_latency_ms": session.baseline.latency_ms,
+        "model_size_bytes": best.model_size_bytes,
+        "baseline_model_size_bytes": session.baseline.model_size_bytes,
+        "fp32_ops": best.config.fp32_ops(),
+        "tune_config": best.tune_config,
+    }
+
+
+def _confirmed(session: TuningSession, index: int) -> bool:
+    from qtune.tuning.objective import confirmed_speed
+
+    return confirmed_speed(session.history, index, session.batch_size) is not None
+
+
+def load_space(workspace: Path) -> TuningSpace | None:
+    path = workspace / SPACE_FILE
+    return TuningSpace.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+class _UnitListener:
+    """Adapts the engine's unit events to the CLI's ProgressListener."""
+
+    def __init__(self, listener: ProgressListener | None, session: TuningSession, elapsed: Callable[[], float]):
+        self.listener = listener
+        self.session = session
+        self.elapsed = elapsed
+
+    def unit_started(self, unit: WorkUnit) -> None:
+        if self.listener is None:
+            return
+        if unit.kind == "trial":
+            record = next(t for t in self.session.history.trials if t.index == unit.trial)
+            self.listener.trial_started(record)
+        elif unit.kind == CONFIRM_UNIT:
+            self.listener.confirm_started(list(unit.candidates))
+
+    def unit_finished(self, unit_id: str, record: TrialRecord | None, session: TuningSession) -> None:
+        if self.listener is None:
+            return
+        if unit_id == BASELINE_UNIT and session.ready:
+            assert session.baseline is not None and session.space is not None
+            self.listener.baseline_ready(session.baseline, session.space, session.spec.tuning.max_trials)
+        elif record is not None:
+            self.listener.trial_finished(record, session.best(), self.elapsed())
+        elif unit_id == CONFIRM_UNIT:
+            self.listener.confirm_finished(session)
+
+
 def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None = None, resume: bool = False,
          fresh: bool = False, listener: ProgressListener | None = None,
          workspace: Path | None = None) -> TuneOutcome:
@@ -202,6 +280,10 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     spec = job.spec
     workspace = (workspace or default_workspace(job, job_file)).resolve()
     output_dir = (output_dir or default_output(job, job_file)).resolve()
+    _check_own_folder(workspace, WORKSPACE_MARKER, "spec.workspace.path")
+    _check_own_folder(output_dir, OUTPUT_MARKER, "spec.output.path (or -o)")
+    if workspace == output_dir or output_dir in workspace.parents or workspace in output_dir.parents:
+        raise QtuneError(f"spec.output.path: {output_dir} and the workspace {workspace} must not contain each other")
     history_path = workspace / HISTORY_FILE
 
     if history_path.exists() and not resume and not fresh:
@@ -215,93 +297,55 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
                        "folder; --resume continues a finished run instead, e.g. with a larger maxTrials)", workspace)
         fresh = True
     if fresh and workspace.exists():
-        shutil.rmtree(workspace)
+        shutil.rmtree(workspace)  # ours: _check_own_folder found the marker (or the folder is empty)
     fingerprint = _fingerprint(job, job_file)  # hashes the model and data files: once per run
     if resume:
         _check_resumable(workspace, fingerprint)
 
-    created = workspace  # the top-most folder this run creates, removed again if preparing fails
+    created = workspace  # the top-most folder this run creates, removed again if the baseline fails
     while not created.parent.exists():
         created = created.parent
     created_new = not workspace.exists()
-    run_started = time.monotonic()  # the wall-clock limit counts the baseline step too
-    slots = cpu_slots(spec.tuning.parallel_trials)
-    threads = spec.benchmark.threads or len(slots[0])
-    try:
-        workspace.mkdir(parents=True, exist_ok=True)
-        space, baseline = _prepare(job, job_file, workspace, threads, slots[0])
-    except BaseException:
-        if created_new:
-            shutil.rmtree(created, ignore_errors=True)
-        raise
+    _make_own_folder(workspace, WORKSPACE_MARKER)
     write_json_atomic(workspace / JOB_FINGERPRINT_FILE, fingerprint)
 
     history = History.load(history_path) if history_path.exists() else History(job=job.name)
-    history.baseline = baseline
-    history.stop_reason = None
-    session = TuningSession(spec, space, baseline, history)
-    if listener:
-        listener.baseline_ready(baseline, space, spec.tuning.max_trials)
-
+    if history.stop_reason == stop.MAX_TRIALS and spec.tuning.max_trials > len(history.trials) or \
+            history.stop_reason in (stop.TIMEOUT, stop.TOO_MANY_FAILURES):
+        history.stop_reason = history.outcome = None  # resumed with more budget: the search goes on
+    elif history.stop_reason == stop.BASELINE_FAILED:
+        history = History(job=job.name)
+    space = load_space(workspace) if history.baseline is not None else None
+    session = TuningSession(spec, history, space)
+    if history.started_at is None:
+        history.started_at = time.time()
+    run_started = time.monotonic()
+    base_elapsed = history.elapsed_seconds
     executor = LocalExecutor(job_file, job_file.parent, workspace, spec.tuning.parallel_trials,
                              float(spec.tuning.trial_timeout_seconds), spec.benchmark.threads)
-    base_elapsed = history.elapsed_seconds
+
+    def elapsed() -> float:
+        return base_elapsed + (time.monotonic() - run_started)
 
     def save() -> None:
-        history.elapsed_seconds = base_elapsed + (time.monotonic() - run_started)
+        history.elapsed_seconds = elapsed()
         history.save(history_path)
 
-    stop_reason: str | None = None
+    if listener is not None and session.ready:
+        assert history.baseline is not None and space is not None
+        listener.baseline_ready(history.baseline, space, spec.tuning.max_trials)
     with _deferred_signals() as received:
         try:
-            stop_reason = _loop(session, executor, listener, received, base_elapsed, run_started, save)
+            stop_reason = drive(session, executor, elapsed, save, _UnitListener(listener, session, elapsed),
+                                interrupted=lambda: bool(received))
         except BaseException:
             executor.stop_all()  # interrupted: killed trials stay pending and run again on --resume
             save()
             raise
-    elapsed = base_elapsed + (time.monotonic() - run_started)
-    history.stop_reason = stop_reason
+    if stop_reason == stop.BASELINE_FAILED:
+        if created_new:
+            shutil.rmtree(created, ignore_errors=True)
+        raise QtuneError(history.message or "the fp32 baseline failed")
     save()
-    best = session.best()
-    _publish(output_dir, history, best, session, job, stop_reason)
-    return TuneOutcome(job.name, stop_reason, session.outcome(stop_reason), baseline, space, history, best,
-                       output_dir, workspace, elapsed)
-
-
-def _loop(session: TuningSession, executor: LocalExecutor, listener: ProgressListener | None, received: list[int],
-          base_elapsed: float, run_started: float, save: Callable[[], None]) -> str:
-    """Keep trials running until a stop rule holds; returns the stop reason."""
-    history = session.history
-
-    def launch(record: TrialRecord) -> None:
-        executor.start(record.index, record.tune_config)
-        if listener:
-            listener.trial_started(record)
-
-    # trials an interrupted run left pending start again first, with their own index
-    queue = list(history.pending())
-    while True:
-        if received:
-            raise _Interrupted()
-        elapsed = base_elapsed + (time.monotonic() - run_started)
-        stop_reason = session.hard_stop(elapsed)
-        if stop_reason:
-            message = ("stopped: the tuning ran out of its wall-clock limit" if stop_reason == stop.TIMEOUT
-                       else f"stopped: {stop_reason}")
-            for index in executor.stop_all():
-                session.fail(index, stop_reason, message)
-            return stop_reason
-        while queue and executor.free_slots() > 0:
-            launch(queue.pop(0))
-        if not queue and executor.free_slots() > 0:
-            for record in session.start_trials(executor.free_slots()):
-                launch(record)
-            save()
-        if not executor.running:
-            # nothing running and nothing new proposed: the search is over
-            return session.finished_reason() or stop.SEARCH_EXHAUSTED
-        for index, result in executor.poll(wait=0.5):
-            record = session.record_result(index, result)
-            save()
-            if listener:
-                listener.trial_finished(record, session.best(), base_elapsed + (time.monotonic() - run_started))
+    _publish(output_dir, session, job)
+    return TuneOutcome(job.name, stop_reason, session.outcome(), session, output_dir, workspace, elapsed())

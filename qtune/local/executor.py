@@ -1,12 +1,14 @@
-"""Local executor: each trial is a `python -m qtune.runner trial` child process.
+"""Local executor: each unit of work is a `python -m qtune.runner ...` child process.
 
-A child per trial isolates crashes (a segfault in a framework fails one trial, not the run),
-enforces the per-trial wall-clock limit (the process group is killed), and pins each running
-trial to its own CPUs so that parallel trials do not disturb each other's latency.
+A child per unit isolates crashes (a segfault in a framework fails one trial, not the run),
+enforces the per-unit wall-clock limit (the process group is killed), and pins each running
+unit to its own CPUs so that parallel trials do not disturb each other's latency. The child
+dies with this process (PR_SET_PDEATHSIG), so no trial outlives a killed `qtune tune`.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -18,9 +20,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtune.tuning.history import FAILED, write_json_atomic
+from qtune.protocol import (
+    BASELINE_UNIT,
+    CONFIRM_UNIT,
+    EXIT_JOB_UNUSABLE,
+    BaselineResult,
+    ConfirmResult,
+    TrialResult,
+)
+from qtune.tuning.engine import UnitFailure, UnitOutcome
+from qtune.tuning.history import write_json_atomic
+from qtune.tuning.session import WorkUnit
+from qtune.tuning.space import TuningSpace
 
 logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+TERMINATION_FILE = "termination"
+BASELINE_TIMEOUT_FACTOR = 2
+"""The baseline (fp32 evaluation, benchmark, op sensitivity) may take this many trial timeouts."""
+_PR_SET_PDEATHSIG = 1
 
 
 def available_cpus() -> list[int]:
@@ -39,13 +58,21 @@ def cpu_slots(parallel: int) -> list[list[int]]:
     return [cpus[i * size:(i + 1) * size] for i in range(parallel)]
 
 
+def unit_dir(workspace: Path, unit: WorkUnit | str) -> Path:
+    unit_id = unit if isinstance(unit, str) else unit.id
+    if unit_id in (BASELINE_UNIT, CONFIRM_UNIT):
+        return workspace / unit_id
+    return workspace / "trials" / unit_id.split("-", 1)[1]
+
+
 @dataclass
-class RunningTrial:
-    index: int
+class RunningUnit:
+    unit: WorkUnit
     process: subprocess.Popen[bytes]
     slot: int
     started: float
-    trial_dir: Path
+    folder: Path
+    timeout: float
     log_file: Any = field(repr=False, default=None)
 
 
@@ -57,99 +84,144 @@ class LocalExecutor:
     parallel: int
     trial_timeout: float
     threads: int | None = None
-    running: dict[int, RunningTrial] = field(default_factory=dict)
+    units: dict[str, RunningUnit] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.slots = cpu_slots(self.parallel)
+        self.capacity = self.parallel
 
-    def free_slots(self) -> int:
-        return self.parallel - len(self.running)
+    def running(self) -> set[str]:
+        return set(self.units)
 
     def _slot(self) -> int:
-        used = {t.slot for t in self.running.values()}
+        used = {u.slot for u in self.units.values()}
         return next(i for i in range(self.parallel) if i not in used)
 
-    def start(self, index: int, tune_config: dict[str, Any]) -> None:
-        trial_dir = self.workspace / "trials" / str(index)
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        (trial_dir / "result.json").unlink(missing_ok=True)
-        config_file = trial_dir / "config.json"
-        write_json_atomic(config_file, tune_config)
+    def threads_for(self, slot: int = 0) -> int:
+        return self.threads or len(self.slots[slot])
+
+    def command(self, unit: WorkUnit, folder: Path, threads: int) -> list[str]:
+        command = [sys.executable, "-m", "qtune.runner", unit.kind, "--job", str(self.job_file),
+                   "--base-dir", str(self.base_dir), "--workspace", str(self.workspace),
+                   "--threads", str(threads), "--result", str(folder / RESULT_FILE)]
+        if unit.kind == "trial":
+            config_file = folder / "config.json"
+            write_json_atomic(config_file, unit.tune_config)
+            command += ["--index", str(unit.trial), "--config", str(config_file)]
+        elif unit.kind == CONFIRM_UNIT:
+            candidates_file = folder / "candidates.json"
+            write_json_atomic(candidates_file, unit.candidate_configs)
+            command += ["--candidates", str(candidates_file)]
+        return command
+
+    def start(self, unit: WorkUnit) -> None:
+        folder = unit_dir(self.workspace, unit)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in (RESULT_FILE, TERMINATION_FILE):
+            (folder / name).unlink(missing_ok=True)
         slot = self._slot()
         cpus = self.slots[slot]
-        threads = self.threads or len(cpus)
-        command = [
-            sys.executable, "-m", "qtune.runner", "trial",
-            "--job", str(self.job_file), "--base-dir", str(self.base_dir),
-            "--workspace", str(self.workspace), "--index", str(index),
-            "--config", str(config_file), "--threads", str(threads),
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "QTUNE_TERMINATION_LOG": str(trial_dir / "termination")}
-        log_file = open(trial_dir / "log.txt", "wb")  # noqa: SIM115 - closed when the trial ends
+        threads = self.threads_for(slot)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "QTUNE_TERMINATION_LOG": str(folder / TERMINATION_FILE)}
+        log_file = open(folder / "log.txt", "wb")  # noqa: SIM115 - closed when the unit ends
+        parent = os.getpid()
 
-        def pin() -> None:  # runs in the child before exec
+        def in_child() -> None:  # runs in the child before exec
             os.setsid()
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            except (OSError, AttributeError):
+                pass
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
             try:
                 os.sched_setaffinity(0, cpus)
             except OSError:
                 pass
 
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
-        self.running[index] = RunningTrial(index, process, slot, time.monotonic(), trial_dir, log_file)
-        logger.debug("trial %d started (pid %d, cpus %s)", index, process.pid, cpus)
+        process = subprocess.Popen(self.command(unit, folder, threads), stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=env, preexec_fn=in_child)
+        timeout = self.trial_timeout * (BASELINE_TIMEOUT_FACTOR if unit.id == BASELINE_UNIT else 1)
+        self.units[unit.id] = RunningUnit(unit, process, slot, time.monotonic(), folder, timeout, log_file)
+        logger.debug("%s started (pid %d, cpus %s)", unit.id, process.pid, cpus)
 
-    def _kill(self, trial: RunningTrial) -> None:
+    def _kill(self, running: RunningUnit) -> None:
         try:
-            os.killpg(trial.process.pid, signal.SIGKILL)
+            os.killpg(running.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        trial.process.wait()
+        running.process.wait()
 
-    def _collect(self, trial: RunningTrial, timed_out: bool) -> dict[str, Any]:
-        trial.log_file.close()
-        result_file = trial.trial_dir / "result.json"
+    def _collect(self, running: RunningUnit, timed_out: bool) -> UnitOutcome:
+        running.log_file.close()
+        unit = running.unit
         if timed_out:
-            return {"status": FAILED, "reason": "Timeout",
-                    "message": f"trial exceeded {self.trial_timeout:g}s and was killed"}
+            return UnitOutcome(unit.id, UnitFailure("Timeout", f"{unit.id} exceeded {running.timeout:g}s "
+                                                               "(spec.tuning.trialTimeoutSeconds) and was killed"))
+        result_file = running.folder / RESULT_FILE
         if result_file.exists():
-            return json.loads(result_file.read_text())
-        code = trial.process.returncode
-        tail = _log_tail(trial.trial_dir / "log.txt")
+            data = json.loads(result_file.read_text())
+            if unit.id == BASELINE_UNIT:
+                baseline = BaselineResult.model_validate(data)
+                space = None
+                space_file = self.workspace / "space.json"
+                if baseline.status == "succeeded" and space_file.exists():
+                    space = TuningSpace.from_dict(json.loads(space_file.read_text()))
+                return UnitOutcome(unit.id, baseline, space)
+            if unit.id == CONFIRM_UNIT:
+                return UnitOutcome(unit.id, ConfirmResult.model_validate(data))
+            return UnitOutcome(unit.id, TrialResult.model_validate(data))
+        code = running.process.returncode
+        message = _read(running.folder / TERMINATION_FILE) or _log_tail(running.folder / "log.txt")
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
             except ValueError:
                 name = f"signal {-code}"
             reason = "OOMKilled" if -code == signal.SIGKILL else "Crashed"
-            return {"status": FAILED, "reason": reason, "message": f"killed by {name}; {tail}"}
-        return {"status": FAILED, "reason": "Crashed", "message": f"exit code {code}; {tail}"}
+            return UnitOutcome(unit.id, UnitFailure(reason, f"killed by {name}; {message}"))
+        reason = "InvalidJob" if code == EXIT_JOB_UNUSABLE else "Crashed"
+        return UnitOutcome(unit.id, UnitFailure(reason, message or f"exit code {code}"))
 
-    def poll(self, wait: float = 0.2) -> list[tuple[int, dict[str, Any]]]:
-        """Finished trials (index, result), in index order; waits up to `wait` seconds for one."""
+    def poll(self, wait: float = 0.2) -> list[UnitOutcome]:
+        """Finished units, in unit-id order; waits up to `wait` seconds for one."""
         deadline = time.monotonic() + wait
         while True:
-            done: list[tuple[int, dict[str, Any]]] = []
-            for index, trial in sorted(self.running.items()):
-                timed_out = time.monotonic() - trial.started > self.trial_timeout
-                if trial.process.poll() is None and not timed_out:
+            done: list[tuple[str, UnitOutcome]] = []
+            for unit_id, running in sorted(self.units.items()):
+                timed_out = time.monotonic() - running.started > running.timeout
+                if running.process.poll() is None and not timed_out:
                     continue
-                if timed_out and trial.process.poll() is None:
-                    self._kill(trial)
-                done.append((index, self._collect(trial, timed_out)))
-            for index, _ in done:
-                del self.running[index]
-            if done or not self.running or time.monotonic() >= deadline:
-                return done
+                if timed_out and running.process.poll() is None:
+                    self._kill(running)
+                else:
+                    timed_out = False
+                done.append((unit_id, self._collect(running, timed_out)))
+            for unit_id, _ in done:
+                del self.units[unit_id]
+            if done or not self.units or time.monotonic() >= deadline:
+                return [outcome for _, outcome in done]
             time.sleep(0.05)
 
-    def stop_all(self) -> list[int]:
-        """Kill every running trial (timeout or interrupt); returns their indices."""
-        stopped = sorted(self.running)
-        for trial in self.running.values():
-            self._kill(trial)
-            trial.log_file.close()
-        self.running.clear()
+    def cancel(self, unit_ids: list[str]) -> None:
+        for unit_id in unit_ids:
+            running = self.units.pop(unit_id, None)
+            if running is not None:
+                self._kill(running)
+                running.log_file.close()
+
+    def stop_all(self) -> list[str]:
+        """Kill every running unit (interrupt); returns their ids."""
+        stopped = sorted(self.units)
+        self.cancel(stopped)
         return stopped
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace").strip()[:2000]
+    except OSError:
+        return ""
 
 
 def _log_tail(path: Path, lines: int = 3) -> str:

@@ -7,9 +7,11 @@ import html
 import logging
 from pathlib import Path
 
+from qtune.protocol import SpeedMeasurement
 from qtune.spec.models import QuantizationJob
 from qtune.tuning.history import History, TrialRecord
-from qtune.tuning.session import TuningSession, objective_batch_size
+from qtune.tuning.objective import confirmed_speed, speed_of
+from qtune.tuning.session import TuningSession
 
 logger = logging.getLogger(__name__)
 PLOT_FILE = "accuracy_latency.png"
@@ -28,9 +30,9 @@ def _plot(path: Path, history: History, session: TuningSession, best: TrialRecor
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
 
     def relative(t: TrialRecord) -> float | None:
-        """Latency relative to fp32, both measured interleaved in the trial (1.0 = as fast as fp32)."""
-        speedup = t.speedup(batch)
-        return 1.0 / speedup if speedup else None
+        """Latency relative to fp32, both measured interleaved (1.0 = as fast as fp32)."""
+        measured = speed_of(history, t, batch)
+        return 1.0 / measured.speedup if measured else None
 
     ok = [t for t in history.trials if t.ok and relative(t) is not None]
     for passed, colour, label in ((True, "tab:green", "meets criterion"), (False, "tab:red", "misses criterion")):
@@ -61,52 +63,83 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def _speed_text(measured: SpeedMeasurement | None) -> str:
+    if measured is None:
+        return "–"
+    return f"{measured.speedup:.2f}× [{measured.low:.2f}–{measured.high:.2f}]"
+
+
 def _rows(history: History, batch: int) -> list[list[str]]:
     rows = []
     for t in history.trials:
         timings = t.timings or {}
+        measured = speed_of(history, t, batch)
         rows.append([
             str(t.index), t.status, _fmt(t.accuracy), "yes" if t.passed else "no",
-            _fmt(t.latency(batch), 3), _fmt(t.speedup(batch), 2), str(len(t.config.fp32_ops())), t.config.approach,
+            _fmt(measured.fp32_p50_ms if measured else None, 3), _fmt(measured.p50_ms if measured else None, 3),
+            _speed_text(measured), str(len(t.config.fp32_ops())), t.config.approach,
             " / ".join(_fmt(timings.get(k), 2) for k in ("calibration", "quantize", "evaluate", "benchmark")),
             (t.reason or "") + (f": {t.message}" if t.message else ""),
         ])
     return rows
 
 
-HEADERS = ["trial", "status", "accuracy", "passes", "latency ms", "speedup", "fp32 ops", "approach",
-           "calib / quant / eval / bench s", "reason"]
+HEADERS = ["trial", "status", "accuracy", "passes", "fp32 p50 ms", "int8 p50 ms", "speedup [95% interval]",
+           "fp32 ops", "approach", "calib / quant / eval / bench s", "reason"]
 
 
-def write_report(folder: Path, job: QuantizationJob, session: TuningSession, history: History,
-                 best: TrialRecord | None, stop_reason: str) -> None:
-    batch = objective_batch_size(job.spec)
+def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[str, str]]:
+    """The report's summary; the winner's latencies and speedup all come from ONE measurement."""
+    history = session.history
+    batch = session.batch_size
     baseline = session.baseline
-    has_plot = _plot(folder / PLOT_FILE, history, session, best, batch)
-    base_latency = baseline.latency_ms.get(str(batch))
-    summary = [
+    assert baseline is not None
+    best = session.best()
+    metric = baseline.metric or job.spec.data.evaluation.metric
+    items = [
         ("job", job.name),
         ("framework", job.spec.model.framework),
         ("strategy", job.spec.tuning.strategy),
-        ("criterion", session.criterion.describe()),
-        ("stopped", f"{stop_reason} ({session.outcome(stop_reason)})"),
+        ("criterion", f"{session.criterion.describe()} on {metric}"),
+        ("outcome", session.verdict()),
+        ("search stopped", str(history.stop_reason)),
         ("trials", str(len(history.trials))),
-        ("fp32 accuracy", _fmt(baseline.accuracy)),
-        (f"fp32 latency p50, batch {batch}", f"{_fmt(base_latency, 3)} ms"),
+        (f"fp32 {metric}", _fmt(baseline.accuracy)),
+        (f"fp32 alone, latency p50 (baseline step; not used for speedups), batch {batch}",
+         f"{_fmt(baseline.latency_ms.get(str(batch)), 3)} ms"),
     ]
     if best is not None:
-        speedup = best.speedup(batch)
-        summary += [
+        measured = session.best_speed()
+        confirmed = confirmed_speed(history, best.index, batch) is not None
+        source = ("the final confirmation (best candidates and fp32 interleaved in one session)" if confirmed
+                  else "the trial (fp32 and int8 interleaved in the trial's process)")
+        items += [
             ("best trial", str(best.index)),
-            ("int8 accuracy", _fmt(best.accuracy)),
-            (f"int8 latency p50, batch {batch}", f"{_fmt(best.latency(batch), 3)} ms"),
-            ("speedup", f"{_fmt(speedup, 2)}× (fp32 and int8 measured interleaved in the same trial)"),
-            ("model size", f"{baseline.model_size_bytes} → {best.model_size_bytes} bytes"),
+            (f"int8 {metric}", _fmt(best.accuracy)),
             ("ops kept in fp32", ", ".join(best.config.fp32_ops()) or "none"),
+            ("model size", f"{baseline.model_size_bytes} → {best.model_size_bytes} bytes"),
         ]
+        if measured is not None:
+            items += [
+                (f"speed at batch {batch}",
+                 f"fp32 {measured.fp32_p50_ms:.3f} ms → int8 {measured.p50_ms:.3f} ms: "
+                 f"{measured.speedup:.2f}× faster, {int(measured.confidence * 100)}% interval "
+                 f"[{measured.low:.2f}–{measured.high:.2f}]"),
+                ("how measured", f"{source}; {measured.rounds} alternating rounds of {measured.runs_per_window} "
+                                 f"runs, {measured.threads} thread(s), {measured.seconds:.1f}s"),
+            ]
     else:
-        summary.append(("best trial", "no configuration meets the criterion"))
-    notes = session.space.notes
+        items.append(("best trial", "no configuration meets the criterion"))
+    return items
+
+
+def write_report(folder: Path, job: QuantizationJob, session: TuningSession) -> None:
+    history = session.history
+    batch = session.batch_size
+    best = session.best()
+    has_plot = _plot(folder / PLOT_FILE, history, session, best, batch)
+    summary = summary_items(job, session)
+    notes = session.space.notes if session.space is not None else {}
 
     md = [f"# qtune report: {job.name}", ""]
     md += [f"- **{k}**: {v}" for k, v in summary]

@@ -1,8 +1,10 @@
-"""`python -m qtune.runner baseline|trial ...`: the process a local worker or a trial pod runs.
+"""`python -m qtune.runner baseline|trial|confirm ...`: the process a local unit or a pod runs.
 
-Exit codes: 0 done, 2 the trial ran and failed (its result says why), 1 the job itself is
-unusable (bad spec, model or data): the message is the last line of stderr and, in a pod, the
-container's termination message.
+Each command writes its typed result (qtune/protocol.py) to `--result` as JSON and, with a
+Pushgateway, pushes it as metrics. Exit codes (protocol): 0 done, 2 the trial ran and failed (its
+result says why), 1 the job itself is unusable (bad spec, model or data): the message is the
+last line of stderr and the termination message (the pod's, or the file QTUNE_TERMINATION_LOG
+names).
 """
 
 from __future__ import annotations
@@ -12,10 +14,22 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
+from qtune.protocol import (
+    EXIT_JOB_UNUSABLE,
+    EXIT_OK,
+    EXIT_TRIAL_FAILED,
+    FAILED,
+    BaselineResult,
+    ConfirmResult,
+    TrialResult,
+)
 from qtune.spec import QtuneError, job_from_dict, load_job
 from qtune.tuning.config import TuneConfig
+from qtune.tuning.history import write_json_atomic
 
 logger = logging.getLogger("qtune.runner")
 TERMINATION_LOG = "/dev/termination-log"
@@ -23,15 +37,17 @@ TERMINATION_LOG = "/dev/termination-log"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qtune.runner", description=__doc__)
-    parser.add_argument("command", choices=["baseline", "trial"])
+    parser.add_argument("command", choices=["baseline", "trial", "confirm"])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--job", help="QuantizationJob YAML file")
     source.add_argument("--job-json", help="QuantizationJob as JSON (or env QTUNE_JOB_JSON)")
     parser.add_argument("--base-dir", help="folder the job's relative paths start from")
     parser.add_argument("--workspace", required=True, help="the job's shared workspace folder")
     parser.add_argument("--index", default="0", help="trial number")
-    parser.add_argument("--config", help="tune config: a JSON file or a JSON string")
-    parser.add_argument("--threads", type=int, help="CPUs this trial owns")
+    parser.add_argument("--config", help="trial: the tune config, a JSON file")
+    parser.add_argument("--candidates", help="confirm: JSON file {trial index: tune config}")
+    parser.add_argument("--result", help="write the typed result here (JSON)")
+    parser.add_argument("--threads", type=int, help="CPUs this unit owns")
     parser.add_argument("--pushgateway", default=os.environ.get("QTUNE_PUSHGATEWAY_URL"))
     parser.add_argument("--job-uid", default=os.environ.get("QTUNE_JOB_UID", "local"))
     parser.add_argument("--log-level", default=os.environ.get("QTUNE_LOG_LEVEL", "INFO"))
@@ -40,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _termination_message(text: str) -> None:
+def termination_message(text: str) -> None:
     path = Path(os.environ.get("QTUNE_TERMINATION_LOG", TERMINATION_LOG))
     try:
         if path.parent.is_dir():
@@ -49,58 +65,94 @@ def _termination_message(text: str) -> None:
         pass
 
 
-def _load_config(value: str) -> TuneConfig:
-    text = Path(value).read_text() if not value.lstrip().startswith("{") else value
-    return TuneConfig.from_dict(json.loads(text))
+def _read_json(value: str, what: str) -> Any:
+    try:
+        return json.loads(Path(value).read_text())
+    except (OSError, ValueError) as exc:
+        raise QtuneError(f"{what}: cannot read {value}: {exc}") from None
+
+
+def _context(args: argparse.Namespace) -> Any:
+    from qtune.runner.context import JobContext, default_threads
+
+    if args.job:
+        job = load_job(args.job)
+        base_dir = Path(args.base_dir or Path(args.job).resolve().parent)
+    else:
+        job = job_from_dict(json.loads(args.job_json))
+        base_dir = Path(args.base_dir or ".")
+    workspace = Path(args.workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    return JobContext(job, base_dir.resolve(), workspace.resolve(), args.threads or default_threads())
+
+
+def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResult:
+    context = _context(args)
+    if args.command == "baseline":
+        from qtune.runner.baseline import run_baseline
+
+        _, baseline = run_baseline(context)
+        if args.publish_configmap:
+            from qtune.runner.publish import publish_baseline
+
+            publish_baseline(args.publish_configmap, context.workspace)
+        return BaselineResult(accuracy=baseline.accuracy, metric=baseline.metric, latency_ms=baseline.latency_ms,
+                              latency_p90_ms=baseline.latency_p90_ms, model_size_bytes=baseline.model_size_bytes,
+                              seconds=baseline.seconds)
+    if args.command == "confirm":
+        from qtune.runner.confirm import run_confirm
+
+        if not args.candidates:
+            raise QtuneError("--candidates is required for confirm")
+        return run_confirm(context, _read_json(args.candidates, "--candidates"))
+    from qtune.runner.trial import run_trial
+
+    if not args.config:
+        raise QtuneError("--config is required for a trial")
+    config = TuneConfig.from_dict(_read_json(args.config, "--config"))
+    return run_trial(context, config, int(args.index))
+
+
+def _failed(command: str, index: str, reason: str, message: str) -> BaselineResult | TrialResult | ConfirmResult:
+    if command == "baseline":
+        return BaselineResult(status=FAILED, reason=reason, message=message)
+    if command == "confirm":
+        return ConfirmResult(status=FAILED, reason=reason, message=message)
+    return TrialResult(trial=int(index) if str(index).isdigit() else 0, status=FAILED, reason=reason, message=message)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from qtune.runner.baseline import run_baseline
-    from qtune.runner.context import JobContext, default_threads
-    from qtune.runner.metrics import push_result
-    from qtune.runner.trial import run_trial
-
+    code = EXIT_OK
     try:
-        if args.job:
-            job = load_job(args.job)
-            base_dir = Path(args.base_dir or Path(args.job).resolve().parent)
-        else:
-            job = job_from_dict(json.loads(args.job_json))
-            base_dir = Path(args.base_dir or ".")
-        workspace = Path(args.workspace)
-        workspace.mkdir(parents=True, exist_ok=True)
-        context = JobContext(job, base_dir.resolve(), workspace.resolve(), args.threads or default_threads())
-        if args.command == "baseline":
-            _, baseline = run_baseline(context)
-            if args.publish_configmap:
-                from qtune.runner.publish import publish_baseline
-
-                publish_baseline(args.publish_configmap, workspace)
-            if args.pushgateway:
-                push_result(args.pushgateway, args.job_uid, "baseline",
-                            {"status": "succeeded", "accuracy": baseline.accuracy,
-                             "latency_ms": baseline.latency_ms, "latency_p90_ms": baseline.latency_p90_ms,
-                             "model_size_bytes": baseline.model_size_bytes,
-                             "timings": {"total": baseline.seconds}})
-            return 0
-        if not args.config:
-            raise QtuneError("--config is required for a trial")
-        result = run_trial(context, _load_config(args.config), args.index)
+        result = _run(args)
     except QtuneError as exc:
         logger.error("%s", exc)
-        _termination_message(str(exc))
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201 - the last line the caller reads
-        return 1
+        result, code = _failed(args.command, args.index, "InvalidJob", str(exc)), EXIT_JOB_UNUSABLE
+    except Exception as exc:  # noqa: BLE001 - any other failure is reported, never a silent crash
+        logger.error("%s crashed:\n%s", args.command, traceback.format_exc())
+        result = _failed(args.command, args.index, "Crashed", f"{type(exc).__name__}: {exc}"[:2000])
+        code = EXIT_JOB_UNUSABLE if args.command == "baseline" else EXIT_TRIAL_FAILED
+    if code == EXIT_OK and result.status != "succeeded":
+        code = EXIT_TRIAL_FAILED
+    payload = result.model_dump(mode="json")
+    if args.result:
+        write_json_atomic(Path(args.result), payload)
     if args.pushgateway:
-        push_result(args.pushgateway, args.job_uid, args.index, result)
-    if result["status"] != "succeeded":
-        _termination_message(f"{result.get('reason')}: {result.get('message')}")
-        return 2
-    _termination_message(json.dumps({"model_path": result.get("model_path")}))
-    return 0
+        from qtune.runner.metrics import push_result
+
+        push_result(args.pushgateway, args.job_uid, "baseline" if args.command == "baseline" else
+                    ("confirm" if args.command == "confirm" else args.index), payload)
+    if code != EXIT_OK:
+        message = result.message or result.reason or "failed"
+        termination_message(message if code == EXIT_JOB_UNUSABLE else f"{result.reason}: {message}")
+        if code == EXIT_JOB_UNUSABLE:
+            print(f"error: {message}", file=sys.stderr)  # noqa: T201 - the last line the caller reads
+    else:
+        termination_message(json.dumps({"model_path": getattr(result, "model_path", None)}))
+    return code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ restarted operator finds them there and does not redo this step.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,29 +24,16 @@ from qtune.tuning.space import TuningSpace, build_space
 logger = logging.getLogger(__name__)
 
 
-def measure_latency(context: JobContext, model: object, reference: object | None = None,
-                    rounds: int = 3) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
-    """p50 and p90 per batch size, in ms. With a `reference` model (the fp32 one), both are measured
-    interleaved (A B A B ... over `rounds`), and the third dict is the reference's p50: a speedup is
-    then a ratio measured in one process at one time, robust to a busy machine."""
+def measure_latency(context: JobContext, model: object) -> tuple[dict[str, float], dict[str, float]]:
+    """The fp32 model alone: p50 and p90 per batch size, in ms. Shown as such; a speedup is never
+    computed from it (speedups come from interleaved measurements, qtune/runner/benchmark.py)."""
     bench = context.spec.benchmark
     p50: dict[str, float] = {}
     p90: dict[str, float] = {}
-    reference_p50: dict[str, float] = {}
-    rounds = rounds if reference is not None else 1
-    runs = max(1, bench.runs // rounds)
-    threads = context.benchmark_threads
     for size, batch in context.benchmark_batches().items():
-        own, ref = [], []
-        for _ in range(rounds):
-            if reference is not None:
-                ref.append(context.adaptor.benchmark(reference, batch, bench.warmup_runs, runs, threads))
-            own.append(context.adaptor.benchmark(model, batch, bench.warmup_runs, runs, threads))
-        p50[str(size)] = statistics.median(s.p50_ms for s in own)
-        p90[str(size)] = statistics.median(s.p90_ms for s in own)
-        if ref:
-            reference_p50[str(size)] = statistics.median(s.p50_ms for s in ref)
-    return p50, p90, reference_p50
+        stats = context.adaptor.benchmark(model, batch, bench.warmup_runs, bench.runs, context.benchmark_threads)
+        p50[str(size)], p90[str(size)] = stats.p50_ms, stats.p90_ms
+    return p50, p90
 
 
 @contextmanager
@@ -96,7 +82,7 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
                                                 context.spec.data.evaluation.output)
             np.save(workspace / REFERENCE_FILE, np.asarray(reference))
         accuracy = context.adaptor.evaluate(model, context.targets_loader(), metric=metric)
-    p50, p90, _ = measure_latency(context, model)
+    p50, p90 = measure_latency(context, model)
     space = compute_space(context)
     baseline = Baseline(
         accuracy=float(accuracy),
@@ -104,6 +90,7 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
         latency_p90_ms=p90,
         model_size_bytes=int(context.adaptor.model_size(model)),
         seconds=time.perf_counter() - started,
+        metric=context.metric_name,
     )
     write_json_atomic(workspace / SPACE_FILE, space.to_dict())
     write_json_atomic(workspace / BASELINE_FILE, asdict(baseline))

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qtune.protocol import SpeedMeasurement
 from qtune.tuning.config import TuneConfig
 
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
@@ -26,6 +27,12 @@ class Baseline:
     latency_p90_ms: dict[str, float] = field(default_factory=dict)
     model_size_bytes: int = 0
     seconds: float = 0.0
+    metric: str | None = None
+    """The name of the metric `accuracy` is (top1, a user metric's name, ...)."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Baseline:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -35,10 +42,9 @@ class TrialRecord:
     tune_config: dict[str, Any]
     status: str = PENDING
     accuracy: float | None = None
-    latency_ms: dict[str, float] = field(default_factory=dict)
-    latency_p90_ms: dict[str, float] = field(default_factory=dict)
-    fp32_latency_ms: dict[str, float] = field(default_factory=dict)
-    """The fp32 model's p50, measured interleaved with this trial's model in the same process."""
+    speed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Batch size (str) -> SpeedMeasurement (protocol) as a dict: this model against fp32, measured
+    interleaved in the trial's process. Empty when the trial was not benchmarked (it failed accuracy)."""
     model_size_bytes: int | None = None
     passed: bool | None = None
     reason: str | None = None
@@ -64,19 +70,25 @@ class TrialRecord:
         return self.status == SUCCEEDED
 
     def batch_key(self, batch_size: int | str | None = None) -> str | None:
-        """The latency key of `batch_size`; by default the largest benchmarked batch."""
+        """The speed key of `batch_size`; by default the largest benchmarked batch."""
         if batch_size is not None:
             return str(batch_size)
-        return max(self.latency_ms, key=int) if self.latency_ms else None
+        return max(self.speed, key=int) if self.speed else None
+
+    def speed_at(self, batch_size: int | str | None = None) -> SpeedMeasurement | None:
+        key = self.batch_key(batch_size)
+        data = self.speed.get(key) if key is not None else None
+        return SpeedMeasurement.model_validate(data) if data else None
 
     def latency(self, batch_size: int | str | None = None) -> float | None:
-        key = self.batch_key(batch_size)
-        return None if key is None else self.latency_ms.get(key)
+        """This model's p50 in ms, from its speed measurement."""
+        measured = self.speed_at(batch_size)
+        return measured.p50_ms if measured else None
 
-    def speedup(self, batch_size: int | str) -> float | None:
-        """fp32 latency / this trial's latency, both measured in the trial (interleaved)."""
-        own, fp32 = self.latency_ms.get(str(batch_size)), self.fp32_latency_ms.get(str(batch_size))
-        return fp32 / own if own and fp32 else None
+    def speedup(self, batch_size: int | str | None = None) -> float | None:
+        """fp32 p50 / this model's p50, both from the same interleaved measurement."""
+        measured = self.speed_at(batch_size)
+        return measured.speedup if measured else None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -96,6 +108,12 @@ class History:
     started_at: float | None = None
     elapsed_seconds: float = 0.0
     """Tuning wall time spent by earlier runs of this job (resumes add to it)."""
+    confirmation: dict[str, Any] | None = None
+    """The final re-measurement of the best candidates (ConfirmResult as a dict), once run."""
+    outcome: str | None = None
+    """The job's final reason (GoalReached, NoSpeedup, NoConfigMeetsCriterion, ...), set when it ends."""
+    message: str | None = None
+    """Why the job failed as a whole (e.g. the baseline's error), when it did."""
 
     def keys(self) -> set[str]:
         return {t.config_key for t in self.trials}
@@ -129,6 +147,9 @@ class History:
             "stop_reason": self.stop_reason,
             "started_at": self.started_at,
             "elapsed_seconds": self.elapsed_seconds,
+            "confirmation": self.confirmation,
+            "outcome": self.outcome,
+            "message": self.message,
         }
 
     @classmethod
@@ -136,11 +157,14 @@ class History:
         baseline = data.get("baseline")
         return cls(
             job=data["job"],
-            baseline=Baseline(**baseline) if baseline else None,
+            baseline=Baseline.from_dict(baseline) if baseline else None,
             trials=[TrialRecord.from_dict(t) for t in data.get("trials", [])],
             stop_reason=data.get("stop_reason"),
             started_at=data.get("started_at"),
             elapsed_seconds=float(data.get("elapsed_seconds", 0.0)),
+            confirmation=data.get("confirmation"),
+            outcome=data.get("outcome"),
+            message=data.get("message"),
         )
 
     def save(self, path: Path) -> None:

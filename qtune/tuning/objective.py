@@ -1,38 +1,99 @@
 """Objectives and the choice of the best trial.
 
-The choice is independent of the order in which results arrived, so a parallel run picks the
-same winner as a sequential one. Measurements are noisy (latency on a shared machine) or differ
-by a few Q/DQ nodes (size): objective values within `objective_tolerance` of the best passing
-trial count as equal, and among equals the config with the fewest fp32 ops wins (then the better
-value, then the config key).
+The choice depends only on the recorded figures, never on the order results arrived in, so a
+parallel run, a sequential run and a resumed run pick the same winner from the same figures.
+
+- `latency`: a trial's figure is its speedup over fp32 with a confidence interval, both models
+  measured interleaved in one process. Passing trials whose intervals overlap the fastest one's
+  cannot be told apart and count as equal; among equals the fewest fp32 ops win, then the higher
+  accuracy, then the config key. When the final confirmation re-measured the best candidates in
+  one session, only those candidates and those figures decide.
+- `size`: sizes within `objective_tolerance` of the smallest count as equal; same tie rule.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from qtune.protocol import SpeedMeasurement
+from qtune.tuning.criterion import Criterion
 from qtune.tuning.history import History, TrialRecord
 
 
-def objective_value(record: TrialRecord, objective: str, batch_size: int | None = None) -> float:
-    """Lower is better. Latency is taken relative to the fp32 model measured interleaved in the same
-    trial when available (robust to the machine's load changing between trials)."""
-    if objective == "size":
-        return float(record.model_size_bytes or 0)
-    latency = record.latency(batch_size)
-    if latency is None:
-        return float("inf")
-    fp32 = record.fp32_latency_ms.get(record.batch_key(batch_size) or "")
-    return latency / fp32 if fp32 else latency
+def _tie_key(record: TrialRecord, criterion: Criterion | None) -> tuple[int, float, str]:
+    accuracy = record.accuracy if record.accuracy is not None else float("nan")
+    if accuracy != accuracy:
+        goodness = float("inf")
+    elif criterion is None or criterion.higher_is_better:
+        goodness = -accuracy
+    else:
+        goodness = accuracy
+    return len(record.config.fp32_ops()), goodness, record.config_key
+
+
+def confirmed_speed(history: History, index: int, batch_size: int | str) -> SpeedMeasurement | None:
+    """The confirmation's figure of trial `index` at `batch_size`, if the confirmation measured it."""
+    confirmation = history.confirmation or {}
+    if confirmation.get("status", "succeeded") != "succeeded":
+        return None
+    data = (confirmation.get("speed") or {}).get(str(index), {}).get(str(batch_size))
+    return SpeedMeasurement.model_validate(data) if data else None
+
+
+def confirmed_candidates(history: History) -> list[int]:
+    confirmation = history.confirmation or {}
+    if confirmation.get("status", "succeeded") != "succeeded":
+        return []
+    return [int(i) for i in (confirmation.get("speed") or {})]
+
+
+def speed_of(history: History, record: TrialRecord, batch_size: int | str) -> SpeedMeasurement | None:
+    """The figure that decides for `record`: the confirmation's when it has one, else the trial's."""
+    return confirmed_speed(history, record.index, batch_size) or record.speed_at(batch_size)
+
+
+def rank_by_speed(history: History, records: list[TrialRecord], batch_size: int | str,
+                  criterion: Criterion | None = None) -> list[TrialRecord]:
+    """Best first: the group equal to the fastest (overlapping intervals) by the tie rule, then the
+    rest by the same procedure applied again (so the order is deterministic and noise-aware)."""
+    measured = [r for r in records if speed_of(history, r, batch_size) is not None]
+    ranked: list[TrialRecord] = []
+    while measured:
+        top = max(measured, key=lambda r: (speed_of(history, r, batch_size).speedup, r.config_key))  # type: ignore[union-attr]
+        top_speed = speed_of(history, top, batch_size)
+        assert top_speed is not None
+        equal = [r for r in measured if speed_of(history, r, batch_size).overlaps(top_speed)]  # type: ignore[union-attr]
+        equal.sort(key=lambda r: _tie_key(r, criterion))
+        ranked.extend(equal)
+        measured = [r for r in measured if r not in equal]
+    unmeasured = sorted((r for r in records if speed_of(history, r, batch_size) is None),
+                        key=lambda r: _tie_key(r, criterion))
+    return ranked + unmeasured
 
 
 def select_best(history: History, objective: str, objective_tolerance: float = 0.05,
-                batch_size: int | None = None) -> TrialRecord | None:
+                batch_size: int | str | None = None, criterion: Criterion | None = None) -> TrialRecord | None:
     passing = [t for t in history.trials if t.ok and t.passed]
     if not passing:
         return None
+    if objective == "size":
+        smallest = min(float(t.model_size_bytes or 0) for t in passing)
+        near = [t for t in passing if float(t.model_size_bytes or 0) <= smallest * (1 + objective_tolerance)]
+        return min(near, key=lambda t: _tie_key(t, criterion))
+    batch = batch_size if batch_size is not None else _largest_batch(passing)
+    confirmed = set(confirmed_candidates(history))
+    pool = [t for t in passing if t.index in confirmed] or passing
+    return rank_by_speed(history, pool, batch, criterion)[0] if batch is not None else \
+        min(pool, key=lambda t: _tie_key(t, criterion))
 
-    def fp32_count(record: TrialRecord) -> int:
-        return len(record.config.fp32_ops())
 
-    best_value = min(objective_value(t, objective, batch_size) for t in passing)
-    near = [t for t in passing if objective_value(t, objective, batch_size) <= best_value * (1 + objective_tolerance)]
-    return min(near, key=lambda t: (fp32_count(t), objective_value(t, objective, batch_size), t.config_key))
+def _largest_batch(records: list[TrialRecord]) -> str | None:
+    keys = {k for r in records for k in r.speed}
+    return max(keys, key=int) if keys else None
+
+
+def speed_summary(measurement: SpeedMeasurement | None) -> dict[str, Any] | None:
+    """The winner's speed as plain data for best_config.json and the status (one source)."""
+    if measurement is None:
+        return None
+    return measurement.model_dump()

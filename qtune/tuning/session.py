@@ -1,29 +1,38 @@
-"""The tuning loop's decisions, shared by the local executor and the operator.
+"""The tuning session: the one engine behind `qtune tune` and the operator (see docs/engine.md).
 
-A session wraps (spec, space, baseline, history) and answers: which trials to start now, how to
-record a result, whether to stop and why, and which trial is best. It holds no other state, so
-either executor can rebuild it from the stored history at any time.
+A session owns a job's whole lifecycle: the baseline, proposing trials, recording results, the
+stop rules, timeouts, the failure policy, the final confirmation and the winner. Executors only
+start, poll and cancel units of work (local processes or pods) and feed the session what they
+observed. Its only state is the History (plus the space the baseline produced), so either
+executor rebuilds it from storage at any time and continues where the job was.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from qtune.protocol import (
+    BASELINE_UNIT,
+    CONFIRM_UNIT,
+    BaselineResult,
+    ConfirmResult,
+    SpeedMeasurement,
+    TrialResult,
+)
 from qtune.spec.models import JobSpec
 from qtune.tuning import stop
 from qtune.tuning.criterion import Criterion
 from qtune.tuning.history import FAILED, SUCCEEDED, Baseline, History, TrialRecord
-from qtune.tuning.objective import select_best
+from qtune.tuning.objective import rank_by_speed, select_best, speed_of
 from qtune.tuning.space import TuningSpace
 from qtune.tuning.strategies import create_strategy
 
 logger = logging.getLogger(__name__)
 
-RESULT_FIELDS = ("accuracy", "latency_ms", "latency_p90_ms", "fp32_latency_ms", "model_size_bytes", "timings",
-                 "model_path", "reason", "message")
+TRIAL_PREFIX = "trial-"
 
 
 def objective_batch_size(spec: JobSpec) -> int:
@@ -31,57 +40,156 @@ def objective_batch_size(spec: JobSpec) -> int:
     return max(spec.benchmark.batch_sizes)
 
 
-@dataclass
-class TuningSession:
-    spec: JobSpec
-    space: TuningSpace
-    baseline: Baseline
-    history: History
+def trial_unit_id(index: int) -> str:
+    return f"{TRIAL_PREFIX}{index}"
 
-    def __post_init__(self) -> None:
-        self.criterion = Criterion.from_spec(self.spec.tuning.accuracy_criterion)
-        self.strategy = create_strategy(self.spec.tuning.strategy, self.spec.tuning.seed)
-        tuning = self.spec.tuning
+
+def trial_of(unit_id: str) -> int | None:
+    """The trial index of a unit id (`trial-3` -> 3), None for baseline/confirm."""
+    if unit_id.startswith(TRIAL_PREFIX) and unit_id[len(TRIAL_PREFIX):].isdigit():
+        return int(unit_id[len(TRIAL_PREFIX):])
+    return None
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One unit of work an executor runs: the baseline, a trial, or the final confirmation."""
+
+    id: str
+    kind: str
+    trial: int | None = None
+    tune_config: dict[str, Any] | None = None
+    candidates: tuple[int, ...] = ()
+    candidate_configs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+    """confirm: trial index (str) -> tune config, so the runner can rebuild each candidate."""
+
+    @classmethod
+    def baseline(cls) -> WorkUnit:
+        return cls(BASELINE_UNIT, BASELINE_UNIT)
+
+    @classmethod
+    def for_trial(cls, record: TrialRecord) -> WorkUnit:
+        return cls(trial_unit_id(record.index), "trial", record.index, record.tune_config)
+
+
+@dataclass
+class Decision:
+    """What the executor must do now."""
+
+    start: list[WorkUnit] = field(default_factory=list)
+    cancel: list[str] = field(default_factory=list)
+    """Unit ids to stop; the session has already recorded them."""
+    finished: str | None = None
+    """The search's stop reason once the job is over (see `outcome()` for the final verdict)."""
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.start or self.cancel or self.finished)
+
+
+class TuningSession:
+    def __init__(self, spec: JobSpec, history: History, space: TuningSpace | None = None) -> None:
+        self.spec = spec
+        self.history = history
+        self.space = space
+        tuning = spec.tuning
+        self.criterion = Criterion.from_spec(tuning.accuracy_criterion)
+        self.batch_size = objective_batch_size(spec)
+        self.strategy = create_strategy(tuning.strategy, tuning.seed, objective=tuning.objective,
+                                        min_speedup=tuning.min_speedup, batch_size=self.batch_size)
         self.rules = stop.StopRules(tuning.max_trials, tuning.max_failed_trials, float(tuning.timeout_seconds))
+
+    @property
+    def baseline(self) -> Baseline | None:
+        return self.history.baseline
+
+    @property
+    def ready(self) -> bool:
+        """The baseline and the space are known: trials can be proposed."""
+        return self.history.baseline is not None and self.space is not None
+
+    # --- the loop's one step ----------------------------------------------------------------
+    def advance(self, elapsed_seconds: float, running: set[str] | frozenset[str], capacity: int) -> Decision:
+        """Decide what to start, stop or finish, given the job's elapsed wall time (baseline
+        included), the units running now and how many may run at once."""
+        history = self.history
+        if history.stop_reason is not None:
+            return Decision(cancel=sorted(running), finished=history.stop_reason)
+        if not self.ready:
+            if BASELINE_UNIT in running:
+                return self._maybe_timeout(elapsed_seconds, running) or Decision()
+            return self._maybe_timeout(elapsed_seconds, running) or Decision(start=[WorkUnit.baseline()])
+
+        hard = self._maybe_timeout(elapsed_seconds, running)
+        if hard is not None:
+            return hard
+        if CONFIRM_UNIT in running:
+            return Decision()
+
+        free = max(0, capacity - len(running))
+        start: list[WorkUnit] = []
+        for record in sorted(history.pending(), key=lambda t: t.index):
+            if trial_unit_id(record.index) not in running and len(start) < free:
+                start.append(WorkUnit.for_trial(record))  # e.g. left pending by an interrupted run
+        free -= len(start)
+        if free > 0:
+            start += [WorkUnit.for_trial(r) for r in self.start_trials(free)]
+        if start or running or history.pending():
+            return Decision(start=start)
+
+        reason = self.finished_reason()
+        if reason is None:  # the strategy waits for nothing and proposes nothing: it is done
+            reason = stop.SEARCH_EXHAUSTED
+        confirm = self.confirmation_unit()
+        if confirm is not None:
+            return Decision(start=[confirm])
+        return self._finish(reason)
+
+    def _maybe_timeout(self, elapsed_seconds: float, running: set[str] | frozenset[str]) -> Decision | None:
+        reason = self.rules.hard_stop(self.history, elapsed_seconds)
+        if reason is None:
+            return None
+        message = ("stopped: the tuning ran out of its wall-clock limit (spec.tuning.timeoutSeconds)"
+                   if reason == stop.TIMEOUT else f"stopped: {reason}")
+        for record in self.history.pending():
+            self.fail(record.index, reason if reason == stop.TIMEOUT else stop.ABANDONED, message)
+        if CONFIRM_UNIT in running:
+            self.history.confirmation = {"status": FAILED, "reason": reason, "message": message}
+        if not self.ready:
+            self.history.message = f"{message}, before the baseline finished"
+        return self._finish(reason, cancel=sorted(running))
+
+    def _finish(self, reason: str, cancel: list[str] | None = None) -> Decision:
+        self.history.stop_reason = reason
+        self.history.outcome = self.outcome(reason)
+        logger.info("%s: search stopped (%s); outcome %s", self.history.job, reason, self.history.outcome)
+        return Decision(cancel=cancel or [], finished=reason)
 
     # --- proposals --------------------------------------------------------------------------
     def start_trials(self, slots: int) -> list[TrialRecord]:
         """Add up to `slots` pending trials (fewer when the strategy waits or the budget is spent)."""
+        if not self.ready:
+            return []
         k = min(slots, self.rules.budget(self.history))
         if k <= 0:
             return []
+        assert self.space is not None
         configs = self.strategy.propose(self.space, self.history, k)[:k]
         now = time.time()
         records = []
         for config in configs:
+            if self.history.find(config) is not None:
+                continue  # a strategy must never repeat a config; refuse rather than run it twice
             record = self.history.add(config, proposed_by=self.strategy.name)
             record.started_at = now
             records.append(record)
         return records
 
-    # --- results ------------------------------------------------------------------------------
-    def record_result(self, index: int, result: dict[str, Any]) -> TrialRecord:
-        record = next(t for t in self.history.trials if t.index == index)
-        for name in RESULT_FIELDS:
-            if result.get(name) is not None:
-                setattr(record, name, result[name])
-        record.status = SUCCEEDED if result.get("status") == SUCCEEDED else FAILED
-        record.passed = record.ok and self.criterion.passes(record.accuracy, self.baseline.accuracy)
-        record.finished_at = time.time()
-        return record
-
-    def fail(self, index: int, reason: str, message: str) -> TrialRecord:
-        return self.record_result(index, {"status": FAILED, "reason": reason, "message": message})
-
-    # --- stopping -----------------------------------------------------------------------------
-    def hard_stop(self, elapsed_seconds: float) -> str | None:
-        return self.rules.hard_stop(self.history, elapsed_seconds)
-
     def finished_reason(self) -> str | None:
         """Why the search is over when nothing is pending and nothing new can start; else None."""
-        if self.history.pending():
+        if self.history.pending() or self.space is None:
             return None
-        if self.strategy.goal_reached(self.space, self.history):
+        if self.goal_reached():
             return stop.GOAL_REACHED
         if self.rules.budget(self.history) <= 0:
             return stop.MAX_TRIALS
@@ -89,10 +197,156 @@ class TuningSession:
             return stop.SEARCH_EXHAUSTED
         return None
 
+    def goal_reached(self) -> bool:
+        """The strategy is done AND its best passing config is a success (fast enough for latency)."""
+        assert self.space is not None
+        if not self.strategy.goal_reached(self.space, self.history):
+            return False
+        return self.success(self.best())
+
+    # --- the final confirmation -----------------------------------------------------------
+    def confirm_candidates(self) -> list[TrialRecord]:
+        """The few best passing candidates by the in-trial figures (what the confirmation re-measures)."""
+        passing = [t for t in self.history.trials if t.ok and t.passed and t.speed_at(self.batch_size)]
+        ranked = rank_by_speed(self.history, passing, self.batch_size, self.criterion)
+        return ranked[: self.spec.tuning.confirm_candidates]
+
+    def confirmation_unit(self) -> WorkUnit | None:
+        """The confirm unit to run before the job ends; None when not wanted or already done (a new
+        one runs only when trials recorded after the last confirmation passed)."""
+        if self.spec.tuning.objective != "latency" or self.spec.tuning.confirm_candidates <= 0:
+            return None
+        previous = self.history.confirmation
+        if previous is not None:
+            seen = int(previous.get("trials_seen", len(self.history.trials)))
+            newer = [t for t in self.history.trials[seen:] if t.ok and t.passed and t.speed]
+            if not newer:
+                return None
+        candidates = self.confirm_candidates()
+        if not candidates:
+            return None
+        return WorkUnit(CONFIRM_UNIT, CONFIRM_UNIT, candidates=tuple(t.index for t in candidates),
+                        candidate_configs={str(t.index): t.tune_config for t in candidates})
+
+    # --- results -----------------------------------------------------------------------------
+    def record(self, unit_id: str, result: BaselineResult | TrialResult | ConfirmResult,
+               space: TuningSpace | None = None) -> TrialRecord | None:
+        """Record a unit's typed result (dispatch on the unit id)."""
+        if unit_id == BASELINE_UNIT:
+            assert isinstance(result, BaselineResult)
+            self.record_baseline(result, space)
+            return None
+        if unit_id == CONFIRM_UNIT:
+            assert isinstance(result, ConfirmResult)
+            self.record_confirm(result)
+            return None
+        assert isinstance(result, TrialResult)
+        return self.record_trial(result)
+
+    def record_baseline(self, result: BaselineResult, space: TuningSpace | None) -> None:
+        if result.status != SUCCEEDED or result.accuracy is None or space is None:
+            self.record_unit_failure(BASELINE_UNIT, result.reason or stop.BASELINE_FAILED,
+                                     result.message or "the baseline step did not produce the tuning space")
+            return
+        self.history.baseline = Baseline(
+            accuracy=float(result.accuracy), latency_ms=dict(result.latency_ms),
+            latency_p90_ms=dict(result.latency_p90_ms), model_size_bytes=int(result.model_size_bytes),
+            seconds=float(result.seconds), metric=result.metric,
+        )
+        self.space = space
+        if self.history.started_at is None:
+            self.history.started_at = time.time()
+
+    def record_trial(self, result: TrialResult) -> TrialRecord | None:
+        """Record a trial's result once; a repeated or unknown result is ignored (returns None)."""
+        record = next((t for t in self.history.trials if t.index == result.trial), None)
+        if record is None or record.done:
+            return None
+        if result.config_key and result.config_key != record.config_key:
+            logger.warning("trial %d: result for another config (%s) ignored", record.index, result.config_key)
+            return None
+        record.accuracy = result.accuracy
+        record.speed = {k: v.model_dump() for k, v in result.speed.items()}
+        record.model_size_bytes = result.model_size_bytes
+        record.timings = dict(result.timings)
+        record.model_path = result.model_path
+        record.reason, record.message = result.reason, result.message
+        record.status = SUCCEEDED if result.status == SUCCEEDED else FAILED
+        baseline = self.history.baseline.accuracy if self.history.baseline else None
+        record.passed = bool(record.ok and baseline is not None and self.criterion.passes(record.accuracy, baseline))
+        record.finished_at = time.time()
+        return record
+
+    def record_confirm(self, result: ConfirmResult) -> None:
+        if result.status != SUCCEEDED:
+            self.record_unit_failure(CONFIRM_UNIT, result.reason or "Crashed", result.message or "")
+            return
+        self.history.confirmation = {**result.model_dump(), "trials_seen": len(self.history.trials)}
+
+    def record_unit_failure(self, unit_id: str, reason: str, message: str) -> TrialRecord | None:
+        """A unit that produced no result (crash, OOMKilled, Timeout, pod lost ...)."""
+        if unit_id == BASELINE_UNIT:
+            self.history.message = message
+            self._finish(stop.BASELINE_FAILED)
+            return None
+        if unit_id == CONFIRM_UNIT:
+            logger.warning("the confirmation failed (%s: %s); the in-trial figures decide", reason, message)
+            self.history.confirmation = {"status": FAILED, "reason": reason, "message": message,
+                                         "trials_seen": len(self.history.trials)}
+            return None
+        index = trial_of(unit_id)
+        return self.fail(index, reason, message) if index is not None else None
+
+    def fail(self, index: int, reason: str, message: str) -> TrialRecord | None:
+        return self.record_trial(TrialResult(trial=index, status=FAILED, reason=reason, message=message))
+
+    # --- the verdict -------------------------------------------------------------------------
     def best(self) -> TrialRecord | None:
         return select_best(self.history, self.spec.tuning.objective, self.spec.tuning.objective_tolerance,
-                           objective_batch_size(self.spec))
+                           self.batch_size, self.criterion)
 
-    def outcome(self, stop_reason: str) -> str:
-        """Final condition reason: the stop reason, or NoConfigMeetsCriterion when nothing passed."""
-        return stop_reason if self.best() is not None else stop.NO_CONFIG
+    def best_speed(self) -> SpeedMeasurement | None:
+        """The ONE speed figure of the winner that every surface prints (confirmation first)."""
+        best = self.best()
+        return speed_of(self.history, best, self.batch_size) if best is not None else None
+
+    def success(self, best: TrialRecord | None) -> bool:
+        """A passing config that, for the latency objective, is faster than minSpeedup beyond doubt."""
+        if best is None:
+            return False
+        if self.spec.tuning.objective != "latency":
+            return True
+        measured = speed_of(self.history, best, self.batch_size)
+        return measured is not None and measured.above(self.spec.tuning.min_speedup)
+
+    def outcome(self, stop_reason: str | None = None) -> str:
+        """The job's final reason: the stop reason when the winner is a success, else why not."""
+        reason = stop_reason or self.history.stop_reason or stop.SEARCH_EXHAUSTED
+        if reason == stop.BASELINE_FAILED or self.history.baseline is None:
+            return stop.BASELINE_FAILED if reason == stop.BASELINE_FAILED else reason
+        best = self.best()
+        if best is None:
+            return stop.NO_CONFIG
+        if not self.success(best):
+            return stop.NO_SPEEDUP
+        return reason
+
+    def verdict(self) -> str:
+        """One line a person reads: the outcome and why."""
+        outcome = self.outcome()
+        best = self.best()
+        measured = self.best_speed()
+        if outcome == stop.BASELINE_FAILED:
+            return f"{outcome}: {self.history.message or 'the fp32 baseline failed'}"
+        if best is None:
+            return f"{outcome}: no configuration meets the accuracy criterion ({self.criterion.describe()})"
+        head = f"trial {best.index}, accuracy {best.accuracy:.4f}"
+        if self.spec.tuning.objective == "size":
+            return f"{outcome}: {head}, {best.model_size_bytes} bytes"
+        if measured is None:
+            return f"{outcome}: {head}; its speed was not measured"
+        if outcome == stop.NO_SPEEDUP:
+            return (f"{outcome}: configs meet the accuracy criterion but none is faster than fp32 "
+                    f"(×{self.spec.tuning.min_speedup:g}) beyond measurement doubt; best: {head}, "
+                    f"speedup {measured.describe()}")
+        return f"{outcome}: {head}, speedup {measured.describe()}"

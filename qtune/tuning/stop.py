@@ -1,4 +1,4 @@
-"""Stop rules. Reasons double as the operator's condition reasons."""
+"""Stop rules and outcomes. Reasons double as the operator's condition reasons."""
 
 from __future__ import annotations
 
@@ -12,6 +12,15 @@ MAX_TRIALS = "MaxTrialsReached"
 TIMEOUT = "Timeout"
 TOO_MANY_FAILURES = "TooManyFailedTrials"
 NO_CONFIG = "NoConfigMeetsCriterion"
+NO_SPEEDUP = "NoSpeedup"
+"""Some configs meet the accuracy criterion, but none is faster than fp32 (or than minSpeedup)
+beyond measurement doubt."""
+BASELINE_FAILED = "BaselineFailed"
+ABANDONED = "Abandoned"
+"""A running trial stopped because the job stopped (e.g. too many failed trials)."""
+
+SUCCESS_OUTCOMES = frozenset({GOAL_REACHED, SEARCH_EXHAUSTED, MAX_TRIALS, TIMEOUT, TOO_MANY_FAILURES})
+"""Outcomes with a winner that meets the criterion (and, for latency, is faster than fp32)."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +34,7 @@ class StopRules:
         return max(0, self.max_trials - len(history.trials))
 
     def hard_stop(self, history: History, elapsed_seconds: float) -> str | None:
-        """A reason to stop now, abandoning running trials; None to go on."""
+        """A reason to stop now, abandoning running work; None to go on."""
         if self.timeout_seconds and elapsed_seconds >= self.timeout_seconds:
             return TIMEOUT
         if self.max_failed_trials is not None and len(history.failed()) >= self.max_failed_trials:

@@ -1,0 +1,438 @@
+"""The one protocol between runner, local executor and operator: typed results and their encodings.
+
+Everything that crosses a process boundary is defined here once: the result of a unit of work
+(baseline, trial, confirmation), the exit codes and termination message of the runner, and the
+signature that proves a cluster result came from the pod that was given the trial's secret.
+This module imports no framework (the operator imports it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EXIT_OK = 0
+EXIT_JOB_UNUSABLE = 1
+"""The job itself cannot run (bad spec, model or data): terminal, the message says why."""
+EXIT_TRIAL_FAILED = 2
+"""The trial ran and failed (its result says why): recorded, the search goes on."""
+
+SUCCEEDED, FAILED = "succeeded", "failed"
+BASELINE_UNIT, CONFIRM_UNIT = "baseline", "confirm"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class SpeedMeasurement(_Message):
+    """A model's latency against fp32 at one batch size, measured interleaved in ONE process.
+
+    `p50_ms`/`fp32_p50_ms` are medians over every run of every window of this measurement, so
+    `speedup == fp32_p50_ms / p50_ms` exactly; [`low`, `high`] is its confidence interval
+    (bootstrap over the paired rounds). A busy machine widens the interval."""
+
+    batch_size: int
+    p50_ms: float
+    p90_ms: float
+    fp32_p50_ms: float
+    fp32_p90_ms: float
+    speedup: float
+    low: float
+    high: float
+    confidence: float = 0.95
+    rounds: int = 0
+    runs_per_window: int = 0
+    threads: int = 0
+    seconds: float = 0.0
+
+    def above(self, threshold: float) -> bool:
+        """Faster than `threshold` (e.g. 1.0 = fp32) beyond doubt: the whole interval lies above it."""
+        return self.low > threshold
+
+    def overlaps(self, other: SpeedMeasurement) -> bool:
+        """The two speedups cannot be told apart."""
+        return self.low <= other.high and other.low <= self.high
+
+    def describe(self) -> str:
+        return (f"{self.speedup:.2f}× [{self.low:.2f}–{self.high:.2f}] (fp32 {self.fp32_p50_ms:.3f} ms → "
+                f"{self.p50_ms:.3f} ms at batch {self.batch_size}; {self.rounds} interleaved rounds)")
+
+
+class BaselineResult(_Message):
+    """The fp32 model: accuracy on the evaluation set, standalone latency and size."""
+
+    status: Literal["succeeded", "failed"] = SUCCEEDED
+    accuracy: float | None = None
+    metric: str | None = None
+    latency_ms: dict[str, float] = Field(default_factory=dict)
+    latency_p90_ms: dict[str, float] = Field(default_factory=dict)
+    model_size_bytes: int = 0
+    seconds: float = 0.0
+    reason: str | None = None
+    message: str | None = None
+
+
+class TrialResult(_Message):
+    """One trial's outcome. `speed` is empty when the trial was not benchmarked (it failed the
+    accuracy criterion, so its latency would decide nothing)."""
+
+    trial: int
+    status: Literal["succeeded", "failed"] = FAILED
+    config_key: str | None = None
+    accuracy: float | None = None
+    speed: dict[str, SpeedMeasurement] = Field(default_factory=dict)
+    model_size_bytes: int | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    model_path: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    notes: list[str] = Field(default_factory=list)
+
+
+class ConfirmResult(_Message):
+    """The final re-measurement: the few best candidates against fp32 and each other, in one
+    interleaved session (so the choice never rests on readings taken minutes apart)."""
+
+    status: Literal["succeeded", "failed"] = SUCCEEDED
+    candidates: list[int] = Field(default_factory=list)
+    speed: dict[str, dict[str, SpeedMeasurement]] = Field(default_factory=dict)
+    """trial index (str) -> batch size (str) -> measurement."""
+    seconds: float = 0.0
+    reason: str | None = None
+    message: str | None = None
+
+
+Result = BaselineResult | TrialResult | ConfirmResult
+
+
+# --- canonical encoding and signatures -------------------------------------------------------
+def _canonical_value(value: Any) -> Any:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return repr(value)
+        return float(repr(value))
+    if isinstance(value, dict):
+        return {str(k): _canonical_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical_value(v) for v in value]
+    return value
+
+
+def canonical_bytes(payload: dict[str, Any]) -> bytes:
+    """Deterministic JSON of a result (sorted keys, shortest float repr): what a signature covers."""
+    return json.dumps(_canonical_value(payload), sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign(payload: dict[str, Any], secret: str) -> str:
+    return hmac.new(secret.encode(), canonical_bytes(payload), hashlib.sha256).hexdigest()
+
+
+def verify(payload: dict[str, Any], secret: str, signature: str | None) -> bool:
+    return bool(signature) and hmac.compare_digest(sign(payload, secret), str(signature))
+
+
+def derive_unit_secret(signing_key: str, job_uid: str, unit: str, attempt: int = 0) -> str:
+    """The secret of one pod of one unit: HMAC(operator key, job uid / unit id / attempt).
+
+    The operator hands it to that pod only (a Secret it owns, read through secretKeyRef) and can
+    derive it again at any time from its key, so it never reads Secrets back."""
+    message = f"{job_uid}/{unit}/{int(attempt)}".encode()
+    return hmac.new(signing_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signed_payload(job_uid: str, unit: str, result: Result) -> dict[str, Any]:
+    """What a result's signature covers: the whole result bound to its job and unit (a result of
+    one unit cannot be replayed as another's)."""
+    return {"job_uid": job_uid, "unit": unit, "kind": result_kind(result),
+            "result": result.model_dump(mode="python")}
+
+
+def sign_result(job_uid: str, unit: str, result: Result, secret: str) -> str:
+    return sign(signed_payload(job_uid, unit, result), secret)
+
+
+def verify_result(job_uid: str, unit: str, result: Result, secret: str, signature: str | None) -> bool:
+    return verify(signed_payload(job_uid, unit, result), secret, signature)
+
+
+# --- unit ids ---------------------------------------------------------------------------------
+TRIAL_PREFIX = "trial-"
+
+
+def trial_unit(index: int) -> str:
+    return f"{TRIAL_PREFIX}{int(index)}"
+
+
+def unit_trial_index(unit: str) -> int | None:
+    """3 for "trial-3"; None for "baseline", "confirm" or anything else."""
+    if unit.startswith(TRIAL_PREFIX) and unit[len(TRIAL_PREFIX):].isdigit():
+        return int(unit[len(TRIAL_PREFIX):])
+    return None
+
+
+def result_kind(result: Result) -> str:
+    if isinstance(result, BaselineResult):
+        return BASELINE_UNIT
+    if isinstance(result, ConfirmResult):
+        return CONFIRM_UNIT
+    return "trial"
+
+
+RESULT_MODELS: dict[str, type[BaselineResult] | type[TrialResult] | type[ConfirmResult]] = {
+    BASELINE_UNIT: BaselineResult, "trial": TrialResult, CONFIRM_UNIT: ConfirmResult}
+
+
+# --- the metric table: results as Prometheus samples ------------------------------------------
+# A result crosses the Pushgateway and Prometheus as the series below; every field of the three
+# result models has a row (tests check it), numbers as sample values (Prometheus keeps float64
+# exactly: Python's repr and Go's shortest formatting round-trip), strings and lists as labels of
+# the one `qtune_result_info` series. A field that is None has no series.
+METRIC_PREFIX = "qtune_result_"
+INFO_METRIC = f"{METRIC_PREFIX}info"
+PUSH_JOB = "qtune_result"
+"""The Pushgateway `job` of every result group; the grouping key adds {job_uid, unit}."""
+GROUP_LABELS = ("job_uid", "unit")
+SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", "speedup", "low", "high",
+                "confidence", "rounds", "runs_per_window", "threads", "seconds")
+"""Every field of SpeedMeasurement, each one series `qtune_result_speed_<field>{batch_size}`."""
+
+LABEL_FIELDS: dict[str, tuple[str, ...]] = {
+    BASELINE_UNIT: ("status", "metric", "reason", "message"),
+    "trial": ("status", "config_key", "model_path", "reason", "message", "notes"),
+    CONFIRM_UNIT: ("status", "candidates", "reason", "message"),
+}
+"""String (and list, as JSON) fields: labels of the info series."""
+SCALAR_FIELDS: dict[str, tuple[str, ...]] = {
+    BASELINE_UNIT: ("accuracy", "model_size_bytes", "seconds"),
+    "trial": ("trial", "accuracy", "model_size_bytes"),
+    CONFIRM_UNIT: ("seconds",),
+}
+"""Numeric fields: one series `qtune_result_<field>` each."""
+MAP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
+    BASELINE_UNIT: {"latency_ms": ("latency_ms", "batch_size"), "latency_p90_ms": ("latency_p90_ms", "batch_size")},
+    "trial": {"timings": ("duration_seconds", "phase")},
+    CONFIRM_UNIT: {},
+}
+"""dict[str, float] fields: field -> (metric suffix, key label)."""
+SPEED_MAP_FIELDS: dict[str, tuple[str, ...]] = {BASELINE_UNIT: (), "trial": ("speed",), CONFIRM_UNIT: ("speed",)}
+"""Speed fields: TrialResult.speed {batch: SpeedMeasurement}; ConfirmResult.speed {trial: {batch: ...}}
+(label `candidate` = the trial index)."""
+SIGNATURE_LABEL = "signature"
+KIND_LABEL = "kind"
+
+
+class Sample(BaseModel):
+    """One series of the metric table: name, labels (grouping labels excluded), value."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    value: float
+
+
+class ProtocolError(ValueError):
+    """A message that does not decode (missing series, bad JSON label, invalid field)."""
+
+
+def encode_result(result: Result, signature: str | None = None) -> list[Sample]:
+    """The metric table of one result (plus its signature) as samples."""
+    kind = result_kind(result)
+    data = result.model_dump(mode="python")
+    info: dict[str, str] = {KIND_LABEL: kind}
+    for name in LABEL_FIELDS[kind]:
+        value = data.get(name)
+        if value is None:
+            continue
+        info[name] = json.dumps(value, separators=(",", ":")) if isinstance(value, list) else str(value)
+    if signature:
+        info[SIGNATURE_LABEL] = signature
+    samples = [Sample(name=INFO_METRIC, labels=info, value=1.0)]
+    for name in SCALAR_FIELDS[kind]:
+        if data.get(name) is not None:
+            samples.append(Sample(name=f"{METRIC_PREFIX}{name}", value=float(data[name])))
+    for name, (suffix, label) in MAP_FIELDS[kind].items():
+        for key, value in sorted((data.get(name) or {}).items()):
+            samples.append(Sample(name=f"{METRIC_PREFIX}{suffix}", labels={label: str(key)}, value=float(value)))
+    for name in SPEED_MAP_FIELDS[kind]:
+        speed = data.get(name) or {}
+        nested = speed.items() if kind == CONFIRM_UNIT else [("", speed)]
+        for candidate, by_batch in nested:
+            for batch, measurement in sorted(by_batch.items()):
+                labels = {"batch_size": str(batch)}
+                if kind == CONFIRM_UNIT:
+                    labels["candidate"] = str(candidate)
+                for field in SPEED_FIELDS:
+                    if measurement.get(field) is not None:
+                        samples.append(Sample(name=f"{METRIC_PREFIX}speed_{field}", labels=labels,
+                                              value=float(measurement[field])))
+    return samples
+
+
+def _number(value: float) -> float | int:
+    return int(value) if math.isfinite(value) and value == int(value) and abs(value) < 2**53 else value
+
+
+def decode_result(samples: list[Sample]) -> tuple[Result, str | None]:
+    """The result (and its signature) from the samples of ONE group; raises ProtocolError."""
+    info = next((s for s in samples if s.name == INFO_METRIC), None)
+    if info is None:
+        raise ProtocolError(f"no {INFO_METRIC} series")
+    kind = info.labels.get(KIND_LABEL, "")
+    if kind not in RESULT_MODELS:
+        raise ProtocolError(f"unknown result kind {kind!r}")
+    data: dict[str, Any] = {}
+    for name in LABEL_FIELDS[kind]:
+        if name not in info.labels:
+            continue
+        text = info.labels[name]
+        if name in ("notes", "candidates"):
+            try:
+                data[name] = json.loads(text)
+            except ValueError as exc:
+                raise ProtocolError(f"label {name}: {exc}") from None
+        else:
+            data[name] = text
+    scalars = {f"{METRIC_PREFIX}{name}": name for name in SCALAR_FIELDS[kind]}
+    maps = {f"{METRIC_PREFIX}{suffix}": (name, label) for name, (suffix, label) in MAP_FIELDS[kind].items()}
+    speed_names = {f"{METRIC_PREFIX}speed_{field}": field for field in SPEED_FIELDS}
+    for sample in samples:
+        if sample.name in scalars:
+            data[scalars[sample.name]] = sample.value
+        elif sample.name in maps:
+            name, label = maps[sample.name]
+            data.setdefault(name, {})[sample.labels.get(label, "")] = sample.value
+        elif sample.name in speed_names and SPEED_MAP_FIELDS[kind]:
+            batch = sample.labels.get("batch_size", "")
+            if kind == CONFIRM_UNIT:
+                target = data.setdefault("speed", {}).setdefault(sample.labels.get("candidate", ""), {})
+            else:
+                target = data.setdefault("speed", {})
+            target.setdefault(batch, {})[speed_names[sample.name]] = _number(sample.value) \
+                if speed_names[sample.name] in ("batch_size", "rounds", "runs_per_window", "threads") \
+                else sample.value
+    for name in ("trial", "model_size_bytes"):
+        if name in data and isinstance(data[name], float):
+            data[name] = _number(data[name])
+    try:
+        result = RESULT_MODELS[kind].model_validate(data)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid {kind} result: {exc}") from None
+    return result, info.labels.get(SIGNATURE_LABEL)
+
+
+def group_samples(samples: list[tuple[dict[str, str], float]]) -> dict[tuple[str, str], list[Sample]]:
+    """(labels incl. __name__ and the grouping labels, value) pairs, e.g. from a Prometheus query or a
+    parsed exposition -> {(job_uid, unit): samples with the grouping and scrape labels removed}."""
+    drop = {"__name__", "job", "instance", *GROUP_LABELS}
+    groups: dict[tuple[str, str], list[Sample]] = {}
+    for labels, value in samples:
+        name = labels.get("__name__", "")
+        if not name.startswith(METRIC_PREFIX) or labels.get("job", PUSH_JOB) != PUSH_JOB:
+            continue
+        key = (labels.get("job_uid", ""), labels.get("unit", ""))
+        own = {k: v for k, v in labels.items() if k not in drop}
+        groups.setdefault(key, []).append(Sample(name=name, labels=own, value=value))
+    return groups
+
+
+# --- the runner's exit and termination message -----------------------------------------------
+TERMINATION_LIMIT = 4096
+"""Kubernetes keeps at most 4096 bytes of a container's termination message."""
+INVALID_SPEC = "InvalidSpec"
+"""Reason of a termination message whose job spec is unusable (the message names the field)."""
+_REASON_RE = r"^\s*([A-Z][A-Za-z0-9]+):\s*(.*)$"
+
+
+def termination_message(reason: str, message: str) -> str:
+    """`Reason: message` (one line first), cut to what Kubernetes keeps."""
+    text = f"{reason}: {message}"
+    return text.encode()[:TERMINATION_LIMIT].decode(errors="ignore")
+
+
+def parse_termination(text: str | None) -> tuple[str | None, str]:
+    """(reason, message) of a termination message; reason None when it has no `Reason:` prefix."""
+    import re
+
+    text = (text or "").strip()
+    match = re.match(_REASON_RE, text, re.S)
+    if match:
+        return match.group(1), match.group(2).strip()
+    return None, text
+
+
+# --- ConfigMap payloads -------------------------------------------------------------------------
+CONFIGMAP_LIMIT = 1024 * 1024 - 16 * 1024
+"""A ConfigMap holds at most 1 MiB (data + binaryData); keep a margin for metadata."""
+PLAIN_LIMIT = 256 * 1024
+"""Documents up to this size are stored as plain JSON (readable with kubectl); larger ones gzip."""
+INFLATED_LIMIT = 64 * 1024 * 1024
+"""A compressed document may not inflate beyond this (a zip bomb is refused, not unpacked)."""
+RATIO_LIMIT = 200
+"""...nor inflate more than this many times its compressed size."""
+
+
+class PayloadTooLarge(ValueError):
+    """A document does not fit in a ConfigMap, or a stored one inflates beyond the limits."""
+
+
+def encode_document(key: str, document: Any, plain_limit: int = PLAIN_LIMIT,
+                    limit: int = CONFIGMAP_LIMIT) -> tuple[dict[str, str], dict[str, str]]:
+    """(data, binaryData) holding `document` as JSON under `key`, or gzip+base64 under `key.gz`."""
+    import base64
+    import gzip
+
+    text = json.dumps(document, separators=(",", ":"), sort_keys=True)
+    raw = text.encode()
+    if len(raw) <= plain_limit:
+        return {key: text}, {}
+    packed = base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode()
+    if len(packed) > limit:
+        raise PayloadTooLarge(f"{key} is {len(raw)} bytes, {len(packed)} compressed: more than a ConfigMap "
+                              f"holds ({limit} bytes)")
+    return {}, {f"{key}.gz": packed}
+
+
+def decode_document(body: dict[str, Any] | None, key: str, limit: int = CONFIGMAP_LIMIT,
+                    inflated_limit: int = INFLATED_LIMIT, ratio_limit: int = RATIO_LIMIT) -> Any | None:
+    """The JSON document stored under `key` (plain) or `key.gz` (gzip+base64); None when absent.
+    Raises PayloadTooLarge for oversized or over-compressed payloads, ProtocolError for bad ones."""
+    import base64
+    import zlib
+
+    if not body:
+        return None
+    data = body.get("data") or {}
+    binary = body.get("binaryData") or {}
+    if binary.get(f"{key}.gz"):
+        packed = binary[f"{key}.gz"]
+        if len(packed) > limit:
+            raise PayloadTooLarge(f"{key}.gz: {len(packed)} bytes, more than {limit}")
+        try:
+            compressed = base64.b64decode(packed, validate=True)
+        except ValueError as exc:
+            raise ProtocolError(f"{key}.gz: not base64: {exc}") from None
+        cap = min(inflated_limit, max(1, len(compressed)) * ratio_limit)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            raw = inflater.decompress(compressed, cap + 1)
+        except zlib.error as exc:
+            raise ProtocolError(f"{key}.gz: not gzip: {exc}") from None
+        if len(raw) > cap or inflater.unconsumed_tail:
+            raise PayloadTooLarge(f"{key}.gz inflates beyond {cap} bytes ({len(compressed)} compressed): refused")
+        text = raw.decode()
+    elif data.get(key):
+        text = data[key]
+        if len(text.encode()) > limit:
+            raise PayloadTooLarge(f"{key}: {len(text.encode())} bytes, more than {limit}")
+    else:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ProtocolError(f"{key}: not JSON: {exc}") from None
