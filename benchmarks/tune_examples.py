@@ -1,21 +1,27 @@
-"""Tune each bundled example from scratch and print a table per example.
+"""Tune every bundled example and the hard cases from scratch; check each claimed speedup independently.
 
-Figures: fp32 and int8 accuracy, int8/fp32 latency ratio (p50 at batch 1 and at the largest
-configured batch, measured interleaved A B A B over several rounds in this one process, median
-of round medians, fixed threads), trials to the criterion, tuning wall time, and each trial's
-time split (calibration, quantize, evaluate, benchmark).
+Cases: the bundled examples (digits, fashion_mnist, minilm_spam ONNX and PyTorch, when their build
+scripts work offline here) and hard cases where int8 everywhere fails the criterion and a few ops
+must stay fp32: `hard_cnn`, `hard_transformer` (examples/hard_*) and the hostile MLP of
+tests/integration/sensitive_model.py. Per case it prints: trials to the first passing config, trials
+run, the outcome, the claimed speedup of the winner with its interval, and an INDEPENDENT
+re-measurement: a separate `python` process loads the fp32 model and the winner in ONNX Runtime
+sessions (threads as in the job) and times them interleaved A B A B over >= 7 rounds; its median
+ratio and spread (min-max of the per-round ratios) are compared with the claim: "agree" when
+within 15% or when the intervals overlap.
 
-    python benchmarks/tune_examples.py [digits fashion_mnist minilm_spam minilm_spam_onnx] [--rounds 5]
+    python benchmarks/tune_examples.py [case ...] [--rounds 9] [--runs 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
-import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -23,85 +29,166 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
     "digits": ("examples/digits/build.py", "examples/digits/job.yaml"),
     "fashion_mnist": ("examples/fashion_mnist/build.py", "examples/fashion_mnist/job.yaml"),
-    "minilm_spam": ("examples/minilm_spam/build.py", "examples/minilm_spam/job.yaml"),
     "minilm_spam_onnx": ("examples/minilm_spam/build.py", "examples/minilm_spam/job-onnx.yaml"),
+    "minilm_spam": ("examples/minilm_spam/build.py", "examples/minilm_spam/job.yaml"),
+    "hard_cnn": ("examples/hard_cnn/build.py", "examples/hard_cnn/job.yaml"),
+    "hard_transformer": ("examples/hard_transformer/build.py", "examples/hard_transformer/job.yaml"),
+    "hostile_mlp": (None, None),
 }
 
+MLP_JOB = """\
+apiVersion: qtune.io/v1alpha1
+kind: QuantizationJob
+metadata: {name: hostile-mlp}
+spec:
+  model: {framework: onnxruntime, path: sensitive_mlp.onnx}
+  data:
+    calibration: {path: calib.npz, samples: 200}
+    evaluation: {path: eval.npz, metric: top1}
+  quantization: {approach: static, format: QDQ}
+  tuning:
+    strategy: basic
+    accuracyCriterion: {relative: 0.01, higherIsBetter: true}
+    objective: latency
+    maxTrials: 12
+    parallelTrials: 1
+    seed: 0
+  benchmark: {batchSizes: [1, 64]}
+"""
 
-def interleaved_ratio(context, fp32_model, int8_model, batch: dict, rounds: int,  # noqa: ANN001
-                      runs: int) -> tuple[float, float, float]:
-    """(fp32 ms, int8 ms, int8/fp32) as the median of per-round medians, A and B alternating."""
-    adaptor, threads = context.adaptor, context.benchmark_threads
-    fp32_times, int8_times = [], []
-    for _ in range(rounds):
-        fp32_times.append(adaptor.benchmark(fp32_model, batch, 3, runs, threads).p50_ms)
-        int8_times.append(adaptor.benchmark(int8_model, batch, 3, runs, threads).p50_ms)
-    a, b = statistics.median(fp32_times), statistics.median(int8_times)
-    return a, b, b / a
+# The independent check: its own process, its own sessions, nothing imported from qtune.
+REMEASURE = textwrap.dedent("""
+    import json, statistics, sys, time
+    import numpy as np, onnxruntime as ort
+    fp32_path, int8_path, npz, batch, threads, rounds, runs = sys.argv[1:8]
+    batch, threads, rounds, runs = int(batch), int(threads), int(rounds), int(runs)
+    def session(path):
+        o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
+        o.log_severity_level = 3
+        return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
+    a, b = session(fp32_path), session(int8_path)
+    with np.load(npz) as data:
+        feed = {}
+        for item in a.get_inputs():
+            x = data[item.name]
+            x = np.concatenate([x] * (-(-batch // len(x))))[:batch]
+            feed[item.name] = x
+    def window(s):
+        for _ in range(3): s.run(None, feed)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    ratios, fa, fb = [], [], []
+    for r in range(rounds):
+        first, second = (a, b) if r % 2 == 0 else (b, a)
+        t1, t2 = window(first), window(second)
+        ta, tb = (t1, t2) if r % 2 == 0 else (t2, t1)
+        fa.append(ta); fb.append(tb); ratios.append(ta / tb)
+    print(json.dumps({"speedup": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+                      "fp32_ms": 1e3 * statistics.median(fa), "int8_ms": 1e3 * statistics.median(fb)}))
+""")
 
 
-def run_example(name: str, rounds: int) -> None:
+def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, rounds: int, runs: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", REMEASURE, str(fp32), str(int8), str(npz), str(batch),
+                          str(threads), str(rounds), str(runs)], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def prepare(name: str, scratch: Path) -> Path | None:
+    """Build the case (offline) and return its job file, or None when it cannot be built here."""
+    if name == "hostile_mlp":
+        sys.path.insert(0, str(ROOT / "tests" / "integration"))
+        from sensitive_model import build_sensitive_mlp
+
+        build_sensitive_mlp(scratch / "mlp")
+        job_file = scratch / "mlp" / "job.yaml"
+        job_file.write_text(MLP_JOB)
+        return job_file
+    build, job_path = EXAMPLES[name]
+    if not (ROOT / build).exists() or not (ROOT / job_path).exists():
+        return None
+    done = subprocess.run([sys.executable, str(ROOT / build)], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  build failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        return None
+    return ROOT / job_path
+
+
+def run_case(name: str, rounds: int, runs: int) -> dict | None:
     from qtune.local import tune
-    from qtune.runner.context import JobContext
     from qtune.spec import load_job
 
-    build, job_path = EXAMPLES[name]
-    if not (ROOT / build).exists():
-        print(f"\n## {name}: not available ({build} missing)")
-        return
-    subprocess.run([sys.executable, str(ROOT / build)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    job_file = ROOT / job_path
-    job = load_job(job_file)
-    with tempfile.TemporaryDirectory(prefix=f"qtune-bench-{name}-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"qtune-bench-{name}-") as tmp:
+        scratch = Path(tmp)
+        print(f"\n## {name}", flush=True)
+        job_file = prepare(name, scratch)
+        if job_file is None:
+            print("  not available here (build script missing or failed offline)")
+            return None
+        job = load_job(job_file)
         started = time.monotonic()
-        outcome = tune(job, job_file, output_dir=Path(scratch) / "out", workspace=Path(scratch) / "ws")
+        outcome = tune(job, job_file, output_dir=scratch / "out", workspace=scratch / "ws")
         wall = time.monotonic() - started
-        print(f"\n## {name}  ({job.spec.model.framework}, strategy {job.spec.tuning.strategy}, "
-              f"criterion {job.spec.tuning.accuracy_criterion.model_dump(exclude_none=True)})")
-        print(f"stopped: {outcome.stop_reason} -> {outcome.outcome}; trials run: {len(outcome.history.trials)}; "
-              f"tuning wall time: {wall:.1f}s (baseline step {outcome.baseline.seconds:.1f}s)")
+        history = outcome.history
+        passing = [t for t in history.trials if t.passed]
+        first = 1 + min(t.index for t in passing) if passing else None
+        row = {"case": name, "framework": job.spec.model.framework, "trials": len(history.trials),
+               "first_pass": first, "outcome": outcome.outcome, "wall_s": round(wall, 1)}
+        print(f"  {job.spec.model.framework}; fp32 accuracy {outcome.baseline.accuracy:.4f}; trials to first pass "
+              f"{first}; trials run {len(history.trials)}; outcome {outcome.outcome} ({outcome.stop_reason}); "
+              f"{wall:.0f}s")
+        for t in history.trials:
+            speed = t.speed_at()
+            accuracy = "-" if t.accuracy is None else f"{t.accuracy:.4f}"
+            print(f"    trial {t.index}: {'pass' if t.passed else 'fail'} acc {accuracy}"
+                  f" fp32 ops {len(t.config.fp32_ops())}/{len(t.config.ops)}"
+                  f"{'' if speed is None else ' speed ' + speed.describe()}")
         best = outcome.best
-        print(f"fp32 accuracy: {outcome.baseline.accuracy:.4f}")
-        if best is None:
-            print("int8: no configuration met the criterion")
-        else:
-            first_pass = min(t.index for t in outcome.history.trials if t.passed)
-            print(f"int8 accuracy: {best.accuracy:.4f} (best = trial {best.index}, "
-                  f"{len(best.config.fp32_ops())}/{len(best.config.ops)} ops fp32, approach {best.config.approach}); "
-                  f"trials to the criterion: {first_pass + 1}")
-            context = JobContext(job, job_file.parent, Path(scratch) / "ws", threads=context_threads(job))
-            # the winner again, from its tune config (calibration comes from the job's cache)
-            int8_model = context.adaptor.quantize(best.tune_config, context.model, context.calibration_loader())
-            print(f"{'batch':>6} {'fp32 p50 ms':>12} {'int8 p50 ms':>12} {'int8/fp32':>10}")
-            for size, batch in context.benchmark_batches().items():
-                a, b, ratio = interleaved_ratio(context, context.model, int8_model, batch, rounds,
-                                                job.spec.benchmark.runs)
-                print(f"{size:>6} {a:>12.3f} {b:>12.3f} {ratio:>10.3f}")
-        print(f"{'trial':>5} {'status':>9} {'accuracy':>9} {'pass':>5} {'calib s':>8} {'quant s':>8} "
-              f"{'eval s':>7} {'bench s':>8} {'total s':>8}")
-        for t in outcome.history.trials:
-            s = t.timings or {}
-            accuracy = f"{t.accuracy:.4f}" if t.accuracy is not None else "-"
-            print(f"{t.index:>5} {t.status:>9} {accuracy:>9} {'yes' if t.passed else 'no':>5} "
-                  f"{s.get('calibration', 0):>8.2f} {s.get('quantize', 0):>8.2f} {s.get('evaluate', 0):>7.2f} "
-                  f"{s.get('benchmark', 0):>8.2f} {s.get('total', 0):>8.2f}")
-
-
-def context_threads(job) -> int:  # noqa: ANN001
-    from qtune.local.executor import cpu_slots
-
-    return job.spec.benchmark.threads or len(cpu_slots(job.spec.tuning.parallel_trials)[0])
+        claimed = outcome.session.best_speed()
+        if best is None or claimed is None:
+            print("  winner: none" if best is None else "  winner has no speed figures")
+            return row
+        print(f"  winner: trial {best.index}, {len(best.config.fp32_ops())} ops fp32; claimed {claimed.describe()}")
+        row.update(claimed=claimed.speedup, claimed_low=claimed.low, claimed_high=claimed.high)
+        if job.spec.model.framework != "onnxruntime" or not best.model_path:
+            print("  independent re-measurement: only for ONNX Runtime models")
+            return row
+        fp32_path = Path(job_file).parent / job.spec.model.path
+        eval_npz = Path(job_file).parent / job.spec.data.evaluation.path
+        threads = job.spec.benchmark.threads or claimed.threads or 1
+        check = remeasure(fp32_path, Path(best.model_path), eval_npz, claimed.batch_size, threads, rounds, runs)
+        within = abs(claimed.speedup - check["speedup"]) <= 0.15 * check["speedup"]
+        overlap = claimed.low <= check["high"] and check["low"] <= claimed.high
+        verdict = "agree" if (within or overlap) else "DISAGREE"
+        print(f"  independent: {check['speedup']:.2f}x [{check['low']:.2f}-{check['high']:.2f}] (fp32 "
+              f"{check['fp32_ms']:.3f} ms, int8 {check['int8_ms']:.3f} ms, batch {claimed.batch_size}, {threads} "
+              f"thread(s), {rounds} rounds); claim {verdict} (within 15%: {within}, intervals overlap: {overlap})")
+        if outcome.outcome == "GoalReached" and check["speedup"] < 1.0:
+            print("  WARNING: GoalReached with a winner measured slower than fp32")
+        row.update(independent=check["speedup"], independent_low=check["low"], independent_high=check["high"],
+                   verdict=verdict)
+        return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("examples", nargs="*", default=list(EXAMPLES))
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    parser.add_argument("cases", nargs="*", default=list(EXAMPLES))
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the re-measurement (>= 7)")
+    parser.add_argument("--runs", type=int, default=50, help="runs per window of the re-measurement")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(ROOT))
-    for name in args.examples:
-        run_example(name, args.rounds)
+    rows = [row for name in args.cases if (row := run_case(name, max(7, args.rounds), args.runs))]
+    print("\n| case | trials to first pass | trials | outcome | claimed | independent | verdict |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        claimed = f"{r['claimed']:.2f}x [{r['claimed_low']:.2f}-{r['claimed_high']:.2f}]" if "claimed" in r else "-"
+        independent = (f"{r['independent']:.2f}x [{r['independent_low']:.2f}-{r['independent_high']:.2f}]"
+                       if "independent" in r else "-")
+        print(f"| {r['case']} | {r['first_pass']} | {r['trials']} | {r['outcome']} | {claimed} | {independent} | "
+              f"{r.get('verdict', '-')} |")
 
 
 if __name__ == "__main__":

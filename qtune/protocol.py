@@ -161,7 +161,20 @@ def verify_result(job_uid: str, unit: str, result: Result, secret: str, signatur
     return verify(signed_payload(job_uid, unit, result), secret, signature)
 
 
-# --- unit ids ---------------------------------------------------------------------------------
+# --- unit ids and limits ------------------------------------------------------------------------
+LONG_UNIT_FACTOR = 2
+"""The baseline and the confirmation may take this many trial timeouts ..."""
+LONG_UNIT_FLOOR_SECONDS = 600
+"""... and at least this long: the baseline also measures op sensitivity and profiles the graph."""
+
+
+def unit_timeout_seconds(kind: str, trial_timeout: float) -> float:
+    """The wall-clock limit of one unit, the same for a local process and a pod."""
+    if kind == "trial":
+        return float(trial_timeout)
+    return float(max(LONG_UNIT_FACTOR * trial_timeout, LONG_UNIT_FLOOR_SECONDS))
+
+
 TRIAL_PREFIX = "trial-"
 
 
@@ -381,12 +394,14 @@ class PayloadTooLarge(ValueError):
     """A document does not fit in a ConfigMap, or a stored one inflates beyond the limits."""
 
 
-def encode_document(key: str, document: Any, plain_limit: int = PLAIN_LIMIT,
-                    limit: int = CONFIGMAP_LIMIT) -> tuple[dict[str, str], dict[str, str]]:
+def encode_document(key: str, document: Any, plain_limit: int | None = None,
+                    limit: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(data, binaryData) holding `document` as JSON under `key`, or gzip+base64 under `key.gz`."""
     import base64
     import gzip
 
+    plain_limit = PLAIN_LIMIT if plain_limit is None else plain_limit
+    limit = CONFIGMAP_LIMIT if limit is None else limit
     text = json.dumps(document, separators=(",", ":"), sort_keys=True)
     raw = text.encode()
     if len(raw) <= plain_limit:
@@ -398,13 +413,16 @@ def encode_document(key: str, document: Any, plain_limit: int = PLAIN_LIMIT,
     return {}, {f"{key}.gz": packed}
 
 
-def decode_document(body: dict[str, Any] | None, key: str, limit: int = CONFIGMAP_LIMIT,
-                    inflated_limit: int = INFLATED_LIMIT, ratio_limit: int = RATIO_LIMIT) -> Any | None:
+def decode_document(body: dict[str, Any] | None, key: str, limit: int | None = None,
+                    inflated_limit: int | None = None, ratio_limit: int | None = None) -> Any | None:
     """The JSON document stored under `key` (plain) or `key.gz` (gzip+base64); None when absent.
     Raises PayloadTooLarge for oversized or over-compressed payloads, ProtocolError for bad ones."""
     import base64
     import zlib
 
+    limit = CONFIGMAP_LIMIT if limit is None else limit
+    inflated_limit = INFLATED_LIMIT if inflated_limit is None else inflated_limit
+    ratio_limit = RATIO_LIMIT if ratio_limit is None else ratio_limit
     if not body:
         return None
     data = body.get("data") or {}

@@ -32,11 +32,14 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from qtune.data import DataLoader, Dataset, Metric
+from qtune.spec.entrypoints import load_entrypoint
+from qtune.spec.errors import SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,13 @@ def adaptor_registry(cls: type[Adaptor]) -> type[Adaptor]:
     return cls
 
 
-def get_adaptor_class(framework: str) -> type[Adaptor]:
-    """Resolve `framework` from a job: a registered name, a built-in, or `module:Class`."""
+FRAMEWORK_FIELD = "spec.model.framework"
+
+
+def get_adaptor_class(framework: str, base_dir: str | Path | None = None) -> type[Adaptor]:
+    """Resolve `framework` from a job: a registered name, a built-in, or `module:Class` (imported from
+    the job's folder `base_dir`, see qtune.spec.entrypoints, or the Python path).
+    Raises SpecError naming spec.model.framework when it cannot."""
     if framework in ADAPTORS:
         return ADAPTORS[framework]
     if framework in _BUILTIN_MODULES:
@@ -64,22 +72,19 @@ def get_adaptor_class(framework: str) -> type[Adaptor]:
             importlib.import_module(_BUILTIN_MODULES[framework])
         except ImportError as exc:
             extra = "torch" if framework == "pytorch" else "onnxruntime"
-            raise ValueError(
-                f"framework {framework!r} needs packages that are not installed ({exc.name}); "
+            raise SpecError(
+                FRAMEWORK_FIELD, f"framework {framework!r} needs packages that are not installed ({exc.name}); "
                 f"install qtune[{extra}]"
             ) from None
         return ADAPTORS[framework]
     if ":" in framework:
-        module_name, class_name = framework.split(":", 1)
-        try:
-            cls = getattr(importlib.import_module(module_name), class_name)
-        except (ImportError, AttributeError) as exc:
-            raise ValueError(f"cannot import adaptor {framework}: {exc}") from None
-        if not (isinstance(cls, type) and issubclass(cls, Adaptor)):
-            raise ValueError(f"{framework} is not a qtune Adaptor subclass")
+        allowed = "a registered adaptor name or module:Class of a qtune Adaptor subclass"
+        cls = load_entrypoint(framework, FRAMEWORK_FIELD, base_dir, kind="class", allowed=allowed)
+        if not issubclass(cls, Adaptor):
+            raise SpecError(FRAMEWORK_FIELD, f"{framework} is not a qtune Adaptor subclass; allowed: {allowed}")
         return cls
     known = sorted(set(ADAPTORS) | set(_BUILTIN_MODULES))
-    raise ValueError(f"unknown framework {framework!r}; allowed: {', '.join(known)} or module:Class")
+    raise SpecError(FRAMEWORK_FIELD, f"unknown framework {framework!r}; allowed: {', '.join(known)} or module:Class")
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,12 @@ class Adaptor(ABC):
         targets are the batch labels."""
 
     # --- qtune extensions ---------------------------------------------------------------------
+    def run(self, model: Any, inputs: dict[str, Any]) -> list[Any]:
+        """All outputs (numpy arrays, in the model's output order) of one run on a batch of named
+        inputs: what a user's evalFunc calls. The default runs `predict` (the metric's output only);
+        the built-in adaptors return every output."""
+        return [self.predict(model, DataLoader(Dataset(dict(inputs), None), 1 << 30))]
+
     @abstractmethod
     def predict(self, model: Any, dataloader: DataLoader, output: str | int | None = None) -> Any:
         """Concatenated outputs of one model output over the data (numpy array)."""
@@ -178,9 +189,29 @@ class Adaptor(ABC):
                   threads: int) -> LatencyStats:
         """Latency of one batch `inputs`: warm-up, then `runs` timed runs with a fixed thread count."""
 
+    def make_runner(self, model: Any, inputs: dict[str, Any], threads: int) -> Callable[[], None]:
+        """A closure running ONE inference of `model` on the batch `inputs` with `threads` threads.
+
+        Everything that is not the inference (session or module, input checks and conversion) is
+        prepared here, once, so that `qtune.runner.benchmark` times only the model. Built-in adaptors
+        override this; the default calls `benchmark(model, inputs, 0, 1, threads)`, whose per-call
+        overhead then weighs on fp32 and the candidate alike."""
+        def run() -> None:
+            self.benchmark(model, inputs, 0, 1, threads)
+
+        return run
+
     def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:
         """How much each op, quantized alone as in `tune_cfg`, perturbs its own output against fp32
         (e.g. relative MSE) on a few calibration samples; higher = more sensitive. Must be cheap: no
         full trial per op. Adaptors that cannot measure it return {} (the strategy then walks the
         graph backwards)."""
+        return {}
+
+    def op_time_shares(self, model: Any, tune_cfg: dict[str, Any], dataloader: DataLoader,
+                       inputs: dict[str, Any], threads: int) -> dict[str, dict[str, float]]:
+        """Per-op share of the fp32 model's time on the batch `inputs`, in fp32 and quantized as in
+        `tune_cfg` (calibrated with `dataloader`): {"fp32": {op: share}, "int8": {op: share}} (see
+        qtune.tuning.space.TuningSpace.time_share). Adaptors without a per-op profiler return {}
+        (the strategy then uses a prior by op type)."""
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -35,23 +36,36 @@ def print_cluster_status(target: str, namespace: str | None) -> int:
             "qtune.io", "v1alpha1", namespace, "quantizationjobs", name)
     except ApiException as exc:
         raise QtuneError(f"cannot read QuantizationJob {namespace}/{name}: {exc.reason}") from None
-    status = job.get("status") or {}
-    console = Console()
-    console.print(f"[bold]{namespace}/{name}[/bold]: {status.get('state', 'Pending')}")
-    for condition in status.get("conditions", []):
+    return print_status(namespace, name, job.get("status") or {}, Console())
+
+
+def print_status(namespace: str, name: str, status: dict[str, Any], console: Console) -> int:
+    """The job's status at any phase: just created (no status yet), baseline, tuning, done."""
+    console.print(f"[bold]{namespace}/{name}[/bold]: {status.get('state') or 'Pending'}"
+                  + (f" ({status['reason']})" if status.get("reason") else ""))
+    if status.get("message"):
+        console.print(f"  {status['message']}")
+    for condition in status.get("conditions") or []:
         console.print(f"  {condition.get('type')}={condition.get('status')} "
                       f"{condition.get('reason', '')}: {condition.get('message', '')}")
+    if status.get("progress"):
+        console.print(f"trials: {status['progress']}")
     baseline = status.get("baseline") or {}
     if baseline:
         console.print(f"baseline accuracy {baseline.get('accuracy')}")
     best = status.get("best") or {}
     if best:
-        console.print(f"best: trial {best.get('trial')}, accuracy {best.get('accuracy')}, "
-                      f"speedup {best.get('speedup')}, model {best.get('modelPath')}")
-    trials = status.get("recentTrials") or status.get("trials") or []
+        speed = best.get("speed") or {}
+        line = f"best: trial {best.get('trial')}, accuracy {best.get('accuracy')}"
+        if speed:
+            line += (f", speedup {speed.get('speedup')} [{speed.get('low')}-{speed.get('high')}] at batch "
+                     f"{speed.get('batchSize')} (fp32 {speed.get('fp32LatencyMs')} ms -> {speed.get('latencyMs')} ms)")
+        console.print(f"{line}, model {best.get('modelPath')}")
+    trials = [t for t in status.get("recentTrials") or [] if isinstance(t, dict)]
     if trials:
         table = Table(title="recent trials")
-        columns = sorted({key for trial in trials for key in trial if not isinstance(trial[key], dict | list)})
+        columns = [col for col in ("index", "status", "accuracy", "speedup", "latencyMs", "modelSizeBytes", "passed",
+                                   "fp32Ops", "reason") if any(col in t for t in trials)]
         for column in columns:
             table.add_column(column)
         for trial in trials:

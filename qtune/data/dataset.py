@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -12,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from qtune.spec.errors import DataError
+from qtune.spec.errors import DataError, QtuneError
 from qtune.spec.load import resolve_path
-from qtune.spec.models import DatasetSpec
+from qtune.spec.models import DatasetSpec, EvaluationSpec
 
 Batch = tuple[dict[str, np.ndarray], np.ndarray | None]
 
@@ -74,46 +73,61 @@ class DataLoader:
         return -(-len(self.dataset) // self.batch_size)
 
 
-def _call_entrypoint(entrypoint: str) -> Any:
-    module_name, function_name = entrypoint.split(":")
+def _call_entrypoint(entrypoint: str, field: str, base_dir: Path | None) -> Any:
+    from qtune.spec.entrypoints import load_entrypoint
+
+    function = load_entrypoint(entrypoint, field, base_dir, kind="callable",
+                               allowed="module:function returning (inputs, labels) or a qtune Dataset")
     try:
-        module = importlib.import_module(module_name)
-        function = getattr(module, function_name)
-    except (ImportError, AttributeError) as exc:
-        raise DataError(f"cannot import data entrypoint {entrypoint}: {exc}") from None
-    return function()
+        return function()
+    except QtuneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise DataError(f"data entrypoint {entrypoint} raised {type(exc).__name__}: {first}") from None
 
 
-def _from_entrypoint(entrypoint: str, input_names: list[str] | None) -> Dataset:
-    result = _call_entrypoint(entrypoint)
+def _from_entrypoint(entrypoint: str, input_names: list[str] | None, field: str, base_dir: Path | None) -> Dataset:
+    result = _call_entrypoint(entrypoint, field, base_dir)
     if isinstance(result, Dataset):
         return result
     if not (isinstance(result, tuple) and len(result) == 2):
-        raise DataError(f"data entrypoint {entrypoint} must return (inputs, labels) or a qtune Dataset")
+        raise DataError(f"data entrypoint {entrypoint} must return (inputs, labels) or a qtune Dataset, "
+                        f"got {type(result).__name__}")
     inputs, labels = result
     if isinstance(inputs, np.ndarray):
         if not input_names or len(input_names) != 1:
-            raise DataError(f"data entrypoint {entrypoint} returned one array; the model needs named inputs")
+            raise DataError(f"data entrypoint {entrypoint} returned one array; the model needs named inputs "
+                            f"{input_names}: return a dict keyed by input name")
         inputs = {input_names[0]: inputs}
-    return Dataset({k: np.asarray(v) for k, v in dict(inputs).items()},
+    if not isinstance(inputs, dict):
+        raise DataError(f"data entrypoint {entrypoint} returned inputs of type {type(inputs).__name__}; "
+                        "allowed: a dict of arrays keyed by input name, or one array")
+    return Dataset({k: np.asarray(v) for k, v in inputs.items()},
                    None if labels is None else np.asarray(labels))
 
 
-def _from_npz(path: Path, labels_key: str, input_names: list[str] | None) -> Dataset:
+def _from_npz(path: Path, labels_key: str, input_names: list[str] | None, with_labels: bool) -> Dataset:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise DataError(f"{path.name} holds pickled Python objects (an object array), which qtune does not "
+                            "load; allowed: numeric, bool or string (unicode) arrays") from None
         raise DataError(f"cannot read data file {path}: {exc}") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"cannot read data file {path} (allowed: an .npz written by numpy.savez): {exc}") from None
     labels = arrays.pop(labels_key, None)
     if input_names is not None:
         missing = [name for name in input_names if name not in arrays]
         if missing:
+            plus = f", plus '{labels_key}' for the metric" if with_labels else ""
             raise DataError(
                 f"{path.name} lacks arrays for model inputs {missing}; it has {sorted(arrays)} "
-                f"(one array per model input, plus '{labels_key}')"
+                f"(allowed: one array per model input, named like the input{plus})"
             )
         arrays = {name: arrays[name] for name in input_names}
     return Dataset(arrays, labels)
@@ -122,10 +136,13 @@ def _from_npz(path: Path, labels_key: str, input_names: list[str] | None) -> Dat
 def load_dataset(spec: DatasetSpec, job_file: str | Path | None, input_names: list[str] | None,
                  samples: int | None = None) -> Dataset:
     """Load a data set named by the job, keeping only the model's inputs (in the model's order)."""
+    with_labels = isinstance(spec, EvaluationSpec)
+    which = "evaluation" if with_labels else "calibration"
+    base_dir = Path(job_file).resolve().parent if job_file is not None else None
     if spec.entrypoint:
-        dataset = _from_entrypoint(spec.entrypoint, input_names)
+        dataset = _from_entrypoint(spec.entrypoint, input_names, f"spec.data.{which}.entrypoint", base_dir)
     else:
-        dataset = _from_npz(resolve_path(job_file, spec.path or ""), spec.labels, input_names)
+        dataset = _from_npz(resolve_path(job_file, spec.path or ""), spec.labels, input_names, with_labels)
     if len(dataset) == 0:
         raise DataError("data set is empty")
     return dataset.take(samples if samples is not None else spec.samples)

@@ -342,7 +342,7 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
             executor.stop_all()  # interrupted: killed trials stay pending and run again on --resume
             save()
             raise
-    if stop_reason == stop.BASELINE_FAILED:
+    if stop_reason == stop.BASELINE_FAILED or history.baseline is None:
         if created_new:
             shutil.rmtree(created, ignore_errors=True)
         raise QtuneError(history.message or "the fp32 baseline failed")

@@ -24,9 +24,12 @@ from qtune.protocol import (
     BASELINE_UNIT,
     CONFIRM_UNIT,
     EXIT_JOB_UNUSABLE,
+    INVALID_SPEC,
     BaselineResult,
     ConfirmResult,
     TrialResult,
+    parse_termination,
+    unit_timeout_seconds,
 )
 from qtune.tuning.engine import UnitFailure, UnitOutcome
 from qtune.tuning.history import write_json_atomic
@@ -37,8 +40,6 @@ logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 TERMINATION_FILE = "termination"
-BASELINE_TIMEOUT_FACTOR = 2
-"""The baseline (fp32 evaluation, benchmark, op sensitivity) may take this many trial timeouts."""
 _PR_SET_PDEATHSIG = 1
 
 
@@ -108,10 +109,12 @@ class LocalExecutor:
             config_file = folder / "config.json"
             write_json_atomic(config_file, unit.tune_config)
             command += ["--index", str(unit.trial), "--config", str(config_file)]
+            if unit.full_evaluation:
+                command.append("--full-evaluation")
         elif unit.kind == CONFIRM_UNIT:
-            candidates_file = folder / "candidates.json"
-            write_json_atomic(candidates_file, unit.candidate_configs)
-            command += ["--candidates", str(candidates_file)]
+            configs_file = folder / "candidates.json"
+            write_json_atomic(configs_file, unit.candidate_configs)
+            command += ["--candidates", ",".join(map(str, unit.candidates)), "--config", str(configs_file)]
         return command
 
     def start(self, unit: WorkUnit) -> None:
@@ -141,7 +144,7 @@ class LocalExecutor:
 
         process = subprocess.Popen(self.command(unit, folder, threads), stdout=log_file, stderr=subprocess.STDOUT,
                                    env=env, preexec_fn=in_child)
-        timeout = self.trial_timeout * (BASELINE_TIMEOUT_FACTOR if unit.id == BASELINE_UNIT else 1)
+        timeout = unit_timeout_seconds(unit.kind, self.trial_timeout)
         self.units[unit.id] = RunningUnit(unit, process, slot, time.monotonic(), folder, timeout, log_file)
         logger.debug("%s started (pid %d, cpus %s)", unit.id, process.pid, cpus)
 
@@ -156,8 +159,8 @@ class LocalExecutor:
         running.log_file.close()
         unit = running.unit
         if timed_out:
-            return UnitOutcome(unit.id, UnitFailure("Timeout", f"{unit.id} exceeded {running.timeout:g}s "
-                                                               "(spec.tuning.trialTimeoutSeconds) and was killed"))
+            return UnitOutcome(unit.id, UnitFailure("Timeout", f"{unit.id} exceeded its {running.timeout:g}s limit "
+                                                               "(from spec.tuning.trialTimeoutSeconds) and was killed"))
         result_file = running.folder / RESULT_FILE
         if result_file.exists():
             data = json.loads(result_file.read_text())
@@ -172,7 +175,8 @@ class LocalExecutor:
                 return UnitOutcome(unit.id, ConfirmResult.model_validate(data))
             return UnitOutcome(unit.id, TrialResult.model_validate(data))
         code = running.process.returncode
-        message = _read(running.folder / TERMINATION_FILE) or _log_tail(running.folder / "log.txt")
+        reason, message = parse_termination(_read(running.folder / TERMINATION_FILE))
+        message = message or _log_tail(running.folder / "log.txt")
         if code is not None and code < 0:
             try:
                 name = signal.Signals(-code).name
@@ -180,8 +184,9 @@ class LocalExecutor:
                 name = f"signal {-code}"
             reason = "OOMKilled" if -code == signal.SIGKILL else "Crashed"
             return UnitOutcome(unit.id, UnitFailure(reason, f"killed by {name}; {message}"))
-        reason = "InvalidJob" if code == EXIT_JOB_UNUSABLE else "Crashed"
-        return UnitOutcome(unit.id, UnitFailure(reason, message or f"exit code {code}"))
+        if code == EXIT_JOB_UNUSABLE and message:
+            return UnitOutcome(unit.id, UnitFailure(reason or INVALID_SPEC, message))
+        return UnitOutcome(unit.id, UnitFailure("Crashed", f"{unit.id} ended with exit code {code}: {message}"))
 
     def poll(self, wait: float = 0.2) -> list[UnitOutcome]:
         """Finished units, in unit-id order; waits up to `wait` seconds for one."""

@@ -1,15 +1,19 @@
 """The QuantizationJob operator (Kopf): one job's trials fanned out as pods on the Xeon pool.
 
-Small modules, one job each:
-  constants  names shared by the modules (group, labels, ConfigMap names)
-  config     OperatorConfig: settings from the command line / environment
-  crd        the CRD generated from the pydantic spec models (`python -m qtune.operator.crd`)
-  pods       pure pod builders (baseline and trial pods) and pod status summaries
-  prom       async Prometheus HTTP API and Pushgateway clients; result parsing
-  status     status and conditions (pure functions)
-  store      the job history in a ConfigMap (gzip + base64 when large)
+Small modules, one concern each:
+  constants  names shared by the modules (group, labels, object names)
+  config     OperatorConfig: settings from the command line / environment (signing key included)
+  crd        the CRD generated from the pydantic spec and status models (`python -m qtune.operator.crd`)
+  layout     a job's identity, labels, owner reference, workspace folders
+  builders   pure builders of a unit's pod, inputs ConfigMap and Secret
+  rbac       the baseline pod's Role/RoleBinding (publishing the tuning space)
+  podstatus  pod summaries (the pod index) and how a failed pod's end is read
+  results    proof of origin: which observed results the operator may believe
+  prom       async Prometheus HTTP API and Pushgateway clients (results decoded by qtune.protocol)
+  status     the JobStatus model and projections of the session into it
+  store      the job history in a ConfigMap (qtune.protocol's ConfigMap codec)
   kube       async wrappers of the Kubernetes client (calls run in threads)
-  reconcile  one job's loop step: collect results, stop rules, start trials
+  reconcile  one turn of the tuning loop: observe -> session.record_* -> session.advance -> apply
   metrics    the operator's own Prometheus metrics
   handlers   the thin Kopf handlers
   main       `qtune operator`: settings, peering, health and metrics endpoints

@@ -55,6 +55,12 @@ class OperatorConfig:
     """ServiceAccount of trial pods of jobs that set no spec.trial.serviceAccountName."""
     history_plain_limit: int = 256 * 1024
     """History JSON larger than this is stored gzip-compressed (binaryData)."""
+    signing_key: str = ""
+    """The key every unit's result secret is derived from (env QTUNE_SIGNING_KEY; the chart keeps it
+    in a Secret, stable across upgrades). Empty: a random key per process (results of pods started
+    by an earlier process then fail verification)."""
+    api_retries: int = 5
+    """A step failing with the same API 4xx answer this many times in a row fails the job."""
 
     @property
     def pushgateway_for_pods(self) -> str | None:
@@ -77,6 +83,7 @@ class OperatorConfig:
             "trial_image": os.environ.get("QTUNE_TRIAL_IMAGE") or DEFAULT_IMAGE,
             "metrics_timeout": _env_float("QTUNE_METRICS_TIMEOUT", 60.0),
             "poll_interval": _env_float("QTUNE_POLL_INTERVAL", 1.0),
+            "signing_key": os.environ.get("QTUNE_SIGNING_KEY") or "",
         }
         if command:
             values["runner_command"] = tuple(shlex.split(command))

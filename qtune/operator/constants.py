@@ -14,6 +14,10 @@ CATEGORIES = ("qtune",)
 # labels on every pod (and ConfigMap) the operator creates for a job
 LABEL_JOB = f"{GROUP}/job"
 LABEL_TRIAL = f"{GROUP}/trial"
+LABEL_UNIT = f"{GROUP}/unit"
+"""The unit a pod runs: `baseline`, `trial-<n>` or `confirm` (qtune.protocol unit ids)."""
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+"""Which start of its unit a pod is (0 first); part of the pod's name and of its secret."""
 LABEL_JOB_UID = f"{GROUP}/job-uid"
 LABEL_ROLE = f"{GROUP}/role"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -21,9 +25,10 @@ MANAGED_BY = "qtune-operator"
 
 ROLE_BASELINE = "baseline"
 ROLE_TRIAL = "trial"
+ROLE_CONFIRM = "confirm"
 ROLE_HISTORY = "history"
-BASELINE_TRIAL = "baseline"
-"""Value of the trial label (and of the Pushgateway `trial` key) for the baseline pod."""
+ROLE_INPUT = "input"
+ROLE_KEY = "key"
 
 FINALIZER = f"{GROUP}/finalizer"
 ANNOTATION_PREFIX = GROUP
@@ -58,9 +63,23 @@ def runner_account(job: str) -> str:
     return f"{job}-runner"
 
 
-def baseline_pod(job: str) -> str:
-    return f"{job}-baseline"
+def unit_pod(job: str, unit: str, attempt: int = 0) -> str:
+    """The pod of one start of a unit: `<job>-<unit>`, then `<job>-<unit>-a<attempt>`."""
+    return f"{job}-{unit}" if attempt == 0 else f"{job}-{unit}-a{attempt}"
 
 
-def trial_pod(job: str, index: int) -> str:
-    return f"{job}-trial-{index}"
+def unit_inputs(pod: str) -> str:
+    """ConfigMap holding the job document and the unit's config, mounted into pod `pod`."""
+    return f"{pod}-input"
+
+
+def unit_key(pod: str) -> str:
+    """Secret holding pod `pod`'s result secret (only that pod reads it)."""
+    return f"{pod}-key"
+
+
+SECRET_KEY = "secret"
+"""Key of the result secret in a unit's Secret."""
+INPUT_MOUNT = "/etc/qtune/unit"
+JOB_FILE = "job.json"
+CONFIG_FILE = "config.json"

@@ -6,7 +6,8 @@
 Pydantic's JSON schema is converted into a Kubernetes *structural* schema: `$defs` are inlined,
 Optional fields lose their `null` branch (nulls are pruned by the API server), Literal becomes
 `enum`, `dict[str, X]` becomes `additionalProperties`, `dict[str, Any]` keeps unknown fields,
-`int | str` becomes `x-kubernetes-int-or-string`, and exclusive bounds use the OpenAPI v3.0
+`int | str` becomes `x-kubernetes-int-or-string`, a list that also takes one bare value (`dtype:
+fp32`) keeps its value as written and is checked by CEL, and exclusive bounds use the OpenAPI v3.0
 boolean form. Defaults come from the models (default factories included). Rules that pydantic
 checks in Python (cross-field rules, patterns, immutability) are added as CEL
 `x-kubernetes-validations` with messages a person can act on.
@@ -193,6 +194,49 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _one_or_many_fields(cls: type[BaseModel] | None) -> set[str]:
+    """camelCase names of `cls`'s list fields that also take one bare value (`dtype: fp32` as well as
+    `dtype: [fp32]`: the models' `_as_list` before-validator)."""
+    if cls is None:
+        return set()
+    out = set()
+    for name, field in cls.model_fields.items():
+        if any(getattr(meta, "func", None) is models._as_list for meta in field.metadata):
+            out.add(field.alias or name)
+    return out
+
+
+NOT_A_SCALAR = {"minLength": 1, "maxLength": 0, "minimum": 1, "maximum": 0, "minProperties": 1, "maxProperties": 0}
+"""Value validations no string, number or object can meet (each keyword applies to one JSON type only)."""
+
+
+def _one_or_many(node: dict[str, Any], path: str) -> dict[str, Any]:
+    """A field that takes one value or a list of values (`dtype: fp32` or `dtype: [fp32, int8]`).
+
+    A structural schema has no "string or list" type (only int-or-string), and CEL cannot check it
+    either: the API server gives no CEL type to an untyped node. So the leaf keeps its value as
+    written (`x-kubernetes-preserve-unknown-fields`, no type) and value validations check it: one
+    allowed value, or a list whose items are allowed values (NOT_A_SCALAR keeps strings, numbers and
+    objects out of the list branch; `not` keeps booleans out of a string field). Junctors carry no
+    type, so the schema stays structural. The operator hands the value on as stored and pydantic
+    turns one value into a list, as `qtune tune` does."""
+    items = node.get("items") or {}
+    if node.get("type") != "array" or not items:
+        raise SchemaError(f"spec.{path}: a one-or-many field must be a list")
+    if "enum" in items:
+        values: list[Any] = list(items["enum"])
+    elif items.get("type") == "boolean":
+        values = [True, False]
+    else:
+        raise SchemaError(f"spec.{path}: one-or-many of {items} is not supported")
+    out: dict[str, Any] = {"description": node["description"]} if node.get("description") else {}
+    out["x-kubernetes-preserve-unknown-fields"] = True
+    out["anyOf"] = [{"enum": values}, {"items": {"enum": list(values)}, **NOT_A_SCALAR}]
+    if not all(isinstance(v, bool) for v in values):
+        out["not"] = {"enum": [True, False]}
+    return out
+
+
 def _is_null(node: dict[str, Any]) -> bool:
     return node.get("type") == "null"
 
@@ -208,7 +252,8 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
         return out
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if not _is_null(b)]
-        outer = {k: v for k, v in node.items() if k in ("description", "default")}
+        outer = {k: v for k, v in node.items() if k in ("description", "default", "format")
+                 or k.startswith("x-kubernetes-")}
         if len(branches) == 1:
             merged = dict(branches[0])
             for key, value in outer.items():
@@ -252,6 +297,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
                 out[key] = True
     if node.get("default") is not None:
         out["default"] = _jsonable(node["default"])
+    out.update({k: copy.deepcopy(v) for k, v in node.items() if k.startswith("x-kubernetes-")})
 
     if kind == "object":
         title = node.get("title")
@@ -260,9 +306,12 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
         if props is not None:
             cls = classes.get(title or "")
             factory = _factory_defaults(cls) if cls else {}
+            one_or_many = _one_or_many_fields(cls)
             out["properties"] = {}
             for name, sub in props.items():
                 child = _convert(sub, defs, classes, f"{path}.{name}" if path else name)
+                if name in one_or_many:
+                    child = _one_or_many(child, f"{path}.{name}" if path else name)
                 if name in factory and "default" not in child:
                     child["default"] = factory[name]
                 out["properties"][name] = child
@@ -320,109 +369,24 @@ def spec_schema() -> dict[str, Any]:
 # status
 # --------------------------------------------------------------------------------------------
 
-_NUMBER_MAP = {"type": "object", "additionalProperties": {"type": "number"}}
-
-
-def _trial_summary_schema() -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "index": {"type": "integer"},
-            "status": {"type": "string"},
-            "accuracy": {"type": "number"},
-            "latencyMs": {"type": "number", "description": "p50 at the objective batch size"},
-            "modelSizeBytes": {"type": "integer"},
-            "passed": {"type": "boolean"},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "configKey": {"type": "string"},
-            "fp32Ops": {"type": "integer"},
-            "seconds": {"type": "number"},
-        },
-    }
-
-
 def status_schema() -> dict[str, Any]:
-    condition = {
-        "type": "object",
-        "required": ["type", "status"],
-        "properties": {
-            "type": {"type": "string"},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "reason": {"type": "string"},
-            "message": {"type": "string"},
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "observedGeneration": {"type": "integer"},
-        },
-    }
-    return {
-        "type": "object",
-        "description": "Written by the operator. The full trial history is in the ConfigMap "
-                       "named in status.history.configMap.",
-        "x-kubernetes-preserve-unknown-fields": True,
-        "properties": {
-            "state": {"type": "string", "enum": ["Pending", "Baseline", "Running", "Succeeded", "Failed"]},
-            "reason": {"type": "string", "description": "why the job is in its state (the outcome when done)"},
-            "stopReason": {"type": "string", "description": "the stop rule that ended the search"},
-            "message": {"type": "string"},
-            "observedGeneration": {"type": "integer"},
-            "conditions": {
-                "type": "array",
-                "items": condition,
-                "x-kubernetes-list-type": "map",
-                "x-kubernetes-list-map-keys": ["type"],
-            },
-            "startTime": {"type": "string", "format": "date-time"},
-            "completionTime": {"type": "string", "format": "date-time"},
-            "elapsedSeconds": {"type": "number"},
-            "workspace": {"type": "string"},
-            "progress": {"type": "string", "description": "finished/max trials"},
-            "trials": {
-                "type": "object",
-                "properties": {k: {"type": "integer"} for k in
-                               ("max", "started", "running", "finished", "succeeded", "failed", "passed")},
-            },
-            "baseline": {
-                "type": "object",
-                "properties": {
-                    "accuracy": {"type": "number"},
-                    "latencyMs": _NUMBER_MAP,
-                    "latencyP90Ms": _NUMBER_MAP,
-                    "modelSizeBytes": {"type": "integer"},
-                    "seconds": {"type": "number"},
-                },
-            },
-            "best": {
-                "type": "object",
-                "properties": {
-                    "trial": {"type": "integer"},
-                    "accuracy": {"type": "number"},
-                    "latencyMs": {"type": "number", "description": "p50 at the objective batch size"},
-                    "latencyP90Ms": {"type": "number"},
-                    "batchSize": {"type": "integer"},
-                    "speedup": {"type": "number", "description": "fp32 latency / int8 latency"},
-                    "modelSizeBytes": {"type": "integer"},
-                    "sizeRatio": {"type": "number", "description": "fp32 size / int8 size"},
-                    "fp32Ops": {"type": "integer"},
-                    "configKey": {"type": "string"},
-                    "modelPath": {"type": "string"},
-                    "tuneConfig": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                },
-            },
-            "recentTrials": {"type": "array", "items": _trial_summary_schema()},
-            "history": {
-                "type": "object",
-                "properties": {"configMap": {"type": "string"}, "trials": {"type": "integer"}},
-            },
-        },
-    }
+    """The structural schema of `status`, generated from the JobStatus model (qtune/operator/status.py)."""
+    from qtune.operator.status import JobStatus
+
+    raw = JobStatus.model_json_schema(by_alias=True, mode="serialization")
+    defs = raw.pop("$defs", {})
+    schema = _convert(raw, defs, _model_classes(JobStatus), "status")
+    schema["description"] = ("Written by the operator. The full trial history is in the ConfigMap named in "
+                             "status.history.configMap.")
+    return schema
 
 
 PRINTER_COLUMNS = [
     {"name": "State", "type": "string", "jsonPath": ".status.state"},
     {"name": "Trials", "type": "string", "jsonPath": ".status.progress", "description": "finished/max"},
     {"name": "Best-Accuracy", "type": "number", "jsonPath": ".status.best.accuracy"},
-    {"name": "Speedup", "type": "number", "jsonPath": ".status.best.speedup"},
+    {"name": "Speedup", "type": "string", "jsonPath": ".status.best.speedupInterval",
+     "description": "the winner's speedup over fp32 [confidence interval], one interleaved measurement"},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]

@@ -8,6 +8,9 @@
 * `max_trials_changed` (field handler): a job stopped by its trial budget continues when
   spec.tuning.maxTrials is raised.
 * `cleanup` (delete handler, with a finalizer): the job's pods and Pushgateway groups go first.
+
+A step's API 4xx answers, an invalid spec and an oversized history end in the job's status (see
+reconcile.py); other errors (network, 5xx, bugs) are logged, counted and retried.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import kopf
 from kubernetes.client import ApiException
 
 from qtune.operator import constants as c
-from qtune.operator import pods as podlib
 from qtune.operator import status as st
+from qtune.operator.layout import JobRef
+from qtune.operator.podstatus import PodSummary, summarize_pod
 from qtune.operator.prom import MetricsError
 from qtune.operator.reconcile import JobReconciler, Services, resumable_status
 
@@ -35,7 +39,7 @@ def job_active(status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
     state = status.get("state")
     if state not in st.TERMINAL:
         return True
-    return (status.get("reason") in (st.INVALID_SPEC, st.BASELINE_FAILED)
+    return (status.get("reason") in (st.INVALID_SPEC, st.BASELINE_FAILED, st.API_ERROR, st.HISTORY_TOO_LARGE)
             and status.get("observedGeneration") != meta.get("generation"))
 
 
@@ -47,8 +51,9 @@ def _wakeup(memo: kopf.Memo, uid: str) -> asyncio.Event:
 
 
 @kopf.index("pods", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_JOB_UID: kopf.PRESENT})
-async def qtune_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, podlib.PodSummary]:
-    summary = podlib.summarize_pod(body)
+async def qtune_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, PodSummary]:
+    """Keyed by the job-uid label; a job's loop keeps only the pods in its namespace that it owns."""
+    summary = summarize_pod(body)
     event = memo.wakeups.get(summary.job_uid)
     if event is not None:
         event.set()
@@ -66,7 +71,7 @@ def _events(body: kopf.Body):  # noqa: ANN202 - an EventSink
 async def tune(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
                qtune_pods: kopf.Index, **_: Any) -> None:
     services: Services = memo.services
-    job = podlib.JobRef.from_body(body)
+    job = JobRef.from_body(body)
     reconciler = JobReconciler(services, job, _events(body))
     wake = _wakeup(memo, job.uid)
     while not stopped:

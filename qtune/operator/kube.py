@@ -127,17 +127,25 @@ class Kube:
             raise
         return _raw(response)
 
-    # ---- anything to create once (ServiceAccount, Role, RoleBinding, ConfigMap)
+    # ---- anything to create once (ServiceAccount, Role, RoleBinding, ConfigMap, Secret)
     async def ensure(self, body: dict[str, Any]) -> bool:
-        """Create the object unless it exists; True when it was created."""
+        """Create the object unless it exists; True when it was created. (Secrets are only ever
+        created and deleted: the operator has no right to read them.)"""
         kind, namespace = body["kind"], body["metadata"]["namespace"]
         create = {
             "ServiceAccount": self.core.create_namespaced_service_account,
             "ConfigMap": self.core.create_namespaced_config_map,
+            "Secret": self.core.create_namespaced_secret,
             "Role": self.rbac.create_namespaced_role,
             "RoleBinding": self.rbac.create_namespaced_role_binding,
         }[kind]
         return await self._call_or_none(409, create, namespace, body, _preload_content=False) is not None
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a ConfigMap or Secret; False when it was already gone."""
+        delete = {"ConfigMap": self.core.delete_namespaced_config_map,
+                  "Secret": self.core.delete_namespaced_secret}[kind]
+        return await self._call_or_none(404, delete, name, namespace, _preload_content=False) is not None
 
     # ---- the job
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:

@@ -15,7 +15,9 @@ healthy), GET http://:METRICS_PORT/metrics (the operator's own metrics: jobs by 
 started/finished/failed, dispatch latency, loop step duration).
 
 RBAC the operator needs: quantizationjobs (+/status) get/list/watch/patch/update; pods
-get/list/watch/create/delete/deletecollection; configmaps get/create/update/patch; serviceaccounts,
+get/list/watch/create/delete/deletecollection; configmaps get/create/update/patch/delete; secrets
+create/delete only (each unit's result secret; the operator derives it again from QTUNE_SIGNING_KEY
+and never reads Secrets); serviceaccounts,
 roles, rolebindings create; events create; kopfpeerings/clusterkopfpeerings get/list/watch/patch/
 create (with --peering); namespaces and customresourcedefinitions list/watch (Kopf's scanning).
 The Role it grants each job's baseline pod (get/update/patch of that job's `<job>-baseline`
@@ -115,6 +117,13 @@ def run(namespaces: Sequence[str] = (), *, config: OperatorConfig | None = None,
     from qtune.operator.metrics import OperatorMetrics
 
     config = config or OperatorConfig.from_env()
+    if not config.signing_key:
+        import dataclasses
+        import secrets
+
+        logger.warning("no signing key (QTUNE_SIGNING_KEY): using a random one; results of pods started by an "
+                       "earlier operator process will not verify (set it, as the Helm chart does)")
+        config = dataclasses.replace(config, signing_key=secrets.token_hex(32))
     if os.environ.get("POD_NAME") and not os.environ.get("POD_ID"):
         os.environ["POD_ID"] = os.environ["POD_NAME"]  # Kopf's peering identity: the pod's name
     clusterwide = not namespaces

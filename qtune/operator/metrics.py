@@ -30,6 +30,9 @@ class OperatorMetrics:
         self.step_seconds = Histogram("qtune_operator_step_seconds", "duration of one job loop step",
                                       buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=r)
         self.errors = Counter("qtune_operator_step_errors", "job loop steps that raised", ["kind"], registry=r)
+        self.results_rejected = Counter(
+            "qtune_operator_results_rejected", "results ignored for lack of proof of origin (no finished pod of "
+            "the unit, bad signature, wrong unit)", ["reason"], registry=r)
         self._states: dict[str, str] = {}
         for state in STATES:
             self.jobs.labels(state=state).set(0)

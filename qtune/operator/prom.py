@@ -1,25 +1,29 @@
-"""Async clients of the Prometheus HTTP API (trial results) and of the Pushgateway (clean-up).
+"""Async clients of the Prometheus HTTP API (unit results) and of the Pushgateway (clean-up).
 
-Trial pods push their result under the Pushgateway grouping key {job_uid, trial} (job
-`qtune_trial`, see qtune/runner/metrics.py); Prometheus scrapes the Pushgateway with
-honor_labels. The operator reads a job's results with one instant query, copies them into the
-history and status, and deletes the group. Nothing here blocks the event loop (aiohttp).
+Pods push their result under the Pushgateway grouping key {job_uid, unit} (job `qtune_result`;
+the series are qtune.protocol's metric table, see qtune/runner/metrics.py); Prometheus scrapes the
+Pushgateway with honor_labels. The operator reads results with instant queries, decodes them with
+the protocol, believes them only with proof of origin (qtune/operator/results.py), records them
+and deletes the group. Nothing here blocks the event loop (aiohttp).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
+import time
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
+from qtune import protocol
+from qtune.operator.results import Observed
+
 logger = logging.getLogger(__name__)
 
-PUSH_JOB = "qtune_trial"
-"""Must equal qtune.runner.metrics.PUSH_JOB (not imported: the runner package pulls numpy in)."""
-METRIC_PREFIX = "qtune_trial_"
+PUSH_JOB = protocol.PUSH_JOB
+METRIC_PREFIX = protocol.METRIC_PREFIX
 
 
 class MetricsError(RuntimeError):
@@ -35,52 +39,30 @@ def job_query(job_uid: str) -> str:
     return f'{{__name__=~"{METRIC_PREFIX}.+",job="{PUSH_JOB}",job_uid="{label_value(job_uid)}"}}'
 
 
-def _number(sample: Any) -> float | None:
-    try:
-        value = float(sample[1])
-    except (TypeError, ValueError, IndexError):
-        return None
-    return value
-
-
 ALL_QUERY = f'{{__name__=~"{METRIC_PREFIX}.+",job="{PUSH_JOB}"}}'
 """Every job's queryable results at once (what the operator-wide poller asks)."""
 
 
-def results_from_vector(vector: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Prometheus instant-vector samples of ONE job -> {trial label: result dict as the runner writes it}.
+def _value(sample: dict[str, Any]) -> float | None:
+    try:
+        return float(sample["value"][1])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
 
-    A trial counts only when its `qtune_trial_status` series is present (a Pushgateway group is
-    replaced atomically, so the other series of the push come with it)."""
-    return results_by_job(vector, any_job=True).get("", {})
 
-
-def results_by_job(vector: list[dict[str, Any]], any_job: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
-    """Samples -> {job_uid: {trial: result}} (with any_job, every sample counts under "")."""
-    by_job: dict[str, dict[str, dict[str, Any]]] = {}
-    for sample in vector:
-        metric = sample.get("metric") or {}
-        trial = metric.get("trial")
-        name = metric.get("__name__", "")
-        value = _number(sample.get("value"))
-        uid = "" if any_job else metric.get("job_uid")
-        if trial is None or value is None or uid is None:
+def results_by_job(vector: list[dict[str, Any]]) -> dict[str, dict[str, Observed]]:
+    """Prometheus instant-vector samples -> {job_uid: {unit: Observed}}. Groups that do not decode
+    (a partial or malformed push) are left out and logged."""
+    pairs = [(dict(s.get("metric") or {}), v) for s in vector if (v := _value(s)) is not None]
+    out: dict[str, dict[str, Observed]] = {}
+    for (uid, unit), samples in protocol.group_samples(pairs).items():
+        try:
+            result, signature = protocol.decode_result(samples)
+        except protocol.ProtocolError as exc:
+            logger.warning("job %s, unit %s: undecodable result ignored: %s", uid, unit, exc)
             continue
-        result = by_job.setdefault(uid, {}).setdefault(
-            trial, {"latency_ms": {}, "latency_p90_ms": {}, "timings": {}})
-        if name == "qtune_trial_status":
-            result["status"] = "succeeded" if value >= 1 else "failed"
-        elif name == "qtune_trial_accuracy":
-            result["accuracy"] = value
-        elif name == "qtune_trial_latency_p50_ms" and "batch_size" in metric:
-            result["latency_ms"][metric["batch_size"]] = value
-        elif name == "qtune_trial_latency_p90_ms" and "batch_size" in metric:
-            result["latency_p90_ms"][metric["batch_size"]] = value
-        elif name == "qtune_trial_model_size_bytes":
-            result["model_size_bytes"] = int(value) if math.isfinite(value) else None
-        elif name == "qtune_trial_duration_seconds" and "phase" in metric:
-            result["timings"][metric["phase"]] = value
-    return {uid: {trial: r for trial, r in trials.items() if "status" in r} for uid, trials in by_job.items()}
+        out.setdefault(uid, {})[unit] = Observed(unit, result, signature)
+    return out
 
 
 class PrometheusClient:
@@ -105,12 +87,12 @@ class PrometheusClient:
             raise MetricsError(f"Prometheus returned {data.get('resultType')!r}, expected a vector")
         return list(data.get("result") or [])
 
-    async def job_results(self, job_uid: str) -> dict[str, dict[str, Any]]:
-        """Every result of the job currently queryable, by trial label ("0", "1", ..., "baseline")."""
-        return results_from_vector(await self.query(job_query(job_uid)))
+    async def job_results(self, job_uid: str) -> dict[str, Observed]:
+        """Every result of the job currently queryable, by unit id."""
+        return results_by_job(await self.query(job_query(job_uid))).get(job_uid, {})
 
-    async def all_results(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Every job's queryable results: {job_uid: {trial: result}}."""
+    async def all_results(self) -> dict[str, dict[str, Observed]]:
+        """Every job's queryable results: {job_uid: {unit: Observed}}."""
         return results_by_job(await self.query(ALL_QUERY))
 
 
@@ -123,15 +105,13 @@ class ResultsPoller:
         self.prometheus = prometheus
         self.interval = interval
         self.wakeups = wakeups
-        self.snapshot: dict[str, dict[str, dict[str, Any]]] = {}
+        self.snapshot: dict[str, dict[str, Observed]] = {}
         self.taken_at: float | None = None
 
-    def results(self, job_uid: str) -> dict[str, dict[str, Any]]:
+    def results(self, job_uid: str) -> dict[str, Observed]:
         return self.snapshot.get(job_uid, {})
 
     async def poll_once(self) -> None:
-        import time
-
         snapshot = await self.prometheus.all_results()
         for uid, trials in snapshot.items():
             if set(trials) - set(self.snapshot.get(uid, {})):
@@ -142,8 +122,6 @@ class ResultsPoller:
         self.taken_at = time.time()
 
     async def run(self) -> None:
-        import asyncio
-
         while True:
             try:
                 await self.poll_once()
@@ -158,12 +136,12 @@ class PushgatewayClient:
         self.session = session
         self.timeout = aiohttp.ClientTimeout(total=timeout)
 
-    def group_url(self, job_uid: str, trial: int | str) -> str:
+    def group_url(self, job_uid: str, unit: str) -> str:
         return (f"{self.base_url}/metrics/job/{quote(PUSH_JOB, safe='')}"
-                f"/job_uid/{quote(job_uid, safe='')}/trial/{quote(str(trial), safe='')}")
+                f"/job_uid/{quote(job_uid, safe='')}/unit/{quote(str(unit), safe='')}")
 
-    async def delete_group(self, job_uid: str, trial: int | str) -> None:
-        url = self.group_url(job_uid, trial)
+    async def delete_group(self, job_uid: str, unit: str) -> None:
+        url = self.group_url(job_uid, unit)
         try:
             async with self.session.delete(url, timeout=self.timeout) as response:
                 if response.status >= 400 and response.status != 404:
@@ -182,10 +160,10 @@ class PushgatewayClient:
         return [dict(group.get("labels") or {}) for group in payload.get("data") or []]
 
     async def delete_job_groups(self, job_uid: str) -> int:
-        """Delete every group of one job (its trials and the baseline); returns how many."""
+        """Delete every group of one job (all its units); returns how many."""
         doomed = [g for g in await self.groups() if g.get("job") == PUSH_JOB and g.get("job_uid") == job_uid]
         for group in doomed:
-            await self.delete_group(job_uid, group.get("trial", ""))
+            await self.delete_group(job_uid, group.get("unit", ""))
         if doomed:
             logger.debug("deleted %d Pushgateway group(s) of job %s", len(doomed), job_uid)
         return len(doomed)

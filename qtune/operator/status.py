@@ -1,47 +1,202 @@
-"""The job's status: state, conditions (Kubernetes API conventions), counts, baseline, best, and a
-bounded list of recent trials. Pure functions of the history; the status is a projection of it
-(the history ConfigMap is the record of truth).
+"""The job's status: the `JobStatus` model (which also generates the CRD's status schema, so the
+two cannot drift) and pure projections of the session into it: state, conditions (Kubernetes API
+conventions), counts, baseline, the winner with the ONE speed figure the session gives for it,
+and a bounded list of recent trials (the history ConfigMap is the record of truth).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from qtune.protocol import SpeedMeasurement
 from qtune.tuning import stop
 from qtune.tuning.history import FAILED, SUCCEEDED, Baseline, History, TrialRecord
 
 # states
 PENDING, BASELINE, RUNNING, SUCCEEDED_STATE, FAILED_STATE = "Pending", "Baseline", "Running", "Succeeded", "Failed"
+STATES = (PENDING, BASELINE, RUNNING, SUCCEEDED_STATE, FAILED_STATE)
 TERMINAL = frozenset({SUCCEEDED_STATE, FAILED_STATE})
 
 # condition types
 READY, RUNNING_COND, SUCCEEDED_COND, FAILED_COND = "Ready", "Running", "Succeeded", "Failed"
 CONDITION_TYPES = (READY, RUNNING_COND, SUCCEEDED_COND, FAILED_COND)
 
-# reasons beyond the stop reasons of qtune.tuning.stop
+# reasons beyond the session's stop reasons and outcomes (qtune.tuning.stop)
 INVALID_SPEC = "InvalidSpec"
-BASELINE_FAILED = "BaselineFailed"
+BASELINE_FAILED = stop.BASELINE_FAILED
+HISTORY_TOO_LARGE = "HistoryTooLarge"
+API_ERROR = "ApiError"
 REASON_PENDING = "Pending"
 REASON_BASELINE = "Baseline"
 REASON_TUNING = "Tuning"
+REASON_CONFIRMING = "Confirming"
 RESUMED = "Resumed"
 
-FAILED_REASONS = frozenset({INVALID_SPEC, BASELINE_FAILED, stop.NO_CONFIG, stop.TOO_MANY_FAILURES})
-"""Outcomes that leave the job Failed; every other stop reason with a best config is Succeeded."""
-
 MESSAGE_LIMIT = 1024
+
+
+def state_for_outcome(outcome: str) -> str:
+    """Succeeded only for the session's success outcomes (a best config that is a success)."""
+    return SUCCEEDED_STATE if outcome in stop.SUCCESS_OUTCOMES else FAILED_STATE
+
+
+# --------------------------------------------------------------------------------------------
+# the model (camelCase in the API)
+# --------------------------------------------------------------------------------------------
+
+
+class StatusModel(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class Condition(StatusModel):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = None
+
+
+class TrialCounts(StatusModel):
+    max: int = 0
+    started: int = 0
+    running: int = 0
+    finished: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    passed: int = 0
+
+
+class BaselineStatus(StatusModel):
+    accuracy: float | None = None
+    latency_ms: dict[str, float] = Field(default_factory=dict, description="fp32 alone, p50 by batch size")
+    latency_p90_ms: dict[str, float] = Field(default_factory=dict)
+    model_size_bytes: int | None = None
+    seconds: float | None = None
+
+
+class _TuneConfigPart(StatusModel):
+    model_config = ConfigDict(alias_generator=None, extra="forbid")
+
+
+class TensorStatus(_TuneConfigPart):
+    dtype: str
+    scheme: str | None = None
+    granularity: str | None = None
+    algorithm: str | None = None
+    reduce_range: bool | None = None
+
+
+class OpStatus(_TuneConfigPart):
+    op_type: str
+    activation: TensorStatus
+    weight: TensorStatus | None = None
+
+
+class TuneConfigStatus(_TuneConfigPart):
+    """A tune config as the runner reads it (snake_case keys, as in the history)."""
+
+    approach: str
+    format: str
+    calibration_sampling_size: int | None = None
+    ops: dict[str, OpStatus] = Field(default_factory=dict)
+    extras: dict[str, Any] = Field(default_factory=dict, description="adaptor-specific options (free-form)")
+
+
+class SpeedStatus(StatusModel):
+    """The winner's speed against fp32: ONE interleaved measurement (the confirmation's when run)."""
+
+    batch_size: int
+    speedup: float
+    low: float
+    high: float
+    latency_ms: float = Field(description="this model's p50 in the measurement")
+    latency_p90_ms: float | None = None
+    fp32_latency_ms: float = Field(description="fp32's p50 in the same measurement")
+    fp32_latency_p90_ms: float | None = None
+    confidence: float | None = None
+    rounds: int | None = None
+    confirmed: bool = Field(default=False, description="measured by the final confirmation")
+
+
+class BestStatus(StatusModel):
+    trial: int
+    accuracy: float | None = None
+    speedup: float | None = Field(default=None, description="= speed.speedup")
+    speedup_interval: str | None = Field(default=None, description="speedup [low-high], for the printer column")
+    speed: SpeedStatus | None = None
+    model_size_bytes: int | None = None
+    size_ratio: float | None = Field(default=None, description="fp32 size / int8 size")
+    fp32_ops: int | None = None
+    config_key: str | None = None
+    model_path: str | None = None
+    tune_config: TuneConfigStatus | None = None
+
+
+class TrialStatus(StatusModel):
+    index: int
+    status: str
+    accuracy: float | None = None
+    speedup: float | None = None
+    latency_ms: float | None = Field(default=None, description="p50 at the objective batch size")
+    model_size_bytes: int | None = None
+    passed: bool | None = None
+    reason: str | None = None
+    message: str | None = None
+    config_key: str | None = None
+    fp32_ops: int | None = None
+    seconds: float | None = None
+
+
+class HistoryRef(StatusModel):
+    config_map: str
+    trials: int = 0
+
+
+class JobStatus(StatusModel):
+    """Written by the operator. The full trial history is in the ConfigMap named in history.configMap."""
+
+    state: Literal["Pending", "Baseline", "Running", "Succeeded", "Failed"] | None = None
+    reason: str | None = Field(default=None, description="why the job is in its state (the outcome when done)")
+    stop_reason: str | None = Field(default=None, description="the stop rule that ended the search")
+    message: str | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    start_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    elapsed_seconds: float | None = None
+    workspace: str | None = None
+    progress: str | None = Field(default=None, description="finished/max trials")
+    trials: TrialCounts | None = None
+    baseline: BaselineStatus | None = None
+    best: BestStatus | None = None
+    recent_trials: list[TrialStatus] = Field(default_factory=list)
+    history: HistoryRef | None = None
+    rejected_results: int | None = Field(default=None, description="results ignored for lack of proof of origin")
+
+
+MANAGED_KEYS = frozenset(JobStatus.model_json_schema(by_alias=True)["properties"])
+"""Status keys the operator owns; others (e.g. Kopf's own `status.kopf`) are never touched."""
+
+
+# --------------------------------------------------------------------------------------------
+# conditions
+# --------------------------------------------------------------------------------------------
 
 
 def now_iso(now: float | None = None) -> str:
     moment = datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def state_for_outcome(outcome: str) -> str:
-    return FAILED_STATE if outcome in FAILED_REASONS else SUCCEEDED_STATE
 
 
 def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
@@ -93,7 +248,7 @@ def find_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[
 
 
 # --------------------------------------------------------------------------------------------
-# projections of history records
+# projections
 # --------------------------------------------------------------------------------------------
 
 
@@ -103,148 +258,93 @@ def _finite(value: float | None, digits: int = 6) -> float | None:
     return round(float(value), digits)
 
 
-def _clean(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in data.items() if v is not None}
+def trial_status(record: TrialRecord, batch_size: int) -> TrialStatus:
+    seconds = record.finished_at - record.started_at if record.started_at and record.finished_at else None
+    measured = record.speed_at(batch_size)
+    return TrialStatus(
+        index=record.index, status=record.status, accuracy=_finite(record.accuracy),
+        speedup=_finite(measured.speedup, 4) if measured else None,
+        latency_ms=_finite(measured.p50_ms, 4) if measured else None,
+        model_size_bytes=record.model_size_bytes, passed=record.passed, reason=record.reason,
+        message=(record.message or "")[:300] or None, config_key=record.config_key,
+        fp32_ops=len(record.config.fp32_ops()), seconds=_finite(seconds, 2))
 
 
-def trial_summary(record: TrialRecord, batch_size: int) -> dict[str, Any]:
-    seconds = None
-    if record.started_at and record.finished_at:
-        seconds = record.finished_at - record.started_at
-    return _clean({
-        "index": record.index,
-        "status": record.status,
-        "accuracy": _finite(record.accuracy),
-        "latencyMs": _finite(record.latency(batch_size), 4),
-        "modelSizeBytes": record.model_size_bytes,
-        "passed": record.passed,
-        "reason": record.reason,
-        "message": (record.message or "")[:300] or None,
-        "configKey": record.config_key,
-        "fp32Ops": len(record.config.fp32_ops()),
-        "seconds": _finite(seconds, 2),
-    })
+def baseline_status(baseline: Baseline) -> BaselineStatus:
+    return BaselineStatus(
+        accuracy=_finite(baseline.accuracy),
+        latency_ms={k: v for k, v in ((k, _finite(v, 4)) for k, v in baseline.latency_ms.items()) if v is not None},
+        latency_p90_ms={k: v for k, v in ((k, _finite(v, 4)) for k, v in baseline.latency_p90_ms.items())
+                        if v is not None},
+        model_size_bytes=baseline.model_size_bytes, seconds=_finite(baseline.seconds, 2))
 
 
-def baseline_summary(baseline: Baseline) -> dict[str, Any]:
-    return _clean({
-        "accuracy": _finite(baseline.accuracy),
-        "latencyMs": {k: _finite(v, 4) for k, v in baseline.latency_ms.items() if _finite(v) is not None},
-        "latencyP90Ms": {k: _finite(v, 4) for k, v in baseline.latency_p90_ms.items() if _finite(v) is not None},
-        "modelSizeBytes": baseline.model_size_bytes,
-        "seconds": _finite(baseline.seconds, 2),
-    })
+def speed_status(measured: SpeedMeasurement, confirmed: bool) -> SpeedStatus:
+    return SpeedStatus(
+        batch_size=measured.batch_size, speedup=round(measured.speedup, 4), low=round(measured.low, 4),
+        high=round(measured.high, 4), latency_ms=round(measured.p50_ms, 5), latency_p90_ms=round(measured.p90_ms, 5),
+        fp32_latency_ms=round(measured.fp32_p50_ms, 5), fp32_latency_p90_ms=round(measured.fp32_p90_ms, 5),
+        confidence=measured.confidence, rounds=measured.rounds, confirmed=confirmed)
 
 
-def best_summary(record: TrialRecord, baseline: Baseline | None, batch_size: int,
-                 model_path: str | None = None) -> dict[str, Any]:
-    latency = record.latency(batch_size)
-    speedup = size_ratio = None
-    if baseline is not None:
-        base_latency = baseline.latency_ms.get(str(batch_size))
-        if base_latency and latency:
-            speedup = base_latency / latency
-        if baseline.model_size_bytes and record.model_size_bytes:
-            size_ratio = baseline.model_size_bytes / record.model_size_bytes
-    return _clean({
-        "trial": record.index,
-        "accuracy": _finite(record.accuracy),
-        "latencyMs": _finite(latency, 4),
-        "latencyP90Ms": _finite(record.latency_p90_ms.get(str(batch_size)), 4),
-        "batchSize": batch_size,
-        "speedup": _finite(speedup, 3),
-        "modelSizeBytes": record.model_size_bytes,
-        "sizeRatio": _finite(size_ratio, 3),
-        "fp32Ops": len(record.config.fp32_ops()),
-        "configKey": record.config_key,
-        "modelPath": record.model_path or model_path,
-        "tuneConfig": record.tune_config,
-    })
+def best_status(record: TrialRecord, baseline: Baseline | None, measured: SpeedMeasurement | None,
+                confirmed: bool, model_path: str | None = None) -> BestStatus:
+    size_ratio = None
+    if baseline is not None and baseline.model_size_bytes and record.model_size_bytes:
+        size_ratio = baseline.model_size_bytes / record.model_size_bytes
+    speed = speed_status(measured, confirmed) if measured is not None else None
+    return BestStatus(
+        trial=record.index, accuracy=_finite(record.accuracy),
+        speedup=speed.speedup if speed else None,
+        speedup_interval=f"{speed.speedup:.2f} [{speed.low:.2f}-{speed.high:.2f}]" if speed else None,
+        speed=speed, model_size_bytes=record.model_size_bytes, size_ratio=_finite(size_ratio, 3),
+        fp32_ops=len(record.config.fp32_ops()), config_key=record.config_key,
+        model_path=record.model_path or model_path, tune_config=TuneConfigStatus.model_validate(record.tune_config))
 
 
-def describe_best(best: dict[str, Any] | None, baseline: Baseline | None) -> str:
-    if not best:
-        return "no trial met the accuracy criterion"
-    parts = [f"best trial {best['trial']}: accuracy {best.get('accuracy', float('nan')):.4f}"]
-    if baseline is not None:
-        parts[0] += f" (fp32 {baseline.accuracy:.4f})"
-    if best.get("speedup"):
-        parts.append(f"{best['speedup']:.2f}x faster at batch {best.get('batchSize')}")
-    if best.get("sizeRatio"):
-        parts.append(f"{best['sizeRatio']:.2f}x smaller")
-    parts.append(f"{best.get('fp32Ops', 0)} ops in fp32")
-    return ", ".join(parts)
-
-
-@dataclass
-class Counts:
-    max: int
-    started: int
-    running: int
-    finished: int
-    succeeded: int
-    failed: int
-    passed: int
-
-    @classmethod
-    def of(cls, history: History, max_trials: int) -> Counts:
-        trials = history.trials
-        return cls(
-            max=max_trials,
-            started=len(trials),
-            running=len(history.pending()),
-            finished=len(history.finished()),
-            succeeded=sum(1 for t in trials if t.status == SUCCEEDED),
-            failed=sum(1 for t in trials if t.status == FAILED),
-            passed=sum(1 for t in trials if t.passed),
-        )
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
-
-
-def recent_trials(history: History, batch_size: int, limit: int) -> list[dict[str, Any]]:
-    """The last `limit` trials by index (running ones included)."""
-    records = sorted(history.trials, key=lambda t: t.index)[-limit:] if limit > 0 else []
-    return [trial_summary(r, batch_size) for r in records]
+def counts(history: History, max_trials: int) -> TrialCounts:
+    trials = history.trials
+    return TrialCounts(max=max_trials, started=len(trials), running=len(history.pending()),
+                       finished=len(history.finished()),
+                       succeeded=sum(1 for t in trials if t.status == SUCCEEDED),
+                       failed=sum(1 for t in trials if t.status == FAILED),
+                       passed=sum(1 for t in trials if t.passed))
 
 
 def build_status(*, state: str, reason: str, message: str, generation: int | None,
                  old: dict[str, Any] | None, history: History | None = None, max_trials: int | None = None,
-                 batch_size: int = 1, best: TrialRecord | None = None, best_model_path: str | None = None,
-                 recent: int = 20, history_configmap: str | None = None, workspace: str | None = None,
-                 stop_reason: str | None = None, now: float | None = None) -> dict[str, Any]:
-    """The whole status of a job (what the operator wants it to be)."""
+                 batch_size: int = 1, best: BestStatus | None = None, recent: int = 20,
+                 history_configmap: str | None = None, workspace: str | None = None,
+                 stop_reason: str | None = None, elapsed: float | None = None, rejected: int = 0,
+                 now: float | None = None) -> dict[str, Any]:
+    """The whole managed status of a job (what the operator wants it to be), as the API stores it."""
     old = old or {}
-    status: dict[str, Any] = {
-        "state": state,
-        "reason": reason,
-        "message": message[:MESSAGE_LIMIT],
-        "observedGeneration": generation,
-        "conditions": conditions_for(state, reason, message, generation, old.get("conditions"), now),
-        "startTime": old.get("startTime") or now_iso(now),
-    }
+    status = JobStatus(
+        state=state,  # type: ignore[arg-type]
+        reason=reason, message=message[:MESSAGE_LIMIT], observed_generation=generation,
+        conditions=[Condition.model_validate(cond) for cond in
+                    conditions_for(state, reason, message, generation, old.get("conditions"), now)],
+        start_time=old.get("startTime") or now_iso(now), stop_reason=stop_reason, workspace=workspace,
+        rejected_results=rejected or None,
+    )
     if state in TERMINAL:
-        status["completionTime"] = old.get("completionTime") if old.get("state") == state else None
-        status["completionTime"] = status["completionTime"] or now_iso(now)
-    if stop_reason:
-        status["stopReason"] = stop_reason
-    if workspace:
-        status["workspace"] = workspace
+        status.completion_time = (old.get("completionTime") if old.get("state") == state else None) or now_iso(now)
     if history is not None and max_trials is not None:
-        counts = Counts.of(history, max_trials)
-        status["trials"] = counts.as_dict()
-        status["progress"] = f"{counts.finished}/{max_trials}"
-        status["recentTrials"] = recent_trials(history, batch_size, recent)
-        status["elapsedSeconds"] = round(history.elapsed_seconds, 1)
+        status.trials = counts(history, max_trials)
+        status.progress = f"{status.trials.finished}/{max_trials}"
+        records = sorted(history.trials, key=lambda t: t.index)[-recent:] if recent > 0 else []
+        status.recent_trials = [trial_status(r, batch_size) for r in records]
+        status.elapsed_seconds = round(elapsed if elapsed is not None else history.elapsed_seconds, 1)
         if history.baseline is not None:
-            status["baseline"] = baseline_summary(history.baseline)
-        if best is not None:
-            status["best"] = best_summary(best, history.baseline, batch_size, best_model_path)
+            status.baseline = baseline_status(history.baseline)
+        status.best = best
     if history_configmap:
-        status["history"] = {"configMap": history_configmap,
-                             "trials": len(history.trials) if history is not None else 0}
-    return {k: v for k, v in status.items() if v is not None}
+        status.history = HistoryRef(config_map=history_configmap,
+                                    trials=len(history.trials) if history is not None else 0)
+    out = status.dump()
+    if not out.get("recentTrials"):
+        out.pop("recentTrials", None)
+    return out
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -267,14 +367,6 @@ def merge_patch(old: Any, new: Any) -> Any:
         elif old[key] != value:
             patch[key] = value
     return patch or None
-
-
-MANAGED_KEYS = frozenset({
-    "state", "reason", "message", "observedGeneration", "conditions", "startTime", "completionTime",
-    "stopReason", "workspace", "trials", "progress", "recentTrials", "elapsedSeconds", "baseline", "best",
-    "history",
-})
-"""Status keys the operator owns; others (e.g. Kopf's own `status.kopf`) are never touched."""
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:

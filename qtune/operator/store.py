@@ -12,71 +12,49 @@ silently overwritten.
 
 from __future__ import annotations
 
-import base64
-import gzip
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from qtune import protocol
 from qtune.operator import constants as c
+from qtune.operator.builders import configmap
 from qtune.operator.kube import Kube
-from qtune.operator.pods import JobRef, configmap
+from qtune.operator.layout import JobRef
 from qtune.tuning.history import History
 
 logger = logging.getLogger(__name__)
 
-CONFIGMAP_LIMIT = 1024 * 1024 - 16 * 1024
-"""A ConfigMap holds at most 1 MiB; keep a margin for metadata."""
 
-
-class HistoryTooLarge(RuntimeError):
+class HistoryTooLarge(protocol.PayloadTooLarge):
     """Even compressed, the history does not fit in a ConfigMap."""
 
 
-def encode_history(history: History, plain_limit: int = 256 * 1024) -> tuple[dict[str, str], dict[str, str]]:
+def encode_history(history: History, plain_limit: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(data, binaryData) of the history ConfigMap."""
-    text = json.dumps(history.to_dict(), separators=(",", ":"), sort_keys=True)
-    if len(text.encode()) <= plain_limit:
-        return {c.HISTORY_KEY: text}, {}
-    packed = base64.b64encode(gzip.compress(text.encode(), compresslevel=6, mtime=0)).decode()
-    if len(packed) > CONFIGMAP_LIMIT:
-        raise HistoryTooLarge(f"history of {len(history.trials)} trials is {len(packed)} bytes compressed; "
-                              "a ConfigMap holds 1 MiB (lower spec.tuning.maxTrials)")
-    return {}, {c.HISTORY_GZ_KEY: packed}
+    try:
+        return protocol.encode_document(c.HISTORY_KEY, history.to_dict(), plain_limit)
+    except protocol.PayloadTooLarge as exc:
+        raise HistoryTooLarge(f"the history of {len(history.trials)} trials does not fit in a ConfigMap ({exc}); "
+                              "lower spec.tuning.maxTrials") from None
 
 
 def decode_history(body: dict[str, Any]) -> History | None:
     """The history stored in a ConfigMap body (None when it holds none)."""
-    data = body.get("data") or {}
-    binary = body.get("binaryData") or {}
-    if binary.get(c.HISTORY_GZ_KEY):
-        text = gzip.decompress(base64.b64decode(binary[c.HISTORY_GZ_KEY])).decode()
-    elif data.get(c.HISTORY_KEY):
-        text = data[c.HISTORY_KEY]
-    else:
-        return None
-    return History.from_dict(json.loads(text))
+    document = protocol.decode_document(body, c.HISTORY_KEY)
+    return None if document is None else History.from_dict(document)
 
 
 def decode_published(body: dict[str, Any] | None, key: str) -> Any | None:
     """A JSON document the baseline pod published (plain, or `<key>.gz` base64 gzip)."""
-    if not body:
-        return None
-    binary = body.get("binaryData") or {}
-    data = body.get("data") or {}
-    if binary.get(f"{key}.gz"):
-        return json.loads(gzip.decompress(base64.b64decode(binary[f"{key}.gz"])).decode())
-    if data.get(key):
-        return json.loads(data[key])
-    return None
+    return protocol.decode_document(body, key)
 
 
 @dataclass
 class HistoryStore:
     kube: Kube
     job: JobRef
-    plain_limit: int = 256 * 1024
+    plain_limit: int | None = None
     resource_version: str | None = None
 
     @property

@@ -95,7 +95,7 @@ def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[st
     baseline = session.baseline
     assert baseline is not None
     best = session.best()
-    metric = baseline.metric or job.spec.data.evaluation.metric
+    metric = baseline.metric or job.spec.data.evaluation.metric_name
     items = [
         ("job", job.name),
         ("framework", job.spec.model.framework),

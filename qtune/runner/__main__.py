@@ -19,13 +19,18 @@ from pathlib import Path
 from typing import Any
 
 from qtune.protocol import (
+    BASELINE_UNIT,
+    CONFIRM_UNIT,
     EXIT_JOB_UNUSABLE,
     EXIT_OK,
     EXIT_TRIAL_FAILED,
     FAILED,
+    INVALID_SPEC,
     BaselineResult,
     ConfirmResult,
     TrialResult,
+    termination_message,
+    trial_unit,
 )
 from qtune.spec import QtuneError, job_from_dict, load_job
 from qtune.tuning.config import TuneConfig
@@ -44,8 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-dir", help="folder the job's relative paths start from")
     parser.add_argument("--workspace", required=True, help="the job's shared workspace folder")
     parser.add_argument("--index", default="0", help="trial number")
-    parser.add_argument("--config", help="trial: the tune config, a JSON file")
-    parser.add_argument("--candidates", help="confirm: JSON file {trial index: tune config}")
+    parser.add_argument("--config", help="trial: the tune config, a JSON file; confirm: {trial index: tune config}")
+    parser.add_argument("--candidates", help="confirm: the trial indices to re-measure, e.g. 3,5,7")
+    parser.add_argument("--full-evaluation", action="store_true",
+                        help="trial: evaluate in full even once the accuracy criterion cannot be met")
     parser.add_argument("--result", help="write the typed result here (JSON)")
     parser.add_argument("--threads", type=int, help="CPUs this unit owns")
     parser.add_argument("--pushgateway", default=os.environ.get("QTUNE_PUSHGATEWAY_URL"))
@@ -56,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def termination_message(text: str) -> None:
+def write_termination(text: str) -> None:
     path = Path(os.environ.get("QTUNE_TERMINATION_LOG", TERMINATION_LOG))
     try:
         if path.parent.is_dir():
@@ -102,15 +109,19 @@ def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResu
     if args.command == "confirm":
         from qtune.runner.confirm import run_confirm
 
-        if not args.candidates:
-            raise QtuneError("--candidates is required for confirm")
-        return run_confirm(context, _read_json(args.candidates, "--candidates"))
+        if not args.config:
+            raise QtuneError("--config is required for confirm")
+        configs = _read_json(args.config, "--config")
+        if args.candidates:
+            wanted = {c.strip() for c in args.candidates.split(",") if c.strip()}
+            configs = {k: v for k, v in configs.items() if k in wanted}
+        return run_confirm(context, configs)
     from qtune.runner.trial import run_trial
 
     if not args.config:
         raise QtuneError("--config is required for a trial")
     config = TuneConfig.from_dict(_read_json(args.config, "--config"))
-    return run_trial(context, config, int(args.index))
+    return run_trial(context, config, int(args.index), early_stopping=not args.full_evaluation)
 
 
 def _failed(command: str, index: str, reason: str, message: str) -> BaselineResult | TrialResult | ConfirmResult:
@@ -130,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(args)
     except QtuneError as exc:
         logger.error("%s", exc)
-        result, code = _failed(args.command, args.index, "InvalidJob", str(exc)), EXIT_JOB_UNUSABLE
+        result, code = _failed(args.command, args.index, INVALID_SPEC, str(exc)), EXIT_JOB_UNUSABLE
     except Exception as exc:  # noqa: BLE001 - any other failure is reported, never a silent crash
         logger.error("%s crashed:\n%s", args.command, traceback.format_exc())
         result = _failed(args.command, args.index, "Crashed", f"{type(exc).__name__}: {exc}"[:2000])
@@ -143,15 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.pushgateway:
         from qtune.runner.metrics import push_result
 
-        push_result(args.pushgateway, args.job_uid, "baseline" if args.command == "baseline" else
-                    ("confirm" if args.command == "confirm" else args.index), payload)
+        unit = args.command if args.command in (BASELINE_UNIT, CONFIRM_UNIT) else trial_unit(int(args.index))
+        push_result(args.pushgateway, args.job_uid, unit, result)
     if code != EXIT_OK:
         message = result.message or result.reason or "failed"
-        termination_message(message if code == EXIT_JOB_UNUSABLE else f"{result.reason}: {message}")
+        write_termination(termination_message(result.reason or "Failed", message))
         if code == EXIT_JOB_UNUSABLE:
             print(f"error: {message}", file=sys.stderr)  # noqa: T201 - the last line the caller reads
-    else:
-        termination_message(json.dumps({"model_path": getattr(result, "model_path", None)}))
     return code
 
 

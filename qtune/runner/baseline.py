@@ -60,6 +60,10 @@ def compute_space(context: JobContext) -> TuningSpace:
     sensitivity = adaptor.op_sensitivity(model, space.default_config().to_dict(), context.calibration_set)
     space.sensitivity = {name: float(sensitivity.get(name, 0.0)) for name in space.ops}
     logger.info("op sensitivity of %d ops measured in %.1fs", len(space.ops), time.perf_counter() - started)
+    # per-op time shares (fp32 and int8) at the largest benchmark batch: where the strategy spends trials
+    space.time_share = adaptor.op_time_shares(model, space.default_config().to_dict(), context.calibration_loader(),
+                                              context.benchmark_batches()[max(context.spec.benchmark.batch_sizes)],
+                                              context.benchmark_threads)
     for name, note in space.notes.items():
         logger.info("capability note: %s: %s", name, note)
     return space
@@ -72,16 +76,15 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
         return context.load_space(), context.load_baseline()
     started = time.perf_counter()
     model = context.model
-    metric = context.new_metric()
     with _blame("spec.data.calibration"):  # fail now, not in every trial, when data and model disagree
         first = next(iter(context.calibration_set.take(2).loader(2)))
         context.adaptor.predict(model, DataLoader(Dataset(first[0], None), 2), context.spec.data.evaluation.output)
     with _blame("spec.data.evaluation"):
-        if metric.needs_reference:
+        if context.needs_reference:
             reference = context.adaptor.predict(model, context.evaluation_loader(),
                                                 context.spec.data.evaluation.output)
             np.save(workspace / REFERENCE_FILE, np.asarray(reference))
-        accuracy = context.adaptor.evaluate(model, context.targets_loader(), metric=metric)
+        accuracy = context.evaluate(model).score
     p50, p90 = measure_latency(context, model)
     space = compute_space(context)
     baseline = Baseline(

@@ -1,59 +1,103 @@
-"""Trial results as Prometheus metrics, pushed to a Pushgateway.
+"""A unit's result as Prometheus metrics, pushed to a Pushgateway (the cluster's result channel).
 
-Grouping key: {job_uid, trial}. The operator reads these series through the Prometheus HTTP API
-(Prometheus scrapes the Pushgateway with honor_labels: true), copies them into the job status
-and deletes the group.
+The series are the metric table of `qtune.protocol` (`encode_result`): every field of the result,
+numbers as values and strings as labels of `qtune_result_info`, which also carries the result's
+signature. Grouping key: {job_uid, unit} under job `qtune_result`. A pod signs with the secret
+the operator gave it alone (env QTUNE_RESULT_SECRET, from its own Secret); the operator reads the
+series through the Prometheus HTTP API, verifies the signature, records the result and deletes
+the group.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, delete_from_gateway, push_to_gateway
+from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
+from prometheus_client.metrics_core import Metric
+
+from qtune import protocol
+from qtune.protocol import Result, Sample
 
 logger = logging.getLogger(__name__)
 
-PUSH_JOB = "qtune_trial"
-STATUS_CODES = {"succeeded": 1, "failed": 0}
+PUSH_JOB = protocol.PUSH_JOB
+SECRET_ENV = "QTUNE_RESULT_SECRET"
+"""Env var holding this pod's result secret (set by the operator through secretKeyRef)."""
+
+HELP = {
+    protocol.INFO_METRIC: "a unit's result: kind, status and string fields as labels, and its signature",
+    f"{protocol.METRIC_PREFIX}accuracy": "accuracy metric on the evaluation set",
+    f"{protocol.METRIC_PREFIX}model_size_bytes": "model size in bytes",
+}
 
 
-def grouping_key(job_uid: str, trial: int | str) -> dict[str, str]:
-    return {"job_uid": job_uid, "trial": str(trial)}
+def grouping_key(job_uid: str, unit: str) -> dict[str, str]:
+    return {"job_uid": job_uid, "unit": unit}
 
 
-def result_registry(result: dict[str, Any]) -> CollectorRegistry:
-    """Gauges for one trial (or the baseline, trial="baseline") result."""
+def unit_id(unit: int | str) -> str:
+    """"trial-3" for 3 or "3"; other unit ids as they are."""
+    text = str(unit)
+    return protocol.trial_unit(int(text)) if text.isdigit() else text
+
+
+class _SampleCollector:
+    """A prometheus_client collector exposing fixed samples as gauges."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        self.samples = samples
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for sample in self.samples:
+            family = families.get(sample.name)
+            if family is None:
+                family = Metric(sample.name, HELP.get(sample.name, sample.name.replace("_", " ")), "gauge")
+                families[sample.name] = family
+            family.add_sample(sample.name, dict(sample.labels), sample.value)
+        yield from families.values()
+
+
+def result_registry(result: Result, signature: str | None = None) -> CollectorRegistry:
+    """A registry holding the metric table of one result."""
     registry = CollectorRegistry()
-    status = Gauge("qtune_trial_status", "1 when the trial succeeded, 0 when it failed", registry=registry)
-    status.set(STATUS_CODES.get(result.get("status", "failed"), 0))
-    if result.get("accuracy") is not None:
-        Gauge("qtune_trial_accuracy", "accuracy metric of the trial", registry=registry).set(result["accuracy"])
-    p50 = Gauge("qtune_trial_latency_p50_ms", "median batch latency", ["batch_size"], registry=registry)
-    p90 = Gauge("qtune_trial_latency_p90_ms", "p90 batch latency", ["batch_size"], registry=registry)
-    for batch, value in (result.get("latency_ms") or {}).items():
-        p50.labels(batch_size=str(batch)).set(value)
-    for batch, value in (result.get("latency_p90_ms") or {}).items():
-        p90.labels(batch_size=str(batch)).set(value)
-    fp32 = Gauge("qtune_trial_fp32_latency_p50_ms", "fp32 median batch latency, measured interleaved in the trial",
-                 ["batch_size"], registry=registry)
-    for batch, value in (result.get("fp32_latency_ms") or {}).items():
-        fp32.labels(batch_size=str(batch)).set(value)
-    if result.get("model_size_bytes") is not None:
-        Gauge("qtune_trial_model_size_bytes", "quantized model size", registry=registry).set(
-            result["model_size_bytes"]
-        )
-    duration = Gauge("qtune_trial_duration_seconds", "seconds per phase", ["phase"], registry=registry)
-    for phase, seconds in (result.get("timings") or {}).items():
-        duration.labels(phase=phase).set(seconds)
+    registry.register(_SampleCollector(protocol.encode_result(result, signature)))  # type: ignore[arg-type]
     return registry
 
 
-def push_result(gateway: str, job_uid: str, trial: int | str, result: dict[str, Any]) -> None:
-    push_to_gateway(gateway, job=PUSH_JOB, registry=result_registry(result),
-                    grouping_key=grouping_key(job_uid, trial), timeout=10)
-    logger.info("pushed trial %s of job %s to %s", trial, job_uid, gateway)
+def as_result(unit: str, result: Result | dict[str, Any]) -> Result:
+    """A protocol result; a dict is read as the model of the unit's kind."""
+    if not isinstance(result, dict):
+        return result
+    data = dict(result)
+    if unit == protocol.BASELINE_UNIT:
+        return protocol.BaselineResult.model_validate(data)
+    if unit == protocol.CONFIRM_UNIT:
+        return protocol.ConfirmResult.model_validate(data)
+    index = protocol.unit_trial_index(unit)
+    if "trial" not in data and index is not None:
+        data["trial"] = index
+    return protocol.TrialResult.model_validate(data)
 
 
-def delete_result(gateway: str, job_uid: str, trial: int | str) -> None:
-    delete_from_gateway(gateway, job=PUSH_JOB, grouping_key=grouping_key(job_uid, trial), timeout=10)
+def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | dict[str, Any],
+                secret: str | None = None) -> str | None:
+    """Sign (with `secret`, default env QTUNE_RESULT_SECRET) and push one result; returns the signature."""
+    unit = unit_id(unit)
+    message = as_result(unit, result)
+    secret = secret if secret is not None else os.environ.get(SECRET_ENV)
+    signature = protocol.sign_result(job_uid, unit, message, secret) if secret else None
+    if signature is None:
+        logger.warning("no result secret (%s): the result of %s is pushed unsigned; an operator ignores it",
+                       SECRET_ENV, unit)
+    push_to_gateway(gateway, job=PUSH_JOB, registry=result_registry(message, signature),
+                    grouping_key=grouping_key(job_uid, unit), timeout=10)
+    logger.info("pushed the result of %s (job %s) to %s", unit, job_uid, gateway)
+    return signature
+
+
+def delete_result(gateway: str, job_uid: str, unit: int | str) -> None:
+    delete_from_gateway(gateway, job=PUSH_JOB, grouping_key=grouping_key(job_uid, unit_id(unit)), timeout=10)

@@ -5,27 +5,25 @@ it needs to drive the tuning: `python -m qtune.runner baseline ... --publish-con
 The operator creates the ConfigMap (empty, owned by the job) and a ServiceAccount whose Role
 allows get/update/patch of that one ConfigMap; this module merge-patches its data in.
 
-Documents up to 512 KiB are stored as plain JSON under `data`; larger ones gzip-compressed under
-`binaryData["<name>.gz"]`. The operator reads both forms (qtune/operator/store.py).
+Documents are stored with the protocol's ConfigMap codec (qtune.protocol.encode_document): plain
+JSON under `data`, larger ones gzip-compressed under `binaryData["<name>.gz"]`.
 """
 
 from __future__ import annotations
 
-import base64
-import gzip
+import json
 import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from qtune import protocol
 from qtune.spec.errors import QtuneError
 
 logger = logging.getLogger(__name__)
 
 FILES = ("space.json", "baseline.json")
-PLAIN_LIMIT = 512 * 1024
-CONFIGMAP_LIMIT = 1024 * 1024 - 16 * 1024
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -40,20 +38,21 @@ def current_namespace() -> str:
 
 
 def configmap_patch(workspace: Path, files: tuple[str, ...] = FILES) -> dict[str, Any]:
-    """The merge patch carrying the files (plain or gzip+base64 when large)."""
+    """The merge patch carrying the files (qtune.protocol's ConfigMap codec: plain JSON, or
+    gzip+base64 when large; the other form of each key is removed)."""
     data: dict[str, str | None] = {}
     binary: dict[str, str | None] = {}
     for name in files:
         path = workspace / name
         if not path.is_file():
             raise QtuneError(f"--publish-configmap: {path} does not exist")
-        text = path.read_text()
-        if len(text.encode()) <= PLAIN_LIMIT:
-            data[name], binary[f"{name}.gz"] = text, None
-        else:
-            data[name], binary[f"{name}.gz"] = None, base64.b64encode(gzip.compress(text.encode(), mtime=0)).decode()
+        try:
+            plain, packed = protocol.encode_document(name, json.loads(path.read_text()))
+        except protocol.PayloadTooLarge as exc:
+            raise QtuneError(f"--publish-configmap: {exc}") from None
+        data[name], binary[f"{name}.gz"] = plain.get(name), packed.get(f"{name}.gz")
     size = sum(len(v) for v in (*data.values(), *binary.values()) if v)
-    if size > CONFIGMAP_LIMIT:
+    if size > protocol.CONFIGMAP_LIMIT:
         raise QtuneError(f"--publish-configmap: {size} bytes do not fit in a ConfigMap (1 MiB)")
     return {"data": data, "binaryData": binary}
 

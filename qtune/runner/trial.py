@@ -25,7 +25,7 @@ def passes_criterion(context: JobContext, accuracy: float) -> bool:
     return Criterion.from_spec(context.spec.tuning.accuracy_criterion).passes(accuracy, baseline.accuracy)
 
 
-def run_trial(context: JobContext, config: TuneConfig, index: int) -> TrialResult:
+def run_trial(context: JobContext, config: TuneConfig, index: int, early_stopping: bool = True) -> TrialResult:
     """Run one trial. Exceptions inside the trial become a failed result with the reason, so a
     bad config is recorded rather than fatal."""
     from qtune.runner.benchmark import measure_against_fp32
@@ -41,7 +41,10 @@ def run_trial(context: JobContext, config: TuneConfig, index: int) -> TrialResul
         timings.update({k: round(v, 4) for k, v in adaptor.timings.items()})
         timings.setdefault("quantize", round(time.perf_counter() - started, 4))
         phase = time.perf_counter()
-        accuracy = float(adaptor.evaluate(quantized, context.targets_loader(), metric=context.new_metric()))
+        baseline_score = context.load_baseline().accuracy if early_stopping else None
+        evaluation = context.evaluate(quantized, baseline_score=baseline_score)
+        accuracy = evaluation.score
+        result.notes.extend([evaluation.note()] if evaluation.stopped_early else [])
         timings["evaluate"] = round(time.perf_counter() - phase, 4)
         result.accuracy = accuracy
         result.model_size_bytes = int(adaptor.model_size(quantized))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,8 @@ from pydantic import ValidationError
 
 from qtune.spec.errors import SpecError
 from qtune.spec.models import QuantizationJob
+
+_RELOCATED = re.compile(r"^@([\w.\[\]]+): (.*)$", re.S)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -45,9 +48,13 @@ def job_from_dict(document: Any, source: str | None = None) -> QuantizationJob:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = _field_path(tuple(first["loc"]))
+        description = _describe(first)
+        relocated = _RELOCATED.match(description)
+        if relocated:  # a cross-field rule names the field it is about: "@spec.x.y: message"
+            field, description = relocated.group(1), relocated.group(2)
         more = len(exc.errors()) - 1
         suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-        raise SpecError(field, _describe(first) + suffix, source) from None
+        raise SpecError(field, description + suffix, source) from None
 
 
 def load_job(path: str | Path) -> QuantizationJob:

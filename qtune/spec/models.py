@@ -65,33 +65,51 @@ ApproachList = Annotated[list[Literal["static", "dynamic"]] | None, BeforeValida
 class TensorConstraint(SpecModel):
     """Allowed choices for one tensor role (activation or weight); None leaves the adaptor's."""
 
-    dtype: DTypeList = None
-    scheme: SchemeList = None
-    granularity: GranularityList = None
-    algorithm: AlgorithmList = None
-    reduce_range: BoolList = None
+    dtype: DTypeList = Field(default=None, description="allowed dtypes: int8, uint8, fp32 (fp32 = keep in fp32)")
+    scheme: SchemeList = Field(default=None, description="sym (zero point 0) and/or asym")
+    granularity: GranularityList = Field(default=None, description="per_tensor and/or per_channel (weights)")
+    algorithm: AlgorithmList = Field(default=None, description="calibration: minmax, kl (entropy), percentile")
+    reduce_range: BoolList = Field(default=None, description="7-bit ranges (for CPUs without VNNI): true and/or false")
 
 
 class OpConstraint(SpecModel):
-    activation: TensorConstraint | None = None
-    weight: TensorConstraint | None = None
-    approach: ApproachList = None
+    activation: TensorConstraint | None = Field(default=None, description="choices for the op's activations")
+    weight: TensorConstraint | None = Field(default=None, description="choices for the op's weights")
+    approach: ApproachList = Field(default=None, description="static and/or dynamic")
 
 
 class InputSpec(SpecModel):
-    name: str
-    shape: list[int | str] | None = None
-    dtype: str = "float32"
+    name: str = Field(description="input name (ONNX graph input; pytorch: forward() argument)")
+    shape: list[int | str] | None = Field(
+        default=None, description="dimensions; a name (e.g. batch) or dimension 0 is dynamic (pytorch export)")
+    dtype: str = Field(default="float32", description="numpy/torch dtype name the data arrays must have")
 
 
 class ModelSpec(SpecModel):
     framework: str = Field(
-        description="onnxruntime, pytorch, a registered adaptor name, or module:Class of your own adaptor"
+        description="onnxruntime, pytorch, a registered adaptor name, or module:Class of your own adaptor "
+                    "(imported from the job's folder or the Python path)"
     )
-    path: str | None = Field(default=None, description="model file, relative to the job file")
-    entrypoint: Entrypoint = Field(default=None, description="module:function building the model")
-    weights: str | None = Field(default=None, description="weights file (loaded weights-only)")
-    inputs: list[InputSpec] | None = None
+    path: str | None = Field(
+        default=None,
+        description="model file, relative to the job file's folder (in a pod: to the workspace mount). "
+                    "onnxruntime: a .onnx file (external data beside it); pytorch: a torch.export program (.pt2)",
+    )
+    entrypoint: Entrypoint = Field(
+        default=None,
+        description="pytorch: module:function returning an nn.Module (or an ExportedProgram), imported from the "
+                    "job's folder or the Python path",
+    )
+    weights: str | None = Field(
+        default=None,
+        description="pytorch with entrypoint: a state_dict file (torch.save(model.state_dict()), loaded with "
+                    "weights_only=True) or .safetensors, relative to the job file's folder",
+    )
+    inputs: list[InputSpec] | None = Field(
+        default=None,
+        description="model inputs (name, shape, dtype); default: read from the model (pytorch: from forward's "
+                    "signature, shapes from the first calibration batch)",
+    )
 
     @field_validator("framework")
     @classmethod
@@ -111,9 +129,23 @@ class ModelSpec(SpecModel):
 
 
 class DatasetSpec(SpecModel):
-    path: str | None = Field(default=None, description=".npz with one array per model input, plus labels")
-    entrypoint: Entrypoint = Field(default=None, description="module:function returning (inputs, labels)")
-    samples: int | None = Field(default=None, ge=1, description="use at most this many samples")
+    """Calibration data: samples along axis 0, one array per model input, named like the inputs."""
+
+    path: str | None = Field(
+        default=None,
+        description=".npz file (numpy, no pickles) with one array per model input, keyed by input name, relative "
+                    "to the job file's folder (in a pod: to the workspace mount). Arrays must have the model's "
+                    "input dtypes (float32 unless spec.model.inputs says otherwise); no labels needed",
+    )
+    entrypoint: Entrypoint = Field(
+        default=None,
+        description="module:function returning (inputs, labels) - inputs a dict of arrays keyed by input name "
+                    "(or one array for a one-input model), labels may be None - or a qtune Dataset",
+    )
+    samples: int | None = Field(
+        default=None, ge=1,
+        description="use the first N samples in file order (no shuffling); default: all",
+    )
     labels: str = Field(default="labels", description="name of the label array in the .npz")
 
     @model_validator(mode="after")
@@ -123,25 +155,95 @@ class DatasetSpec(SpecModel):
         return self
 
 
+def _metric_form(value: str | None) -> str | None:
+    if value is not None and value not in METRICS and not _ENTRYPOINT.match(value):
+        raise ValueError(
+            f"got {value!r}; allowed: {', '.join(repr(m) for m in METRICS[:-1])} or {METRICS[-1]!r}, or "
+            "module:Name of your own metric (a class with "
+            "update(preds, labels), reset(), result(), or a function (preds, labels) -> float)"
+        )
+    return value
+
+
 class EvaluationSpec(DatasetSpec):
-    metric: Literal["top1", "topk", "f1", "mse", "cosine"] = "top1"
+    """Evaluation data and how a model is scored: a metric over (outputs, labels) batches, or your own
+    evaluation function."""
+
+    path: str | None = Field(
+        default=None,
+        description=".npz file (numpy, no pickles) with one array per model input, keyed by input name, plus "
+                    "the labels array (any dtype the metric reads: integer class indices for top1/topk/f1, "
+                    "numbers for mse, strings for a metric of your own), relative to the job file's folder "
+                    "(in a pod: to the workspace mount)",
+    )
+    samples: int | None = Field(
+        default=None, ge=1,
+        description="evaluate the first N samples in file order (no shuffling); default: all",
+    )
+    metric: Annotated[str | None, AfterValidator(_metric_form)] = Field(
+        default=None,
+        description="top1 | topk | f1 | mse | cosine, or module:Name of your own: a class with update(preds, "
+                    "labels), reset(), result() (optional higher_is_better, and bounds(remaining_labels) -> "
+                    "(low, high) to enable early stopping), or a function (preds, labels) -> float over the "
+                    "whole set. Default: top1 (none with evalFunc). cosine, and mse without labels, compare "
+                    "with the fp32 model's outputs",
+    )
+    eval_func: Entrypoint = Field(
+        default=None,
+        description="module:function(model) -> float instead of a metric: `model` is callable on a dict of "
+                    "named numpy inputs (or one array) and returns the list of outputs, whatever the framework. "
+                    "Evaluation data is then optional (benchmark batches come from the calibration data)",
+    )
     k: int = Field(default=5, ge=1, description="k of the topk metric")
-    output: str | int | None = Field(default=None, description="model output the metric reads (default first)")
-    batch_size: int = Field(default=64, ge=1)
+    output: str | int | None = Field(
+        default=None,
+        description="model output the metric reads: name or index (pytorch: index or output_<index>); default 0",
+    )
+    batch_size: int = Field(default=64, ge=1, description="samples per model run during evaluation")
+
+    @model_validator(mode="after")
+    def _path_or_entrypoint(self) -> EvaluationSpec:
+        if self.eval_func:
+            if self.path and self.entrypoint:
+                raise ValueError("give at most one of path (.npz file) or entrypoint (module:function)")
+            if self.metric is not None:
+                raise ValueError("give either metric or evalFunc, not both (evalFunc returns the score itself)")
+            return self
+        if bool(self.path) == bool(self.entrypoint):
+            raise ValueError("give exactly one of path (.npz file) or entrypoint (module:function), "
+                             "or an evalFunc (module:function) that loads its own data")
+        return self
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.path or self.entrypoint)
+
+    @property
+    def metric_name(self) -> str:
+        """What the score is: the metric, or the evaluation function (reports and status name it)."""
+        return self.eval_func or self.metric or "top1"
+
+    @property
+    def builtin_metric(self) -> bool:
+        return not self.eval_func and (self.metric or "top1") in METRICS
 
 
 class DataSpec(SpecModel):
-    calibration: DatasetSpec
-    evaluation: EvaluationSpec
+    calibration: DatasetSpec = Field(description="data that calibrates activation ranges (static approach)")
+    evaluation: EvaluationSpec = Field(description="data and metric that score every model against the criterion")
 
 
 class QuantizationSpec(SpecModel):
-    approach: Literal["static", "dynamic", "auto"] = "static"
-    format: Literal["QDQ", "QOperator"] = "QDQ"
+    approach: Literal["static", "dynamic", "auto"] = Field(
+        default="static", description="static: calibrated activation ranges; dynamic: ranges per batch at run "
+                                      "time; auto: the strategy tries both")
+    format: Literal["QDQ", "QOperator"] = Field(
+        default="QDQ", description="onnxruntime: QuantizeLinear/DequantizeLinear pairs, or integer operators")
     calibration_samples: int | None = Field(default=None, ge=1, description="overrides data.calibration.samples")
-    model_wise: OpConstraint | None = None
-    op_type_wise: dict[str, OpConstraint] = Field(default_factory=dict)
-    op_wise: dict[str, OpConstraint] = Field(default_factory=dict)
+    model_wise: OpConstraint | None = Field(default=None, description="constraints on every op")
+    op_type_wise: dict[str, OpConstraint] = Field(default_factory=dict,
+                                                  description="constraints per op type (e.g. Conv, MatMul, Linear)")
+    op_wise: dict[str, OpConstraint] = Field(default_factory=dict, description="constraints per op name")
     keep_non_finite_fp32: bool = Field(
         default=True, description="keep tensors with infinite or absurd calibration ranges in fp32"
     )
@@ -157,9 +259,14 @@ class AccuracyCriterion(SpecModel):
     The edge counts as passing.
     """
 
-    relative: float | None = Field(default=None, ge=0, lt=1)
-    absolute: float | None = Field(default=None, ge=0)
-    higher_is_better: bool = True
+    relative: float | None = Field(default=None, ge=0, lt=1,
+                                   description="allowed loss as a fraction of the fp32 score (default 0.01)")
+    absolute: float | None = Field(default=None, ge=0, description="allowed loss in the metric's units")
+    higher_is_better: bool = Field(
+        default=True,
+        description="direction of the metric; default: the built-in metric's (false for mse), else your metric "
+                    "class's higher_is_better attribute must agree with it; true for evalFunc unless set",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -176,18 +283,34 @@ class AccuracyCriterion(SpecModel):
 
 
 class TuningSpec(SpecModel):
-    strategy: str = "basic"
-    accuracy_criterion: AccuracyCriterion = Field(default_factory=AccuracyCriterion)
-    objective: Literal["latency", "size"] = "latency"
-    max_trials: int = Field(default=50, ge=1, le=10000)
-    max_failed_trials: int | None = Field(default=None, ge=1)
+    strategy: str = Field(default="basic", description="basic, exhaustive, random, or module:Class of your own "
+                                                       "Strategy (imported from the job's folder)")
+    accuracy_criterion: AccuracyCriterion = Field(default_factory=AccuracyCriterion,
+                                                  description="allowed loss of the score against fp32")
+    objective: Literal["latency", "size"] = Field(
+        default="latency", description="what the best passing config minimises (latency: at the largest batch size)")
+    max_trials: int = Field(default=50, ge=1, le=10000, description="trials (quantized configs) at most")
+    max_failed_trials: int | None = Field(default=None, ge=1,
+                                          description="stop after this many crashed trials; default: no limit")
     timeout_seconds: int = Field(default=0, ge=0, description="wall-clock limit of the whole tuning; 0 = none")
     trial_timeout_seconds: int = Field(default=1800, ge=1, description="wall-clock limit of one trial")
-    parallel_trials: int = Field(default=1, ge=1, le=256)
-    seed: int = 0
+    parallel_trials: int = Field(default=1, ge=1, le=256,
+                                 description="trials at once (locally each is pinned to its share of the CPUs)")
+    seed: int = Field(default=0, description="seed of randomised strategies")
     objective_tolerance: float = Field(
         default=0.05, ge=0, lt=1,
-        description="objective values within this fraction of the best count as equal; then fewest fp32 ops wins",
+        description="objective: size: sizes within this fraction of the best count as equal; then fewest fp32 ops "
+                    "wins (latency uses the measured confidence intervals instead)",
+    )
+    min_speedup: float = Field(
+        default=1.0, gt=0,
+        description="objective: latency: a passing config counts as a success only when its speedup over fp32 is "
+                    "above this beyond measurement doubt (the whole confidence interval); else the run ends NoSpeedup",
+    )
+    confirm_candidates: int = Field(
+        default=3, ge=0, le=10,
+        description="objective: latency: before the run ends, re-measure this many best candidates against fp32 "
+                    "and each other in one interleaved session; 0 = keep the in-trial figures",
     )
 
     @field_validator("strategy")
@@ -209,15 +332,32 @@ class TuningSpec(SpecModel):
 
 
 class BenchmarkSpec(SpecModel):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1)
-    warmup_runs: int = Field(default=10, ge=0)
-    runs: int = Field(default=50, ge=1)
-    threads: int | None = Field(default=None, ge=1, description="default: the CPUs the trial owns")
+    """How latency is measured: the candidate and the fp32 model alternate in short windows in one process
+    (A B A B ...), with the thread count the trial owns, until the speedup's confidence interval is narrow
+    enough to decide or the time budget is spent."""
+
+    batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 32], min_length=1,
+        description="batch sizes measured, each a batch tiled from the evaluation inputs (calibration inputs "
+                    "with an evalFunc and no evaluation data); objective latency decides at the largest")
+    warmup_runs: int = Field(default=10, ge=0, description="untimed runs of each model before measuring")
+    runs: int = Field(default=50, ge=1, description="at least this many timed runs of each model per batch size")
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="intra-op threads of benchmark and evaluation; default: the CPUs the trial owns (locally the "
+                    "machine's CPUs split among parallelTrials, in a pod spec.trial.resources.cpu)")
+    min_rounds: int = Field(default=5, ge=3, le=1000, description="at least this many A/B rounds")
+    max_seconds: float = Field(default=20.0, gt=0, le=3600,
+                               description="time budget of one speed measurement per batch size")
+    target_precision: float = Field(default=0.05, gt=0, lt=1,
+                                    description="stop adding rounds once the speedup interval's half-width is "
+                                                "below this fraction of the speedup")
+    confidence: float = Field(default=0.95, ge=0.5, lt=1, description="confidence level of the speedup interval")
 
 
 class ResourcesSpec(SpecModel):
     cpu: int = Field(default=2, ge=1, description="whole CPUs (requests = limits, Guaranteed QoS)")
-    memory: str = "4Gi"
+    memory: str = Field(default="4Gi", description="memory of a trial pod (requests = limits)")
 
     @field_validator("memory")
     @classmethod
@@ -230,36 +370,63 @@ class ResourcesSpec(SpecModel):
 class TrialSpec(SpecModel):
     """Cluster-only settings of trial pods; `qtune tune` ignores them."""
 
-    image: str | None = None
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    image: str | None = Field(default=None, description="trial image; default: the operator's own image")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Kubernetes imagePullPolicy of trial pods")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="CPU and memory of a trial pod")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="extra node labels trial pods need")
     node_affinity: dict[str, Any] | None = Field(
         default=None, description="replaces the default Intel Xeon pool affinity"
     )
-    tolerations: list[dict[str, Any]] = Field(default_factory=list)
-    service_account_name: str | None = None
+    tolerations: list[dict[str, Any]] = Field(default_factory=list,
+                                              description="tolerations of trial pods (dedicated pools)")
+    service_account_name: str | None = Field(default=None, description="service account of trial pods")
 
 
 class WorkspaceSpec(SpecModel):
-    path: str | None = Field(default=None, description="local folder (qtune tune); default .qtune/<job>")
+    path: str | None = Field(default=None, description="local folder of the run's state (qtune tune), relative to "
+                                                        "the job file's folder; default .qtune/<job name> beside it")
     persistent_volume_claim: str | None = Field(default=None, description="cluster: PVC holding model and data")
-    mount_path: str = "/workspace"
+    mount_path: str = Field(default="/workspace", description="cluster: where the PVC is mounted in pods; "
+                                                             "relative paths and user modules resolve there")
 
 
 class OutputSpec(SpecModel):
-    path: str | None = Field(default=None, description="where the best model, config and report go")
+    path: str | None = Field(default=None, description="where the best model, config and report go, relative to "
+                                                        "the job file's folder; default ./qtune-output/<job name> in "
+                                                        "the current directory (qtune tune -o overrides)")
+
+
+LOWER_IS_BETTER_METRICS = ("mse",)
 
 
 class JobSpec(SpecModel):
-    model: ModelSpec
-    data: DataSpec
-    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
-    tuning: TuningSpec = Field(default_factory=TuningSpec)
-    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec)
-    trial: TrialSpec = Field(default_factory=TrialSpec)
-    workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec)
-    output: OutputSpec = Field(default_factory=OutputSpec)
+    model: ModelSpec = Field(description="the fp32 model and its framework")
+    data: DataSpec = Field(description="calibration and evaluation data, and the metric")
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec, description="the search space")
+    tuning: TuningSpec = Field(default_factory=TuningSpec, description="strategy, criterion, objective, limits")
+    benchmark: BenchmarkSpec = Field(default_factory=BenchmarkSpec, description="how latency is measured")
+    trial: TrialSpec = Field(default_factory=TrialSpec, description="cluster only: trial pods")
+    workspace: WorkspaceSpec = Field(default_factory=WorkspaceSpec, description="where the run's state lives")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="where the results go")
+
+    @model_validator(mode="after")
+    def _direction_of_the_metric(self) -> JobSpec:
+        """accuracyCriterion.higherIsBetter follows a built-in metric unless given; given, it must agree."""
+        evaluation, criterion = self.data.evaluation, self.tuning.accuracy_criterion
+        if not evaluation.builtin_metric:
+            return self  # a user metric's direction is checked when it is imported (runner)
+        metric = evaluation.metric_name
+        direction = metric not in LOWER_IS_BETTER_METRICS
+        if "higher_is_better" not in criterion.model_fields_set:
+            criterion.higher_is_better = direction
+        elif criterion.higher_is_better != direction:
+            raise ValueError(
+                f"@spec.tuning.accuracyCriterion.higherIsBetter: {str(criterion.higher_is_better).lower()} "
+                f"contradicts spec.data.evaluation.metric {metric} ({'higher' if direction else 'lower'} is "
+                f"better); allowed: {str(direction).lower()}, or leave it out"
+            )
+        return self
 
 
 class Metadata(BaseModel):

@@ -54,6 +54,10 @@ class TrialRecord:
     """Seconds: calibration, quantize, evaluate, benchmark, total."""
     model_path: str | None = None
     proposed_by: str | None = None
+    full_evaluation: bool = False
+    """Evaluate in full even when the criterion can no longer be met (the strategy ranks its score)."""
+    notes: list[str] = field(default_factory=list)
+    """What the trial said about itself (e.g. evaluation stopped early, not benchmarked)."""
     started_at: float | None = None
     finished_at: float | None = None
 

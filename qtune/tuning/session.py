@@ -22,6 +22,8 @@ from qtune.protocol import (
     SpeedMeasurement,
     TrialResult,
 )
+from qtune.protocol import trial_unit as trial_unit_id
+from qtune.protocol import unit_trial_index as trial_of
 from qtune.spec.models import JobSpec
 from qtune.tuning import stop
 from qtune.tuning.criterion import Criterion
@@ -32,23 +34,9 @@ from qtune.tuning.strategies import create_strategy
 
 logger = logging.getLogger(__name__)
 
-TRIAL_PREFIX = "trial-"
-
-
 def objective_batch_size(spec: JobSpec) -> int:
     """Latency objective: the largest benchmarked batch size (where int8 pays most)."""
     return max(spec.benchmark.batch_sizes)
-
-
-def trial_unit_id(index: int) -> str:
-    return f"{TRIAL_PREFIX}{index}"
-
-
-def trial_of(unit_id: str) -> int | None:
-    """The trial index of a unit id (`trial-3` -> 3), None for baseline/confirm."""
-    if unit_id.startswith(TRIAL_PREFIX) and unit_id[len(TRIAL_PREFIX):].isdigit():
-        return int(unit_id[len(TRIAL_PREFIX):])
-    return None
 
 
 @dataclass(frozen=True)
@@ -62,6 +50,8 @@ class WorkUnit:
     candidates: tuple[int, ...] = ()
     candidate_configs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
     """confirm: trial index (str) -> tune config, so the runner can rebuild each candidate."""
+    full_evaluation: bool = False
+    """trial: evaluate in full even once the criterion cannot be met (see Strategy.needs_full_evaluation)."""
 
     @classmethod
     def baseline(cls) -> WorkUnit:
@@ -69,7 +59,8 @@ class WorkUnit:
 
     @classmethod
     def for_trial(cls, record: TrialRecord) -> WorkUnit:
-        return cls(trial_unit_id(record.index), "trial", record.index, record.tune_config)
+        return cls(trial_unit_id(record.index), "trial", record.index, record.tune_config,
+                   full_evaluation=record.full_evaluation)
 
 
 @dataclass
@@ -181,6 +172,7 @@ class TuningSession:
             if self.history.find(config) is not None:
                 continue  # a strategy must never repeat a config; refuse rather than run it twice
             record = self.history.add(config, proposed_by=self.strategy.name)
+            record.full_evaluation = self.strategy.needs_full_evaluation(self.space, self.history, config)
             record.started_at = now
             records.append(record)
         return records
@@ -271,6 +263,7 @@ class TuningSession:
         record.timings = dict(result.timings)
         record.model_path = result.model_path
         record.reason, record.message = result.reason, result.message
+        record.notes = list(result.notes)
         record.status = SUCCEEDED if result.status == SUCCEEDED else FAILED
         baseline = self.history.baseline.accuracy if self.history.baseline else None
         record.passed = bool(record.ok and baseline is not None and self.criterion.passes(record.accuracy, baseline))

@@ -18,6 +18,10 @@ from qtune.tuning.config import FP32, OpConfig, TensorConfig, TuneConfig
 logger = logging.getLogger(__name__)
 
 TENSOR_FIELDS = ("dtype", "scheme", "granularity", "algorithm", "reduce_range")
+HEAVY_OP_TYPES = {"Conv": 1.0, "ConvTranspose": 1.0, "MatMul": 1.0, "Gemm": 1.0, "Attention": 1.0, "LSTM": 1.0,
+                  "Conv1d": 1.0, "Conv2d": 1.0, "Conv3d": 1.0, "Linear": 1.0}
+"""Op types (ONNX and torch names) where int8 saves time: the prior when no profile was measured."""
+LIGHT_OP_WEIGHT = 0.02
 _CAMEL = {"reduce_range": "reduceRange"}
 
 
@@ -81,8 +85,16 @@ class TuningSpace:
     format: str
     calibration_sampling_size: int
     fused_patterns: list[list[str]] = field(default_factory=list)
+    """Op-type chains the framework fuses (LPOT's query_fused_patterns), e.g. ["Conv", "Relu"]."""
     sensitivity: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    fused_groups: list[list[str]] = field(default_factory=list)
+    """Op NAMES that run as one fused kernel (a Conv and its Relu, ...): quantized or kept fp32
+    together, since one fp32 op inside a fused int8 chain leaves Q/DQ around an unfused kernel."""
+    time_share: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per-op time from the framework's profiler, as fractions of the fp32 model's total time:
+    {"fp32": {op: share}, "int8": {op: share (Q/DQ attributed to their op)}}; an "(other)" key
+    holds what no quantizable op accounts for. Empty when not measured."""
 
     def default_config(self, approach: str | None = None) -> TuneConfig:
         approach = approach or self.approaches[0]
@@ -92,6 +104,17 @@ class TuningSpace:
             ops={name: op.default(approach) for name, op in self.ops.items()},
             calibration_sampling_size=self.calibration_sampling_size,
         )
+
+    def op_gains(self) -> dict[str, float]:
+        """Fraction of the fp32 model's time that quantizing each op saves (negative: int8 is slower
+        there). From the measured profile when present; else a prior by op type (compute-heavy ops
+        carry the time, element-wise and shape ops little, and their Q/DQ cost about what they save)."""
+        fp32, int8 = self.time_share.get("fp32", {}), self.time_share.get("int8", {})
+        if fp32 and int8:
+            return {name: float(fp32.get(name, 0.0)) - float(int8.get(name, 0.0)) for name in self.ops}
+        weights = {name: HEAVY_OP_TYPES.get(op.op_type, LIGHT_OP_WEIGHT) for name, op in self.ops.items()}
+        total = sum(weights.values()) or 1.0
+        return {name: 0.5 * weight / total for name, weight in weights.items()}
 
     def sensitivity_order(self) -> list[str]:
         """Ops most sensitive first; without measurements, last ops first (outputs tend to be fragile)."""
@@ -107,6 +130,8 @@ class TuningSpace:
             "fused_patterns": self.fused_patterns,
             "sensitivity": self.sensitivity,
             "notes": self.notes,
+            "fused_groups": self.fused_groups,
+            "time_share": self.time_share,
         }
 
     @classmethod
@@ -120,6 +145,9 @@ class TuningSpace:
             fused_patterns=[list(p) for p in data.get("fused_patterns", [])],
             sensitivity={k: float(v) for k, v in data.get("sensitivity", {}).items()},
             notes=dict(data.get("notes", {})),
+            fused_groups=[list(g) for g in data.get("fused_groups", [])],
+            time_share={str(k): {str(n): float(v) for n, v in shares.items()}
+                        for k, shares in data.get("time_share", {}).items()},
         )
 
 
@@ -218,4 +246,15 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
         calibration_sampling_size=calibration_samples,
         fused_patterns=fused_patterns,
         notes={str(k): str(v) for k, v in capability.get("notes", {}).items()},
+        fused_groups=_fused_groups(capability.get("fused_groups", []), ops),
     )
+
+
+def _fused_groups(groups: list[list[str]], ops: dict[str, OpSpace]) -> list[list[str]]:
+    """The adaptor's fused groups restricted to the space's ops (groups of one op are no groups)."""
+    out = []
+    for group in groups:
+        names = [str(name) for name in group if name in ops]
+        if len(names) > 1:
+            out.append(names)
+    return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import asdict
 from typing import Any
 
 from qtune.operator import constants as c
@@ -60,6 +59,7 @@ class FakeKube:
         self.patches: list[dict[str, Any]] = []
         self.created_pods: list[str] = []
         self.deleted_pods: list[str] = []
+        self.deleted_objects: list[tuple[str, str]] = []
         self._rv = itertools.count(1)
 
     async def create_pod(self, body: dict[str, Any]) -> bool:
@@ -104,6 +104,12 @@ class FakeKube:
         self.configmaps[name] = body
         return copy.deepcopy(body)
 
+    async def delete(self, kind: str, namespace: str, name: str) -> bool:
+        self.deleted_objects.append((kind, name))
+        if kind == "ConfigMap":
+            return self.configmaps.pop(name, None) is not None
+        return self.objects.pop((kind, name), None) is not None
+
     async def ensure(self, body: dict[str, Any]) -> bool:
         if body["kind"] == "ConfigMap":
             if body["metadata"]["name"] in self.configmaps:
@@ -122,13 +128,6 @@ class FakeKube:
         return True
 
     # test helpers --------------------------------------------------------------------------
-    def publish_baseline(self, job: str = "digits") -> None:
-        import json
-
-        cm = self.configmaps[c.baseline_configmap(job)]
-        cm["data"] = {c.SPACE_KEY: json.dumps(tiny_space().to_dict()),
-                      c.BASELINE_KEY: json.dumps(asdict(tiny_baseline()))}
-
     def finish_pod(self, name: str, phase: str = "Succeeded", **terminated: Any) -> None:
         pod = self.pods[name]
         state = {"exitCode": 0 if phase == "Succeeded" else 1, "reason": "Completed" if phase == "Succeeded"
@@ -153,20 +152,20 @@ def merge(old: Any, patch: Any) -> Any:
 
 
 class FakeResults:
-    """Prometheus + Pushgateway in one: results by trial label, deletions recorded."""
+    """Prometheus + Pushgateway in one: observed results by unit, deletions recorded."""
 
     def __init__(self) -> None:
-        self.results: dict[str, dict[str, Any]] = {}
+        self.results: dict[str, Any] = {}
         self.deleted: list[str] = []
         self.queries = 0
 
-    async def job_results(self, job_uid: str) -> dict[str, dict[str, Any]]:
+    async def job_results(self, job_uid: str) -> dict[str, Any]:
         self.queries += 1
-        return copy.deepcopy(self.results)
+        return dict(self.results)
 
-    async def delete_group(self, job_uid: str, trial: int | str) -> None:
-        self.deleted.append(str(trial))
-        self.results.pop(str(trial), None)
+    async def delete_group(self, job_uid: str, unit: str) -> None:
+        self.deleted.append(str(unit))
+        self.results.pop(str(unit), None)
 
     async def delete_job_groups(self, job_uid: str) -> int:
         count = len(self.results)
@@ -176,15 +175,18 @@ class FakeResults:
 
 def make_config() -> OperatorConfig:
     return OperatorConfig(prometheus_url="http://prom:9090", pushgateway_url="http://pgw:9091",
-                          trial_image="qtune:test", metrics_timeout=60.0)
+                          trial_image="qtune:test", metrics_timeout=60.0, signing_key=SIGNING_KEY)
+
+
+SIGNING_KEY = "test-signing-key"
 
 
 class FakePoller:
     """The operator-wide results poller: a snapshot of one job's results."""
 
     def __init__(self) -> None:
-        self.snapshot: dict[str, dict[str, Any]] = {}
+        self.snapshot: dict[str, Any] = {}
         self.taken_at = 0.0
 
-    def results(self, job_uid: str) -> dict[str, dict[str, Any]]:
-        return copy.deepcopy(self.snapshot)
+    def results(self, job_uid: str) -> dict[str, Any]:
+        return dict(self.snapshot)

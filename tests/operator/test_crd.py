@@ -33,7 +33,24 @@ def _schema() -> dict[str, Any]:
     return document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
-FORBIDDEN = {"$ref", "$defs", "anyOf", "oneOf", "allOf", "not", "title", "const", "nullable"}
+FORBIDDEN = {"$ref", "$defs", "oneOf", "allOf", "title", "const", "nullable"}
+JUNCTORS = ("anyOf", "not")
+"""Allowed for value validation only (Kubernetes' structural rule): inside them no type, properties,
+description, default, additionalProperties or nullable, and only on an untyped preserved leaf."""
+STRUCTURAL_KEYS = {"type", "properties", "additionalProperties", "description", "default", "nullable",
+                   "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string"}
+
+
+def _junctor_branches(node: dict[str, Any]) -> list[dict[str, Any]]:
+    branches = list(node.get("anyOf") or [])
+    if "not" in node:
+        branches.append(node["not"])
+    out = []
+    for branch in branches:
+        out.append(branch)
+        if isinstance(branch.get("items"), dict):
+            out.append(branch["items"])
+    return out
 
 
 def _nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:
@@ -50,6 +67,10 @@ def _nodes(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, An
 def test_schema_is_structural() -> None:
     for path, node in _nodes(_schema()):
         assert not FORBIDDEN & node.keys(), f"{path}: {FORBIDDEN & node.keys()}"
+        if any(j in node for j in JUNCTORS):
+            assert node.get("x-kubernetes-preserve-unknown-fields") and "type" not in node, path
+            for branch in _junctor_branches(node):
+                assert not STRUCTURAL_KEYS & branch.keys(), f"{path}: {STRUCTURAL_KEYS & branch.keys()} in a junctor"
         typed = ("type" in node or node.get("x-kubernetes-int-or-string")
                  or node.get("x-kubernetes-preserve-unknown-fields"))
         assert typed, f"{path}: no type"
@@ -89,13 +110,19 @@ def test_enums_and_bounds_come_from_the_models() -> None:
     spec = _schema()["properties"]["spec"]["properties"]
     tuning = spec["tuning"]["properties"]
     assert tuning["objective"]["enum"] == list(models.OBJECTIVES)
-    assert tuning["maxTrials"] == {"type": "integer", "minimum": 1, "maximum": 10000, "default": 50}
+    assert {k: v for k, v in tuning["maxTrials"].items() if k != "description"} == {
+        "type": "integer", "minimum": 1, "maximum": 10000, "default": 50}
     assert tuning["parallelTrials"]["maximum"] == 256
     relative = tuning["accuracyCriterion"]["properties"]["relative"]
-    assert relative == {"type": "number", "minimum": 0, "maximum": 1, "exclusiveMaximum": True}
+    assert {k: v for k, v in relative.items() if k != "description"} == {
+        "type": "number", "minimum": 0, "maximum": 1, "exclusiveMaximum": True}
+    assert spec["benchmark"]["properties"]["batchSizes"]["items"] == {"type": "integer", "minimum": 1}
     assert "default" not in relative  # defaulting relative would clash with a given absolute
     dtype = spec["quantization"]["properties"]["opWise"]["additionalProperties"]["properties"]["activation"]
-    assert dtype["properties"]["dtype"]["items"]["enum"] == list(models.DTYPES)
+    # one value or a list (`dtype: fp32`, as `qtune tune` takes it): value validations of a preserved leaf
+    one, many = dtype["properties"]["dtype"]["anyOf"]
+    assert one["enum"] == many["items"]["enum"] == list(models.DTYPES)
+    assert dtype["properties"]["reduceRange"]["anyOf"][0]["enum"] == [True, False]
     assert spec["trial"]["properties"]["nodeAffinity"]["x-kubernetes-preserve-unknown-fields"] is True
     assert spec["trial"]["properties"]["resources"]["properties"]["cpu"]["x-kubernetes-int-or-string"] is True
     assert spec["model"]["properties"]["inputs"]["items"]["properties"]["shape"]["items"] == {
@@ -149,6 +176,21 @@ def test_printer_columns() -> None:
     version = document["spec"]["versions"][0]
     names = [col["name"] for col in version["additionalPrinterColumns"]]
     assert names[:4] == ["State", "Trials", "Best-Accuracy", "Speedup"] and names[-1] == "Age"
+    assert version["additionalPrinterColumns"][3]["jsonPath"] == ".status.best.speedupInterval"
     assert version["subresources"] == {"status": {}}
     assert document["spec"]["names"]["shortNames"] == ["qj"]
     assert document["spec"]["scope"] == "Namespaced"
+
+
+def test_status_schema_is_generated_from_the_status_model() -> None:
+    from qtune.operator.status import JobStatus
+
+    status = _schema()["properties"]["status"]
+    assert not status.get("x-kubernetes-preserve-unknown-fields")
+    assert set(status["properties"]) == set(JobStatus.model_json_schema(by_alias=True)["properties"])
+    free = [path for path, node in _nodes(status, "status") if node.get("x-kubernetes-preserve-unknown-fields")]
+    assert free == ["status.best.tuneConfig.extras"]  # adaptor options only
+    conditions = status["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-type"] == "map" and conditions["items"]["required"] == ["type", "status"]
+    speed = status["properties"]["best"]["properties"]["speed"]["properties"]
+    assert {"speedup", "low", "high", "latencyMs", "fp32LatencyMs"} <= set(speed)

@@ -1,4 +1,5 @@
-"""Pod builder output: QoS, affinity (default and override), securityContext, ownerRef, command."""
+"""Builder output: QoS, affinity (default and override), securityContext, ownerRef, command, the
+unit's inputs ConfigMap and Secret; pod status parsing."""
 
 from __future__ import annotations
 
@@ -7,20 +8,27 @@ import json
 import pytest
 from opfakes import UID, job_body
 
+from qtune import protocol
+from qtune.operator import builders, podstatus
 from qtune.operator import constants as c
-from qtune.operator import pods
 from qtune.operator.config import OperatorConfig
+from qtune.operator.layout import JobRef
+from qtune.operator.rbac import runner_rbac
 from qtune.operator.reconcile import validate
 from qtune.spec.load import job_from_dict
 
 CONFIG = {"approach": "static", "format": "QDQ", "calibration_sampling_size": 100, "ops": {}, "extras": {}}
 
 
+def _plan(index: int = 3) -> builders.UnitPlan:
+    return builders.UnitPlan(unit=f"trial-{index}", attempt=0, trial=index, tune_config=CONFIG)
+
+
 def _trial(body: dict | None = None, config: OperatorConfig | None = None, index: int = 3) -> dict:
     body = body or job_body()
-    spec, spec_dict = validate(body)
-    return pods.trial_pod(pods.JobRef.from_body(body), spec, spec_dict, index, CONFIG,
-                          config or OperatorConfig(pushgateway_url="http://pgw:9091"), "abc123")
+    spec, _ = validate(body)
+    return builders.unit_pod(JobRef.from_body(body), spec, _plan(index),
+                             config or OperatorConfig(pushgateway_url="http://pgw:9091"))
 
 
 def _arg(pod: dict, flag: str) -> str:
@@ -50,6 +58,7 @@ def test_owner_reference_and_labels() -> None:
                                         "blockOwnerDeletion": True}]
     assert meta["labels"][c.LABEL_JOB] == "digits"
     assert meta["labels"][c.LABEL_TRIAL] == "3"
+    assert meta["labels"][c.LABEL_UNIT] == "trial-3" and meta["labels"][c.LABEL_ATTEMPT] == "0"
     assert meta["labels"][c.LABEL_JOB_UID] == UID
     assert meta["labels"][c.LABEL_MANAGED_BY] == c.MANAGED_BY
 
@@ -114,9 +123,11 @@ def test_volumes_tmp_and_workspace() -> None:
     pod = _trial()
     assert {"name": "tmp", "emptyDir": {}} in pod["spec"]["volumes"]
     assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "qtune-work"}} in pod["spec"]["volumes"]
+    assert {"name": "inputs", "configMap": {"name": "digits-trial-3-input"}} in pod["spec"]["volumes"]
     mounts = pod["spec"]["containers"][0]["volumeMounts"]
     assert {"name": "tmp", "mountPath": "/tmp"} in mounts
     assert {"name": "workspace", "mountPath": "/workspace"} in mounts
+    assert {"name": "inputs", "mountPath": "/etc/qtune/unit", "readOnly": True} in mounts
 
 
 def test_command_env_and_restart_policy() -> None:
@@ -127,7 +138,8 @@ def test_command_env_and_restart_policy() -> None:
     assert container["args"][0] == "trial"
     assert _arg(pod, "--threads") == "2"
     assert _arg(pod, "--index") == "3"
-    assert json.loads(_arg(pod, "--config")) == CONFIG
+    assert _arg(pod, "--config") == "/etc/qtune/unit/config.json"
+    assert _arg(pod, "--job") == "/etc/qtune/unit/job.json"
     assert _arg(pod, "--base-dir") == "/workspace"
     assert _arg(pod, "--workspace") == f"/workspace/.qtune/digits-{UID[:8]}"
     assert _arg(pod, "--job-uid") == UID
@@ -139,9 +151,46 @@ def test_command_env_and_restart_policy() -> None:
     assert pod["spec"]["activeDeadlineSeconds"] == 1800
 
 
-def test_the_job_json_is_a_valid_job() -> None:
-    job = job_from_dict(json.loads(_arg(_trial(), "--job-json")))
+def test_the_inputs_configmap_holds_the_job_and_the_config() -> None:
+    body = job_body()
+    _, spec_dict = validate(body)
+    inputs = builders.unit_inputs(JobRef.from_body(body), spec_dict, _plan())
+    assert inputs["metadata"]["name"] == "digits-trial-3-input"
+    assert inputs["metadata"]["ownerReferences"][0]["uid"] == UID
+    job = job_from_dict(json.loads(inputs["data"]["job.json"]))
     assert job.name == "digits" and job.spec.tuning.objective == "size"
+    assert json.loads(inputs["data"]["config.json"]) == CONFIG
+
+
+def test_a_2000_op_config_travels_in_the_configmap_not_argv() -> None:
+    op = {"op_type": "MatMul", "activation": {"dtype": "uint8", "scheme": "asym", "granularity": "per_tensor",
+                                              "algorithm": "minmax", "reduce_range": False},
+          "weight": {"dtype": "int8", "scheme": "sym", "granularity": "per_channel", "algorithm": "minmax",
+                     "reduce_range": False}}
+    config = {**CONFIG, "ops": {f"/encoder/layer.{i // 10}/attention/MatMul_{i}": op for i in range(2000)}}
+    plan = builders.UnitPlan(unit="trial-0", trial=0, tune_config=config)
+    body = job_body()
+    spec, spec_dict = validate(body)
+    pod = builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig())
+    assert max(len(a) for a in pod["spec"]["containers"][0]["args"]) < 200
+    inputs = builders.unit_inputs(JobRef.from_body(body), spec_dict, plan)
+    assert len(inputs["data"]["config.json"]) > 128 * 1024  # past Linux's per-argument limit
+    assert json.loads(inputs["data"]["config.json"]) == config
+    huge = builders.UnitPlan(unit="trial-0", trial=0, tune_config={**config, "extras": {"x": "y" * 1_100_000}})
+    with pytest.raises(protocol.PayloadTooLarge):
+        builders.unit_inputs(JobRef.from_body(body), spec_dict, huge)
+
+
+def test_the_result_secret_reaches_only_its_pod() -> None:
+    pod = _trial()
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert env["QTUNE_RESULT_SECRET"] == {"name": "QTUNE_RESULT_SECRET", "valueFrom": {
+        "secretKeyRef": {"name": "digits-trial-3-key", "key": "secret"}}}
+    secret = builders.unit_secret(JobRef.from_body(job_body()), _plan(), "n0nce")
+    assert secret["kind"] == "Secret" and secret["stringData"] == {"secret": "n0nce"}
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == UID
+    text = json.dumps(pod)
+    assert "n0nce" not in text
 
 
 def test_image_default_and_override() -> None:
@@ -155,20 +204,20 @@ def test_image_default_and_override() -> None:
 
 def test_baseline_pod_publishes_with_its_own_account() -> None:
     body = job_body()
-    spec, spec_dict = validate(body)
-    job = pods.JobRef.from_body(body)
-    pod = pods.baseline_pod(job, spec, spec_dict, OperatorConfig())
+    spec, _ = validate(body)
+    job = JobRef.from_body(body)
+    pod = builders.unit_pod(job, spec, builders.UnitPlan(unit="baseline"), OperatorConfig())
     assert pod["metadata"]["name"] == "digits-baseline"
-    assert pod["metadata"]["labels"][c.LABEL_TRIAL] == "baseline"
+    assert pod["metadata"]["labels"][c.LABEL_UNIT] == "baseline"
     assert pod["spec"]["containers"][0]["args"][0] == "baseline"
     assert _arg(pod, "--publish-configmap") == "digits-baseline"
     assert pod["spec"]["serviceAccountName"] == "digits-runner"
     assert pod["spec"]["automountServiceAccountToken"] is True
-    role = next(o for o in pods.runner_rbac(job) if o["kind"] == "Role")
+    role = next(o for o in runner_rbac(job) if o["kind"] == "Role")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["digits-baseline"],
                               "verbs": ["get", "update", "patch"]}]
     # a job's own ServiceAccount gets the same narrow binding; no account is created then
-    own = pods.runner_rbac(job, "team-sa")
+    own = runner_rbac(job, "team-sa")
     assert [o["kind"] for o in own] == ["Role", "RoleBinding"]
     assert own[1]["subjects"] == [{"kind": "ServiceAccount", "name": "team-sa", "namespace": "ml"}]
 
@@ -183,25 +232,27 @@ def test_a_job_without_pvc_cannot_run_on_the_cluster() -> None:
 
 
 def _pod_status(phase: str, **terminated: object) -> dict:
-    return {"metadata": {"name": "digits-trial-1", "namespace": "ml",
-                         "labels": {c.LABEL_JOB_UID: UID, c.LABEL_TRIAL: "1"}},
+    return {"metadata": {"name": "digits-trial-1", "namespace": "ml", "ownerReferences": [{"uid": UID}],
+                         "labels": {c.LABEL_JOB_UID: UID, c.LABEL_UNIT: "trial-1", c.LABEL_ATTEMPT: "0"}},
             "status": {"phase": phase, "containerStatuses": [{"name": "runner",
                                                               "state": {"terminated": terminated}}]}}
 
 
 def test_failure_reasons() -> None:
-    oom = pods.summarize_pod(_pod_status("Failed", exitCode=137, reason="OOMKilled"))
-    assert pods.failure_of(oom)[0] == "OOMKilled"
-    trial = pods.summarize_pod(_pod_status("Failed", exitCode=2, reason="Error",
-                                           message="TrialError: ValueError: bad scale"))
-    assert pods.failure_of(trial) == ("TrialError", "ValueError: bad scale")
-    crash = pods.summarize_pod(_pod_status("Failed", exitCode=139, reason="Error", message="Segmentation fault"))
-    assert pods.failure_of(crash) == ("Crashed", "exit code 139; Segmentation fault")
-    deadline = pods.summarize_pod({**_pod_status("Failed"),
-                                   "status": {"phase": "Failed", "reason": "DeadlineExceeded"}})
-    assert pods.failure_of(deadline)[0] == "Timeout"
-    summary = pods.summarize_pod(_pod_status("Succeeded", exitCode=0, message='{"model_path": "/w/m.onnx"}'))
-    assert summary.index == 1 and summary.done and pods.model_path_of(summary) == "/w/m.onnx"
+    summarize, failure_of = podstatus.summarize_pod, podstatus.failure_of
+    oom = summarize(_pod_status("Failed", exitCode=137, reason="OOMKilled"))
+    assert failure_of(oom)[0] == "OOMKilled"
+    trial = summarize(_pod_status("Failed", exitCode=2, reason="Error", message="TrialError: ValueError: bad scale"))
+    assert failure_of(trial) == ("TrialError", "ValueError: bad scale")
+    crash = summarize(_pod_status("Failed", exitCode=139, reason="Error", message="Segmentation fault"))
+    assert failure_of(crash) == ("Crashed", "exit code 139; Segmentation fault")
+    deadline = summarize({**_pod_status("Failed"), "status": {"phase": "Failed", "reason": "DeadlineExceeded"}})
+    assert failure_of(deadline)[0] == "Timeout"
+    spec = summarize(_pod_status("Failed", exitCode=1, message="spec.model.framework: unknown framework 'x'"))
+    assert failure_of(spec) == ("InvalidSpec", "spec.model.framework: unknown framework 'x'")
+    summary = summarize(_pod_status("Succeeded", exitCode=0))
+    assert summary.unit == "trial-1" and summary.done and summary.owned_by("ml", UID)
+    assert not summary.owned_by("other", UID) and not summary.owned_by("ml", "x")
 
 
 def test_operator_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -224,6 +275,6 @@ def test_operator_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     body = job_body()
     body["spec"]["trial"]["tolerations"] = [{"key": "other", "operator": "Exists"}]
     assert _trial(body, config)["spec"]["tolerations"] == [{"key": "other", "operator": "Exists"}]
-    spec, spec_dict = validate(job_body())
-    baseline = pods.baseline_pod(pods.JobRef.from_body(job_body()), spec, spec_dict, config)
+    spec, _ = validate(job_body())
+    baseline = builders.unit_pod(JobRef.from_body(job_body()), spec, builders.UnitPlan(unit="baseline"), config)
     assert baseline["spec"]["serviceAccountName"] == "digits-runner"

@@ -3,69 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
-from qtune.operator.prom import (
-    MetricsError,
-    PrometheusClient,
-    PushgatewayClient,
-    job_query,
-    results_from_vector,
-)
+from qtune import protocol
+from qtune.operator.prom import MetricsError, PrometheusClient, PushgatewayClient, job_query
 from qtune.runner.metrics import PUSH_JOB
 
 UID = "u-1"
+RESULT = protocol.TrialResult(trial=0, status="succeeded", accuracy=0.96, model_size_bytes=123456)
 
 
-def _sample(name: str, value: str, trial: str = "0", **labels: str) -> dict[str, Any]:
-    metric = {"__name__": name, "job": "qtune_trial", "job_uid": UID, "trial": trial, "instance": "", **labels}
-    return {"metric": metric, "value": [1700000000.123, value]}
+def _vector(unit: str, result: protocol.Result, uid: str = UID) -> list[dict[str, Any]]:
+    return [{"metric": {"__name__": s.name, **s.labels, "job": PUSH_JOB, "job_uid": uid, "unit": unit,
+                        "instance": ""}, "value": [1700000000.123, repr(s.value)]}
+            for s in protocol.encode_result(result, "sig")]
 
 
-VECTOR = [
-    _sample("qtune_trial_status", "1"),
-    _sample("qtune_trial_accuracy", "0.9633333333333334"),
-    _sample("qtune_trial_latency_p50_ms", "0.21", batch_size="1"),
-    _sample("qtune_trial_latency_p50_ms", "2.5", batch_size="32"),
-    _sample("qtune_trial_latency_p90_ms", "0.3", batch_size="1"),
-    _sample("qtune_trial_model_size_bytes", "123456"),
-    _sample("qtune_trial_duration_seconds", "1.5", phase="quantize"),
-    _sample("qtune_trial_duration_seconds", "4.25", phase="total"),
-    _sample("qtune_trial_status", "0", trial="1"),
-    _sample("qtune_trial_accuracy", "NaN", trial="1"),
-    _sample("qtune_trial_accuracy", "0.5", trial="2"),  # no status series: not a complete result
-    _sample("qtune_trial_status", "1", trial="baseline"),
-]
-
-
-def test_results_from_vector() -> None:
-    results = results_from_vector(VECTOR)
-    assert set(results) == {"0", "1", "baseline"}
-    assert results["0"] == {
-        "status": "succeeded", "accuracy": 0.9633333333333334,
-        "latency_ms": {"1": 0.21, "32": 2.5}, "latency_p90_ms": {"1": 0.3},
-        "model_size_bytes": 123456, "timings": {"quantize": 1.5, "total": 4.25},
-    }
-    assert results["1"]["status"] == "failed" and math.isnan(results["1"]["accuracy"])
+VECTOR = _vector("trial-0", RESULT) + _vector("baseline", protocol.BaselineResult(accuracy=0.97)) + \
+    _vector("trial-0", RESULT, uid="other")
 
 
 def test_push_job_matches_the_runner() -> None:
     from qtune.operator import prom
 
-    assert prom.PUSH_JOB == PUSH_JOB
+    assert prom.PUSH_JOB == PUSH_JOB == protocol.PUSH_JOB
 
 
 def test_query_escapes_label_values() -> None:
-    assert job_query('a"b') == '{__name__=~"qtune_trial_.+",job="qtune_trial",job_uid="a\\"b"}'
+    assert job_query('a"b') == '{__name__=~"qtune_result_.+",job="qtune_result",job_uid="a\\"b"}'
 
 
 def test_group_url() -> None:
     client = PushgatewayClient("http://pgw:9091/", None)  # type: ignore[arg-type]
-    assert client.group_url("u/1", 3) == "http://pgw:9091/metrics/job/qtune_trial/job_uid/u%2F1/trial/3"
+    assert client.group_url("u/1", "trial-3") == "http://pgw:9091/metrics/job/qtune_result/job_uid/u%2F1/unit/trial-3"
 
 
 async def _with_server(handler_map: dict[tuple[str, str], Any], body: Any) -> Any:
@@ -85,9 +58,9 @@ async def _with_server(handler_map: dict[tuple[str, str], Any], body: Any) -> An
 
 
 def test_clients_against_a_local_server() -> None:
-    groups = [{"labels": {"job": "qtune_trial", "job_uid": UID, "trial": "0"}},
-              {"labels": {"job": "qtune_trial", "job_uid": UID, "trial": "baseline"}},
-              {"labels": {"job": "qtune_trial", "job_uid": "other", "trial": "0"}},
+    groups = [{"labels": {"job": PUSH_JOB, "job_uid": UID, "unit": "trial-0"}},
+              {"labels": {"job": PUSH_JOB, "job_uid": UID, "unit": "baseline"}},
+              {"labels": {"job": PUSH_JOB, "job_uid": "other", "unit": "trial-0"}},
               {"labels": {"job": "node", "job_uid": UID}}]
     deleted: list[str] = []
     queries: list[str] = []
@@ -112,11 +85,12 @@ def test_clients_against_a_local_server() -> None:
     results, count = asyncio.run(_with_server({
         ("POST", "/api/v1/query"): query, ("GET", "/api/v1/metrics"): metrics,
         ("DELETE", "/metrics/job/{tail:.*}"): delete}, body))
-    assert results["0"]["status"] == "succeeded"
+    assert set(results) == {"trial-0", "baseline"}
+    assert results["trial-0"].result == RESULT and results["trial-0"].signature == "sig"
     assert queries == [job_query(UID)]
     assert count == 2
-    assert deleted == [f"/metrics/job/{PUSH_JOB}/job_uid/{UID}/trial/0",
-                       f"/metrics/job/{PUSH_JOB}/job_uid/{UID}/trial/baseline"]
+    assert deleted == [f"/metrics/job/{PUSH_JOB}/job_uid/{UID}/unit/trial-0",
+                       f"/metrics/job/{PUSH_JOB}/job_uid/{UID}/unit/baseline"]
 
 
 def test_prometheus_errors_are_metrics_errors() -> None:

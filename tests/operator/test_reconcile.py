@@ -1,272 +1,320 @@
-"""The job loop against in-memory fakes of the API server and Prometheus: a whole job, restarts,
-failures, the stop rules, and equality with a plain TuningSession run (what `qtune tune` does)."""
+"""The real reconciler driving the real tuning session against in-memory fakes of the API server and
+Prometheus: a whole job (objective latency and size, sequential and parallel) picks the same trials
+and winner as `qtune.tuning.engine.drive` with the same simulated runner; restarts, forged results,
+failures, errors that must reach the status. No test here has a tuning loop of its own."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from typing import Any
 
 import pytest
-from opfakes import FakeKube, FakePoller, FakeResults, job_body, make_config, tiny_baseline, tiny_space
+from kubernetes.client import ApiException
+from opfakes import SIGNING_KEY, FakeKube, FakePoller, FakeResults, job_body, make_config
+from simulated import SimulatedExecutor, run_simulated, sensitive_accuracy, simulated_space
 
+from qtune import protocol
 from qtune.operator import constants as c
-from qtune.operator import pods as podlib
 from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
+from qtune.operator.layout import JobRef
 from qtune.operator.metrics import OperatorMetrics
-from qtune.operator.reconcile import JobReconciler, Services, StepResult, can_resume, resumable_status, validate
+from qtune.operator.podstatus import PodSummary, summarize_pod
+from qtune.operator.reconcile import JobReconciler, Services, StepResult, resumable_status, validate
+from qtune.operator.results import Observed
 from qtune.tuning import stop
-from qtune.tuning.config import TuneConfig
-from qtune.tuning.history import History
-from qtune.tuning.session import TuningSession
+from qtune.tuning.engine import UnitFailure
+from qtune.tuning.session import WorkUnit
+
+BASELINE_POD = "digits-baseline"
 
 
-def accuracy_of(tune_config: dict[str, Any]) -> float:
-    """Deterministic fake accuracy: quantizing fc costs 2 points, each conv 0.2 (criterion: 1%)."""
-    config = TuneConfig.from_dict(tune_config)
-    quantized = set(config.quantized_ops())
-    return 0.95 - 0.02 * ("fc" in quantized) - 0.002 * len(quantized - {"fc"})
-
-
-def result_of(tune_config: dict[str, Any]) -> dict[str, Any]:
-    config = TuneConfig.from_dict(tune_config)
-    size = 400_000 - 100_000 * len(config.quantized_ops())
-    return {"status": "succeeded", "accuracy": accuracy_of(tune_config), "latency_ms": {"1": 0.5, "32": 5.0},
-            "latency_p90_ms": {"1": 0.6, "32": 6.0}, "model_size_bytes": size, "timings": {"total": 1.0}}
+def spec_dict(**tuning: Any) -> dict[str, Any]:
+    return {
+        "model": {"framework": "onnxruntime", "path": "model.onnx"},
+        "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}},
+        "tuning": {"maxTrials": 8, "parallelTrials": 1, "objective": "latency", **tuning},
+        "benchmark": {"batchSizes": [1, 32]},
+        "trial": {"resources": {"cpu": 2, "memory": "1Gi"}},
+        "workspace": {"persistentVolumeClaim": "qtune-work", "mountPath": "/workspace"},
+    }
 
 
 class World:
-    """The fakes plus a clock; `step()` runs one loop step of the job."""
+    """The fakes, a clock, and a simulated runner playing every pod the operator creates."""
 
     def __init__(self, body: dict[str, Any] | None = None, config: OperatorConfig | None = None) -> None:
         self.kube = FakeKube()
         self.results = FakeResults()
         self.now = 1_000_000.0
         self.events: list[tuple[str, str, str]] = []
-        self.body = body or job_body()
+        self.body = body or job_body(spec=spec_dict())
         self.metrics = OperatorMetrics()
         self.services = Services(kube=self.kube, config=config or make_config(), metrics=self.metrics,  # type: ignore[arg-type]
                                  prometheus=self.results, pushgateway=self.results,  # type: ignore[arg-type]
                                  clock=lambda: self.now)
+        self.space = simulated_space()
+        self.runner = SimulatedExecutor(validate(self.body)[0], self.space, sensitive_accuracy())
         self.restart()
 
     def restart(self) -> None:
         """A new operator process: nothing remembered but what is in the (fake) cluster."""
         self.body["status"] = copy.deepcopy(self.kube.status)
-        self.reconciler = JobReconciler(self.services, podlib.JobRef.from_body(self.body),
+        self.reconciler = JobReconciler(self.services, JobRef.from_body(self.body),
                                         lambda kind, reason, message: self.events.append((kind, reason, message)))
 
-    def pods(self) -> list[podlib.PodSummary]:
-        return [podlib.summarize_pod(p) for p in self.kube.pods.values()]
+    def pods(self) -> list[PodSummary]:
+        return [summarize_pod(p) for p in self.kube.pods.values()]
 
     def step(self) -> StepResult:
         self.now += 1.0
         return asyncio.run(self.reconciler.step(self.body, self.pods()))
 
-    def trial_pods(self) -> dict[str, dict[str, Any]]:
-        return {n: p for n, p in self.kube.pods.items() if p["metadata"]["labels"][c.LABEL_ROLE] == "trial"}
+    def running_pods(self) -> dict[str, dict[str, Any]]:
+        return {n: p for n, p in self.kube.pods.items() if p.get("status", {}).get("phase") not in
+                ("Succeeded", "Failed")}
 
-    def run_baseline(self) -> None:
-        assert self.step().state == st.BASELINE
-        assert c.baseline_pod("digits") in self.kube.pods
-        self.kube.publish_baseline()
-        self.kube.finish_pod(c.baseline_pod("digits"))
-
-    def finish_running_trials(self, push: bool = True) -> list[int]:
-        done = []
-        for name, pod in self.trial_pods().items():
-            if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
-                continue
-            index = int(pod["metadata"]["labels"][c.LABEL_TRIAL])
+    def unit_of(self, pod: dict[str, Any]) -> WorkUnit:
+        """What the runner in the pod reads: its labels, args and mounted inputs ConfigMap."""
+        unit = pod["metadata"]["labels"][c.LABEL_UNIT]
+        inputs = self.kube.configmaps[c.unit_inputs(pod["metadata"]["name"])]["data"]
+        assert c.JOB_FILE in inputs
+        config = json.loads(inputs.get(c.CONFIG_FILE, "{}"))
+        if unit == protocol.BASELINE_UNIT:
+            return WorkUnit.baseline()
+        if unit == protocol.CONFIRM_UNIT:
             args = pod["spec"]["containers"][0]["args"]
-            import json
+            candidates = tuple(int(i) for i in args[args.index("--candidates") + 1].split(","))
+            return WorkUnit(unit, unit, candidates=candidates, candidate_configs=config)
+        index = protocol.unit_trial_index(unit)
+        return WorkUnit(unit, "trial", index, config)
 
-            tune_config = json.loads(args[args.index("--config") + 1])
-            if push:
-                self.results.results[str(index)] = result_of(tune_config)
-            self.kube.finish_pod(name)
-            done.append(index)
-        return done
+    def secret_of(self, pod: dict[str, Any]) -> str:
+        """The pod's env QTUNE_RESULT_SECRET, resolved from its own Secret (secretKeyRef)."""
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        ref = env["QTUNE_RESULT_SECRET"]["valueFrom"]["secretKeyRef"]
+        return self.kube.objects[("Secret", ref["name"])]["stringData"][ref["key"]]
 
-    def run_to_end(self, limit: int = 100) -> StepResult:
-        for _ in range(limit):
+    def push(self, unit: str, result: protocol.Result, secret: str | None) -> None:
+        """Through the protocol's metric table, as Prometheus would serve it."""
+        signature = protocol.sign_result(self.reconciler.job.uid, unit, result, secret) if secret else None
+        decoded, sig = protocol.decode_result(protocol.encode_result(result, signature))
+        self.results.results[unit] = Observed(unit, decoded, sig)
+
+    def finish(self, name: str, push: bool = True) -> None:
+        pod = self.kube.pods[name]
+        unit = self.unit_of(pod)
+        outcome = self.runner._result(unit)
+        if isinstance(outcome.result, UnitFailure):
+            self.kube.finish_pod(name, phase="Failed", exitCode=protocol.EXIT_TRIAL_FAILED,
+                                 message=protocol.termination_message(outcome.result.reason, outcome.result.message))
+            return
+        if unit.id == protocol.BASELINE_UNIT:
+            data, binary = protocol.encode_document(c.SPACE_KEY, self.space.to_dict())
+            self.kube.configmaps[c.baseline_configmap("digits")].update(data=data, binaryData=binary)
+        if push:
+            self.push(unit.id, outcome.result, self.secret_of(pod))
+        self.kube.finish_pod(name)
+
+    def finish_running(self, push: bool = True) -> list[str]:
+        names = sorted(self.running_pods())
+        for name in names:
+            self.finish(name, push)
+        return names
+
+    def run_to_end(self, limit: int = 200, restart_every: int = 0) -> StepResult:
+        for i in range(limit):
             result = self.step()
             if result.done:
                 return result
-            self.finish_running_trials()
+            self.finish_running()
+            if restart_every and i % restart_every == restart_every - 1:
+                self.restart()
         raise AssertionError("the job did not finish")
 
+    def history(self) -> Any:
+        from qtune.operator.store import decode_history
 
-def local_run(parallel: int, max_trials: int = 6) -> tuple[str | None, list[str]]:
-    """What the local driver does with the same session logic, trials finishing in index order."""
-    body = job_body()
-    spec, _ = validate(body)
-    history = History(job="digits", baseline=tiny_baseline())
-    session = TuningSession(spec, tiny_space(), tiny_baseline(), history)
-    while True:
-        if not history.pending():
-            reason = session.finished_reason()
-            if reason:
-                break
-        started = session.start_trials(parallel - len(history.pending()))
-        if not started and not history.pending():
-            break
-        for record in sorted(history.pending(), key=lambda t: t.index):
-            session.record_result(record.index, result_of(record.tune_config))
-    best = session.best()
-    return (best.config_key if best else None), [t.config_key for t in history.trials]
+        return decode_history(self.kube.configmaps["digits-history"])
 
 
-def test_a_whole_job() -> None:
-    world = World()
-    world.run_baseline()
-    assert {k for k, _ in world.kube.objects} == {"ServiceAccount", "Role", "RoleBinding"}
+def _drive(body: dict[str, Any]) -> Any:
+    """The same job through qtune.tuning.engine.drive with the same simulated runner."""
+    spec = validate(body)[0]
+    session, _, reason = run_simulated(spec, simulated_space(), sensitive_accuracy())
+    return session, reason
+
+
+@pytest.mark.parametrize("objective,parallel", [("latency", 1), ("latency", 3), ("size", 1), ("size", 2)])
+def test_a_whole_job_is_the_engine_run(objective: str, parallel: int) -> None:
+    body = job_body(spec=spec_dict(objective=objective, parallelTrials=parallel))
+    world = World(body)
     result = world.run_to_end()
-    assert result.state == st.SUCCEEDED_STATE
+    session, reason = _drive(body)
+    history = world.history()
+    assert [t.config_key for t in history.trials] == [t.config_key for t in session.history.trials]
+    assert history.stop_reason == reason and history.outcome == session.outcome()
     status = world.kube.status
-    assert status["state"] == "Succeeded" and status["reason"] in (stop.GOAL_REACHED, stop.MAX_TRIALS)
-    conditions = {cond["type"]: cond["status"] for cond in status["conditions"]}
-    assert conditions == {"Ready": "True", "Running": "False", "Succeeded": "True", "Failed": "False"}
-    best_key, keys = local_run(parallel=2)
-    assert status["best"]["configKey"] == best_key
-    history = [t["configKey"] for t in status["recentTrials"]]
-    assert history == keys[-len(history):]
-    # no trial ran twice; pods of succeeded trials and every Pushgateway group are gone
+    best = session.best()
+    assert best is not None and status["best"]["configKey"] == best.config_key
+    assert status["reason"] == session.outcome()
+    assert result.state == st.state_for_outcome(session.outcome())
+    if objective == "latency":
+        measured = session.best_speed()
+        assert measured is not None
+        assert status["best"]["speed"]["speedup"] == round(measured.speedup, 4)
+        assert status["best"]["speed"]["fp32LatencyMs"] == round(measured.fp32_p50_ms, 5)
+        assert status["best"]["speed"]["latencyMs"] == round(measured.p50_ms, 5)
+        assert status["best"]["speed"]["confirmed"] is True
+        assert any(name.startswith("digits-confirm") for name in world.kube.created_pods)
+    # every pod ran once; secrets, inputs, succeeded pods and Pushgateway groups are gone
     assert len(world.kube.created_pods) == len(set(world.kube.created_pods))
-    assert not world.trial_pods()
-    assert not world.results.results
-    assert status["best"]["modelPath"].endswith(f"/trials/{status['best']['trial']}/model")
-    reasons = [reason for _, reason, _ in world.events]
-    assert reasons[0] == st.BASELINE and "BaselineReady" in reasons and st.RUNNING in reasons
+    assert not world.kube.pods and not world.results.results
+    assert not [k for k in world.kube.objects if k[0] == "Secret"]
+    assert set(world.kube.configmaps) == {"digits-history", "digits-baseline"}
+    conditions = {cond["type"]: cond["status"] for cond in status["conditions"]}
+    assert conditions["Ready"] == ("True" if result.state == st.SUCCEEDED_STATE else "False")
     assert world.metrics.trials_started._value.get() == status["trials"]["started"]
 
 
-def test_parallel_trials_are_bounded() -> None:
-    world = World()
-    world.run_baseline()
-    for _ in range(12):
-        world.step()
-        running = [p for p in world.trial_pods().values() if p.get("status", {}).get("phase") is None]
-        assert len(running) <= 2
-        world.finish_running_trials()
-
-
-def test_restart_adopts_running_pods_and_repeats_nothing() -> None:
-    world = World()
-    world.run_baseline()
-    world.step()                      # trial 0 starts
-    world.finish_running_trials()
-    world.step()                      # trial 0 recorded, next trials start
-    started = list(world.kube.created_pods)
-    world.restart()                   # the operator restarts; trials 1, 2 are still running
-    world.step()
-    assert world.kube.created_pods == started  # adopted, not created again
-    world.finish_running_trials()
-    world.restart()                   # restart again before their results are read
-    world.run_to_end()
-    trials = [n for n in world.kube.created_pods if "trial" in n]
-    assert len(trials) == len(set(trials))
-    assert world.kube.status["trials"]["started"] == len(trials)
-    assert world.kube.status["best"]["configKey"] == local_run(parallel=2)[0]
-
-
-def test_a_trial_saved_but_never_launched_is_launched_after_a_restart() -> None:
-    world = World()
-    world.run_baseline()
-
-    async def refuse(body: dict[str, Any]) -> bool:
-        raise OSError("connection reset")
-
-    real = world.kube.create_pod
-    world.kube.create_pod = refuse  # type: ignore[method-assign]
-    with pytest.raises(OSError):
-        world.step()                  # trial 0 saved as pending, its pod not created
-    world.kube.create_pod = real      # type: ignore[method-assign]
-    world.restart()
-    world.step()
-    assert list(world.trial_pods()) == ["digits-trial-0"]
-
-
-def test_a_finished_trial_whose_pod_vanished_is_recorded_not_rerun() -> None:
-    world = World()
-    world.run_baseline()
-    world.step()
-    world.finish_running_trials()
-    del world.kube.pods["digits-trial-0"]   # e.g. deleted by hand while the operator was down
-    world.restart()
-    world.step()
-    assert world.kube.created_pods.count("digits-trial-0") == 1
-    assert world.kube.status["recentTrials"][0]["status"] == "succeeded"
-
-
-def test_invalid_spec_fails_without_pods() -> None:
-    body = job_body()
-    body["spec"]["tuning"]["strategy"] = "nope"
+def test_operator_restarts_change_nothing() -> None:
+    body = job_body(spec=spec_dict(parallelTrials=2))
     world = World(body)
+    world.run_to_end(restart_every=2)
+    session, _ = _drive(body)
+    assert [t.config_key for t in world.history().trials] == [t.config_key for t in session.history.trials]
+    assert world.kube.status["best"]["configKey"] == session.best().config_key
+    assert len(world.kube.created_pods) == len(set(world.kube.created_pods))
+
+
+def test_a_forged_result_is_ignored_and_the_real_one_recorded() -> None:
+    world = World()
+    poller = FakePoller()
+    world.services.poller = poller  # type: ignore[assignment]
+    world.step()
+    world.finish_running()                          # the baseline
+    world.step()                                    # trial 0 starts
+    pod = world.kube.pods["digits-trial-0"]
+    world.kube.run_pod("digits-trial-0")
+    forged = protocol.TrialResult(trial=0, status="succeeded", accuracy=0.999, config_key=None,
+                                  speed={"32": protocol.SpeedMeasurement(
+                                      batch_size=32, p50_ms=0.001, p90_ms=0.001, fp32_p50_ms=10, fp32_p90_ms=10,
+                                      speedup=10000, low=9999, high=10001)})
+    world.push("trial-0", forged, secret="guessed")  # e.g. curl to the Pushgateway
+    poller.snapshot = dict(world.results.results)    # queryable while the trial runs
+    world.step()
+    world.step()
+    assert world.kube.status["trials"]["finished"] == 0
+    assert world.metrics.results_rejected.labels(reason="BadSignature")._value.get() == 1
+    assert [r for _, r, _ in world.events].count("ResultRejected") == 1
+    # a correctly signed result counts only once the pod has finished
+    world.push("trial-0", world.runner._result(world.unit_of(pod)).result, world.secret_of(pod))
+    poller.snapshot = dict(world.results.results)
+    world.step()
+    assert world.kube.status["trials"]["finished"] == 0
+    world.kube.finish_pod("digits-trial-0")
+    world.step()
+    trial = world.history().trials[0]
+    assert trial.status == "succeeded" and trial.accuracy != 0.999
+    assert world.kube.status["rejectedResults"] == 1
+
+
+def test_a_result_for_a_pod_of_another_namespace_is_not_believed() -> None:
+    world = World()
+    poller = FakePoller()
+    world.services.poller = poller  # type: ignore[assignment]
+    world.step()
+    world.finish_running()
+    world.step()
+    impostor = copy.deepcopy(world.kube.pods["digits-trial-0"])
+    del world.kube.pods["digits-trial-0"]           # the real pod vanished; a look-alike elsewhere
+    impostor["metadata"]["namespace"] = "elsewhere"
+    world.kube.pods["impostor"] = impostor
+    world.kube.finish_pod("impostor")
+    world.push("trial-0", world.runner._result(world.unit_of(impostor)).result, world.secret_of(impostor))
+    poller.snapshot = dict(world.results.results)
+    world.step()
+    assert not world.history().trials[0].done
+    assert world.metrics.results_rejected.labels(reason="NoPod")._value.get() == 1
+
+
+def test_a_spec_the_cluster_cannot_run_is_invalid() -> None:
+    body = job_body(spec=spec_dict(strategy="nope"))
+    world = World.__new__(World)
+    World.__init__(world, job_body(spec=spec_dict()))
+    world.body = body
+    world.restart()
     result = world.step()
-    assert result.done and result.state == st.FAILED_STATE
-    assert world.kube.status["reason"] == st.INVALID_SPEC
+    assert result.done and world.kube.status["reason"] == st.INVALID_SPEC
     assert "spec.tuning.strategy" in world.kube.status["message"]
     assert not world.kube.pods
-    assert world.events[0][0] == "Warning"
+
+
+def test_a_strategy_that_does_not_import_is_invalid_spec() -> None:
+    world = World(job_body(spec=spec_dict(strategy="mycompany.search:Missing")))
+    result = world.step()
+    assert result.done and world.kube.status["state"] == st.FAILED_STATE
+    assert world.kube.status["reason"] == st.INVALID_SPEC
+    assert world.kube.status["message"].startswith("spec.tuning.strategy: cannot import")
+    assert not world.kube.pods
+
+
+def test_a_framework_that_does_not_import_fails_the_job_with_invalid_spec() -> None:
+    world = World()
+    world.step()
+    world.kube.finish_pod(BASELINE_POD, phase="Failed", exitCode=protocol.EXIT_JOB_UNUSABLE,
+                          message="spec.model.framework: cannot import adaptor mycompany.x:Y: No module named "
+                                  "'mycompany'")
+    result = world.step()
+    assert result.done and world.kube.status["state"] == st.FAILED_STATE
+    assert world.kube.status["reason"] == st.INVALID_SPEC
+    assert world.kube.status["message"].startswith("spec.model.framework: cannot import adaptor")
 
 
 def test_oom_killed_trials_count_against_max_failed_trials() -> None:
-    body = job_body()
-    body["spec"]["tuning"]["maxFailedTrials"] = 1
-    world = World(body)
-    world.run_baseline()
+    world = World(job_body(spec=spec_dict(maxFailedTrials=1)))
+    world.step()
+    world.finish_running()
     world.step()
     world.kube.finish_pod("digits-trial-0", phase="Failed", reason="OOMKilled", exitCode=137)
     result = world.step()
-    assert result.done and world.kube.status["reason"] == stop.TOO_MANY_FAILURES
-    assert world.kube.status["state"] == "Failed"
+    assert result.done and world.kube.status["stopReason"] == stop.TOO_MANY_FAILURES
     assert world.kube.status["recentTrials"][0]["reason"] == "OOMKilled"
     assert ("Warning", "OOMKilled") in [(k, r) for k, r, _ in world.events]
 
 
-def test_missing_metrics_fail_the_trial_after_the_timeout() -> None:
-    world = World(config=OperatorConfig(metrics_timeout=5.0))
-    world.run_baseline()
+def test_missing_results_fail_the_unit_after_the_timeout() -> None:
+    config = make_config()
+    world = World(config=OperatorConfig(**{**config.__dict__, "metrics_timeout": 5.0}))
     world.step()
-    world.finish_running_trials(push=False)
+    world.finish_running()
+    world.step()
+    world.finish_running(push=False)
     assert world.step().wait == world.services.config.metrics_poll_interval
     world.now += 10
     world.step()
-    trial = world.kube.status["recentTrials"][0]
-    assert trial["status"] == "failed" and trial["reason"] == "MetricsUnavailable"
+    trial = world.history().trials[0]
+    assert trial.status == "failed" and trial.reason == "MetricsUnavailable"
 
 
-def test_baseline_failure_fails_the_job() -> None:
-    world = World()
+def test_job_timeout_counts_the_baseline_and_cancels_running_units() -> None:
+    world = World(job_body(spec=spec_dict(timeoutSeconds=30)))
     world.step()
-    world.kube.finish_pod(c.baseline_pod("digits"), phase="Failed", exitCode=1,
-                          message="spec.quantization.opWise.x: no quantizable op named 'x'")
-    result = world.step()
-    assert result.done and world.kube.status["reason"] == st.BASELINE_FAILED
-    assert "no quantizable op" in world.kube.status["message"]
-
-
-def test_job_timeout_abandons_running_trials() -> None:
-    body = job_body()
-    body["spec"]["tuning"]["timeoutSeconds"] = 30
-    world = World(body)
-    world.run_baseline()
-    world.step()
-    world.step()
-    world.now += 60
+    world.now += 25                                  # a slow baseline
+    world.finish_running()
+    world.step()                                     # trial 0 starts
+    world.now += 10
     result = world.step()
     assert result.done and world.kube.status["stopReason"] == stop.TIMEOUT
-    assert world.kube.status["reason"] == stop.NO_CONFIG  # nothing finished in time
     assert "digits-trial-0" in world.kube.deleted_pods
+    assert world.history().trials[0].reason == stop.TIMEOUT
 
 
 def test_raising_max_trials_continues_a_finished_job() -> None:
-    body = job_body()
-    body["spec"]["tuning"]["maxTrials"] = 2
+    body = job_body(spec=spec_dict(maxTrials=2, objective="size"))
     world = World(body)
-    world.run_baseline()
     world.run_to_end()
     status = world.kube.status
     assert status["stopReason"] == stop.MAX_TRIALS and status["trials"]["started"] == 2
@@ -275,55 +323,9 @@ def test_raising_max_trials_continues_a_finished_job() -> None:
     body["metadata"]["generation"] = 2
     world.kube.status.update(state=st.RUNNING, reason=st.RESUMED)  # what the field handler patches
     world.restart()
-    world.step()
-    assert world.kube.status["state"] == st.RUNNING
     world.run_to_end()
-    assert world.kube.status["trials"]["started"] > 2
+    assert world.kube.status["trials"]["started"] == 4
     assert st.RESUMED in [reason for _, reason, _ in world.events]
-
-
-def test_can_resume_only_after_max_trials() -> None:
-    spec, _ = validate(job_body())
-    history = History(job="digits", stop_reason=stop.GOAL_REACHED)
-    assert not can_resume(history, spec)
-    history.stop_reason = stop.MAX_TRIALS
-    assert can_resume(history, spec)
-
-
-def test_a_result_is_recorded_as_soon_as_it_is_queryable() -> None:
-    world = World()
-    poller = FakePoller()
-    world.services.poller = poller  # type: ignore[assignment]
-    world.run_baseline()
-    world.step()                                   # trial 0 running
-    world.kube.run_pod("digits-trial-0")
-    pod = world.kube.pods["digits-trial-0"]
-    args = pod["spec"]["containers"][0]["args"]
-    import json
-
-    poller.snapshot = {"0": result_of(json.loads(args[args.index("--config") + 1]))}
-    world.step()                                   # recorded while the pod is still reported Running
-    assert world.kube.status["trials"]["finished"] == 1
-    assert "digits-trial-1" in world.kube.pods     # the next trials started at once
-    assert "digits-trial-0" in world.kube.pods     # the pod itself goes once it is reported finished
-    poller.snapshot = {}
-    world.kube.finish_pod("digits-trial-0")
-    world.step()
-    assert "digits-trial-0" not in world.kube.pods
-    assert world.kube.created_pods.count("digits-trial-0") == 1
-
-
-def test_kept_pods_are_cleaned_once() -> None:
-    world = World(config=OperatorConfig(keep_succeeded_pods=True))
-    world.run_baseline()
-    world.step()
-    world.finish_running_trials()
-    world.step()
-    deleted = len(world.results.deleted)
-    for _ in range(3):
-        world.step()
-    assert len(world.results.deleted) == deleted   # no repeated DELETEs for pods that stay
-    assert "digits-trial-0" in world.kube.pods
 
 
 def test_a_failed_baseline_runs_again_after_the_spec_is_edited() -> None:
@@ -331,7 +333,7 @@ def test_a_failed_baseline_runs_again_after_the_spec_is_edited() -> None:
 
     world = World()
     world.step()
-    world.kube.finish_pod(c.baseline_pod("digits"), phase="Failed", reason="OOMKilled", exitCode=137)
+    world.kube.finish_pod(BASELINE_POD, phase="Failed", reason="OOMKilled", exitCode=137)
     assert world.step().done
     status = world.kube.status
     assert status["reason"] == st.BASELINE_FAILED and "OOMKilled" in status["message"]
@@ -341,9 +343,60 @@ def test_a_failed_baseline_runs_again_after_the_spec_is_edited() -> None:
     assert job_active(status=status, meta=world.body["metadata"])
     world.restart()                                   # Kopf starts the job's loop again
     assert world.step().state == st.BASELINE
-    pod = world.kube.pods[c.baseline_pod("digits")]
+    pod = world.kube.pods["digits-baseline-a1"]
     assert pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "8Gi"
-    assert world.kube.created_pods.count(c.baseline_pod("digits")) == 2
-    world.kube.publish_baseline()
-    world.kube.finish_pod(c.baseline_pod("digits"))
     assert world.run_to_end().state == st.SUCCEEDED_STATE
+
+
+def test_api_refusals_become_a_condition_then_fail_the_job() -> None:
+    world = World()
+    exc = ApiException(status=403, reason="Forbidden")
+    exc.body = json.dumps({"message": 'pods "digits-baseline" is forbidden: exceeded quota: compute'})
+
+    async def quota(body: dict[str, Any]) -> bool:
+        raise exc
+
+    world.kube.create_pod = quota  # type: ignore[method-assign]
+    first = world.step()
+    assert not first.done and world.kube.status["reason"] == st.API_ERROR
+    assert "exceeded quota: compute" in world.kube.status["message"]
+    for _ in range(world.services.config.api_retries - 1):
+        result = world.step()
+    assert result.done and world.kube.status["state"] == st.FAILED_STATE
+    assert "gave up after" in world.kube.status["message"]
+
+
+def test_a_history_too_large_for_a_configmap_fails_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    world = World()
+    world.step()
+    world.finish_running()
+    encode = protocol.encode_document
+    monkeypatch.setattr("qtune.protocol.encode_document",
+                        lambda key, doc, plain_limit=None, limit=None: encode(key, doc, 10, 200))
+    result = world.step()
+    assert result.done and world.kube.status["reason"] == st.HISTORY_TOO_LARGE
+    assert "maxTrials" in world.kube.status["message"]
+
+
+def test_a_result_is_recorded_as_soon_as_the_pod_has_finished() -> None:
+    world = World()
+    poller = FakePoller()
+    world.services.poller = poller  # type: ignore[assignment]
+    world.step()
+    world.finish_running()
+    world.step()
+    world.finish("digits-trial-0")
+    poller.snapshot = dict(world.results.results)
+    queries = world.results.queries
+    world.step()
+    assert world.kube.status["trials"]["finished"] == 1
+    assert world.results.queries == queries            # the poller's snapshot sufficed
+    assert "digits-trial-1" in world.kube.pods
+
+
+def test_the_secret_is_derived_not_stored() -> None:
+    world = World()
+    world.step()
+    pod = world.kube.pods[BASELINE_POD]
+    assert world.secret_of(pod) == protocol.derive_unit_secret(SIGNING_KEY, world.reconciler.job.uid, "baseline", 0)
+    assert SIGNING_KEY not in json.dumps(pod)

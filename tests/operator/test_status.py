@@ -5,6 +5,7 @@ from __future__ import annotations
 from opfakes import tiny_baseline, tiny_space
 
 from qtune.operator import status as st
+from qtune.protocol import SpeedMeasurement
 from qtune.tuning import stop
 from qtune.tuning.history import History
 
@@ -45,8 +46,15 @@ def test_outcomes() -> None:
     assert st.state_for_outcome(stop.GOAL_REACHED) == st.SUCCEEDED_STATE
     assert st.state_for_outcome(stop.MAX_TRIALS) == st.SUCCEEDED_STATE
     assert st.state_for_outcome(stop.TIMEOUT) == st.SUCCEEDED_STATE
-    for reason in (stop.NO_CONFIG, stop.TOO_MANY_FAILURES, st.INVALID_SPEC, st.BASELINE_FAILED):
+    assert st.state_for_outcome(stop.TOO_MANY_FAILURES) == st.SUCCEEDED_STATE  # with a passing best
+    for reason in (stop.NO_CONFIG, stop.NO_SPEEDUP, st.INVALID_SPEC, st.BASELINE_FAILED, st.API_ERROR,
+                   st.HISTORY_TOO_LARGE):
         assert st.state_for_outcome(reason) == st.FAILED_STATE
+
+
+def _speed(p50: float, fp32: float = 10.0) -> SpeedMeasurement:
+    return SpeedMeasurement(batch_size=32, p50_ms=p50, p90_ms=p50 * 1.1, fp32_p50_ms=fp32, fp32_p90_ms=fp32 * 1.1,
+                            speedup=fp32 / p50, low=fp32 / p50 - 0.1, high=fp32 / p50 + 0.1, rounds=9)
 
 
 def _history() -> History:
@@ -58,7 +66,7 @@ def _history() -> History:
         if i < 2:
             record.status = "succeeded"
             record.accuracy = 0.94 + 0.001 * i
-            record.latency_ms = {"1": 0.5, "32": 5.0 + i}
+            record.speed = {"32": _speed(5.0 + i).model_dump()}
             record.model_size_bytes = 100_000 + 10_000 * i
             record.passed = True
     history.trials[0].passed = True
@@ -67,7 +75,8 @@ def _history() -> History:
 
 def test_build_status_projects_the_history() -> None:
     history = _history()
-    best = history.trials[0]
+    record = history.trials[0]
+    best = st.best_status(record, history.baseline, record.speed_at(32), confirmed=False)
     status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=2, old=None,
                              history=history, max_trials=10, batch_size=32, best=best, recent=2,
                              history_configmap="digits-history", workspace="/w", now=0)
@@ -75,13 +84,27 @@ def test_build_status_projects_the_history() -> None:
     assert status["trials"] == {"max": 10, "started": 3, "running": 1, "finished": 2, "succeeded": 2, "failed": 0,
                                 "passed": 2}
     assert [t["index"] for t in status["recentTrials"]] == [1, 2]  # bounded, newest last
+    assert status["recentTrials"][0]["speedup"] == round(10 / 6, 4)
     assert status["best"]["trial"] == 0
-    assert status["best"]["speedup"] == 2.0  # 10 ms fp32 / 5 ms
+    # the winner's speed: one measurement (fp32 and int8 latencies from the same interleaved session)
+    assert status["best"]["speedup"] == 2.0 and status["best"]["speedupInterval"] == "2.00 [1.90-2.10]"
+    assert status["best"]["speed"] == {"batchSize": 32, "speedup": 2.0, "low": 1.9, "high": 2.1, "latencyMs": 5.0,
+                                       "latencyP90Ms": 5.5, "fp32LatencyMs": 10.0, "fp32LatencyP90Ms": 11.0,
+                                       "confidence": 0.95, "rounds": 9, "confirmed": False}
     assert status["best"]["sizeRatio"] == 4.0
-    assert status["best"]["tuneConfig"] == best.tune_config
+    assert status["best"]["tuneConfig"] == record.tune_config
     assert status["baseline"]["accuracy"] == 0.95
     assert status["history"] == {"configMap": "digits-history", "trials": 3}
     assert "completionTime" not in status
+    assert st.JobStatus.model_validate(status).dump() == status  # the model round-trips what it wrote
+
+
+def test_the_status_model_rejects_unknown_keys() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        st.JobStatus.model_validate({"state": "Running", "latencyMs": 3})
 
 
 def test_merge_patch_replaces_stale_keys() -> None:
@@ -92,10 +115,3 @@ def test_merge_patch_replaces_stale_keys() -> None:
     assert st.status_patch(new, new) is None
 
 
-def test_describe_best() -> None:
-    history = _history()
-    summary = st.best_summary(history.trials[0], history.baseline, 32)
-    text = st.describe_best(summary, history.baseline)
-    assert text.startswith("best trial 0: accuracy 0.9400 (fp32 0.9500)")
-    assert "2.00x faster at batch 32" in text and "4.00x smaller" in text
-    assert st.describe_best(None, None) == "no trial met the accuracy criterion"

@@ -13,7 +13,7 @@ from opfakes import FakeKube, tiny_baseline, tiny_space
 
 from qtune.operator import constants as c
 from qtune.operator.kube import Conflict
-from qtune.operator.pods import JobRef
+from qtune.operator.layout import JobRef
 from qtune.operator.store import HistoryStore, HistoryTooLarge, decode_history, decode_published, encode_history
 from qtune.runner import publish
 from qtune.tuning.history import History
@@ -45,9 +45,21 @@ def test_large_history_is_gzipped() -> None:
 
 
 def test_too_large_history(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("qtune.operator.store.CONFIGMAP_LIMIT", 100)
+    monkeypatch.setattr("qtune.protocol.CONFIGMAP_LIMIT", 100)
     with pytest.raises(HistoryTooLarge, match="maxTrials"):
         encode_history(_history(50), plain_limit=10)
+
+
+def test_a_zip_bomb_is_refused_not_inflated() -> None:
+    from qtune import protocol
+
+    bomb = base64.b64encode(gzip.compress(b"[" + b"0," * 5_000_000 + b"0]")).decode()
+    with pytest.raises(protocol.PayloadTooLarge, match="inflates"):
+        decode_history({"binaryData": {c.HISTORY_GZ_KEY: bomb}})
+    with pytest.raises(protocol.PayloadTooLarge):
+        decode_history({"binaryData": {c.HISTORY_GZ_KEY: "A" * (protocol.CONFIGMAP_LIMIT + 4)}})
+    with pytest.raises(protocol.ProtocolError):
+        decode_history({"binaryData": {c.HISTORY_GZ_KEY: base64.b64encode(b"not gzip").decode()}})
 
 
 def test_store_detects_concurrent_writers() -> None:
@@ -77,7 +89,7 @@ def test_publish_patch_round_trips_through_the_operator_reader(tmp_path: Path, m
     assert patch["binaryData"] == {"space.json.gz": None, "baseline.json.gz": None}
     assert decode_published(patch, c.SPACE_KEY) == tiny_space().to_dict()
 
-    monkeypatch.setattr(publish, "PLAIN_LIMIT", 10)
+    monkeypatch.setattr("qtune.protocol.PLAIN_LIMIT", 10)
     patch = publish.configmap_patch(tmp_path)
     assert patch["data"] == {"space.json": None, "baseline.json": None}
     assert decode_published(patch, c.BASELINE_KEY) == {"accuracy": 0.9}

@@ -76,7 +76,8 @@ app.kubernetes.io/component: operator
 The rules the operator needs in every namespace it serves: QuantizationJobs (+status), the pods
 and ConfigMaps of their trials, the per-job ServiceAccount/Role/RoleBinding of the baseline pod
 (which may only update its own ConfigMap: the operator can grant only what it holds itself),
-events, and Kopf's namespaced peering objects. No secrets, no deletion of anything but pods.
+events, and Kopf's namespaced peering objects; each unit's result Secret is created and deleted, never
+read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 */}}
 {{- define "qtune.namespacedRules" -}}
 - apiGroups: [qtune.io]
@@ -90,7 +91,11 @@ events, and Kopf's namespaced peering objects. No secrets, no deletion of anythi
   verbs: [get, list, watch, create, delete, deletecollection]
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, create, update, patch]
+  verbs: [get, create, update, patch, delete]
+# each unit's result secret: created for its pod, deleted once recorded; never read back
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create, delete]
 - apiGroups: [""]
   resources: [serviceaccounts]
   verbs: [create]
@@ -132,6 +137,11 @@ events, and Kopf's namespaced peering objects. No secrets, no deletion of anythi
 
 {{/* The operator's environment: endpoints and trial defaults (QTUNE_* variables). */}}
 {{- define "qtune.operatorEnv" -}}
+- name: QTUNE_SIGNING_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "qtune.fullname" . }}-signing-key
+      key: key
 - name: QTUNE_TRIAL_IMAGE
   value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
 {{- with .Values.prometheus.url }}

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from qtune.adaptors.onnxrt.graph import GraphView
 from qtune.adaptors.onnxrt.model import OnnxModel, load_onnx_model
 from qtune.adaptors.onnxrt.optimize import OptimizedModel, optimize
 from qtune.adaptors.onnxrt.sensitivity import op_sensitivity
-from qtune.adaptors.onnxrt.session import SessionCache, benchmark, check_feed, output_index
+from qtune.adaptors.onnxrt.session import SessionCache, benchmark, check_feed, make_runner, output_index
 from qtune.adaptors.onnxrt.workspace import file_lock, read_json, write_json_atomic
 from qtune.data import DataLoader, Dataset, Metric
 from qtune.data.metrics import TopK
@@ -86,7 +87,8 @@ class OnnxRuntimeAdaptor(Adaptor):
     def load_model(self, model_spec: dict[str, Any]) -> OnnxModel:
         path = model_spec.get("path")
         if not path:
-            raise ModelLoadError("model.path is required by the onnxruntime adaptor (a .onnx file)")
+            raise ModelLoadError("spec.model.path is required by the onnxruntime adaptor (a .onnx file); "
+                                 "model.entrypoint is for pytorch")
         resolved = Path(path)
         if not resolved.is_absolute() and self.info.get("job_dir"):
             resolved = Path(self.info["job_dir"]) / resolved
@@ -95,8 +97,8 @@ class OnnxRuntimeAdaptor(Adaptor):
                     for item in (model_spec.get("inputs") or [])]
         unknown = [name for name in declared if name and name not in model.input_names()]
         if unknown:
-            raise ModelLoadError(f"model file {resolved} has no input(s) {unknown} declared in model.inputs; "
-                                 f"its inputs are {model.input_names()}")
+            raise ModelLoadError(f"spec.model.inputs: model file {resolved.name} has no input(s) {unknown}; "
+                                 f"allowed: its inputs {model.input_names()}")
         return model
 
     def save_model(self, model: Any, path: Path) -> Path:
@@ -159,7 +161,8 @@ class OnnxRuntimeAdaptor(Adaptor):
         forced = ops_touching(view, problems, quantizable) if self.keep_non_finite_fp32 else {}
         model_notes = {f"tensor:{tensor}": why for tensor, why in problems.items()}
         model_notes.update(opt.notes)
-        capability = build_capability(view, self.quant_format, opt.per_channel, forced, model_notes)
+        capability = build_capability(view, self.quant_format, opt.per_channel, forced, model_notes,
+                                      str(self._quantization_setting("approach", "auto")))
         self.notes.update(capability["notes"])
         self._capabilities[digest] = (capability, forced)
         return capability, forced
@@ -313,6 +316,10 @@ class OnnxRuntimeAdaptor(Adaptor):
             metric.update(np.asarray(prediction), labels)
         return float(metric.result())
 
+    def run(self, model: Any, inputs: dict[str, Any]) -> list[Any]:
+        session = self._sessions.get(_as_model(model).path, self.info.get("threads"))
+        return list(session.run(None, check_feed(session, inputs)))
+
     def predict(self, model: Any, dataloader: DataLoader, output: str | int | None = None) -> np.ndarray:
         session = self._sessions.get(_as_model(model).path, self.info.get("threads"))
         index = output_index(session, output if output is not None else self.info.get("output"))
@@ -322,6 +329,10 @@ class OnnxRuntimeAdaptor(Adaptor):
     def benchmark(self, model: Any, inputs: dict[str, Any], warmup: int, runs: int, threads: int) -> LatencyStats:
         session = self._sessions.get(_as_model(model).path, threads)
         return benchmark(session, check_feed(session, inputs), warmup, runs, threads)
+
+    def make_runner(self, model: Any, inputs: dict[str, Any], threads: int) -> Callable[[], None]:
+        session = self._sessions.get(_as_model(model).path, threads)
+        return make_runner(session, check_feed(session, inputs))
 
     # --- sensitivity ----------------------------------------------------------------------------------
     def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:
@@ -345,6 +356,27 @@ class OnnxRuntimeAdaptor(Adaptor):
         scores = op_sensitivity(opt.model.path, cfg, inputs, ranges)
         logger.info("op sensitivity of %d ops in %.2fs", len(scores), time.perf_counter() - started)
         return scores
+
+    def op_time_shares(self, model: Any, tune_cfg: dict[str, Any], dataloader: DataLoader,
+                       inputs: dict[str, Any], threads: int) -> dict[str, dict[str, float]]:
+        """ORT's per-node profiler on the pre-optimised fp32 model and on `tune_cfg` quantized (the
+        same model trial 0 uses: it is cached in the workspace). Failures only cost the profile."""
+        from qtune.adaptors.onnxrt.profile import time_shares
+
+        started = time.perf_counter()
+        try:
+            opt = self.optimized(model)
+            quantized = self.quantize(tune_cfg, model, dataloader)
+            session = self._sessions.get(opt.model.path, threads)
+            feed = check_feed(session, inputs)
+            shares = time_shares(opt.model.path, _as_model(quantized).path, feed,
+                                 list(TuneConfig.from_dict(tune_cfg).ops), threads=threads)
+        except Exception as exc:  # noqa: BLE001 - the profile is an optimisation aid, never fatal
+            logger.warning("per-op profile unavailable (%s: %s); the search uses a prior by op type",
+                           type(exc).__name__, exc)
+            return {}
+        logger.info("per-op profile in %.2fs", time.perf_counter() - started)
+        return shares
 
 
 def _as_model(model: Any) -> OnnxModel:

@@ -145,8 +145,16 @@ def build_capability(
     per_channel_ok: bool = True,
     forced_fp32: dict[str, str] | None = None,
     model_notes: dict[str, str] | None = None,
+    approach: str = "auto",
 ) -> dict[str, Any]:
-    """The LPOT-shaped capability of an optimised graph (see qtune.adaptors.base)."""
+    """The LPOT-shaped capability of an optimised graph (see qtune.adaptors.base).
+
+    `approach` is the job's (static, dynamic or auto): notes about the other approach are left out,
+    so a static job is not told 38 times why dynamic ConvInteger is avoided."""
+
+    def relevant(*approaches: str) -> bool:
+        return approach not in ("static", "dynamic") or approach in approaches
+
     qdq_types, qoperator_types, dynamic_types = registries()
     static_types = qoperator_types if quant_format == "QOperator" else qdq_types
     forced_fp32 = dict(forced_fp32 or {})
@@ -171,15 +179,16 @@ def build_capability(
             act_dtypes = ["uint8", "fp32"] if quant_format == "QOperator" else ["uint8", "int8", "fp32"]
             activation = {"dtype": act_dtypes, "scheme": ["asym", "sym"], "granularity": ["per_tensor"],
                           "algorithm": list(ACT_ALGORITHMS), "reduce_range": [False, True]}
-            if quant_format == "QOperator":
+            if quant_format == "QOperator" and relevant("static"):
                 op_notes.append("QOperator format: activations uint8 only (int8 activations need QDQ on x86)")
         else:
             activation = {"dtype": ["uint8", "fp32"], "scheme": ["asym"], "granularity": ["per_tensor"],
                           "algorithm": ["minmax"], "reduce_range": [False]}
-            op_notes.append("dynamic only: ORT quantizes this op with its IntegerOps (run-time activation ranges)")
-        if node.op_type == "Conv":
+            if approach == "auto":
+                op_notes.append("dynamic only: ORT quantizes this op with its IntegerOps (run-time activation ranges)")
+        if node.op_type == "Conv" and relevant("dynamic"):
             op_notes.append("static only: dynamic ConvInteger is 2.5-7x slower than fp32 on CPU and hurts accuracy")
-        if node.op_type == "Gemm" and dynamic_ok:
+        if node.op_type == "Gemm" and dynamic_ok and relevant("dynamic"):
             op_notes.append(f"dynamic: ORT rewrites it as {node.name}_MatMul (MatMulInteger) + {node.name}_Add")
         entry: dict[str, Any] = {"activation": activation, "approach": approaches}
         if weights:
@@ -203,7 +212,8 @@ def build_capability(
                                         for key, value in entry.items()}
     for name, note in notes.items():
         logger.info("capability note %s: %s", name, note)
-    return {"optypewise": optypewise, "opwise": opwise, "graph_order": graph_order, "notes": notes}
+    return {"optypewise": optypewise, "opwise": opwise, "graph_order": graph_order, "notes": notes,
+            "fused_groups": fused_groups(view)}
 
 
 def fused_patterns(view: GraphView) -> list[list[str]]:
@@ -215,6 +225,36 @@ def fused_patterns(view: GraphView) -> list[list[str]]:
                 found.append(list(pattern))
                 break
     return found
+
+
+def fused_groups(view: GraphView) -> list[list[str]]:
+    """The FUSION_PATTERNS instances of the graph by op NAME (longest pattern first, each op in one
+    group at most): what ORT runs as one kernel, so the tuner keeps each group in one precision."""
+    patterns = sorted(FUSION_PATTERNS, key=len, reverse=True)
+    taken: set[str] = set()
+    groups: list[list[str]] = []
+    for node in view.nodes:
+        if node.name in taken:
+            continue
+        for pattern in patterns:
+            if node.op_type != pattern[0]:
+                continue
+            chain = _chain(view, node, pattern[1:])
+            if chain is not None and not taken.intersection(n.name for n in chain):
+                groups.append([n.name for n in chain])
+                taken.update(n.name for n in chain)
+                break
+    return groups
+
+
+def _chain(view: GraphView, node: onnx.NodeProto, rest: list[str]) -> list[onnx.NodeProto] | None:
+    if not rest:
+        return [node]
+    if not _chain_matches(view, node, rest[:1]):
+        return None
+    consumer = next(c for output in node.output if output for c in view.consumers.get(output, []))
+    tail = _chain(view, consumer, rest[1:])
+    return None if tail is None else [node, *tail]
 
 
 def _chain_matches(view: GraphView, node: onnx.NodeProto, rest: list[str]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,16 @@ def output_index(session: Any, output: str | int | None) -> int:
     if output not in names:
         raise DataError(f"model output {output!r} does not exist; outputs are {names}")
     return names.index(output)
+
+
+def make_runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], None]:
+    """One inference per call, with the session and the (checked) feed bound once."""
+    run = session.run
+
+    def infer() -> None:
+        run(None, feed)
+
+    return infer
 
 
 def benchmark(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int, threads: int) -> LatencyStats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,12 +100,19 @@ class PyTorchAdaptor(Adaptor):
         return runtime.evaluate(_check(model), dataloader, metric, postprocess, self.info.get("output"),
                                 iteration, self._threads)
 
+    def run(self, model: Any, inputs: dict[str, Any]) -> list[Any]:
+        with runtime.threads(self._threads):
+            return runtime.run(_check(model), {name: np.asarray(value) for name, value in inputs.items()})
+
     def predict(self, model: Any, dataloader: DataLoader, output: str | int | None = None) -> np.ndarray:
         return runtime.predict(_check(model), dataloader,
                                output if output is not None else self.info.get("output"), self._threads)
 
     def benchmark(self, model: Any, inputs: dict[str, Any], warmup: int, runs: int, threads: int) -> LatencyStats:
         return runtime.benchmark(_check(model), inputs, warmup, runs, threads)
+
+    def make_runner(self, model: Any, inputs: dict[str, Any], threads: int) -> Callable[[], None]:
+        return runtime.make_runner(_check(model), inputs, threads)
 
     def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:
         samples = dataset.take(min(16, int(tune_cfg.get("calibration_sampling_size") or 16)))

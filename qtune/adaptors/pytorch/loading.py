@@ -10,11 +10,10 @@ arbitrary code from the file.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import pickle
-import sys
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from qtune.adaptors.pytorch.model import InputSpec, TorchModel
+from qtune.spec.entrypoints import EntrypointError, load_entrypoint
 from qtune.spec.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -35,60 +35,61 @@ ALLOWED_FORMS = (
 
 
 def _import_entrypoint(entrypoint: str, job_dir: Path | None) -> Any:
-    module_name, _, function_name = entrypoint.partition(":")
-    if not module_name or not function_name:
-        raise ModelLoadError(f"model.entrypoint {entrypoint!r} is not of the form module:function")
-    search = [None]
-    if job_dir is not None:
-        # the job's folder and its ancestors, nearest first, for `examples.x.model:build` run from anywhere
-        search += [str(p) for p in [job_dir, *list(job_dir.parents)[:3]]]
-    error: Exception | None = None
-    for folder in search:
-        if folder is not None and folder not in sys.path:
-            sys.path.append(folder)  # appended: the job's files never shadow installed modules
-        try:
-            module = importlib.import_module(module_name)
-            return getattr(module, function_name)
-        except ModuleNotFoundError as exc:
-            error = exc
-            if exc.name is None or not module_name.startswith(exc.name):
-                break  # the entrypoint module exists but imports something missing
-        except AttributeError:
-            raise ModelLoadError(f"model.entrypoint: {module_name} has no function {function_name!r}") from None
-    raise ModelLoadError(f"cannot import model.entrypoint {entrypoint}: {error}")
+    """The model factory, imported like every entrypoint of a job (qtune.spec.entrypoints)."""
+    try:
+        return load_entrypoint(entrypoint, "spec.model.entrypoint", job_dir, kind="callable",
+                               allowed="module:function returning an nn.Module")
+    except EntrypointError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _pickled_class(exc: BaseException) -> str:
+    """` (tiny.Tiny)`: the first class torch's weights-only unpickler refused, when it says."""
+    found = re.search(r"GLOBAL ([\w.]+)", _ANSI.sub("", str(exc)))
+    return f" ({found.group(1)})" if found else ""
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's text, without terminal colour codes (torch adds them)."""
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit].rstrip(" .,")
+
+
+def load_state_dict(path: Path, field: str = "spec.model.weights") -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise ModelLoadError(f"weights file not found: {path}")
+        raise ModelLoadError(f"{field}: weights file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ImportError:
-            raise ModelLoadError("a .safetensors weights file needs the safetensors package") from None
+            raise ModelLoadError(f"{field}: a .safetensors weights file needs the safetensors package") from None
         try:
             return load_file(str(path))
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise ModelLoadError(f"cannot read weights file {path}: {exc}") from None
+            raise ModelLoadError(f"{field}: cannot read weights file {path}: {_first_line(exc, 300)}") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ModelLoadError(
-            f"{path.name} is not a weights-only file (it pickles Python objects: {str(exc).splitlines()[0][:200]}); "
-            f"refusing to unpickle it. Allowed: {ALLOWED_FORMS}"
+            f"{field}: {path.name} is not a weights-only file: it pickles Python objects{_pickled_class(exc)} "
+            f"(torch.save(model)), and unpickling could run any code: refusing to unpickle it. Allowed: {ALLOWED_FORMS}"
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise ModelLoadError(f"cannot read weights file {path}: {str(exc).splitlines()[0][:300]}") from None
+        raise ModelLoadError(f"{field}: cannot read weights file {path}: {_first_line(exc, 300)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{path.name} does not hold a state_dict (name -> tensor); allowed: {ALLOWED_FORMS}")
+        raise ModelLoadError(f"{field}: {path.name} does not hold a state_dict (name -> tensor); "
+                             f"allowed: {ALLOWED_FORMS}")
     return state
 
 
 def _load_program(path: Path) -> torch.export.ExportedProgram:
     if not path.is_file():
-        raise ModelLoadError(f"model file not found: {path}")
+        raise ModelLoadError(f"spec.model.path: model file not found: {path}")
     try:
         return torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - torch.export.load raises many kinds on a bad file
@@ -96,18 +97,19 @@ def _load_program(path: Path) -> torch.export.ExportedProgram:
             torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
             raise ModelLoadError(
-                f"{path.name} is a pickled Python object (torch.save(model)), not a torch.export program; "
+                f"spec.model.path: {path.name} is a pickled Python object (torch.save(model)), not a torch.export "
+                f"program; "
                 f"refusing to unpickle it. Allowed: {ALLOWED_FORMS}"
             ) from None
         except Exception:  # noqa: BLE001, S110 - not a torch file at all: report the export error
             pass
         else:
             raise ModelLoadError(
-                f"{path.name} is a weights file, not a model: give model.entrypoint 'module:function' that "
-                f"builds the module and model.weights: {path.name}"
+                f"spec.model.path: {path.name} is a weights file, not a model: give model.entrypoint "
+                f"'module:function' that builds the module and model.weights: {path.name}"
             ) from None
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        raise ModelLoadError(f"cannot load {path} as a torch.export program: {reason}") from None
+        raise ModelLoadError(f"spec.model.path: cannot load {path} as a torch.export program: "
+                             f"{_first_line(exc, 300)}; allowed: {ALLOWED_FORMS}") from None
 
 
 def _input_specs(model_spec: dict[str, Any], info_inputs: list[dict[str, Any]] | None) -> list[InputSpec] | None:
@@ -136,16 +138,19 @@ def load_model(model_spec: dict[str, Any], job_dir: Path | None = None,
         try:
             module = factory()
         except Exception as exc:  # noqa: BLE001 - user code
-            raise ModelLoadError(f"model.entrypoint {entrypoint} raised {type(exc).__name__}: {exc}") from None
+            raise ModelLoadError(f"spec.model.entrypoint: {entrypoint} raised {type(exc).__name__}: "
+                                 f"{_first_line(exc, 300)}") from None
         if isinstance(module, torch.export.ExportedProgram):
             return _from_program(module, entrypoint, specs)
         if not isinstance(module, nn.Module):
-            raise ModelLoadError(f"model.entrypoint {entrypoint} returned {type(module).__name__}, not an nn.Module")
+            raise ModelLoadError(f"spec.model.entrypoint: {entrypoint} returned {type(module).__name__}; "
+                                 "allowed: an nn.Module or a torch.export ExportedProgram")
         if weights:
             weights_path = Path(weights)
             if job_dir is not None and not weights_path.is_absolute():
                 weights_path = job_dir / weights_path
-            state = load_state_dict(weights_path)
+            field = "spec.model.weights" if model_spec.get("weights") else "spec.model.path"
+            state = load_state_dict(weights_path, field)
             expected = module.state_dict()
             missing = [k for k in expected if k not in state]
             unexpected = [k for k in state if k not in expected]
@@ -153,7 +158,7 @@ def load_model(model_spec: dict[str, Any], job_dir: Path | None = None,
                      if k in state and tuple(state[k].shape) != tuple(v.shape)]
             if missing or unexpected or wrong:
                 raise ModelLoadError(
-                    f"weights {weights_path.name} do not match {entrypoint}: missing {missing[:5]}, "
+                    f"spec.model.weights: {weights_path.name} do not match {entrypoint}: missing {missing[:5]}, "
                     f"unexpected {unexpected[:5]}, wrong shape {wrong[:3]}"
                 )
             module.load_state_dict(state, strict=True)
@@ -164,16 +169,16 @@ def load_model(model_spec: dict[str, Any], job_dir: Path | None = None,
             model.lifted()  # export now: errors surface at load time
         return model
     if path is None:
-        raise ModelLoadError(f"give model.path or model.entrypoint; allowed: {ALLOWED_FORMS}")
+        raise ModelLoadError(f"spec.model: give model.path or model.entrypoint; allowed: {ALLOWED_FORMS}")
     if path.suffix != ".pt2":
         # still check what it is, to say precisely why it is refused
         try:
-            load_state_dict(path)
+            load_state_dict(path, "spec.model.path")
         except ModelLoadError:
             raise
         raise ModelLoadError(
-            f"{path.name} is a weights file, not a model: give model.entrypoint 'module:function' that builds "
-            f"the module and model.weights: {path.name}"
+            f"spec.model.path: {path.name} is a weights file, not a model: give model.entrypoint "
+            f"'module:function' that builds the module and model.weights: {path.name}"
         )
     return _from_program(_load_program(path), path.name, specs)
 
@@ -183,7 +188,7 @@ def _from_program(program: torch.export.ExportedProgram, source: str, specs: lis
                         if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     names = [s.name for s in specs] if specs else signature_inputs
     if len(names) != len(signature_inputs):
-        raise ModelLoadError(f"{source}: spec.model.inputs names {len(names)} inputs, "
+        raise ModelLoadError(f"spec.model.inputs: {source}: names {len(names)} inputs, "
                              f"the program takes {len(signature_inputs)}: {signature_inputs}")
     model = TorchModel(source=source, input_names=names, exported=program, input_specs=specs)
     model.lifted()

@@ -96,6 +96,49 @@ class TorchModel:
     input_specs: list[InputSpec] | None = None
     _lifted: LiftedGraph | None = field(default=None, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    _dtypes: dict[str, torch.dtype] | None = field(default=None, repr=False)
+    _float_only: bool = field(default=False, repr=False)
+
+    def expected_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each input must have: spec.model.inputs, else the exported program's, else (an eager
+        module) the dtype of its floating-point weights for floating-point inputs."""
+        if self._dtypes is None:
+            dtypes: dict[str, torch.dtype] = {}
+            if self.input_specs:
+                dtypes = {spec.name: torch_dtype(spec.dtype) for spec in self.input_specs}
+            elif self.exported is not None:
+                user = [spec.arg.name for spec in self.exported.graph_signature.input_specs
+                        if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+                values = {node.name: node.meta.get("val") for node in self.exported.graph.nodes
+                          if node.op == "placeholder"}
+                for name, arg in zip(self.input_names, user, strict=False):
+                    dtype = getattr(values.get(arg), "dtype", None)
+                    if dtype is not None:
+                        dtypes[name] = dtype
+            elif self.module is not None:
+                floating = next((p.dtype for p in self.module.parameters() if p.dtype.is_floating_point), None)
+                if floating is not None:
+                    dtypes = {name: floating for name in self.input_names}
+                    self._float_only = True
+            self._dtypes = dtypes
+        return self._dtypes
+
+    def check_batch(self, batch: dict[str, np.ndarray]) -> None:
+        """DataError naming the input, its dtype and the allowed one when a batch cannot feed the model."""
+        expected = self.expected_dtypes()
+        for name in self.input_names:
+            if name not in batch or name not in expected:
+                continue
+            array = np.asarray(batch[name])
+            got = torch.from_numpy(np.zeros((0,), dtype=array.dtype)).dtype if array.dtype.kind in "biuf" else None
+            want = expected[name]
+            if got == want or (self._float_only and (got is None or not got.is_floating_point)):
+                continue
+            want_name = str(want).removeprefix("torch.")
+            raise DataError(
+                f"input {name!r} holds {array.dtype.name} data; the model takes {want_name} (allowed: {want_name}, "
+                f"as spec.model.inputs[].dtype says, default float32): save the array as numpy.{want_name}"
+            )
 
     @property
     def has_graph(self) -> bool:
@@ -106,6 +149,8 @@ class TorchModel:
         if self.exported is not None:
             return self.exported
         assert self.module is not None
+        if batch is not None:
+            self.check_batch(batch)
         if self.input_specs:
             tensors, dynamic = example_inputs(self.input_specs)
         elif batch is not None:
@@ -137,6 +182,8 @@ class TorchModel:
         return self.lifted().module
 
     def runnable(self, batch: dict[str, np.ndarray] | None = None) -> nn.Module:
+        if batch is not None:
+            self.check_batch(batch)
         return self.lifted(batch).module
 
     def fingerprint(self) -> str:
@@ -158,6 +205,8 @@ class QuantizedTorchModel:
     prepared: fx.GraphModule | None = field(default=None, repr=False)
 
     def runnable(self, batch: dict[str, np.ndarray] | None = None) -> nn.Module:
+        if batch is not None:
+            self.fp32.check_batch(batch)
         return self.module
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,23 @@ def predict(model: Any, dataloader: Iterable[Any], output: str | int | None, thr
             outputs = run(model, inputs)
             parts.append(outputs[output_index(output, len(outputs))])
     return np.concatenate(parts) if parts else np.empty((0,))
+
+
+def make_runner(model: Any, inputs: dict[str, Any], thread_count: int) -> Callable[[], None]:
+    """One inference per call, module and input tensors prepared once. torch's thread count is
+    process-wide: it is set here and re-set by a call only if something changed it in between."""
+    module, names = runnable(model, inputs)
+    tensors = to_tensors({k: np.asarray(v) for k, v in inputs.items()}, names)
+    count = int(thread_count) if thread_count else torch.get_num_threads()
+    torch.set_num_threads(count)
+
+    def infer() -> None:
+        if torch.get_num_threads() != count:
+            torch.set_num_threads(count)
+        with torch.inference_mode():
+            module(*tensors)
+
+    return infer
 
 
 def benchmark(model: Any, inputs: dict[str, Any], warmup: int, runs: int, thread_count: int) -> LatencyStats:

@@ -9,10 +9,11 @@ resumes from its history and the operator can restart at any time.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from typing import Any
 
+from qtune.spec.errors import SpecError
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.history import History
 from qtune.tuning.space import TuningSpace
@@ -28,11 +29,22 @@ def strategy_registry(cls: type[Strategy]) -> type[Strategy]:
 class Strategy(ABC):
     name: str = ""
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, objective: str = "latency", min_speedup: float = 1.0,
+                 batch_size: int | None = None) -> None:
         self.seed = seed
+        self.objective = objective
+        self.min_speedup = min_speedup
+        """A passing config is a success only when faster than this beyond doubt (objective latency)."""
+        self.batch_size = batch_size
+        """The batch size whose speed decides (the largest benchmarked)."""
 
     @abstractmethod
     def propose(self, space: TuningSpace, history: History, k: int) -> list[TuneConfig]: ...
+
+    def needs_full_evaluation(self, space: TuningSpace, history: History, config: TuneConfig) -> bool:
+        """True when this config's exact score matters even if it fails the criterion (e.g. the strategy
+        ranks failing configs by accuracy); else the trial may stop evaluating once it cannot pass."""
+        return False
 
     def goal_reached(self, space: TuningSpace, history: History) -> bool:
         """True when the strategy's search is complete and further trials are pointless."""
@@ -53,15 +65,23 @@ def fresh(configs: Iterable[TuneConfig], history: History, k: int) -> list[TuneC
     return out
 
 
-def create_strategy(name: str, seed: int) -> Strategy:
+STRATEGY_FIELD = "spec.tuning.strategy"
+
+
+def create_strategy(name: str, seed: int = 0, **options: Any) -> Strategy:
+    """A registered strategy, or `module:Class` naming a Strategy subclass; `options` (objective,
+    min_speedup, batch_size) go to its constructor. A bad name raises SpecError on the field."""
     from qtune.tuning import strategies  # noqa: F401  (registers the built-ins)
 
+    field = "spec.tuning.strategy"
     if name in STRATEGIES:
-        return STRATEGIES[name](seed)
+        return STRATEGIES[name](seed, **options)
     if ":" in name:
-        module_name, class_name = name.split(":", 1)
-        cls = getattr(importlib.import_module(module_name), class_name)
-        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-            raise ValueError(f"{name} is not a qtune Strategy subclass")
-        return cls(seed)
-    raise ValueError(f"unknown strategy {name!r}; allowed: {', '.join(sorted(STRATEGIES))} or module:Class")
+        from qtune.spec.entrypoints import load_entrypoint
+
+        allowed = f"{', '.join(sorted(STRATEGIES))} or module:Class of a qtune Strategy subclass"
+        cls = load_entrypoint(name, field, None, kind="class", allowed=allowed)
+        if not issubclass(cls, Strategy):
+            raise SpecError(field, f"{name} is not a qtune Strategy subclass; allowed: {allowed}")
+        return cls(seed, **options)
+    raise SpecError(field, f"unknown strategy {name!r}; allowed: {', '.join(sorted(STRATEGIES))} or module:Class")

@@ -2,7 +2,8 @@
 
 * both charts install (`helm install`, as a cluster admin would) and the objects are there;
 * the operator's ServiceAccount token may do what the operator needs in the namespace it serves,
-  and nothing else: no Secrets anywhere, no pods or ConfigMaps in other namespaces, nothing
+  and nothing else: never read a Secret (it creates and deletes each unit's result Secret in
+  the namespaces it serves, and nothing more), no pods or ConfigMaps in other namespaces, nothing
   cluster-wide but reading CRDs/Namespaces (SelfSubjectAccessReview with that token, plus real
   calls that must be refused);
 * the trial ServiceAccount may do nothing;
@@ -100,7 +101,8 @@ def test_operator_token_can_do_what_the_operator_needs(release: Release) -> None
         ("create", "pods", served, ""), ("list", "pods", served, ""), ("watch", "pods", served, ""),
         ("delete", "pods", served, ""), ("deletecollection", "pods", served, ""),
         ("get", "configmaps", served, ""), ("create", "configmaps", served, ""),
-        ("update", "configmaps", served, ""), ("create", "events", served, ""),
+        ("update", "configmaps", served, ""), ("delete", "configmaps", served, ""),
+        ("create", "secrets", served, ""), ("delete", "secrets", served, ""), ("create", "events", served, ""),
         ("create", "serviceaccounts", served, ""), ("create", "roles", served, "rbac.authorization.k8s.io"),
         ("create", "rolebindings", served, "rbac.authorization.k8s.io"),
         ("list", "quantizationjobs", served, GROUP), ("watch", "quantizationjobs", served, GROUP),
@@ -119,18 +121,20 @@ def test_operator_token_cannot_do_anything_else(release: Release) -> None:
     api = token_client(release)
     served, unserved, own = release.served, release.unserved, release.operator_namespace
     refused = [
-        # no Secrets, anywhere
+        # no reading Secrets, anywhere; no Secrets at all where it does not serve
         *[("get", "secrets", ns, "") for ns in (served, own, unserved, "kube-system", "")],
-        *[("list", "secrets", ns, "") for ns in (served, own, "")],
+        *[(verb, "secrets", ns, "") for ns in (served, own, "") for verb in ("list", "watch")],
+        *[(verb, "secrets", ns, "") for ns in (own, unserved, "kube-system") for verb in ("create", "delete")],
+        ("update", "secrets", served, ""), ("patch", "secrets", served, ""),
         # pods, ConfigMaps, events, jobs only where it serves
         *[(verb, "pods", ns, "") for ns in (unserved, own, "kube-system", "") for verb in ("create", "list")],
         *[("get", "configmaps", ns, "") for ns in (unserved, own, "kube-system")],
         ("create", "events", unserved, ""), ("patch", "quantizationjobs", unserved, GROUP),
         ("list", "quantizationjobs", "", GROUP),
         # nothing it does not need where it does serve
-        ("delete", "configmaps", served, ""), ("delete", "quantizationjobs", served, GROUP),
+        ("delete", "configmaps", unserved, ""), ("delete", "quantizationjobs", served, GROUP),
         ("create", "quantizationjobs", served, GROUP), ("create", "pods/exec", served, ""),
-        ("delete", "serviceaccounts", served, ""), ("create", "secrets", served, ""),
+        ("delete", "serviceaccounts", served, ""),
         ("escalate", "roles", served, "rbac.authorization.k8s.io"),
         ("bind", "roles", served, "rbac.authorization.k8s.io"),
         ("create", "deployments", served, "apps"),

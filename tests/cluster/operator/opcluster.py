@@ -22,6 +22,7 @@ DIGITS = ROOT / "examples" / "digits"
 DIGITS_FILES = ("model.onnx", "calib.npz", "eval.npz")
 GROUP, VERSION, PLURAL = "qtune.io", "v1alpha1", "quantizationjobs"
 CLAIM = "qtune-work"
+SIGNING_KEY = "cluster-test-signing-key"
 
 
 def free_port() -> int:
@@ -54,6 +55,7 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}
         env["QTUNE_PROMETHEUS_URL"] = self.cluster.prometheus_url or ""
         env["QTUNE_PUSHGATEWAY_URL"] = self.cluster.pushgateway_url or ""
+        env.setdefault("QTUNE_SIGNING_KEY", SIGNING_KEY)  # stable across restarts, as the chart's Secret
         with open(self.log_path, "ab") as log:
             log.write(f"\n===== start {self.starts}: {' '.join(argv)}\n".encode())
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
@@ -206,7 +208,7 @@ def get_job(cluster: Any, namespace: str, name: str) -> dict[str, Any] | None:
 def pushgateway_groups(cluster: Any, job_uid: str) -> list[str]:
     with urllib.request.urlopen(f"{cluster.pushgateway_url}/api/v1/metrics", timeout=5) as r:
         data = json.load(r)["data"]
-    return [g["labels"].get("trial", "") for g in data if g["labels"].get("job_uid") == job_uid]
+    return [g["labels"].get("unit", "") for g in data if g["labels"].get("job_uid") == job_uid]
 
 
 def pod_runs(cluster: Any, namespace: str) -> dict[str, int]:

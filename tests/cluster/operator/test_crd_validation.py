@@ -43,6 +43,35 @@ INVALID = {
     "fractional cpu": (_set("trial.resources.cpu", "1.5"), ["spec.trial.resources.cpu", "whole number of CPUs"]),
     "bad memory": (_set("trial.resources.memory", "lots"), ["spec.trial.resources.memory"]),
     "no model file": (lambda spec: spec["model"].pop("path"), ["spec.model", "model.path"]),
+    "negative batch size": (_set("benchmark.batchSizes", [1, -8]),
+                            ["spec.benchmark.batchSizes[1]", "greater than or equal to 1"]),
+    # constraint fields take one value or a list (`dtype: fp32`); a wrong value is refused in either form
+    "unknown dtype": (_set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": "fp16"}}}),
+                      ["spec.quantization.opWise./fc2/Gemm.activation.dtype", 'Unsupported value: "fp16"',
+                       '"int8", "uint8", "fp32"']),
+    "unknown dtype in a list": (_set("quantization.opTypeWise", {"MatMul": {"weight": {"dtype": ["int8", "fp16"]}}}),
+                                ["spec.quantization.opTypeWise.MatMul.weight.dtype[1]", 'Unsupported value: "fp16"']),
+    "dtype of a wrong type": (_set("quantization.modelWise", {"activation": {"dtype": 8}}),
+                              ["spec.quantization.modelWise.activation.dtype", "Unsupported value: 8"]),
+    "dtype as an object": (_set("quantization.modelWise", {"weight": {"scheme": {"sym": True}}}),
+                           ["spec.quantization.modelWise.weight.scheme", "Unsupported value"]),
+    "reduceRange not a bool": (_set("quantization.modelWise", {"weight": {"reduceRange": "maybe"}}),
+                               ["spec.quantization.modelWise.weight.reduceRange", 'Unsupported value: "maybe"']),
+    "unknown approach": (_set("quantization.opWise", {"/fc1/Gemm": {"approach": ["static", "qat"]}}),
+                         ["spec.quantization.opWise./fc1/Gemm.approach[1]", 'Unsupported value: "qat"']),
+}
+
+VALID = {
+    # README's tour writes the scalar form; `qtune tune` and the API server both take it, and the list form
+    "scalar dtype (README)": _set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": "fp32"}}}),
+    "list dtype": _set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": ["fp32", "int8"]}}}),
+    "scalars everywhere": _set("quantization.modelWise", {
+        "activation": {"dtype": "uint8", "scheme": "asym", "algorithm": "kl", "reduceRange": False},
+        "weight": {"dtype": "int8", "granularity": "per_channel", "reduceRange": True}, "approach": "static"}),
+    "lists everywhere": _set("quantization.opTypeWise", {"Conv": {
+        "activation": {"dtype": ["int8", "uint8"], "scheme": ["sym", "asym"], "algorithm": ["minmax", "percentile"],
+                       "reduceRange": [True, False]},
+        "weight": {"granularity": ["per_tensor", "per_channel"]}, "approach": ["static", "dynamic"]}}),
 }
 
 
@@ -92,3 +121,30 @@ def test_model_and_data_are_immutable(cluster: Any, crds: None, op_namespace: st
     # other fields may change (e.g. raising maxTrials)
     api.patch_namespaced_custom_object(opcluster.GROUP, opcluster.VERSION, op_namespace, opcluster.PLURAL,
                                        "immutable", {"spec": {"tuning": {"maxTrials": 9}}})
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_pydantic_rejects_the_same_specs(case: str) -> None:
+    """Parity: every spec the API server rejects, the local mode (pydantic) rejects too."""
+    from qtune.spec.errors import SpecError
+    from qtune.spec.load import job_from_dict
+
+    mutate, _ = INVALID[case]
+    manifest = opcluster.job_manifest("bad-job")
+    mutate(manifest["spec"])
+    with pytest.raises(SpecError):
+        job_from_dict(manifest)
+
+
+@pytest.mark.parametrize("case", list(VALID))
+def test_both_accept_the_same_valid_specs(cluster: Any, crds: None, op_namespace: str, case: str) -> None:
+    """Parity the other way: a spec `qtune tune` takes, the API server takes too, and stores it as written
+    (the operator hands it to the runner, whose pydantic reads it as `qtune tune` does)."""
+    from qtune.spec.load import job_from_dict
+
+    manifest = opcluster.job_manifest("good-job")
+    VALID[case](manifest["spec"])
+    local = job_from_dict(copy.deepcopy(manifest))
+    created = _create(cluster, op_namespace, copy.deepcopy(manifest))
+    assert created["spec"]["quantization"] | manifest["spec"]["quantization"] == created["spec"]["quantization"]
+    assert job_from_dict({**manifest, "spec": created["spec"]}).spec.quantization == local.spec.quantization

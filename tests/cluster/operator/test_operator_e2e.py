@@ -190,6 +190,6 @@ def test_two_peered_replicas_never_both_act(cluster: Any, op_namespace: str, wor
     opcluster.create_job(cluster, ns, opcluster.job_manifest(name, maxTrials=2))
     status = _wait_state(cluster, ns, name, {"Succeeded", "Failed"}, 240)
     assert status["state"] == "Succeeded", status
-    assert "baseline pod created" in high.log()
+    assert "baseline started (pod" in high.log()
     assert "started" not in "".join(line for line in low.log().splitlines() if "qtune.operator" in line)
     assert re.search(r"[Pp]aus", low.log()), low.log_tail()

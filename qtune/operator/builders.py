@@ -1,0 +1,233 @@
+"""Pure builders of what the operator creates for one unit of work: its pod, the ConfigMap holding
+its inputs (job document, tune config) and the Secret holding its result secret.
+
+Every pod of a job: ownerReference to the job (controller, so deleting the job deletes it),
+labels `qtune.io/job`, `qtune.io/job-uid`, `qtune.io/unit`, `qtune.io/attempt` (and
+`qtune.io/trial` for trials); Guaranteed QoS (whole CPUs, requests = limits); required node
+affinity on the Intel Xeon pool's NFD labels unless spec.trial.nodeAffinity replaces it;
+non-root, read-only root filesystem, no privilege escalation, all capabilities dropped, seccomp
+RuntimeDefault; an emptyDir on /tmp; the job's workspace PVC on spec.workspace.mountPath; the
+unit's inputs ConfigMap read-only on /etc/qtune/unit (the tune config never travels as argv:
+a 2,000-op config would exceed Linux's per-argument limit). The result secret reaches the pod
+only through `secretKeyRef` of its own Secret: not in labels, annotations or the Pushgateway key.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtune import protocol
+from qtune.operator import constants as c
+from qtune.operator.config import OperatorConfig
+from qtune.operator.layout import JobRef, job_document, metadata, workspace_dir
+from qtune.spec.models import JobSpec
+
+CONTAINER = "runner"
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    """One start of one unit, as the operator runs it (from the session's WorkUnit)."""
+
+    unit: str
+    attempt: int = 0
+    trial: int | None = None
+    tune_config: dict[str, Any] | None = None
+    candidates: tuple[int, ...] = ()
+    candidate_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    full_evaluation: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.unit in (protocol.BASELINE_UNIT, protocol.CONFIRM_UNIT):
+            return self.unit
+        return "trial"
+
+    @property
+    def role(self) -> str:
+        return {protocol.BASELINE_UNIT: c.ROLE_BASELINE, protocol.CONFIRM_UNIT: c.ROLE_CONFIRM}.get(
+            self.unit, c.ROLE_TRIAL)
+
+    def pod_name(self, job: JobRef) -> str:
+        return c.unit_pod(job.name, self.unit, self.attempt)
+
+
+def default_node_affinity(config: OperatorConfig) -> dict[str, Any]:
+    return {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{
+                "matchExpressions": [
+                    {"key": c.NFD_VENDOR, "operator": "In", "values": [config.vendor]},
+                    {"key": config.isa_label, "operator": "In", "values": ["true"]},
+                ],
+            }],
+        },
+    }
+
+
+def node_affinity(spec: JobSpec, config: OperatorConfig) -> dict[str, Any]:
+    """spec.trial.nodeAffinity (a Kubernetes NodeAffinity; bare nodeSelectorTerms are accepted
+    as the required terms) replaces the default Intel Xeon pool affinity."""
+    override = spec.trial.node_affinity
+    if not override:
+        return default_node_affinity(config)
+    if "nodeSelectorTerms" in override:
+        return {"requiredDuringSchedulingIgnoredDuringExecution": dict(override)}
+    return dict(override)
+
+
+def resources(spec: JobSpec) -> dict[str, Any]:
+    amount = {"cpu": str(spec.trial.resources.cpu), "memory": spec.trial.resources.memory}
+    return {"requests": dict(amount), "limits": dict(amount)}
+
+
+def _env(job: JobRef, spec: JobSpec, plan: UnitPlan, pod: str, config: OperatorConfig) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "QTUNE_JOB_UID", "value": job.uid},
+        {"name": "QTUNE_JOB_NAME", "value": job.name},
+        {"name": "QTUNE_UNIT", "value": plan.unit},
+        {"name": "QTUNE_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "QTUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "QTUNE_RESULT_SECRET",
+         "valueFrom": {"secretKeyRef": {"name": c.unit_key(pod), "key": c.SECRET_KEY}}},
+        {"name": "OMP_NUM_THREADS", "value": str(spec.trial.resources.cpu)},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+    ]
+    if config.pushgateway_for_pods:
+        env.append({"name": "QTUNE_PUSHGATEWAY_URL", "value": config.pushgateway_for_pods})
+    env += [{"name": k, "value": v} for k, v in sorted(config.pod_env.items())]
+    return env
+
+
+def runner_args(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig) -> list[str]:
+    """`python -m qtune.runner <kind> ...`: every input is a file of the mounted inputs ConfigMap."""
+    args = [
+        plan.kind,
+        "--job", posixpath.join(c.INPUT_MOUNT, c.JOB_FILE),
+        "--base-dir", spec.workspace.mount_path,
+        "--workspace", workspace_dir(spec, job),
+        "--threads", str(spec.trial.resources.cpu),
+        "--job-uid", job.uid,
+    ]
+    if config.pushgateway_for_pods:
+        args += ["--pushgateway", config.pushgateway_for_pods]
+    if plan.kind == "trial":
+        args += ["--index", str(plan.trial), "--config", posixpath.join(c.INPUT_MOUNT, c.CONFIG_FILE)]
+        if plan.full_evaluation:
+            args.append("--full-evaluation")
+    elif plan.kind == protocol.CONFIRM_UNIT:
+        args += ["--candidates", ",".join(str(i) for i in plan.candidates),
+                 "--config", posixpath.join(c.INPUT_MOUNT, c.CONFIG_FILE)]
+    else:
+        args += ["--publish-configmap", c.baseline_configmap(job.name)]
+    return args
+
+
+def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The pod running one start of a unit."""
+    name = plan.pod_name(job)
+    image = spec.trial.image or config.trial_image
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": image,
+        "command": list(config.runner_command),
+        "args": runner_args(job, spec, plan, config),
+        "env": _env(job, spec, plan, name, config),
+        "resources": resources(spec),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.TRIAL_UID,
+            "runAsGroup": c.TRIAL_UID,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "privileged": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "workspace", "mountPath": spec.workspace.mount_path},
+            {"name": "inputs", "mountPath": c.INPUT_MOUNT, "readOnly": True},
+        ],
+        "workingDir": spec.workspace.mount_path,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.trial.image_pull_policy:
+        container["imagePullPolicy"] = spec.trial.image_pull_policy
+    baseline = plan.kind == protocol.BASELINE_UNIT
+    timeout = int(spec.tuning.trial_timeout_seconds)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "activeDeadlineSeconds": int(protocol.unit_timeout_seconds(plan.kind, timeout)),
+        # only the baseline pod talks to the API server (it publishes the tuning space)
+        "automountServiceAccountToken": baseline,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": c.TRIAL_UID,
+            "runAsGroup": c.TRIAL_UID,
+            "fsGroup": c.TRIAL_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "affinity": {"nodeAffinity": node_affinity(spec, config)},
+        "containers": [container],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {}},
+            {"name": "workspace",
+             "persistentVolumeClaim": {"claimName": spec.workspace.persistent_volume_claim}},
+            {"name": "inputs", "configMap": {"name": c.unit_inputs(name)}},
+        ],
+    }
+    account = (spec.trial.service_account_name or c.runner_account(job.name)) if baseline else \
+        (spec.trial.service_account_name or config.trial_service_account)
+    if account:
+        pod_spec["serviceAccountName"] = account
+    if spec.trial.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.trial.node_selector)
+    tolerations = spec.trial.tolerations or list(config.default_tolerations)
+    if tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in tolerations]
+    meta = metadata(job, name, plan.role, unit=plan.unit, attempt=plan.attempt, trial=plan.trial)
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def unit_inputs(job: JobRef, spec_dict: dict[str, Any], plan: UnitPlan) -> dict[str, Any]:
+    """The ConfigMap mounted into the unit's pod: job.json, and config.json (a trial's tune config;
+    the confirmation's candidate configs by trial index). Plain JSON: the runner reads the files;
+    raises protocol.PayloadTooLarge beyond what a ConfigMap holds."""
+    data = {c.JOB_FILE: json.dumps(job_document(job, spec_dict), separators=(",", ":"), sort_keys=True)}
+    if plan.kind == "trial":
+        data[c.CONFIG_FILE] = json.dumps(plan.tune_config or {}, separators=(",", ":"), sort_keys=True)
+    elif plan.kind == protocol.CONFIRM_UNIT:
+        data[c.CONFIG_FILE] = json.dumps(plan.candidate_configs, separators=(",", ":"), sort_keys=True)
+    size = sum(len(k) + len(v.encode()) for k, v in data.items())
+    if size > protocol.CONFIGMAP_LIMIT:
+        raise protocol.PayloadTooLarge(f"the inputs of {plan.unit} are {size} bytes: more than a ConfigMap holds "
+                                       f"({protocol.CONFIGMAP_LIMIT} bytes)")
+    name = c.unit_inputs(plan.pod_name(job))
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": metadata(job, name, c.ROLE_INPUT, unit=plan.unit, attempt=plan.attempt), "data": data}
+
+
+def unit_secret(job: JobRef, plan: UnitPlan, secret: str) -> dict[str, Any]:
+    """The Secret only the unit's pod reads (env valueFrom secretKeyRef)."""
+    name = c.unit_key(plan.pod_name(job))
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": metadata(job, name, c.ROLE_KEY, unit=plan.unit, attempt=plan.attempt),
+            "stringData": {c.SECRET_KEY: secret}}
+
+
+def configmap(job: JobRef, name: str, role: str, data: dict[str, str] | None = None,
+              binary_data: dict[str, str] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(job, name, role),
+                            "data": dict(data or {})}
+    if binary_data:
+        body["binaryData"] = dict(binary_data)
+    return body

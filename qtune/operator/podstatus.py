@@ -1,0 +1,107 @@
+"""What the operator keeps of a pod (its pod index) and how a finished pod's end is read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from qtune import protocol
+from qtune.operator import constants as c
+
+CONTAINER = "runner"
+NODE_STOPPED = ("Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated")
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True)
+class PodSummary:
+    name: str
+    namespace: str
+    job_uid: str
+    """The job-uid label (what the watch selects on; not proof of anything)."""
+    unit: str
+    attempt: int
+    phase: str
+    uid: str = ""
+    owner_uids: tuple[str, ...] = ()
+    """uids of the pod's controller/owner references: what ties it to its job."""
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    reason: str | None = None
+    """Pod-level reason (DeadlineExceeded, Evicted) or the container's terminated reason."""
+    container_reason: str | None = None
+    exit_code: int | None = None
+    message: str | None = None
+    node: str | None = None
+    deleting: bool = False
+    unschedulable: str | None = None
+    """The scheduler's message while the pod cannot be placed."""
+
+    @property
+    def done(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+    def owned_by(self, namespace: str, job_uid: str) -> bool:
+        """The pod is in the job's namespace and the job owns it (the label alone proves nothing)."""
+        return self.namespace == namespace and job_uid in self.owner_uids
+
+
+def summarize_pod(body: Any) -> PodSummary:
+    meta, status = body.get("metadata", {}), body.get("status") or {}
+    lbl = meta.get("labels") or {}
+    terminated: dict[str, Any] = {}
+    for cs in status.get("containerStatuses") or []:
+        if cs.get("name") == CONTAINER or not terminated:
+            terminated = (cs.get("state") or {}).get("terminated") or terminated
+    unschedulable = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            unschedulable = cond.get("message") or cond.get("reason")
+    attempt = str(lbl.get(c.LABEL_ATTEMPT, "0"))
+    return PodSummary(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        job_uid=lbl.get(c.LABEL_JOB_UID, ""),
+        unit=lbl.get(c.LABEL_UNIT, ""),
+        attempt=int(attempt) if attempt.isdigit() else -1,
+        phase=status.get("phase") or "Pending",
+        uid=meta.get("uid", ""),
+        owner_uids=tuple(ref.get("uid", "") for ref in meta.get("ownerReferences") or []),
+        created=parse_time(meta.get("creationTimestamp")),
+        started=parse_time(status.get("startTime")),
+        finished=parse_time(terminated.get("finishedAt")),
+        reason=status.get("reason") or terminated.get("reason"),
+        container_reason=terminated.get("reason"),
+        exit_code=terminated.get("exitCode"),
+        message=(terminated.get("message") or status.get("message") or None),
+        node=(body.get("spec") or {}).get("nodeName"),
+        deleting=bool(meta.get("deletionTimestamp")),
+        unschedulable=unschedulable,
+    )
+
+
+def failure_of(pod: PodSummary) -> tuple[str, str]:
+    """(reason, message) of a failed pod, for the session and the condition message."""
+    message = (pod.message or "").strip()
+    if pod.container_reason == "OOMKilled" or pod.reason == "OOMKilled":
+        return "OOMKilled", message or "the unit exceeded its memory limit (spec.trial.resources.memory)"
+    if pod.reason == "DeadlineExceeded":
+        return "Timeout", message or "the unit exceeded spec.tuning.trialTimeoutSeconds"
+    if pod.reason in NODE_STOPPED:
+        return pod.reason or "Evicted", message or f"the pod was stopped by the node ({pod.reason})"
+    reason, text = protocol.parse_termination(message)
+    if pod.exit_code == protocol.EXIT_TRIAL_FAILED:
+        return reason or "TrialError", text[:2000]
+    if pod.exit_code == protocol.EXIT_JOB_UNUSABLE:
+        if reason is None and text.startswith("spec."):
+            reason = protocol.INVALID_SPEC  # a SpecError names its field first
+        return reason or "RunnerError", text[:2000]
+    detail = f"exit code {pod.exit_code}" if pod.exit_code is not None else (pod.reason or "failed")
+    return "Crashed", f"{detail}; {message}"[:2000] if message else detail

@@ -1,0 +1,199 @@
+"""Speed against fp32, measured so that its uncertainty is known.
+
+fp32 and the candidates run in one process, in short windows (about 75 ms each) that alternate
+round after round, in an order rotated every round (A B C, B C A, C A B, ...) so no model always
+runs first or right after another. Rounds are added until every candidate's speedup interval
+(`qtune.tuning.speed.speedup_interval`, a paired bootstrap over rounds) is narrow enough, or the
+time budget is spent: on a busy machine the answer is a wider interval, not a different speedup.
+
+Which clock: with one thread the inference runs entirely on the calling thread, and its CPU time
+(`time.thread_time`) is what the run costs on a CPU of its own. Wall time on a shared CPU adds
+the time the scheduler gave to other processes, in slices of a few ms, which does not scale with
+the model: measured on a busy 2-core machine, per-round wall-time ratios of one int8/fp32 pair
+ranged 1.3–4.1× and whole measurements 2.1–2.5× apart, CPU-time ratios 2.2–2.5× per round. With
+several threads, CPU time would add up the threads (and their spinning), so wall time is used.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from qtune.protocol import SpeedMeasurement
+from qtune.spec.models import BenchmarkSpec
+from qtune.tuning.speed import median, percentile, speedup_interval
+
+if TYPE_CHECKING:
+    from qtune.runner.context import JobContext
+
+logger = logging.getLogger(__name__)
+
+WINDOW_SECONDS = 0.075
+"""Target length of one window: long enough to hold many runs of a small model, short enough that
+a load burst usually spans both windows of a round (which then cancel in the ratio)."""
+MAX_RUNS_PER_WINDOW = 1000
+WARMUP_SHARE = 0.2
+"""At most this share of `max_seconds` goes to warm-up (after one run of each model)."""
+CHECK_RESAMPLES = 500
+"""Bootstrap resamples of the stopping check after a round (the final interval uses 2000)."""
+REFERENCE = "fp32"
+
+Clock = Callable[[], float]
+
+
+def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, batch_size: int,
+                  settings: BenchmarkSpec, threads: int, clock: Clock = time.perf_counter,
+                  wall_clock: Clock | None = None) -> dict[str, SpeedMeasurement]:
+    """Each candidate's speed against `runners[reference]` (fp32), from interleaved rounds.
+
+    Every runner executes one inference per call. Warm-up: `settings.warmup_runs` calls of each
+    (at least one: the window is sized from them). Then rounds of one window per model, at least
+    `settings.min_rounds`; after that, stop once every candidate's interval half-width is below
+    `target_precision` × its speedup and every model has `settings.runs` timed runs, or before a
+    round would overrun `settings.max_seconds`. Returns {candidate name: SpeedMeasurement}; the
+    fp32 figures in each come from the same windows as the candidate's. `clock` times the runs;
+    the budget and `seconds` are counted on `wall_clock` (default: `clock`), so a CPU-time `clock`
+    cannot stretch the budget on a busy machine."""
+    if reference not in runners:
+        raise ValueError(f"reference {reference!r} is not among the runners {sorted(runners)}")
+    names = [reference] + [name for name in runners if name != reference]
+    if len(names) < 2:
+        raise ValueError("measure_speed needs at least one candidate besides the reference")
+    wall = wall_clock or clock
+    started = wall()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside a timed run is noise that belongs to neither model
+    try:
+        warm_budget = settings.max_seconds * WARMUP_SHARE / len(names)
+        cost = {name: _warm_up(runners[name], settings.warmup_runs, warm_budget, clock, wall) for name in names}
+        runs_per_window = max(1, min(MAX_RUNS_PER_WINDOW, round(WINDOW_SECONDS / max(max(cost.values()), 1e-9))))
+        windows: dict[str, list[list[float]]] = {name: [] for name in names}
+        rounds = 0
+        next_check = settings.min_rounds
+        while True:
+            round_started = wall()
+            shift = rounds % len(names)
+            for name in names[shift:] + names[:shift]:
+                windows[name].append(_window(runners[name], runs_per_window, clock))
+            rounds += 1
+            now = wall()
+            if rounds < settings.min_rounds:
+                continue
+            if now - started + (now - round_started) > settings.max_seconds:
+                logger.debug("speed at batch %d: time budget spent after %d rounds", batch_size, rounds)
+                break
+            if rounds * runs_per_window < settings.runs or rounds < next_check:
+                continue
+            if all(_precise(windows[reference], windows[name], settings) for name in names[1:]):
+                break
+            next_check = rounds + max(1, rounds // 10)  # the check's cost grows with the rounds
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return _results(windows, reference, names[1:], batch_size, settings, threads, runs_per_window,
+                    seconds=wall() - started)
+
+
+def _warm_up(run: Callable[[], None], count: int, budget: float, clock: Clock, wall: Clock) -> float:
+    """Run `count` untimed calls (at least one; fewer if they exceed `budget` wall seconds) and
+    return one run's typical duration on `clock` (median of the later half: the first calls are slow)."""
+    times: list[float] = []
+    started = wall()
+    for _ in range(max(count, 1)):
+        begin = clock()
+        run()
+        times.append(clock() - begin)
+        if wall() - started > budget:
+            break
+    return median(times[len(times) // 2:])
+
+
+def _window(run: Callable[[], None], count: int, clock: Clock) -> list[float]:
+    """`count` timed calls; milliseconds each."""
+    times: list[float] = []
+    for _ in range(count):
+        begin = clock()
+        run()
+        times.append((clock() - begin) * 1000.0)
+    return times
+
+
+def _precise(fp32: list[list[float]], candidate: list[list[float]], settings: BenchmarkSpec) -> bool:
+    speedup, low, high = speedup_interval(fp32, candidate, settings.confidence, resamples=CHECK_RESAMPLES)
+    return (high - low) / 2.0 < settings.target_precision * speedup
+
+
+def _results(windows: dict[str, list[list[float]]], reference: str, candidates: list[str], batch_size: int,
+             settings: BenchmarkSpec, threads: int, runs_per_window: int, seconds: float,
+             ) -> dict[str, SpeedMeasurement]:
+    fp32_rounds = windows[reference]
+    fp32_all = [t for window in fp32_rounds for t in window]
+    fp32_p50, fp32_p90 = median(fp32_all), percentile(fp32_all, 90.0)
+    results: dict[str, SpeedMeasurement] = {}
+    for name in candidates:
+        own = [t for window in windows[name] for t in window]
+        p50 = median(own)
+        if p50 <= 0.0 or fp32_p50 <= 0.0:
+            raise ValueError(f"the clock did not advance during the runs of {name!r} or {reference!r}: "
+                             "too coarse to time them")
+        _point, low, high = speedup_interval(fp32_rounds, windows[name], settings.confidence)
+        speedup = fp32_p50 / p50  # the printed latencies divide exactly to the speedup
+        results[name] = SpeedMeasurement(
+            batch_size=batch_size, p50_ms=p50, p90_ms=percentile(own, 90.0), fp32_p50_ms=fp32_p50,
+            fp32_p90_ms=fp32_p90, speedup=speedup, low=min(low, speedup), high=max(high, speedup),
+            confidence=settings.confidence, rounds=len(fp32_rounds), runs_per_window=runs_per_window,
+            threads=threads, seconds=round(seconds, 3),
+        )
+    return results
+
+
+def run_clock(threads: int) -> tuple[str, Clock]:
+    """The clock that times one inference run with `threads` threads, and its name (see above)."""
+    if threads == 1:
+        return "cpu", time.thread_time
+    return "wall", time.perf_counter
+
+
+def measure_against_fp32(context: JobContext, models: Mapping[str, object],
+                         clock: Clock | None = None) -> dict[str, dict[str, SpeedMeasurement]]:
+    """Speed of each model in `models` against the job's fp32 model, at every benchmark batch size.
+
+    One interleaved session per batch size holds fp32 and ALL the models (a trial passes one, the
+    final confirmation several), with the job's benchmark settings and thread count; `clock`
+    defaults to `run_clock(threads)`. Returns {name: {batch size (str): SpeedMeasurement}}."""
+    if not models:
+        return {}
+    adaptor = context.adaptor
+    settings = context.spec.benchmark
+    threads = context.benchmark_threads
+    clock_name, default_clock = run_clock(threads)
+    if clock is None:
+        clock = default_clock
+    else:
+        clock_name = getattr(clock, "__name__", "custom")
+    reference = REFERENCE
+    while reference in models:
+        reference = f"_{reference}"
+    results: dict[str, dict[str, SpeedMeasurement]] = {name: {} for name in models}
+    for size, batch in context.benchmark_batches().items():
+        runners = {reference: adaptor.make_runner(context.model, batch, threads)}
+        runners.update({name: adaptor.make_runner(model, batch, threads) for name, model in models.items()})
+        measured = measure_speed(runners, reference, batch_size=size, settings=settings, threads=threads,
+                                 clock=clock, wall_clock=time.perf_counter)
+        for name, measurement in measured.items():
+            results[name][str(size)] = measurement
+        logger.info("speed at batch %d, %d thread(s), %s time: %s", size, threads, clock_name, summary(measured))
+    return results
+
+
+def summary(measured: Mapping[str, SpeedMeasurement]) -> str:
+    """One line: each candidate's speedup and interval, then the shared fp32 figure and effort."""
+    if not measured:
+        return "nothing measured"
+    first = next(iter(measured.values()))
+    parts = [f"{name} {m.speedup:.2f}× [{m.low:.2f}–{m.high:.2f}] ({m.p50_ms:.3f} ms)" for name, m in measured.items()]
+    return (f"{'; '.join(parts)}; fp32 {first.fp32_p50_ms:.3f} ms; {first.rounds} rounds × "
+            f"{first.runs_per_window} runs in {first.seconds:.1f} s")

@@ -1,0 +1,111 @@
+"""Importing the user code a job names as `module:Name` (model, data, metric, evalFunc, adaptor, strategy).
+
+Every entrypoint is imported the same way, locally and in a trial pod: the job's folder (the
+folder of the job file for `qtune tune`, the runner's `--base-dir`, i.e. the workspace mount, in
+a pod) and up to three of its parent folders are appended to `sys.path`, nearest first, so a
+module beside the job file imports without PYTHONPATH and `examples.x.model:build` works from a
+parent folder. They are *appended*: a file of the job never shadows an installed module.
+
+Every failure is one line naming the job field and what is allowed (`EntrypointError`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from qtune.spec.errors import SpecError
+
+logger = logging.getLogger(__name__)
+
+PARENT_LEVELS = 3
+"""How many parent folders of the job's folder are also searched (for package-qualified names)."""
+
+Kind = Literal["callable", "class", "function"]
+
+
+class EntrypointError(SpecError):
+    """A `module:Name` of the job cannot be imported or is not what the field expects."""
+
+
+def job_search_path(base_dir: str | Path | None) -> list[str]:
+    """The folders an entrypoint is searched in besides the installed packages, nearest first."""
+    if base_dir is None:
+        return []
+    folder = Path(base_dir).resolve()
+    return [str(p) for p in [folder, *list(folder.parents)[:PARENT_LEVELS]]]
+
+
+def add_job_dir(base_dir: str | Path | None) -> None:
+    """Append the job's folder (and its parents) to `sys.path` once. Idempotent."""
+    for folder in job_search_path(base_dir):
+        if folder not in sys.path:
+            sys.path.append(folder)
+    importlib.invalidate_caches()
+
+
+def _public_names(module: Any, kind: Kind) -> list[str]:
+    names = []
+    for name, value in vars(module).items():
+        if name.startswith("_") or inspect.ismodule(value):
+            continue
+        if getattr(value, "__module__", module.__name__) != module.__name__:
+            continue  # imported from elsewhere
+        if kind == "class" and not inspect.isclass(value):
+            continue
+        if kind != "class" and not callable(value):
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def _where(module: Any) -> str:
+    file = getattr(module, "__file__", None)
+    return f"{module.__name__} ({file})" if file else module.__name__
+
+
+def load_entrypoint(value: str, field: str, base_dir: str | Path | None = None, *, kind: Kind = "callable",
+                    allowed: str = "module:Name") -> Any:
+    """Import `module:Name` for the job field `field` (dotted camelCase, e.g. spec.data.evaluation.metric).
+
+    `kind`: "function" or "callable" (anything callable, classes included) or "class".
+    Raises EntrypointError with one line naming the field, the problem and what the module has."""
+    module_name, sep, attribute = str(value).partition(":")
+    if not sep or not module_name or not attribute:
+        raise EntrypointError(field, f"got {value!r}; allowed: {allowed}")
+    add_job_dir(base_dir)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            where = job_search_path(base_dir)
+            place = f" nor in the job's folder {where[0]} or its parents" if where else ""
+            raise EntrypointError(
+                field, f"cannot import {value}: no module named {missing!r} is installed{place}; "
+                       f"allowed: {allowed}, importable from the job's folder or the Python path") from None
+        raise EntrypointError(field, f"cannot import {value}: module {module_name} needs {missing!r}, which is "
+                                     "not installed") from None
+    except SyntaxError as exc:
+        raise EntrypointError(field, f"cannot import {value}: syntax error in {exc.filename} line {exc.lineno}: "
+                                     f"{exc.msg}") from None
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything on import
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise EntrypointError(field, f"cannot import {value}: importing {module_name} raised "
+                                     f"{type(exc).__name__}: {first}") from None
+    target = getattr(module, attribute, None)
+    if target is None:
+        has = _public_names(module, kind)
+        listing = ", ".join(has[:20]) + (" ..." if len(has) > 20 else "") if has else "nothing public"
+        what = "class" if kind == "class" else "function or class" if kind == "callable" else "function"
+        raise EntrypointError(field, f"module {_where(module)} has no {what} {attribute!r}; it has: {listing}")
+    if kind == "class" and not inspect.isclass(target):
+        raise EntrypointError(field, f"{value} is a {type(target).__name__}, not a class; allowed: {allowed}")
+    if kind != "class" and not callable(target):
+        raise EntrypointError(field, f"{value} is a {type(target).__name__}, not callable; allowed: {allowed}")
+    logger.debug("%s: imported %s from %s", field, value, getattr(module, "__file__", module_name))
+    return target

@@ -1,0 +1,280 @@
+"""One tuning, two executors, on the test plane (issue 10's "done when"):
+
+* the digits job with `objective: latency` (sequential, and 2 trials at once) takes the same
+  decisions on the cluster as `qtune tune` locally — the same trial sequence (config keys) and
+  the same winner — with the operator SIGKILLed and restarted in the middle;
+* a result pushed for a running trial by someone else (another pod, or a plain HTTP push to the
+  Pushgateway; unsigned or wrongly signed) is ignored, reported, and the real result recorded;
+* a model of 2,000 quantizable ops: its trial pod starts and reports (the tune config reaches the
+  pod through its inputs ConfigMap, not argv).
+
+Latency figures differ between two runs by nature, so the checks are about decisions; each test
+prints its figures (wall times, winners, speedups) for the record.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import chainmodel
+import opcluster
+import pytest
+import yaml
+from clusterlib import wait_for
+from kubernetes import client
+
+from qtune.operator import constants as c
+
+TERMINAL = {"Succeeded", "Failed"}
+
+
+def _status(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
+    return (opcluster.get_job(cluster, namespace, name) or {}).get("status") or {}
+
+
+def _wait(cluster: Any, namespace: str, name: str, ok: Any, timeout: float, what: str) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def check() -> bool:
+        seen.clear()
+        seen.update(_status(cluster, namespace, name))
+        return bool(ok(seen))
+
+    wait_for(check, timeout, what, detail=lambda: json.dumps(seen)[:3000], interval=0.3)
+    return dict(seen)
+
+
+def _history(cluster: Any, namespace: str, name: str) -> Any:
+    from qtune.operator.store import decode_history
+
+    body = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map(f"{name}-history", namespace)
+    history = decode_history({"data": body.data, "binaryData": body.binary_data})
+    assert history is not None
+    return history
+
+
+def latency_manifest(name: str, parallel: int) -> dict[str, Any]:
+    """examples/digits/job.yaml (strategy basic, objective latency, relative 1%), made short: 4 trials,
+    1-CPU units, short benchmarks, and minSpeedup 2 so that the first passing config (about 1.4x) is no
+    success and the search goes on into the strategy's later stages."""
+    manifest = opcluster.job_manifest(name, strategy="basic", objective="latency", maxTrials=4,
+                                      parallelTrials=parallel, minSpeedup=2.0)
+    manifest["spec"]["benchmark"] = {"batchSizes": [1, 16], "warmupRuns": 2, "runs": 5, "maxSeconds": 3,
+                                     "minRounds": 3, "threads": 1}
+    return manifest
+
+
+def run_locally(manifest: dict[str, Any], source: Path, folder: Path) -> tuple[Any, float]:
+    """`qtune tune` (qtune.local) on the same job file, model and data."""
+    from qtune.local.driver import tune
+    from qtune.spec import load_job
+
+    folder.mkdir(parents=True)
+    for name in opcluster.DIGITS_FILES:
+        shutil.copy2(source / name, folder / name)
+    (folder / "job.yaml").write_text(yaml.safe_dump(manifest))
+    started = time.monotonic()
+    outcome = tune(load_job(folder / "job.yaml"), folder / "job.yaml", output_dir=folder / "out")
+    return outcome, time.monotonic() - started
+
+
+def _speed(record: Any, batch: str = "16") -> str:
+    measured = (record.speed or {}).get(batch)
+    return f"{measured['speedup']:.2f}x [{measured['low']:.2f}-{measured['high']:.2f}]" if measured else "-"
+
+
+@pytest.mark.parametrize("parallel", [1, 2], ids=["sequential", "parallel2"])
+def test_latency_job_takes_the_same_decisions_on_the_cluster_as_locally(
+        cluster: Any, op_namespace: str, workspace: Path, start_operator: Any, tmp_path: Path,
+        parallel: int) -> None:
+    ns, name = op_namespace, f"digits-latency-p{parallel}"
+    manifest = latency_manifest(name, parallel)
+
+    # the cluster, with the operator SIGKILLed once the first trials run and started again
+    operator = start_operator([ns])
+    started = time.monotonic()
+    opcluster.create_job(cluster, ns, manifest)
+    _wait(cluster, ns, name, lambda st: st.get("trials", {}).get("started", 0) >= 1 or st.get("state") in TERMINAL,
+          240, "the first trial started")
+    operator.kill()
+    killed_at = _status(cluster, ns, name).get("trials", {})
+    time.sleep(5)  # units go on without the operator
+    operator.start()
+    status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 420, "the job finished")
+    cluster_seconds = time.monotonic() - started
+    assert status["state"] == "Succeeded", status
+    cluster_history = _history(cluster, ns, name)
+
+    # the same job locally (after the cluster run: the two never compete for the CPUs)
+    local, local_seconds = run_locally(manifest, workspace, tmp_path / "local")
+    local_keys = [t.config_key for t in local.history.trials]
+    cluster_keys = [t.config_key for t in cluster_history.trials]
+    local_best = local.best
+    report = [f"parallelTrials {parallel}: cluster {cluster_seconds:.0f}s (operator killed at {killed_at}), "
+              f"local {local_seconds:.0f}s",
+              f"  local   {local.outcome}: best trial {local_best and local_best.index} "
+              f"{local_best and local_best.config_key}, speedup {local.speed and local.speed.describe()}",
+              f"  cluster {status.get('reason')}: best trial {status.get('best', {}).get('trial')} "
+              f"{status.get('best', {}).get('configKey')}, speedup {status.get('best', {}).get('speedupInterval')}"]
+    for side, trials in (("local", local.history.trials), ("cluster", cluster_history.trials)):
+        for t in trials:
+            report.append(f"  {side:7} trial {t.index} {t.config_key} {t.status} acc {t.accuracy} "
+                          f"passed {t.passed} fp32 ops {len(t.config.fp32_ops())} speed@16 {_speed(t)}")
+    sys.stderr.write("\n".join(report) + "\n")
+
+    # every unit ran once: the kill repeated nothing
+    runs = opcluster.pod_runs(cluster, ns)
+    assert all(n == 1 for pod, n in runs.items() if pod.startswith(f"{name}-")), runs
+    assert [t.index for t in cluster_history.trials] == list(range(len(cluster_history.trials)))
+    assert all(t.status == "succeeded" for t in cluster_history.trials), cluster_keys
+    # the in-trial fp32 latency made it through Prometheus: the cluster ranks ratios, as locally
+    assert all(t.speed.get("16", {}).get("fp32_p50_ms", 0) > 0 for t in cluster_history.trials if t.passed)
+
+    # the decisions: the same sequence, the same outcome, the same winner
+    assert cluster_keys == local_keys, "\n".join(report)
+    assert status["reason"] == local.outcome, "\n".join(report)
+    assert local_best is not None and status["best"]["configKey"] == local_best.config_key, "\n".join(report)
+    assert status["best"]["trial"] == local_best.index
+    if cluster_history.confirmation and local.history.confirmation:
+        assert cluster_history.confirmation["candidates"] == local.history.confirmation["candidates"]
+
+
+# ------------------------------------------------------------------------------------------------
+# results that do not come from the trial's own pod
+# ------------------------------------------------------------------------------------------------
+
+
+def _events(cluster: Any, namespace: str, reason: str) -> list[Any]:
+    core = client.CoreV1Api(cluster.api_client())
+    return [e for e in core.list_namespaced_event(namespace).items if e.reason == reason]
+
+
+def _forger_pod(namespace: str, gateway: str, job_uid: str) -> dict[str, Any]:
+    """A pod of the same namespace (not the job's) pushing a result for trial 0, unsigned (it has no
+    secret), with the job's own labels: what any tenant of the namespace could do."""
+    script = ("from qtune.runner.metrics import push_result\n"
+              f"push_result({gateway!r}, {job_uid!r}, 'trial-0', "
+              "{'status': 'succeeded', 'accuracy': 0.999, 'speed': {'16': {'batch_size': 16, 'p50_ms': 0.001, "
+              "'p90_ms': 0.001, 'fp32_p50_ms': 1.0, 'fp32_p90_ms': 1.0, 'speedup': 1000.0, 'low': 999.0, "
+              "'high': 1001.0}}, 'model_size_bytes': 1})\n")
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "forger", "labels": {c.LABEL_JOB_UID: job_uid, c.LABEL_UNIT: "trial-0",
+                                                      c.LABEL_MANAGED_BY: c.MANAGED_BY}},
+            "spec": {"restartPolicy": "Never", "containers": [{
+                "name": "runner", "image": "python", "command": [sys.executable, "-c", script],
+                "env": [{"name": "QTUNE_RESULT_SECRET", "value": ""}]}]}}
+
+
+def test_forged_results_for_a_running_trial_are_ignored(cluster: Any, op_namespace: str, workspace: Path,
+                                                        start_operator: Any) -> None:
+    from qtune.protocol import TrialResult
+    from qtune.runner.metrics import push_result
+
+    ns, name = op_namespace, "forged"
+    operator = start_operator([ns])
+    manifest = latency_manifest(name, 1)
+    manifest["spec"]["tuning"].update(maxTrials=1, minSpeedup=1.0)
+    # a slower trial: a wide window in which its pod runs
+    manifest["spec"]["benchmark"].update(maxSeconds=8, minRounds=20, targetPrecision=0.001)
+    opcluster.create_job(cluster, ns, manifest)
+    uid = opcluster.get_job(cluster, ns, name)["metadata"]["uid"]
+    core = client.CoreV1Api(cluster.api_client())
+    pod_name = c.unit_pod(name, "trial-0")
+
+    def trial_running() -> bool:
+        try:
+            return core.read_namespaced_pod(pod_name, ns).status.phase == "Running"
+        except client.ApiException:
+            return False
+
+    wait_for(trial_running, 240, "trial 0's pod running", interval=0.2)
+    forged = TrialResult(trial=0, status="succeeded", accuracy=0.999, model_size_bytes=1, speed={"16": {
+        "batch_size": 16, "p50_ms": 0.001, "p90_ms": 0.001, "fp32_p50_ms": 1.0, "fp32_p90_ms": 1.0,
+        "speedup": 1000.0, "low": 999.0, "high": 1001.0}})
+    # 1. a direct HTTP push, signed with a guessed secret
+    push_result(cluster.pushgateway_url, uid, "trial-0", forged, secret="guessed")
+    wait_for(lambda: _events(cluster, ns, "ResultRejected"), 30, "the wrongly signed result rejected")
+    assert trial_running(), "the trial pod finished before the forged push was judged: widen the window"
+    # 2. another pod of the namespace, carrying the job's labels, pushes an unsigned result
+    core.create_namespaced_pod(ns, _forger_pod(ns, cluster.pushgateway_url, uid))
+    forger = cluster.wait_for_pod(ns, "forger", timeout=60)
+    assert forger.status.phase == "Succeeded", cluster.pod_log(ns, "forger")
+    # 3. a plain curl-style push of the text format, no signature at all
+    body = ('qtune_result_info{kind="trial",status="succeeded"} 1\nqtune_result_trial 0\n'
+            'qtune_result_accuracy 0.999\nqtune_result_model_size_bytes 1\n')
+    request = urllib.request.Request(f"{cluster.pushgateway_url}/metrics/job/qtune_result/job_uid/{uid}/unit/trial-0",
+                                     data=body.encode(), method="PUT")
+    urllib.request.urlopen(request, timeout=5).close()
+    wait_for(lambda: _status(cluster, ns, name).get("rejectedResults", 0) >= 2, 30,
+             "the forged results counted in status.rejectedResults",
+             detail=lambda: repr(_status(cluster, ns, name).get("rejectedResults")))
+
+    status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 300, "the job finished")
+    assert status["state"] == "Succeeded", status
+    history = _history(cluster, ns, name)
+    trial = history.trials[0]
+    sys.stderr.write(f"forged: rejected {status.get('rejectedResults')}, recorded trial 0: accuracy "
+                     f"{trial.accuracy}, speed@16 {_speed(trial)}, size {trial.model_size_bytes}\n")
+    assert trial.status == "succeeded" and trial.accuracy != 0.999 and trial.accuracy > 0.9
+    assert trial.model_size_bytes > 1000
+    assert trial.speed["16"]["p50_ms"] > 0.001 and trial.speed["16"]["speedup"] < 100
+    assert status["best"]["accuracy"] != 0.999 and status["rejectedResults"] >= 2
+    messages = " ".join(e.message for e in _events(cluster, ns, "ResultRejected"))
+    assert "trial-0" in messages
+    metrics = operator.metrics()
+    rejected = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                   if line.startswith("qtune_operator_results_rejected_total{"))
+    assert rejected >= 2, [line for line in metrics.splitlines() if "rejected" in line]
+
+
+# ------------------------------------------------------------------------------------------------
+# a model of 2,000 quantizable ops
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_2000_op_model_trial_pod_starts_and_reports(cluster: Any, op_namespace: str, workspace: Path,
+                                                      start_operator: Any) -> None:
+    ns, name = op_namespace, "chain"
+    paths = chainmodel.build(workspace)
+    start_operator([ns])
+    manifest = {"apiVersion": f"{opcluster.GROUP}/{opcluster.VERSION}", "kind": "QuantizationJob",
+                "metadata": {"name": name}, "spec": chainmodel.job_spec(paths, opcluster.CLAIM)}
+    started = time.monotonic()
+    opcluster.create_job(cluster, ns, copy.deepcopy(manifest))
+    core = client.CoreV1Api(cluster.api_client())
+    pod_name = c.unit_pod(name, "trial-0")
+
+    def trial_pod() -> Any:
+        try:
+            return core.read_namespaced_pod(pod_name, ns)
+        except client.ApiException:
+            return None
+
+    wait_for(lambda: trial_pod() is not None or _status(cluster, ns, name).get("state") in TERMINAL, 600,
+             "trial 0's pod created", detail=lambda: json.dumps(_status(cluster, ns, name))[:2000])
+    pod = trial_pod()
+    assert pod is not None, _status(cluster, ns, name)
+    argv = pod.spec.containers[0].command + pod.spec.containers[0].args
+    assert max(len(a) for a in argv) < 4096, "the tune config travelled as argv"
+    inputs = core.read_namespaced_config_map(c.unit_inputs(pod_name), ns)
+    config = json.loads(inputs.data[c.CONFIG_FILE])
+    config_bytes = len(inputs.data[c.CONFIG_FILE].encode())
+    assert config_bytes > 128 * 1024, "the config should exceed one argument's limit (that is the point)"
+
+    status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 600, "the job finished")
+    seconds = time.monotonic() - started
+    history = _history(cluster, ns, name)
+    trial = history.trials[0]
+    sys.stderr.write(f"2,000 ops: config {config_bytes} bytes, job {status.get('state')}/{status.get('reason')} in "
+                     f"{seconds:.0f}s, trial 0 {trial.status} mse {trial.accuracy} size {trial.model_size_bytes}\n")
+    assert status["state"] == "Succeeded", status
+    assert trial.status == "succeeded" and trial.tune_config == config
+    assert len(history.trials) == 1 and trial.accuracy is not None and trial.model_size_bytes
+    assert status["trials"]["succeeded"] == 1

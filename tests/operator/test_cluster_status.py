@@ -1,0 +1,36 @@
+"""`qtune status --cluster` prints a job at every phase (it crashed before the first trial)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+from test_reconcile import World
+
+from qtune.cli.cluster_status import print_status
+
+
+def _text(status: dict) -> str:
+    out = io.StringIO()
+    assert print_status("ml", "digits", status, Console(file=out, width=200)) == 0
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("phase", ["created", "baseline", "first trial", "tuning", "done", "invalid"])
+def test_status_at_every_phase(phase: str) -> None:
+    world = World()
+    if phase == "invalid":
+        world.body["spec"]["tuning"]["strategy"] = "nope"
+    steps = {"created": 0, "baseline": 1, "first trial": 2, "tuning": 4, "done": 200, "invalid": 1}[phase]
+    for _ in range(steps):
+        if world.step().done:
+            break
+        world.finish_running()
+    text = _text(dict(world.kube.status))
+    assert "ml/digits" in text
+    expected = {"created": "Pending", "baseline": "Baseline", "first trial": "Running", "tuning": "Running",
+                "done": "Succeeded", "invalid": "InvalidSpec"}[phase]
+    assert expected in text
+    if phase == "done":
+        assert "best: trial" in text and "speedup" in text
