@@ -50,6 +50,9 @@ class SpeedMeasurement(_Message):
     runs_per_window: int = 0
     threads: int = 0
     seconds: float = 0.0
+    cpu_clock: bool = False
+    """True: each run was timed by the thread's CPU time (one thread: the whole inference runs on it),
+    which leaves out the time the OS gave other processes; False: wall-clock time."""
 
     def above(self, threshold: float) -> bool:
         """Faster than `threshold` (e.g. 1.0 = fp32) beyond doubt: the whole interval lies above it."""
@@ -61,7 +64,12 @@ class SpeedMeasurement(_Message):
 
     def describe(self) -> str:
         return (f"{self.speedup:.2f}× [{self.low:.2f}–{self.high:.2f}] (fp32 {self.fp32_p50_ms:.3f} ms → "
-                f"{self.p50_ms:.3f} ms at batch {self.batch_size}; {self.rounds} interleaved rounds)")
+                f"{self.p50_ms:.3f} ms at batch {self.batch_size}; {self.rounds} interleaved rounds, "
+                f"{self.clock_name} time)")
+
+    @property
+    def clock_name(self) -> str:
+        return "CPU" if self.cpu_clock else "wall"
 
 
 class BaselineResult(_Message):
@@ -212,7 +220,7 @@ PUSH_JOB = "qtune_result"
 """The Pushgateway `job` of every result group; the grouping key adds {job_uid, unit}."""
 GROUP_LABELS = ("job_uid", "unit")
 SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", "speedup", "low", "high",
-                "confidence", "rounds", "runs_per_window", "threads", "seconds")
+                "confidence", "rounds", "runs_per_window", "threads", "seconds", "cpu_clock")
 """Every field of SpeedMeasurement, each one series `qtune_result_speed_<field>{batch_size}`."""
 
 LABEL_FIELDS: dict[str, tuple[str, ...]] = {

@@ -53,6 +53,7 @@ class RichProgress:
                            "fp32 in one interleaved session")
 
     def confirm_finished(self, session: TuningSession) -> None:
+        self.progress.update(self.task, description="done", eta="0s")
         confirmation = session.history.confirmation or {}
         if confirmation.get("status") != "succeeded":
             self.console.print(f"[yellow]confirmation failed[/yellow] ({confirmation.get('reason')}): the in-trial "

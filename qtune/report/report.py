@@ -126,7 +126,10 @@ def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[st
                  f"{measured.speedup:.2f}× faster, {int(measured.confidence * 100)}% interval "
                  f"[{measured.low:.2f}–{measured.high:.2f}]"),
                 ("how measured", f"{source}; {measured.rounds} alternating rounds of {measured.runs_per_window} "
-                                 f"runs, {measured.threads} thread(s), {measured.seconds:.1f}s"),
+                                 f"runs, {measured.threads} thread(s), {measured.seconds:.1f}s; "
+                                 + ("each run timed by the thread's CPU time (one thread runs the whole "
+                                    "inference; time the OS gave other processes is left out)"
+                                    if measured.cpu_clock else "each run timed by the wall clock")),
             ]
     else:
         items.append(("best trial", "no configuration meets the criterion"))

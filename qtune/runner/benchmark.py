@@ -184,6 +184,7 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
         measured = measure_speed(runners, reference, batch_size=size, settings=settings, threads=threads,
                                  clock=clock, wall_clock=time.perf_counter)
         for name, measurement in measured.items():
+            measurement.cpu_clock = clock_name == "cpu"
             results[name][str(size)] = measurement
         logger.info("speed at batch %d, %d thread(s), %s time: %s", size, threads, clock_name, summary(measured))
     return results

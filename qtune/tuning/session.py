@@ -339,7 +339,8 @@ class TuningSession:
         if measured is None:
             return f"{outcome}: {head}; its speed was not measured"
         if outcome == stop.NO_SPEEDUP:
-            return (f"{outcome}: configs meet the accuracy criterion but none is faster than fp32 "
-                    f"(×{self.spec.tuning.min_speedup:g}) beyond measurement doubt; best: {head}, "
-                    f"speedup {measured.describe()}")
+            bar = ("fp32" if self.spec.tuning.min_speedup == 1.0
+                   else f"{self.spec.tuning.min_speedup:g}× fp32 (spec.tuning.minSpeedup)")
+            return (f"{outcome}: configs meet the accuracy criterion but none is faster than {bar} beyond "
+                    f"measurement doubt; the best of them: {head}, speedup {measured.describe()}")
         return f"{outcome}: {head}, speedup {measured.describe()}"
