@@ -186,13 +186,7 @@ def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) ->
         if best is not None:
             source = Path(best.model_path) if best.model_path else None
             if source is not None and source.exists():
-                if source.is_dir():
-                    shutil.copytree(source, staging / "model")
-                else:
-                    (staging / "model").mkdir()
-                    for sibling in source.parent.iterdir():  # keeps external-data files beside the model
-                        if sibling.name.startswith(source.stem):
-                            shutil.copy2(sibling, staging / "model" / sibling.name)
+                _copy_model(source, staging / "model")
             write_json_atomic(staging / "best_config.json", best_config(job, session))
         write_report(staging, job, session)
         old = None
@@ -205,6 +199,29 @@ def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) ->
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+MODEL_FOLDER = "model"
+"""The folder a trial saves its model into (`save_model(model, <trial>/model)`): all of it is the model's."""
+MODEL_SIDECARS = ("qtune_model.json",)
+"""Files an adaptor writes beside its model that do not share the model's name (the PyTorch adaptor's
+metadata: inputs, tune config, int8 and fp32 ops)."""
+
+
+def _copy_model(source: Path, target: Path) -> None:
+    """Copy a saved model into `target`: a model folder whole; a model file with what the adaptor wrote
+    beside it (external-data files named after the model, `qtune_model.json`), or the whole trial
+    `model/` folder it was saved into. Hidden files (temporary copies) stay behind."""
+    if source.is_dir():
+        shutil.copytree(source, target)
+        return
+    target.mkdir()
+    dedicated = source.parent.name == MODEL_FOLDER
+    for sibling in source.parent.iterdir():
+        if sibling.name.startswith(".") or not sibling.is_file():
+            continue
+        if dedicated or sibling.name.startswith(source.stem) or sibling.name in MODEL_SIDECARS:
+            shutil.copy2(sibling, target / sibling.name)
 
 
 def best_config(job: QuantizationJob, session: TuningSession) -> dict[str, Any]:

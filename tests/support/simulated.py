@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from qtune.protocol import (
     BASELINE_UNIT,
@@ -28,7 +29,8 @@ from qtune.tuning.session import TuningSession, WorkUnit
 from qtune.tuning.space import TuningSpace
 
 AccuracyModel = Callable[[TuneConfig], float]
-SpeedModel = Callable[[TuneConfig], float]
+SpeedModel = Callable[[TuneConfig], "float | dict[str, Any]"]
+"""A speedup (the interval is +-half_width around it), or a trial record's speed dict {batch: measurement}."""
 
 
 def speed_measurement(speedup: float, half_width: float = 0.05, batch_size: int = 32,
@@ -87,9 +89,8 @@ class SimulatedExecutor:
                                                        latency_ms={str(batch): 10.0}, model_size_bytes=4000),
                                self.space)
         if unit.id == CONFIRM_UNIT:
-            speed = {str(i): {str(batch): speed_measurement(
-                self.speed(TuneConfig.from_dict(unit.candidate_configs[str(i)])), self.half_width / 2, batch)}
-                for i in unit.candidates}
+            speed = {str(i): self._speed(TuneConfig.from_dict(unit.candidate_configs[str(i)]), self.half_width / 2)
+                     for i in unit.candidates}
             return UnitOutcome(unit.id, ConfirmResult(candidates=list(unit.candidates), speed=speed))
         assert unit.trial is not None and unit.tune_config is not None
         if unit.trial in self.fail_trials:
@@ -101,8 +102,15 @@ class SimulatedExecutor:
                              model_path=f"/sim/trials/{unit.trial}/model")
         passes = accuracy >= self.baseline_accuracy * (1 - (self.spec.tuning.accuracy_criterion.relative or 0))
         if passes:
-            result.speed = {str(batch): speed_measurement(self.speed(config), self.half_width, batch)}
+            result.speed = self._speed(config, self.half_width)
         return UnitOutcome(unit.id, result)
+
+    def _speed(self, config: TuneConfig, half_width: float) -> dict[str, SpeedMeasurement]:
+        modelled = self.speed(config)
+        if isinstance(modelled, dict):
+            return {k: SpeedMeasurement.model_validate(v) for k, v in modelled.items()}
+        batch = self._batch()
+        return {str(batch): speed_measurement(float(modelled), half_width, batch)}
 
     def poll(self, wait: float) -> list[UnitOutcome]:
         ids = sorted(self.units, key=lambda u: (len(u), u))
@@ -143,10 +151,8 @@ _WEIGHT = {"dtype": ["int8", "fp32"], "scheme": ["sym"], "granularity": ["per_ch
            "algorithm": ["minmax"]}
 
 
-def simulated_space(count: int = 24, sensitive: frozenset[str] = frozenset({"op04", "op10", "op16"})) -> TuningSpace:
-    from qtune.spec.models import QuantizationSpec
-    from qtune.tuning.space import build_space
-
+def capability(count: int = 24) -> dict[str, Any]:
+    """An adaptor capability of `count` ops alternating MatMul (static/dynamic, with weights) and Add."""
     opwise = {}
     for i in range(count):
         op_type = "MatMul" if i % 2 == 0 else "Add"
@@ -154,8 +160,16 @@ def simulated_space(count: int = 24, sensitive: frozenset[str] = frozenset({"op0
         if op_type == "MatMul":
             entry["weight"] = dict(_WEIGHT)
         opwise[(f"op{i:02d}", op_type)] = entry
-    capability = {"optypewise": {}, "opwise": opwise, "graph_order": [f"op{i:02d}" for i in range(count)]}
-    space = build_space(capability, QuantizationSpec(), [["MatMul", "Add"]], 100)
+    return {"optypewise": {}, "opwise": opwise, "graph_order": [f"op{i:02d}" for i in range(count)]}
+
+
+def simulated_space(count: int = 24, sensitive: frozenset[str] = frozenset({"op04", "op10", "op16"}),
+                    quantization: Any = None) -> TuningSpace:
+    """The space of `capability(count)`; measured sensitivities make the `sensitive` ops stand out."""
+    from qtune.spec.models import QuantizationSpec
+    from qtune.tuning.space import build_space
+
+    space = build_space(capability(count), quantization or QuantizationSpec(), [["MatMul", "Add"]], 100)
     space.sensitivity = {name: (5.0 + i if name in sensitive else 0.001 * i) for i, name in enumerate(space.ops)}
     return space
 

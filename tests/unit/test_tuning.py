@@ -11,41 +11,21 @@ import json
 from collections.abc import Callable
 
 import pytest
+from simulated import capability, job_spec, run_simulated, simulated_space
 
 from qtune.protocol import SpeedMeasurement
 from qtune.spec import SpecError
-from qtune.spec.models import AccuracyCriterion, QuantizationSpec
+from qtune.spec.models import QuantizationSpec
 from qtune.tuning import Criterion, History, TrialRecord, build_space, create_strategy
 from qtune.tuning.config import TuneConfig
-from qtune.tuning.history import SUCCEEDED
 from qtune.tuning.space import TuningSpace
 from qtune.tuning.strategies.units import build_units
-
-ACT = {"dtype": ["uint8", "int8", "fp32"], "scheme": ["asym", "sym"], "granularity": ["per_tensor"],
-       "algorithm": ["minmax", "kl", "percentile"], "reduce_range": [False]}
-WEIGHT = {"dtype": ["int8", "fp32"], "scheme": ["sym"], "granularity": ["per_channel", "per_tensor"],
-          "algorithm": ["minmax"]}
-
-
-def capability(count: int = 24) -> dict:
-    opwise = {}
-    for i in range(count):
-        op_type = "MatMul" if i % 2 == 0 else "Add"
-        entry = {"activation": dict(ACT), "approach": ["static", "dynamic"] if op_type == "MatMul" else ["static"]}
-        if op_type == "MatMul":
-            entry["weight"] = dict(WEIGHT)
-        opwise[(f"op{i:02d}", op_type)] = entry
-    return {"optypewise": {}, "opwise": opwise, "graph_order": [f"op{i:02d}" for i in range(count)]}
-
 
 SENSITIVE = {"op04", "op10", "op16"}
 
 
-def space_for(quantization: QuantizationSpec | None = None, count: int = 24):
-    space = build_space(capability(count), quantization or QuantizationSpec(), [["MatMul", "Add"]], 100)
-    # measured sensitivities: the three bad ops stand out, the rest are small and distinct
-    space.sensitivity = {name: (5.0 + i if name in SENSITIVE else 0.001 * i) for i, name in enumerate(space.ops)}
-    return space
+def space_for(quantization: QuantizationSpec | None = None, count: int = 24) -> TuningSpace:
+    return simulated_space(count, frozenset(SENSITIVE), quantization)
 
 
 PARTNER = {"op04": "op05", "op10": "op11", "op16": "op17"}
@@ -89,27 +69,14 @@ Speed = Callable[[TuneConfig], dict]
 def run(strategy_name: str, k: int, max_trials: int = 40, seed: int = 0, history: History | None = None,
         stop_after: int | None = None, space: TuningSpace | None = None, accuracy: Accuracy = simulated_accuracy,
         speed: Speed = simulated_speed, min_speedup: float = 1.0) -> History:
-    """A wave-by-wave tuning loop with simulated results, accepted in trial order. As in the real
-    runner, only trials that pass the criterion are benchmarked."""
-    space = space or space_for()
-    strategy = create_strategy(strategy_name, seed, objective="latency", min_speedup=min_speedup, batch_size=32)
-    criterion = Criterion.from_spec(AccuracyCriterion(relative=0.01))
-    history = history or History(job="sim")
-    while len(history.trials) < max_trials:
-        if stop_after is not None and len(history.trials) >= stop_after:
-            break
-        configs = strategy.propose(space, history, min(k, max_trials - len(history.trials)))
-        if not configs:
-            break
-        records = [history.add(c) for c in configs]
-        for record in records:
-            record.status = SUCCEEDED
-            record.accuracy = accuracy(record.config)
-            record.model_size_bytes = 1000 + 100 * len(record.config.fp32_ops())
-            record.passed = criterion.passes(record.accuracy, 0.95)
-            if record.passed:
-                record.speed = speed(record.config)
-    return history
+    """The REAL session and engine loop (qtune.tuning.engine.drive) with a simulated executor: k trials
+    at once, results as the runner gives them (only trials that pass the criterion are benchmarked);
+    `stop_after` N finished trials simulates an interruption."""
+    spec = job_spec(strategy=strategy_name, parallelTrials=k, maxTrials=max_trials, seed=seed,
+                    minSpeedup=min_speedup, confirmCandidates=0)
+    session, _, _ = run_simulated(spec, space or space_for(), accuracy, speed=speed, history=history,
+                                  stop_after=stop_after)
+    return session.history
 
 
 def fastest(history: History) -> TrialRecord:

@@ -57,5 +57,30 @@ def test_tuning_a_torch_model_meets_its_criterion(tmp_path, monkeypatch):
     assert outcome.best.config.quantized_ops(), "the winner quantizes nothing"
     best = json.loads((tmp_path / "out" / "best_config.json").read_text())
     assert best["tune_config"]["approach"] in ("static", "dynamic")
-    assert any((tmp_path / "out" / "model").iterdir())
+    published = tmp_path / "out" / "model"
+    assert sorted(p.name for p in published.iterdir()) == ["model.pt", "qtune_model.json"]
+    meta = json.loads((published / "qtune_model.json").read_text())  # promised beside the saved model
+    assert meta["format"] == "torchscript" and meta["inputs"] == ["image"]
+    assert meta["int8_ops"] and set(meta["int8_ops"]) <= set(outcome.best.config.quantized_ops())
+    assert set(outcome.best.config.fp32_ops()) <= set(meta["fp32_ops"])
+    scripted = torch.jit.load(str(published / "model.pt"))  # loads without qtune
+    with torch.inference_mode():
+        assert scripted(torch.from_numpy(images[held_out[:3]])).shape == (3, 10)
     assert (tmp_path / "out" / "report.html").exists()
+
+
+def test_published_model_keeps_its_sidecar_files(tmp_path):
+    from qtune.local.driver import _copy_model
+
+    trial_model = tmp_path / "trials" / "3" / "model"  # where run_trial saves: the folder is the model's
+    trial_model.mkdir(parents=True)
+    for name in ("model.pt", "qtune_model.json", ".model-tmp.pt"):
+        (trial_model / name).write_text(name)
+    _copy_model(trial_model / "model.pt", tmp_path / "out1")
+    assert sorted(p.name for p in (tmp_path / "out1").iterdir()) == ["model.pt", "qtune_model.json"]
+    loose = tmp_path / "loose"  # a custom adaptor's file among others: its namesakes and the metadata only
+    loose.mkdir()
+    for name in ("int8.pt", "int8.pt.data", "qtune_model.json", "log.txt", "result.json"):
+        (loose / name).write_text(name)
+    _copy_model(loose / "int8.pt", tmp_path / "out2")
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == ["int8.pt", "int8.pt.data", "qtune_model.json"]
