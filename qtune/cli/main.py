@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+import traceback
 from pathlib import Path
 
 from qtune import __version__
 from qtune.spec import QtuneError, load_job
 
 logger = logging.getLogger("qtune")
+EXIT_ERROR = 1
+"""Bad input (the line names the field and what is allowed), or an unexpected failure (the line names
+what failed and where; `-v` prints the traceback)."""
 EXIT_NO_CONFIG = 3
 """`qtune tune`: no configuration meets the accuracy criterion."""
 EXIT_NO_SPEEDUP = 4
@@ -79,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description="Accuracy-driven int8 tuning of ONNX Runtime and "
                                      "PyTorch models, locally or on Kubernetes.")
     parser.add_argument("--version", action="version", version=f"qtune {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and the traceback of an unexpected error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     tune = commands.add_parser("tune", help="tune a QuantizationJob on this machine")
@@ -88,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = tune.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its history")
     mode.add_argument("--fresh", action="store_true", help="discard an earlier run of this job and start over")
+    tune.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                      help="debug logging, and the traceback of an unexpected error")
     tune.set_defaults(handler=_tune)
 
     status = commands.add_parser("status", help="show the progress of a run (local, or --cluster)")
@@ -131,6 +139,44 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qtune: interrupted; continue with --resume", file=sys.stderr)  # noqa: T201
         return 130
+    except Exception as exc:  # noqa: BLE001 - anything else is still one line (the traceback with -v)
+        if args.verbose:
+            traceback.print_exc(file=sys.stderr)
+        print(f"qtune: error: {unexpected_error(args.command, exc, args.verbose)}", file=sys.stderr)  # noqa: T201
+        return EXIT_ERROR
+
+
+def unexpected_error(command: str, exc: BaseException, verbose: bool = False) -> str:
+    """One line for an exception qtune did not expect: the command, the exception, the frame it came
+    from (the innermost one in qtune or the user's code, not in the libraries under it)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = next((frame for frame in reversed(frames) if _ours(frame.filename)), frames[-1] if frames else None)
+    text = " ".join(_ANSI.sub("", str(exc)).split())[:300] or "(no message)"
+    place = ""
+    if where is not None:
+        place = f" in {where.name} ({_short_path(where.filename)}:{where.lineno})"
+    hint = "" if verbose else "; run `qtune -v " + command + " ...` for the traceback"
+    return f"{command} failed: {type(exc).__name__}{place}: {text}{hint}"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _ours(filename: str) -> bool:
+    """A frame of qtune or of the user's code, not of the standard library or an installed package."""
+    parts = Path(filename).parts
+    if "qtune" in parts:
+        return True
+    return "site-packages" not in parts and "dist-packages" not in parts and \
+        not any(part.startswith("python3") for part in parts) and not filename.startswith("<")
+
+
+def _short_path(filename: str) -> str:
+    path = Path(filename)
+    parts = path.parts
+    if "qtune" in parts:  # qtune/local/driver.py rather than the install prefix
+        return "/".join(parts[len(parts) - 1 - parts[::-1].index("qtune"):])
+    return path.name
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from qtune.local.executor import LocalExecutor
 from qtune.protocol import BASELINE_UNIT, CONFIRM_UNIT, SpeedMeasurement
+from qtune.spec.entrypoints import add_job_dir
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
 from qtune.spec.models import QuantizationJob
@@ -333,6 +334,7 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     elif history.stop_reason == stop.BASELINE_FAILED:
         history = History(job=job.name)
     space = load_space(workspace) if history.baseline is not None else None
+    add_job_dir(job_file.parent)  # the session imports a `module:Class` strategy from the job's folder
     session = TuningSession(spec, history, space)
     if history.started_at is None:
         history.started_at = time.time()

@@ -46,7 +46,10 @@ what it does. The same file runs locally (`qtune tune job.yaml`) and on Kubernet
   axis 0. The evaluation file also holds the labels (`labels`, or the name in
   `data.evaluation.labels`); calibration needs none. Inputs must have the model's dtypes
   (`float32` unless `model.inputs[].dtype` says otherwise); qtune never casts them silently.
-- **Errors** name the field and what is allowed, in one line.
+- **Errors** name the field and what is allowed, in one line. Exit codes of `qtune tune`: 0 success,
+  1 bad input or another error (one line; `qtune -v` adds the traceback), 3 no config meets the
+  accuracy criterion, 4 configs meet it but none is faster than fp32 beyond `tuning.minSpeedup`
+  (NoSpeedup), 130 interrupted.
 """
 
 
