@@ -1,11 +1,14 @@
-"""Operator settings: command-line options with environment defaults, one frozen dataclass."""
+"""Operator settings, each defined once: default, environment variable, command-line flag and help
+come from one field declaration; `from_env` and `add_arguments` are generated from them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from qtune.operator import constants as c
@@ -14,80 +17,112 @@ DEFAULT_IMAGE = "qtune:0.1.0"
 """Trial image when neither spec.trial.image nor QTUNE_TRIAL_IMAGE says otherwise."""
 
 
-def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+def _json_tuple(text: str) -> tuple[dict[str, Any], ...]:
+    return tuple(dict(item) for item in (json.loads(text or "[]") or []))
+
+
+def _json_map(text: str) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (json.loads(text or "{}") or {}).items()}
+
+
+def _flag_bool(text: str) -> bool:
+    return text.strip().lower() in ("1", "true", "yes", "on")
+
+
+def setting(default: Any = None, help: str = "", *, env: str | None = "", flag: bool = True,  # noqa: A002
+            parse: Callable[[str], Any] = str, factory: Callable[[], Any] | None = None) -> Any:
+    """A field of OperatorConfig. env "" = QTUNE_<NAME>; None = no environment variable; flag: a
+    `--name` command-line option (never for secrets, which would show in the process list)."""
+    metadata = {"help": help, "env": env, "flag": flag, "parse": parse}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
-    prometheus_url: str | None = None
-    """Prometheus HTTP API the operator reads trial results from."""
-    pushgateway_url: str | None = None
-    """Pushgateway the operator deletes groups from."""
-    pod_pushgateway_url: str | None = None
-    """Pushgateway address as trial pods reach it (default: pushgateway_url)."""
-    trial_image: str = DEFAULT_IMAGE
-    runner_command: tuple[str, ...] = ("python", "-m", "qtune.runner")
-    """What pods run before `baseline|trial ...`; replaced only by benchmarks/tests (fake trials)."""
-    poll_interval: float = 1.0
-    """Seconds between two steps of a job's loop when nothing wakes it earlier."""
-    metrics_poll_interval: float = 0.25
-    """Loop period while a finished trial's metrics are awaited in Prometheus."""
-    results_poll_interval: float = 0.25
-    """Period of the operator-wide query of every job's results (0: off, each job queries alone)."""
-    metrics_timeout: float = 60.0
-    """A succeeded pod whose metrics are not queryable after this long fails: MetricsUnavailable."""
-    trial_grace_seconds: float = 60.0
-    """A trial pod still running this long after spec.tuning.trialTimeoutSeconds is deleted."""
-    recent_trials: int = 20
-    """Trials kept in status.recentTrials (the full history is in the ConfigMap)."""
-    vendor: str = "Intel"
-    isa_label: str = c.DEFAULT_ISA_LABEL
-    """NFD label (value "true") the default node affinity requires besides the vendor."""
-    keep_succeeded_pods: bool = False
-    """Keep trial pods that succeeded (their results are in the history); failed pods are kept."""
-    pod_env: dict[str, str] = field(default_factory=dict)
-    """Extra environment of every pod the operator creates."""
-    default_tolerations: tuple[dict[str, Any], ...] = ()
-    """Tolerations of trial pods of jobs that set no spec.trial.tolerations (e.g. a dedicated pool's taint)."""
-    trial_service_account: str | None = None
-    """ServiceAccount of trial pods of jobs that set no spec.trial.serviceAccountName."""
-    history_plain_limit: int = 256 * 1024
-    """History JSON larger than this is stored gzip-compressed (binaryData)."""
-    signing_key: str = ""
-    """The key every unit's result secret is derived from (env QTUNE_SIGNING_KEY; the chart keeps it
-    in a Secret, stable across upgrades). Empty: a random key per process (results of pods started
-    by an earlier process then fail verification)."""
-    api_retries: int = 5
-    """A step failing with the same API 4xx answer this many times in a row fails the job."""
+    prometheus_url: str | None = setting(None, "Prometheus HTTP API the operator reads results from")
+    pushgateway_url: str | None = setting(None, "Pushgateway the operator deletes result groups from")
+    pod_pushgateway_url: str | None = setting(None, "Pushgateway address as pods reach it (default: "
+                                                    "--pushgateway-url)")
+    trial_image: str = setting(DEFAULT_IMAGE, "image of baseline, trial and confirm pods when the job names none")
+    runner_command: tuple[str, ...] = setting(("python", "-m", "qtune.runner"),
+                                              "what pods run before `baseline|trial|confirm ...` (shell words)",
+                                              flag=False, parse=lambda text: tuple(shlex.split(text)))
+    poll_interval: float = setting(1.0, "seconds between two steps of a job's loop when nothing wakes it",
+                                   parse=float)
+    metrics_poll_interval: float = setting(0.25, "loop period while a finished unit's result is awaited",
+                                           parse=float)
+    results_poll_interval: float = setting(0.25, "period of the operator-wide query of every job's results "
+                                                 "(0: each job queries alone)", parse=float)
+    metrics_timeout: float = setting(60.0, "seconds a succeeded unit's result may take to appear in Prometheus "
+                                           "before the unit fails MetricsUnavailable", parse=float)
+    trial_grace_seconds: float = setting(60.0, "a pod still running this long after its unit's time limit is "
+                                               "deleted", parse=float)
+    recent_trials: int = setting(20, "trials kept in status.recentTrials (the full history is in a ConfigMap)",
+                                 parse=int)
+    vendor: str = setting("Intel", "CPU vendor the default node affinity requires (NFD vendor_id label)",
+                          env="QTUNE_TRIAL_VENDOR")
+    isa_label: str = setting(c.DEFAULT_ISA_LABEL, "NFD label (value \"true\") the default node affinity "
+                                                  "requires besides the vendor")
+    keep_succeeded_pods: bool = setting(False, "keep pods whose results are recorded (failed pods are kept)",
+                                        parse=_flag_bool)
+    pod_env: dict[str, str] = setting(help="extra environment of every pod the operator creates (JSON object)",
+                                      flag=False, parse=_json_map, factory=dict)
+    default_tolerations: tuple[dict[str, Any], ...] = setting(
+        (), "tolerations of pods of jobs that set no spec.trial.tolerations (JSON list)",
+        env="QTUNE_TRIAL_TOLERATIONS", flag=False, parse=_json_tuple)
+    trial_service_account: str | None = setting(None, "ServiceAccount of pods of jobs that set no "
+                                                      "spec.trial.serviceAccountName", flag=False)
+    history_plain_limit: int = setting(256 * 1024, "history JSON larger than this is stored gzip-compressed",
+                                       env=None, flag=False, parse=int)
+    signing_key: str = setting("", "the key every unit's result secret is derived from (the chart keeps it in a "
+                                   "Secret, stable across upgrades); empty: a random key per process", flag=False)
+    api_retries: int = setting(5, "a step failing with the same API 4xx answer this many times in a row fails "
+                                  "the job", parse=int)
 
     @property
     def pushgateway_for_pods(self) -> str | None:
         return self.pod_pushgateway_url or self.pushgateway_url
 
+    @staticmethod
+    def env_name(name: str) -> str | None:
+        env = OperatorConfig.__dataclass_fields__[name].metadata.get("env", "")
+        return None if env is None else (env or f"QTUNE_{name.upper()}")
+
     @classmethod
     def from_env(cls, **overrides: object) -> OperatorConfig:
-        """Defaults from QTUNE_* environment variables; keyword arguments that are not None win."""
-        command = os.environ.get("QTUNE_RUNNER_COMMAND")
-        tolerations = json.loads(os.environ.get("QTUNE_TRIAL_TOLERATIONS") or "[]") or []
-        pod_env = json.loads(os.environ.get("QTUNE_POD_ENV") or "{}") or {}
-        values: dict[str, object] = {
-            "vendor": os.environ.get("QTUNE_TRIAL_VENDOR") or "Intel",
-            "default_tolerations": tuple(dict(t) for t in tolerations),
-            "trial_service_account": os.environ.get("QTUNE_TRIAL_SERVICE_ACCOUNT") or None,
-            "pod_env": {str(k): str(v) for k, v in pod_env.items()},
-            "prometheus_url": os.environ.get("QTUNE_PROMETHEUS_URL"),
-            "pushgateway_url": os.environ.get("QTUNE_PUSHGATEWAY_URL"),
-            "pod_pushgateway_url": os.environ.get("QTUNE_POD_PUSHGATEWAY_URL"),
-            "trial_image": os.environ.get("QTUNE_TRIAL_IMAGE") or DEFAULT_IMAGE,
-            "metrics_timeout": _env_float("QTUNE_METRICS_TIMEOUT", 60.0),
-            "poll_interval": _env_float("QTUNE_POLL_INTERVAL", 1.0),
-            "signing_key": os.environ.get("QTUNE_SIGNING_KEY") or "",
-        }
-        if command:
-            values["runner_command"] = tuple(shlex.split(command))
+        """Defaults, then QTUNE_* environment variables, then keyword arguments that are not None."""
+        values: dict[str, object] = {}
+        for item in fields(cls):
+            env = cls.env_name(item.name)
+            text = os.environ.get(env) if env else None
+            if text:
+                values[item.name] = item.metadata["parse"](text)
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("runner_command"), list):
             values["runner_command"] = tuple(values["runner_command"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """One `--name` option per setting that has a flag; the help names the env variable and default."""
+        for item in fields(cls):
+            if not item.metadata.get("flag"):
+                continue
+            default = item.default if item.default is not MISSING else None
+            env = cls.env_name(item.name)
+            extra = ", ".join(part for part in (f"env {env}" if env else "",
+                                                f"default {default}" if default not in (None, "", ()) else "")
+                              if part)
+            help_text = item.metadata["help"] + (f" ({extra})" if extra else "")
+            option = "--" + item.name.replace("_", "-")
+            if item.metadata["parse"] is _flag_bool:
+                parser.add_argument(option, action="store_true", default=None, help=help_text)
+            else:
+                parser.add_argument(option, type=item.metadata["parse"], default=None, help=help_text)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OperatorConfig:
+        flagged = [item.name for item in fields(cls) if item.metadata.get("flag")]
+        return cls.from_env(**{name: getattr(args, name, None) for name in flagged})

@@ -50,20 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--peering", metavar="NAME",
                         help="elect one active replica through Kopf peering object NAME (see crds/kopf-peering.yaml)")
     parser.add_argument("--priority", type=int, default=0, help="peering priority (highest acts)")
-    parser.add_argument("--prometheus-url", help="Prometheus HTTP API (env QTUNE_PROMETHEUS_URL)")
-    parser.add_argument("--pushgateway-url", help="Pushgateway (env QTUNE_PUSHGATEWAY_URL)")
-    parser.add_argument("--pod-pushgateway-url",
-                        help="Pushgateway as trial pods reach it "
-                        "(env QTUNE_POD_PUSHGATEWAY_URL; default: --pushgateway-url)")
-    parser.add_argument("--trial-image", help="default trial image (env QTUNE_TRIAL_IMAGE)")
-    parser.add_argument("--metrics-timeout", type=float,
-                        help="seconds a succeeded trial's metrics may take to appear in Prometheus (default 60)")
-    parser.add_argument("--poll-interval", type=float, help="seconds between two steps of a job's loop (default 1)")
-    parser.add_argument("--recent-trials", type=int, help="trials kept in status.recentTrials (default 20)")
-    parser.add_argument("--isa-label", help=f"NFD label required by the default node affinity "
-                        f"(default {c.DEFAULT_ISA_LABEL})")
-    parser.add_argument("--keep-succeeded-pods", action="store_true", default=None,
-                        help="keep trial pods after their results are recorded")
+    OperatorConfig.add_arguments(parser)
     parser.add_argument("--metrics-port", type=int, default=8000, help="port of /metrics (0: off)")
     parser.add_argument("--health-port", type=int, default=8080, help="port of /healthz (0: off)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
@@ -78,13 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> OperatorConfig:
-    return OperatorConfig.from_env(
-        prometheus_url=args.prometheus_url, pushgateway_url=args.pushgateway_url,
-        pod_pushgateway_url=args.pod_pushgateway_url, trial_image=args.trial_image,
-        metrics_timeout=args.metrics_timeout, poll_interval=args.poll_interval,
-        recent_trials=args.recent_trials, isa_label=args.isa_label,
-        keep_succeeded_pods=args.keep_succeeded_pods,
-    )
+    return OperatorConfig.from_args(args)
 
 
 def configure(settings: kopf.OperatorSettings, *, peering: str | None) -> None:

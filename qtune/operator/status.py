@@ -6,6 +6,7 @@ and a bounded list of recent trials (the history ConfigMap is the record of trut
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -140,6 +141,14 @@ class BestStatus(StatusModel):
     config_key: str | None = None
     model_path: str | None = None
     tune_config: TuneConfigStatus | None = None
+    tune_config_omitted: str | None = Field(
+        default=None, description="why tuneConfig is absent (too large for the status; the history ConfigMap "
+                                  "and the workspace hold it)")
+
+
+TUNE_CONFIG_STATUS_LIMIT = 64 * 1024
+"""A winner's tune config larger than this (JSON bytes) stays out of the status: etcd objects are
+bounded (about 1.5 MiB) and the history ConfigMap has it anyway."""
 
 
 class TrialStatus(StatusModel):
@@ -299,7 +308,15 @@ def best_status(record: TrialRecord, baseline: Baseline | None, measured: SpeedM
         speedup_interval=f"{speed.speedup:.2f} [{speed.low:.2f}-{speed.high:.2f}]" if speed else None,
         speed=speed, model_size_bytes=record.model_size_bytes, size_ratio=_finite(size_ratio, 3),
         fp32_ops=len(record.config.fp32_ops()), config_key=record.config_key,
-        model_path=record.model_path or model_path, tune_config=TuneConfigStatus.model_validate(record.tune_config))
+        model_path=record.model_path or model_path, **_tune_config_fields(record))
+
+
+def _tune_config_fields(record: TrialRecord) -> dict[str, Any]:
+    size = len(json.dumps(record.tune_config, separators=(",", ":")))
+    if size > TUNE_CONFIG_STATUS_LIMIT:
+        return {"tune_config_omitted": f"{size} bytes for {len(record.config.ops)} ops: see trial {record.index} "
+                                       "in the history ConfigMap"}
+    return {"tune_config": TuneConfigStatus.model_validate(record.tune_config)}
 
 
 def counts(history: History, max_trials: int) -> TrialCounts:

@@ -115,3 +115,17 @@ def test_merge_patch_replaces_stale_keys() -> None:
     assert st.status_patch(new, new) is None
 
 
+
+
+def test_a_huge_winning_config_stays_out_of_the_status() -> None:
+    from simulated import simulated_space
+
+    history = History(job="big")
+    small = history.add(tiny_space().default_config())
+    big = history.add(simulated_space(count=2000).default_config())
+    for record in (small, big):
+        record.status, record.passed, record.accuracy = "succeeded", True, 0.95
+    assert st.best_status(small, tiny_baseline(), None, False).tune_config is not None
+    best = st.best_status(big, tiny_baseline(), None, False)
+    assert best.tune_config is None and "history ConfigMap" in (best.tune_config_omitted or "")
+    assert len(best.model_dump_json()) < 4096
