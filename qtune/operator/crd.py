@@ -25,107 +25,25 @@ import yaml
 from pydantic import BaseModel
 
 from qtune.operator import constants as c
-from qtune.spec import models
-
-# the patterns of qtune/spec/models.py without backslashes (CEL string literals reject \w)
-ENTRYPOINT_RE = "^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
-NAME_RE = "^[A-Za-z_][A-Za-z0-9_-]*$"
-MEMORY_RE = "^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+from qtune.spec import cel, models
 
 # --------------------------------------------------------------------------------------------
-# CEL rules and extra constraints, by camelCase path inside `spec` ("" is spec itself)
+# CEL rules that mirror a pydantic validator live beside it in qtune/spec/models.py (qtune/spec/cel.py);
+# here only what the cluster adds: immutability of a running job's model and data.
 # --------------------------------------------------------------------------------------------
-
-
-def _cel(rule: str, message: str | None = None, *, message_expression: str | None = None,
-         reason: str | None = None, field_path: str | None = None) -> dict[str, str]:
-    out = {"rule": rule}
-    if message:
-        out["message"] = message
-    if message_expression:
-        out["messageExpression"] = message_expression
-    if reason:
-        out["reason"] = reason
-    if field_path:
-        out["fieldPath"] = field_path
-    return out
-
-
-def _in_list(values: tuple[str, ...]) -> str:
-    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
-
-
-def _pretty(values: tuple[str, ...]) -> str:
-    return ", ".join(values)
-
+_cel = cel.cel
 
 EXTRAS: dict[str, dict[str, Any]] = {
     "model": {
         "x-kubernetes-validations": [
             _cel("self == oldSelf", "spec.model is immutable: create a new QuantizationJob to tune another model"),
-            _cel("has(self.path) || has(self.entrypoint)",
-                 "give model.path (a model file) or model.entrypoint (module:function)"),
         ],
     },
-    "model.framework": {
-        "maxLength": 253,
-        "x-kubernetes-validations": [
-            _cel(f"self in {_in_list(models.BUILTIN_FRAMEWORKS)} || self.matches('{NAME_RE}') "
-                 f"|| self.matches('{ENTRYPOINT_RE}')",
-                 message_expression=f"'unknown framework \"' + self + '\"; allowed: "
-                 f"{_pretty(models.BUILTIN_FRAMEWORKS)}, a registered adaptor name, or module:Class'"),
-        ],
-    },
-    "model.entrypoint": {"pattern": ENTRYPOINT_RE, "maxLength": 253},
     "data": {
         "x-kubernetes-validations": [
             _cel("self == oldSelf", "spec.data is immutable: create a new QuantizationJob to use other data"),
         ],
     },
-    "data.calibration": {
-        "x-kubernetes-validations": [
-            _cel("has(self.path) != has(self.entrypoint)",
-                 "give exactly one of path (.npz file) or entrypoint (module:function)"),
-        ],
-    },
-    "data.calibration.entrypoint": {"pattern": ENTRYPOINT_RE, "maxLength": 253},
-    "data.evaluation": {
-        "x-kubernetes-validations": [
-            _cel("has(self.path) != has(self.entrypoint)",
-                 "give exactly one of path (.npz file) or entrypoint (module:function)"),
-        ],
-    },
-    "data.evaluation.entrypoint": {"pattern": ENTRYPOINT_RE, "maxLength": 253},
-    "tuning": {
-        "x-kubernetes-validations": [
-            _cel("!has(self.parallelTrials) || !has(self.maxTrials) || self.parallelTrials <= self.maxTrials",
-                 "parallelTrials must not exceed maxTrials (raise maxTrials or run fewer trials at once)",
-                 field_path=".parallelTrials"),
-        ],
-    },
-    "tuning.strategy": {
-        "maxLength": 253,
-        "x-kubernetes-validations": [
-            _cel(f"self in {_in_list(models.BUILTIN_STRATEGIES)} || self.matches('{ENTRYPOINT_RE}')",
-                 message_expression=f"'unknown strategy \"' + self + '\"; allowed: "
-                 f"{_pretty(models.BUILTIN_STRATEGIES)}, or module:Class of your own strategy'"),
-        ],
-    },
-    "tuning.accuracyCriterion": {
-        "x-kubernetes-validations": [
-            _cel("!(has(self.relative) && has(self.absolute))",
-                 "give only one of relative or absolute, not both"),
-        ],
-    },
-    "trial.resources.cpu": {
-        "maxLength": 6,
-        "x-kubernetes-validations": [
-            _cel("type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]*$')",
-                 "trial.resources.cpu must be a whole number of CPUs such as 2 or \"4\" "
-                 "(requests = limits, Guaranteed QoS)"),
-        ],
-    },
-    "trial.resources.memory": {"pattern": MEMORY_RE, "maxLength": 32},
     "workspace.persistentVolumeClaim": {"maxLength": 253},
     "workspace.mountPath": {"pattern": "^/", "maxLength": 1024},
 }
@@ -252,7 +170,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
         return out
     if "anyOf" in node:
         branches = [b for b in node.pop("anyOf") if not _is_null(b)]
-        outer = {k: v for k, v in node.items() if k in ("description", "default", "format")
+        outer = {k: v for k, v in node.items() if k in ("description", "default", "format", "pattern", "maxLength")
                  or k.startswith("x-kubernetes-")}
         if len(branches) == 1:
             merged = dict(branches[0])
@@ -341,7 +259,8 @@ def _walk(schema: dict[str, Any], path: str) -> dict[str, Any]:
 def _apply_extras(spec_schema: dict[str, Any]) -> None:
     for path in INT_OR_STRING_PATHS:
         node = _walk(spec_schema, path)
-        keep = {k: v for k, v in node.items() if k in ("description", "default")}
+        keep = {k: v for k, v in node.items() if k in ("description", "default", "maxLength")
+                or k.startswith("x-kubernetes-")}
         node.clear()
         node.update({"x-kubernetes-int-or-string": True, **keep})
     for path, extra in EXTRAS.items():

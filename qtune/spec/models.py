@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from qtune.spec import cel
+
 API_VERSION = "qtune.io/v1alpha1"
 KIND = "QuantizationJob"
 
@@ -57,7 +59,8 @@ def _entrypoint_form(value: str | None) -> str | None:
     return value
 
 
-Entrypoint = Annotated[str | None, AfterValidator(_entrypoint_form)]
+Entrypoint = Annotated[str | None, AfterValidator(_entrypoint_form),
+                       Field(json_schema_extra=cel.rules(pattern=cel.ENTRYPOINT_RE, maxLength=253))]
 BoolList = Annotated[list[bool] | None, BeforeValidator(_as_list)]
 ApproachList = Annotated[list[Literal["static", "dynamic"]] | None, BeforeValidator(_as_list)]
 
@@ -86,9 +89,18 @@ class InputSpec(SpecModel):
 
 
 class ModelSpec(SpecModel):
+    model_config = ConfigDict(json_schema_extra=cel.rules(
+        cel.cel("has(self.path) || has(self.entrypoint)",
+                "give model.path (a model file) or model.entrypoint (module:function)")))  # _path_or_entrypoint
+
     framework: str = Field(
         description="onnxruntime, pytorch, a registered adaptor name, or module:Class of your own adaptor "
-                    "(imported from the job's folder or the Python path)"
+                    "(imported from the job's folder or the Python path)",
+        json_schema_extra=cel.rules(cel.cel(  # _framework_known
+            f"self in {cel.in_list(BUILTIN_FRAMEWORKS)} || self.matches('{cel.NAME_RE}') "
+            f"|| self.matches('{cel.ENTRYPOINT_RE}')",
+            message_expression=f"'unknown framework \"' + self + '\"; allowed: {', '.join(BUILTIN_FRAMEWORKS)}, "
+                               "a registered adaptor name, or module:Class'"), maxLength=253),
     )
     path: str | None = Field(
         default=None,
@@ -129,6 +141,10 @@ class ModelSpec(SpecModel):
 
 
 class DatasetSpec(SpecModel):
+    model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _path_or_entrypoint
+        "has(self.path) != has(self.entrypoint)",
+        "give exactly one of path (.npz file) or entrypoint (module:function)")))
+
     """Calibration data: samples along axis 0, one array per model input, named like the inputs."""
 
     path: str | None = Field(
@@ -166,6 +182,16 @@ def _metric_form(value: str | None) -> str | None:
 
 
 class EvaluationSpec(DatasetSpec):
+    model_config = ConfigDict(json_schema_extra=cel.rules(  # _path_or_entrypoint
+        cel.cel("has(self.evalFunc) || has(self.path) != has(self.entrypoint)",
+                "give exactly one of path (.npz file) or entrypoint (module:function), or an evalFunc "
+                "(module:function) that loads its own data"),
+        cel.cel("!has(self.evalFunc) || !(has(self.path) && has(self.entrypoint))",
+                "give at most one of path (.npz file) or entrypoint (module:function)"),
+        cel.cel("!has(self.evalFunc) || !has(self.metric)",
+                "give either metric or evalFunc, not both (evalFunc returns the score itself)"),
+    ))
+
     """Evaluation data and how a model is scored: a metric over (outputs, labels) batches, or your own
     evaluation function."""
 
@@ -250,6 +276,9 @@ class QuantizationSpec(SpecModel):
 
 
 class AccuracyCriterion(SpecModel):
+    model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _one_kind
+        "!(has(self.relative) && has(self.absolute))", "give only one of relative or absolute, not both")))
+
     """Allowed accuracy loss against the fp32 baseline. Exactly one of relative/absolute.
 
     relative r, higherIsBetter:  passes when accuracy >= baseline * (1 - r)
@@ -283,8 +312,19 @@ class AccuracyCriterion(SpecModel):
 
 
 class TuningSpec(SpecModel):
-    strategy: str = Field(default="basic", description="basic, exhaustive, random, or module:Class of your own "
-                                                       "Strategy (imported from the job's folder)")
+    model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _parallel_within_max
+        "!has(self.parallelTrials) || !has(self.maxTrials) || self.parallelTrials <= self.maxTrials",
+        "parallelTrials must not exceed maxTrials (raise maxTrials or run fewer trials at once)",
+        field_path=".parallelTrials")))
+
+    strategy: str = Field(
+        default="basic", description="basic, exhaustive, random, or module:Class of your own Strategy (imported "
+                                     "from the job's folder)",
+        json_schema_extra=cel.rules(cel.cel(  # _strategy_known
+            f"self in {cel.in_list(BUILTIN_STRATEGIES)} || self.matches('{cel.ENTRYPOINT_RE}')",
+            message_expression=f"'unknown strategy \"' + self + '\"; allowed: {', '.join(BUILTIN_STRATEGIES)}, "
+                               "or module:Class of your own strategy'"), maxLength=253),
+    )
     accuracy_criterion: AccuracyCriterion = Field(default_factory=AccuracyCriterion,
                                                   description="allowed loss of the score against fp32")
     objective: Literal["latency", "size"] = Field(
@@ -356,8 +396,14 @@ class BenchmarkSpec(SpecModel):
 
 
 class ResourcesSpec(SpecModel):
-    cpu: int = Field(default=2, ge=1, description="whole CPUs (requests = limits, Guaranteed QoS)")
-    memory: str = Field(default="4Gi", description="memory of a trial pod (requests = limits)")
+    cpu: int = Field(
+        default=2, ge=1, description="whole CPUs (requests = limits, Guaranteed QoS)",
+        json_schema_extra=cel.rules(cel.cel(  # ge=1; in the cluster an int or a quantity string such as "4"
+            "type(self) == int ? self >= 1 : self.matches('^[1-9][0-9]*$')",
+            "trial.resources.cpu must be a whole number of CPUs such as 2 or \"4\" (requests = limits, "
+            "Guaranteed QoS)"), maxLength=6))
+    memory: str = Field(default="4Gi", description="memory of a trial pod (requests = limits)",
+                        json_schema_extra=cel.rules(pattern=cel.MEMORY_RE, maxLength=32))  # _memory_quantity
 
     @field_validator("memory")
     @classmethod

@@ -29,6 +29,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 INVALID = {
+    "evalFunc without data": _set("data.evaluation", {"evalFunc": "mymod:score"}),
     "wrong type": (_set("tuning.maxTrials", "many"), ["spec.tuning.maxTrials", "must be of type integer"]),
     "both criteria": (_set("tuning.accuracyCriterion", {"relative": 0.01, "absolute": 0.02}),
                       ["spec.tuning.accuracyCriterion", "only one of relative or absolute"]),
@@ -59,6 +60,13 @@ INVALID = {
                                ["spec.quantization.modelWise.weight.reduceRange", 'Unsupported value: "maybe"']),
     "unknown approach": (_set("quantization.opWise", {"/fc1/Gemm": {"approach": ["static", "qat"]}}),
                          ["spec.quantization.opWise./fc1/Gemm.approach[1]", 'Unsupported value: "qat"']),
+    # evaluation: data, or an evalFunc that loads its own (rules beside EvaluationSpec's validator)
+    "evalFunc and metric": (_set("data.evaluation", {"evalFunc": "mymod:score", "metric": "top1"}),
+                            ["spec.data.evaluation", "either metric or evalFunc"]),
+    "evaluation without data": (_set("data.evaluation", {"metric": "top1"}),
+                                ["spec.data.evaluation", "exactly one of path"]),
+    "bad evalFunc form": (_set("data.evaluation", {"evalFunc": "not an entrypoint"}),
+                          ["spec.data.evaluation.evalFunc"]),
 }
 
 VALID = {

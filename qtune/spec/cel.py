@@ -1,0 +1,42 @@
+"""CEL rules for the CRD, written next to the pydantic validators they mirror (qtune/spec/models.py).
+
+A model or field carries its rules as `json_schema_extra=cel.rules(...)`; the CRD generator
+(qtune/operator/crd.py) copies every `x-kubernetes-validations` of the JSON schema into the
+structural schema, so the API server and `qtune tune` reject the same specs (a parity test on the
+real API server checks one table of specs against both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VALIDATIONS = "x-kubernetes-validations"
+
+# the patterns of models.py without backslashes (CEL string literals reject \w)
+ENTRYPOINT_RE = "^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+NAME_RE = "^[A-Za-z_][A-Za-z0-9_-]*$"
+MEMORY_RE = "^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+
+
+def cel(rule: str, message: str | None = None, *, message_expression: str | None = None,
+        field_path: str | None = None) -> dict[str, str]:
+    out = {"rule": rule}
+    if message:
+        out["message"] = message
+    if message_expression:
+        out["messageExpression"] = message_expression
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def rules(*items: dict[str, str], **schema: Any) -> dict[str, Any]:
+    """json_schema_extra for a model or field: its CEL rules plus plain schema keys (pattern, maxLength)."""
+    extra: dict[str, Any] = dict(schema)
+    if items:
+        extra[VALIDATIONS] = list(items)
+    return extra
+
+
+def in_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
