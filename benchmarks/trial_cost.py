@@ -287,11 +287,13 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         rows.append((r["case"], r["trials"], r["failing"], r["winner"], f"{r['tune_full']:.1f}s",
                      f"{r['tune_early']:.1f}s", f"{100 * (1 - r['tune_early'] / r['tune_full']):.0f}%",
                      f"{r['failing_in_run']['full']:.1f}s -> {r['failing_in_run']['early']:.1f}s",
-                     f"{estimate:.1f}s"))
+                     f"{estimate:.1f}s" if r["phases"] else "-"))
     _table(header, rows)
     print("\n'before' = quantize + full evaluation + benchmark (a failing trial until now); 'after' = quantize +"
           " evaluation as the run does it (stopped early unless the strategy ranks the trial), no benchmark."
-          " 'before this change (est.)' = the run without early stopping + one benchmark per failing trial.")
+          " 'before this change (est.)' = the run without early stopping + one benchmark per failing trial."
+          " 'quantize' is a re-run in this process (the workspace caches the trial's quantized model); the"
+          " trial process's own total is in the runs' history.json (timings).")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:

@@ -141,11 +141,11 @@ class ModelSpec(SpecModel):
 
 
 class DatasetSpec(SpecModel):
+    """Calibration data: samples along axis 0, one array per model input, named like the inputs."""
+
     model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _path_or_entrypoint
         "has(self.path) != has(self.entrypoint)",
         "give exactly one of path (.npz file) or entrypoint (module:function)")))
-
-    """Calibration data: samples along axis 0, one array per model input, named like the inputs."""
 
     path: str | None = Field(
         default=None,
@@ -182,6 +182,9 @@ def _metric_form(value: str | None) -> str | None:
 
 
 class EvaluationSpec(DatasetSpec):
+    """Evaluation data and how a model is scored: a metric over (outputs, labels) batches, or your own
+    evaluation function."""
+
     model_config = ConfigDict(json_schema_extra=cel.rules(  # _path_or_entrypoint
         cel.cel("has(self.evalFunc) || has(self.path) != has(self.entrypoint)",
                 "give exactly one of path (.npz file) or entrypoint (module:function), or an evalFunc "
@@ -191,9 +194,6 @@ class EvaluationSpec(DatasetSpec):
         cel.cel("!has(self.evalFunc) || !has(self.metric)",
                 "give either metric or evalFunc, not both (evalFunc returns the score itself)"),
     ))
-
-    """Evaluation data and how a model is scored: a metric over (outputs, labels) batches, or your own
-    evaluation function."""
 
     path: str | None = Field(
         default=None,
@@ -276,9 +276,6 @@ class QuantizationSpec(SpecModel):
 
 
 class AccuracyCriterion(SpecModel):
-    model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _one_kind
-        "!(has(self.relative) && has(self.absolute))", "give only one of relative or absolute, not both")))
-
     """Allowed accuracy loss against the fp32 baseline. Exactly one of relative/absolute.
 
     relative r, higherIsBetter:  passes when accuracy >= baseline * (1 - r)
@@ -287,6 +284,9 @@ class AccuracyCriterion(SpecModel):
     absolute a, lowerIsBetter:   passes when accuracy <= baseline + a
     The edge counts as passing.
     """
+
+    model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _one_kind
+        "!(has(self.relative) && has(self.absolute))", "give only one of relative or absolute, not both")))
 
     relative: float | None = Field(default=None, ge=0, lt=1,
                                    description="allowed loss as a fraction of the fp32 score (default 0.01)")
