@@ -73,8 +73,14 @@ REMEASURE = textwrap.dedent("""
             x = data[item.name]
             x = np.concatenate([x] * (-(-batch // len(x))))[:batch]
             feed[item.name] = x
-    def window(s):
+    def one(s):
+        t = time.perf_counter(); s.run(None, feed); return time.perf_counter() - t
+    for s in (a, b):
         for _ in range(3): s.run(None, feed)
+    slowest = max(one(a), one(b))
+    runs = max(3, min(runs, int(0.3 / slowest)))  # windows of about 0.3 s, as long models need
+    def window(s):
+        for _ in range(2): s.run(None, feed)
         times = []
         for _ in range(runs):
             t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)

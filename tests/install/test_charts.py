@@ -196,9 +196,14 @@ def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
     assert env["QTUNE_TRIAL_TOLERATIONS"] == \
         '[{"effect":"NoSchedule","key":"qtune.io/dedicated","operator":"Equal","value":"tuning"}]'
     # the variables the chart sets for endpoints are the ones the operator reads
-    config_source = (ROOT / "qtune/operator/config.py").read_text()
-    for name in ("QTUNE_PROMETHEUS_URL", "QTUNE_PUSHGATEWAY_URL", "QTUNE_POD_PUSHGATEWAY_URL", "QTUNE_TRIAL_IMAGE"):
-        assert name in config_source
+    from dataclasses import fields
+
+    from qtune.operator.config import OperatorConfig
+
+    read = {OperatorConfig.env_name(item.name) for item in fields(OperatorConfig)}
+    for name in ("QTUNE_PROMETHEUS_URL", "QTUNE_PUSHGATEWAY_URL", "QTUNE_POD_PUSHGATEWAY_URL", "QTUNE_TRIAL_IMAGE",
+                 "QTUNE_TRIAL_TOLERATIONS", "QTUNE_SIGNING_KEY"):
+        assert name in read, name
     digest = "sha256:" + "a" * 64
     pinned = render(helm, {"image.digest": digest})
     assert operator_container(pinned)["image"] == f"qtune@{digest}"
@@ -305,3 +310,15 @@ def test_pod_and_service_monitors_are_off_by_default(helm: Path) -> None:
 def test_values_schema_rejects_mistakes(helm: Path, values: dict[str, Any]) -> None:
     proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args(values)], check=False)
     assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
+
+
+def test_the_signing_key_is_generated_or_an_existing_secret(helm: Path) -> None:
+    generated = render(helm)
+    secrets = [m for m in generated if m["kind"] == "Secret"]
+    assert [s["metadata"]["name"] for s in secrets] == ["qtune-signing-key"]
+    assert secrets[0]["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert env_of(generated)["QTUNE_SIGNING_KEY"] == {"secretKeyRef": {"name": "qtune-signing-key", "key": "key"}}
+    # rendered ahead of time (GitOps): no key in the manifests, the operator reads the named Secret
+    existing = render(helm, {"signingKey.existingSecret": "team-key"})
+    assert not [m for m in existing if m["kind"] == "Secret"]
+    assert env_of(existing)["QTUNE_SIGNING_KEY"] == {"secretKeyRef": {"name": "team-key", "key": "key"}}

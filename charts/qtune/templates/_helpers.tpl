@@ -140,7 +140,7 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 - name: QTUNE_SIGNING_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ include "qtune.fullname" . }}-signing-key
+      name: {{ .Values.signingKey.existingSecret | default (printf "%s-signing-key" (include "qtune.fullname" .)) }}
       key: key
 - name: QTUNE_TRIAL_IMAGE
   value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
