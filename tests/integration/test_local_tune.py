@@ -263,3 +263,45 @@ def test_resume_refuses_a_changed_model_file(sensitive, tmp_path, capsys):
     assert qtune_main(["tune", "--resume", str(job_file)]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "spec.model.path (or the file it names) changed" in error and "--fresh" in error
+
+
+def test_qtune_never_uses_or_deletes_a_folder_it_did_not_create(sensitive, tmp_path, capsys, monkeypatch):
+    job_file = write_job(tmp_path, sensitive, maxTrials=1)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not qtune's")
+    monkeypatch.chdir(tmp_path)
+    for argv, field in ((["-o", "."], "spec.output.path"), (["-o", str(foreign)], "spec.output.path")):
+        assert qtune_main(["tune", str(job_file), *argv]) == 1
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert field in last, last
+    document = yaml.safe_load(job_file.read_text())
+    document["spec"]["workspace"] = {"path": str(foreign)}
+    job_file.write_text(yaml.safe_dump(document))
+    assert qtune_main(["tune", str(job_file), "--fresh"]) == 1
+    assert "spec.workspace.path" in capsys.readouterr().err and (foreign / "notes.txt").exists()
+
+
+def test_trial_processes_die_with_a_killed_qtune_tune(sensitive, tmp_path, monkeypatch):
+    job_file = job_with_adaptor("HangingAdaptor", tmp_path, sensitive, monkeypatch, trialTimeoutSeconds=600)
+    process = subprocess.Popen([sys.executable, "-m", "qtune.cli.main", "tune", str(job_file)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    history_file = tmp_path / ".qtune" / "mlp" / "history.json"
+    deadline = time.monotonic() + 180
+    trial_pids: list[int] = []
+    while time.monotonic() < deadline and not trial_pids:
+        time.sleep(0.5)
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        if history_file.exists() and json.loads(history_file.read_text())["trials"]:
+            trial_pids = [int(pid) for pid in children]
+    assert trial_pids, "no trial process started"
+    # the history already holds the running trial (saved before its process was launched)
+    assert json.loads(history_file.read_text())["trials"][0]["status"] == "pending"
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in trial_pids):
+        time.sleep(0.2)
+    alive = [pid for pid in trial_pids if os.path.exists(f"/proc/{pid}")
+             and "Z" not in open(f"/proc/{pid}/stat").read().split()[2]]
+    assert not alive, f"trial processes outlived qtune tune: {alive}"
