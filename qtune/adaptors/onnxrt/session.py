@@ -40,9 +40,6 @@ class SessionCache:
             options.intra_op_num_threads = int(threads or 0)
             options.inter_op_num_threads = 1
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            # idle pool threads of one session must not spin on the CPUs while the other model of an
-            # interleaved A/B measurement runs (several sessions live in one process)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
             try:
                 session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
