@@ -53,7 +53,7 @@ spec:
     maxTrials: 12
     parallelTrials: 1
     seed: 0
-  benchmark: {batchSizes: [1, 64]}
+  benchmark: {batchSizes: [1, 64], threads: 1}
 """
 
 # The independent check: its own process, its own sessions, nothing imported from qtune.
