@@ -52,7 +52,7 @@ def print_status(namespace: str, name: str, status: dict[str, Any], console: Con
         console.print(f"trials: {status['progress']}")
     baseline = status.get("baseline") or {}
     if baseline:
-        console.print(f"baseline accuracy {baseline.get('accuracy')}")
+        console.print(f"baseline {baseline.get('metric') or 'accuracy'} {baseline.get('accuracy')}")
     best = status.get("best") or {}
     if best:
         speed = best.get("speed") or {}

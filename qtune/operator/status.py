@@ -78,7 +78,9 @@ class TrialCounts(StatusModel):
 
 
 class BaselineStatus(StatusModel):
-    accuracy: float | None = None
+    accuracy: float | None = Field(default=None, description="the fp32 model's score (see metric)")
+    metric: str | None = Field(default=None, description="what accuracy is: a built-in metric, module:Name of "
+                                                         "the job's own metric, or its evalFunc")
     latency_ms: dict[str, float] = Field(default_factory=dict, description="fp32 alone, p50 by batch size")
     latency_p90_ms: dict[str, float] = Field(default_factory=dict)
     model_size_bytes: int | None = None
@@ -285,7 +287,7 @@ def baseline_status(baseline: Baseline) -> BaselineStatus:
         latency_ms={k: v for k, v in ((k, _finite(v, 4)) for k, v in baseline.latency_ms.items()) if v is not None},
         latency_p90_ms={k: v for k, v in ((k, _finite(v, 4)) for k, v in baseline.latency_p90_ms.items())
                         if v is not None},
-        model_size_bytes=baseline.model_size_bytes, seconds=_finite(baseline.seconds, 2))
+        model_size_bytes=baseline.model_size_bytes, seconds=_finite(baseline.seconds, 2), metric=baseline.metric)
 
 
 def speed_status(measured: SpeedMeasurement, confirmed: bool) -> SpeedStatus:

@@ -129,3 +129,11 @@ def test_a_huge_winning_config_stays_out_of_the_status() -> None:
     best = st.best_status(big, tiny_baseline(), None, False)
     assert best.tune_config is None and "history ConfigMap" in (best.tune_config_omitted or "")
     assert len(best.model_dump_json()) < 4096
+
+
+def test_the_status_names_the_metric() -> None:
+    from qtune.tuning.history import Baseline
+
+    shown = st.baseline_status(Baseline(accuracy=0.9575, metric="sequence_metrics:ExactMatch"))
+    assert shown.metric == "sequence_metrics:ExactMatch"
+    assert shown.model_dump(by_alias=True, exclude_none=True)["metric"] == "sequence_metrics:ExactMatch"

@@ -29,7 +29,6 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 INVALID = {
-    "evalFunc without data": _set("data.evaluation", {"evalFunc": "mymod:score"}),
     "wrong type": (_set("tuning.maxTrials", "many"), ["spec.tuning.maxTrials", "must be of type integer"]),
     "both criteria": (_set("tuning.accuracyCriterion", {"relative": 0.01, "absolute": 0.02}),
                       ["spec.tuning.accuracyCriterion", "only one of relative or absolute"]),
@@ -70,6 +69,7 @@ INVALID = {
 }
 
 VALID = {
+    "evalFunc without data": _set("data.evaluation", {"evalFunc": "mymod:score"}),
     # README's tour writes the scalar form; `qtune tune` and the API server both take it, and the list form
     "scalar dtype (README)": _set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": "fp32"}}}),
     "list dtype": _set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": ["fp32", "int8"]}}}),

@@ -338,3 +338,47 @@ def test_a_2000_op_model_trial_pod_starts_and_reports(cluster: Any, op_namespace
     assert trial.status == "succeeded" and trial.tune_config == config
     assert len(history.trials) == 1 and trial.accuracy is not None and trial.model_size_bytes
     assert status["trials"]["succeeded"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# user code beside the job file: a metric module of the example, imported in the pods
+# ------------------------------------------------------------------------------------------------
+DIGIT_STRINGS = opcluster.ROOT / "examples" / "digit_strings"
+
+
+def test_a_user_metric_beside_the_job_runs_in_the_pods(cluster: Any, op_namespace: str, workspace: Path,
+                                                        start_operator: Any) -> None:
+    """examples/digit_strings on the cluster: string labels scored by `sequence_metrics:ExactMatch`, a
+    module the job's folder (here the workspace volume) holds; no image change, no PYTHONPATH."""
+    files = ("model.onnx", "calib.npz", "eval.npz", "sequence_metrics.py")
+    if not all((DIGIT_STRINGS / name).is_file() for name in files):
+        import subprocess
+
+        subprocess.run([sys.executable, str(DIGIT_STRINGS / "build.py")], check=True, timeout=900)
+    folder = workspace / "digit_strings"
+    folder.mkdir()
+    for name in files:
+        shutil.copy2(DIGIT_STRINGS / name, folder / name)
+    manifest = yaml.safe_load((DIGIT_STRINGS / "job.yaml").read_text())
+    spec = manifest["spec"]
+    for section, key in (("model", None), ("calibration", "data"), ("evaluation", "data")):
+        node = spec[section] if key is None else spec[key][section]
+        node["path"] = f"digit_strings/{node['path']}"
+    spec["data"]["evaluation"]["metric"] = "digit_strings.sequence_metrics:ExactMatch"
+    spec["tuning"].update(maxTrials=2, parallelTrials=1)
+    spec["benchmark"] = {"batchSizes": [1, 16], "warmupRuns": 2, "runs": 5, "maxSeconds": 3, "minRounds": 3,
+                         "threads": 1}
+    spec["trial"] = {"resources": {"cpu": 1, "memory": "2Gi"}}
+    spec["workspace"] = {"persistentVolumeClaim": opcluster.CLAIM}
+    name = manifest["metadata"]["name"]
+    start_operator([op_namespace])
+    opcluster.create_job(cluster, op_namespace, manifest)
+    status = _wait(cluster, op_namespace, name, lambda st: st.get("state") in TERMINAL, 420, "the job finished")
+    assert status.get("reason") in ("GoalReached", "NoSpeedup", "MaxTrialsReached", "SearchExhausted"), \
+        status.get("message")
+    assert status["baseline"]["metric"] == "digit_strings.sequence_metrics:ExactMatch"
+    assert 0.9 <= status["baseline"]["accuracy"] <= 1.0  # exact match of 4-digit strings, fp32 ~0.96
+    history = _history(cluster, op_namespace, name)
+    assert history.baseline.metric == "digit_strings.sequence_metrics:ExactMatch"
+    assert all(t.status == "succeeded" for t in history.trials), [(t.reason, t.message) for t in history.trials]
+    assert status["best"]["accuracy"] >= 0.98 * status["baseline"]["accuracy"]
