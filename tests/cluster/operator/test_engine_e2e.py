@@ -86,41 +86,69 @@ def run_locally(manifest: dict[str, Any], source: Path, folder: Path) -> tuple[A
     return outcome, time.monotonic() - started
 
 
+class ReplayExecutor:
+    """An executor that answers each unit with what a recorded run measured for the same config."""
+
+    def __init__(self, history: Any, capacity: int) -> None:
+        self.recorded = {t.config_key: t for t in history.trials}
+        self.confirmation = history.confirmation or {}
+        self.capacity = capacity
+        self.units: dict[str, Any] = {}
+        self.unknown: list[str] = []
+        """Configs the session proposed that the recorded run never ran."""
+
+    def running(self) -> set[str]:
+        return set(self.units)
+
+    def start(self, unit: Any) -> None:
+        self.units[unit.id] = unit
+
+    def cancel(self, unit_ids: list[str]) -> None:
+        for unit_id in unit_ids:
+            self.units.pop(unit_id, None)
+
+    def poll(self, wait: float) -> list[Any]:
+        from qtune.protocol import ConfirmResult, TrialResult
+        from qtune.tuning.config import TuneConfig
+        from qtune.tuning.engine import UnitFailure, UnitOutcome
+
+        outcomes = []
+        for unit_id, unit in sorted(self.units.items()):
+            if unit.kind == "confirm":
+                done = {k: v for k, v in self.confirmation.items() if k != "trials_seen"}
+                outcomes.append(UnitOutcome(unit_id, ConfirmResult.model_validate(done) if done.get("status") ==
+                                            "succeeded" else UnitFailure("Crashed", "no confirmation in the run")))
+                continue
+            key = TuneConfig.from_dict(unit.tune_config).key()
+            record = self.recorded.get(key)
+            if record is None:
+                self.unknown.append(key)
+                outcomes.append(UnitOutcome(unit_id, UnitFailure("Crashed", "never run in the recorded run")))
+                continue
+            outcomes.append(UnitOutcome(unit_id, TrialResult(
+                trial=unit.trial, status=record.status, config_key=key, accuracy=record.accuracy, speed=record.speed,
+                model_size_bytes=record.model_size_bytes)))
+        self.units.clear()
+        return outcomes
+
+
 def replay(spec: Any, space: Any, history: Any) -> list[str]:
-    """The trial sequence the session proposes when fed the results a run recorded (in the units'
-    order, stage by stage): the engine's decisions given THAT run's figures. A run whose sequence
-    equals its replay decided as the engine does; two runs whose baselines profiled the ops
-    differently may legitimately propose different speed-stage trials."""
-    from qtune.protocol import ConfirmResult, TrialResult
+    """The trial sequence the REAL engine loop (qtune.tuning.engine.drive) proposes when each unit is
+    answered with what a run recorded: the engine's decisions given THAT run's figures. A run whose
+    sequence equals its replay decided as the engine does."""
+    from qtune.tuning.engine import Interrupted, drive
     from qtune.tuning.history import History
     from qtune.tuning.session import TuningSession
 
     fresh = History(job="replay")
     fresh.baseline = copy.deepcopy(history.baseline)
     session = TuningSession(spec, fresh, space)
-    recorded = {t.config_key: t for t in history.trials}
-    running: dict[str, Any] = {}
-    for _ in range(100):
-        decision = session.advance(0.0, frozenset(running), spec.tuning.parallel_trials)
-        if decision.finished:
-            break
-        running.update({unit.id: unit for unit in decision.start})
-        for unit_id, unit in sorted(running.items()):
-            if unit.kind == "confirm":
-                done = history.confirmation or {}
-                if done.get("status") == "succeeded":
-                    session.record_confirm(ConfirmResult.model_validate(
-                        {k: v for k, v in done.items() if k != "trials_seen"}))
-                else:
-                    session.record_unit_failure(unit_id, "Crashed", "no confirmation in the run")
-                continue
-            key = next(t.config_key for t in fresh.trials if t.index == unit.trial)
-            if key not in recorded:
-                return [t.config_key for t in fresh.trials]  # a proposal the run never made
-            t = recorded[key]
-            session.record_trial(TrialResult(trial=unit.trial, status=t.status, config_key=key, accuracy=t.accuracy,
-                                             speed=t.speed, model_size_bytes=t.model_size_bytes))
-        running.clear()
+    executor = ReplayExecutor(history, spec.tuning.parallel_trials)
+    try:
+        drive(session, executor, lambda: 0.0, lambda: None, poll_wait=0,
+              interrupted=lambda: bool(executor.unknown) or len(fresh.trials) > len(history.trials) + 5)
+    except Interrupted:  # it proposed a config the run never ran: the sequences differ from here
+        pass
     return [t.config_key for t in fresh.trials]
 
 
