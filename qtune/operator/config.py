@@ -25,6 +25,15 @@ def _json_map(text: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in (json.loads(text or "{}") or {}).items()}
 
 
+def _module_prefixes(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def module_allowed(module: str, prefixes: tuple[str, ...]) -> bool:
+    """`module` is one of `prefixes` or inside one of them (package prefix `a.b` allows `a.b.c`, not `a.bc`)."""
+    return any(module == p or module.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
 def _flag_bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
@@ -78,6 +87,9 @@ class OperatorConfig:
                                        env=None, flag=False, parse=int)
     signing_key: str = setting("", "the key every unit's result secret is derived from (the chart keeps it in a "
                                    "Secret, stable across upgrades); empty: a random key per process", flag=False)
+    allowed_modules: tuple[str, ...] = setting(
+        (), "comma-separated module prefixes whose `module:Class` strategies the operator may import (chart "
+            "value allowedModules); empty: built-in strategies only", parse=_module_prefixes)
     api_retries: int = setting(5, "a step failing with the same API 4xx answer this many times in a row fails "
                                   "the job", parse=int)
 

@@ -39,7 +39,8 @@ def job_active(status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
     state = status.get("state")
     if state not in st.TERMINAL:
         return True
-    return (status.get("reason") in (st.INVALID_SPEC, st.BASELINE_FAILED, st.API_ERROR, st.HISTORY_TOO_LARGE)
+    return (status.get("reason") in (st.INVALID_SPEC, st.BASELINE_FAILED, st.API_ERROR, st.HISTORY_TOO_LARGE,
+                                        st.OBJECT_CONFLICT)
             and status.get("observedGeneration") != meta.get("generation"))
 
 
@@ -62,7 +63,7 @@ async def qtune_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Po
 
 def _events(body: kopf.Body):  # noqa: ANN202 - an EventSink
     def post(kind: str, reason: str, message: str) -> None:
-        kopf.event(body, type=kind, reason=reason, message=message[:1024])
+        kopf.event(body, type=kind, reason=reason[:128], message=message[:1024])
 
     return post
 

@@ -11,6 +11,29 @@ from qtune.operator import constants as c
 
 CONTAINER = "runner"
 NODE_STOPPED = ("Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated")
+KNOWN_REASONS = frozenset({
+    "OOMKilled", "Timeout", "Crashed", protocol.INVALID_SPEC, "TrialError", "RunnerError", "DeadlineExceeded",
+    *NODE_STOPPED, "MetricsUnavailable", "Abandoned", "Failed",
+})
+"""The failure reasons that may become a metric label or an Event reason (a bounded set)."""
+OTHER = "Other"
+MESSAGE_LIMIT = 2000
+"""A failure message is cut to this many characters."""
+
+
+def bounded_reason(reason: str | None) -> str:
+    """`reason` when it is a known failure reason, else "Other": what reaches metric labels and Event
+    reasons never depends on free text a pod wrote (a termination message, a pushed result)."""
+    return reason if reason in KNOWN_REASONS else OTHER
+
+
+def bounded_failure(reason: str | None, message: str) -> tuple[str, str]:
+    """(known reason or Other, message cut to MESSAGE_LIMIT); an unknown reason's text is kept, cut, in the
+    message."""
+    known = bounded_reason(reason)
+    if reason and known != reason:
+        message = f"{reason[:64]}: {message}" if message else reason[:64]
+    return known, message[:MESSAGE_LIMIT]
 
 
 def parse_time(value: str | None) -> float | None:
@@ -88,7 +111,12 @@ def summarize_pod(body: Any) -> PodSummary:
 
 
 def failure_of(pod: PodSummary) -> tuple[str, str]:
-    """(reason, message) of a failed pod, for the session and the condition message."""
+    """(reason, message) of a failed pod, for the session and the condition message: the reason is one of
+    KNOWN_REASONS or "Other", the message at most MESSAGE_LIMIT characters."""
+    return bounded_failure(*_failure_of(pod))
+
+
+def _failure_of(pod: PodSummary) -> tuple[str, str]:
     message = (pod.message or "").strip()
     if pod.container_reason == "OOMKilled" or pod.reason == "OOMKilled":
         return "OOMKilled", message or "the unit exceeded its memory limit (spec.trial.resources.memory)"

@@ -19,6 +19,7 @@ rebuilds everything from the history, the baseline ConfigMap and the pods it fin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -32,15 +33,15 @@ from qtune import protocol
 from qtune.operator import builders
 from qtune.operator import constants as c
 from qtune.operator import status as st
-from qtune.operator.config import OperatorConfig
+from qtune.operator.config import OperatorConfig, module_allowed
 from qtune.operator.kube import Conflict, Kube
 from qtune.operator.layout import JobRef, cluster_problem, job_document, trial_dir, workspace_dir
 from qtune.operator.metrics import OperatorMetrics
-from qtune.operator.podstatus import PodSummary, failure_of
+from qtune.operator.podstatus import PodSummary, bounded_reason, failure_of
 from qtune.operator.prom import MetricsError, PrometheusClient, PushgatewayClient, ResultsPoller
 from qtune.operator.rbac import runner_rbac
 from qtune.operator.results import ACCEPT, WAIT, Observed, judge, unit_pods
-from qtune.operator.store import HistoryStore, HistoryTooLarge, decode_published
+from qtune.operator.store import OWNED, ForeignObject, HistoryStore, HistoryTooLarge, decode_published, ownership
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
 from qtune.spec.models import JobSpec
@@ -90,6 +91,45 @@ def validate(body: Mapping[str, Any]) -> tuple[JobSpec, dict[str, Any]]:
     if problem is not None:
         raise problem
     return job.spec, spec_dict
+
+
+def check_operator_imports(spec: JobSpec, allowed_modules: tuple[str, ...]) -> None:
+    """Job-supplied code the operator itself would import (a `module:Class` strategy: the session runs
+    in the operator) must be in a module the operator's configuration allows; raises SpecError
+    WITHOUT importing anything otherwise. Adaptors (`spec.model.framework`) are never imported here:
+    the spec model only checks their form."""
+    from qtune.tuning.strategies import STRATEGIES
+    from qtune.tuning.strategies.base import STRATEGY_FIELD
+
+    name = spec.tuning.strategy
+    module, sep, _ = name.partition(":")
+    if name in STRATEGIES or not sep:
+        return  # a built-in, or an unknown plain name create_strategy reports without importing
+    if not module_allowed(module.strip(), allowed_modules):
+        now = ", ".join(allowed_modules) if allowed_modules else "none: built-in strategies only"
+        builtins = ", ".join(sorted(STRATEGIES))
+        raise SpecError(STRATEGY_FIELD, f"cannot import {name}: module {module!r} is not one the operator may "
+                                        f"import (allowed: {now}); use a built-in strategy ({builtins}) "
+                                        "or ask the operator's administrator to allow the module (operator setting "
+                                        "QTUNE_ALLOWED_MODULES / --allowed-modules, comma-separated module prefixes)")
+
+
+def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
+                  allowed_modules: tuple[str, ...]) -> TuningSession:
+    """The job's TuningSession, as the operator may build it: only allowed strategy modules are imported,
+    and whatever their import or constructor raises (SystemExit and KeyboardInterrupt included) becomes a
+    SpecError on spec.tuning.strategy: no job can end the operator process."""
+    from qtune.tuning.strategies.base import STRATEGY_FIELD
+
+    check_operator_imports(spec, allowed_modules)
+    try:
+        return TuningSession(spec, history, space)
+    except (SpecError, asyncio.CancelledError):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise SpecError(STRATEGY_FIELD, f"cannot use {spec.tuning.strategy}: importing or creating it raised "
+                                        f"{type(exc).__name__}" + (f": {first}" if first else "")) from None
 
 
 def can_resume(history: History, spec: JobSpec) -> bool:
@@ -232,6 +272,8 @@ class JobReconciler:
     retired: set[str] = field(default_factory=set)
     """uids of failed pods whose failure was put aside (a failed baseline run again after an edit)."""
     api_failures: int = 0
+    owned: set[str] = field(default_factory=set)
+    """ConfigMaps this process created or found owned by the job's uid (deletable without a read)."""
 
     def __post_init__(self) -> None:
         self.store = HistoryStore(self.services.kube, self.job, self.services.config.history_plain_limit)
@@ -255,6 +297,8 @@ class JobReconciler:
         except Terminal as exc:
             await self.publish(st.FAILED_STATE, exc.reason, exc.message, now)
             return StepResult(st.FAILED_STATE, done=True)
+        except ForeignObject as exc:
+            return await self._foreign(exc, now)
         except Conflict as exc:
             logger.warning("%s/%s: %s; reloading the history", self.job.namespace, self.job.name, exc)
             self.services.metrics.errors.labels(kind="conflict").inc()
@@ -272,6 +316,38 @@ class JobReconciler:
             raise
         finally:
             self.services.metrics.step_seconds.observe(time.perf_counter() - started)
+
+    async def _foreign(self, exc: ForeignObject, now: float) -> StepResult:
+        """An object of a name this job needs is not the job's: an earlier job's is waited for (the
+        garbage collector deletes it); anyone else's fails the job, naming it. Never adopted."""
+        logger.warning("%s/%s: %s", self.job.namespace, self.job.name, exc.message)
+        if exc.previous:
+            await self.publish(self.last_state or st.PENDING, st.WAITING_FOR_CLEANUP, exc.message, now)
+            return StepResult(self.last_state or st.PENDING, wait=max(self.config.poll_interval, 2.0))
+        await self.publish(st.FAILED_STATE, st.OBJECT_CONFLICT, exc.message, now)
+        return StepResult(st.FAILED_STATE, done=True)
+
+    async def _read_owned(self, name: str) -> dict[str, Any] | None:
+        """A ConfigMap of the job, None when absent or not this job's (never believed then)."""
+        body = await self.kube.read_configmap(self.job.namespace, name)
+        if body is not None and ownership(body, self.job) != OWNED:
+            logger.warning("%s/%s: %s", self.job.namespace, self.job.name, ForeignObject.of(body, self.job).message)
+            return None
+        return body
+
+    async def _claim(self, body: dict[str, Any]) -> None:
+        """Create a ConfigMap of the job unless it exists; an existing one must be the job's own
+        (ForeignObject otherwise: a same-named object is never adopted)."""
+        name = body["metadata"]["name"]
+        if await self.kube.ensure(body) or name in self.owned:
+            self.owned.add(name)
+            return
+        existing = await self.kube.read_configmap(self.job.namespace, name)
+        if existing is None:  # deleted in between: create it next step
+            raise Conflict(f"configmap {name} vanished")
+        if ownership(existing, self.job) != OWNED:
+            raise ForeignObject.of(existing, self.job)
+        self.owned.add(name)
 
     async def _refused(self, exc: ApiException, now: float) -> StepResult:
         """An API 4xx answer (quota, forbidden, invalid object): a condition with the API's message,
@@ -303,6 +379,7 @@ class JobReconciler:
         if generation != self.generation or self.spec is None:
             try:
                 self.spec, self.spec_dict = validate(body)
+                check_operator_imports(self.spec, self.config.allowed_modules)
             except SpecError as exc:
                 self.spec = None
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
@@ -316,11 +393,11 @@ class JobReconciler:
                 await self._save()
         history = self.history
         if history.baseline is not None and self.space is None:
-            published = await self.kube.read_configmap(self.job.namespace, c.baseline_configmap(self.job.name))
+            published = await self._read_owned(c.baseline_configmap(self.job.name))
             document = decode_published(published, c.SPACE_KEY)
             self.space = TuningSpace.from_dict(document) if document is not None else None
         try:
-            session = TuningSession(spec, history, self.space)
+            session = build_session(spec, history, self.space, self.config.allowed_modules)
         except SpecError as exc:
             raise Terminal(st.INVALID_SPEC, str(exc)) from None
         current = unit_pods(self.job, [p for p in pods if p.uid not in self.retired])
@@ -333,7 +410,7 @@ class JobReconciler:
         space_doc = None
         baseline_pod = current.get(protocol.BASELINE_UNIT)
         if baseline_pod is not None and baseline_pod.phase == "Succeeded" and not recorded(history, "baseline"):
-            published = await self.kube.read_configmap(self.job.namespace, c.baseline_configmap(self.job.name))
+            published = await self._read_owned(c.baseline_configmap(self.job.name))
             space_doc = decode_published(published, c.SPACE_KEY)
         seen = observe(self.job, history, current, results, space_doc, self.config.signing_key, self.awaiting, now,
                        self.config.metrics_timeout)
@@ -449,9 +526,10 @@ class JobReconciler:
         for record in records:
             metrics.trials_finished.labels(status=record.status).inc()
             if not record.ok:
-                metrics.trials_failed.labels(reason=record.reason or "Unknown").inc()
-                self.events("Warning", record.reason or "TrialFailed",
-                            f"trial {record.index} failed: {(record.message or '')[:300]}")
+                reason = bounded_reason(record.reason)  # a pod's free text never becomes a label or reason
+                detail = "" if reason == record.reason or not record.reason else f"{record.reason[:64]}: "
+                metrics.trials_failed.labels(reason=reason).inc()
+                self.events("Warning", reason, f"trial {record.index} failed: {detail}{(record.message or '')[:300]}")
 
     async def _start(self, unit: WorkUnit) -> None:
         """Secret, inputs and pod of a new start of `unit` (a new attempt when an older pod exists)."""
@@ -462,14 +540,14 @@ class JobReconciler:
         if plan.kind == protocol.BASELINE_UNIT:
             for obj in runner_rbac(self.job, self.spec.trial.service_account_name):
                 await self.kube.ensure(obj)
-            await self.kube.ensure(builders.configmap(self.job, c.baseline_configmap(self.job.name), c.ROLE_BASELINE))
+            await self._claim(builders.configmap(self.job, c.baseline_configmap(self.job.name), c.ROLE_BASELINE))
         secret = protocol.derive_unit_secret(self.config.signing_key, self.job.uid, unit.id, attempt)
         await self.kube.ensure(builders.unit_secret(self.job, plan, secret))
         try:
             inputs = builders.unit_inputs(self.job, self.spec_dict, plan)
         except protocol.PayloadTooLarge as exc:
             raise Terminal("ConfigTooLarge", str(exc)) from None
-        await self.kube.ensure(inputs)
+        await self._claim(inputs)
         annotations = {f"{c.GROUP}/config-key": str(unit.tune_config and _config_key(unit.tune_config))} \
             if unit.tune_config else None
         body = builders.unit_pod(self.job, self.spec, plan, self.config, annotations)
@@ -491,7 +569,10 @@ class JobReconciler:
                     logger.warning("%s/%s: %s: %s", self.job.namespace, self.job.name, unit, exc)
                     continue
             await self.kube.delete("Secret", self.job.namespace, c.unit_key(pod.name))
-            await self.kube.delete("ConfigMap", self.job.namespace, c.unit_inputs(pod.name))
+            inputs = c.unit_inputs(pod.name)
+            if inputs in self.owned or await self._read_owned(inputs) is not None:
+                await self.kube.delete("ConfigMap", self.job.namespace, inputs)
+            self.owned.discard(inputs)
             if pod.phase == "Succeeded" and not self.config.keep_succeeded_pods:
                 await self.kube.delete_pod(self.job.namespace, pod.name)
             self.cleaned.add(pod.name)

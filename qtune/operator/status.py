@@ -37,6 +37,10 @@ REASON_BASELINE = "Baseline"
 REASON_TUNING = "Tuning"
 REASON_CONFIRMING = "Confirming"
 RESUMED = "Resumed"
+OBJECT_CONFLICT = "ObjectConflict"
+"""An object of a name the job needs exists and is someone else's (never adopted, changed or deleted)."""
+WAITING_FOR_CLEANUP = "WaitingForCleanup"
+"""An earlier job of the same name still owns an object this job needs; the garbage collector removes it."""
 
 MESSAGE_LIMIT = 1024
 

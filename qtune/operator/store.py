@@ -4,6 +4,11 @@ The history is the record of truth: a trial is added (pending) BEFORE its pod is
 result is recorded BEFORE its pod and Pushgateway group are deleted, so after an operator
 restart no trial index is used twice and no finished trial runs again.
 
+Identity is the job's uid, never its name: a ConfigMap of the history's name is read (and written)
+only when its ownerReference carries this job's uid. One owned by an earlier job of the same name
+(deleted and recreated) is `ForeignObject(previous=True)`: left to the garbage collector, never
+adopted; any other one is `ForeignObject(previous=False)`: never changed, never deleted.
+
 Small histories are stored as plain JSON (`data["history.json"]`, readable with kubectl);
 larger ones gzip-compressed in `binaryData["history.json.gz"]` (base64 in the API). Updates carry
 the resourceVersion they were based on, so a concurrent writer is detected (Conflict), never
@@ -24,6 +29,50 @@ from qtune.operator.layout import JobRef
 from qtune.tuning.history import History
 
 logger = logging.getLogger(__name__)
+
+
+OWNED, PREVIOUS, FOREIGN = "owned", "previous", "foreign"
+
+
+def ownership(body: dict[str, Any], job: JobRef) -> str:
+    """OWNED when an ownerReference carries the job's uid; PREVIOUS when one names an earlier
+    QuantizationJob of the same name (another uid: garbage collection will delete the object);
+    FOREIGN otherwise (someone else's object that only shares the name)."""
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    if any(ref.get("uid") == job.uid for ref in refs):
+        return OWNED
+    if any(ref.get("kind") == c.KIND and ref.get("name") == job.name and str(ref.get("apiVersion", "")).startswith(
+            c.GROUP + "/") for ref in refs):
+        return PREVIOUS
+    return FOREIGN
+
+
+class ForeignObject(Exception):
+    """An object of a name the operator uses for this job exists and is not this job's."""
+
+    def __init__(self, kind: str, namespace: str, name: str, previous: bool, owner_uids: tuple[str, ...] = ()) -> None:
+        self.kind, self.namespace, self.name, self.previous = kind, namespace, name, previous
+        if previous:
+            text = (f"{kind} {namespace}/{name} belongs to an earlier job of this name (uid "
+                    f"{', '.join(owner_uids) or '?'}); waiting for the garbage collector to delete it")
+        else:
+            text = (f"{kind} {namespace}/{name} exists and is not owned by this job: the operator neither "
+                    "uses, changes nor deletes it; rename or delete that object (or rename the job)")
+        super().__init__(text)
+        self.message = text
+
+    @classmethod
+    def of(cls, body: dict[str, Any], job: JobRef) -> ForeignObject:
+        meta = body.get("metadata") or {}
+        owners = tuple(str(ref.get("uid", "")) for ref in meta.get("ownerReferences") or [])
+        return cls(str(body.get("kind") or "ConfigMap"), job.namespace, str(meta.get("name", "")),
+                   ownership(body, job) == PREVIOUS, owners)
+
+
+def check_owned(body: dict[str, Any], job: JobRef) -> None:
+    """Raise ForeignObject unless the job owns `body`."""
+    if ownership(body, job) != OWNED:
+        raise ForeignObject.of(body, job)
 
 
 class HistoryTooLarge(protocol.PayloadTooLarge):
@@ -62,10 +111,14 @@ class HistoryStore:
         return c.history_configmap(self.job.name)
 
     async def load(self) -> History | None:
+        """The job's stored history (None when there is none); ForeignObject when a ConfigMap of that
+        name exists that this job does not own (it is never read, adopted or overwritten)."""
         body = await self.kube.read_configmap(self.job.namespace, self.name)
         if body is None:
             self.resource_version = None
             return None
+        self.resource_version = None
+        check_owned(body, self.job)
         self.resource_version = body["metadata"].get("resourceVersion")
         return decode_history(body)
 
