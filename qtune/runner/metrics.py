@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
-from typing import Any
+import time
+import urllib.error
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
 from prometheus_client.metrics_core import Metric
@@ -24,6 +26,11 @@ from qtune.protocol import Result, Sample
 logger = logging.getLogger(__name__)
 
 PUSH_JOB = protocol.PUSH_JOB
+PUSH_ATTEMPTS = 6
+PUSH_BACKOFF = 2.0
+PUSH_MAX_DELAY = 30.0
+"""Push retries: 6 attempts, waiting 2, 4, 8, 16, 30 s between them (about a minute in all), on
+connection errors, timeouts, 429 and 5xx answers; a 4xx answer is final."""
 SECRET_ENV = "QTUNE_RESULT_SECRET"
 """Env var holding this pod's result secret (set by the operator through secretKeyRef)."""
 
@@ -83,9 +90,42 @@ def as_result(unit: str, result: Result | dict[str, Any]) -> Result:
     return protocol.TrialResult.model_validate(data)
 
 
+T = TypeVar("T")
+
+
+def retryable(exc: BaseException) -> bool:
+    """A push failure worth retrying: the gateway unreachable or failing, not refusing the request."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code == 429
+    return isinstance(exc, OSError)  # URLError, ConnectionError, timeouts
+
+
+def with_retry(action: Callable[[], T], what: str, *, attempts: int | None = None, backoff: float | None = None,
+               max_delay: float | None = None, sleep: Callable[[float], None] | None = None) -> T:
+    """`action()`, retried with exponential backoff while it fails in a `retryable` way (defaults:
+    PUSH_ATTEMPTS, PUSH_BACKOFF, PUSH_MAX_DELAY)."""
+    attempts = PUSH_ATTEMPTS if attempts is None else attempts
+    delay = PUSH_BACKOFF if backoff is None else backoff
+    max_delay = PUSH_MAX_DELAY if max_delay is None else max_delay
+    sleep = sleep or time.sleep
+    for attempt in range(1, max(1, attempts) + 1):
+        try:
+            return action()
+        except Exception as exc:
+            if attempt >= attempts or not retryable(exc):
+                raise
+            logger.warning("%s failed (attempt %d of %d: %s); retrying in %.0f s", what, attempt, attempts,
+                           exc, delay)
+            sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | dict[str, Any],
-                secret: str | None = None) -> str | None:
-    """Sign (with `secret`, default env QTUNE_RESULT_SECRET) and push one result; returns the signature."""
+                secret: str | None = None, *, attempts: int | None = None, backoff: float | None = None,
+                sleep: Callable[[float], None] | None = None) -> str | None:
+    """Sign (with `secret`, default env QTUNE_RESULT_SECRET) and push one result, retrying (see
+    PUSH_ATTEMPTS) while the gateway is unreachable or failing; returns the signature."""
     unit = unit_id(unit)
     message = as_result(unit, result)
     secret = secret if secret is not None else os.environ.get(SECRET_ENV)
@@ -93,8 +133,10 @@ def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | di
     if signature is None:
         logger.warning("no result secret (%s): the result of %s is pushed unsigned; an operator ignores it",
                        SECRET_ENV, unit)
-    push_to_gateway(gateway, job=PUSH_JOB, registry=result_registry(message, signature),
-                    grouping_key=grouping_key(job_uid, unit), timeout=10)
+    registry = result_registry(message, signature)
+    with_retry(lambda: push_to_gateway(gateway, job=PUSH_JOB, registry=registry,
+                                       grouping_key=grouping_key(job_uid, unit), timeout=10),
+               f"pushing the result of {unit} to {gateway}", attempts=attempts, backoff=backoff, sleep=sleep)
     logger.info("pushed the result of %s (job %s) to %s", unit, job_uid, gateway)
     return signature
 

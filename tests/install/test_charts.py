@@ -322,3 +322,117 @@ def test_the_signing_key_is_generated_or_an_existing_secret(helm: Path) -> None:
     existing = render(helm, {"signingKey.existingSecret": "team-key"})
     assert not [m for m in existing if m["kind"] == "Secret"]
     assert env_of(existing)["QTUNE_SIGNING_KEY"] == {"secretKeyRef": {"name": "team-key", "key": "key"}}
+
+
+# --------------------------------------------------------------------------- network policies (issue 12)
+
+
+def unit_policies(manifests: list[Manifest], namespace: str) -> tuple[Manifest, Manifest]:
+    return (one(manifests, "NetworkPolicy", name="qtune-units", namespace=namespace),
+            one(manifests, "NetworkPolicy", name="qtune-baseline-apiserver", namespace=namespace))
+
+
+def selects(policy: Manifest, labels: dict[str, str]) -> bool:
+    selector = policy["spec"]["podSelector"]
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_unit_pods_get_no_ingress_and_egress_only_to_dns_and_the_pushgateway(helm: Path) -> None:
+    from qtune.operator import constants as c
+
+    manifests = render(helm, {"watch.namespaces": ["team-a", "team-b"]})
+    for ns in ("team-a", "team-b"):
+        units, baseline = unit_policies(manifests, ns)
+        # the labels the operator puts on its pods select them; the operator itself is not selected
+        for role in (c.ROLE_BASELINE, c.ROLE_TRIAL, c.ROLE_CONFIRM):
+            assert selects(units, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: role}), role
+        assert not selects(units, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: c.ROLE_HISTORY})
+        assert not selects(units, {"app.kubernetes.io/name": "qtune", "app.kubernetes.io/component": "operator"})
+        assert selects(baseline, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: c.ROLE_BASELINE})
+        assert not selects(baseline, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: c.ROLE_TRIAL})
+        assert not selects(baseline, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: c.ROLE_CONFIRM})
+
+        assert units["spec"]["policyTypes"] == ["Ingress", "Egress"] and units["spec"]["ingress"] == []
+        egress = units["spec"]["egress"]
+        assert len(egress) == 2, "DNS and the Pushgateway, nothing else"
+        dns, pushgateway = egress
+        assert sorted((p["protocol"], p["port"]) for p in dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+        assert dns["to"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                              "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+        assert pushgateway["ports"] == [{"protocol": "TCP", "port": 9091}]
+        assert pushgateway["to"][0]["podSelector"] == {
+            "matchLabels": {"app.kubernetes.io/name": "prometheus-pushgateway"}}
+        for rule in egress:
+            assert rule["to"] and all("ipBlock" not in peer for peer in rule["to"]), "no open egress"
+        # the API server: the baseline only (it publishes its ConfigMap)
+        assert baseline["spec"]["policyTypes"] == ["Egress"] and "ingress" not in baseline["spec"]
+        assert sorted(p["port"] for p in baseline["spec"]["egress"][0]["ports"]) == [443, 6443]
+
+
+def test_network_policy_selectors_are_values(helm: Path) -> None:
+    manifests = render(helm, {
+        "networkPolicy.pushgateway.to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}],
+        "networkPolicy.pushgateway.port": 19091,
+        "networkPolicy.dns.to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "coredns"}}}],
+        "networkPolicy.apiServer.cidrs": ["172.18.0.2/32"], "networkPolicy.apiServer.ports": [6443],
+        "networkPolicy.extraEgress": [{"to": [{"ipBlock": {"cidr": "10.9.9.9/32"}}],
+                                       "ports": [{"protocol": "TCP", "port": 3128}]}]})
+    units, baseline = unit_policies(manifests, NS)
+    dns, pushgateway, proxy = units["spec"]["egress"]
+    assert pushgateway == {"to": [{"ipBlock": {"cidr": "10.1.2.3/32"}}], "ports": [{"protocol": "TCP", "port": 19091}]}
+    assert dns["to"][0]["podSelector"] == {"matchLabels": {"app": "coredns"}}
+    assert proxy["ports"] == [{"protocol": "TCP", "port": 3128}]
+    assert baseline["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}],
+                                           "ports": [{"protocol": "TCP", "port": 6443}]}]
+    assert not find(render(helm, {"networkPolicy.enabled": False}), "NetworkPolicy")
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"networkPolicy.apiServer.cidrs":
+                                                                              ["kubernetes"]})], check=False)
+    assert proc.returncode != 0 and "schema" in proc.stderr
+
+
+def notes(helm: Path, tmp_path: Path, values: dict[str, Any]) -> str:
+    """NOTES.txt as `helm install` prints it (helm template does not render it): a copy of the chart
+    renders it through `tpl` into a ConfigMap."""
+    import shutil
+
+    import yaml
+
+    chart = tmp_path / "qtune"
+    shutil.copytree(OPERATOR_CHART, chart)
+    (chart / "templates" / "NOTES.txt").rename(chart / "notes.txt")
+    (chart / "templates" / "zz-notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: rendered-notes\n'
+        'data:\n  notes: {{ tpl (.Files.Get "notes.txt") . | quote }}\n')
+    proc = run_helm(helm, ["template", "q", str(chart), "--namespace", NS, *set_args(values),
+                           "--show-only", "templates/zz-notes.yaml"])
+    return yaml.safe_load(proc.stdout)["data"]["notes"]
+
+
+def test_cluster_wide_rbac_is_explicit_and_warned_about(helm: Path, tmp_path: Path) -> None:
+    import yaml
+
+    defaults = yaml.safe_load((OPERATOR_CHART / "values.yaml").read_text())
+    assert defaults["watch"]["allNamespaces"] is False
+    assert not [r for r in find(render(helm), "ClusterRole") for _, res, _ in rules_of(r) if res == "pods"]
+    assert "WARNING: watch.allNamespaces" not in notes(helm, tmp_path / "a", {})
+    text = notes(helm, tmp_path / "b", {"watch.allNamespaces": True, "trial.serviceAccount.create": False})
+    assert "WARNING: watch.allNamespaces is on" in text and "kube-system" in text
+    # cluster-wide with namespaces listed: the policies still go to those namespaces
+    manifests = render(helm, {"watch.allNamespaces": True, "trial.serviceAccount.create": False,
+                              "watch.namespaces": ["team-a"]})
+    assert {p["metadata"]["namespace"] for p in find(manifests, "NetworkPolicy")} == {"team-a"}
+
+
+def test_allowed_strategy_modules_reach_the_operator(helm: Path) -> None:
+    assert "QTUNE_ALLOWED_MODULES" not in env_of(render(helm))  # default: built-in strategies only
+    env = env_of(render(helm, {"allowedModules": ["acme.strategies", "acme.more"]}))
+    assert env["QTUNE_ALLOWED_MODULES"] == "acme.strategies,acme.more"
+    from qtune.operator.config import OperatorConfig
+
+    assert OperatorConfig.env_name("allowed_modules") == "QTUNE_ALLOWED_MODULES"

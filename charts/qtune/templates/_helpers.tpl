@@ -158,6 +158,10 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 {{- end }}
 - name: QTUNE_TRIAL_VENDOR
   value: {{ .Values.trial.nodeAffinity.vendor | quote }}
+{{- with .Values.allowedModules }}
+- name: QTUNE_ALLOWED_MODULES
+  value: {{ join "," . | quote }}
+{{- end }}
 - name: QTUNE_TRIAL_TOLERATIONS
   value: {{ .Values.trial.tolerations | toJson | quote }}
 {{- if .Values.trial.serviceAccount.create }}

@@ -1,0 +1,141 @@
+"""The runner's result push (issue 12): retried with a bounded backoff on connection errors and
+5xx answers, final on 4xx; a failed optional push (the baseline's metrics, when the baseline also
+published its ConfigMap) never fails a good baseline. Against a local HTTP server that fails the
+first attempts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qtune import protocol
+from qtune.runner import __main__ as runner
+from qtune.runner import metrics
+
+
+class Gateway:
+    """A Pushgateway stand-in: answers `fail_status` to the first `failures` pushes, then 200."""
+
+    def __init__(self, failures: int, fail_status: int = 503) -> None:
+        self.failures, self.fail_status, self.requests = failures, fail_status, []
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                gateway.requests.append((self.path, body))
+                status = gateway.fail_status if len(gateway.requests) <= gateway.failures else 200
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_POST = do_PUT  # noqa: N815
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def gateway_factory() -> Iterator[Any]:
+    made: list[Gateway] = []
+
+    def make(failures: int, fail_status: int = 503) -> Gateway:
+        made.append(Gateway(failures, fail_status))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+def closed_port_url() -> str:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+TRIAL = {"trial": 3, "status": "succeeded", "accuracy": 0.9}
+
+
+def test_push_retries_through_5xx_with_backoff(gateway_factory: Any) -> None:
+    gateway, sleeps = gateway_factory(3), []
+    metrics.push_result(gateway.url, "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
+    assert len(gateway.requests) == 4, "three 503s, then the push that succeeds"
+    assert sleeps == [2.0, 4.0, 8.0]
+    assert "/job_uid/uid-1/unit/trial-3" in gateway.requests[-1][0]
+    assert b"qtune_result_accuracy" in gateway.requests[-1][1]
+
+
+def test_push_retries_connection_errors_and_is_bounded() -> None:
+    sleeps: list[float] = []
+    with pytest.raises(OSError):
+        metrics.push_result(closed_port_url(), "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
+    assert len(sleeps) == metrics.PUSH_ATTEMPTS - 1 == 5
+    assert sleeps == [2.0, 4.0, 8.0, 16.0, 30.0] and 50 <= sum(sleeps) <= 70, "about a minute in all"
+
+
+def test_a_4xx_answer_is_not_retried(gateway_factory: Any) -> None:
+    gateway, sleeps = gateway_factory(10, fail_status=400), []
+    with pytest.raises(OSError):
+        metrics.push_result(gateway.url, "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
+    assert len(gateway.requests) == 1 and sleeps == []
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "PUSH_BACKOFF", 0.0)
+    monkeypatch.setattr(metrics, "PUSH_MAX_DELAY", 0.0)
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, result: Any, gateway: str,
+          *extra: str) -> tuple[int, dict[str, Any], str]:
+    monkeypatch.setattr(runner, "_run", lambda args: result)
+    termination = tmp_path / "termination-log"
+    monkeypatch.setenv("QTUNE_TERMINATION_LOG", str(termination))
+    monkeypatch.setenv("QTUNE_RESULT_SECRET", "s")
+    out = tmp_path / "result.json"
+    code = runner.main([command, "--job-json", "{}", "--workspace", str(tmp_path / "ws"), "--index", "3",
+                        "--result", str(out), "--pushgateway", gateway, "--job-uid", "uid-1", *extra])
+    return code, json.loads(out.read_text()), termination.read_text() if termination.exists() else ""
+
+
+def test_failed_optional_baseline_push_keeps_a_good_baseline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                              gateway_factory: Any, fast_retries: None) -> None:
+    gateway = gateway_factory(100, fail_status=500)  # never recovers
+    baseline = protocol.BaselineResult(accuracy=0.97, metric="top1")
+    code, result, termination = _main(monkeypatch, tmp_path, "baseline", baseline, gateway.url,
+                                      "--publish-configmap", "job-baseline")
+    assert code == protocol.EXIT_OK and result["status"] == "succeeded" and termination == ""
+    assert len(gateway.requests) == metrics.PUSH_ATTEMPTS, "retried, then given up"
+
+
+def test_a_trial_push_that_recovers_succeeds_and_one_that_never_does_fails_cleanly(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gateway_factory: Any, fast_retries: None) -> None:
+    trial = protocol.TrialResult(trial=3, status="succeeded", accuracy=0.9)
+    code, _, _ = _main(monkeypatch, tmp_path, "trial", trial, gateway_factory(2).url)
+    assert code == protocol.EXIT_OK
+    # a required push that never gets through: a clean failure naming why, not a traceback
+    code, _, termination = _main(monkeypatch, tmp_path, "trial", trial, closed_port_url())
+    assert code == protocol.EXIT_TRIAL_FAILED and termination.startswith("PushFailed: ")
+    # the baseline without a ConfigMap: its push is its only delivery, so it is required
+    code, _, termination = _main(monkeypatch, tmp_path, "baseline", protocol.BaselineResult(accuracy=0.9),
+                                 closed_port_url())
+    assert code != protocol.EXIT_OK and termination.startswith("PushFailed: ")
