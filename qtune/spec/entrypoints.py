@@ -40,12 +40,42 @@ def job_search_path(base_dir: str | Path | None) -> list[str]:
     return [str(p) for p in [folder, *list(folder.parents)[:PARENT_LEVELS]]]
 
 
+_JOB_DIRS: set[str] = set()
+"""Folders add_job_dir put on sys.path (several jobs may run in one process, e.g. tests)."""
+
+
 def add_job_dir(base_dir: str | Path | None) -> None:
     """Append the job's folder (and its parents) to `sys.path` once. Idempotent."""
     for folder in job_search_path(base_dir):
         if folder not in sys.path:
             sys.path.append(folder)
+            _JOB_DIRS.add(folder)
     importlib.invalidate_caches()
+
+
+def _holds(folder: str, top: str) -> bool:
+    return (Path(folder) / f"{top}.py").is_file() or (Path(folder) / top / "__init__.py").is_file()
+
+
+def _prefer_own_module(module_name: str, base_dir: str | Path | None) -> None:
+    """When this job's folder holds the module, another job's module of the same name (an earlier job
+    folder on sys.path, or already imported from one) must not answer for it. Installed modules still
+    win: only job folders are reordered."""
+    top = module_name.split(".")[0]
+    own = next((f for f in job_search_path(base_dir) if _holds(f, top)), None)
+    if own is None:
+        return
+    loaded = sys.modules.get(top)
+    file = getattr(loaded, "__file__", None)
+    if loaded is not None and file and any(Path(file).resolve().is_relative_to(d) for d in _JOB_DIRS - {own}) \
+            and not Path(file).resolve().is_relative_to(own):
+        for name in [m for m in sys.modules if m == top or m.startswith(top + ".")]:
+            del sys.modules[name]
+    rivals = [i for i, folder in enumerate(sys.path) if folder in _JOB_DIRS and folder != own and _holds(folder, top)]
+    if rivals and own in sys.path and min(rivals) < sys.path.index(own):
+        sys.path.remove(own)
+        sys.path.insert(min(rivals), own)
+        importlib.invalidate_caches()
 
 
 def _public_names(module: Any, kind: Kind) -> list[str]:
@@ -78,6 +108,7 @@ def load_entrypoint(value: str, field: str, base_dir: str | Path | None = None, 
     if not sep or not module_name or not attribute:
         raise EntrypointError(field, f"got {value!r}; allowed: {allowed}")
     add_job_dir(base_dir)
+    _prefer_own_module(module_name, base_dir)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from tiny_onnx import save_tiny_classifier
 
 from qtune.data import Dataset
 from qtune.data.metrics import CosineSimilarity, MacroF1, MeanSquaredError, TopK, UserMetric
@@ -159,28 +160,17 @@ TORCH_CODE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def job_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     root = tmp_path_factory.mktemp("user-metric")
     rng = np.random.default_rng(1)
-    w1, w2 = rng.normal(size=(4, 16)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2")], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, root / "model.onnx")
+    w1, w2 = save_tiny_classifier(root / "model.onnx", rng)
     x = rng.normal(size=(120, 4)).astype(np.float32)
     names = np.array(["cat", "dog", "owl"])
     np.savez(root / "calib.npz", x=x)
     np.savez(root / "eval_names.npz", x=x, labels=names[(np.maximum(x @ w1, 0) @ w2).argmax(1)])
     (root / "user_code.py").write_text(USER_CODE)
     (root / "torch_build.py").write_text(TORCH_CODE)
+    for name in ("user_code", "torch_build"):  # another test's module of the same name may be imported
+        sys.modules.pop(name, None)
     return root
 
 

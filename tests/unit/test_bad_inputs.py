@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+from tiny_onnx import save_tiny_classifier
 
 onnx = pytest.importorskip("onnx")
 torch = pytest.importorskip("torch")
@@ -83,21 +84,9 @@ USER_MODULE = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from onnx import TensorProto, helper, numpy_helper
-
     root = tmp_path_factory.mktemp("bad-inputs")
     rng = np.random.default_rng(0)
-    w1, w2 = rng.normal(size=(4, 16)).astype(np.float32), rng.normal(size=(16, 3)).astype(np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
-         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-         helper.make_node("MatMul", ["r", "w2"], ["logits"], name="mm2")], "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, root / "model.onnx")
+    w1, w2 = save_tiny_classifier(root / "model.onnx", rng)
     x = rng.normal(size=(48, 4)).astype(np.float32)
     y = (np.maximum(x @ w1, 0) @ w2).argmax(1)
     np.savez(root / "calib.npz", x=x)
@@ -119,7 +108,8 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save(tiny_torch.build(), root / "pickled.pt2")
     torch.save(tiny_torch.build().state_dict(), root / "weights.pt")
     sys.path.remove(str(root))
-    sys.modules.pop("tiny_torch", None)
+    for name in ("tiny_torch", "user_code"):  # another test's module of the same name may be imported
+        sys.modules.pop(name, None)
     return root
 
 
