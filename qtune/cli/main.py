@@ -67,7 +67,7 @@ def _report(args: argparse.Namespace) -> int:
 def _trial(argv: list[str]) -> int:
     from qtune.runner.__main__ import main as runner_main
 
-    if not argv or argv[0] not in ("baseline", "trial"):
+    if not argv or argv[0] not in ("baseline", "trial", "confirm"):
         argv = ["trial", *argv]
     return runner_main(argv)
 
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", help="folder for report.md / report.html (default: the workspace)")
     report.set_defaults(handler=_report)
 
-    commands.add_parser("trial", help="run one trial or the baseline (what pods run); see `qtune trial -h`",
+    commands.add_parser("trial", help="run one unit: a trial, the baseline or the confirmation (what pods run); "
+                        "see `qtune trial -h`",
                         add_help=False)
     commands.add_parser("operator", help="run the Kubernetes operator; see `qtune operator -h`", add_help=False)
     return parser
