@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import typing
 from typing import Any
 
 import yaml
@@ -26,6 +25,7 @@ from pydantic import BaseModel
 
 from qtune.operator import constants as c
 from qtune.spec import cel, models
+from qtune.spec.reference import model_classes
 
 # --------------------------------------------------------------------------------------------
 # CEL rules that mirror a pydantic validator live beside it in qtune/spec/models.py (qtune/spec/cel.py);
@@ -67,21 +67,10 @@ class SchemaError(ValueError):
 
 
 def _model_classes(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
-    """Every pydantic model reachable from `root`, by class name ($defs keys)."""
+    """Every pydantic model reachable from `root`, by class name ($defs keys), first reached wins."""
     found: dict[str, type[BaseModel]] = {}
-
-    def visit(tp: Any) -> None:
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            if tp.__name__ in found:
-                return
-            found[tp.__name__] = tp
-            for field in tp.model_fields.values():
-                visit(field.annotation)
-            return
-        for arg in typing.get_args(tp):
-            visit(arg)
-
-    visit(root)
+    for cls in model_classes(root):
+        found.setdefault(cls.__name__, cls)
     return found
 
 

@@ -20,9 +20,8 @@ logger = logging.getLogger(__name__)
 CANDIDATE = "candidate"
 
 
-def passes_criterion(context: JobContext, accuracy: float) -> bool:
-    baseline = context.load_baseline()
-    return Criterion.from_spec(context.spec.tuning.accuracy_criterion).passes(accuracy, baseline.accuracy)
+def passes_criterion(context: JobContext, accuracy: float, baseline_accuracy: float) -> bool:
+    return Criterion.from_spec(context.spec.tuning.accuracy_criterion).passes(accuracy, baseline_accuracy)
 
 
 def run_trial(context: JobContext, config: TuneConfig, index: int, early_stopping: bool = True) -> TrialResult:
@@ -41,14 +40,14 @@ def run_trial(context: JobContext, config: TuneConfig, index: int, early_stoppin
         timings.update({k: round(v, 4) for k, v in adaptor.timings.items()})
         timings.setdefault("quantize", round(time.perf_counter() - started, 4))
         phase = time.perf_counter()
-        baseline_score = context.load_baseline().accuracy if early_stopping else None
-        evaluation = context.evaluate(quantized, baseline_score=baseline_score)
+        baseline_accuracy = context.load_baseline().accuracy
+        evaluation = context.evaluate(quantized, baseline_score=baseline_accuracy if early_stopping else None)
         accuracy = evaluation.score
         result.notes.extend([evaluation.note()] if evaluation.stopped_early else [])
         timings["evaluate"] = round(time.perf_counter() - phase, 4)
         result.accuracy = accuracy
         result.model_size_bytes = int(adaptor.model_size(quantized))
-        if passes_criterion(context, accuracy):
+        if passes_criterion(context, accuracy, baseline_accuracy):
             phase = time.perf_counter()
             speed = measure_against_fp32(context, {CANDIDATE: quantized})[CANDIDATE]
             timings["benchmark"] = round(time.perf_counter() - phase, 4)

@@ -101,7 +101,7 @@ def _default(field: FieldInfo) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _models(root: type[BaseModel]) -> list[type[BaseModel]]:
+def model_classes(root: type[BaseModel]) -> list[type[BaseModel]]:
     """`root` and every model class reachable from its fields, in first-reached order."""
     seen: list[type[BaseModel]] = []
 
@@ -126,7 +126,7 @@ def _alias(name: str, field: FieldInfo) -> str:
 def render() -> str:
     lines = [INTRO]
     where: dict[type[BaseModel], list[str]] = {models.JobSpec: ["spec"]}
-    classes = _models(models.JobSpec)
+    classes = model_classes(models.JobSpec)
     for cls in classes:
         for name, field in cls.model_fields.items():
             origin = typing.get_origin(field.annotation)

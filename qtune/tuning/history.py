@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtune.protocol import SpeedMeasurement
+from qtune.protocol import FAILED, SUCCEEDED, SpeedMeasurement
 from qtune.tuning.config import TuneConfig
 
-PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
+PENDING = "pending"
+"""A trial started and not recorded yet; SUCCEEDED and FAILED come from the protocol."""
 
 
 @dataclass

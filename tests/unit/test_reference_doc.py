@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtune.spec import models
-from qtune.spec.reference import DOC, _models, render
+from qtune.spec.reference import DOC, model_classes, render
 
 
 def test_reference_page_is_up_to_date() -> None:
@@ -12,7 +12,7 @@ def test_reference_page_is_up_to_date() -> None:
 
 def test_every_field_has_a_description_and_appears_on_the_page() -> None:
     page = render()
-    for cls in _models(models.JobSpec):
+    for cls in model_classes(models.JobSpec):
         assert f"## {cls.__name__}" in page
         for name, field in cls.model_fields.items():
             assert field.description, f"{cls.__name__}.{name} has no description"
