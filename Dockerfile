@@ -19,6 +19,10 @@
 # The builder stage turns them into wheels; the final stage installs only those wheels (--no-index),
 # with no compiler or build tool in it. The image runs as uid/gid 65532 and writes only under /tmp,
 # so it works with readOnlyRootFilesystem and an emptyDir mounted on /tmp.
+# buildah/podman build it too (scripts/build_image.py does, on a Debian base): there, build without the
+# layer cache (--layers=false, podman's default is true), whose key for the final RUN ignores what the
+# bind-mounted builder stage holds, so a changed qtune would not be reinstalled; and the RUN steps use
+# /bin/sh (SHELL is dropped for OCI-format images), hence no pipes that would need pipefail.
 # Pin the base by digest in a release pipeline: python:3.11.14-slim-bookworm@sha256:<digest>.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -29,7 +33,6 @@ ARG TORCH_INDEX_URL=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_INPUT=1 \
     PIP_CACHE_DIR=/var/cache/pip
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 WORKDIR /src
 # The context is an allow-list (.dockerignore): pyproject.toml, README.md, qtune/, requirements/.
 COPY . .
@@ -41,7 +44,8 @@ RUN --mount=type=cache,target=/var/cache/pip \
     roles="operator runner"; \
     if [ "$WITH_TORCH" = "true" ]; then roles="$roles torch"; fi; \
     mkdir -p /wheels; \
-    for role in $roles; do grep -v '^#' "requirements/$role.txt"; done | sort -u > /wheels/image.txt; \
+    for role in $roles; do grep -v '^#' "requirements/$role.txt"; done > /tmp/pins.txt; \
+    sort -u -o /wheels/image.txt /tmp/pins.txt; \
     python -m pip wheel --wheel-dir /wheels --only-binary=:all: \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} --requirement /wheels/image.txt; \
     python -m pip wheel --wheel-dir /wheels --no-deps .; \

@@ -1,19 +1,24 @@
-"""Fan-out benchmark of the QuantizationJob operator on the test control plane.
+"""Scale benchmark of the QuantizationJob operator on the test control plane (a benchmark, not a test).
 
-Many jobs at once; trial pods run a FAKE, trivially fast trial (this file's `fake-runner`
-command: it pushes made-up metrics and exits) instead of the real runner, so what is measured is
-the operator itself, not ONNX Runtime. Prints:
-
-* trial pods created per second (all jobs together),
-* dispatch latency: from a trial's result being queryable in Prometheus to the job's next trial
-  pod being created (p50/p90), measured from outside (a 10 Hz Prometheus poller and a pod watch),
-* the operator's peak memory (VmHWM of its process), and its own dispatch histogram.
+Many jobs at once (objective latency, so each ends with a `confirm` unit). Their pods run this
+file's `fake-runner`: the REAL runner (`qtune.runner.__main__.main`: argument parsing, the job
+and tune config read from the unit's inputs ConfigMap, publishing the baseline's tuning space to
+its ConfigMap, signing with the pod's secret, pushing with retry, the termination message) with
+only the ONNX Runtime work (`run_baseline`, `run_trial`, `run_confirm`) replaced by made-up
+figures. What is measured is the operator, not ONNX Runtime; and a protocol change breaks it.
 
     python benchmarks/operator_fanout.py [--jobs 20] [--trials 10] [--parallel 2]
-    python benchmarks/operator_fanout.py --existing   # use the plane of $KUBECONFIG / QTUNE_* env
+    python benchmarks/operator_fanout.py --existing   # the plane of $KUBECONFIG / QTUNE_* env
+                                                      # (API counts need `plane.py up --audit`)
 
-Without --existing it starts a plane (tests/cluster/plane.py) in a folder under /var/tmp (the
-node agent's /tmp emptyDir mounts hide state folders that live under /tmp).
+Prints: every trial recorded exactly once (each job's history ConfigMap against the pods the
+operator created; exit 1 on any violation), result -> next pod latency p50/p90, the operator's
+peak RSS, API requests per trial made by the operator (the plane's audit log of the operator's
+own user), job states, elapsed time, pods/s and the load average; and how each was measured.
+
+Without --existing it starts a plane (tests/cluster/plane.py, with audit, its nodes 1000 CPUs
+each (--node-cpus) so that the scheduler never makes a job wait: fake pods use next to no CPU) in a folder under
+/var/tmp (the node agent's /tmp emptyDir mounts hide state folders that live under /tmp).
 """
 
 from __future__ import annotations
@@ -30,65 +35,101 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f"qtune-bench-{os.getpid()}"
 CLAIM = "qtune-work"
+SIGNING_KEY = "operator-fanout-benchmark-key"
+OP_TYPES = ("Conv", "MatMul", "Gemm", "Add", "Mul")
+MAX_TRIALS = 3 ** len(OP_TYPES)
+"""Exhaustive configs of the fake space: per op type two quantized settings or fp32."""
+POLL_SECONDS = 0.1
+"""Period of the benchmark's Prometheus poller (a result is 'seen' at most this late)."""
 
 # --------------------------------------------------------------------------------------------
-# the fake runner (what trial pods run in this benchmark only)
+# the fake runner: qtune.runner's own main, with the ONNX Runtime work replaced
 # --------------------------------------------------------------------------------------------
 
 
-def fake_space() -> dict[str, Any]:
-    """Three op types with two calibration algorithms each: 27 exhaustive configs plus the default."""
+def fake_space() -> Any:
+    """One op per type, each with two activation calibration algorithms: 3^5 exhaustive configs."""
     from qtune.tuning.space import OpSpace, TuningSpace
 
     act = {"dtype": ["uint8", "fp32"], "scheme": ["asym"], "granularity": ["per_tensor"],
            "algorithm": ["minmax", "percentile"]}
     weight = {"dtype": ["int8", "fp32"], "scheme": ["sym"], "granularity": ["per_channel"], "algorithm": ["minmax"]}
     ops = {f"op{i}": OpSpace(f"op{i}", op_type, dict(act), dict(weight), ["static"])
-           for i, op_type in enumerate(("Conv", "Conv", "MatMul", "Gemm"))}
-    return TuningSpace(ops=ops, approaches=["static"], format="QDQ", calibration_sampling_size=100).to_dict()
+           for i, op_type in enumerate(OP_TYPES)}
+    return TuningSpace(ops=ops, approaches=["static"], format="QDQ", calibration_sampling_size=100)
+
+
+def _speed(context: Any, speedup: float) -> dict[str, Any]:
+    from qtune.protocol import SpeedMeasurement
+
+    return {str(b): SpeedMeasurement(batch_size=b, p50_ms=float(b) / speedup, p90_ms=1.1 * b / speedup,
+                                     fp32_p50_ms=float(b), fp32_p90_ms=1.1 * b, speedup=speedup,
+                                     low=speedup - 0.05, high=speedup + 0.05, rounds=5, runs_per_window=1,
+                                     threads=1, seconds=0.01)
+            for b in context.spec.benchmark.batch_sizes}
+
+
+def fake_run_baseline(context: Any) -> tuple[Any, Any]:
+    """What qtune.runner.baseline.run_baseline leaves behind, without a model: space.json, baseline.json."""
+    from dataclasses import asdict
+
+    from qtune.runner.context import BASELINE_FILE, SPACE_FILE
+    from qtune.tuning.history import Baseline, write_json_atomic
+
+    space = fake_space()
+    sizes = context.spec.benchmark.batch_sizes
+    baseline = Baseline(accuracy=0.9, latency_ms={str(b): float(b) for b in sizes},
+                        latency_p90_ms={str(b): 1.1 * b for b in sizes}, model_size_bytes=1_000_000, seconds=0.01,
+                        metric="top1")
+    write_json_atomic(context.workspace / SPACE_FILE, space.to_dict())
+    write_json_atomic(context.workspace / BASELINE_FILE, asdict(baseline))
+    return space, baseline
+
+
+def fake_run_trial(context: Any, config: Any, index: int, early_stopping: bool = True) -> Any:
+    """A passing trial whose speedup grows with the number of quantized ops."""
+    from qtune.protocol import SUCCEEDED, TrialResult
+
+    quantized = len(config.quantized_ops())
+    return TrialResult(trial=index, status=SUCCEEDED, config_key=config.key(), accuracy=0.9,
+                       speed=_speed(context, 1.2 + 0.1 * quantized),
+                       model_size_bytes=1_000_000 - 100_000 * quantized, timings={"total": 0.01})
+
+
+def fake_run_confirm(context: Any, candidates: dict[str, dict[str, Any]]) -> Any:
+    from qtune.protocol import SUCCEEDED, ConfirmResult
+    from qtune.tuning.config import TuneConfig
+
+    speed = {index: _speed(context, 1.2 + 0.1 * len(TuneConfig.from_dict(config).quantized_ops()))
+             for index, config in candidates.items()}
+    return ConfirmResult(status=SUCCEEDED, candidates=sorted(int(i) for i in candidates), speed=speed, seconds=0.01)
 
 
 def fake_runner(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("command")
-    parser.add_argument("--workspace")
-    parser.add_argument("--index", default="0")
-    parser.add_argument("--config")
-    parser.add_argument("--pushgateway")
-    parser.add_argument("--job-uid")
-    parser.add_argument("--publish-configmap")
-    args, _ = parser.parse_known_args(argv)
-    from qtune.runner.metrics import push_result
+    """`python -m qtune.runner ...` exactly, except the three functions doing ONNX Runtime work."""
+    import qtune.runner.__main__ as runner
+    import qtune.runner.baseline
+    import qtune.runner.confirm
+    import qtune.runner.trial
 
-    if args.command == "baseline":
-        from qtune.runner.publish import publish_baseline
-
-        workspace = Path(args.workspace)
-        workspace.mkdir(parents=True, exist_ok=True)
-        (workspace / "space.json").write_text(json.dumps(fake_space()))
-        baseline = {"accuracy": 0.9, "latency_ms": {"1": 1.0, "32": 20.0}, "latency_p90_ms": {"1": 1.1, "32": 22.0},
-                    "model_size_bytes": 1_000_000, "seconds": 0.1}
-        (workspace / "baseline.json").write_text(json.dumps(baseline))
-        publish_baseline(args.publish_configmap, workspace)
-        push_result(args.pushgateway, args.job_uid, "baseline", {"status": "succeeded", "accuracy": 0.9})
-        return 0
-    config = json.loads(args.config)
-    quantized = sum(1 for op in config["ops"].values() if op["activation"]["dtype"] != "fp32")
-    push_result(args.pushgateway, args.job_uid, args.index, {
-        "status": "succeeded", "accuracy": 0.9, "latency_ms": {"1": 1.0 - 0.1 * quantized, "32": 20.0 - quantized},
-        "latency_p90_ms": {"1": 1.1, "32": 22.0}, "model_size_bytes": 1_000_000 - 100_000 * quantized,
-        "timings": {"total": 0.01}})
-    return 0
+    qtune.runner.baseline.run_baseline = fake_run_baseline  # type: ignore[assignment]
+    qtune.runner.trial.run_trial = fake_run_trial  # type: ignore[assignment]
+    qtune.runner.confirm.run_confirm = fake_run_confirm  # type: ignore[assignment]
+    return runner.main(argv)
 
 
 # --------------------------------------------------------------------------------------------
-# the benchmark
+# what the benchmark checks and measures (pure functions)
 # --------------------------------------------------------------------------------------------
 
 
@@ -102,14 +143,159 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+@dataclass(frozen=True)
+class PodSeen:
+    """A unit pod the operator created: its job's uid, unit, attempt and creation time."""
+
+    name: str
+    job_uid: str
+    unit: str
+    attempt: int
+    created: float
+
+
+def dispatch_pairs(results: dict[tuple[str, str], float], pods: Iterable[PodSeen],
+                   slack: float = POLL_SECONDS) -> list[tuple[tuple[str, str], float, PodSeen]]:
+    """Per job, each first-attempt pod created after a trial result paired with the result that
+    let it start: a trial pod with the earliest unpaired result (first in, first out), the
+    confirm pod with the latest (it waits for all). Pods without an earlier result (the first
+    ones, after the baseline), retries and other units (cleanup) are left out. `slack`: a result counts as earlier
+    when seen at most this long after the pod (the poller sees results up to a period late).
+    Returns ((job uid, result unit), result seen, pod) triples."""
+    from qtune.protocol import CONFIRM_UNIT, unit_trial_index
+
+    by_job: dict[str, list[tuple[float, str]]] = {}
+    for (uid, unit), seen in results.items():
+        if unit_trial_index(unit) is not None:
+            by_job.setdefault(uid, []).append((seen, unit))
+    out: list[tuple[tuple[str, str], float, PodSeen]] = []
+    for pod in sorted(pods, key=lambda p: p.created):
+        waiting = by_job.get(pod.job_uid)
+        if pod.attempt or not waiting or (pod.unit != CONFIRM_UNIT and unit_trial_index(pod.unit) is None):
+            continue  # a retry, or no trial result of the job yet, or not a trial/confirm pod (baseline, cleanup)
+        waiting.sort()
+        earlier = [item for item in waiting if item[0] <= pod.created + slack]
+        if not earlier:
+            continue
+        seen, unit = earlier[-1] if pod.unit == CONFIRM_UNIT else earlier[0]
+        out.append(((pod.job_uid, unit), seen, pod))
+        if pod.unit == CONFIRM_UNIT:
+            del waiting[:len(earlier)]
+        else:
+            waiting.remove(earlier[0])
+    return out
+
+
+def dispatch_latencies(results: dict[tuple[str, str], float], pods: Iterable[PodSeen],
+                       slack: float = POLL_SECONDS) -> list[float]:
+    """Result first queryable -> the next pod created (see dispatch_pairs)."""
+    return [pod.created - seen for _, seen, pod in dispatch_pairs(results, pods, slack)]
+
+
+@dataclass
+class JobCheck:
+    """One job's history against the pods created for it."""
+
+    name: str
+    recorded: int
+    violations: list[str]
+    retries: dict[int, int]
+    """trial index -> pods created for it, where more than one."""
+
+
+def check_job(name: str, state: str | None, history: Any, expected: int, pods: Iterable[PodSeen],
+              confirm: bool) -> JobCheck:
+    """Trial indices 0..expected-1 each recorded once, succeeded, each with a pod (one unless retried);
+    the baseline recorded, the confirmation too when the job has one; the job Succeeded."""
+    from qtune.protocol import SUCCEEDED, unit_trial_index
+
+    violations: list[str] = []
+    if state != "Succeeded":
+        violations.append(f"state {state}")
+    if history is None:
+        return JobCheck(name, 0, [*violations, "no history ConfigMap"], {})
+    indices = [t.index for t in history.trials]
+    counts = Counter(indices)
+    if dupes := sorted(i for i, n in counts.items() if n > 1):
+        violations.append(f"trials recorded more than once: {dupes}")
+    if sorted(counts) != list(range(expected)):
+        missing = sorted(set(range(expected)) - set(counts))
+        extra = sorted(set(counts) - set(range(expected)))
+        violations.append(f"{len(counts)} trials recorded, {expected} expected (missing {missing}, extra {extra})")
+    if bad := [f"{t.index}:{t.status}({t.reason})" for t in history.trials if t.status != SUCCEEDED]:
+        violations.append(f"trials not succeeded: {', '.join(bad)}")
+    if history.baseline is None:
+        violations.append("no baseline recorded")
+    if confirm and (history.confirmation or {}).get("status") != SUCCEEDED:
+        violations.append(f"confirmation not recorded as succeeded: {history.confirmation}")
+    per_trial = Counter(unit_trial_index(p.unit) for p in pods if unit_trial_index(p.unit) is not None)
+    if without := sorted(set(counts) - set(per_trial)):
+        violations.append(f"trials recorded without a pod: {without}")
+    if unrecorded := sorted(set(per_trial) - set(counts)):
+        violations.append(f"trial pods whose trial is not recorded: {unrecorded}")
+    retries = {i: n for i, n in per_trial.items() if n > 1 and i is not None}
+    return JobCheck(name, len(counts), violations, retries)
+
+
+def _timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def read_audit(lines: Iterable[str], user: str, since: float = 0.0) -> dict[str, dict[str, Any]]:
+    """The requests of `user` received at or after `since`: auditID -> its last event."""
+    requests: dict[str, dict[str, Any]] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        if (event.get("user") or {}).get("username") != user:
+            continue
+        if _timestamp(event["requestReceivedTimestamp"]) < since:
+            continue
+        requests[event["auditID"]] = event
+    return requests
+
+
+def request_kind(event: dict[str, Any]) -> tuple[str, str]:
+    """(verb, resource[/subresource]) of an audit event; "(non-resource)" for discovery, /version, ..."""
+    ref = event.get("objectRef")
+    if not ref:
+        return event.get("verb", "?"), "(non-resource)"
+    resource = ref.get("resource", "?") + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+    return event.get("verb", "?"), resource
+
+
+def created_pods(requests: dict[str, dict[str, Any]], namespace: str) -> dict[str, float]:
+    """Pod name -> when the apiserver completed its create (201) in `namespace`."""
+    out: dict[str, float] = {}
+    for event in requests.values():
+        ref = event.get("objectRef") or {}
+        if (event.get("verb") == "create" and ref.get("resource") == "pods" and not ref.get("subresource")
+                and ref.get("namespace") == namespace and (event.get("responseStatus") or {}).get("code") == 201
+                and event.get("stage") == "ResponseComplete"):
+            out[ref.get("name", "")] = _timestamp(event["stageTimestamp"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# observation from outside the operator
+# --------------------------------------------------------------------------------------------
+
+
 class Observer:
-    """A pod watch (trial pod creation times) and a 10 Hz Prometheus poller (result times)."""
+    """A pod watch (unit pods: first seen) and a 10 Hz Prometheus poller (results: first queryable)."""
 
     def __init__(self, core: Any, prometheus: str) -> None:
         self.core = core
         self.prometheus = prometheus
-        self.pod_added: dict[tuple[str, int], float] = {}
-        self.result_seen: dict[tuple[str, int], float] = {}
+        self.pods: dict[str, PodSeen] = {}
+        self.finished: dict[tuple[str, str], float] = {}
+        """(job uid, unit) -> when the watch first saw its pod Succeeded or Failed."""
+        self.relisted = 0
+        self.result_seen: dict[tuple[str, str], float] = {}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, daemon=True),
                         threading.Thread(target=self._poll, daemon=True)]
@@ -118,30 +304,45 @@ class Observer:
         for thread in self.threads:
             thread.start()
 
+    def _add(self, pod: Any, when: float) -> None:
+        labels = pod.metadata.labels or {}
+        if pod.metadata.name in self.pods or "qtune.io/unit" not in labels:
+            return
+        self.pods[pod.metadata.name] = PodSeen(pod.metadata.name, labels.get("qtune.io/job-uid", ""),
+                                               labels["qtune.io/unit"], int(labels.get("qtune.io/attempt", 0)),
+                                               when)
+
+    def _finished(self, pod: Any, when: float) -> None:
+        labels = pod.metadata.labels or {}
+        if pod.status and pod.status.phase in ("Succeeded", "Failed") and "qtune.io/unit" in labels:
+            self.finished.setdefault((labels.get("qtune.io/job-uid", ""), labels["qtune.io/unit"]), when)
+
     def _watch(self) -> None:
         from kubernetes import watch
 
         while not self.stop.is_set():
-            stream = watch.Watch()
             try:
-                for event in stream.stream(self.core.list_namespaced_pod, NAMESPACE,
-                                           label_selector="qtune.io/role=trial", timeout_seconds=30):
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        labels = event["object"].metadata.labels
-                        key = (labels["qtune.io/job-uid"], int(labels["qtune.io/trial"]))
-                        created = event["object"].metadata.creation_timestamp.timestamp()
-                        # the event's arrival; a (re)listed pod counts from its creationTimestamp
-                        self.pod_added.setdefault(key, time.time() if event["type"] == "ADDED" and
-                                                  time.time() - created < 2 else created)
+                listed = self.core.list_namespaced_pod(NAMESPACE, label_selector="qtune.io/unit")
+                for pod in listed.items:  # missed while not watching: creationTimestamp (1 s resolution)
+                    if pod.metadata.name not in self.pods:
+                        self.relisted += 1
+                    self._add(pod, pod.metadata.creation_timestamp.timestamp())
+                stream = watch.Watch()
+                for event in stream.stream(self.core.list_namespaced_pod, NAMESPACE, label_selector="qtune.io/unit",
+                                           resource_version=listed.metadata.resource_version):
+                    if event["type"] == "ADDED":
+                        self._add(event["object"], time.time())
+                    self._finished(event["object"], time.time())
                     if self.stop.is_set():
                         stream.stop()
-                        break
-            except Exception:  # noqa: BLE001 - e.g. 504 "too large resource version", a cut stream
-                time.sleep(0.2)  # list and watch again (until stopped)
+            except Exception:  # noqa: BLE001 - e.g. 410 Gone, a cut stream: list and watch again
+                time.sleep(0.2)
 
     def _poll(self) -> None:
+        from qtune.protocol import INFO_METRIC, PUSH_JOB
+
         url = f"{self.prometheus}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": 'qtune_trial_status{job="qtune_trial",trial!="baseline"}'})
+            {"query": f'{INFO_METRIC}{{job="{PUSH_JOB}"}}'})
         while not self.stop.is_set():
             try:
                 with urllib.request.urlopen(url, timeout=5) as response:
@@ -149,22 +350,10 @@ class Observer:
                 now = time.time()
                 for sample in data:
                     metric = sample["metric"]
-                    self.result_seen.setdefault((metric["job_uid"], int(metric["trial"])), now)
+                    self.result_seen.setdefault((metric["job_uid"], metric["unit"]), now)
             except (OSError, ValueError, KeyError):
                 pass
-            time.sleep(0.1)
-
-    def dispatch_latencies(self) -> list[float]:
-        """For each result, the time until the next trial pod of the same job appeared."""
-        by_job: dict[str, list[float]] = {}
-        for (uid, _), added in self.pod_added.items():
-            by_job.setdefault(uid, []).append(added)
-        out = []
-        for (uid, _), seen in self.result_seen.items():
-            later = [t for t in by_job.get(uid, []) if t >= seen]
-            if later:
-                out.append(min(later) - seen)
-        return out
+            time.sleep(POLL_SECONDS)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -179,17 +368,55 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def loadavg() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg()) + f" (1/5/15 min) on {os.cpu_count()} CPUs"
+
+
 def job(name: str, trials: int, parallel: int) -> dict[str, Any]:
     return {
         "apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": name},
         "spec": {
             "model": {"framework": "onnxruntime", "path": "model.onnx"},
             "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}},
-            "tuning": {"strategy": "exhaustive", "objective": "size", "maxTrials": trials, "parallelTrials": parallel},
+            "tuning": {"strategy": "exhaustive", "objective": "latency", "maxTrials": trials,
+                       "parallelTrials": parallel},
             "trial": {"resources": {"cpu": 1, "memory": "256Mi"}},
             "workspace": {"persistentVolumeClaim": CLAIM},
         },
     }
+
+
+def operator_settings(env: dict[str, str], words: tuple[str, ...] = ("poll", "deadline", "timeout", "interval")
+                      ) -> list[str]:
+    """The operator's polling and waiting settings as it will read them from `env` (name=value, * when set by
+    env): the figures depend on them, and their defaults change."""
+    from dataclasses import MISSING, fields
+
+    from qtune.operator.config import OperatorConfig
+
+    out = []
+    for item in fields(OperatorConfig):
+        if not any(word in item.name for word in words):
+            continue
+        name = OperatorConfig.env_name(item.name)
+        text = env.get(name) if name else None
+        value = item.metadata["parse"](text) if text else (item.default if item.default is not MISSING else None)
+        out.append(f"{item.name}={value}{'*' if text else ''}")
+    return out
+
+
+def _metric_lines(text: str, name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,113 +425,259 @@ def main(argv: list[str] | None = None) -> int:
         return fake_runner(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=10, help="maxTrials of each job")
+    parser.add_argument("--trials", type=int, default=10, help=f"maxTrials of each job (at most {MAX_TRIALS})")
     parser.add_argument("--parallel", type=int, default=2, help="parallelTrials of each job")
     parser.add_argument("--existing", action="store_true", help="use the plane of the environment")
-    parser.add_argument("--timeout", type=float, default=900)
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for every job to end")
+    parser.add_argument("--node-cpus", type=int, default=1000,
+                        help="CPUs of each plane node (fake pods use next to no CPU; 8, the plane's default, makes "
+                             "pods of many jobs wait for the scheduler)")
+    parser.add_argument("--operator-log-level", default="INFO", help="the operator's --log-level (its log: a file "
+                                                                      "under the temp folder, printed at the end)")
     args = parser.parse_args(argv)
+    if not 1 <= args.trials <= MAX_TRIALS:
+        parser.error(f"--trials: {args.trials} is not allowed: 1..{MAX_TRIALS} (the fake space's exhaustive configs)")
+    if not 1 <= args.parallel <= args.trials:
+        parser.error(f"--parallel: {args.parallel} is not allowed: 1..--trials ({args.trials})")
 
     sys.path.insert(0, str(ROOT / "tests" / "cluster"))
     sys.path.insert(0, str(ROOT / "tests" / "cluster" / "operator"))
+    import plane as plane_mod
+
     plane = None
     if args.existing:
-        kubeconfig, prometheus = os.environ["KUBECONFIG"], os.environ["QTUNE_PROMETHEUS_URL"]
+        admin_kubeconfig, prometheus = os.environ["KUBECONFIG"], os.environ["QTUNE_PROMETHEUS_URL"]
         pushgateway = os.environ["QTUNE_PUSHGATEWAY_URL"]
+        state = Path(os.environ.get("QTUNE_PLANE_STATE_DIR", "/nonexistent"))
+        audit_log, operator_kubeconfig = state / "audit" / "audit.log", state / "operator.kubeconfig"
+        if not (audit_log.exists() and operator_kubeconfig.exists()):
+            audit_log, operator_kubeconfig = None, Path(admin_kubeconfig)
     else:
-        import plane as plane_mod
-
         state = Path(tempfile.mkdtemp(prefix="qtune-bench-plane-", dir="/var/tmp"))
-        plane = plane_mod.Plane(state_dir=state).start()
-        kubeconfig, prometheus, pushgateway = str(plane.kubeconfig), plane.prometheus_url, plane.pushgateway_url
+        # fake pods use next to no CPU: by default nodes large enough that the scheduler never makes jobs wait
+        nodes = tuple(replace(n, cpu=str(args.node_cpus), memory=f"{max(32, args.node_cpus)}Gi", pods="2000")
+                      for n in plane_mod.NODES)
+        plane = plane_mod.Plane(state_dir=state, audit=True, nodes=nodes).start()
+        admin_kubeconfig, prometheus, pushgateway = str(plane.kubeconfig), plane.prometheus_url, plane.pushgateway_url
+        audit_log, operator_kubeconfig = plane.audit_log, plane.operator_kubeconfig
     import opcluster
     from kubernetes import client, config
 
-    api = config.new_client_from_config(config_file=kubeconfig)
+    from qtune.operator.constants import history_configmap
+    from qtune.operator.store import decode_history
+
+    api = config.new_client_from_config(config_file=admin_kubeconfig)
     core = client.CoreV1Api(api)
     custom = client.CustomObjectsApi(api)
     operator = None
     try:
         opcluster.install_crds(api)
-        try:
-            core.create_namespace({"metadata": {"name": NAMESPACE}})
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
+        core.create_namespace({"metadata": {"name": NAMESPACE}})
         for _ in range(100):  # the namespace's default ServiceAccount
             try:
                 core.read_namespaced_service_account("default", NAMESPACE)
                 break
             except client.ApiException:
                 time.sleep(0.2)
-        try:
-            core.create_namespaced_persistent_volume_claim(NAMESPACE, {
-                "metadata": {"name": CLAIM},
-                "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
+        core.create_namespaced_persistent_volume_claim(NAMESPACE, {
+            "metadata": {"name": CLAIM},
+            "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
 
-        env = {**os.environ, "KUBECONFIG": kubeconfig, "QTUNE_PROMETHEUS_URL": prometheus,
-               "QTUNE_PUSHGATEWAY_URL": pushgateway,
+        # the operator's settings are its defaults (qtune/operator/config.py) except where it runs
+        env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig), "QTUNE_PROMETHEUS_URL": prometheus,
+               "QTUNE_PUSHGATEWAY_URL": pushgateway, "QTUNE_SIGNING_KEY": SIGNING_KEY,
                "QTUNE_RUNNER_COMMAND": f"{sys.executable} {Path(__file__).resolve()} fake-runner"}
-        log = open(Path(tempfile.gettempdir()) / "qtune-bench-operator.log", "wb")  # noqa: SIM115
-        metrics_port = opcluster.free_port()
-        operator = subprocess.Popen([sys.executable, "-m", "qtune.operator.main", "-n", NAMESPACE,
-                                     "--metrics-port", str(metrics_port), "--health-port", "0",
-                                     "--log-level", "WARNING"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        time.sleep(4)
+        log_path = Path(tempfile.gettempdir()) / f"qtune-bench-operator-{os.getpid()}.log"
+        metrics_port, health_port = opcluster.free_port(), opcluster.free_port()
+        operator_started = time.time()
+        with open(log_path, "wb") as log:
+            operator = subprocess.Popen([sys.executable, "-m", "qtune.operator.main", "-n", NAMESPACE,
+                                         "--metrics-port", str(metrics_port), "--health-port", str(health_port),
+                                         "--log-level", args.operator_log_level],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2):
+                    break
+            except OSError:
+                if operator.poll() is not None:
+                    raise RuntimeError(f"the operator exited with {operator.returncode}; log: {log_path}") from None
+                time.sleep(0.2)
         observer = Observer(core, prometheus)
         observer.start()
-        print(f"operator_fanout: {args.jobs} jobs x {args.trials} trials ({args.parallel} at once), "
-              "FAKE trial pods (a tiny script pushing made-up metrics; measures the operator, not ONNX Runtime)")
+        load_before = loadavg()
+        settings = operator_settings(env)
+        print(f"operator_fanout: {args.jobs} jobs x {args.trials} trials ({args.parallel} at once, objective "
+              "latency: baseline, trials, confirm); pods run the real runner with FAKE ONNX Runtime work")
+        print(f"  load average at start: {load_before}")
+        print("  operator settings (qtune/operator/config.py; env overrides marked *): " + ", ".join(settings))
         started = time.time()
         names = [f"bench-{i:03d}" for i in range(args.jobs)]
         for name in names:
             custom.create_namespaced_custom_object("qtune.io", "v1alpha1", NAMESPACE, "quantizationjobs",
                                                    job(name, args.trials, args.parallel))
         done: dict[str, dict[str, Any]] = {}
+        uids: dict[str, str] = {}
+        last_report = started
         while len(done) < len(names) and time.time() - started < args.timeout:
+            if operator.poll() is not None:
+                print(f"  the operator exited with {operator.returncode}; log: {log_path}")
+                break
             for item in custom.list_namespaced_custom_object("qtune.io", "v1alpha1", NAMESPACE,
                                                              "quantizationjobs")["items"]:
+                uids[item["metadata"]["name"]] = item["metadata"]["uid"]
                 status = item.get("status") or {}
                 if status.get("state") in ("Succeeded", "Failed"):
                     done[item["metadata"]["name"]] = status
+            if time.time() - last_report > 30:
+                last_report = time.time()
+                print(f"  ... {len(done)}/{len(names)} jobs ended after {last_report - started:.0f}s, "
+                      f"{len(observer.pods)} pods so far, load {os.getloadavg()[0]:.1f}", flush=True)
             time.sleep(1)
         elapsed = time.time() - started
-        time.sleep(1)
+        time.sleep(1.5)  # the watch catches up
         observer.stop.set()
-        rss = peak_rss_mib(operator.pid)
-        cpu = cpu_seconds(operator.pid)
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
-            own = response.read().decode()
+        alive = operator.poll() is None
+        rss = peak_rss_mib(operator.pid) if alive else float("nan")
+        cpu = cpu_seconds(operator.pid) if alive else float("nan")
+        own = ""
+        if alive:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+                own = response.read().decode()
+        load_after = loadavg()
+        warnings: Counter[str] = Counter()  # the operator's Warning Events: why a unit started again, ...
+        examples: dict[str, str] = {}
+        for event in core.list_namespaced_event(NAMESPACE).items:
+            if event.type == "Warning":
+                warnings[event.reason] += event.count or 1
+                examples.setdefault(event.reason, f"{event.involved_object.name}: {event.message}"[:300])
 
-        created = sorted(observer.pod_added.values())
+        # --- what the operator did through the API server (its own user's audit events)
+        requests: dict[str, dict[str, Any]] = {}
+        if audit_log is not None and audit_log.exists():
+            with open(audit_log, errors="replace") as lines:
+                requests = read_audit(lines, plane_mod.OPERATOR_USER, since=operator_started - 1)
+        audit_created = created_pods(requests, NAMESPACE)
+        pods = list(observer.pods.values())
+        if audit_created:  # the apiserver's completion time of each create (microseconds) beats the watch's
+            pods = [PodSeen(p.name, p.job_uid, p.unit, p.attempt, audit_created.get(p.name, p.created)) for p in pods]
+
+        # --- every trial recorded exactly once
+        checks: list[JobCheck] = []
+        by_uid: dict[str, list[PodSeen]] = {}
+        for pod in pods:
+            by_uid.setdefault(pod.job_uid, []).append(pod)
+        for name in names:
+            history = None
+            try:
+                body = api.sanitize_for_serialization(core.read_namespaced_config_map(history_configmap(name),
+                                                                                      NAMESPACE))
+                history = decode_history(body)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+            checks.append(check_job(name, (done.get(name) or {}).get("state"), history, args.trials,
+                                    by_uid.get(uids.get(name, ""), []), confirm=True))
+        violations = [(c.name, v) for c in checks for v in c.violations]
+        retries = {c.name: c.retries for c in checks if c.retries}
+        recorded = sum(c.recorded for c in checks)
+        trial_pods = sum(1 for p in pods if p.unit.startswith("trial-"))
+        pod_kinds = Counter("trial" if p.unit.startswith("trial-") else p.unit for p in pods)
+        rejected = _metric_lines(own, "qtune_operator_results_rejected_total")
+        rejected_total = sum(rejected.values())
+
+        states = Counter(status.get("state") for status in done.values())
+        created = sorted(p.created for p in pods)
         rate = (len(created) - 1) / (created[-1] - created[0]) if len(created) > 1 else float("nan")
-        latencies = observer.dispatch_latencies()
-        states: dict[str, int] = {}
-        for status in done.values():
-            states[status["state"]] = states.get(status["state"], 0) + 1
-        own_count = own_sum = 0.0
-        for line in own.splitlines():
-            if line.startswith("qtune_operator_dispatch_latency_seconds_count"):
-                own_count = float(line.split()[-1])
-            elif line.startswith("qtune_operator_dispatch_latency_seconds_sum"):
-                own_sum = float(line.split()[-1])
-        print(f"  jobs finished: {len(done)}/{len(names)} {states} in {elapsed:.1f}s")
-        print(f"  trial pods created: {len(created)}; pods created per second: {rate:.2f} "
-              f"(over {created[-1] - created[0]:.1f}s)" if created else "  no trial pods seen")
-        print(f"  dispatch latency (result queryable in Prometheus -> next trial pod created), "
-              f"{len(latencies)} samples: p50 {percentile(latencies, 0.5):.3f}s, "
-              f"p90 {percentile(latencies, 0.9):.3f}s, max {max(latencies, default=float('nan')):.3f}s")
+        pairs = dispatch_pairs(observer.result_seen, pods)
+        latencies = [pod.created - seen for _, seen, pod in pairs]
+        # the operator believes a result only once its pod is Succeeded (the node agent reports it)
+        reported = [observer.finished[key] - seen for key, seen, _ in pairs if key in observer.finished]
+        operator_share = [pod.created - max(seen, observer.finished.get(key, seen)) for key, seen, pod in pairs]
+        dispatch = _metric_lines(own, "qtune_operator_dispatch_latency_seconds_")
+        own_count = next((v for k, v in dispatch.items() if "_count" in k), 0.0)
+        own_sum = next((v for k, v in dispatch.items() if "_sum" in k), 0.0)
+
+        print(f"  jobs: {len(done)}/{len(names)} ended {dict(states)} in {elapsed:.1f}s"
+              + ("" if len(done) == len(names) else f" (TIMED OUT after {args.timeout:.0f}s)"))
+        print(f"  trials recorded: {recorded} of {args.jobs * args.trials} expected; trial pods created: {trial_pods}; "
+              f"unit pods created: {len(pods)} {dict(pod_kinds)}; "
+              f"retried trials: {sum(len(r) for r in retries.values())}"
+              + (f" {retries}" if retries else ""))
+        print(f"  results rejected by the operator: {int(rejected_total)}" + (f" {rejected}" if rejected_total else ""))
+        if rejected_total > sum(n - 1 for r in retries.values() for n in r.values()):
+            violations.append(("(operator)", f"{int(rejected_total)} results rejected, more than the superseded "
+                                             "attempts of retried trials could leave behind"))
+        if warnings:
+            print(f"  Warning Events in the namespace: {dict(warnings.most_common())}")
+            for reason, text in examples.items():
+                print(f"    e.g. {reason}: {text}")
+        if violations:
+            print(f"  VIOLATIONS ({len(violations)}):")
+            for name, text in violations[:50]:
+                print(f"    {name}: {text}")
+        else:
+            print("  every trial recorded exactly once, succeeded, each with its pod: OK")
+        if created:
+            print(f"  unit pods created per second: {rate:.2f} (over {created[-1] - created[0]:.1f}s)")
+        print(f"  result -> next unit pod latency, {len(latencies)} samples: p50 {percentile(latencies, 0.5):.3f}s, "
+              f"p90 {percentile(latencies, 0.9):.3f}s, max {max(latencies, default=float('nan')):.3f}s"
+              + (f", mean {statistics.mean(latencies):.3f}s" if latencies else "") + "  (goal p50 < 1 s)")
+        print(f"    of which: result queryable -> its pod seen Succeeded (node agent): p50 "
+              f"{percentile(reported, 0.5):+.3f}s, p90 {percentile(reported, 0.9):+.3f}s; the later of the two -> "
+              f"next pod created (the operator): p50 {percentile(operator_share, 0.5):.3f}s, "
+              f"p90 {percentile(operator_share, 0.9):.3f}s")
         if own_count:
-            print(f"  operator's own histogram (result read -> next pod created): {int(own_count)} samples, "
+            print(f"  operator's own histogram (result read -> next trial pod created): {int(own_count)} samples, "
                   f"mean {own_sum / own_count:.3f}s")
-        print(f"  operator peak RSS: {rss:.1f} MiB; operator CPU time: {cpu:.1f}s over {elapsed:.0f}s "
-              f"(load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)")
-        if latencies:
-            print(f"  (mean {statistics.mean(latencies):.3f}s; Prometheus scrape interval of the plane: 1s)")
-        return 0 if len(done) == len(names) else 1
+        print(f"  operator peak RSS (VmHWM): {rss:.1f} MiB (goal < 200 MiB); operator CPU time {cpu:.1f}s over "
+              f"{elapsed:.0f}s")
+        if requests:
+            kinds = Counter(request_kind(e) for e in requests.values())
+            watches = sum(n for (verb, _), n in kinds.items() if verb == "watch")
+            others = len(requests) - watches
+            per = max(recorded, 1)
+            print(f"  API requests by the operator: {len(requests)} = {len(requests) / per:.2f} per trial recorded "
+                  f"({others / per:.2f} non-watch + {watches / per:.2f} watch; {recorded} trials)")
+            by_verb: Counter[str] = Counter()
+            for (verb, _), n in kinds.items():
+                by_verb[verb] += n
+            print("    by verb: " + ", ".join(f"{verb} {n} ({n / per:.2f}/trial)" for verb, n in by_verb.most_common()))
+            for (verb, resource), n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0])):
+                print(f"    {verb:7s} {resource:45s} {n:6d}  {n / per:7.2f}/trial")
+            missing = sorted(set(observer.pods) - set(audit_created))
+            if missing:
+                print(f"  note: {len(missing)} pods seen by the watch have no create by the operator in the audit "
+                      f"log: {missing[:5]}")
+        else:
+            print("  API requests by the operator: not measured (no audit log: start the plane with "
+                  "`plane.py up --audit`, or run without --existing)")
+        print(f"  load average at end: {load_after}")
+        print("  how measured:")
+        print("    jobs/elapsed: from creating the first job to the last job's status.state Succeeded|Failed (listed "
+              "every 1 s)")
+        print("    trials recorded: each job's history ConfigMap decoded with qtune.operator.store.decode_history; "
+              "indices 0..maxTrials-1 once each, status succeeded, baseline and confirmation recorded")
+        print("    pods: " + ("the operator's pod creates (201) in the apiserver audit log, cross-checked with a pod "
+                              "watch" if audit_created else "a pod watch (unit pods, first seen)")
+              + "; a trial with more than one pod is a retry")
+        print("    results rejected: the operator's qtune_operator_results_rejected_total (bad signature, no pod, "
+              "wrong unit); a violation beyond one per superseded attempt of a retried trial")
+        print(f"    latency: a trial result first queryable in Prometheus (the benchmark's own {POLL_SECONDS:g}s "
+              "poll of qtune_result_info) -> the job's next unit pod "
+              + ("created (the audit log's completion time of its create)" if audit_created else
+                 "seen by the pod watch")
+              + "; trial pods pair with results first in first out, the confirm pod with the last result; "
+              "the split uses the pod watch's first Succeeded event of the result's pod")
+        print("    peak RSS: VmHWM of the operator process (/proc/<pid>/status) at the end; CPU: utime+stime")
+        print("    API requests: audit events (Metadata level) of the operator's own user "
+              f"{plane_mod.OPERATOR_USER}, one per request (auditID), since the operator started, including its "
+              "start-up; watch = long-running watch requests, each (re)connection one request")
+        print("    pods/s: unit pods created / time from the first to the last creation (all jobs together)")
+        print("    load average: os.getloadavg() at start and end (the machine is shared: judge the figures by it)")
+        print(f"  operator log: {log_path}")
+        ok = len(done) == len(names) and not violations and alive
+        return 0 if ok else 1
     finally:
         if operator is not None and operator.poll() is None:
             os.kill(operator.pid, signal.SIGTERM)

@@ -24,6 +24,8 @@ EXIT_TRIAL_FAILED = 2
 
 SUCCEEDED, FAILED = "succeeded", "failed"
 BASELINE_UNIT, CONFIRM_UNIT = "baseline", "confirm"
+CLEANUP_UNIT = "cleanup"
+"""Operator only: the short pod that deletes the models of non-winning trials when a job ends (no result)."""
 
 
 class _Message(BaseModel):
@@ -451,7 +453,10 @@ def decode_document(body: dict[str, Any] | None, key: str, limit: int | None = N
             raise ProtocolError(f"{key}.gz: not gzip: {exc}") from None
         if len(raw) > cap or inflater.unconsumed_tail:
             raise PayloadTooLarge(f"{key}.gz inflates beyond {cap} bytes ({len(compressed)} compressed): refused")
-        text = raw.decode()
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError as exc:
+            raise ProtocolError(f"{key}.gz: not UTF-8: {exc}") from None
     elif data.get(key):
         text = data[key]
         if len(text.encode()) > limit:
@@ -460,5 +465,5 @@ def decode_document(body: dict[str, Any] | None, key: str, limit: int | None = N
         return None
     try:
         return json.loads(text)
-    except ValueError as exc:
-        raise ProtocolError(f"{key}: not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
+        raise ProtocolError(f"{key}: not JSON: {type(exc).__name__}: {exc}") from None

@@ -9,6 +9,9 @@ with_cluster=1
 [ "${QTUNE_SKIP_CLUSTER_SETUP:-0}" = "1" ] && with_cluster=0
 
 apt_packages=(dataset-fashion-mnist prometheus prometheus-pushgateway etcd-server openssl iproute2)
+# the real image (scripts/build_image.py, tests/image): buildah builds it from a debootstrap'ed Debian base;
+# cold ~2 min (base ~1 min), warm ~1 min, no-op 0.4 s; 739 MB unpacked, 223 MB OCI archive
+[ "$with_cluster" = "1" ] && apt_packages+=(buildah debootstrap runc fuse-overlayfs)
 missing=()
 for package in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

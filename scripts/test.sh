@@ -6,5 +6,6 @@ bash scripts/setup.sh
 export QTUNE_REQUIRE_HELM=1      # the chart tests fail, not skip, without helm
 export QTUNE_REQUIRE_CLUSTER=1   # the cluster tests fail, not skip, without the control plane
 export QTUNE_REQUIRE_HADOLINT=1  # the Dockerfile lint fails, not skips, without hadolint
+export QTUNE_REQUIRE_IMAGE=1     # the image tests fail, not skip, without buildah and root
 python3 -m ruff check .
 python3 -m pytest -q -p no:cacheprovider "$@"

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from qtune.local.executor import LocalExecutor
 from qtune.protocol import BASELINE_UNIT, CONFIRM_UNIT, SpeedMeasurement
+from qtune.runner.cleanup import KEEP_BEST, remove_trial_models
 from qtune.spec.entrypoints import add_job_dir
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
@@ -202,6 +203,15 @@ def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) ->
         raise
 
 
+def _clean_trial_models(job: QuantizationJob, session: TuningSession, workspace: Path) -> None:
+    """spec.workspace.trialModels keep-best (the default here): once the output is written, the models of all
+    trials but the winner leave the workspace (the operator does the same in a short pod)."""
+    if (job.spec.workspace.trial_models or KEEP_BEST) != KEEP_BEST:
+        return
+    best = session.best()
+    remove_trial_models(workspace, [best.index] if best is not None else [])
+
+
 MODEL_FOLDER = "model"
 """The folder a trial saves its model into (`save_model(model, <trial>/model)`): all of it is the model's."""
 MODEL_SIDECARS = ("qtune_model.json",)
@@ -367,4 +377,5 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
         raise QtuneError(history.message or "the fp32 baseline failed")
     save()
     _publish(output_dir, session, job)
+    _clean_trial_models(job, session, workspace)
     return TuneOutcome(job.name, stop_reason, session.outcome(), session, output_dir, workspace, elapsed())

@@ -6,9 +6,19 @@ labels `qtune.io/job`, `qtune.io/job-uid`, `qtune.io/unit`, `qtune.io/attempt` (
 `qtune.io/trial` for trials); Guaranteed QoS (whole CPUs, requests = limits); required node
 affinity on the Intel Xeon pool's NFD labels unless spec.trial.nodeAffinity replaces it;
 non-root, read-only root filesystem, no privilege escalation, all capabilities dropped, seccomp
-RuntimeDefault; an emptyDir on /tmp; the job's workspace PVC on spec.workspace.mountPath; the
-unit's inputs ConfigMap read-only on /etc/qtune/unit (the tune config never travels as argv:
-a 2,000-op config would exceed Linux's per-argument limit). The result secret reaches the pod
+RuntimeDefault; runs as the job's own ServiceAccount (or an opted-in named one, qtune/operator/rbac.py);
+an emptyDir on /tmp (sizeLimit) and an ephemeral-storage request and limit; the unit's inputs
+ConfigMap read-only on /etc/qtune/unit (the tune config never travels as argv: a 2,000-op config
+would exceed Linux's per-argument limit).
+
+What a pod may write: the workspace PVC is mounted READ-ONLY on spec.workspace.mountPath (the job's
+model, data and code are read from there), and only the job's own folder
+`<mountPath>/.qtune/<job>-<uid8>` (layout.workspace_dir) is mounted read-write over it (same volume,
+`subPath`), which is also the working directory; Python runs with PYTHONSAFEPATH (`-P`), so no
+module is imported from the working directory or the script's folder by accident. The kubelet
+creates a missing subPath directory itself (every missing component, with the mode, setgid bit
+included, of the volume's root; pkg/volume/util/subpath SafeMakeDir), so with fsGroup the job folder
+is group-writable for the pod's user wherever the volume's root is. The result secret reaches the pod
 only through `secretKeyRef` of its own Secret: not in labels, annotations or the Pushgateway key.
 """
 
@@ -22,7 +32,7 @@ from typing import Any
 from qtune import protocol
 from qtune.operator import constants as c
 from qtune.operator.config import OperatorConfig
-from qtune.operator.layout import JobRef, job_document, metadata, workspace_dir
+from qtune.operator.layout import JobRef, job_document, metadata, pod_account, workspace_dir
 from qtune.spec.models import JobSpec
 
 CONTAINER = "runner"
@@ -42,14 +52,14 @@ class UnitPlan:
 
     @property
     def kind(self) -> str:
-        if self.unit in (protocol.BASELINE_UNIT, protocol.CONFIRM_UNIT):
+        if self.unit in (protocol.BASELINE_UNIT, protocol.CONFIRM_UNIT, protocol.CLEANUP_UNIT):
             return self.unit
         return "trial"
 
     @property
     def role(self) -> str:
-        return {protocol.BASELINE_UNIT: c.ROLE_BASELINE, protocol.CONFIRM_UNIT: c.ROLE_CONFIRM}.get(
-            self.unit, c.ROLE_TRIAL)
+        return {protocol.BASELINE_UNIT: c.ROLE_BASELINE, protocol.CONFIRM_UNIT: c.ROLE_CONFIRM,
+                protocol.CLEANUP_UNIT: c.ROLE_CLEANUP}.get(self.unit, c.ROLE_TRIAL)
 
     def pod_name(self, job: JobRef) -> str:
         return c.unit_pod(job.name, self.unit, self.attempt)
@@ -79,9 +89,27 @@ def node_affinity(spec: JobSpec, config: OperatorConfig) -> dict[str, Any]:
     return dict(override)
 
 
-def resources(spec: JobSpec) -> dict[str, Any]:
+def resources(spec: JobSpec, config: OperatorConfig | None = None) -> dict[str, Any]:
+    """Guaranteed CPU and memory (requests = limits); ephemeral storage as the operator's settings say."""
     amount = {"cpu": str(spec.trial.resources.cpu), "memory": spec.trial.resources.memory}
-    return {"requests": dict(amount), "limits": dict(amount)}
+    out = {"requests": dict(amount), "limits": dict(amount)}
+    if config is not None and config.ephemeral_storage_request:
+        out["requests"]["ephemeral-storage"] = config.ephemeral_storage_request
+    if config is not None and config.ephemeral_storage_limit:
+        out["limits"]["ephemeral-storage"] = config.ephemeral_storage_limit
+    return out
+
+
+def volume_mounts(job: JobRef, spec: JobSpec) -> list[dict[str, Any]]:
+    """The PVC read-only on mountPath, the job's own folder of it read-write over it (subPath)."""
+    job_folder = workspace_dir(spec, job)
+    return [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "workspace", "mountPath": spec.workspace.mount_path, "readOnly": True},
+        {"name": "workspace", "mountPath": job_folder,
+         "subPath": posixpath.relpath(job_folder, spec.workspace.mount_path)},
+        {"name": "inputs", "mountPath": c.INPUT_MOUNT, "readOnly": True},
+    ]
 
 
 def _env(job: JobRef, spec: JobSpec, plan: UnitPlan, pod: str, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -96,6 +124,9 @@ def _env(job: JobRef, spec: JobSpec, plan: UnitPlan, pod: str, config: OperatorC
         {"name": "OMP_NUM_THREADS", "value": str(spec.trial.resources.cpu)},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+        # never import from the working directory or sys.argv[0]'s folder (python -P), whatever
+        # runner command the operator is configured with
+        {"name": "PYTHONSAFEPATH", "value": "1"},
     ]
     if config.pushgateway_for_pods:
         env.append({"name": "QTUNE_PUSHGATEWAY_URL", "value": config.pushgateway_for_pods})
@@ -105,6 +136,8 @@ def _env(job: JobRef, spec: JobSpec, plan: UnitPlan, pod: str, config: OperatorC
 
 def runner_args(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig) -> list[str]:
     """`python -m qtune.runner <kind> ...`: every input is a file of the mounted inputs ConfigMap."""
+    if plan.kind == protocol.CLEANUP_UNIT:  # the models of trials not in plan.candidates leave the workspace
+        return [plan.kind, "--workspace", workspace_dir(spec, job), "--keep", ",".join(map(str, plan.candidates))]
     args = [
         plan.kind,
         "--job", posixpath.join(c.INPUT_MOUNT, c.JOB_FILE),
@@ -138,7 +171,7 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
         "command": list(config.runner_command),
         "args": runner_args(job, spec, plan, config),
         "env": _env(job, spec, plan, name, config),
-        "resources": resources(spec),
+        "resources": resources(spec, config),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": c.TRIAL_UID,
@@ -149,12 +182,8 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "volumeMounts": [
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "workspace", "mountPath": spec.workspace.mount_path},
-            {"name": "inputs", "mountPath": c.INPUT_MOUNT, "readOnly": True},
-        ],
-        "workingDir": spec.workspace.mount_path,
+        "volumeMounts": volume_mounts(job, spec),
+        "workingDir": workspace_dir(spec, job),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.trial.image_pull_policy:
@@ -177,16 +206,13 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
         "affinity": {"nodeAffinity": node_affinity(spec, config)},
         "containers": [container],
         "volumes": [
-            {"name": "tmp", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": config.tmp_size_limit} if config.tmp_size_limit else {}},
             {"name": "workspace",
              "persistentVolumeClaim": {"claimName": spec.workspace.persistent_volume_claim}},
             {"name": "inputs", "configMap": {"name": c.unit_inputs(name)}},
         ],
     }
-    account = (spec.trial.service_account_name or c.runner_account(job.name)) if baseline else \
-        (spec.trial.service_account_name or config.trial_service_account)
-    if account:
-        pod_spec["serviceAccountName"] = account
+    pod_spec["serviceAccountName"] = pod_account(job, spec)
     if spec.trial.node_selector:
         pod_spec["nodeSelector"] = dict(spec.trial.node_selector)
     tolerations = spec.trial.tolerations or list(config.default_tolerations)

@@ -13,6 +13,10 @@ from typing import Any
 
 from qtune.operator import constants as c
 
+RESULTS_DEADLINE_DEFAULT = 1800.0
+RESULTS_DEADLINE_MIN = 600.0
+"""A succeeded unit's result survives a metrics outage of at least this long (issue 12)."""
+
 DEFAULT_IMAGE = "qtune:0.1.0"
 """Trial image when neither spec.trial.image nor QTUNE_TRIAL_IMAGE says otherwise."""
 
@@ -32,6 +36,29 @@ def _module_prefixes(text: str) -> tuple[str, ...]:
 def module_allowed(module: str, prefixes: tuple[str, ...]) -> bool:
     """`module` is one of `prefixes` or inside one of them (package prefix `a.b` allows `a.b.c`, not `a.bc`)."""
     return any(module == p or module.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def _quantity(text: str) -> str:
+    """A Kubernetes quantity such as 2Gi or 500M ("none" = none); ValueError otherwise."""
+    import re
+
+    text = (text or "").strip()
+    if text.lower() == "none":
+        return ""
+    if text and not re.fullmatch(r"(\d+(\.\d+)?|\.\d+)([EPTGMK]i|[EPTGMkm]|[eE][+-]?\d+)?", text):
+        raise ValueError(f"not a Kubernetes quantity (e.g. 2Gi, 500M): {text!r}")
+    return text
+
+
+KEEP_BEST, KEEP_ALL = "keep-best", "keep-all"
+
+
+def _trial_models_policy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in (KEEP_BEST, KEEP_ALL):
+        raise ValueError(f"cleanup_trial_models (QTUNE_CLEANUP_TRIAL_MODELS) is {text!r}; allowed: {KEEP_BEST}, "
+                         f"{KEEP_ALL}")
+    return value
 
 
 def _flag_bool(text: str) -> bool:
@@ -55,7 +82,7 @@ class OperatorConfig:
     pod_pushgateway_url: str | None = setting(None, "Pushgateway address as pods reach it (default: "
                                                     "--pushgateway-url)")
     trial_image: str = setting(DEFAULT_IMAGE, "image of baseline, trial and confirm pods when the job names none")
-    runner_command: tuple[str, ...] = setting(("python", "-m", "qtune.runner"),
+    runner_command: tuple[str, ...] = setting(("python", "-P", "-m", "qtune.runner"),
                                               "what pods run before `baseline|trial|confirm ...` (shell words)",
                                               flag=False, parse=lambda text: tuple(shlex.split(text)))
     poll_interval: float = setting(1.0, "seconds between two steps of a job's loop when nothing wakes it",
@@ -64,8 +91,20 @@ class OperatorConfig:
                                            parse=float)
     results_poll_interval: float = setting(0.25, "period of the operator-wide query of every job's results "
                                                  "(0: each job queries alone)", parse=float)
-    metrics_timeout: float = setting(60.0, "seconds a succeeded unit's result may take to appear in Prometheus "
-                                           "before the unit fails MetricsUnavailable", parse=float)
+    results_deadline_seconds: float = setting(
+        RESULTS_DEADLINE_DEFAULT, "seconds a succeeded unit's result may take to become queryable (Prometheus "
+                                  "or the Pushgateway down) before the unit fails MetricsUnavailable; at least "
+                                  f"{RESULTS_DEADLINE_MIN:g}", parse=float)
+    unschedulable_seconds: float = setting(120.0, "a unit's pod the scheduler cannot place for this long puts "
+                                                  "reason Unschedulable (the scheduler's message) in the status",
+                                           parse=float)
+    terminating_margin_seconds: float = setting(60.0, "a pod still terminating this long after its grace period "
+                                                      "(its node is gone) is force-deleted; its unit starts again",
+                                                parse=float)
+    node_lost_seconds: float = setting(120.0, "a unit's pod whose node is gone or NotReady for this long is "
+                                              "force-deleted; its unit starts again", parse=float)
+    sweep_interval: float = setting(300.0, "seconds between two sweeps of Pushgateway groups of deleted jobs "
+                                           "(0: off)", parse=float)
     trial_grace_seconds: float = setting(60.0, "a pod still running this long after its unit's time limit is "
                                                "deleted", parse=float)
     recent_trials: int = setting(20, "trials kept in status.recentTrials (the full history is in a ConfigMap)",
@@ -81,8 +120,13 @@ class OperatorConfig:
     default_tolerations: tuple[dict[str, Any], ...] = setting(
         (), "tolerations of pods of jobs that set no spec.trial.tolerations (JSON list)",
         env="QTUNE_TRIAL_TOLERATIONS", flag=False, parse=_json_tuple)
-    trial_service_account: str | None = setting(None, "ServiceAccount of pods of jobs that set no "
-                                                      "spec.trial.serviceAccountName", flag=False)
+    ephemeral_storage_request: str = setting("1Gi", "ephemeral-storage request of every unit pod's container "
+                                                    "(a Kubernetes quantity; none: no request)", parse=_quantity)
+    ephemeral_storage_limit: str = setting("4Gi", "ephemeral-storage limit of every unit pod's container (logs, "
+                                                  "and the /tmp emptyDir counts against the pod's total; none: "
+                                                  "no limit)", parse=_quantity)
+    tmp_size_limit: str = setting("2Gi", "sizeLimit of the /tmp emptyDir of every unit pod (none: no limit)",
+                                  parse=_quantity)
     history_plain_limit: int = setting(256 * 1024, "history JSON larger than this is stored gzip-compressed",
                                        env=None, flag=False, parse=int)
     signing_key: str = setting("", "the key every unit's result secret is derived from (the chart keeps it in a "
@@ -92,6 +136,28 @@ class OperatorConfig:
             "value allowedModules); empty: built-in strategies only", parse=_module_prefixes)
     api_retries: int = setting(5, "a step failing with the same API 4xx answer this many times in a row fails "
                                   "the job", parse=int)
+    bind_address: str = setting("0.0.0.0", "address /healthz and /metrics listen on (in a pod the kubelet probes "
+                                           "the pod IP: keep 0.0.0.0; 127.0.0.1 for a local run)")
+    cleanup_failed_pods: int = setting(3, "failed pods kept per job (the newest); older ones are deleted once "
+                                          "recorded (their reason and message are in the history)", parse=int)
+    cleanup_trial_models: str = setting(
+        KEEP_BEST, f"{KEEP_BEST}: when a job ends, a short pod deletes the models of all trials but the winner "
+                   f"from the job's workspace; {KEEP_ALL}: keep every trial's model", parse=_trial_models_policy)
+    import_timeout: float = setting(30.0, "seconds the import of an allowed `module:Class` strategy module may "
+                                          "take; longer fails the job InvalidSpec (other jobs never wait on it)",
+                                    parse=float)
+
+    def __post_init__(self) -> None:
+        if self.results_deadline_seconds < RESULTS_DEADLINE_MIN:
+            raise ValueError(f"results_deadline_seconds (QTUNE_RESULTS_DEADLINE_SECONDS, --results-deadline-seconds) "
+                             f"is {self.results_deadline_seconds:g}: it must be at least {RESULTS_DEADLINE_MIN:g} "
+                             "(results must survive a metrics outage of 10 minutes)")
+        if self.cleanup_failed_pods < 0:
+            raise ValueError(f"cleanup_failed_pods (QTUNE_CLEANUP_FAILED_PODS) is {self.cleanup_failed_pods}: it must "
+                             "be 0 or more")
+        _trial_models_policy(self.cleanup_trial_models)
+        if not self.import_timeout > 0:
+            raise ValueError(f"import_timeout (QTUNE_IMPORT_TIMEOUT) is {self.import_timeout:g}: it must be above 0")
 
     @property
     def pushgateway_for_pods(self) -> str | None:

@@ -26,6 +26,7 @@ MANAGED_BY = "qtune-operator"
 ROLE_BASELINE = "baseline"
 ROLE_TRIAL = "trial"
 ROLE_CONFIRM = "confirm"
+ROLE_CLEANUP = "cleanup"
 ROLE_HISTORY = "history"
 ROLE_INPUT = "input"
 ROLE_KEY = "key"
@@ -59,8 +60,19 @@ def history_configmap(job: str) -> str:
 
 
 def runner_account(job: str) -> str:
-    """ServiceAccount (and Role/RoleBinding) the baseline pod uses to publish its ConfigMap."""
+    """The job's own ServiceAccount (every pod of the job runs as it unless the job names an opted-in
+    account), and the Role/RoleBinding letting the baseline pod publish its ConfigMap."""
     return f"{job}-runner"
+
+
+JOB_ACCOUNT_LABEL = f"{GROUP}/job-account"
+"""A ServiceAccount a job may name in spec.trial.serviceAccountName must carry this label with
+value "true" (the namespace's administrator opts it in); the operator never creates or changes it."""
+JOB_ACCOUNT_VALUE = "true"
+
+DECODED_PAYLOAD_LIMIT = 16 * 1024 * 1024
+"""The most bytes of JSON the operator inflates from a ConfigMap the job's pods (or an earlier
+operator) wrote: the baseline's published tuning space, the history. More fails the job."""
 
 
 def unit_pod(job: str, unit: str, attempt: int = 0) -> str:

@@ -7,7 +7,12 @@
   (the `when` filter) and starts it again when the job becomes active (e.g. maxTrials raised).
 * `max_trials_changed` (field handler): a job stopped by its trial budget continues when
   spec.tuning.maxTrials is raised.
-* `cleanup` (delete handler, with a finalizer): the job's pods and Pushgateway groups go first.
+* `job_deleted` (event handler, no finalizer): jobs carry no finalizer, so deleting a job (or the CRD
+  once the operator is gone) never waits for the operator or the Pushgateway. Pods, ConfigMaps and
+  Secrets go by their ownerReferences (the garbage collector); this handler stops the job's loop,
+  deletes the pods the job owns at once (ownerReferences uid, never by label alone) and tries once to
+  delete its Pushgateway groups; what is left is swept later (qtune/operator/sweep.py). Kopf removes
+  the finalizer an older operator put on a job when it next sees it.
 
 A step's API 4xx answers, an invalid spec and an oversized history end in the job's status (see
 reconcile.py); other errors (network, 5xx, bugs) are logged, counted and retried.
@@ -75,7 +80,8 @@ async def tune(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, lo
     job = JobRef.from_body(body)
     reconciler = JobReconciler(services, job, _events(body))
     wake = _wakeup(memo, job.uid)
-    while not stopped:
+    deleted: set[str] = memo.deleted
+    while not stopped and job.uid not in deleted:
         wake.clear()
         try:
             result = await reconciler.step(body, list(qtune_pods.get(job.uid, [])))
@@ -114,24 +120,63 @@ async def max_trials_changed(old: Any, new: Any, status: kopf.Status, patch: kop
     patch.status["message"] = f"maxTrials raised from {old} to {new}: tuning continues"
 
 
-@kopf.on.delete(*JOB, id="cleanup")
-async def cleanup(meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """Pods first (they must not push after their groups are deleted), then Pushgateway groups."""
+def _no_finalizer_for(handler_id: str) -> None:
+    """Kopf puts a finalizer on every object a daemon runs for (to stop the daemon before the object goes).
+    qtune's job loop stops on the job's DELETED event instead (`job_deleted`), so jobs need no finalizer:
+    without one, deleting a job or the CRD never hangs on an absent operator."""
+    registry = kopf.get_default_registry()
+    found = [h for h in registry._spawning.get_all_handlers() if h.id == handler_id]
+    if len(found) != 1 or not hasattr(found[0], "requires_finalizer"):
+        raise RuntimeError(f"Kopf's daemon handler {handler_id!r} not found: cannot run jobs without a finalizer")
+    object.__setattr__(found[0], "requires_finalizer", False)
+
+
+_no_finalizer_for("tune")
+
+
+def owned_pods(pods: list[dict[str, Any]], namespace: str, uid: str) -> list[str]:
+    """Names of the pods in `pods` that the job (uid) owns by an ownerReference: a label anyone can set on
+    any pod is never enough."""
+    names = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if meta.get("namespace", namespace) != namespace:
+            continue
+        if any(ref.get("uid") == uid for ref in meta.get("ownerReferences") or []):
+            names.append(str(meta.get("name")))
+    return names
+
+
+def _is_deletion(type: str, **_: Any) -> bool:  # noqa: A002 - Kopf's argument name
+    return type == "DELETED"
+
+
+@kopf.on.event(*JOB, id="deleted", when=_is_deletion)
+async def job_deleted(type: str, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger,  # noqa: A002
+                      **_: Any) -> None:
+    """The job is gone (no finalizer held it): stop its loop, delete the pods it owns and, once, its
+    Pushgateway groups; never retried here (the periodic sweep deletes what is left)."""
+    if type != "DELETED":
+        return
     services: Services = memo.services
     namespace, uid = meta["namespace"], meta["uid"]
-    selector = f"{c.LABEL_JOB_UID}={uid}"
-    remaining = await services.kube.list_pods(namespace, selector)
-    if remaining:
-        await services.kube.delete_pods(namespace, selector)
-        raise kopf.TemporaryError(f"waiting for {len(remaining)} pod(s) of the job to stop", delay=2)
+    memo.deleted.add(uid)
+    wake = memo.wakeups.pop(uid, None)
+    if wake is not None:
+        wake.set()
+    services.metrics.job_state(uid, None)
+    try:
+        pods = await services.kube.list_pods(namespace, f"{c.LABEL_JOB_UID}={uid}")
+        for name in owned_pods(pods, namespace, uid):
+            await services.kube.delete_pod(namespace, name)
+    except (ApiException, OSError) as exc:
+        logger.warning("could not delete the job's pods (the garbage collector will): %s", exc)
     if services.pushgateway is not None:
         try:
-            count = await services.pushgateway.delete_job_groups(uid)
-        except MetricsError as exc:
-            raise kopf.TemporaryError(str(exc), delay=5) from exc
-        logger.info("deleted %d Pushgateway group(s)", count)
-    services.metrics.job_state(uid, None)
-    memo.wakeups.pop(uid, None)
+            count = await asyncio.wait_for(services.pushgateway.delete_job_groups(uid), timeout=15)
+            logger.info("deleted %d Pushgateway group(s)", count)
+        except (MetricsError, TimeoutError) as exc:
+            logger.warning("Pushgateway groups of the job not deleted yet (the periodic sweep will): %s", exc)
 
 
 @kopf.on.probe(id="jobs")

@@ -98,6 +98,11 @@ class Kube:
                                     _preload_content=False)
         return list(_raw(response).get("items") or [])
 
+    async def read_node(self, name: str) -> dict[str, Any] | None:
+        """The Node object, None when it no longer exists."""
+        response = await self._call_or_none(404, self.core.read_node, name, _preload_content=False)
+        return None if response is None else _raw(response)
+
     # ---- config maps
     async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         response = await self._call_or_none(404, self.core.read_namespaced_config_map, name, namespace,
@@ -141,6 +146,17 @@ class Kube:
         }[kind]
         return await self._call_or_none(409, create, namespace, body, _preload_content=False) is not None
 
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """A ServiceAccount, Role or RoleBinding as stored (None when absent): who owns an object
+        `ensure` found existing, whether a named ServiceAccount is opted in."""
+        read = {
+            "ServiceAccount": self.core.read_namespaced_service_account,
+            "Role": self.rbac.read_namespaced_role,
+            "RoleBinding": self.rbac.read_namespaced_role_binding,
+        }[kind]
+        response = await self._call_or_none(404, read, name, namespace, _preload_content=False)
+        return None if response is None else _raw(response)
+
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
         """Delete a ConfigMap or Secret; False when it was already gone."""
         delete = {"ConfigMap": self.core.delete_namespaced_config_map,
@@ -154,6 +170,17 @@ class Kube:
                                             c.VERSION, namespace, c.PLURAL, name, {"status": patch},
                                             _content_type=MERGE_PATCH, _preload_content=False)
         return response is not None
+
+    async def job_uids(self, namespaces: list[str] | None = None) -> set[str]:
+        """uids of the QuantizationJobs that exist (cluster-wide, or in `namespaces`)."""
+        if namespaces is None:
+            responses = [await self._call(self.custom.list_cluster_custom_object, c.GROUP, c.VERSION, c.PLURAL,
+                                          _preload_content=False)]
+        else:
+            responses = [await self._call(self.custom.list_namespaced_custom_object, c.GROUP, c.VERSION, ns,
+                                          c.PLURAL, _preload_content=False) for ns in namespaces]
+        return {str((item.get("metadata") or {}).get("uid")) for response in responses
+                for item in _raw(response).get("items") or []}
 
     # ---- Kopf peering objects
     async def ensure_peering(self, name: str, namespaces: list[str] | None) -> None:

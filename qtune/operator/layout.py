@@ -80,6 +80,12 @@ def workspace_dir(spec: JobSpec, job: JobRef) -> str:
     return posixpath.join(spec.workspace.mount_path, ".qtune", f"{job.name}-{job.uid[:8]}")
 
 
+def pod_account(job: JobRef, spec: JobSpec) -> str:
+    """The ServiceAccount every pod of the job runs as: the named one (checked to be opted in,
+    qtune/operator/rbac.py) or the job's own."""
+    return spec.trial.service_account_name or c.runner_account(job.name)
+
+
 def trial_dir(spec: JobSpec, job: JobRef, index: int) -> str:
     return posixpath.join(workspace_dir(spec, job), "trials", str(index))
 

@@ -2,7 +2,7 @@
 
     qtune operator [-n NAMESPACE ... | -A] [--peering NAME [--priority N]]
                    [--prometheus-url URL] [--pushgateway-url URL] [--trial-image IMAGE]
-                   [--metrics-port 8000] [--health-port 8080] [--metrics-timeout 60]
+                   [--metrics-port 8000] [--health-port 8080] [--results-deadline-seconds 1800]
 
 Peering: with `--peering NAME`, replicas of the operator elect one active instance through Kopf's
 peering object (ClusterKopfPeering NAME with -A, else KopfPeering NAME in each namespace; the
@@ -10,16 +10,20 @@ CRDs are in crds/kopf-peering.yaml; the object is created on start when missing)
 the highest --priority acts; the others pause until it is gone, so two replicas never both act on
 a job. Without --peering the operator runs standalone (run a single replica).
 
-Endpoints: GET http://:HEALTH_PORT/healthz (Kopf liveness probe: 200 while the operator is
-healthy), GET http://:METRICS_PORT/metrics (the operator's own metrics: jobs by state, trials
-started/finished/failed, dispatch latency, loop step duration).
+Endpoints: GET http://BIND_ADDRESS:HEALTH_PORT/healthz (Kopf liveness probe: 200 while the operator
+is healthy), GET http://BIND_ADDRESS:METRICS_PORT/metrics (the operator's own metrics: jobs by state,
+trials started/finished/failed, dispatch latency, loop step duration). --bind-address (default
+0.0.0.0, as the kubelet probes the pod IP; 127.0.0.1 for a local run).
 
 RBAC the operator needs: quantizationjobs (+/status) get/list/watch/patch/update; pods
 get/list/watch/create/delete/deletecollection; configmaps get/create/update/patch/delete; secrets
 create/delete only (each unit's result secret; the operator derives it again from QTUNE_SIGNING_KEY
 and never reads Secrets); serviceaccounts,
 roles, rolebindings create; events create; kopfpeerings/clusterkopfpeerings get/list/watch/patch/
-create (with --peering); namespaces and customresourcedefinitions list/watch (Kopf's scanning).
+create (with --peering); namespaces and customresourcedefinitions list/watch (Kopf's scanning);
+nodes get (a unit's pod on a node that is gone or NotReady is replaced); quantizationjobs list
+cluster-wide, optional (the sweep of Pushgateway groups of deleted jobs; without it only groups of
+jobs this process saw deleted are swept).
 The Role it grants each job's baseline pod (get/update/patch of that job's `<job>-baseline`
 ConfigMap) requires it to hold those verbs itself.
 """
@@ -110,28 +114,38 @@ def run(namespaces: Sequence[str] = (), *, config: OperatorConfig | None = None,
     clusterwide = not namespaces
     metrics = OperatorMetrics()
     if metrics_port:
-        metrics.serve(metrics_port)
-    memo = kopf.Memo(config=config, metrics=metrics, wakeups={}, peering=peering,
+        metrics.serve(metrics_port, config.bind_address)
+    memo = kopf.Memo(config=config, metrics=metrics, wakeups={}, deleted=set(), peering=peering,
                      namespaces=list(namespaces), clusterwide=clusterwide, priority=priority)
     if not config.prometheus_url:
         logger.warning("no Prometheus URL (--prometheus-url / QTUNE_PROMETHEUS_URL): trial results cannot be "
                        "read; every succeeded trial will fail with MetricsUnavailable")
-    asyncio.run(_serve(memo, namespaces, clusterwide, peering, priority, health_port, stop_flag, ready_flag))
+    asyncio.run(_serve(memo, namespaces, clusterwide, peering, priority, health_port, stop_flag, ready_flag,
+                       config.bind_address))
 
 
 async def _serve(memo: kopf.Memo, namespaces: Sequence[str], clusterwide: bool, peering: str | None,
-                 priority: int, health_port: int, stop_flag: Any, ready_flag: Any) -> None:
+                 priority: int, health_port: int, stop_flag: Any, ready_flag: Any,
+                 bind_address: str = "0.0.0.0") -> None:
     await kopf.operator(
         clusterwide=clusterwide,
         namespaces=list(namespaces),
         standalone=not peering,
         peering_name=peering,
         priority=priority,
-        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+        liveness_endpoint=liveness_endpoint(bind_address, health_port),
         memo=memo,
         stop_flag=stop_flag,
         ready_flag=ready_flag,
     )
+
+
+def liveness_endpoint(bind_address: str, port: int) -> str | None:
+    """Kopf's liveness URL (Kopf listens on its host and port); None when the port is 0."""
+    if not port:
+        return None
+    host = f"[{bind_address}]" if ":" in bind_address else bind_address
+    return f"http://{host}:{port}/healthz"
 
 
 @kopf.on.startup()
@@ -153,8 +167,9 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
     prometheus = PrometheusClient(config.prometheus_url, session) if config.prometheus_url else None
     poller = None
     if prometheus is not None and config.results_poll_interval > 0:
-        poller = ResultsPoller(prometheus, config.results_poll_interval, memo.wakeups)
-        memo.poller_task = asyncio.create_task(poller.run(), name="qtune results poller")
+        poller = ResultsPoller(prometheus, config.results_poll_interval, memo.wakeups, memo.metrics.errors)
+        memo.poller_restarts = 0
+        start_poller(memo, poller)
     memo.services = Services(
         kube=kube,
         config=config,
@@ -163,13 +178,53 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
         pushgateway=PushgatewayClient(config.pushgateway_url, session) if config.pushgateway_url else None,
         poller=poller,
     )
+    if memo.services.pushgateway is not None and config.sweep_interval > 0:
+        from qtune.operator.sweep import GroupSweeper
+
+        sweeper = GroupSweeper(memo.services.pushgateway, kube.job_uids, config.sweep_interval, memo.deleted,
+                               memo.metrics.errors)
+        memo.sweeper_task = asyncio.create_task(sweeper.run(), name="qtune Pushgateway sweep")
     logger.info("qtune operator: prometheus=%s pushgateway=%s (pods: %s) image=%s peering=%s",
                 config.prometheus_url, config.pushgateway_url, config.pushgateway_for_pods, config.trial_image,
                 memo.peering or "standalone")
 
 
+def start_poller(memo: kopf.Memo, poller: Any) -> None:
+    """Run the results poller as a task that is started again (logged, counted) if it ever ends other than by
+    the operator's shutdown: the poller never dies silently."""
+    task = asyncio.create_task(poller.run(), name="qtune results poller")
+    memo.poller_task = task
+
+    def ended(done: asyncio.Task[Any]) -> None:
+        if getattr(memo, "stopping", False) or done.cancelled():
+            return
+        error = done.exception()
+        logger.error("the results poller ended (%r); starting it again", error, exc_info=error)
+        memo.metrics.errors.labels(kind="poller_ended").inc()
+        memo.poller_restarts += 1
+        start_poller(memo, poller)
+
+    task.add_done_callback(ended)
+
+
+@kopf.on.probe(id="results_poller")
+def _poller_probe(memo: kopf.Memo, **_: Any) -> dict[str, Any] | None:
+    """On /healthz: the poller's state (alive, restarts, last error)."""
+    task = getattr(memo, "poller_task", None)
+    if task is None:
+        return None
+    services = getattr(memo, "services", None)
+    poller = services.poller if services is not None else None
+    return {"alive": not task.done(), "restarts": getattr(memo, "poller_restarts", 0),
+            "lastError": poller.last_error if poller is not None else None}
+
+
 @kopf.on.cleanup()
 async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
+    memo.stopping = True
+    sweeper = getattr(memo, "sweeper_task", None)
+    if sweeper is not None:
+        sweeper.cancel()
     task = getattr(memo, "poller_task", None)
     if task is not None:
         task.cancel()
@@ -182,11 +237,16 @@ async def _cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
-    run(args.namespaces, config=config_from_args(args), peering=args.peering, priority=args.priority,
+    run(args.namespaces, config=config, peering=args.peering, priority=args.priority,
         metrics_port=args.metrics_port, health_port=args.health_port)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -46,5 +47,7 @@ class OperatorMetrics:
             self._states[uid] = state
             self.jobs.labels(state=state).inc()
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Serve /metrics on addr:port in a thread; returns the server (its server_address, shutdown())."""
+        self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        return self.server

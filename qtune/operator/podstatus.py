@@ -13,7 +13,7 @@ CONTAINER = "runner"
 NODE_STOPPED = ("Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated")
 KNOWN_REASONS = frozenset({
     "OOMKilled", "Timeout", "Crashed", protocol.INVALID_SPEC, "TrialError", "RunnerError", "DeadlineExceeded",
-    *NODE_STOPPED, "MetricsUnavailable", "Abandoned", "Failed",
+    *NODE_STOPPED, "MetricsUnavailable", "Abandoned", "Failed", "Unschedulable",
 })
 """The failure reasons that may become a metric label or an Event reason (a bounded set)."""
 OTHER = "Other"
@@ -64,8 +64,14 @@ class PodSummary:
     message: str | None = None
     node: str | None = None
     deleting: bool = False
+    deleted_at: float | None = None
+    """metadata.deletionTimestamp: when the pod's grace period ends (it should be gone by then)."""
     unschedulable: str | None = None
     """The scheduler's message while the pod cannot be placed."""
+    memory_limit: str | None = None
+    """The runner container's resources.limits.memory (what an OOM kill exceeded)."""
+    unschedulable_since: float | None = None
+    """When the pod's PodScheduled condition became False."""
 
     @property
     def done(self) -> bool:
@@ -83,11 +89,17 @@ def summarize_pod(body: Any) -> PodSummary:
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") == CONTAINER or not terminated:
             terminated = (cs.get("state") or {}).get("terminated") or terminated
-    unschedulable = None
+    unschedulable = unschedulable_since = None
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
             unschedulable = cond.get("message") or cond.get("reason")
+            unschedulable_since = parse_time(cond.get("lastTransitionTime")) or parse_time(
+                meta.get("creationTimestamp"))
     attempt = str(lbl.get(c.LABEL_ATTEMPT, "0"))
+    memory_limit = None
+    for container in (body.get("spec") or {}).get("containers") or []:
+        if container.get("name") == CONTAINER:
+            memory_limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
     return PodSummary(
         name=meta.get("name", ""),
         namespace=meta.get("namespace", ""),
@@ -106,7 +118,10 @@ def summarize_pod(body: Any) -> PodSummary:
         message=(terminated.get("message") or status.get("message") or None),
         node=(body.get("spec") or {}).get("nodeName"),
         deleting=bool(meta.get("deletionTimestamp")),
+        memory_limit=str(memory_limit) if memory_limit is not None else None,
+        deleted_at=parse_time(meta.get("deletionTimestamp")),
         unschedulable=unschedulable,
+        unschedulable_since=unschedulable_since,
     )
 
 
@@ -116,20 +131,47 @@ def failure_of(pod: PodSummary) -> tuple[str, str]:
     return bounded_failure(*_failure_of(pod))
 
 
+LOG_TAIL_LINES = 5
+LOG_TAIL_CHARS = 600
+"""What of a log tail (a termination message that is not the runner's `Reason: message`) a failure keeps."""
+
+
+def log_tail(text: str) -> str:
+    """The last lines of `text`, bounded, on one line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()][-LOG_TAIL_LINES:]
+    tail = " | ".join(lines)
+    return tail if len(tail) <= LOG_TAIL_CHARS else "..." + tail[-LOG_TAIL_CHARS:]
+
+
+def _labelled(message: str) -> str:
+    """A termination message as the runner wrote it (`Reason: message`), or labelled as log output: with
+    terminationMessagePolicy FallbackToLogsOnError a process that wrote none leaves its log tail there."""
+    reason, _ = protocol.parse_termination(message)
+    return message if reason is not None else f"log output (last lines): {log_tail(message)}"
+
+
+def _oom_message(pod: PodSummary, message: str) -> str:
+    limit = f"its memory limit of {pod.memory_limit}" if pod.memory_limit else "its memory limit"
+    code = f", exit code {pod.exit_code}" if pod.exit_code is not None else ""
+    text = (f"{pod.unit or 'the unit'} (pod {pod.name}) was killed (OOMKilled{code}) for exceeding {limit} "
+            "(spec.trial.resources.memory)")
+    return f"{text}; {_labelled(message)}" if message else text
+
+
 def _failure_of(pod: PodSummary) -> tuple[str, str]:
     message = (pod.message or "").strip()
     if pod.container_reason == "OOMKilled" or pod.reason == "OOMKilled":
-        return "OOMKilled", message or "the unit exceeded its memory limit (spec.trial.resources.memory)"
+        return "OOMKilled", _oom_message(pod, message)
     if pod.reason == "DeadlineExceeded":
         return "Timeout", message or "the unit exceeded spec.tuning.trialTimeoutSeconds"
     if pod.reason in NODE_STOPPED:
         return pod.reason or "Evicted", message or f"the pod was stopped by the node ({pod.reason})"
     reason, text = protocol.parse_termination(message)
     if pod.exit_code == protocol.EXIT_TRIAL_FAILED:
-        return reason or "TrialError", text[:2000]
+        return reason or "TrialError", (text if reason else _labelled(text))[:2000]
     if pod.exit_code == protocol.EXIT_JOB_UNUSABLE:
         if reason is None and text.startswith("spec."):
-            reason = protocol.INVALID_SPEC  # a SpecError names its field first
-        return reason or "RunnerError", text[:2000]
+            return protocol.INVALID_SPEC, text[:2000]  # a SpecError names its field first
+        return reason or "RunnerError", (text if reason else _labelled(text))[:2000]
     detail = f"exit code {pod.exit_code}" if pod.exit_code is not None else (pod.reason or "failed")
-    return "Crashed", f"{detail}; {message}"[:2000] if message else detail
+    return "Crashed", f"{detail}; {_labelled(message)}"[:2000] if message else detail

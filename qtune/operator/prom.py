@@ -101,12 +101,17 @@ class ResultsPoller:
     queryable is woken at once (its loop records the result even before the pod is reported
     finished). One query for all jobs keeps the load on Prometheus independent of their number."""
 
-    def __init__(self, prometheus: PrometheusClient, interval: float, wakeups: dict[str, Any]) -> None:
+    def __init__(self, prometheus: PrometheusClient, interval: float, wakeups: dict[str, Any],
+                 errors: Any | None = None) -> None:
         self.prometheus = prometheus
         self.interval = interval
         self.wakeups = wakeups
+        self.errors = errors
+        """The operator's error counter (labels `kind`), counted once per failed poll."""
         self.snapshot: dict[str, dict[str, Observed]] = {}
         self.taken_at: float | None = None
+        self.last_error: str | None = None
+        self.failures = 0
 
     def results(self, job_uid: str) -> dict[str, Observed]:
         return self.snapshot.get(job_uid, {})
@@ -122,12 +127,26 @@ class ResultsPoller:
         self.taken_at = time.time()
 
     async def run(self) -> None:
+        """Poll until cancelled: no error ends the loop (a bug is logged with its traceback and counted)."""
         while True:
             try:
                 await self.poll_once()
+                self.last_error = None
+            except asyncio.CancelledError:
+                raise
             except MetricsError as exc:
+                self._failed("prometheus", str(exc))
                 logger.warning("results poller: %s", exc)
-            await asyncio.sleep(self.interval)
+            except Exception as exc:  # noqa: BLE001 - the poller must outlive any bug
+                self._failed(f"poller_{type(exc).__name__}", f"{type(exc).__name__}: {exc}")
+                logger.exception("results poller: unexpected error, polling on")
+            await asyncio.sleep(self.interval if self.last_error is None else max(self.interval, 2.0))
+
+    def _failed(self, kind: str, message: str) -> None:
+        self.last_error = message
+        self.failures += 1
+        if self.errors is not None:
+            self.errors.labels(kind=kind[:64]).inc()
 
 
 class PushgatewayClient:

@@ -1,12 +1,32 @@
-"""The RBAC objects the operator creates per job: the baseline pod's right to publish the tuning
-space to the job's baseline ConfigMap, and nothing more."""
+"""Who a job's pods run as, and the RBAC objects the operator creates per job.
+
+Every pod of a job runs as the job's own ServiceAccount `<job>-runner` (generated, owned by the
+job, no rights but the baseline pod's right to publish the tuning space to the job's baseline
+ConfigMap), or as the account the job names in spec.trial.serviceAccountName, which must exist
+already and be opted in by the namespace's administrator (label `qtune.io/job-account: "true"`):
+the operator never creates or changes a named account, so a job cannot borrow a workload's
+identity. An existing object of a generated name is used only when the job's uid owns it
+(ForeignObject otherwise: ObjectConflict, or WaitingForCleanup for an earlier job's).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from qtune.operator import constants as c
-from qtune.operator.layout import JobRef, metadata
+from qtune.operator.kube import Conflict
+from qtune.operator.layout import JobRef, metadata, pod_account
+from qtune.operator.store import check_owned
+from qtune.spec.errors import SpecError
+from qtune.spec.models import JobSpec
+
+ACCOUNT_FIELD = "spec.trial.serviceAccountName"
+
+
+class ObjectApi(Protocol):
+    async def ensure(self, body: dict[str, Any]) -> bool: ...
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
 
 
 def runner_rbac(job: JobRef, account: str | None = None) -> list[dict[str, Any]]:
@@ -29,3 +49,39 @@ def runner_rbac(job: JobRef, account: str | None = None) -> list[dict[str, Any]]
          "subjects": [{"kind": "ServiceAccount", "name": account or name, "namespace": job.namespace}]},
     ]
     return objects
+
+
+def check_named_account(body: dict[str, Any] | None, job: JobRef, name: str) -> None:
+    """SpecError on spec.trial.serviceAccountName unless the named account exists and is opted in."""
+    allowed = (f"name a ServiceAccount of namespace {job.namespace} labelled {c.JOB_ACCOUNT_LABEL}="
+               f"\"{c.JOB_ACCOUNT_VALUE}\" by its administrator, or leave the field out (the job's pods then run "
+               f"as the job's own account {c.runner_account(job.name)})")
+    if body is None:
+        raise SpecError(ACCOUNT_FIELD, f"ServiceAccount {name!r} does not exist (the operator never creates a named "
+                                       f"account); {allowed}")
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    if labels.get(c.JOB_ACCOUNT_LABEL) != c.JOB_ACCOUNT_VALUE:
+        raise SpecError(ACCOUNT_FIELD, f"ServiceAccount {name!r} is not opted in to run qtune jobs (label "
+                                       f"{c.JOB_ACCOUNT_LABEL} is {labels.get(c.JOB_ACCOUNT_LABEL)!r}); {allowed}")
+
+
+async def ensure_identity(kube: ObjectApi, job: JobRef, spec: JobSpec) -> str:
+    """Make sure the account the job's pods run as may be used, creating the job's own objects
+    (ServiceAccount unless one is named, Role, RoleBinding); returns the account's name.
+
+    Raises SpecError (spec.trial.serviceAccountName) for a missing or not opted-in named account, and
+    store.ForeignObject when an object of a generated name exists that the job's uid does not own:
+    a 409 is never taken for success."""
+    named = spec.trial.service_account_name
+    if named:
+        check_named_account(await kube.read("ServiceAccount", job.namespace, named), job, named)
+    for body in runner_rbac(job, named):
+        if await kube.ensure(body):
+            continue
+        kind, name = body["kind"], body["metadata"]["name"]
+        existing = await kube.read(kind, job.namespace, name)
+        if existing is None:  # deleted in between: the next step creates it
+            raise Conflict(f"{kind.lower()} {name} vanished")
+        existing.setdefault("kind", kind)
+        check_owned(existing, job)
+    return pod_account(job, spec)

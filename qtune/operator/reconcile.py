@@ -7,7 +7,9 @@ the confirmation, the winner. A step only
    the job's results in Prometheus, the baseline's published tuning space;
 2. observes (pure, `observe`): which units run, and the outcome of each finished one — a result
    believed only with proof of origin (qtune/operator/results.py), else a failure read from
-   the pod (OOMKilled, Crashed, Timeout, MetricsUnavailable ...);
+   the pod (OOMKilled, Crashed, Timeout, MetricsUnavailable ...); a succeeded unit waits for its result
+   up to the results deadline (WaitingForResults), pods on lost nodes or stuck terminating are
+   force-deleted (`_reap`: the session starts the unit again), pods past their time limit fail;
 3. records the outcomes in unit order and asks `session.advance(elapsed, running, capacity)`;
 4. applies (I/O): saves the history BEFORE any pod starts, deletes the pods of cancelled units,
    creates each started unit's Secret, inputs ConfigMap and pod, cleans up recorded units;
@@ -30,18 +32,27 @@ from typing import Any, Protocol
 from kubernetes.client import ApiException
 
 from qtune import protocol
-from qtune.operator import builders
+from qtune.operator import builders, cleanup
 from qtune.operator import constants as c
 from qtune.operator import status as st
-from qtune.operator.config import OperatorConfig, module_allowed
+from qtune.operator.config import RESULTS_DEADLINE_DEFAULT, OperatorConfig, module_allowed
+from qtune.operator.imports import import_strategy_module
 from qtune.operator.kube import Conflict, Kube
 from qtune.operator.layout import JobRef, cluster_problem, job_document, trial_dir, workspace_dir
 from qtune.operator.metrics import OperatorMetrics
 from qtune.operator.podstatus import PodSummary, bounded_reason, failure_of
 from qtune.operator.prom import MetricsError, PrometheusClient, PushgatewayClient, ResultsPoller
-from qtune.operator.rbac import runner_rbac
+from qtune.operator.rbac import ensure_identity
 from qtune.operator.results import ACCEPT, WAIT, Observed, judge, unit_pods
-from qtune.operator.store import OWNED, ForeignObject, HistoryStore, HistoryTooLarge, decode_published, ownership
+from qtune.operator.store import (
+    OWNED,
+    ForeignObject,
+    HistoryStore,
+    HistoryTooLarge,
+    PayloadRejected,
+    decode_published,
+    ownership,
+)
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
 from qtune.spec.models import JobSpec
@@ -54,6 +65,9 @@ from qtune.tuning.space import TuningSpace
 logger = logging.getLogger(__name__)
 
 METRICS_UNAVAILABLE = "MetricsUnavailable"
+SECRET_TRIES = 3
+"""Attempts whose unit Secret already existed before a unit start gives up (ObjectConflict)."""
+NODE_CACHE_SECONDS = 5.0
 
 
 class EventSink(Protocol):
@@ -71,6 +85,10 @@ class Services:
     pushgateway: PushgatewayClient | None = None
     poller: ResultsPoller | None = None
     clock: Callable[[], float] = time.time
+    nodes_unreadable: bool = False
+    """The operator may not read nodes (403): pods on lost nodes are left to the cluster."""
+    nodes: dict[str, tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
+    """Node name -> (read at, Node or None when gone): one read serves every job for a few seconds."""
 
 
 @dataclass
@@ -169,20 +187,43 @@ def recorded(history: History, unit: str) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How long the operator waits for what (observe's clock rules)."""
+
+    results_deadline: float = RESULTS_DEADLINE_DEFAULT
+    """A succeeded unit's result may take this long to become queryable."""
+    trial_timeout: float = 0.0
+    """spec.tuning.trialTimeoutSeconds (0: none): a unit's pod, pending or running, older than its unit's
+    time limit plus `grace` fails the unit (a pod the scheduler never places does not wait forever)."""
+    grace: float = 60.0
+
+
 @dataclass
 class Observation:
     running: set[str] = field(default_factory=set)
     outcomes: list[UnitOutcome] = field(default_factory=list)
     rejected: list[tuple[Observed, str]] = field(default_factory=list)
-    awaiting_results: bool = False
+    awaiting: dict[str, float] = field(default_factory=dict)
+    """unit -> since when its succeeded pod waits for its result."""
     waiting_for_node: str | None = None
+    unschedulable_since: float | None = None
+    unschedulable_pod: str | None = None
+    doomed: list[str] = field(default_factory=list)
+    """Pods still there whose unit was recorded failed here (past their time limit): delete them."""
+
+    @property
+    def awaiting_results(self) -> bool:
+        return bool(self.awaiting)
 
 
 def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results: Mapping[str, Observed],
             space_doc: Any | None, signing_key: str, awaiting: dict[str, float], now: float,
-            metrics_timeout: float) -> Observation:
-    """What the cluster says about each unit. `awaiting` (unit -> since when a finished pod waits for
-    its result) is updated in place."""
+            limits: Limits | None = None) -> Observation:
+    """What the cluster says about each unit. `awaiting` (unit -> since when a succeeded pod waits for
+    its result) is updated in place. A succeeded unit is never given up before `limits.results_deadline`
+    has passed on this clock (a restarted operator starts the clock again: it waits longer, never less)."""
+    limits = limits or Limits()
     seen = Observation()
     verdicts = {unit: judge(job, obs, pods.get(unit), signing_key) for unit, obs in results.items()}
     for unit, verdict in verdicts.items():
@@ -204,16 +245,16 @@ def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results:
                 seen.outcomes.append(outcome)
                 continue
             since = awaiting.setdefault(unit, now)
-            if now - since > metrics_timeout:
+            if now - since > limits.results_deadline:
                 awaiting.pop(unit, None)
                 what = "its signed result and the published tuning space were" if unit == protocol.BASELINE_UNIT \
                     else "its signed result was"
                 seen.outcomes.append(UnitOutcome(unit, UnitFailure(
                     METRICS_UNAVAILABLE, f"the pod {pod.name} succeeded but {what} not available (Prometheus, "
-                                         f"ConfigMap) within {metrics_timeout:g}s")))
+                                         f"ConfigMap) within {limits.results_deadline:g}s")))
             else:
                 seen.running.add(unit)
-                seen.awaiting_results = True
+                seen.awaiting[unit] = since
         elif pod.deleting:
             continue  # going away without a result: the session starts the unit again if it still wants it
         elif pod.phase == "Failed":
@@ -221,11 +262,39 @@ def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results:
             if unit == protocol.BASELINE_UNIT:
                 message = protocol.termination_message(reason, message)
             seen.outcomes.append(UnitOutcome(unit, UnitFailure(reason, message)))
+        elif (overdue := _overdue(unit, pod, now, limits)) is not None:
+            reason, message = overdue
+            if unit == protocol.BASELINE_UNIT:
+                message = protocol.termination_message(reason, message)
+            seen.outcomes.append(UnitOutcome(unit, UnitFailure(reason, message)))
+            seen.doomed.append(pod.name)
         else:
             seen.running.add(unit)
             if pod.unschedulable and seen.waiting_for_node is None:
                 seen.waiting_for_node = pod.unschedulable
+                seen.unschedulable_since = pod.unschedulable_since
+                seen.unschedulable_pod = pod.name
     return seen
+
+
+def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[str, str] | None:
+    """(reason, message) when a pod that has not finished is past its unit's time limit plus the grace: counted
+    from its start, or from its creation while it never started (pending, unschedulable)."""
+    if not limits.trial_timeout:
+        return None
+    kind = protocol.BASELINE_UNIT if unit == protocol.BASELINE_UNIT else \
+        protocol.CONFIRM_UNIT if unit == protocol.CONFIRM_UNIT else "trial"
+    limit = protocol.unit_timeout_seconds(kind, limits.trial_timeout)
+    since = pod.started if pod.started is not None else pod.created
+    if since is None or now - since <= limit + limits.grace:
+        return None
+    if pod.started is None:
+        where = f"the scheduler could not place it: {pod.unschedulable}" if pod.unschedulable else "it never started"
+        return ("Unschedulable" if pod.unschedulable else "Timeout",
+                f"the pod {pod.name} was still pending {now - since:.0f}s after its creation ({where}); the unit's "
+                f"time limit is {limit:g}s (spec.tuning.trialTimeoutSeconds)")
+    return "Timeout", (f"the pod {pod.name} was still running {now - since:.0f}s after it started; the unit's time "
+                       f"limit is {limit:g}s (spec.tuning.trialTimeoutSeconds)")
 
 
 def plan_of(unit: WorkUnit, attempt: int) -> builders.UnitPlan:
@@ -272,8 +341,18 @@ class JobReconciler:
     retired: set[str] = field(default_factory=set)
     """uids of failed pods whose failure was put aside (a failed baseline run again after an edit)."""
     api_failures: int = 0
+    models_cleaned: int = -1
+    """Trials the models cleanup was started for (once per finish in this process)."""
     owned: set[str] = field(default_factory=set)
     """ConfigMaps this process created or found owned by the job's uid (deletable without a read)."""
+    identity: tuple[int | None, str] | None = None
+    """(generation, ServiceAccount) whose use by the job's pods was checked (rbac.ensure_identity)."""
+    metrics_error: str | None = None
+    """The last error of a results query (the job's own or the operator-wide poller's); None once one worked."""
+    unschedulable_reported: set[str] = field(default_factory=set)
+    """Pods whose Unschedulable Event was posted (once each)."""
+    node_lost: dict[str, float] = field(default_factory=dict)
+    """node name -> since when this process sees it gone (its own clock; NotReady has the node's own time)."""
 
     def __post_init__(self) -> None:
         self.store = HistoryStore(self.services.kube, self.job, self.services.config.history_plain_limit)
@@ -294,7 +373,7 @@ class JobReconciler:
             result = await self._step(body, list(pods), now)
             self.api_failures = 0
             return result
-        except Terminal as exc:
+        except (Terminal, PayloadRejected) as exc:
             await self.publish(st.FAILED_STATE, exc.reason, exc.message, now)
             return StepResult(st.FAILED_STATE, done=True)
         except ForeignObject as exc:
@@ -397,6 +476,8 @@ class JobReconciler:
             document = decode_published(published, c.SPACE_KEY)
             self.space = TuningSpace.from_dict(document) if document is not None else None
         try:
+            await import_strategy_module(spec.tuning.strategy, "spec.tuning.strategy", self.config.import_timeout,
+                                         self.config.allowed_modules)
             session = build_session(spec, history, self.space, self.config.allowed_modules)
         except SpecError as exc:
             raise Terminal(st.INVALID_SPEC, str(exc)) from None
@@ -406,14 +487,17 @@ class JobReconciler:
         # 2. observe
         for unit, pod in current.items():
             self.attempts[unit] = max(self.attempts.get(unit, -1), pod.attempt)
+        await self._reap([p for p in pods if p.owned_by(self.job.namespace, self.job.uid)], current, now)
         results = await self._results(current, history)
         space_doc = None
         baseline_pod = current.get(protocol.BASELINE_UNIT)
         if baseline_pod is not None and baseline_pod.phase == "Succeeded" and not recorded(history, "baseline"):
             published = await self._read_owned(c.baseline_configmap(self.job.name))
             space_doc = decode_published(published, c.SPACE_KEY)
+        limits = Limits(self.config.results_deadline_seconds, float(spec.tuning.trial_timeout_seconds),
+                        self.config.trial_grace_seconds)
         seen = observe(self.job, history, current, results, space_doc, self.config.signing_key, self.awaiting, now,
-                       self.config.metrics_timeout)
+                       limits)
         self._report_rejections(seen.rejected)
 
         # 3. record, then let the session decide
@@ -440,9 +524,11 @@ class JobReconciler:
             pod = current.get(unit)
             if pod is not None and not pod.done:
                 await self.kube.delete_pod(self.job.namespace, pod.name)
+        for name in seen.doomed:
+            await self.kube.delete_pod(self.job.namespace, name)
         for unit in decision.start:
             await self._start(unit)
-        await self._cleanup(history, current)
+        await self._cleanup(history, current, session if decision.finished else None)
 
         # 5. status
         if decision.finished:
@@ -456,9 +542,36 @@ class JobReconciler:
             reason, message = st.REASON_TUNING, self._progress(session)
         if seen.waiting_for_node:
             message += f"; waiting for a node: {seen.waiting_for_node}"
+            since = seen.unschedulable_since
+            if since is not None and now - since >= self.config.unschedulable_seconds:
+                reason = st.UNSCHEDULABLE
+                then = self._progress(session) if session.ready else "the fp32 baseline waits"
+                message = (f"pod {seen.unschedulable_pod} cannot be scheduled for {now - since:.0f}s: "
+                           f"{seen.waiting_for_node}; {then}")
+                if seen.unschedulable_pod not in self.unschedulable_reported:
+                    self.unschedulable_reported.add(seen.unschedulable_pod or "")
+                    self.events("Warning", st.UNSCHEDULABLE, f"pod {seen.unschedulable_pod}: {seen.waiting_for_node}")
+        if seen.awaiting:
+            reason, message = st.WAITING_FOR_RESULTS, self._waiting_message(seen.awaiting, now)
         await self.publish(state, reason, message, now, session=session)
-        wait = self.config.metrics_poll_interval if seen.awaiting_results else self.config.poll_interval
+        wait = self.config.poll_interval
+        if seen.awaiting_results:  # quick while results trickle in, slower while Prometheus is failing
+            wait = self.config.metrics_poll_interval if self.metrics_error is None else max(wait, 2.0)
+        if decision.wait is not None:  # the session's backoff after failures: come back when it ends
+            wait = min(wait, max(decision.wait, 0.05))
         return StepResult(state, wait=wait)
+
+    def _waiting_message(self, awaiting: Mapping[str, float], now: float) -> str:
+        """Which units wait for their results, since when, the last Prometheus error, the deadline."""
+        units = sorted(awaiting, key=unit_order)
+        first = min(awaiting.values())
+        deadline = self.config.results_deadline_seconds
+        message = (f"waiting for the result of {', '.join(units)}: the pod succeeded, its result is not queryable "
+                   f"yet (waiting since {st.now_iso(first)}, {now - first:.0f}s)")
+        if self.metrics_error:
+            message += f"; last Prometheus error: {self.metrics_error[:300]}"
+        return message + (f"; the unit fails MetricsUnavailable at {st.now_iso(first + deadline)} "
+                          f"(results deadline {deadline:g}s)")
 
     # ----------------------------------------------------------------------------------------
     async def _maybe_continue(self, history: History, spec: JobSpec, generation: int | None,
@@ -486,6 +599,72 @@ class JobReconciler:
         await self._save()
         self.events("Normal", st.RESUMED, message)
 
+    async def _reap(self, owned: list[PodSummary], current: dict[str, PodSummary], now: float) -> None:
+        """Force-delete (grace 0) the job's pods that no node will ever finish: stuck terminating past their
+        grace period plus a margin, or on a node that is gone or NotReady too long (their status may say
+        Running forever). A unit whose current pod goes so is not running: the session starts it again as a
+        new attempt. Only pods the job owns (ownerReferences uid) are ever touched."""
+        margin = self.config.terminating_margin_seconds
+        for pod in owned:
+            if pod.done or not pod.deleting or pod.deleted_at is None or now - pod.deleted_at <= margin:
+                continue
+            logger.warning("%s/%s: pod %s still terminating %.0fs after its grace period (node %s): force-deleting "
+                           "it", self.job.namespace, self.job.name, pod.name, now - pod.deleted_at, pod.node)
+            await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
+            self.events("Warning", "PodForceDeleted", f"pod {pod.name} was stuck terminating on node {pod.node} "
+                                                      "past its grace period: force-deleted")
+            if current.get(pod.unit) is pod:
+                current.pop(pod.unit)
+        for unit, pod in list(current.items()):
+            if pod.done or pod.deleting or not pod.node:
+                continue
+            lost = await self._node_lost(pod.node, now)
+            if lost is None:
+                continue
+            logger.warning("%s/%s: %s: force-deleting pod %s; %s starts again", self.job.namespace, self.job.name,
+                           lost, pod.name, unit)
+            await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
+            self.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: {lost}; the pod was force-deleted and "
+                                               "the unit starts again")
+            current.pop(unit)
+
+    async def _node_lost(self, name: str, now: float) -> str | None:
+        """Why node `name` is lost (gone, or NotReady for node_lost_seconds), None while it is fine or
+        unknown (the operator may not read nodes: then the node's own status is never guessed)."""
+        limit = self.config.node_lost_seconds
+        try:
+            node = await self._read_node(name, now)
+        except ApiException as exc:
+            if exc.status in (401, 403):
+                if not self.services.nodes_unreadable:
+                    logger.warning("cannot read nodes (HTTP %s): pods on lost nodes are not replaced; grant the "
+                                   "operator get on nodes (the chart does)", exc.status)
+                self.services.nodes_unreadable = True
+                return None
+            raise
+        if node is None:
+            since = self.node_lost.setdefault(name, now)
+            return f"node {name} no longer exists" if now - since >= limit else None
+        ready = next((cond for cond in (node.get("status") or {}).get("conditions") or []
+                      if cond.get("type") == "Ready"), None)
+        if ready is None or ready.get("status") == "True":
+            self.node_lost.pop(name, None)
+            return None
+        since = self.node_lost.setdefault(name, now)
+        if now - since < limit:
+            return None
+        detail = ready.get("message") or ready.get("reason") or "no heartbeat"
+        return f"node {name} is NotReady ({ready.get('status')}) for {now - since:.0f}s: {detail}"
+
+    async def _read_node(self, name: str, now: float) -> dict[str, Any] | None:
+        """The Node, read at most every NODE_CACHE_SECONDS for all of the operator's jobs."""
+        cached = self.services.nodes.get(name)
+        if cached is not None and 0 <= now - cached[0] < NODE_CACHE_SECONDS:
+            return cached[1]
+        node = await self.kube.read_node(name)
+        self.services.nodes[name] = (now, node)
+        return node
+
     async def _results(self, pods: dict[str, PodSummary], history: History) -> dict[str, Observed]:
         """The job's queryable results: the operator-wide poller's snapshot, plus a query of this job
         when a unit's pod has succeeded and the snapshot lacks its result."""
@@ -496,9 +675,13 @@ class JobReconciler:
         if needed and self.services.prometheus is not None:
             try:
                 results.update(await self.services.prometheus.job_results(self.job.uid))
+                self.metrics_error = None
             except MetricsError as exc:
                 logger.warning("%s/%s: %s", self.job.namespace, self.job.name, exc)
                 self.services.metrics.errors.labels(kind="prometheus").inc()
+                self.metrics_error = str(exc)
+        elif needed:
+            self.metrics_error = "no Prometheus URL configured (--prometheus-url / QTUNE_PROMETHEUS_URL)"
         return results
 
     def _report_rejections(self, rejected: list[tuple[Observed, str]]) -> None:
@@ -537,12 +720,28 @@ class JobReconciler:
         attempt = self.attempts.get(unit.id, -1) + 1
         self.attempts[unit.id] = attempt
         plan = plan_of(unit, attempt)
+        if plan.kind == protocol.BASELINE_UNIT or self.identity is None or self.identity[0] != self.generation:
+            try:  # every pod runs as the job's own account, or a named one that is opted in
+                self.identity = (self.generation, await ensure_identity(self.kube, self.job, self.spec))
+            except SpecError as exc:
+                raise Terminal(st.INVALID_SPEC, str(exc)) from None
         if plan.kind == protocol.BASELINE_UNIT:
-            for obj in runner_rbac(self.job, self.spec.trial.service_account_name):
-                await self.kube.ensure(obj)
             await self._claim(builders.configmap(self.job, c.baseline_configmap(self.job.name), c.ROLE_BASELINE))
-        secret = protocol.derive_unit_secret(self.config.signing_key, self.job.uid, unit.id, attempt)
-        await self.kube.ensure(builders.unit_secret(self.job, plan, secret))
+        # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
+        # holding a key its author knows). The unit starts under the next attempt's name instead.
+        for _ in range(SECRET_TRIES):
+            secret = protocol.derive_unit_secret(self.config.signing_key, self.job.uid, unit.id, attempt)
+            secret_body = builders.unit_secret(self.job, plan, secret)
+            if await self.kube.ensure(secret_body):
+                break
+            logger.warning("%s/%s: Secret %s exists already and is not used (it may not be the job's); %s starts "
+                           "as attempt %d", self.job.namespace, self.job.name, secret_body["metadata"]["name"],
+                           unit.id, attempt + 1)
+            attempt += 1
+            self.attempts[unit.id] = attempt
+            plan = plan_of(unit, attempt)
+        else:
+            raise ForeignObject("Secret", self.job.namespace, secret_body["metadata"]["name"], previous=False)
         try:
             inputs = builders.unit_inputs(self.job, self.spec_dict, plan)
         except protocol.PayloadTooLarge as exc:
@@ -557,8 +756,11 @@ class JobReconciler:
             logger.info("%s/%s: %s started (pod %s)", self.job.namespace, self.job.name, unit.id,
                         body["metadata"]["name"])
 
-    async def _cleanup(self, history: History, pods: dict[str, PodSummary]) -> None:
-        """Pushgateway group, Secret, inputs and (succeeded) pod of every recorded unit, once."""
+    async def _cleanup(self, history: History, pods: dict[str, PodSummary],
+                       finished: TuningSession | None = None) -> None:
+        """Pushgateway group, Secret, inputs and (succeeded) pod of every recorded unit, once; then the
+        cleanup policy (qtune/operator/cleanup.py): old failed pods, and the models of non-winning trials
+        once the job has `finished`."""
         for unit, pod in pods.items():
             if pod.name in self.cleaned or not recorded(history, unit) or not pod.done:
                 continue
@@ -576,6 +778,24 @@ class JobReconciler:
             if pod.phase == "Succeeded" and not self.config.keep_succeeded_pods:
                 await self.kube.delete_pod(self.job.namespace, pod.name)
             self.cleaned.add(pod.name)
+        await self._apply_cleanup_policy(pods, finished)
+
+    async def _apply_cleanup_policy(self, pods: dict[str, PodSummary], finished: TuningSession | None) -> None:
+        cleaned = [pod for pod in pods.values() if pod.name in self.cleaned]
+        for pod in cleanup.failed_pods_to_delete(cleaned, self.config.cleanup_failed_pods):
+            await self.kube.delete_pod(self.job.namespace, pod.name)
+        if finished is None or self.spec is None or self.models_cleaned == len(finished.history.trials):
+            return
+        best = finished.best() if finished.ready else None
+        unit = cleanup.model_cleanup_unit(self.spec, self.config, best.index if best is not None else None)
+        self.models_cleaned = len(finished.history.trials)
+        running = pods.get(protocol.CLEANUP_UNIT)
+        if unit is not None and finished.history.trials and (running is None or running.done):
+            attempt = self.attempts[unit.id] = self.attempts.get(unit.id, -1) + 1
+            body = cleanup.cleanup_pod(builders.unit_pod(self.job, self.spec, plan_of(unit, attempt), self.config))
+            if await self.kube.create_pod(body):
+                logger.info("%s/%s: deleting the models of trials other than %s (pod %s)", self.job.namespace,
+                            self.job.name, ",".join(map(str, unit.candidates)) or "none", body["metadata"]["name"])
 
     def _progress(self, session: TuningSession) -> str:
         history = session.history

@@ -42,6 +42,11 @@ OBJECT_CONFLICT = "ObjectConflict"
 WAITING_FOR_CLEANUP = "WaitingForCleanup"
 """An earlier job of the same name still owns an object this job needs; the garbage collector removes it."""
 
+WAITING_FOR_RESULTS = "WaitingForResults"
+"""A unit's pod succeeded; its result is not queryable yet (Prometheus or the Pushgateway down or slow)."""
+UNSCHEDULABLE = "Unschedulable"
+"""A unit's pod has stayed unplaced longer than the operator's unschedulable_seconds (the scheduler's message)."""
+
 MESSAGE_LIMIT = 1024
 
 

@@ -13,6 +13,11 @@ Small histories are stored as plain JSON (`data["history.json"]`, readable with 
 larger ones gzip-compressed in `binaryData["history.json.gz"]` (base64 in the API). Updates carry
 the resourceVersion they were based on, so a concurrent writer is detected (Conflict), never
 silently overwritten.
+
+Decoding is bounded (constants.DECODED_PAYLOAD_LIMIT, streaming inflate): the baseline pod runs the
+job's code and publishes the tuning space through a ConfigMap, so whatever a ConfigMap holds is
+untrusted; a document inflating beyond the limit, or not gzip/JSON, is PayloadRejected and fails
+that one job (PayloadTooLarge / InvalidPayload, naming the ConfigMap and the limit).
 """
 
 from __future__ import annotations
@@ -88,15 +93,45 @@ def encode_history(history: History, plain_limit: int | None = None) -> tuple[di
                               "lower spec.tuning.maxTrials") from None
 
 
-def decode_history(body: dict[str, Any]) -> History | None:
-    """The history stored in a ConfigMap body (None when it holds none)."""
-    document = protocol.decode_document(body, c.HISTORY_KEY)
+PAYLOAD_TOO_LARGE = "PayloadTooLarge"
+INVALID_PAYLOAD = "InvalidPayload"
+
+
+class PayloadRejected(Exception):
+    """A ConfigMap of the job holds a document the operator refuses to decode (it inflates beyond
+    the limit, or is not gzip/JSON): the job fails with `reason`, the message naming the ConfigMap."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def decode_bounded(body: dict[str, Any] | None, key: str, limit: int = c.DECODED_PAYLOAD_LIMIT) -> Any | None:
+    """`protocol.decode_document` with the operator's bound: at most `limit` bytes are ever inflated
+    (streaming, whatever the compressed data claims); PayloadRejected otherwise."""
+    try:
+        return protocol.decode_document(body, key, inflated_limit=limit)
+    except (protocol.PayloadTooLarge, protocol.ProtocolError) as exc:
+        meta = (body or {}).get("metadata") or {}
+        where = f"ConfigMap {meta.get('namespace', '?')}/{meta.get('name', '?')}"
+        if isinstance(exc, protocol.PayloadTooLarge):
+            raise PayloadRejected(PAYLOAD_TOO_LARGE, (
+                f"{where}: {exc}; the operator decodes at most {limit} bytes of JSON (and "
+                f"{protocol.RATIO_LIMIT}x the compressed size) from a job's ConfigMap")) from None
+        raise PayloadRejected(INVALID_PAYLOAD, f"{where}: {exc}") from None
+
+
+def decode_history(body: dict[str, Any], limit: int = c.DECODED_PAYLOAD_LIMIT) -> History | None:
+    """The history stored in a ConfigMap body (None when it holds none); PayloadRejected beyond `limit`."""
+    document = decode_bounded(body, c.HISTORY_KEY, limit)
     return None if document is None else History.from_dict(document)
 
 
-def decode_published(body: dict[str, Any] | None, key: str) -> Any | None:
-    """A JSON document the baseline pod published (plain, or `<key>.gz` base64 gzip)."""
-    return protocol.decode_document(body, key)
+def decode_published(body: dict[str, Any] | None, key: str, limit: int = c.DECODED_PAYLOAD_LIMIT) -> Any | None:
+    """A JSON document the baseline pod published (plain, or `<key>.gz` base64 gzip); the pod runs the
+    job's code, so the document is untrusted: PayloadRejected beyond `limit` bytes inflated."""
+    return decode_bounded(body, key, limit)
 
 
 @dataclass

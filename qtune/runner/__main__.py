@@ -1,4 +1,5 @@
-"""`python -m qtune.runner baseline|trial|confirm ...`: the process a local unit or a pod runs.
+"""`python -m qtune.runner baseline|trial|confirm|cleanup ...`: the process a local unit or a pod runs
+(cleanup: see qtune/runner/cleanup.py).
 
 Each command writes its typed result (qtune/protocol.py) to `--result` as JSON and, with a
 Pushgateway, pushes it as metrics. Exit codes (protocol): 0 done, 2 the trial ran and failed (its
@@ -133,6 +134,11 @@ def _failed(command: str, index: str, reason: str, message: str) -> BaselineResu
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cleanup"]:  # no job, no result: deletes the models of non-winning trials
+        from qtune.runner.cleanup import main as cleanup
+
+        return cleanup(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -152,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.result:
         write_json_atomic(Path(args.result), payload)
     if args.pushgateway:
-        from qtune.runner.metrics import push_result
+        from qtune.runner.metrics import PUSH_ATTEMPTS, push_result
 
         unit = args.command if args.command in (BASELINE_UNIT, CONFIRM_UNIT) else trial_unit(int(args.index))
         # A baseline that published its ConfigMap has delivered its result (the operator reads it
         # there): its push is optional, and failing it must not fail a good baseline.
         optional = args.command == BASELINE_UNIT and bool(args.publish_configmap) and code == EXIT_OK
         try:
-            push_result(args.pushgateway, args.job_uid, unit, result)
+            push_result(args.pushgateway, args.job_uid, unit, result, attempts=PUSH_ATTEMPTS if optional else None)
         except Exception as exc:  # noqa: BLE001 - after push_result's retries
             if optional:
                 logger.warning("could not push the baseline's metrics to %s (%s): the baseline is published in "

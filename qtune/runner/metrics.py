@@ -29,8 +29,27 @@ PUSH_JOB = protocol.PUSH_JOB
 PUSH_ATTEMPTS = 6
 PUSH_BACKOFF = 2.0
 PUSH_MAX_DELAY = 30.0
-"""Push retries: 6 attempts, waiting 2, 4, 8, 16, 30 s between them (about a minute in all), on
-connection errors, timeouts, 429 and 5xx answers; a 4xx answer is final."""
+PUSH_RETRY_SECONDS = 900.0
+PUSH_RETRY_ENV = "QTUNE_PUSH_RETRY_SECONDS"
+"""A unit's result push is retried on connection errors, timeouts, 429 and 5xx answers, waiting 2, 4, 8,
+16, then 30 s between attempts, for up to PUSH_RETRY_SECONDS in all (env QTUNE_PUSH_RETRY_SECONDS): a
+Pushgateway outage of several minutes loses no result. The pod's own time limit (activeDeadlineSeconds)
+still bounds it. A 4xx answer is final. An optional push (the baseline's metrics, when the baseline also
+published its ConfigMap) makes PUSH_ATTEMPTS attempts only (about a minute)."""
+
+
+def push_retry_seconds() -> float:
+    """How long a required push is retried: env QTUNE_PUSH_RETRY_SECONDS, else PUSH_RETRY_SECONDS."""
+    text = os.environ.get(PUSH_RETRY_ENV, "").strip()
+    if not text:
+        return PUSH_RETRY_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{PUSH_RETRY_ENV}={text!r}: expected a number of seconds (>= 0)") from None
+    if value < 0:
+        raise ValueError(f"{PUSH_RETRY_ENV}={text!r}: expected a number of seconds (>= 0)")
+    return value
 SECRET_ENV = "QTUNE_RESULT_SECRET"
 """Env var holding this pod's result secret (set by the operator through secretKeyRef)."""
 
@@ -101,31 +120,40 @@ def retryable(exc: BaseException) -> bool:
 
 
 def with_retry(action: Callable[[], T], what: str, *, attempts: int | None = None, backoff: float | None = None,
-               max_delay: float | None = None, sleep: Callable[[float], None] | None = None) -> T:
-    """`action()`, retried with exponential backoff while it fails in a `retryable` way (defaults:
-    PUSH_ATTEMPTS, PUSH_BACKOFF, PUSH_MAX_DELAY)."""
-    attempts = PUSH_ATTEMPTS if attempts is None else attempts
+               max_delay: float | None = None, sleep: Callable[[float], None] | None = None,
+               total: float | None = None, clock: Callable[[], float] = time.monotonic) -> T:
+    """`action()`, retried with capped exponential backoff while it fails in a `retryable` way: at most
+    `attempts` times when given, else for up to `total` seconds (default push_retry_seconds()); the
+    delays are PUSH_BACKOFF doubling up to PUSH_MAX_DELAY."""
     delay = PUSH_BACKOFF if backoff is None else backoff
     max_delay = PUSH_MAX_DELAY if max_delay is None else max_delay
     sleep = sleep or time.sleep
-    for attempt in range(1, max(1, attempts) + 1):
+    if attempts is None and total is None:
+        total = push_retry_seconds()
+    start, slept, attempt = clock(), 0.0, 0
+    while True:
+        attempt += 1
         try:
             return action()
         except Exception as exc:
-            if attempt >= attempts or not retryable(exc):
+            spent = max(clock() - start, slept)
+            out_of_attempts = attempts is not None and attempt >= attempts
+            out_of_time = total is not None and spent + delay > total
+            if out_of_attempts or out_of_time or not retryable(exc):
                 raise
-            logger.warning("%s failed (attempt %d of %d: %s); retrying in %.0f s", what, attempt, attempts,
-                           exc, delay)
+            limit = f"of {attempts}" if attempts is not None else f"within {total:g} s"
+            logger.warning("%s failed (attempt %d %s: %s); retrying in %.0f s", what, attempt, limit, exc, delay)
             sleep(delay)
+            slept += delay
             delay = min(delay * 2, max_delay)
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | dict[str, Any],
                 secret: str | None = None, *, attempts: int | None = None, backoff: float | None = None,
                 sleep: Callable[[float], None] | None = None) -> str | None:
     """Sign (with `secret`, default env QTUNE_RESULT_SECRET) and push one result, retrying (see
-    PUSH_ATTEMPTS) while the gateway is unreachable or failing; returns the signature."""
+    PUSH_RETRY_SECONDS; `attempts` bounds the count instead) while the gateway is unreachable or failing;
+    returns the signature."""
     unit = unit_id(unit)
     message = as_result(unit, result)
     secret = secret if secret is not None else os.environ.get(SECRET_ENV)

@@ -332,6 +332,11 @@ class TuningSpec(SpecModel):
     max_trials: int = Field(default=50, ge=1, le=10000, description="trials (quantized configs) at most")
     max_failed_trials: int | None = Field(default=None, ge=1,
                                           description="stop after this many crashed trials; default: no limit")
+    max_consecutive_failures: int = Field(
+        default=3, ge=0, le=1000,
+        description="stop (RepeatedFailures) when this many trials in a row failed alike (same reason, e.g. "
+                    "OOMKilled; for crashes also the same kind of message); the best passing config found is "
+                    "still reported; 0 = never")
     timeout_seconds: int = Field(default=0, ge=0, description="wall-clock limit of the whole tuning; 0 = none")
     trial_timeout_seconds: int = Field(default=1800, ge=1, description="wall-clock limit of one trial")
     parallel_trials: int = Field(default=1, ge=1, le=256,
@@ -426,15 +431,27 @@ class TrialSpec(SpecModel):
     )
     tolerations: list[dict[str, Any]] = Field(default_factory=list,
                                               description="tolerations of trial pods (dedicated pools)")
-    service_account_name: str | None = Field(default=None, description="service account of trial pods")
+    service_account_name: str | None = Field(
+        default=None, description="ServiceAccount every pod of the job runs as instead of the job's own generated "
+                                  "one (<job>-runner); it must exist in the job's namespace and carry the label "
+                                  "qtune.io/job-account: \"true\" (set by the namespace's administrator), else the "
+                                  "job fails InvalidSpec; the operator never creates or changes it")
 
 
 class WorkspaceSpec(SpecModel):
     path: str | None = Field(default=None, description="local folder of the run's state (qtune tune), relative to "
                                                         "the job file's folder; default .qtune/<job name> beside it")
     persistent_volume_claim: str | None = Field(default=None, description="cluster: PVC holding model and data")
-    mount_path: str = Field(default="/workspace", description="cluster: where the PVC is mounted in pods; "
-                                                             "relative paths and user modules resolve there")
+    mount_path: str = Field(default="/workspace", description="cluster: where the PVC is mounted, read-only, in "
+                                                             "pods; relative paths and user modules resolve there. "
+                                                             "Pods write only in the job's own folder "
+                                                             ".qtune/<job>-<uid8> of it (their working directory) "
+                                                             "and /tmp")
+    trial_models: Literal["keep-best", "keep-all"] | None = Field(
+        default=None, description="when the run ends, keep-best deletes the models of all trials but the winner "
+                                  "from the workspace (results and logs stay); keep-all keeps every model. Default: "
+                                  "keep-best with qtune tune, the operator's setting (chart cleanup.trialModels) on "
+                                  "a cluster")
 
 
 class OutputSpec(SpecModel):

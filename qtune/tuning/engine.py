@@ -8,6 +8,7 @@ instead of blocking; see docs/engine.md.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -65,9 +66,11 @@ def apply_outcome(session: TuningSession, outcome: UnitOutcome) -> TrialRecord |
 
 def drive(session: TuningSession, executor: Executor, elapsed: Callable[[], float], save: Callable[[], None],
           listener: Listener | None = None, interrupted: Callable[[], bool] = lambda: False,
-          poll_wait: float = 0.5) -> str:
+          poll_wait: float = 0.5, sleep: Callable[[float], None] = time.sleep) -> str:
     """Run the job to its end; returns the stop reason. The history is saved after every change and
-    before any unit starts, so a crash at any point loses no recorded result and repeats no unit."""
+    before any unit starts, so a crash at any point loses no recorded result and repeats no unit.
+    A backoff the session asks for (`Decision.wait`) is slept when no unit runs (`sleep`, so a test
+    with a fake clock advances it), else waited for in the executor's poll."""
     while True:
         if interrupted():
             raise Interrupted()
@@ -82,7 +85,11 @@ def drive(session: TuningSession, executor: Executor, elapsed: Callable[[], floa
             executor.start(unit)
             if listener is not None:
                 listener.unit_started(unit)
-        for outcome in executor.poll(poll_wait):
+        if decision.wait is not None and not decision.start and not executor.running():
+            sleep(decision.wait)
+            continue
+        wait = poll_wait if decision.wait is None else min(poll_wait, decision.wait)
+        for outcome in executor.poll(wait):
             record = apply_outcome(session, outcome)
             save()
             if listener is not None:

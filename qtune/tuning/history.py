@@ -119,6 +119,9 @@ class History:
     """The job's final reason (GoalReached, NoSpeedup, NoConfigMeetsCriterion, ...), set when it ends."""
     message: str | None = None
     """Why the job failed as a whole (e.g. the baseline's error), when it did."""
+    backoff: dict[str, Any] | None = None
+    """After infrastructure failures: {"trial": the last failed trial, "until": elapsed seconds before which
+    no unit starts} (see TuningSession.advance)."""
 
     def keys(self) -> set[str]:
         return {t.config_key for t in self.trials}
@@ -155,6 +158,7 @@ class History:
             "confirmation": self.confirmation,
             "outcome": self.outcome,
             "message": self.message,
+            "backoff": self.backoff,
         }
 
     @classmethod
@@ -170,6 +174,7 @@ class History:
             confirmation=data.get("confirmation"),
             outcome=data.get("outcome"),
             message=data.get("message"),
+            backoff=data.get("backoff"),
         )
 
     def save(self, path: Path) -> None:

@@ -72,6 +72,8 @@ class Decision:
     """Unit ids to stop; the session has already recorded them."""
     finished: str | None = None
     """The search's stop reason once the job is over (see `outcome()` for the final verdict)."""
+    wait: float | None = None
+    """Seconds until the session wants to be asked again (a backoff after failures): nothing starts before."""
 
     @property
     def changed(self) -> bool:
@@ -88,7 +90,8 @@ class TuningSession:
         self.batch_size = objective_batch_size(spec)
         self.strategy = create_strategy(tuning.strategy, tuning.seed, objective=tuning.objective,
                                         min_speedup=tuning.min_speedup, batch_size=self.batch_size)
-        self.rules = stop.StopRules(tuning.max_trials, tuning.max_failed_trials, float(tuning.timeout_seconds))
+        self.rules = stop.StopRules(tuning.max_trials, tuning.max_failed_trials, float(tuning.timeout_seconds),
+                                    tuning.max_consecutive_failures)
 
     @property
     def baseline(self) -> Baseline | None:
@@ -116,6 +119,9 @@ class TuningSession:
             return hard
         if CONFIRM_UNIT in running:
             return Decision()
+        wait = self._backoff(elapsed_seconds)
+        if wait is not None:
+            return Decision(wait=wait)
 
         free = max(0, capacity - len(running))
         start: list[WorkUnit] = []
@@ -136,12 +142,32 @@ class TuningSession:
             return Decision(start=[confirm])
         return self._finish(reason)
 
+    def _backoff(self, elapsed_seconds: float) -> float | None:
+        """Seconds to wait before the next start after infrastructure failures in a row (5 s doubling, capped),
+        None to start now. The deadline is kept in the history (in the job's elapsed time), so a restarted
+        executor keeps it."""
+        streak = stop.infra_streak(self.history)
+        if not streak:
+            self.history.backoff = None
+            return None
+        backoff = self.history.backoff
+        if backoff is None or backoff.get("trial") != streak[0].index:
+            delay = stop.backoff_seconds(len(streak))
+            backoff = self.history.backoff = {"trial": streak[0].index, "until": elapsed_seconds + delay}
+            logger.info("%s: %d trial(s) in a row failed (%s); the next starts in %gs", self.history.job,
+                        len(streak), streak[0].reason, delay)
+        left = float(backoff["until"]) - elapsed_seconds
+        return left if left > 0 else None
+
     def _maybe_timeout(self, elapsed_seconds: float, running: set[str] | frozenset[str]) -> Decision | None:
         reason = self.rules.hard_stop(self.history, elapsed_seconds)
         if reason is None:
             return None
         message = ("stopped: the tuning ran out of its wall-clock limit (spec.tuning.timeoutSeconds)"
                    if reason == stop.TIMEOUT else f"stopped: {reason}")
+        if reason == stop.REPEATED_FAILURES:
+            self.history.message = stop.describe_repeated(stop.failure_streak(self.history))
+            message = f"stopped: {reason}: {self.history.message}"
         for record in self.history.pending():
             self.fail(record.index, reason if reason == stop.TIMEOUT else stop.ABANDONED, message)
         if CONFIRM_UNIT in running:
@@ -315,6 +341,8 @@ class TuningSession:
     def outcome(self, stop_reason: str | None = None) -> str:
         """The job's final reason: the stop reason when the winner is a success, else why not."""
         reason = stop_reason or self.history.stop_reason or stop.SEARCH_EXHAUSTED
+        if reason == stop.REPEATED_FAILURES:
+            return reason  # a failure whatever was found before: the cause needs fixing (the best is still reported)
         if reason == stop.BASELINE_FAILED or self.history.baseline is None:
             return stop.BASELINE_FAILED if reason == stop.BASELINE_FAILED else reason
         best = self.best()
@@ -331,6 +359,12 @@ class TuningSession:
         measured = self.best_speed()
         if outcome == stop.BASELINE_FAILED:
             return f"{outcome}: {self.history.message or 'the fp32 baseline failed'}"
+        if outcome == stop.REPEATED_FAILURES:
+            text = f"{outcome}: {self.history.message or 'trials in a row failed alike'}"
+            if best is None or self.history.baseline is None:
+                return text
+            speed = f", speedup {measured.describe()}" if measured is not None else ""
+            return f"{text}. Best passing config so far: trial {best.index}, accuracy {best.accuracy:.4f}{speed}"
         if best is None:
             return f"{outcome}: no configuration meets the accuracy criterion ({self.criterion.describe()})"
         head = f"trial {best.index}, accuracy {best.accuracy:.4f}"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Build the Kubernetes control-plane binaries the cluster tests run (kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubectl) from the k8s.io/kubernetes Go module
-# pinned in k8s-build/go.mod, into a cache folder OUTSIDE the checkout keyed by version:
+# Build the Kubernetes binaries the cluster tests run (kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubectl; kubelet for the real node, see
+# realnode.py) from the k8s.io/kubernetes Go module pinned in k8s-build/go.mod, into a
+# cache folder OUTSIDE the checkout keyed by version:
 #
 #   ${QTUNE_CACHE_DIR:-$HOME/.cache/qtune}/k8s/<version>/bin/
 #
-# Idempotent: binaries already present (and runnable) are not rebuilt.
+# Idempotent: binaries already present (and runnable) are not rebuilt; when only some are
+# missing (e.g. kubelet, added later), only those are built.
 # Prints the bin folder on the last line of stdout.
 #
 # Env:
@@ -24,7 +26,7 @@ if [[ -z "$version" ]]; then
 fi
 cache_root="${QTUNE_CACHE_DIR:-$HOME/.cache/qtune}"
 bin_dir="$cache_root/k8s/$version/bin"
-tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet)
 
 log() { printf '[build.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
@@ -68,12 +70,22 @@ mkdir -p "$cache_root/k8s"
 tmp_dir="$(mktemp -d "$cache_root/k8s/.build.XXXXXX")"
 trap 'rm -rf "$tmp_dir"' EXIT
 
+# Build only what is missing (all of them with QTUNE_K8S_REBUILD=1).
+build=()
+for t in "${tools[@]}"; do
+  [[ "${QTUNE_K8S_REBUILD:-0}" != "1" && -x "$bin_dir/$t" ]] || build+=("$t")
+done
+if ((${#build[@]} == ${#tools[@]})); then
+  targets=(tool)
+else
+  targets=("${build[@]/#/k8s.io/kubernetes/cmd/}")
+fi
 t0=$SECONDS
-(cd "$mod_dir" && nice -n "${QTUNE_BUILD_NICE:-10}" go build -trimpath -ldflags "$ldflags" -o "$tmp_dir/" tool)
-log "go build (${tools[*]}): $((SECONDS - t0))s"
+(cd "$mod_dir" && nice -n "${QTUNE_BUILD_NICE:-10}" go build -trimpath -ldflags "$ldflags" -o "$tmp_dir/" "${targets[@]}")
+log "go build (${build[*]}): $((SECONDS - t0))s"
 
 mkdir -p "$bin_dir"
-for t in "${tools[@]}"; do
+for t in "${build[@]}"; do
   mv -f "$tmp_dir/$t" "$bin_dir/$t"
 done
 "$bin_dir/kube-apiserver" --version >&2

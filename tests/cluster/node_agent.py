@@ -24,7 +24,10 @@ local process on this machine, in the host Python environment (the image is igno
   claim pointing at ``<state>/pvc/<namespace>/<claim>``, deleted with its folder once released.
 
 Only ``restartPolicy: Never`` semantics are implemented (a pod runs once). Init containers,
-probes, securityContext users and the kubelet HTTP API (logs, exec) are not.
+probes, securityContext users and the kubelet HTTP API (logs, exec) are not: a pod's process
+runs as the agent's user (root on the test machines), so file permissions do not stop it; what a
+pod may not write is enforced only by read-only bind mounts (``readOnly: true``; ``subPath``
+mounts a subfolder of the volume, created as the kubelet does, see make_subpath).
 """
 
 from __future__ import annotations
@@ -228,6 +231,7 @@ class Run:
     kill_at: float | None = None
     oom_killed: bool = False
     done: bool = False
+    node: str = ""
 
 
 class NodeAgent:
@@ -362,7 +366,8 @@ class NodeAgent:
                 if coord is None:
                     coord = client.CoordinationV1Api(
                         config.new_client_from_config(config_file=self.kubeconfig))
-                for node in sorted(self.nodes):
+                lost = self.lost_nodes()
+                for node in sorted(self.nodes - lost):
                     self._renew_lease(coord, node)
                     self._post_node_status(node)
             except Exception:  # noqa: BLE001 - keep beating
@@ -412,8 +417,17 @@ class NodeAgent:
         self.core.patch_node_status(node, {"status": status}, _content_type=MERGE_PATCH)
 
     # ---- pods
+    def lost_nodes(self) -> set[str]:
+        """Nodes made to vanish (``<state>/lost-nodes``, one name a line; see ``lose_node``): no
+        heartbeat, their pods' processes killed, their pods never touched again (as if the
+        machine were unplugged)."""
+        try:
+            return set((self.state_dir / LOST_NODES).read_text().split())
+        except OSError:
+            return set()
+
     def _on_pod(self, event: str, pod: Obj) -> None:
-        if get(pod, "spec", "nodeName") not in self.nodes:
+        if get(pod, "spec", "nodeName") not in self.nodes - self.lost_nodes():
             return
         uid = pod["metadata"]["uid"]
         with self.lock:
@@ -505,9 +519,17 @@ class NodeAgent:
             if src is None:
                 continue
             if vm.get("subPath"):
-                src = src / vm["subPath"]
-                if not src.exists():
-                    src.mkdir(parents=True)
+                try:
+                    src = make_subpath(src, vm["subPath"])
+                except (OSError, ValueError) as e:  # the kubelet: the container is not created
+                    log.warning("pod %s/%s: volumeMount %s: %s", ns, name, vm["name"], e)
+                    self.broken.add(uid)
+                    self._patch_status(pod, {"containerStatuses": [{
+                        "name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": False,
+                        "restartCount": 0, "state": {"waiting": {
+                            "reason": "CreateContainerConfigError",
+                            "message": f"failed to prepare subPath for volumeMount {vm['name']!r}"}}}]})
+                    return
             mounts.append((src, vm["mountPath"], bool(vm.get("readOnly"))))
         mounts.append((message_path, c.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH,
                        False))
@@ -546,7 +568,7 @@ class NodeAgent:
             namespace=ns, name=name, uid=uid, container=c["name"], image=c.get("image", ""),
             proc=proc, pod_dir=pod_dir, log_path=log_path, message_path=message_path,
             message_policy=c.get("terminationMessagePolicy", "File"), started_at=started_at,
-            memory_limit=int(parse_quantity(memory)) if memory is not None else None,
+            memory_limit=int(parse_quantity(memory)) if memory is not None else None, node=spec["nodeName"],
         )
         log.info("pod %s/%s started on %s: pid %d", ns, name, spec["nodeName"], proc.pid)
         self._patch_running(pod, c, proc.pid, started_at)
@@ -835,6 +857,10 @@ class NodeAgent:
             self._check_locked(run, rss)
 
     def _check_locked(self, run: Run, rss: dict[int, int]) -> None:
+        if run.node in self.lost_nodes():  # the machine is gone: so are its processes, silently
+            _kill_group(run.proc.pid, signal.SIGKILL)
+            run.done = True
+            return
         rc = run.proc.poll()
         if rc is None:
             if run.kill_at is not None and time.monotonic() > run.kill_at:
@@ -877,6 +903,10 @@ class NodeAgent:
             return
         path = self.state_dir / "pvc" / meta["namespace"] / meta["name"]
         path.mkdir(parents=True, exist_ok=True)
+        # World-writable (as local-path provisioners make them): on a real node (realnode.py)
+        # the kubelet bind-mounts this hostPath as is, and fsGroup does not chown hostPath, so
+        # non-root pods (runAsUser 65532) could not write to their claim otherwise.
+        path.chmod(0o777)
         spec = pvc["spec"]
         pv = {
             "apiVersion": "v1", "kind": "PersistentVolume",
@@ -967,6 +997,37 @@ def log_tail(path: Path) -> str:
         return ""
     tail = b"\n".join(data.splitlines()[-FALLBACK_LOG_LINES:])
     return tail[-FALLBACK_LOG_BYTES:].decode(errors="replace")
+
+
+LOST_NODES = "lost-nodes"
+
+
+def lose_node(state_dir: Path, node: str, lost: bool = True) -> None:
+    """Make the agent of `state_dir` stop serving `node` (or serve it again): a node lost."""
+    path = Path(state_dir) / LOST_NODES
+    names = set(path.read_text().split()) if path.exists() else set()
+    names = names | {node} if lost else names - {node}
+    path.write_text("".join(f"{n}\n" for n in sorted(names)))
+
+
+def make_subpath(volume: Path, sub_path: str) -> Path:
+    """The host folder of a volumeMount's subPath, as the kubelet makes it (kubelet_pods.go makeMounts,
+    volume/util/subpath SafeMakeDir): an absolute subPath or one with `..` is refused; a missing one
+    is created component by component, each with the mode of the volume's root (setgid included,
+    not narrowed by the umask). Owner: this agent's user (the kubelet's: root; group inherited from a
+    setgid parent)."""
+    if sub_path.startswith("/") or ".." in Path(sub_path).parts:
+        raise ValueError(f"subPath {sub_path!r} must be a relative path without '..'")
+    mode = volume.stat().st_mode & 0o7777
+    current = volume
+    for part in Path(sub_path).parts:
+        current = current / part
+        if current.is_symlink():
+            raise ValueError(f"subPath {sub_path!r}: {part} is a symbolic link")
+        if not current.exists():
+            current.mkdir()
+            os.chmod(current, mode)
+    return current
 
 
 def mount_namespace_available() -> bool:

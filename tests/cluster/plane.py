@@ -66,6 +66,9 @@ AVX512 = {f"{NFD}/cpu-cpuid.AVX512F": "true", f"{NFD}/cpu-cpuid.AVX512VNNI": "tr
 AMX = {f"{NFD}/cpu-cpuid.AMXINT8": "true", f"{NFD}/cpu-cpuid.AMXBF16": "true"}
 AVX2 = {f"{NFD}/cpu-cpuid.AVX2": "true", f"{NFD}/cpu-cpuid.FMA3": "true"}
 DEDICATED_TAINT = {"key": "qtune.io/dedicated", "value": "tuning", "effect": "NoSchedule"}
+OPERATOR_USER = "qtune-operator"
+"""The user of ``operator.kubeconfig`` (group system:masters); with ``Plane(audit=True)`` the
+apiserver records every request of this user (and only of it) in ``audit_log``."""
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,26 @@ def missing_binaries(bin_dir: Path | None = None) -> list[str]:
     return missing
 
 
+PUSHGATEWAY_PERSISTENCE_INTERVAL = "1s"
+
+
+def pushgateway_argv(state_dir: Path, port: int) -> list[str]:
+    """The plane's Pushgateway: its OWN persistence file in the plane's state dir, written every second
+    and on a graceful stop, so a restart within the plane keeps the pushed groups (as a production
+    Pushgateway with persistence does). Never the packaged default file (Debian's binary defaults to
+    /var/lib/prometheus/pushgateway.data, which every plane on the machine would share: a new plane
+    would start with stale groups)."""
+    folder = state_dir / "pushgateway"
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        "prometheus-pushgateway",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--persistence.file={folder / 'pushgateway.data'}",
+        f"--persistence.interval={PUSHGATEWAY_PERSISTENCE_INTERVAL}",
+        "--log.level=warn",
+    ]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -168,6 +191,8 @@ def make_pki(pki: Path) -> None:
         # name: (subject, extended key usage, subjectAltName)
         "apiserver": ("/CN=kube-apiserver", "serverAuth", sans),
         "admin": ("/O=system:masters/CN=qtune-admin", "clientAuth", None),
+        # a distinct user for an operator under test, so its API requests can be told apart (audit)
+        "operator": (f"/O=system:masters/CN={OPERATOR_USER}", "clientAuth", None),
         "controller-manager": ("/CN=system:kube-controller-manager", "clientAuth", None),
         "scheduler": ("/CN=system:kube-scheduler", "clientAuth", None),
         "node-agent": ("/O=system:masters/CN=qtune-node-agent", "clientAuth", None),
@@ -226,6 +251,8 @@ class Component:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -331,14 +358,21 @@ class Plane:
     #: None: bind-mount volumes in a private mount namespace when possible; False: rewrite
     #: mountPaths instead (QTUNE_NODE_AGENT_MOUNT_NS=0 sets False).
     mount_namespace: bool | None = None
+    #: Audit the requests of OPERATOR_USER (Metadata level) to ``audit_log`` (a benchmark counts them).
+    audit: bool = False
+    #: How many REAL nodes (kubelet + containerd in a network namespace, see realnode.py)
+    #: to start after the plane is up; more can be added with :meth:`add_real_node`.
+    real_nodes: int = 0
     plane_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     components: list[Component] = field(default_factory=list, init=False)
     ports: dict[str, int] = field(default_factory=dict, init=False)
     startup_seconds: float = field(default=0.0, init=False)
+    real: list[Any] = field(default_factory=list, init=False)  # realnode.RealNode objects
     _own_state_dir: bool = field(default=False, init=False)
     _etcd_dir: Path | None = field(default=None, init=False)
     _stopped: bool = field(default=False, init=False)
+    _stopped_components: dict[str, Component] = field(default_factory=dict, init=False)
     _tie_to_parent: bool = field(default=True, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -347,6 +381,18 @@ class Plane:
     def pki(self) -> Path:
         assert self.state_dir
         return self.state_dir / "pki"
+
+    @property
+    def operator_kubeconfig(self) -> Path:
+        """Kubeconfig of OPERATOR_USER (cluster admin, a user of its own)."""
+        assert self.state_dir
+        return self.state_dir / "operator.kubeconfig"
+
+    @property
+    def audit_log(self) -> Path:
+        """JSON lines, one audit event per stage of each request of OPERATOR_USER (``audit=True``)."""
+        assert self.state_dir
+        return self.state_dir / "audit" / "audit.log"
 
     @property
     def kubeconfig(self) -> Path:
@@ -369,6 +415,8 @@ class Plane:
         pools: dict[str, list[str]] = {}
         for n in self.nodes:
             pools.setdefault(n.pool, []).append(n.name)
+        for rn in self.real:
+            pools.setdefault(rn.spec.pool, []).append(rn.name)
         return pools
 
     def env(self) -> dict[str, str]:
@@ -379,7 +427,30 @@ class Plane:
         if self.prometheus:
             env["QTUNE_PROMETHEUS_URL"] = str(self.prometheus_url)
             env["QTUNE_PUSHGATEWAY_URL"] = str(self.pushgateway_url)
+            if self.real:  # what pods on a real node use (through the node's forwarders)
+                env["QTUNE_POD_PROMETHEUS_URL"] = str(self.real[0].pod_prometheus_url)
+                env["QTUNE_POD_PUSHGATEWAY_URL"] = str(self.real[0].pod_pushgateway_url)
         return env
+
+    def add_real_node(self, spec: Any = None) -> Any:
+        """Start one more REAL node (``realnode.RealNode``) on this running plane."""
+        sys.path.insert(0, str(HERE))
+        try:
+            import realnode
+        finally:
+            sys.path.remove(str(HERE))
+        rn = realnode.RealNode(self, spec or realnode.RealNodeSpec(
+            name=f"xeon-real-{len(self.real)}"), index=len(self.real))
+        self.real.append(rn)
+        try:
+            rn.start()
+        except BaseException:
+            self.real.remove(rn)
+            raise
+        if self.state_dir and (self.state_dir / "plane.env").exists():
+            self._write_env_file()
+        self._save()
+        return rn
 
     # ---- lifecycle
     def start(self, timeout: float = 180.0, *, detach: bool = False) -> Plane:
@@ -420,7 +491,7 @@ class Plane:
             self.ports[name] = free_port()
         self._save()
         make_pki(self.pki)
-        for user in ("admin", "controller-manager", "scheduler", "node-agent"):
+        for user in ("admin", "controller-manager", "scheduler", "node-agent", "operator"):
             write_kubeconfig(self.state_dir / f"{user}.kubeconfig", self.api_url, self.pki, user)
 
         self._start_etcd()
@@ -440,6 +511,8 @@ class Plane:
         self._wait_cluster_ready(deadline)
         if self.prometheus:
             self._wait_monitoring(deadline)
+        for _ in range(self.real_nodes):
+            self.add_real_node()
         self._write_env_file()
 
     def stop(self) -> None:
@@ -450,6 +523,9 @@ class Plane:
             self._stopped = True
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
+        for rn in self.real:  # kubelet, containers, containerd, namespaces, cgroups
+            with contextlib.suppress(Exception):
+                rn.stop()
         # The agent first (it stops its pods), then the consumers of the apiserver, then etcd.
         order = ["node-agent", "prometheus", "pushgateway", "kube-scheduler",
                  "kube-controller-manager", "kube-apiserver", "etcd"]
@@ -469,6 +545,55 @@ class Plane:
         elif self.state_dir:
             log.info("plane stopped; state kept in %s", self.state_dir)
 
+    # ---- faults (tests stop and start components, or lose a node)
+    def stop_component(self, name: str) -> None:
+        """Stop one component (e.g. "prometheus", "pushgateway") until start_component(name)."""
+        comp = next(c for c in self.components if c.name == name)
+        stop_groups([comp.proc.pid], grace=5.0)
+        with contextlib.suppress(Exception):
+            comp.proc.wait(timeout=5)
+        self.components.remove(comp)
+        self._stopped_components[name] = comp
+        self._save()
+
+    def start_component(self, name: str, argv: list[str] | None = None, timeout: float = 60.0) -> None:
+        """Start a stopped component again, with its earlier command line and port; for
+        Prometheus and the Pushgateway, wait until they are ready (and scrape) again. (The
+        Pushgateway comes back with the groups it persisted: stop_component stops it gracefully.)"""
+        stopped = self._stopped_components.pop(name, None) if argv is None else None
+        if stopped is None and argv is None:
+            raise KeyError(f"{name} was not stopped by stop_component")
+        self._spawn(name, argv or stopped.argv, None if argv or stopped is None else stopped.env)
+        deadline = time.monotonic() + timeout
+        if name == "pushgateway":
+            self._wait_http("pushgateway", f"{self.pushgateway_url}/-/ready", deadline)
+            if "prometheus" in self._stopped_components:
+                return  # Prometheus is down too (an outage under test): nothing scrapes yet
+        if name in ("prometheus", "pushgateway"):
+            self._wait_monitoring(deadline)
+
+    def restart_pushgateway(self, timeout: float = 60.0) -> None:
+        """Stop the Pushgateway gracefully (SIGTERM: it writes its persistence file) and start it again on
+        the same port; the pushed groups survive (its own persistence file, see pushgateway_argv)."""
+        self.stop_component("pushgateway")
+        self.start_component("pushgateway", timeout=timeout)
+
+    def restart_prometheus(self, timeout: float = 60.0) -> None:
+        """Stop Prometheus and start it again (same port and TSDB folder); returns once it scrapes again."""
+        self.stop_component("prometheus")
+        self.start_component("prometheus", timeout=timeout)
+
+    def lose_node(self, node: str, lost: bool = True) -> None:
+        """The node agent stops serving `node` (no heartbeat, its pods' processes gone, its pods
+        never updated again), as if the machine were unplugged; lost=False serves it again."""
+        assert self.state_dir
+        sys.path.insert(0, str(HERE))
+        try:
+            import node_agent
+        finally:
+            sys.path.remove(str(HERE))
+        node_agent.lose_node(self.state_dir / "agent", node, lost)
+
     def __enter__(self) -> Plane:
         return self.start()
 
@@ -486,7 +611,7 @@ class Plane:
                 env=full_env, start_new_session=True, cwd=self.state_dir,
                 preexec_fn=_die_with_parent if self._tie_to_parent else None,
             )
-        comp = Component(name, proc, log_path)
+        comp = Component(name, proc, log_path, list(argv), env)
         self.components.append(comp)
         self._save()
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -545,8 +670,24 @@ class Plane:
             "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
+            *self._audit_flags(),
             "--v=1",
-        ])
+        # busybox wget's TLS (the real node's test image) sends no signature_algorithms
+        # extension, i.e. SHA-1 only, which Go refuses in TLS 1.2 since 1.25 unless told to.
+        ], env={"GODEBUG": "tlssha1=1"})
+
+    def _audit_flags(self) -> list[str]:
+        """apiserver flags auditing OPERATOR_USER's requests at Metadata level (none without ``audit``)."""
+        if not self.audit:
+            return []
+        self.audit_log.parent.mkdir(parents=True, exist_ok=True)
+        policy = self.audit_log.parent / "policy.yaml"
+        policy.write_text(yaml.safe_dump({
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+            "rules": [{"level": "Metadata", "users": [OPERATOR_USER]}, {"level": "None"}],
+        }, sort_keys=False))
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json", "--audit-log-maxsize=0"]
 
     def _start_controller_manager(self) -> None:
         assert self.state_dir
@@ -610,12 +751,7 @@ class Plane:
             }],
         }
         (prom_dir / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
-        # No --persistence.file: pushed groups live in memory only and die with the process.
-        self._spawn("pushgateway", [
-            "prometheus-pushgateway",
-            f"--web.listen-address=127.0.0.1:{self.ports['pushgateway']}",
-            "--log.level=warn",
-        ])
+        self._spawn("pushgateway", pushgateway_argv(self.state_dir, self.ports["pushgateway"]))
         self._spawn("prometheus", [
             "prometheus",
             f"--config.file={prom_dir / 'prometheus.yml'}",
@@ -814,6 +950,13 @@ def teardown_from_state(state_dir: Path) -> bool:
     if not info_path.exists():
         return False
     info = json.loads(info_path.read_text())
+    if (state_dir / "realnode").is_dir():
+        sys.path.insert(0, str(HERE))
+        try:
+            import realnode
+        finally:
+            sys.path.remove(str(HERE))
+        realnode.teardown_all(state_dir)
     order = ["node-agent", "prometheus", "pushgateway", "kube-scheduler",
              "kube-controller-manager", "kube-apiserver", "etcd"]
     pgids = info.get("pgids", {})
@@ -851,6 +994,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="up: stay attached and tear down on Ctrl-C/SIGTERM")
     parser.add_argument("--no-prometheus", action="store_true")
     parser.add_argument("--no-node-agent", action="store_true")
+    parser.add_argument("--real-node", type=int, nargs="?", const=1, default=0, metavar="N",
+                        help="up: also start N (default 1) real kubelet nodes (realnode.py)")
+    parser.add_argument("--audit", action="store_true",
+                        help=f"audit the requests of user {OPERATOR_USER} (operator.kubeconfig) to audit/audit.log")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -877,7 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a plane already uses {state}; run `plane.py down` first", file=sys.stderr)
         return 1
     plane = Plane(state_dir=state, prometheus=not args.no_prometheus,
-                  node_agent=not args.no_node_agent)
+                  node_agent=not args.no_node_agent, audit=args.audit,
+                  real_nodes=args.real_node)
     plane.start(detach=not args.foreground)
     print(textwrap.dedent(f"""\
         # plane up in {plane.startup_seconds:.1f}s; state in {state}

@@ -5,9 +5,12 @@
 #
 # Installs with apt-get what is missing: etcd-server (etcd 3.4, which the pinned
 # kube-apiserver accepts), prometheus, prometheus-pushgateway, openssl, util-linux (unshare,
-# taskset, mount), procps; the Python packages the plane and tests import if missing; then
-# runs build.sh (which skips the build when the cached binaries exist). Services the Debian
-# packages would start are not started: the plane runs its own instances on free ports.
+# taskset, mount), procps; for the real node (realnode.py): containerd, runc,
+# containernetworking-plugins, iptables, buildah, busybox-static, gcc + libc6-dev (static pause);
+# the Python packages the plane and tests import if missing; then runs build.sh (which skips
+# the build when the cached binaries exist) and build_images.sh (pause + busybox OCI archives,
+# cached too). Services the Debian packages would start are not started: the plane runs its
+# own instances on free ports (and the real node its own containerd).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,6 +18,8 @@ start=$SECONDS
 log() { printf '[setup.sh %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 debs=(etcd-server prometheus prometheus-pushgateway openssl util-linux procps)
+debs+=(containerd runc containernetworking-plugins iptables iproute2 buildah busybox-static gcc
+       libc6-dev)
 missing=()
 for p in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -38,7 +43,7 @@ if ((${#missing[@]})); then
   [[ -z "$created_policy" ]] || $sudo rm -f /usr/sbin/policy-rc.d
   # A postinst may still have started a daemon through systemd where systemd runs; the plane
   # does not need them. Stop them without failing where there is no systemd.
-  for svc in etcd prometheus prometheus-pushgateway; do
+  for svc in etcd prometheus prometheus-pushgateway containerd; do
     $sudo systemctl stop "$svc" >/dev/null 2>&1 || true
   done
 fi
@@ -52,4 +57,5 @@ if ! "$python" -c "import kubernetes, prometheus_client, requests, yaml, pytest"
 fi
 
 bash "$here/build.sh" >/dev/null
+bash "$here/build_images.sh" >/dev/null
 log "setup done in $((SECONDS - start))s"

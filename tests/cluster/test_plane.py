@@ -478,6 +478,77 @@ def test_pushed_metric_is_queryable_in_prometheus_and_deleted_with_group(
              "the deleted group to go stale in Prometheus")
 
 
+def _groups(pushgateway_url: str) -> list[dict[str, str]]:
+    """The grouping labels of every group the Pushgateway holds."""
+    r = requests.get(f"{pushgateway_url}/api/v1/metrics", timeout=5)
+    r.raise_for_status()
+    return [dict(group["labels"]) for group in r.json()["data"]]
+
+
+def _push(pushgateway_url: str, job_uid: str) -> None:
+    registry = CollectorRegistry()
+    Gauge("qtune_trial_accuracy", "accuracy of a trial", registry=registry).set(0.5)
+    push_to_gateway(pushgateway_url, job="qtune-trial", registry=registry,
+                    grouping_key={"job_uid": job_uid, "trial": "0"})
+
+
+def test_each_planes_pushgateway_persists_to_its_own_file(tmp_path: Path) -> None:
+    """A Pushgateway started as a plane starts it reads no shared (packaged default) file: a new one is
+    empty although another persisted a group, and the other gets its group back after a restart."""
+    import signal
+    import subprocess
+
+    import plane as plane_mod
+
+    def start(state: Path, port: int) -> subprocess.Popen[bytes]:
+        argv = plane_mod.pushgateway_argv(state, port)
+        assert any(a == f"--persistence.file={state / 'pushgateway' / 'pushgateway.data'}" for a in argv)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+
+        def ready() -> bool:
+            try:
+                return requests.get(f"{url}/-/ready", timeout=2).ok
+            except requests.ConnectionError:
+                return False
+
+        wait_for(ready, 20, "the Pushgateway to be ready")
+        return proc
+
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+    port_a, port_b = plane_mod.free_port(), plane_mod.free_port()
+    first = start(tmp_path / "a", port_a)
+    try:
+        job_uid = str(uuid.uuid4())
+        _push(f"http://127.0.0.1:{port_a}", job_uid)
+        stop(first)
+        second = start(tmp_path / "b", port_b)
+        try:
+            assert _groups(f"http://127.0.0.1:{port_b}") == []  # a fresh plane's Pushgateway is empty
+        finally:
+            stop(second)
+        first = start(tmp_path / "a", port_a)
+        assert [g["job_uid"] for g in _groups(f"http://127.0.0.1:{port_a}")] == [job_uid]
+    finally:
+        if first.poll() is None:
+            stop(first)
+
+
+def test_the_planes_pushgateway_keeps_its_groups_over_a_restart(cluster: Cluster) -> None:
+    assert cluster.plane is not None and cluster.pushgateway_url, "needs the test plane (not an existing cluster)"
+    job_uid = str(uuid.uuid4())
+    _push(cluster.pushgateway_url, job_uid)
+    cluster.plane.restart_pushgateway()
+    try:
+        assert job_uid in [g.get("job_uid") for g in _groups(cluster.pushgateway_url)]
+    finally:
+        delete_from_gateway(cluster.pushgateway_url, job="qtune-trial",
+                            grouping_key={"job_uid": job_uid, "trial": "0"})
+
+
 # --------------------------------------------------------------------------- namespaces
 
 

@@ -249,8 +249,10 @@ def test_rbac_is_least_privilege_and_per_served_namespace(helm: Path, values: di
                 f"{role['kind']} {role['metadata']['name']}: {group}/{resource} {verbs}"
             assert not verbs & {"escalate", "bind", "impersonate"}
     cluster_rules = [r for role in find(manifests, "ClusterRole") for r in rules_of(role)]
-    assert {res for _, res, _ in cluster_rules} <= {"customresourcedefinitions", "namespaces"}, \
+    assert {res for _, res, _ in cluster_rules} <= {"customresourcedefinitions", "namespaces", "nodes"}, \
         "only cluster-scoped needs in the ClusterRole"
+    assert {frozenset(verbs) for _, res, verbs in cluster_rules if res == "nodes"} == {frozenset({"get"})}, \
+        "nodes: get only (a unit's pod on a lost node is replaced)"
     assert all(verbs <= {"get", "list", "watch"} for _, _, verbs in cluster_rules), "cluster-wide: read only"
     role = rules_of(roles[0])
     for _group, resource, verbs in role:
@@ -285,7 +287,33 @@ def test_trial_service_account_has_no_permissions_and_no_token(helm: Path) -> No
     assert all(t["automountServiceAccountToken"] is False for t in trial)
     for binding in [*find(manifests, "RoleBinding"), *find(manifests, "ClusterRoleBinding")]:
         assert all(s["name"] != "qtune-trial" for s in binding["subjects"])
-    assert env_of(manifests)["QTUNE_TRIAL_SERVICE_ACCOUNT"] == "qtune-trial"
+    # pods run as their job's own account: the shared one is not a default, and jobs may name it
+    # only once it is opted in
+    assert "QTUNE_TRIAL_SERVICE_ACCOUNT" not in env_of(manifests)
+    assert all("qtune.io/job-account" not in t["metadata"]["labels"] for t in trial)
+    opted = find(render(helm, {"watch.namespaces": ["team-a"], "trial.serviceAccount.jobMayUse": True}),
+                 "ServiceAccount", name="qtune-trial")
+    assert [t["metadata"]["labels"]["qtune.io/job-account"] for t in opted] == ["true"]
+
+
+def test_unit_pod_storage_settings(helm: Path) -> None:
+    env = env_of(render(helm))
+    assert (env["QTUNE_EPHEMERAL_STORAGE_REQUEST"], env["QTUNE_EPHEMERAL_STORAGE_LIMIT"],
+            env["QTUNE_TMP_SIZE_LIMIT"]) == ("1Gi", "4Gi", "2Gi")
+    env = env_of(render(helm, {"trial.tmpSizeLimit": "", "trial.ephemeralStorage.limit": "8Gi"}))
+    assert env["QTUNE_TMP_SIZE_LIMIT"] == "none" and env["QTUNE_EPHEMERAL_STORAGE_LIMIT"] == "8Gi"
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"trial.tmpSizeLimit": "2 GB"})],
+                    check=False)
+    assert proc.returncode != 0 and "tmpSizeLimit" in proc.stderr
+
+
+def test_the_operator_may_read_the_accounts_and_rbac_objects_it_checks(helm: Path) -> None:
+    role = find(render(helm, {"watch.namespaces": ["team-a"]}), "Role")[0]
+    verbs = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
+             for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert {"get", "create"} <= verbs[("", "serviceaccounts")]
+    assert {"get", "create"} <= verbs[("rbac.authorization.k8s.io", "roles")]
+    assert {"get", "create"} <= verbs[("rbac.authorization.k8s.io", "rolebindings")]
 
 
 # --------------------------------------------------------------------------- monitoring

@@ -60,6 +60,8 @@ class FakeKube:
         self.created_pods: list[str] = []
         self.deleted_pods: list[str] = []
         self.deleted_objects: list[tuple[str, str]] = []
+        self.force_deleted: list[str] = []
+        self.nodes: dict[str, dict[str, Any]] = {}
         self._rv = itertools.count(1)
 
     async def create_pod(self, body: dict[str, Any]) -> bool:
@@ -73,6 +75,8 @@ class FakeKube:
 
     async def delete_pod(self, namespace: str, name: str, grace_seconds: int | None = None) -> bool:
         self.deleted_pods.append(name)
+        if grace_seconds == 0:
+            self.force_deleted.append(name)
         return self.pods.pop(name, None) is not None
 
     async def delete_pods(self, namespace: str, selector: str) -> None:
@@ -80,6 +84,9 @@ class FakeKube:
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return list(self.pods.values())
+
+    async def read_node(self, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.nodes.get(name))
 
     async def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
         body = self.configmaps.get(name)
@@ -121,6 +128,10 @@ class FakeKube:
             return False
         self.objects[key] = body
         return True
+
+    async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        body = self.objects.get((kind, name))
+        return copy.deepcopy(body) if body is not None else None
 
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         self.patches.append(copy.deepcopy(patch))
@@ -175,7 +186,7 @@ class FakeResults:
 
 def make_config() -> OperatorConfig:
     return OperatorConfig(prometheus_url="http://prom:9090", pushgateway_url="http://pgw:9091",
-                          trial_image="qtune:test", metrics_timeout=60.0, signing_key=SIGNING_KEY)
+                          trial_image="qtune:test", signing_key=SIGNING_KEY)
 
 
 SIGNING_KEY = "test-signing-key"

@@ -38,7 +38,33 @@ def _arg(pod: dict, flag: str) -> str:
 
 def test_guaranteed_qos_whole_cpus() -> None:
     container = _trial()["spec"]["containers"][0]
-    assert container["resources"]["requests"] == container["resources"]["limits"] == {"cpu": "2", "memory": "1Gi"}
+    requests, limits = container["resources"]["requests"], container["resources"]["limits"]
+    # the QoS class depends on cpu and memory only (ephemeral storage is requested and limited apart)
+    assert {k: requests[k] for k in ("cpu", "memory")} == {k: limits[k] for k in ("cpu", "memory")} \
+        == {"cpu": "2", "memory": "1Gi"}
+
+
+def test_ephemeral_storage_and_tmp_are_bounded() -> None:
+    pod = _trial()
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "1Gi"
+    assert resources["limits"]["ephemeral-storage"] == "4Gi"
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "2Gi"}} in pod["spec"]["volumes"]
+    config = OperatorConfig(ephemeral_storage_request="500Mi", ephemeral_storage_limit="", tmp_size_limit="1Gi")
+    pod = _trial(config=config)
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"]["ephemeral-storage"] == "500Mi" and "ephemeral-storage" not in resources["limits"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in pod["spec"]["volumes"]
+
+
+def test_storage_settings_come_from_the_environment_and_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTUNE_TMP_SIZE_LIMIT", "3Gi")
+    monkeypatch.setenv("QTUNE_EPHEMERAL_STORAGE_LIMIT", "none")
+    config = OperatorConfig.from_env()
+    assert config.tmp_size_limit == "3Gi" and config.ephemeral_storage_limit == ""
+    monkeypatch.setenv("QTUNE_TMP_SIZE_LIMIT", "3 GB")
+    with pytest.raises(ValueError, match="quantity"):
+        OperatorConfig.from_env()
 
 
 def test_cpu_written_as_a_string_quantity_is_accepted() -> None:
@@ -119,22 +145,43 @@ def test_security_context() -> None:
     assert pod["spec"]["automountServiceAccountToken"] is False
 
 
-def test_volumes_tmp_and_workspace() -> None:
-    pod = _trial()
-    assert {"name": "tmp", "emptyDir": {}} in pod["spec"]["volumes"]
+@pytest.mark.parametrize("unit", ["baseline", "trial-3", "confirm"])
+def test_the_pvc_is_read_only_but_the_job_folder(unit: str) -> None:
+    body = job_body()
+    spec, _ = validate(body)
+    plan = _plan() if unit == "trial-3" else builders.UnitPlan(unit=unit, candidates=(1,), candidate_configs={})
+    pod = builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig())
     assert {"name": "workspace", "persistentVolumeClaim": {"claimName": "qtune-work"}} in pod["spec"]["volumes"]
-    assert {"name": "inputs", "configMap": {"name": "digits-trial-3-input"}} in pod["spec"]["volumes"]
-    mounts = pod["spec"]["containers"][0]["volumeMounts"]
-    assert {"name": "tmp", "mountPath": "/tmp"} in mounts
-    assert {"name": "workspace", "mountPath": "/workspace"} in mounts
-    assert {"name": "inputs", "mountPath": "/etc/qtune/unit", "readOnly": True} in mounts
+    assert {"name": "inputs", "configMap": {"name": f"digits-{unit}-input"}} in pod["spec"]["volumes"]
+    container = pod["spec"]["containers"][0]
+    folder = f"/workspace/.qtune/digits-{UID[:8]}"
+    assert container["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "workspace", "mountPath": "/workspace", "readOnly": True},
+        {"name": "workspace", "mountPath": folder, "subPath": f".qtune/digits-{UID[:8]}"},
+        {"name": "inputs", "mountPath": "/etc/qtune/unit", "readOnly": True},
+    ]
+    # the job's own folder is where it runs and what it is told to write to; the PVC root is only read
+    assert container["workingDir"] == folder
+    assert _arg(pod, "--workspace") == folder and _arg(pod, "--base-dir") == "/workspace"
+    # nothing is imported from the working directory or the script's folder
+    assert container["command"][:3] == ["python", "-P", "-m"]
+    assert {"name": "PYTHONSAFEPATH", "value": "1"} in container["env"]
+
+
+def test_a_custom_mount_path_keeps_the_subpath_relative() -> None:
+    body = job_body()
+    body["spec"]["workspace"]["mountPath"] = "/data/work/"
+    mounts = _trial(body)["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "workspace", "mountPath": f"/data/work/.qtune/digits-{UID[:8]}",
+            "subPath": f".qtune/digits-{UID[:8]}"} in mounts
 
 
 def test_command_env_and_restart_policy() -> None:
     pod = _trial()
     container = pod["spec"]["containers"][0]
     assert pod["spec"]["restartPolicy"] == "Never"
-    assert container["command"] == ["python", "-m", "qtune.runner"]
+    assert container["command"] == ["python", "-P", "-m", "qtune.runner"]
     assert container["args"][0] == "trial"
     assert _arg(pod, "--threads") == "2"
     assert _arg(pod, "--index") == "3"
@@ -245,7 +292,7 @@ def test_failure_reasons() -> None:
     trial = summarize(_pod_status("Failed", exitCode=2, reason="Error", message="TrialError: ValueError: bad scale"))
     assert failure_of(trial) == ("TrialError", "ValueError: bad scale")
     crash = summarize(_pod_status("Failed", exitCode=139, reason="Error", message="Segmentation fault"))
-    assert failure_of(crash) == ("Crashed", "exit code 139; Segmentation fault")
+    assert failure_of(crash) == ("Crashed", "exit code 139; log output (last lines): Segmentation fault")
     deadline = summarize({**_pod_status("Failed"), "status": {"phase": "Failed", "reason": "DeadlineExceeded"}})
     assert failure_of(deadline)[0] == "Timeout"
     spec = summarize(_pod_status("Failed", exitCode=1, message="spec.model.framework: unknown framework 'x'"))
@@ -259,13 +306,12 @@ def test_operator_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch)
     toleration = {"key": "qtune.io/dedicated", "operator": "Equal", "value": "tuning", "effect": "NoSchedule"}
     monkeypatch.setenv("QTUNE_TRIAL_VENDOR", "GenuineIntel")
     monkeypatch.setenv("QTUNE_TRIAL_TOLERATIONS", json.dumps([toleration]))
-    monkeypatch.setenv("QTUNE_TRIAL_SERVICE_ACCOUNT", "qtune-trial")
     monkeypatch.setenv("QTUNE_POD_ENV", json.dumps({"HTTPS_PROXY": "http://proxy:3128"}))
     monkeypatch.setenv("QTUNE_RUNNER_COMMAND", "python -m mypkg.runner")
     config = OperatorConfig.from_env(trial_image="qtune:2")
     pod = _trial(config=config)
     assert pod["spec"]["tolerations"] == [toleration]
-    assert pod["spec"]["serviceAccountName"] == "qtune-trial"
+    assert pod["spec"]["serviceAccountName"] == "digits-runner"  # every pod: the job's own account
     terms = pod["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
     assert terms["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["GenuineIntel"]
     container = pod["spec"]["containers"][0]

@@ -105,6 +105,9 @@ class World:
 
     def finish(self, name: str, push: bool = True) -> None:
         pod = self.kube.pods[name]
+        if pod["metadata"]["labels"][c.LABEL_UNIT] == protocol.CLEANUP_UNIT:
+            self.kube.finish_pod(name)  # it deletes models in the workspace; no result
+            return
         unit = self.unit_of(pod)
         outcome = self.runner._result(unit)
         if isinstance(outcome.result, UnitFailure):
@@ -169,9 +172,12 @@ def test_a_whole_job_is_the_engine_run(objective: str, parallel: int) -> None:
         assert status["best"]["speed"]["latencyMs"] == round(measured.p50_ms, 5)
         assert status["best"]["speed"]["confirmed"] is True
         assert any(name.startswith("digits-confirm") for name in world.kube.created_pods)
-    # every pod ran once; secrets, inputs, succeeded pods and Pushgateway groups are gone
+    # every pod ran once; secrets, inputs, succeeded pods and Pushgateway groups are gone; the models of
+    # all trials but the winner are being deleted (cleanup policy keep-best, a pod without Secret or inputs)
     assert len(world.kube.created_pods) == len(set(world.kube.created_pods))
-    assert not world.kube.pods and not world.results.results
+    assert set(world.kube.pods) == {"digits-cleanup"} and not world.results.results
+    args = world.kube.pods["digits-cleanup"]["spec"]["containers"][0]["args"]
+    assert args[0] == "cleanup" and args[args.index("--keep") + 1] == str(best.index)
     assert not [k for k in world.kube.objects if k[0] == "Secret"]
     assert set(world.kube.configmaps) == {"digits-history", "digits-baseline"}
     conditions = {cond["type"]: cond["status"] for cond in status["conditions"]}
@@ -285,15 +291,15 @@ def test_oom_killed_trials_count_against_max_failed_trials() -> None:
     assert ("Warning", "OOMKilled") in [(k, r) for k, r, _ in world.events]
 
 
-def test_missing_results_fail_the_unit_after_the_timeout() -> None:
+def test_missing_results_fail_the_unit_after_the_deadline() -> None:
     config = make_config()
-    world = World(config=OperatorConfig(**{**config.__dict__, "metrics_timeout": 5.0}))
+    world = World(config=OperatorConfig(**{**config.__dict__, "results_deadline_seconds": 600.0}))
     world.step()
     world.finish_running()
     world.step()
     world.finish_running(push=False)
     assert world.step().wait == world.services.config.metrics_poll_interval
-    world.now += 10
+    world.now += 601
     world.step()
     trial = world.history().trials[0]
     assert trial.status == "failed" and trial.reason == "MetricsUnavailable"

@@ -52,14 +52,18 @@ def test_too_large_history(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_zip_bomb_is_refused_not_inflated() -> None:
     from qtune import protocol
+    from qtune.operator.store import INVALID_PAYLOAD, PAYLOAD_TOO_LARGE, PayloadRejected
 
     bomb = base64.b64encode(gzip.compress(b"[" + b"0," * 5_000_000 + b"0]")).decode()
-    with pytest.raises(protocol.PayloadTooLarge, match="inflates"):
+    with pytest.raises(PayloadRejected, match="inflates") as caught:
         decode_history({"binaryData": {c.HISTORY_GZ_KEY: bomb}})
-    with pytest.raises(protocol.PayloadTooLarge):
+    assert caught.value.reason == PAYLOAD_TOO_LARGE
+    with pytest.raises(PayloadRejected) as caught:
         decode_history({"binaryData": {c.HISTORY_GZ_KEY: "A" * (protocol.CONFIGMAP_LIMIT + 4)}})
-    with pytest.raises(protocol.ProtocolError):
+    assert caught.value.reason == PAYLOAD_TOO_LARGE
+    with pytest.raises(PayloadRejected) as caught:
         decode_history({"binaryData": {c.HISTORY_GZ_KEY: base64.b64encode(b"not gzip").decode()}})
+    assert caught.value.reason == INVALID_PAYLOAD
 
 
 def test_store_detects_concurrent_writers() -> None:

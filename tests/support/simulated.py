@@ -60,6 +60,8 @@ class SimulatedExecutor:
     """Order finished units are returned in: index, reverse, or shuffled (seeded)."""
     half_width: float = 0.05
     fail_trials: set[int] = field(default_factory=set)
+    failures: dict[int, tuple[str, str]] = field(default_factory=dict)
+    """trial index -> (reason, message) of its failure (fail_trials fail as ("Crashed", "simulated crash"))."""
     started: list[str] = field(default_factory=list)
     units: dict[str, WorkUnit] = field(default_factory=dict)
     seed: int = 0
@@ -93,6 +95,8 @@ class SimulatedExecutor:
                      for i in unit.candidates}
             return UnitOutcome(unit.id, ConfirmResult(candidates=list(unit.candidates), speed=speed))
         assert unit.trial is not None and unit.tune_config is not None
+        if unit.trial in self.failures:
+            return UnitOutcome(unit.id, UnitFailure(*self.failures[unit.trial]))
         if unit.trial in self.fail_trials:
             return UnitOutcome(unit.id, UnitFailure("Crashed", "simulated crash"))
         config = TuneConfig.from_dict(unit.tune_config)
@@ -126,19 +130,27 @@ class SimulatedExecutor:
 def run_simulated(spec: JobSpec, space: TuningSpace, accuracy: AccuracyModel, *, speed: SpeedModel = int8_share_speed,
                   history: History | None = None, order: str = "index", half_width: float = 0.05,
                   fail_trials: set[int] | None = None, stop_after: int | None = None,
-                  clock: Callable[[], float] | None = None) -> tuple[TuningSession, SimulatedExecutor, str | None]:
+                  clock: Callable[[], float] | None = None, failures: dict[int, tuple[str, str]] | None = None,
+                  slept: list[float] | None = None) -> tuple[TuningSession, SimulatedExecutor, str | None]:
     """Drive the real session with the simulated executor; `stop_after` N recorded trials simulates an
-    interruption (returns stop reason None)."""
+    interruption (returns stop reason None). Time stands still except for the backoffs the session asks
+    for: they advance the clock at once (and are appended to `slept`)."""
     history = history or History(job="sim")
     session = TuningSession(spec, history, space if history.baseline is not None else None)
     executor = SimulatedExecutor(spec, space, accuracy, speed, order=order, half_width=half_width,
-                                 fail_trials=fail_trials or set())
+                                 fail_trials=fail_trials or set(), failures=dict(failures or {}))
+    base_clock = clock or (lambda: 0.0)
+    waited = slept if slept is not None else []
+
+    def elapsed() -> float:
+        return base_clock() + sum(waited)
 
     def interrupted() -> bool:
         return stop_after is not None and len(history.finished()) >= stop_after
 
     try:
-        reason = drive(session, executor, clock or (lambda: 0.0), lambda: None, interrupted=interrupted, poll_wait=0)
+        reason = drive(session, executor, elapsed, lambda: None, interrupted=interrupted, poll_wait=0,
+                       sleep=waited.append)
     except KeyboardInterrupt:
         return session, executor, None
     return session, executor, reason

@@ -84,12 +84,29 @@ def test_push_retries_through_5xx_with_backoff(gateway_factory: Any) -> None:
     assert b"qtune_result_accuracy" in gateway.requests[-1][1]
 
 
-def test_push_retries_connection_errors_and_is_bounded() -> None:
+def test_push_retries_connection_errors_through_a_long_outage_and_is_bounded() -> None:
     sleeps: list[float] = []
     with pytest.raises(OSError):
         metrics.push_result(closed_port_url(), "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
-    assert len(sleeps) == metrics.PUSH_ATTEMPTS - 1 == 5
-    assert sleeps == [2.0, 4.0, 8.0, 16.0, 30.0] and 50 <= sum(sleeps) <= 70, "about a minute in all"
+    assert sleeps[:5] == [2.0, 4.0, 8.0, 16.0, 30.0] and max(sleeps) == 30.0, "capped backoff"
+    assert 870 <= sum(sleeps) <= metrics.PUSH_RETRY_SECONDS == 900, "retried for about 15 minutes, no longer"
+
+
+def test_push_retry_total_is_configurable(monkeypatch: pytest.MonkeyPatch) -> None:
+    sleeps: list[float] = []
+    monkeypatch.setenv(metrics.PUSH_RETRY_ENV, "60")
+    with pytest.raises(OSError):
+        metrics.push_result(closed_port_url(), "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
+    assert sleeps == [2.0, 4.0, 8.0, 16.0, 30.0] and sum(sleeps) <= 60
+    monkeypatch.setenv(metrics.PUSH_RETRY_ENV, "soon")
+    with pytest.raises(ValueError, match="QTUNE_PUSH_RETRY_SECONDS"):
+        metrics.push_result(closed_port_url(), "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
+
+
+def test_a_push_survives_a_gateway_outage_of_several_minutes(gateway_factory: Any) -> None:
+    gateway, sleeps = gateway_factory(20), []          # down for 20 attempts: about 8 minutes of backoff
+    metrics.push_result(gateway.url, "uid-1", 3, TRIAL, secret="s", sleep=sleeps.append)
+    assert len(gateway.requests) == 21 and sum(sleeps) > 5 * 60
 
 
 def test_a_4xx_answer_is_not_retried(gateway_factory: Any) -> None:
@@ -103,6 +120,7 @@ def test_a_4xx_answer_is_not_retried(gateway_factory: Any) -> None:
 def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metrics, "PUSH_BACKOFF", 0.0)
     monkeypatch.setattr(metrics, "PUSH_MAX_DELAY", 0.0)
+    monkeypatch.setenv(metrics.PUSH_RETRY_ENV, "0.5")
 
 
 def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, result: Any, gateway: str,

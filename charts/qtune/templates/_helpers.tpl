@@ -96,12 +96,14 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 - apiGroups: [""]
   resources: [secrets]
   verbs: [create, delete]
+# each job's own ServiceAccount, Role and RoleBinding; get: whether an existing one of that name is
+# the job's (owner uid), and whether an account a job names is opted in (qtune.io/job-account label)
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [create]
+  verbs: [get, create]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
@@ -158,16 +160,36 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 {{- end }}
 - name: QTUNE_TRIAL_VENDOR
   value: {{ .Values.trial.nodeAffinity.vendor | quote }}
+- name: QTUNE_RESULTS_DEADLINE_SECONDS
+  value: {{ .Values.lifecycle.resultsDeadlineSeconds | quote }}
+- name: QTUNE_UNSCHEDULABLE_SECONDS
+  value: {{ .Values.lifecycle.unschedulableSeconds | quote }}
+- name: QTUNE_TERMINATING_MARGIN_SECONDS
+  value: {{ .Values.lifecycle.terminatingMarginSeconds | quote }}
+- name: QTUNE_NODE_LOST_SECONDS
+  value: {{ .Values.lifecycle.nodeLostSeconds | quote }}
+- name: QTUNE_SWEEP_INTERVAL
+  value: {{ .Values.lifecycle.sweepIntervalSeconds | quote }}
+- name: QTUNE_BIND_ADDRESS
+  value: {{ .Values.operator.bindAddress | quote }}
+- name: QTUNE_IMPORT_TIMEOUT
+  value: {{ .Values.operator.importTimeoutSeconds | quote }}
+- name: QTUNE_CLEANUP_FAILED_PODS
+  value: {{ .Values.cleanup.failedPods | quote }}
+- name: QTUNE_CLEANUP_TRIAL_MODELS
+  value: {{ .Values.cleanup.trialModels | quote }}
 {{- with .Values.allowedModules }}
 - name: QTUNE_ALLOWED_MODULES
   value: {{ join "," . | quote }}
 {{- end }}
 - name: QTUNE_TRIAL_TOLERATIONS
   value: {{ .Values.trial.tolerations | toJson | quote }}
-{{- if .Values.trial.serviceAccount.create }}
-- name: QTUNE_TRIAL_SERVICE_ACCOUNT
-  value: {{ .Values.trial.serviceAccount.name | quote }}
-{{- end }}
+- name: QTUNE_EPHEMERAL_STORAGE_REQUEST
+  value: {{ .Values.trial.ephemeralStorage.request | default "none" | quote }}
+- name: QTUNE_EPHEMERAL_STORAGE_LIMIT
+  value: {{ .Values.trial.ephemeralStorage.limit | default "none" | quote }}
+- name: QTUNE_TMP_SIZE_LIMIT
+  value: {{ .Values.trial.tmpSizeLimit | default "none" | quote }}
 {{- with .Values.trial.env }}
 - name: QTUNE_POD_ENV
   value: {{ toJson . | quote }}

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import shutil
@@ -105,10 +106,14 @@ def test_operator_token_can_do_what_the_operator_needs(release: Release) -> None
         ("create", "secrets", served, ""), ("delete", "secrets", served, ""), ("create", "events", served, ""),
         ("create", "serviceaccounts", served, ""), ("create", "roles", served, "rbac.authorization.k8s.io"),
         ("create", "rolebindings", served, "rbac.authorization.k8s.io"),
+        # whether an existing job account / Role / RoleBinding is the job's, a named account opted in
+        ("get", "serviceaccounts", served, ""), ("get", "roles", served, "rbac.authorization.k8s.io"),
+        ("get", "rolebindings", served, "rbac.authorization.k8s.io"),
         ("list", "quantizationjobs", served, GROUP), ("watch", "quantizationjobs", served, GROUP),
         ("patch", "quantizationjobs", served, GROUP),
         ("list", "customresourcedefinitions", "", "apiextensions.k8s.io"),
         ("watch", "customresourcedefinitions", "", "apiextensions.k8s.io"),
+        ("get", "nodes", "", ""),  # a unit's pod on a lost node is replaced
     ]
     missing = [n for n in needed if not can_i(api, n[0], n[1], n[2], n[3])]
     assert not missing, f"the chart's RBAC lacks {missing}"
@@ -134,7 +139,8 @@ def test_operator_token_cannot_do_anything_else(release: Release) -> None:
         # nothing it does not need where it does serve
         ("delete", "configmaps", unserved, ""), ("delete", "quantizationjobs", served, GROUP),
         ("create", "quantizationjobs", served, GROUP), ("create", "pods/exec", served, ""),
-        ("delete", "serviceaccounts", served, ""),
+        ("delete", "serviceaccounts", served, ""), ("update", "serviceaccounts", served, ""),
+        ("patch", "serviceaccounts", served, ""), ("get", "serviceaccounts", unserved, ""),
         ("escalate", "roles", served, "rbac.authorization.k8s.io"),
         ("bind", "roles", served, "rbac.authorization.k8s.io"),
         ("create", "deployments", served, "apps"),
@@ -345,3 +351,72 @@ def test_plain_gitops_manifests_pass_a_server_side_dry_run(release: Release) -> 
         for name in ("ml-jobs", "qtune-system"):
             with contextlib.suppress(Exception):
                 core.delete_namespace(name)
+
+
+# --------------------------------------------------------------------------- uninstall (last: it removes the CRD)
+
+
+@pytest.mark.timeout(300)
+def test_after_uninstall_deleting_the_crd_with_jobs_finishes(release: Release, operator: OperatorProcess) -> None:
+    """Jobs carry no finalizer: after `helm uninstall` of both charts (the operator gone), `kubectl delete
+    crd quantizationjobs.qtune.io` with jobs in the cluster completes within a bound. (The CRDs are put
+    back afterwards for the tests that follow in this session.)"""
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(release.cluster.api_client())
+    job = digits_job("left-behind", release.served)
+    job["spec"]["workspace"]["persistentVolumeClaim"] = "no-such-claim"  # its baseline pod waits forever
+    custom.create_namespaced_custom_object(GROUP, VERSION, release.served, PLURAL, job)
+    wait_for(lambda: read_job(release, "left-behind", release.served).get("status", {}).get("state"), 60,
+             "the operator saw the job", detail=lambda: operator.log()[-2000:])
+    assert not read_job(release, "left-behind", release.served)["metadata"].get("finalizers")
+    operator.stop()
+    crds_release = next(r["name"] for r in json.loads(run_helm(
+        release.helm, release.helm_args("list", "--namespace", release.operator_namespace, "-o", "json")).stdout)
+        if r["name"].startswith("qtune-crds"))
+    for name in (release.release, crds_release):
+        run_helm(release.helm, release.helm_args("uninstall", name, "--namespace", release.operator_namespace,
+                                                 "--wait", "--timeout", "60s"))
+    ext = client.ApiextensionsV1Api(release.cluster.api_client())
+    crd = "quantizationjobs.qtune.io"
+    started = time.monotonic()
+    try:
+        ext.delete_custom_resource_definition(crd)
+
+        def gone() -> bool:
+            try:
+                ext.read_custom_resource_definition(crd)
+            except client.ApiException as exc:
+                return exc.status == 404
+            return False
+
+        wait_for(gone, 60, f"CRD {crd} deleted (no finalizer holds a job)")
+        assert time.monotonic() - started < 60
+    finally:
+        _reinstall_crds(release)
+
+
+def _reinstall_crds(release: Release) -> None:
+    import yaml
+    from kubernetes import client
+
+    ext = client.ApiextensionsV1Api(release.cluster.api_client())
+    for path in sorted((ROOT / "crds").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+
+            def create(doc: dict[str, Any] = doc) -> bool:
+                try:
+                    ext.create_custom_resource_definition(doc)
+                except client.ApiException as exc:
+                    if exc.status != 409:
+                        raise
+                    try:
+                        current = ext.read_custom_resource_definition(doc["metadata"]["name"])
+                    except client.ApiException:
+                        return False
+                    return current.metadata.deletion_timestamp is None
+                return True
+
+            wait_for(create, 60, f"CRD {doc['metadata']['name']} created again")

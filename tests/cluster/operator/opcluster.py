@@ -34,22 +34,21 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m qtune.cli.main operator ...` (what `qtune operator` runs), started and killed by pid."""
 
-    def __init__(self, cluster: Any, namespaces: list[str], log_dir: Path, *extra: str, name: str = "operator",
-                 metrics_timeout: float = 30.0) -> None:
+    def __init__(self, cluster: Any, namespaces: list[str], log_dir: Path, *extra: str,
+                 name: str = "operator") -> None:
         self.cluster = cluster
         self.namespaces = namespaces
         self.extra = list(extra)
         self.log_path = log_dir / f"{name}.log"
         self.metrics_port = free_port()
         self.health_port = free_port()
-        self.metrics_timeout = metrics_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
     def start(self, ready_timeout: float = 60.0) -> OperatorProcess:
         argv = [sys.executable, "-m", "qtune.cli.main", "operator",
                 "--metrics-port", str(self.metrics_port), "--health-port", str(self.health_port),
-                "--metrics-timeout", str(self.metrics_timeout), "--poll-interval", "1", *self.extra]
+                "--poll-interval", "1", *self.extra]
         for ns in self.namespaces:
             argv += ["-n", ns]
         env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), "PYTHONUNBUFFERED": "1"}

@@ -1,0 +1,396 @@
+"""qtune for real: the image built by scripts/build_image.py, installed with both Helm charts, on the
+plane's REAL node (tests/cluster/realnode.py: kubelet + containerd + runc + CNI).
+
+One module fixture builds (or takes from its cache) the image, imports it into the real node
+``xeon-real-0`` and installs ``qtune-crds`` and ``qtune`` with the operator scheduled there
+(nodeSelector + toleration of the node's taint), the same image for trial pods (the chart's
+default trial toleration = the node's taint; the jobs' ``spec.trial.nodeSelector`` keeps their pods
+off the fake Xeon nodes) and Prometheus/Pushgateway as pods reach them. Then the kubelet runs
+everything: the operator's probes, the unit pods' securityContext, Guaranteed QoS, read-only root
+file system, the workspace PVC (a hostPath volume), OOM kills and pod deletion.
+
+These tests FAIL (never skip) when something is missing: CI installs everything (scripts/setup.sh)
+and the image is built on demand (cached under ~/.cache/qtune/images; warm: instant).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import realnode
+from clusterlib import Cluster, wait_for
+from helm_support import CRD_CHART, OPERATOR_CHART, run_helm, set_args
+
+OPERATOR_TESTS = Path(__file__).resolve().parents[1] / "operator"
+if str(OPERATOR_TESTS) not in sys.path:
+    sys.path.insert(0, str(OPERATOR_TESTS))
+
+import opcluster  # noqa: E402
+
+from qtune.operator import constants as c  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+BUILD_IMAGE = ROOT / "scripts" / "build_image.py"
+TOLERATION = {"key": realnode.REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}
+REAL_POOL = {"qtune.io/pool": realnode.REAL_POOL}
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+HOG = '''"""A metric module that, in trial pods only, allocates far past the pod's memory limit."""
+import os
+
+import numpy as np
+
+if os.environ.get("QTUNE_UNIT", "").startswith("trial-"):
+    _ballast = np.ones(2**28)  # 2 GiB, every page touched
+
+
+class Top1:
+    higher_is_better = True
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.correct, self.total = 0, 0
+
+    def update(self, preds, labels):
+        self.correct += int((np.asarray(preds).argmax(axis=-1) == np.asarray(labels)).sum())
+        self.total += len(labels)
+
+    def result(self):
+        return self.correct / self.total if self.total else 0.0
+'''
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+class PodLog:
+    """Every pod of a namespace as last seen (polled in a thread): succeeded unit pods are deleted
+    once recorded, so what the kubelet made of them must be caught while they exist."""
+
+    def __init__(self, cluster: Cluster, namespace: str) -> None:
+        self.core = cluster.core()
+        self.namespace = namespace
+        self.pods: dict[str, Any] = {}
+        self.running: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True, name=f"pods-{namespace}")
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for p in self.core.list_namespaced_pod(self.namespace).items:
+                    self.pods[p.metadata.name] = p
+                    if p.status.phase == "Running":
+                        self.running.add(p.metadata.name)
+            except Exception:  # noqa: BLE001 - a transient API error: poll again
+                pass
+            self._stop.wait(0.3)
+
+    def of_job(self, uid: str) -> list[Any]:
+        return [p for p in list(self.pods.values()) if (p.metadata.labels or {}).get(c.LABEL_JOB_UID) == uid]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@dataclass
+class Installed:
+    cluster: Cluster
+    node: realnode.RealNode
+    image: str
+    operator_namespace: str
+    jobs: str
+    workspace: Path
+    pods: PodLog
+    release: str = "qtune"
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def operator_pod(self) -> Any:
+        pods = self.cluster.core().list_namespaced_pod(
+            self.operator_namespace, label_selector="app.kubernetes.io/name=qtune").items
+        assert len(pods) == 1, [p.metadata.name for p in pods]
+        return pods[0]
+
+    def operator_log(self) -> str:
+        try:
+            return self.node.pod_log(self.operator_namespace, self.operator_pod().metadata.name)
+        except Exception as exc:  # noqa: BLE001 - diagnostics only
+            return f"(no operator log: {exc})"
+
+
+def _build_image() -> tuple[str, Path]:
+    proc = subprocess.run([sys.executable, str(BUILD_IMAGE)], capture_output=True, text=True, check=False,
+                          timeout=3600)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/build_image.py failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    name, archive = proc.stdout.strip().splitlines()[-2:]
+    return name, Path(archive)
+
+
+def _adopt_crds(cluster: Cluster, release: str, namespace: str) -> None:
+    """CRDs applied earlier in the session go under the CRD chart's release (Helm's adoption)."""
+    from kubernetes import client
+
+    api = client.ApiextensionsV1Api(cluster.api_client())
+    patch = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "Helm"},
+                          "annotations": {"meta.helm.sh/release-name": release,
+                                          "meta.helm.sh/release-namespace": namespace}}}
+    for crd in api.list_custom_resource_definition().items:
+        if crd.spec.group in ("qtune.io", "kopf.dev"):
+            api.patch_custom_resource_definition(crd.metadata.name, patch)
+
+
+@pytest.fixture(scope="module")
+def real_node(cluster: Cluster) -> Iterator[realnode.RealNode]:
+    if cluster.existing:
+        pytest.skip("the real node tests start their node on this host's plane")
+    assert cluster.plane is not None
+    p = cluster.plane
+    if p.real:
+        yield p.real[0]
+        return
+    rn = p.add_real_node()
+    try:
+        yield rn
+    finally:
+        rn.stop()
+        p.real.remove(rn)
+        from kubernetes import client
+
+        with p.api_client() as api:
+            try:
+                client.CoreV1Api(api).delete_node(rn.name)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+
+
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, helm: Path, real_node: realnode.RealNode) -> Iterator[Installed]:
+    t0 = time.monotonic()
+    image, archive = _build_image()
+    t_build = time.monotonic()
+    assert image in real_node.import_image(archive)
+    t_import = time.monotonic()
+    repository, tag = image.rsplit(":", 1)
+    suffix = uuid.uuid4().hex[:6]
+    op_ns = cluster.create_namespace(prefix=f"qtune-real-{suffix}-")
+    jobs = cluster.create_namespace(prefix=f"qtune-real-jobs-{suffix}-")
+    values = {
+        "image.repository": repository, "image.tag": tag, "image.pullPolicy": "Never",
+        "nodeSelector": REAL_POOL, "tolerations": [TOLERATION],
+        "watch.namespaces": [jobs],
+        "prometheus.url": real_node.pod_prometheus_url, "pushgateway.url": real_node.pod_pushgateway_url,
+        "trial.tolerations": [TOLERATION],
+        "operator.logLevel": "DEBUG",
+        # short enough for the deleted-pod test to see a replacement soon
+        "lifecycle.terminatingMarginSeconds": 10,
+    }
+    kube = ["--kubeconfig", str(cluster.kubeconfig)]
+    crds_release = f"qtune-crds-{suffix}"
+    _adopt_crds(cluster, crds_release, op_ns)
+    run_helm(helm, ["install", crds_release, str(CRD_CHART), "--namespace", op_ns, "--wait", "--timeout",
+                    "120s", *kube])
+    run_helm(helm, ["install", "qtune", str(OPERATOR_CHART), "--namespace", op_ns, "--wait", "--timeout",
+                    "180s", *set_args(values), *kube])
+    t_helm = time.monotonic()
+    pods = PodLog(cluster, jobs)
+    inst = Installed(cluster, real_node, image, op_ns, jobs, opcluster.prepare_workspace(cluster, jobs), pods)
+    inst.notes.update(build_s=round(t_build - t0, 1), import_s=round(t_import - t_build, 1),
+                      helm_s=round(t_helm - t_import, 1))
+    sys.stderr.write(f"real containers setup: {inst.notes}\n")
+    try:
+        yield inst
+    finally:
+        pods.stop()
+        sys.stderr.write(f"operator log tail:\n{inst.operator_log()[-4000:]}\n")
+        for name in ("qtune", crds_release):
+            run_helm(helm, ["uninstall", name, "--namespace", op_ns, "--wait", "--timeout", "60s", *kube],
+                     check=False)
+        for name in (jobs, op_ns):
+            cluster.delete_namespace(name)
+
+
+def real_job(name: str, **tuning: Any) -> dict[str, Any]:
+    """The digits job of the operator tests, its pods on the real node (the chart's default toleration
+    lets them there; the pool selector keeps them off the fake Xeon nodes)."""
+    manifest = opcluster.job_manifest(name, **tuning)
+    manifest["spec"]["trial"]["nodeSelector"] = dict(REAL_POOL)
+    return manifest
+
+
+def _status(inst: Installed, name: str) -> dict[str, Any]:
+    return (opcluster.get_job(inst.cluster, inst.jobs, name) or {}).get("status") or {}
+
+
+def wait_finished(inst: Installed, name: str, timeout: float) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def done() -> bool:
+        seen.clear()
+        seen.update(_status(inst, name))
+        return seen.get("state") in ("Succeeded", "Failed")
+
+    wait_for(done, timeout, f"job {name} finished",
+             detail=lambda: f"{seen!r}\noperator log:\n{inst.operator_log()[-3000:]}", interval=1)
+    return dict(seen)
+
+
+def history(inst: Installed, name: str) -> list[dict[str, Any]]:
+    from qtune.operator.store import decode_history
+
+    body = inst.cluster.core().read_namespaced_config_map(f"{name}-history", inst.jobs)
+    hist = decode_history({"data": body.data, "binaryData": body.binary_data})
+    assert hist is not None
+    return [t.to_dict() for t in hist.trials]
+
+
+def in_node(inst: Installed, url: str) -> str:
+    """GET url from inside the real node's network namespace (where pod IPs are routed)."""
+    proc = subprocess.run(inst.node.nsenter("curl", "-sS", "--max-time", "5", url), capture_output=True,
+                          text=True, check=False, timeout=30)
+    assert proc.returncode == 0, (url, proc.stderr)
+    return proc.stdout
+
+
+# --------------------------------------------------------------------------------------- tests
+
+
+def test_operator_pod_ready_on_the_real_node(installed: Installed) -> None:
+    inst = installed
+    pod = inst.operator_pod()
+    assert pod.spec.node_name == inst.node.name
+    container = pod.spec.containers[0]
+    assert container.image == inst.image and container.image_pull_policy == "Never"
+    assert pod.spec.security_context.run_as_user == 65532 and pod.spec.security_context.run_as_non_root
+    assert container.security_context.read_only_root_filesystem is True
+    assert container.security_context.allow_privilege_escalation is False
+    status = pod.status.container_statuses[0]
+    assert status.image_id and status.container_id.startswith("containerd://")
+
+    # the kubelet probes /healthz: Ready, and still never restarted after several liveness periods
+    def ready_long_enough() -> bool:
+        p = inst.operator_pod()
+        conds = {x.type: x.status for x in p.status.conditions or []}
+        started = p.status.container_statuses[0].state.running
+        return conds.get("Ready") == "True" and started is not None and \
+            time.time() - started.started_at.timestamp() > 50
+
+    wait_for(ready_long_enough, 120, "the operator pod Ready for 50s",
+             detail=lambda: f"{inst.operator_pod().status}\n{inst.operator_log()[-3000:]}", interval=2)
+    pod = inst.operator_pod()
+    assert pod.status.container_statuses[0].restart_count == 0, inst.operator_log()[-3000:]
+    # the process runs as 65532 (the image's user and the chart's), on a read-only root
+    status_file = Path(f"/proc/{_container_pid(inst, pod)}/status").read_text()
+    uids = next(line.split()[1:] for line in status_file.splitlines() if line.startswith("Uid:"))
+    assert set(uids) == {"65532"}, status_file
+    metrics = in_node(inst, f"http://{pod.status.pod_ip}:8000/metrics")
+    assert "qtune_" in metrics, metrics[:2000]
+    assert in_node(inst, f"http://{pod.status.pod_ip}:8080/healthz")
+
+
+def _container_pid(inst: Installed, pod: Any) -> int:
+    """The host pid of the pod's container process (the node has its own network and mount
+    namespaces, not its own pid namespace)."""
+    cid = pod.status.container_statuses[0].container_id.split("://", 1)[1]
+    proc = subprocess.run(inst.node.nsenter("ctr", "--address", str(inst.node.containerd_socket), "-n",
+                                            "k8s.io", "task", "ls"), capture_output=True, text=True, check=True)
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if parts and parts[0] == cid:
+            return int(parts[1])
+    raise AssertionError(f"container {cid} not in `ctr task ls`:\n{proc.stdout}")
+
+
+def _assert_unit_pod(inst: Installed, pod: Any) -> None:
+    assert pod.spec.node_name == inst.node.name, (pod.metadata.name, pod.spec.node_name)
+    assert pod.status.qos_class == "Guaranteed", (pod.metadata.name, pod.status.qos_class)
+    container = pod.spec.containers[0]
+    assert container.image == inst.image
+    sc = container.security_context
+    assert sc.read_only_root_filesystem is True and sc.run_as_non_root is True and sc.run_as_user == 65532
+    assert pod.spec.security_context.run_as_user == 65532
+
+
+def test_digits_job_on_real_containers(installed: Installed) -> None:
+    inst = installed
+    t0 = time.monotonic()
+    opcluster.create_job(inst.cluster, inst.jobs, real_job("real-digits", maxTrials=3, parallelTrials=1))
+    status = wait_finished(inst, "real-digits", 600)
+    assert status["state"] == "Succeeded", (status, inst.operator_log()[-3000:])
+    uid = opcluster.get_job(inst.cluster, inst.jobs, "real-digits")["metadata"]["uid"]
+    hist = history(inst, "real-digits")
+    assert [t["index"] for t in hist] == [0, 1, 2], hist
+    assert all(t["status"] == "succeeded" for t in hist), hist
+    assert status["baseline"]["accuracy"] > 0.9 and status["best"]["sizeRatio"] > 2, status
+    pods = inst.pods.of_job(uid)
+    roles = sorted((p.metadata.labels or {}).get(c.LABEL_ROLE, "") for p in pods)
+    assert roles.count("baseline") == 1 and roles.count("trial") == 3, roles
+    for pod in pods:
+        if (pod.metadata.labels or {}).get(c.LABEL_ROLE) in ("baseline", "trial"):
+            _assert_unit_pod(inst, pod)
+    # the pods wrote the job's folder of the PVC (a hostPath volume) as uid 65532
+    folders = list((inst.workspace / ".qtune").glob("real-digits-*"))
+    assert len(folders) == 1, folders
+    written = [p for p in folders[0].rglob("*") if p.is_file()]
+    assert written and all(p.stat().st_uid == 65532 for p in written), \
+        [(str(p), p.stat().st_uid) for p in written]
+    sys.stderr.write(f"real-digits: {time.monotonic() - t0:.1f}s\n")
+
+
+def test_oom_killed_trial_has_the_kubelets_reason(installed: Installed) -> None:
+    inst = installed
+    (inst.workspace / "hog.py").write_text(HOG)
+    job = real_job("real-oom", maxTrials=2, parallelTrials=1, maxConsecutiveFailures=2)
+    job["spec"]["data"]["evaluation"]["metric"] = "hog:Top1"
+    job["spec"]["trial"]["resources"]["memory"] = "1Gi"
+    opcluster.create_job(inst.cluster, inst.jobs, job)
+    status = wait_finished(inst, "real-oom", 600)
+    hist = history(inst, "real-oom")
+    assert [t.get("reason") for t in hist] == ["OOMKilled", "OOMKilled"], hist
+    message = hist[0]["message"]
+    assert "exit code 137" in message and "exceeding its memory limit of 1Gi" in message, message
+    assert status["reason"] == "RepeatedFailures", status
+    uid = opcluster.get_job(inst.cluster, inst.jobs, "real-oom")["metadata"]["uid"]
+    killed = [p for p in inst.pods.of_job(uid) if (p.metadata.labels or {}).get(c.LABEL_ROLE) == "trial"
+              and p.status.container_statuses and p.status.container_statuses[0].state.terminated]
+    assert killed, [p.metadata.name for p in inst.pods.of_job(uid)]
+    t = killed[0].status.container_statuses[0].state.terminated
+    assert (t.reason, t.exit_code) == ("OOMKilled", 137), t
+    assert killed[0].spec.node_name == inst.node.name
+
+
+def test_deleted_trial_pod_starts_again(installed: Installed) -> None:
+    inst = installed
+    opcluster.create_job(inst.cluster, inst.jobs, real_job("real-deleted", maxTrials=2, parallelTrials=1))
+    uid = opcluster.get_job(inst.cluster, inst.jobs, "real-deleted")["metadata"]["uid"]
+    victim = "real-deleted-trial-0"
+    wait_for(lambda: victim in inst.pods.running, 300, f"{victim} running",
+             detail=lambda: inst.operator_log()[-2000:], interval=0.3)
+    inst.cluster.core().delete_namespaced_pod(victim, inst.jobs)
+    wait_for(lambda: any(p.metadata.name.startswith(f"{victim}-a") for p in inst.pods.of_job(uid)), 120,
+             f"{victim} started again", detail=lambda: inst.operator_log()[-3000:], interval=0.5)
+    status = wait_finished(inst, "real-deleted", 600)
+    assert status["state"] == "Succeeded", status
+    hist = history(inst, "real-deleted")
+    assert [t["index"] for t in hist] == [0, 1], hist
+    assert all(t["status"] == "succeeded" for t in hist), hist
+    names = sorted(p.metadata.name for p in inst.pods.of_job(uid)
+                   if (p.metadata.labels or {}).get(c.LABEL_ROLE) == "trial")
+    assert victim in names and any(n.startswith(f"{victim}-a") for n in names), names
+    for pod in inst.pods.of_job(uid):
+        assert pod.spec.node_name == inst.node.name

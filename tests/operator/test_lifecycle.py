@@ -1,0 +1,395 @@
+"""The operator's lifecycle under faults (issue 12), with the real reconciler and session against the
+in-memory fakes and a clock: results that wait out a metrics outage, unschedulable and overdue pods,
+pods on lost nodes or stuck terminating, unit Secrets that already exist, the results poller that
+never dies, deleted jobs' Pushgateway groups, and jobs without a finalizer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from opfakes import UID, job_body, make_config
+from test_reconcile import BASELINE_POD, World, spec_dict
+
+from qtune.operator import status as st
+from qtune.operator.config import OperatorConfig
+from qtune.operator.prom import PUSH_JOB, MetricsError, ResultsPoller
+from qtune.operator.sweep import GroupSweeper, orphan_groups
+
+
+def _config(**changes: Any) -> OperatorConfig:
+    return OperatorConfig(**{**make_config().__dict__, **changes})
+
+
+def _iso(t: float) -> str:
+    return st.now_iso(t)
+
+
+class DownPrometheus:
+    """Prometheus unreachable: every query fails."""
+
+    def __init__(self, results: Any) -> None:
+        self.inner = results
+        self.down = True
+
+    async def job_results(self, job_uid: str) -> dict[str, Any]:
+        if self.down:
+            raise MetricsError("Prometheus query failed (http://prom:9090/api/v1/query): Connection refused")
+        return await self.inner.job_results(job_uid)
+
+
+def _trial_finished_without_result(world: World) -> DownPrometheus:
+    down = DownPrometheus(world.results)
+    down.down = False
+    world.services.prometheus = down  # type: ignore[assignment]
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts
+    down.down = True
+    world.finish("digits-trial-0")     # pushed, but Prometheus is down
+    world.step()
+    return down
+
+
+# ---------------------------------------------------------------------------------------- results
+
+
+def test_a_result_waits_out_a_ten_minute_prometheus_outage_and_is_recorded() -> None:
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    down = _trial_finished_without_result(world)
+    since = world.now
+    world.now += 600                   # 10 minutes of outage
+    world.step()
+    trial = world.history().trials[0]
+    assert not trial.done, "nothing is lost while the deadline has not passed"
+    status = world.kube.status
+    assert status["reason"] == st.WAITING_FOR_RESULTS
+    message = status["message"]
+    assert "trial-0" in message and _iso(since) in message and "Connection refused" in message
+    assert "1800" in message and _iso(since + 1800) in message
+    assert world.step().wait >= 2.0, "no tight loop against a Prometheus that is down"
+    down.down = False                  # Prometheus is back: the result is recorded as succeeded
+    world.step()
+    trial = world.history().trials[0]
+    assert trial.status == "succeeded"
+    assert world.kube.status["reason"] != st.WAITING_FOR_RESULTS
+
+
+def test_a_result_never_queryable_fails_only_after_the_deadline_even_across_restarts() -> None:
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    _trial_finished_without_result(world)
+    world.now += 1000
+    world.restart()                    # a new operator process: its clock starts again, never shorter
+    world.step()
+    world.now += 1000                  # 2000 s after the pod succeeded, 1000 s after the restart
+    world.step()
+    assert not world.history().trials[0].done
+    world.now += 801
+    world.step()
+    trial = world.history().trials[0]
+    assert trial.status == "failed" and trial.reason == "MetricsUnavailable"
+    assert "1800s" in (trial.message or "")
+
+
+def test_the_results_deadline_is_at_least_ten_minutes() -> None:
+    assert OperatorConfig().results_deadline_seconds == 1800
+    with pytest.raises(ValueError, match="results_deadline_seconds.*at least 600"):
+        _config(results_deadline_seconds=60.0)
+
+
+def test_the_old_metrics_timeout_setting_is_gone() -> None:
+    from qtune.operator.main import build_parser
+
+    args = build_parser().parse_args(["--results-deadline-seconds", "900"])
+    assert OperatorConfig.from_args(args).results_deadline_seconds == 900
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--metrics-timeout", "60"])
+
+
+# ---------------------------------------------------------------------------------------- scheduling
+
+
+def _pending(world: World, name: str, message: str, since: float) -> None:
+    pod = world.kube.pods[name]
+    pod["metadata"]["creationTimestamp"] = _iso(since)
+    pod["status"] = {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+        "lastTransitionTime": _iso(since)}]}
+
+
+SCHEDULER = "0/5 nodes are available: 5 node(s) didn't match Pod's node affinity/selector."
+
+
+def test_an_unschedulable_pod_puts_the_schedulers_message_in_the_status_and_one_event() -> None:
+    world = World()
+    world.step()
+    _pending(world, BASELINE_POD, SCHEDULER, world.now)
+    world.step()
+    assert world.kube.status["reason"] == st.REASON_BASELINE   # not yet: the wait is 120 s
+    world.now += 121
+    world.step()
+    world.step()
+    status = world.kube.status
+    assert status["reason"] == st.UNSCHEDULABLE and SCHEDULER in status["message"]
+    assert BASELINE_POD in status["message"]
+    assert [r for _, r, _ in world.events].count(st.UNSCHEDULABLE) == 1
+
+
+def test_a_pod_pending_past_its_time_limit_fails_its_unit_and_the_job_goes_on() -> None:
+    world = World(job_body(spec=spec_dict(trialTimeoutSeconds=100, parallelTrials=1, maxTrials=2)))
+    world.step()
+    world.finish_running()
+    world.step()
+    _pending(world, "digits-trial-0", SCHEDULER, world.now)
+    world.now += 60
+    world.step()
+    assert not world.history().trials[0].done
+    world.now += 40 + 61               # the trial's limit plus the operator's grace
+    result = world.step()
+    trial = world.history().trials[0]
+    assert trial.status == "failed" and trial.reason == "Unschedulable" and SCHEDULER in (trial.message or "")
+    assert "digits-trial-0" in world.kube.deleted_pods
+    assert result.done or "digits-trial-1" in world.kube.pods, "the job goes on: it does not hang"
+
+
+# ---------------------------------------------------------------------------------------- lost pods
+
+
+def _node(ready: str, since: float) -> dict[str, Any]:
+    return {"metadata": {"name": "xeon-0"}, "status": {"conditions": [
+        {"type": "Ready", "status": ready, "reason": "NodeStatusUnknown",
+         "message": "Kubelet stopped posting node status.", "lastTransitionTime": _iso(since)}]}}
+
+
+def _running_on(world: World, name: str, node: str) -> None:
+    world.kube.run_pod(name)
+    world.kube.pods[name]["spec"]["nodeName"] = node
+
+
+def test_a_trial_on_a_node_that_is_not_ready_is_force_deleted_and_started_again() -> None:
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()
+    world.step()
+    _running_on(world, "digits-trial-0", "xeon-0")
+    world.kube.nodes["xeon-0"] = _node("True", world.now)
+    world.step()
+    assert not world.kube.force_deleted
+    world.kube.nodes["xeon-0"] = _node("Unknown", world.now)
+    world.now += 5                     # the operator reads a node at most every 5 s
+    world.step()
+    world.now += 60
+    world.step()
+    assert not world.kube.force_deleted, "NotReady for less than node_lost_seconds (120)"
+    world.now += 61
+    world.step()
+    assert world.kube.force_deleted == ["digits-trial-0"]
+    assert "digits-trial-0-a1" in world.kube.pods, "the unit starts again as a new attempt"
+    assert ("Warning", "NodeLost") in [(k, r) for k, r, _ in world.events]
+    world.finish("digits-trial-0-a1")
+    world.step()
+    assert world.history().trials[0].status == "succeeded"
+
+
+def test_a_baseline_on_a_node_that_is_gone_is_started_again() -> None:
+    world = World()
+    world.step()
+    _running_on(world, BASELINE_POD, "xeon-9")     # no such node
+    world.step()
+    world.now += 121
+    world.step()
+    assert world.kube.force_deleted == [BASELINE_POD]
+    assert "digits-baseline-a1" in world.kube.pods
+    assert world.run_to_end().state == st.SUCCEEDED_STATE
+
+
+def test_a_pod_stuck_terminating_is_force_deleted() -> None:
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()
+    world.step()
+    _running_on(world, "digits-trial-0", "xeon-0")
+    world.kube.nodes["xeon-0"] = _node("True", world.now)
+    world.kube.pods["digits-trial-0"]["metadata"]["deletionTimestamp"] = _iso(world.now)
+    world.step()
+    assert "digits-trial-0-a1" in world.kube.pods, "a pod going away without a result: a new attempt"
+    assert not world.kube.force_deleted
+    world.now += 61
+    world.step()
+    assert world.kube.force_deleted == ["digits-trial-0"]
+
+
+# ---------------------------------------------------------------------------------------- secrets
+
+
+def test_an_existing_unit_secret_is_never_used() -> None:
+    world = World()
+    planted = {"kind": "Secret", "metadata": {"name": f"{BASELINE_POD}-key", "namespace": "ml"},
+               "stringData": {"secret": "known-to-its-author"}}
+    world.kube.objects[("Secret", f"{BASELINE_POD}-key")] = planted
+    world.step()
+    assert BASELINE_POD not in world.kube.pods
+    pod = world.kube.pods["digits-baseline-a1"]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    ref = env["QTUNE_RESULT_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+    assert ref == "digits-baseline-a1-key"
+    assert world.kube.objects[("Secret", ref)]["stringData"]["secret"] != "known-to-its-author"
+    assert world.kube.objects[("Secret", f"{BASELINE_POD}-key")] is planted, "not changed, not deleted"
+
+
+def test_unit_secrets_that_keep_existing_fail_the_job_naming_the_object() -> None:
+    world = World()
+    for name in (BASELINE_POD, "digits-baseline-a1", "digits-baseline-a2"):
+        world.kube.objects[("Secret", f"{name}-key")] = {"kind": "Secret", "metadata": {"name": f"{name}-key"}}
+    result = world.step()
+    assert result.done and world.kube.status["reason"] == st.OBJECT_CONFLICT
+    assert "Secret ml/digits-baseline-a2-key" in world.kube.status["message"]
+    assert not world.kube.pods
+
+
+# ---------------------------------------------------------------------------------------- poller
+
+
+class FlakyPrometheus:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def all_results(self) -> dict[str, Any]:
+        self.calls += 1
+        if self.calls == 1:
+            raise KeyError("an unexpected bug")
+        if self.calls == 2:
+            raise MetricsError("Prometheus query failed: connection refused")
+        return {UID: {}}
+
+
+def test_the_results_poller_survives_any_exception(caplog: pytest.LogCaptureFixture) -> None:
+    from qtune.operator.metrics import OperatorMetrics
+
+    metrics = OperatorMetrics()
+    prometheus = FlakyPrometheus()
+    poller = ResultsPoller(prometheus, 0.0, {}, metrics.errors)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        task = asyncio.create_task(poller.run())
+        while prometheus.calls < 4:
+            await asyncio.sleep(0.01)
+        assert not task.done()
+        task.cancel()
+
+    import qtune.operator.prom as prom
+
+    sleep = asyncio.sleep
+    prom.asyncio.sleep = lambda s: sleep(0)  # type: ignore[assignment]
+    try:
+        with caplog.at_level(logging.WARNING, logger="qtune.operator.prom"):
+            asyncio.run(run())
+    finally:
+        prom.asyncio.sleep = sleep  # type: ignore[assignment]
+    assert prometheus.calls >= 4 and poller.snapshot == {UID: {}} and poller.last_error is None
+    assert metrics.errors.labels(kind="poller_KeyError")._value.get() == 1
+    assert metrics.errors.labels(kind="prometheus")._value.get() == 1
+    bug = [r for r in caplog.records if r.exc_info]
+    assert bug and "KeyError" in caplog.text, "logged with its traceback"
+
+
+def test_a_poller_task_that_ends_is_started_again() -> None:
+    from qtune.operator import main
+    from qtune.operator.metrics import OperatorMetrics
+
+    class Dying:
+        runs = 0
+
+        async def run(self) -> None:
+            Dying.runs += 1
+            if Dying.runs == 1:
+                raise RuntimeError("ended")
+            await asyncio.sleep(3600)
+
+    memo: Any = type("Memo", (), {})()
+    memo.metrics, memo.poller_restarts = OperatorMetrics(), 0
+
+    async def body() -> None:
+        main.start_poller(memo, Dying())
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+        assert Dying.runs == 2 and not memo.poller_task.done()
+        assert main._poller_probe(memo)["restarts"] == 1
+        memo.stopping = True
+        memo.poller_task.cancel()
+
+    asyncio.run(body())
+    assert memo.metrics.errors.labels(kind="poller_ended")._value.get() == 1
+
+
+# ---------------------------------------------------------------------------------------- deletion
+
+
+def test_only_pods_owned_by_the_job_are_deleted() -> None:
+    from qtune.operator.handlers import owned_pods
+
+    def pod(name: str, owner: str | None, namespace: str = "ml") -> dict[str, Any]:
+        refs = [{"uid": owner, "kind": "QuantizationJob"}] if owner else []
+        return {"metadata": {"name": name, "namespace": namespace, "ownerReferences": refs,
+                             "labels": {"qtune.io/job-uid": UID}}}
+
+    pods = [pod("mine", UID), pod("labelled-only", None), pod("someone-elses", "other-uid"),
+            pod("elsewhere", UID, namespace="other")]
+    assert owned_pods(pods, "ml", UID) == ["mine"]
+
+
+def test_jobs_have_no_finalizer() -> None:
+    import kopf
+
+    from qtune.operator import handlers  # noqa: F401  (registers)
+
+    registry = kopf.get_default_registry()
+    assert not any(h.requires_finalizer for h in registry._spawning.get_all_handlers())
+    assert not any(h.requires_finalizer for h in registry._changing.get_all_handlers())
+
+
+class FakeGateway:
+    def __init__(self, groups: list[dict[str, str]]) -> None:
+        self.groups_ = groups
+        self.deleted: list[tuple[str, str]] = []
+
+    async def groups(self) -> list[dict[str, str]]:
+        return list(self.groups_)
+
+    async def delete_group(self, uid: str, unit: str) -> None:
+        self.deleted.append((uid, unit))
+
+
+GROUPS = [{"job": PUSH_JOB, "job_uid": "live", "unit": "trial-0"},
+          {"job": PUSH_JOB, "job_uid": "gone", "unit": "trial-0"},
+          {"job": PUSH_JOB, "job_uid": "gone", "unit": "baseline"},
+          {"job": "someone-else", "job_uid": "gone", "unit": "x"}]
+
+
+def test_the_sweep_deletes_only_qtune_groups_of_jobs_that_do_not_exist() -> None:
+    assert orphan_groups(GROUPS, {"live"}, set()) == [("gone", "trial-0"), ("gone", "baseline")]
+    assert orphan_groups(GROUPS, None, set()) == [], "without the list of jobs: only jobs seen deleted"
+    assert orphan_groups(GROUPS, None, {"gone"}) == [("gone", "trial-0"), ("gone", "baseline")]
+    gateway = FakeGateway(GROUPS)
+
+    async def live() -> set[str]:
+        return {"live"}
+
+    sweeper = GroupSweeper(gateway, live, 1.0, set())  # type: ignore[arg-type]
+    assert asyncio.run(sweeper.sweep_once()) == 2
+    assert gateway.deleted == [("gone", "trial-0"), ("gone", "baseline")]
+
+
+def test_the_sweep_without_rights_to_list_jobs_sweeps_only_jobs_seen_deleted() -> None:
+    from kubernetes.client import ApiException
+
+    gateway = FakeGateway(GROUPS)
+
+    async def forbidden() -> set[str]:
+        raise ApiException(status=403, reason="Forbidden")
+
+    sweeper = GroupSweeper(gateway, forbidden, 1.0, {"gone"})  # type: ignore[arg-type]
+    assert asyncio.run(sweeper.sweep_once()) == 2
+    assert ("live", "trial-0") not in gateway.deleted
