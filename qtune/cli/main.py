@@ -34,7 +34,7 @@ def _tune(args: argparse.Namespace) -> int:
                   f"strategy {job.spec.tuning.strategy}, up to {job.spec.tuning.max_trials} trials, "
                   f"{job.spec.tuning.parallel_trials} at once)")
     with RichProgress(console) as progress:
-        outcome = tune(job, args.job, output_dir=Path(args.output) if args.output else None,
+        outcome = tune(job, args.job, output_dir=Path(args.output).expanduser() if args.output else None,
                        resume=args.resume, fresh=args.fresh, listener=progress)
     session = outcome.session
     success = session.success(outcome.best)
@@ -65,10 +65,12 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _trial(argv: list[str]) -> int:
+    from qtune.runner.__main__ import install_sigterm_handler
     from qtune.runner.__main__ import main as runner_main
 
     if not argv or argv[0] not in ("baseline", "trial", "confirm"):
         argv = ["trial", *argv]
+    install_sigterm_handler()  # `qtune trial` is PID 1 of a trial container too
     return runner_main(argv)
 
 
