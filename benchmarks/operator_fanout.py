@@ -117,6 +117,9 @@ def fake_run_confirm(context: Any, candidates: dict[str, dict[str, Any]]) -> Any
 
 def fake_runner(argv: list[str]) -> int:
     """`python -m qtune.runner ...` exactly, except the three functions doing ONNX Runtime work."""
+    nice = int(os.environ.get("QTUNE_BENCH_POD_NICE", "0"))
+    if nice:
+        os.nice(nice)  # pods stand for other machines: here they yield the shared cores to the operator
     import qtune.runner.__main__ as runner
     import qtune.runner.baseline
     import qtune.runner.confirm
@@ -429,6 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=2, help="parallelTrials of each job")
     parser.add_argument("--existing", action="store_true", help="use the plane of the environment")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for every job to end")
+    parser.add_argument("--pod-nice", type=int, default=0,
+                        help="niceness of the pods' processes (e.g. 19: on a real cluster pods run on other machines "
+                             "than the operator; on this one they share its cores)")
     parser.add_argument("--node-cpus", type=int, default=1000,
                         help="CPUs of each plane node (fake pods use next to no CPU; 8, the plane's default, makes "
                              "pods of many jobs wait for the scheduler)")
@@ -486,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         # the operator's settings are its defaults (qtune/operator/config.py) except where it runs
         env = {**os.environ, "KUBECONFIG": str(operator_kubeconfig), "QTUNE_PROMETHEUS_URL": prometheus,
                "QTUNE_PUSHGATEWAY_URL": pushgateway, "QTUNE_SIGNING_KEY": SIGNING_KEY,
-               "QTUNE_RUNNER_COMMAND": f"{sys.executable} {Path(__file__).resolve()} fake-runner"}
+               "QTUNE_RUNNER_COMMAND": f"{sys.executable} {Path(__file__).resolve()} fake-runner",
+               "QTUNE_POD_ENV": json.dumps({"QTUNE_BENCH_POD_NICE": str(args.pod_nice)})}
         log_path = Path(tempfile.gettempdir()) / f"qtune-bench-operator-{os.getpid()}.log"
         metrics_port, health_port = opcluster.free_port(), opcluster.free_port()
         operator_started = time.time()
@@ -654,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                   "`plane.py up --audit`, or run without --existing)")
         print(f"  load average at end: {load_after}")
         print("  how measured:")
+        print(f"    pods: the node agent's processes, niceness {args.pod_nice} (--pod-nice); the operator, plane and "
+              "agent at 0")
         print("    jobs/elapsed: from creating the first job to the last job's status.state Succeeded|Failed (listed "
               "every 1 s)")
         print("    trials recorded: each job's history ConfigMap decoded with qtune.operator.store.decode_history; "

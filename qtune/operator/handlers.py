@@ -167,8 +167,11 @@ async def job_deleted(type: str, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.
     services.metrics.job_state(uid, None)
     try:
         pods = await services.kube.list_pods(namespace, f"{c.LABEL_JOB_UID}={uid}")
+        # Grace 0: a deleted job's units have nothing to save, and a runner (PID 1 of its container)
+        # still starting has no SIGTERM handler yet: it would ignore a graceful stop and push its
+        # result after the groups below are gone.
         for name in owned_pods(pods, namespace, uid):
-            await services.kube.delete_pod(namespace, name)
+            await services.kube.delete_pod(namespace, name, grace_seconds=0)
     except (ApiException, OSError) as exc:
         logger.warning("could not delete the job's pods (the garbage collector will): %s", exc)
     if services.pushgateway is not None:

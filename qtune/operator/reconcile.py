@@ -43,7 +43,7 @@ from qtune.operator.metrics import OperatorMetrics
 from qtune.operator.podstatus import PodSummary, bounded_reason, failure_of
 from qtune.operator.prom import MetricsError, PrometheusClient, PushgatewayClient, ResultsPoller
 from qtune.operator.rbac import ensure_identity
-from qtune.operator.results import ACCEPT, WAIT, Observed, judge, unit_pods
+from qtune.operator.results import ACCEPT, STALE, WAIT, Observed, judge, unit_pods
 from qtune.operator.store import (
     OWNED,
     ForeignObject,
@@ -67,7 +67,9 @@ logger = logging.getLogger(__name__)
 METRICS_UNAVAILABLE = "MetricsUnavailable"
 SECRET_TRIES = 3
 """Attempts whose unit Secret already existed before a unit start gives up (ObjectConflict)."""
-NODE_CACHE_SECONDS = 5.0
+NODE_CACHE_SECONDS = 10.0
+EXPECTATION_SECONDS = 60.0
+"""How long a pod this process created counts as running while the pod index does not show it yet."""
 
 
 class EventSink(Protocol):
@@ -88,6 +90,8 @@ class Services:
     nodes_unreadable: bool = False
     """The operator may not read nodes (403): pods on lost nodes are left to the cluster."""
     nodes: dict[str, tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
+    node_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
+    """Node reads in flight: every job waiting on a node shares one request."""
     """Node name -> (read at, Node or None when gone): one read serves every job for a few seconds."""
 
 
@@ -227,7 +231,7 @@ def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results:
     seen = Observation()
     verdicts = {unit: judge(job, obs, pods.get(unit), signing_key) for unit, obs in results.items()}
     for unit, verdict in verdicts.items():
-        if verdict not in (ACCEPT, WAIT) and not recorded(history, unit):
+        if verdict not in (ACCEPT, WAIT, STALE) and not recorded(history, unit):
             seen.rejected.append((results[unit], verdict))
     for unit, pod in sorted(pods.items(), key=lambda item: unit_order(item[0])):
         if recorded(history, unit):
@@ -345,6 +349,8 @@ class JobReconciler:
     """Trials the models cleanup was started for (once per finish in this process)."""
     owned: set[str] = field(default_factory=set)
     """ConfigMaps this process created or found owned by the job's uid (deletable without a read)."""
+    expected: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """unit -> (attempt, when) of pods this process created that the pod index has not shown yet."""
     identity: tuple[int | None, str] | None = None
     """(generation, ServiceAccount) whose use by the job's pods was checked (rbac.ensure_identity)."""
     metrics_error: str | None = None
@@ -499,6 +505,7 @@ class JobReconciler:
         seen = observe(self.job, history, current, results, space_doc, self.config.signing_key, self.awaiting, now,
                        limits)
         self._report_rejections(seen.rejected)
+        self._expect(current, history, seen.running, now)
 
         # 3. record, then let the session decide
         finished_records = []
@@ -661,9 +668,29 @@ class JobReconciler:
         cached = self.services.nodes.get(name)
         if cached is not None and 0 <= now - cached[0] < NODE_CACHE_SECONDS:
             return cached[1]
-        node = await self.kube.read_node(name)
+        reads = self.services.node_reads
+        read = reads.get(name)
+        if read is None:
+            read = reads[name] = asyncio.ensure_future(self.kube.read_node(name))
+            read.add_done_callback(lambda _done: reads.pop(name, None))
+        node = await asyncio.shield(read)
         self.services.nodes[name] = (now, node)
         return node
+
+    def _expect(self, current: dict[str, PodSummary], history: History, running: set[str], now: float) -> None:
+        """A pod this process just created may be missing from the pod index for a while (its watch event is
+        not in yet, e.g. under load): its unit still runs, or the session would start it again under a new
+        attempt and the first pod's result would be rejected. (The ReplicaSet controller's 'expectations'.)"""
+        for unit, (attempt, since) in list(self.expected.items()):
+            pod = current.get(unit)
+            if (pod is not None and pod.attempt >= attempt) or recorded(history, unit):
+                del self.expected[unit]
+            elif now - since > EXPECTATION_SECONDS:
+                logger.warning("%s/%s: the pod of %s (attempt %d) created %.0fs ago is not seen: the unit is not "
+                               "running", self.job.namespace, self.job.name, unit, attempt, now - since)
+                del self.expected[unit]
+            else:
+                running.add(unit)
 
     async def _results(self, pods: dict[str, PodSummary], history: History) -> dict[str, Observed]:
         """The job's queryable results: the operator-wide poller's snapshot, plus a query of this job
@@ -751,6 +778,7 @@ class JobReconciler:
             if unit.tune_config else None
         body = builders.unit_pod(self.job, self.spec, plan, self.config, annotations)
         if await self.kube.create_pod(body):
+            self.expected[unit.id] = (attempt, self.services.clock())
             if plan.kind == "trial":
                 self.services.metrics.trials_started.inc()
             logger.info("%s/%s: %s started (pod %s)", self.job.namespace, self.job.name, unit.id,

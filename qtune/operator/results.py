@@ -5,7 +5,10 @@ A result read from Prometheus is accepted for unit U of job J only when
     operator gave U's attempt, and it has finished (Succeeded) — not merely labelled with J's uid;
   * its signature verifies with U's secret, derived from the operator's signing key, J's uid, U
     and the pod's attempt (the pod alone received that secret, through its own Secret).
-A valid result whose pod is still running waits; anything else is rejected: ignored, counted in
+A valid result whose pod is still running waits. A result signed with the secret of an EARLIER attempt of
+the same unit is stale (STALE): that pod was deleted or lost after it pushed, and the unit runs again; it is
+ignored quietly, as it proves its origin (on a real kubelet a deleted pod's process keeps running until its
+SIGTERM arrives, and often finishes first). Anything else is rejected: ignored, counted in
 `qtune_operator_results_rejected_total{reason}` and posted once as a Warning Event.
 """
 
@@ -19,7 +22,7 @@ from qtune.operator import constants as c
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary
 
-ACCEPT, WAIT = "accept", "wait"
+ACCEPT, WAIT, STALE = "accept", "wait", "stale"
 NO_POD, BAD_SIGNATURE, WRONG_UNIT = "NoPod", "BadSignature", "WrongUnit"
 
 
@@ -48,7 +51,8 @@ def unit_pods(job: JobRef, pods: Iterable[PodSummary]) -> dict[str, PodSummary]:
 
 
 def judge(job: JobRef, observed: Observed, pod: PodSummary | None, signing_key: str) -> str:
-    """ACCEPT, WAIT (valid, its pod still running) or the reason to reject it."""
+    """ACCEPT, WAIT (valid, its pod still running), STALE (valid for an earlier attempt of the unit) or the
+    reason to reject it."""
     if pod is None or pod.unit != observed.unit:
         return NO_POD
     index = protocol.unit_trial_index(observed.unit)
@@ -59,6 +63,10 @@ def judge(job: JobRef, observed: Observed, pod: PodSummary | None, signing_key: 
         return WRONG_UNIT
     secret = protocol.derive_unit_secret(signing_key, job.uid, observed.unit, pod.attempt)
     if not protocol.verify_result(job.uid, observed.unit, observed.result, secret, observed.signature):
+        for attempt in range(pod.attempt):
+            earlier = protocol.derive_unit_secret(signing_key, job.uid, observed.unit, attempt)
+            if protocol.verify_result(job.uid, observed.unit, observed.result, earlier, observed.signature):
+                return STALE
         return BAD_SIGNATURE
     if pod.phase != "Succeeded":
         return WAIT

@@ -14,12 +14,35 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
 
-from qtune.protocol import (
+
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    """Stop at once, pushing nothing: the pod was deleted, or its deadline or the node's shutdown came."""
+    logging.getLogger("qtune.runner").warning("SIGTERM: stopping without a result")
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
+def install_sigterm_handler() -> None:
+    """In a container the runner is PID 1, and Linux delivers no signal to a namespace's init that it has
+    no handler for (pid_namespaces(7)): without one, a deleted pod's runner ignores the kubelet's SIGTERM
+    and runs on (finishing and pushing its result) until SIGKILL at the end of the grace period. A handler
+    the process already has (e.g. a test harness calling `qtune trial` in-process) is left alone."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+if __name__ == "__main__":
+    install_sigterm_handler()  # first: importing qtune (pydantic, ...) takes a second, SIGTERM may come meanwhile
+
+from qtune.protocol import (  # noqa: E402 - after the SIGTERM handler
     BASELINE_UNIT,
     CONFIRM_UNIT,
     EXIT_JOB_UNUSABLE,
@@ -33,9 +56,9 @@ from qtune.protocol import (
     termination_message,
     trial_unit,
 )
-from qtune.spec import QtuneError, job_from_dict, load_job
-from qtune.tuning.config import TuneConfig
-from qtune.tuning.history import write_json_atomic
+from qtune.spec import QtuneError, job_from_dict, load_job  # noqa: E402
+from qtune.tuning.config import TuneConfig  # noqa: E402
+from qtune.tuning.history import write_json_atomic  # noqa: E402
 
 logger = logging.getLogger("qtune.runner")
 TERMINATION_LOG = "/dev/termination-log"

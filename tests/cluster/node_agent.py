@@ -18,8 +18,9 @@ local process on this machine, in the host Python environment (the image is igno
   (Completed/Error/OOMKilled) and termination message (the terminationMessagePath file,
   or the log tail with ``FallbackToLogsOnError``); stdout+stderr go to
   ``<state>/pods/<namespace>/<pod>/<uid>/<container>.log``;
-* a deleted pod's process group gets SIGTERM, SIGKILL after the grace period (capped at
-  10s), then the pod is deleted with grace period 0;
+* a deleted pod's process group gets SIGTERM (only when a process of it has a SIGTERM handler:
+  a container's PID 1 gets no signal it does not handle), SIGKILL after the grace period
+  (capped at 10s), then the pod is deleted with grace period 0;
 * a tiny dynamic provisioner for the plane's host-path StorageClass: a PersistentVolume per
   claim pointing at ``<state>/pvc/<namespace>/<claim>``, deleted with its folder once released.
 
@@ -206,6 +207,27 @@ def _die_with_agent() -> None:
 def _kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def _catches_sigterm(pgid: int) -> bool:
+    """Whether a process of the pod's group has a SIGTERM handler (SigCgt). On a real node the
+    container's process is PID 1 of its pid namespace, and Linux delivers no signal to a namespace's
+    init that it has no handler for (pid_namespaces(7)): the kubelet's SIGTERM on deletion is lost
+    and the process runs on until SIGKILL at the end of the grace period. The agent does the same."""
+    bit = 1 << (signal.SIGTERM - 1)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            caught = next(line for line in (proc / "status").read_text().splitlines()
+                          if line.startswith("SigCgt:"))
+        except (OSError, ValueError, IndexError, StopIteration):
+            continue
+        if int(caught.split()[1], 16) & bit:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------- the agent
@@ -462,8 +484,12 @@ class NodeAgent:
                 grace = get(pod, "metadata", "deletionGracePeriodSeconds", default=30)
                 run.terminating = True
                 run.kill_at = time.monotonic() + min(float(grace), MAX_GRACE_SECONDS)
-                log.info("pod %s/%s deleted: SIGTERM", run.namespace, run.name)
-                _kill_group(run.proc.pid, signal.SIGTERM)
+                if _catches_sigterm(run.proc.pid):
+                    log.info("pod %s/%s deleted: SIGTERM", run.namespace, run.name)
+                    _kill_group(run.proc.pid, signal.SIGTERM)
+                else:  # as a container's PID 1 it would never see the kubelet's SIGTERM
+                    log.info("pod %s/%s deleted: no SIGTERM handler, SIGKILL after the grace period",
+                             run.namespace, run.name)
             return  # the reaper finalizes once the process is gone
         self._finalize_delete(pod["metadata"]["namespace"], pod["metadata"]["name"],
                               pod["metadata"]["uid"])

@@ -16,7 +16,7 @@ from qtune.operator import constants as c
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import results_by_job
-from qtune.operator.results import ACCEPT, BAD_SIGNATURE, NO_POD, WAIT, WRONG_UNIT, Observed, judge, unit_pods
+from qtune.operator.results import ACCEPT, BAD_SIGNATURE, NO_POD, STALE, WAIT, WRONG_UNIT, Observed, judge, unit_pods
 from qtune.runner.metrics import result_registry
 
 KEY = "operator-signing-key"
@@ -111,7 +111,9 @@ def test_a_result_counts_only_from_its_own_finished_pod() -> None:
     assert judge(JOB, _observed(), None, KEY) == NO_POD
     # signed with a guessed or another attempt's secret
     assert judge(JOB, _observed(key="guess"), _pod(), KEY) == BAD_SIGNATURE
-    assert judge(JOB, _observed(attempt=0), _pod(attempt=1), KEY) == BAD_SIGNATURE
+    assert judge(JOB, _observed(attempt=2), _pod(attempt=1), KEY) == BAD_SIGNATURE
+    # an EARLIER attempt's own result (its pod deleted or lost after it pushed): stale, ignored quietly
+    assert judge(JOB, _observed(attempt=0), _pod(attempt=1), KEY) == STALE
     unsigned = Observed("trial-3", TRIAL, None)
     assert judge(JOB, unsigned, _pod(), KEY) == BAD_SIGNATURE
     # a result of trial 3 presented for trial 4
