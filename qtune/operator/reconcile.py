@@ -90,9 +90,9 @@ class Services:
     nodes_unreadable: bool = False
     """The operator may not read nodes (403): pods on lost nodes are left to the cluster."""
     nodes: dict[str, tuple[float, dict[str, Any] | None]] = field(default_factory=dict)
+    """Node name -> (read at, Node or None when gone): one read serves every job for a few seconds."""
     node_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = field(default_factory=dict)
     """Node reads in flight: every job waiting on a node shares one request."""
-    """Node name -> (read at, Node or None when gone): one read serves every job for a few seconds."""
 
 
 @dataclass
