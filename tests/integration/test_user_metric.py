@@ -302,7 +302,9 @@ def test_digit_strings_example_tunes_end_to_end(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "qtune.cli.main", "tune", str(folder / "job.yaml"),
                            "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=900, env=env,
                           cwd=tmp_path)
-    assert done.returncode in (0, 3), done.stderr[-3000:]
+    # 4 = NoSpeedup: the example's int8 gain at its batch is small (about 1.0-1.1x here), so on a busy machine
+    # the honest verdict can be that no config is faster beyond doubt; this test is about the user metric
+    assert done.returncode in (0, 3, 4), done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert history["baseline"]["metric"] == "sequence_metrics:ExactMatch"
