@@ -21,7 +21,15 @@ raise ImportError("the working directory's sequence_metrics.py was imported")
 '''
 
 
+def _built_example() -> Path:
+    """examples/digit_strings with its model and data (built on a fresh checkout, as its own test does)."""
+    if not all((EXAMPLE / name).is_file() for name in ("model.onnx", "calib.npz", "eval.npz")):
+        subprocess.run([sys.executable, str(EXAMPLE / "build.py")], check=True, timeout=900, capture_output=True)
+    return EXAMPLE
+
+
 def test_the_pod_command_imports_the_job_module_from_the_job_folder_only(tmp_path: Path) -> None:
+    _built_example()
     job = tmp_path / "pvc"
     shutil.copytree(EXAMPLE, job, ignore=shutil.ignore_patterns("build.py", "__pycache__"))
     workdir = tmp_path / "pvc-job-folder"  # the pod's working directory (its own folder)
