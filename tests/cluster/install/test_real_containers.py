@@ -29,6 +29,7 @@ import pytest
 import realnode
 from clusterlib import Cluster, wait_for
 from helm_support import CRD_CHART, OPERATOR_CHART, run_helm, set_args
+from metric_modules import HOG
 
 OPERATOR_TESTS = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_TESTS) not in sys.path:
@@ -44,32 +45,6 @@ TOLERATION = {"key": realnode.REAL_NODE_LABEL, "operator": "Exists", "effect": "
 REAL_POOL = {"qtune.io/pool": realnode.REAL_POOL}
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-HOG = '''"""A metric module that, in trial pods only, allocates far past the pod's memory limit."""
-import os
-
-import numpy as np
-
-if os.environ.get("QTUNE_UNIT", "").startswith("trial-"):
-    _ballast = np.ones(2**28)  # 2 GiB, every page touched
-
-
-class Top1:
-    higher_is_better = True
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.correct, self.total = 0, 0
-
-    def update(self, preds, labels):
-        self.correct += int((np.asarray(preds).argmax(axis=-1) == np.asarray(labels)).sum())
-        self.total += len(labels)
-
-    def result(self):
-        return self.correct / self.total if self.total else 0.0
-'''
 
 
 # ------------------------------------------------------------------------------------- helpers

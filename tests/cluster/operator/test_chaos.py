@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -30,38 +29,12 @@ import opcluster
 import pytest
 from clusterlib import wait_for
 from kubernetes import client
+from metric_modules import HOG
 from test_operator_e2e import _history, _status, _wait_state
 
 from qtune.operator import constants as c
 
 OUTAGE_SECONDS = float(os.environ.get("QTUNE_CHAOS_OUTAGE_SECONDS", "600"))
-
-HOG = textwrap.dedent('''
-    """A metric module that, in trial pods only, allocates far past the pod's memory limit."""
-    import os
-
-    import numpy as np
-
-    if os.environ.get("QTUNE_UNIT", "").startswith("trial-"):
-        _ballast = np.ones(2**28)  # 2 GiB, every page touched
-
-
-    class Top1:
-        higher_is_better = True
-
-        def __init__(self):
-            self.reset()
-
-        def reset(self):
-            self.correct, self.total = 0, 0
-
-        def update(self, preds, labels):
-            self.correct += int((np.asarray(preds).argmax(axis=-1) == np.asarray(labels)).sum())
-            self.total += len(labels)
-
-        def result(self):
-            return self.correct / self.total if self.total else 0.0
-''')
 
 
 def _pods(cluster: Any, namespace: str, uid: str, role: str | None = None) -> list[Any]:

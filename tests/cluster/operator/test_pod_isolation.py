@@ -15,6 +15,7 @@ from typing import Any
 import opcluster
 from clusterlib import wait_for
 from kubernetes import client
+from metric_modules import TOP1
 
 from qtune.operator import constants as c
 
@@ -60,23 +61,7 @@ INTRUDER = textwrap.dedent('''
     with open(os.path.join(os.getcwd(), f"attempts-{os.getpid()}.json"), "w") as f:
         json.dump(record, f)
 
-
-    class Top1:
-        higher_is_better = True
-
-        def __init__(self):
-            self.reset()
-
-        def reset(self):
-            self.correct, self.total = 0, 0
-
-        def update(self, preds, labels):
-            self.correct += int((np.asarray(preds).argmax(axis=-1) == np.asarray(labels)).sum())
-            self.total += len(labels)
-
-        def result(self):
-            return self.correct / self.total if self.total else 0.0
-''')
+''') + TOP1
 
 SHADOW = textwrap.dedent('''
     """A module shadowing an installed one, dropped at the PVC root: it must never be imported."""
