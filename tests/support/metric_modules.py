@@ -28,3 +28,17 @@ import numpy as np
 if os.environ.get("QTUNE_UNIT", "").startswith("trial-"):
     _ballast = np.ones(2**28)  # 2 GiB, every page touched
 ''' + TOP1
+
+
+def stalling(pod_name: str, seconds: int = 300) -> str:
+    """A metric module that, in the pod named `pod_name` only, stalls at import for `seconds`: a test
+    deleting that pod then certainly catches it mid-run (a digits trial may otherwise finish first)."""
+    return f'''"""A metric module that stalls in pod {pod_name} only."""
+import os
+import time
+
+import numpy as np
+
+if os.environ.get("QTUNE_POD_NAME") == {pod_name!r}:
+    time.sleep({seconds})
+''' + TOP1

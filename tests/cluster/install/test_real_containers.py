@@ -29,7 +29,7 @@ import pytest
 import realnode
 from clusterlib import Cluster, wait_for
 from helm_support import CRD_CHART, OPERATOR_CHART, run_helm, set_args
-from metric_modules import HOG
+from metric_modules import HOG, stalling
 
 OPERATOR_TESTS = Path(__file__).resolve().parents[1] / "operator"
 if str(OPERATOR_TESTS) not in sys.path:
@@ -355,9 +355,12 @@ def test_oom_killed_trial_has_the_kubelets_reason(installed: Installed) -> None:
 
 def test_deleted_trial_pod_starts_again(installed: Installed) -> None:
     inst = installed
-    opcluster.create_job(inst.cluster, inst.jobs, real_job("real-deleted", maxTrials=2, parallelTrials=1))
-    uid = opcluster.get_job(inst.cluster, inst.jobs, "real-deleted")["metadata"]["uid"]
     victim = "real-deleted-trial-0"
+    (inst.workspace / "stall.py").write_text(stalling(victim))  # the victim is still running when deleted
+    job = real_job("real-deleted", maxTrials=2, parallelTrials=1)
+    job["spec"]["data"]["evaluation"]["metric"] = "stall:Top1"
+    opcluster.create_job(inst.cluster, inst.jobs, job)
+    uid = opcluster.get_job(inst.cluster, inst.jobs, "real-deleted")["metadata"]["uid"]
     wait_for(lambda: victim in inst.pods.running, 300, f"{victim} running",
              detail=lambda: inst.operator_log()[-2000:], interval=0.3)
     core = inst.cluster.core()
