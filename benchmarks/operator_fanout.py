@@ -283,6 +283,42 @@ def created_pods(requests: dict[str, dict[str, Any]], namespace: str) -> dict[st
     return out
 
 
+@dataclass
+class StepTiming:
+    """The operator's share of one dispatch (its job's pod seen finished -> next pod created), split by the
+    audit log into: before its first request, inside the API server (the job's requests in the window,
+    received -> completed) and in the operator between its requests."""
+
+    wake: float
+    api: float
+    between: float
+    requests: int
+
+
+def operator_split(requests: dict[str, dict[str, Any]], windows: Iterable[tuple[str, float, float]]
+                   ) -> list[StepTiming]:
+    """`windows`: (job name, start, end = the next pod's create completed). A request belongs to a job when
+    the object it names is the job or one of its objects (`<job>` or `<job>-...`)."""
+    by_job: dict[str, list[tuple[float, float]]] = {}
+    for event in requests.values():
+        name = (event.get("objectRef") or {}).get("name") or ""
+        if event.get("stage") != "ResponseComplete" or not name or event.get("verb") == "watch":
+            continue
+        span = (_timestamp(event["requestReceivedTimestamp"]), _timestamp(event["stageTimestamp"]))
+        by_job.setdefault(name, []).append(span)
+    out = []
+    for job_name, start, end in windows:
+        spans = sorted(span for name, items in by_job.items()
+                       if name == job_name or name.startswith(f"{job_name}-") for span in items
+                       if start <= span[0] and span[1] <= end + 1e-3)
+        if not spans:
+            continue
+        api = sum(b - a for a, b in spans)
+        wake = spans[0][0] - start
+        out.append(StepTiming(wake, api, max(0.0, end - start - wake - api), len(spans)))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # observation from outside the operator
 # --------------------------------------------------------------------------------------------
@@ -634,6 +670,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{percentile(reported, 0.5):+.3f}s, p90 {percentile(reported, 0.9):+.3f}s; the later of the two -> "
               f"next pod created (the operator): p50 {percentile(operator_share, 0.5):.3f}s, "
               f"p90 {percentile(operator_share, 0.9):.3f}s")
+        job_of = {uid: name for name, uid in uids.items()}
+        split = operator_split(requests, [(job_of.get(key[0], "?"), max(seen, observer.finished.get(key, seen)),
+                                           pod.created) for key, seen, pod in pairs])
+        if split:
+            print(f"    the operator's share, by the audit log ({len(split)} samples): before its first request p50 "
+                  f"{percentile([t.wake for t in split], 0.5):.3f}s p90 {percentile([t.wake for t in split], 0.9):.3f}s"
+                  f"; in the API server p50 {percentile([t.api for t in split], 0.5):.3f}s "
+                  f"p90 {percentile([t.api for t in split], 0.9):.3f}s; between its requests p50 "
+                  f"{percentile([t.between for t in split], 0.5):.3f}s p90 "
+                  f"{percentile([t.between for t in split], 0.9):.3f}s; requests per dispatch p50 "
+                  f"{percentile([float(t.requests) for t in split], 0.5):.0f}")
         if own_count:
             print(f"  operator's own histogram (result read -> next trial pod created): {int(own_count)} samples, "
                   f"mean {own_sum / own_count:.3f}s")

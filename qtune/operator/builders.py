@@ -186,8 +186,9 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
         "workingDir": workspace_dir(spec, job),
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if spec.trial.image_pull_policy:
-        container["imagePullPolicy"] = spec.trial.image_pull_policy
+    pull_policy = spec.trial.image_pull_policy or config.trial_image_pull_policy
+    if pull_policy:
+        container["imagePullPolicy"] = pull_policy
     baseline = plan.kind == protocol.BASELINE_UNIT
     timeout = int(spec.tuning.trial_timeout_seconds)
     pod_spec: dict[str, Any] = {

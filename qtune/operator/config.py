@@ -65,6 +65,17 @@ def _flag_bool(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+def _pull_policy(text: str) -> str | None:
+    if text.lower() in ("", "none"):
+        return None
+    if text not in PULL_POLICIES:
+        raise ValueError(f"{text!r} is not an imagePullPolicy: allowed {', '.join(PULL_POLICIES)} (or empty)")
+    return text
+
+
 def setting(default: Any = None, help: str = "", *, env: str | None = "", flag: bool = True,  # noqa: A002
             parse: Callable[[str], Any] = str, factory: Callable[[], Any] | None = None) -> Any:
     """A field of OperatorConfig. env "" = QTUNE_<NAME>; None = no environment variable; flag: a
@@ -82,6 +93,9 @@ class OperatorConfig:
     pod_pushgateway_url: str | None = setting(None, "Pushgateway address as pods reach it (default: "
                                                     "--pushgateway-url)")
     trial_image: str = setting(DEFAULT_IMAGE, "image of baseline, trial and confirm pods when the job names none")
+    trial_image_pull_policy: str | None = setting(
+        None, "imagePullPolicy of unit pods when the job sets none (Always, IfNotPresent or Never; none: "
+              "Kubernetes' default, Always for a :latest tag)", parse=_pull_policy)
     runner_command: tuple[str, ...] = setting(("python", "-P", "-m", "qtune.runner"),
                                               "what pods run before `baseline|trial|confirm ...` (shell words)",
                                               flag=False, parse=lambda text: tuple(shlex.split(text)))
@@ -176,7 +190,10 @@ class OperatorConfig:
             env = cls.env_name(item.name)
             text = os.environ.get(env) if env else None
             if text:
-                values[item.name] = item.metadata["parse"](text)
+                try:
+                    values[item.name] = item.metadata["parse"](text)
+                except ValueError as exc:
+                    raise ValueError(f"{env}={text!r}: {exc}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         if isinstance(values.get("runner_command"), list):
             values["runner_command"] = tuple(values["runner_command"])  # type: ignore[arg-type]

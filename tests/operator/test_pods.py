@@ -67,6 +67,19 @@ def test_storage_settings_come_from_the_environment_and_are_checked(monkeypatch:
         OperatorConfig.from_env()
 
 
+def test_pull_policy_is_the_jobs_else_the_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "imagePullPolicy" not in _trial()["spec"]["containers"][0]  # Kubernetes' own default
+    monkeypatch.setenv("QTUNE_TRIAL_IMAGE_PULL_POLICY", "Never")
+    config = OperatorConfig.from_env()
+    assert _trial(config=config)["spec"]["containers"][0]["imagePullPolicy"] == "Never"
+    body = job_body()
+    body["spec"]["trial"]["imagePullPolicy"] = "Always"
+    assert _trial(body, config=config)["spec"]["containers"][0]["imagePullPolicy"] == "Always"
+    monkeypatch.setenv("QTUNE_TRIAL_IMAGE_PULL_POLICY", "Sometimes")
+    with pytest.raises(ValueError, match=r"QTUNE_TRIAL_IMAGE_PULL_POLICY='Sometimes': .*Always, IfNotPresent, Never"):
+        OperatorConfig.from_env()
+
+
 def test_cpu_written_as_a_string_quantity_is_accepted() -> None:
     body = job_body()
     body["spec"]["trial"]["resources"]["cpu"] = "4"

@@ -146,6 +146,8 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
       key: key
 - name: QTUNE_TRIAL_IMAGE
   value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
+- name: QTUNE_TRIAL_IMAGE_PULL_POLICY
+  value: {{ default .Values.image.pullPolicy .Values.trial.imagePullPolicy | quote }}
 {{- with .Values.prometheus.url }}
 - name: QTUNE_PROMETHEUS_URL
   value: {{ . | quote }}
