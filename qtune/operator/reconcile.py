@@ -11,8 +11,9 @@ the confirmation, the winner. A step only
    up to the results deadline (WaitingForResults), pods on lost nodes or stuck terminating are
    force-deleted (`_reap`: the session starts the unit again), pods past their time limit fail;
 3. records the outcomes in unit order and asks `session.advance(elapsed, running, capacity)`;
-4. applies (I/O): saves the history BEFORE any pod starts, deletes the pods of cancelled units,
-   creates each started unit's Secret, inputs ConfigMap and pod, cleans up recorded units;
+4. applies (I/O): saves the history BEFORE any pod starts (the started units' Secrets and inputs
+   ConfigMaps are written meanwhile: a dispatch costs two API round trips, not four), deletes the
+   pods of cancelled units, creates the started units' pods, cleans up recorded units;
 5. writes the status (a projection of the session) and posts an Event when the state changes.
 
 Every action is idempotent (deterministic names, 409/404 tolerated); a restarted operator
@@ -25,9 +26,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kubernetes.client import ApiException
 
@@ -63,6 +64,7 @@ from qtune.tuning.session import TuningSession, WorkUnit, objective_batch_size
 from qtune.tuning.space import TuningSpace
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 METRICS_UNAVAILABLE = "MetricsUnavailable"
 SECRET_TRIES = 3
@@ -301,6 +303,16 @@ def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[st
                        f"limit is {limit:g}s (spec.tuning.trialTimeoutSeconds)")
 
 
+async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:
+    """asyncio.gather that lets every awaitable end before raising the first failure (none is left running
+    unawaited, e.g. a write the next step would not know about)."""
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for item in results:
+        if isinstance(item, BaseException):
+            raise item
+    return list(results)  # type: ignore[arg-type]
+
+
 def plan_of(unit: WorkUnit, attempt: int) -> builders.UnitPlan:
     return builders.UnitPlan(unit=unit.id, attempt=attempt, trial=unit.trial, tune_config=unit.tune_config,
                              candidates=tuple(unit.candidates), candidate_configs=dict(unit.candidate_configs),
@@ -523,9 +535,10 @@ class JobReconciler:
             history.elapsed_seconds += now - history.started_at
             history.started_at = None
 
-        # 4. apply: the history first, then pods
+        # 4. apply: the history first, then pods. The starts' Secrets and inputs are written while the history
+        # is (they start nothing); their pods only once it is stored.
+        starts = await self._prepare_starts(decision.start, save=bool(seen.outcomes or decision.changed))
         if seen.outcomes or decision.changed:
-            await self._save()
             self._count(finished_records)
         for unit in decision.cancel:
             pod = current.get(unit)
@@ -533,8 +546,7 @@ class JobReconciler:
                 await self.kube.delete_pod(self.job.namespace, pod.name)
         for name in seen.doomed:
             await self.kube.delete_pod(self.job.namespace, name)
-        for unit in decision.start:
-            await self._start(unit)
+        await gather_all(self._launch(plan, body) for plan, body in starts)
         await self._cleanup(history, current, session if decision.finished else None)
 
         # 5. status
@@ -741,47 +753,63 @@ class JobReconciler:
                 metrics.trials_failed.labels(reason=reason).inc()
                 self.events("Warning", reason, f"trial {record.index} failed: {detail}{(record.message or '')[:300]}")
 
-    async def _start(self, unit: WorkUnit) -> None:
-        """Secret, inputs and pod of a new start of `unit` (a new attempt when an older pod exists)."""
+    async def _prepare_starts(self, units: list[WorkUnit], save: bool
+                              ) -> list[tuple[builders.UnitPlan, dict[str, Any]]]:
+        """Store the history (when `save`) and write each start's Secret and inputs, all at once: a dispatch
+        waits for two API round trips (these, then the pods) instead of one per object. Any failure is raised
+        once every write has ended, and then no pod is created."""
         assert self.spec is not None
-        attempt = self.attempts.get(unit.id, -1) + 1
-        self.attempts[unit.id] = attempt
-        plan = plan_of(unit, attempt)
-        if plan.kind == protocol.BASELINE_UNIT or self.identity is None or self.identity[0] != self.generation:
+        if units and (any(u.id == protocol.BASELINE_UNIT for u in units) or self.identity is None
+                      or self.identity[0] != self.generation):
             try:  # every pod runs as the job's own account, or a named one that is opted in
                 self.identity = (self.generation, await ensure_identity(self.kube, self.job, self.spec))
             except SpecError as exc:
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
+        prepared = await gather_all([*([self._save()] if save else []), *(self._prepare(unit) for unit in units)])
+        return prepared[1:] if save else prepared  # type: ignore[return-value]
+
+    async def _prepare(self, unit: WorkUnit) -> tuple[builders.UnitPlan, dict[str, Any]]:
+        """Secret and inputs of a new start of `unit` (a new attempt when an older pod exists), and its pod's
+        body."""
+        assert self.spec is not None
+        attempt = self.attempts.get(unit.id, -1) + 1
+        self.attempts[unit.id] = attempt
+        plan = plan_of(unit, attempt)
         if plan.kind == protocol.BASELINE_UNIT:
             await self._claim(builders.configmap(self.job, c.baseline_configmap(self.job.name), c.ROLE_BASELINE))
         # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
-        # holding a key its author knows). The unit starts under the next attempt's name instead.
+        # holding a key its author knows). The unit starts under the next attempt's name instead. The inputs
+        # are written alongside (their name is the attempt's); a superseded attempt's are deleted again.
         for _ in range(SECRET_TRIES):
             secret = protocol.derive_unit_secret(self.config.signing_key, self.job.uid, unit.id, attempt)
             secret_body = builders.unit_secret(self.job, plan, secret)
-            if await self.kube.ensure(secret_body):
+            try:
+                inputs = builders.unit_inputs(self.job, self.spec_dict, plan)
+            except protocol.PayloadTooLarge as exc:
+                raise Terminal("ConfigTooLarge", str(exc)) from None
+            created, _ = await gather_all([self.kube.ensure(secret_body), self._claim(inputs)])
+            if created:
                 break
             logger.warning("%s/%s: Secret %s exists already and is not used (it may not be the job's); %s starts "
                            "as attempt %d", self.job.namespace, self.job.name, secret_body["metadata"]["name"],
                            unit.id, attempt + 1)
+            await self.kube.delete("ConfigMap", self.job.namespace, inputs["metadata"]["name"])
+            self.owned.discard(inputs["metadata"]["name"])
             attempt += 1
             self.attempts[unit.id] = attempt
             plan = plan_of(unit, attempt)
         else:
             raise ForeignObject("Secret", self.job.namespace, secret_body["metadata"]["name"], previous=False)
-        try:
-            inputs = builders.unit_inputs(self.job, self.spec_dict, plan)
-        except protocol.PayloadTooLarge as exc:
-            raise Terminal("ConfigTooLarge", str(exc)) from None
-        await self._claim(inputs)
         annotations = {f"{c.GROUP}/config-key": str(unit.tune_config and _config_key(unit.tune_config))} \
             if unit.tune_config else None
-        body = builders.unit_pod(self.job, self.spec, plan, self.config, annotations)
+        return plan, builders.unit_pod(self.job, self.spec, plan, self.config, annotations)
+
+    async def _launch(self, plan: builders.UnitPlan, body: dict[str, Any]) -> None:
         if await self.kube.create_pod(body):
-            self.expected[unit.id] = (attempt, self.services.clock())
+            self.expected[plan.unit] = (plan.attempt, self.services.clock())
             if plan.kind == "trial":
                 self.services.metrics.trials_started.inc()
-            logger.info("%s/%s: %s started (pod %s)", self.job.namespace, self.job.name, unit.id,
+            logger.info("%s/%s: %s started (pod %s)", self.job.namespace, self.job.name, plan.unit,
                         body["metadata"]["name"])
 
     async def _cleanup(self, history: History, pods: dict[str, PodSummary],

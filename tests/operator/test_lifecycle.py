@@ -10,9 +10,11 @@ import logging
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiException
 from opfakes import UID, job_body, make_config
 from test_reconcile import BASELINE_POD, World, spec_dict
 
+from qtune.operator import constants as c
 from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
 from qtune.operator.prom import PUSH_JOB, MetricsError, ResultsPoller
@@ -238,6 +240,8 @@ def test_an_existing_unit_secret_is_never_used() -> None:
     assert ref == "digits-baseline-a1-key"
     assert world.kube.objects[("Secret", ref)]["stringData"]["secret"] != "known-to-its-author"
     assert world.kube.objects[("Secret", f"{BASELINE_POD}-key")] is planted, "not changed, not deleted"
+    assert c.unit_inputs(BASELINE_POD) not in world.kube.configmaps, "the superseded attempt's inputs are deleted"
+    assert c.unit_inputs("digits-baseline-a1") in world.kube.configmaps
 
 
 def test_unit_secrets_that_keep_existing_fail_the_job_naming_the_object() -> None:
@@ -444,3 +448,75 @@ def test_jobs_waiting_on_the_same_node_share_one_read() -> None:
     assert reads == ["xeon-0"] and all(n["metadata"]["name"] == "xeon-0" for n in nodes)
     asyncio.run(world.reconciler._read_node("xeon-0", world.now + 1))
     assert reads == ["xeon-0"], "a fresh entry is served from the cache"
+
+
+def _slow_writes(world: World, log: list[tuple[str, str, float]]) -> None:
+    """Every write of the fake API takes 50 ms, logged as (what, start|end, the event loop's time)."""
+
+    def slowed(name: str, what: Any) -> Any:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            body = args[0] if args and isinstance(args[0], dict) else {}
+            label = f"{name}:{body.get('kind', '')}:{(body.get('metadata') or {}).get('name', '')}"
+            log.append((label, "start", asyncio.get_running_loop().time()))
+            await asyncio.sleep(0.05)
+            try:
+                return await what(*args, **kwargs)
+            finally:
+                log.append((label, "end", asyncio.get_running_loop().time()))
+        return call
+
+    for name in ("create_pod", "ensure", "create_configmap", "replace_configmap"):
+        setattr(world.kube, name, slowed(name, getattr(world.kube, name)))
+
+
+def test_a_dispatch_writes_the_history_and_the_next_units_objects_at_once_then_its_pod() -> None:
+    """The next trial's Secret and inputs are written while the history is (one API round trip, not three),
+    and its pod is created only once the history holding the finished trial is stored."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts
+    world.finish_running()             # trial 0 finishes
+    log: list[tuple[str, str, float]] = []
+
+    async def step() -> None:
+        _slow_writes(world, log)
+        world.now += 1.0
+        await world.reconciler.step(world.body, world.pods())
+
+    asyncio.run(step())
+    spans = {label: [t for what, edge, t in log if what == label] for label, _, _ in log}
+    history = next(label for label in spans if label.endswith(":digits-history"))
+    secret = next(label for label in spans if label.startswith("ensure:Secret:"))
+    inputs = next(label for label in spans if label.startswith("ensure:ConfigMap:"))
+    pod = next(label for label in spans if label.startswith("create_pod:"))
+    assert pod.endswith("digits-trial-1"), spans
+    started = {label: times[0] for label, times in spans.items()}
+    ended = {label: times[1] for label, times in spans.items()}
+    assert max(started[history], started[secret], started[inputs]) < min(ended[history], ended[secret], ended[inputs])
+    assert started[pod] >= ended[history], "the pod only once its trial is in the stored history"
+
+
+def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts
+    world.finish_running()             # trial 0 finishes
+    before = set(world.kube.pods)
+    real_replace = world.kube.replace_configmap
+
+    async def refused(body: dict[str, Any]) -> dict[str, Any]:
+        if body["metadata"]["name"] == "digits-history":
+            raise ApiException(status=500, reason="etcd timeout")
+        return await real_replace(body)
+
+    world.kube.replace_configmap = refused  # type: ignore[method-assign]
+    with pytest.raises(ApiException):
+        world.step()
+    assert set(world.kube.pods) == before, "no pod for a trial whose predecessor's result is not stored"
+    world.kube.replace_configmap = real_replace  # type: ignore[method-assign]
+    world.step()
+    started = set(world.kube.pods) - before
+    assert len(started) == 1 and started.pop().startswith("digits-trial-1"), world.kube.pods.keys()
+    assert [t.index for t in world.history().trials] == [0, 1] and world.history().trials[0].status == "succeeded"
