@@ -346,6 +346,8 @@ class JobReconciler:
     space: TuningSpace | None = None
     last_status: dict[str, Any] | None = None
     last_state: str | None = None
+    published: tuple[Any, ...] | None = None
+    """What the last status written was built from (see `publish`)."""
     awaiting: dict[str, float] = field(default_factory=dict)
     """unit -> when its finished pod started waiting for its result (this process's clock)."""
     attempts: dict[str, int] = field(default_factory=dict)
@@ -887,8 +889,15 @@ class JobReconciler:
     # ----------------------------------------------------------------------------------------
     async def publish(self, state: str, reason: str, message: str, now: float,
                       session: TuningSession | None = None, stop_reason: str | None = None) -> None:
-        """Write the status (only what changed) and post an Event when the state or reason changes."""
+        """Write the status (only what changed) and post an Event when the state or reason changes. The status
+        is a projection of the stored history and these arguments: while neither changed (most steps of a
+        running job), it is not even built again."""
         history, spec = self.history, self.spec
+        inputs = (state, reason, message, stop_reason, self.generation, spec is not None, len(self.rejected),
+                  session is not None and session.ready,
+                  None if history is None else (id(history), self.store.resource_version))
+        if inputs == self.published and state == self.last_state and state not in st.TERMINAL:
+            return
         batch = objective_batch_size(spec) if spec is not None else 1
         best = None
         if session is not None and session.ready:
@@ -925,6 +934,7 @@ class JobReconciler:
             logger.info("%s/%s: %s -> %s (%s): %s", self.job.namespace, self.job.name, previous[0], state, reason,
                         message)
         self.last_state = state
+        self.published = inputs
         self.services.metrics.job_state(self.job.uid, state)
 
 

@@ -520,3 +520,29 @@ def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
     started = set(world.kube.pods) - before
     assert len(started) == 1 and started.pop().startswith("digits-trial-1"), world.kube.pods.keys()
     assert [t.index for t in world.history().trials] == [0, 1] and world.history().trials[0].status == "succeeded"
+
+
+def test_a_step_that_changes_nothing_does_not_build_the_status_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many jobs, most steps change nothing (a periodic check): building the status (every recent trial's
+    config parsed) each time cost the operator its CPU at scale. It is built again when the history changes."""
+    built: list[str] = []
+    real_build = st.build_status
+
+    def counting(**kwargs: Any) -> Any:
+        built.append(kwargs["state"])
+        return real_build(**kwargs)
+
+    monkeypatch.setattr(st, "build_status", counting)
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts
+    built.clear()
+    for _ in range(5):
+        world.step()
+    assert built == [], "nothing changed: the status is not built again"
+    world.finish_running()             # trial 0 finishes
+    world.step()
+    assert built, "a recorded trial changes the status"
+    recent = world.kube.status.get("recentTrials") or []
+    assert [t["index"] for t in recent if t["status"] == "succeeded"] == [0], world.kube.status
