@@ -819,24 +819,31 @@ class JobReconciler:
         """Pushgateway group, Secret, inputs and (succeeded) pod of every recorded unit, once; then the
         cleanup policy (qtune/operator/cleanup.py): old failed pods, and the models of non-winning trials
         once the job has `finished`."""
-        for unit, pod in pods.items():
-            if pod.name in self.cleaned or not recorded(history, unit) or not pod.done:
-                continue
-            if self.services.pushgateway is not None:
-                try:
-                    await self.services.pushgateway.delete_group(self.job.uid, unit)
-                except MetricsError as exc:
-                    logger.warning("%s/%s: %s: %s", self.job.namespace, self.job.name, unit, exc)
-                    continue
-            await self.kube.delete("Secret", self.job.namespace, c.unit_key(pod.name))
+        await gather_all(self._clean_unit(unit, pod) for unit, pod in pods.items()
+                         if pod.name not in self.cleaned and recorded(history, unit) and pod.done)
+        await self._apply_cleanup_policy(pods, finished)
+
+    async def _clean_unit(self, unit: str, pod: PodSummary) -> None:
+        """The recorded unit's result group first (kept while the Pushgateway cannot be reached), then its
+        Secret, inputs and succeeded pod at once."""
+        if self.services.pushgateway is not None:
+            try:
+                await self.services.pushgateway.delete_group(self.job.uid, unit)
+            except MetricsError as exc:
+                logger.warning("%s/%s: %s: %s", self.job.namespace, self.job.name, unit, exc)
+                return
+
+        async def delete_inputs() -> None:
             inputs = c.unit_inputs(pod.name)
             if inputs in self.owned or await self._read_owned(inputs) is not None:
                 await self.kube.delete("ConfigMap", self.job.namespace, inputs)
             self.owned.discard(inputs)
-            if pod.phase == "Succeeded" and not self.config.keep_succeeded_pods:
-                await self.kube.delete_pod(self.job.namespace, pod.name)
-            self.cleaned.add(pod.name)
-        await self._apply_cleanup_policy(pods, finished)
+
+        deletes = [self.kube.delete("Secret", self.job.namespace, c.unit_key(pod.name)), delete_inputs()]
+        if pod.phase == "Succeeded" and not self.config.keep_succeeded_pods:
+            deletes.append(self.kube.delete_pod(self.job.namespace, pod.name))
+        await gather_all(deletes)
+        self.cleaned.add(pod.name)
 
     async def _apply_cleanup_policy(self, pods: dict[str, PodSummary], finished: TuningSession | None) -> None:
         cleaned = [pod for pod in pods.values() if pod.name in self.cleaned]
