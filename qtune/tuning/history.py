@@ -64,7 +64,12 @@ class TrialRecord:
 
     @property
     def config(self) -> TuneConfig:
-        return TuneConfig.from_dict(self.tune_config)
+        """Parsed once per record (ranking and status read it many times per step): the cache holds the dict it
+        was parsed from and is renewed when `tune_config` is replaced. Not a field: never serialized."""
+        cached = self.__dict__.get("_parsed_config")
+        if cached is None or cached[0] is not self.tune_config:
+            cached = self.__dict__["_parsed_config"] = (self.tune_config, TuneConfig.from_dict(self.tune_config))
+        return cached[1]
 
     @property
     def done(self) -> bool:
@@ -83,7 +88,14 @@ class TrialRecord:
     def speed_at(self, batch_size: int | str | None = None) -> SpeedMeasurement | None:
         key = self.batch_key(batch_size)
         data = self.speed.get(key) if key is not None else None
-        return SpeedMeasurement.model_validate(data) if data else None
+        if not data:
+            return None
+        cached = self.__dict__.get("_parsed_speed")
+        if cached is None or cached[0] is not self.speed:  # parsed once per `speed` dict, as `config`
+            cached = self.__dict__["_parsed_speed"] = (self.speed, {})
+        if key not in cached[1]:
+            cached[1][key] = SpeedMeasurement.model_validate(data)
+        return cached[1][key]
 
     def latency(self, batch_size: int | str | None = None) -> float | None:
         """This model's p50 in ms, from its speed measurement."""
