@@ -347,6 +347,8 @@ class JobReconciler:
     last_status: dict[str, Any] | None = None
     last_state: str | None = None
     published: tuple[Any, ...] | None = None
+    progress: tuple[Any, str] | None = None
+    """(history version, the status message `_progress` made for it)."""
     """What the last status written was built from (see `publish`)."""
     awaiting: dict[str, float] = field(default_factory=dict)
     """unit -> when its finished pod started waiting for its result (this process's clock)."""
@@ -863,6 +865,14 @@ class JobReconciler:
                             self.job.name, ",".join(map(str, unit.candidates)) or "none", body["metadata"]["name"])
 
     def _progress(self, session: TuningSession) -> str:
+        """The running job's status message, made again only when the stored history changed (finding the best
+        ranks every passing trial)."""
+        version = (id(session.history), self.store.resource_version, self.generation)
+        if self.progress is None or self.progress[0] != version:
+            self.progress = (version, self._describe_progress(session))
+        return self.progress[1]
+
+    def _describe_progress(self, session: TuningSession) -> str:
         history = session.history
         assert self.spec is not None
         message = (f"{len(history.finished())}/{self.spec.tuning.max_trials} trials finished, "

@@ -18,7 +18,7 @@ from qtune.operator import constants as c
 from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
 from qtune.operator.prom import PUSH_JOB, MetricsError, ResultsPoller
-from qtune.operator.reconcile import NODE_CACHE_SECONDS
+from qtune.operator.reconcile import NODE_CACHE_SECONDS, JobReconciler
 from qtune.operator.sweep import GroupSweeper, orphan_groups
 
 
@@ -533,14 +533,23 @@ def test_a_step_that_changes_nothing_does_not_build_the_status_again(monkeypatch
         return real_build(**kwargs)
 
     monkeypatch.setattr(st, "build_status", counting)
+    described: list[int] = []
+    real_describe = JobReconciler._describe_progress
+
+    def describing(self: JobReconciler, session: Any) -> str:
+        described.append(len(session.history.trials))
+        return real_describe(self, session)
+
+    monkeypatch.setattr(JobReconciler, "_describe_progress", describing)
     world = World(job_body(spec=spec_dict(parallelTrials=1)))
     world.step()
     world.finish_running()             # the baseline
     world.step()                       # trial 0 starts
     built.clear()
+    described.clear()
     for _ in range(5):
         world.step()
-    assert built == [], "nothing changed: the status is not built again"
+    assert built == [] and described == [], "nothing changed: neither the status nor its message is made again"
     world.finish_running()             # trial 0 finishes
     world.step()
     assert built, "a recorded trial changes the status"
