@@ -671,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
               f"next pod created (the operator): p50 {percentile(operator_share, 0.5):.3f}s, "
               f"p90 {percentile(operator_share, 0.9):.3f}s")
         job_of = {uid: name for name, uid in uids.items()}
+        worst = sorted(pairs, key=lambda item: item[2].created - item[1], reverse=True)[:3]
+        if worst:
+            print("    slowest: " + "; ".join(
+                f"{job_of.get(key[0], '?')} {key[1]} -> {pod.name}: {pod.created - seen:.2f}s (pod seen finished "
+                + (f"{observer.finished[key] - seen:+.2f}s)" if key in observer.finished else "never)")
+                for key, seen, pod in worst))
         split = operator_split(requests, [(job_of.get(key[0], "?"), max(seen, observer.finished.get(key, seen)),
                                            pod.created) for key, seen, pod in pairs])
         if split:
