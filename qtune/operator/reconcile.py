@@ -347,9 +347,9 @@ class JobReconciler:
     last_status: dict[str, Any] | None = None
     last_state: str | None = None
     published: tuple[Any, ...] | None = None
+    """What the last status written was built from (see `publish`)."""
     progress: tuple[Any, str] | None = None
     """(history version, the status message `_progress` made for it)."""
-    """What the last status written was built from (see `publish`)."""
     awaiting: dict[str, float] = field(default_factory=dict)
     """unit -> when its finished pod started waiting for its result (this process's clock)."""
     attempts: dict[str, int] = field(default_factory=dict)
@@ -761,7 +761,8 @@ class JobReconciler:
                               ) -> list[tuple[builders.UnitPlan, dict[str, Any]]]:
         """Store the history (when `save`) and write each start's Secret and inputs, all at once: a dispatch
         waits for two API round trips (these, then the pods) instead of one per object. Any failure is raised
-        once every write has ended, and then no pod is created."""
+        once every write has ended, and then no pod is created (the next step starts its units under the next
+        attempt: a Secret this step wrote is never taken for its own, as any existing one)."""
         assert self.spec is not None
         if units and (any(u.id == protocol.BASELINE_UNIT for u in units) or self.identity is None
                       or self.identity[0] != self.generation):
