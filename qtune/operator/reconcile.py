@@ -868,10 +868,14 @@ class JobReconciler:
     def _progress(self, session: TuningSession) -> str:
         """The running job's status message, made again only when the stored history changed (finding the best
         ranks every passing trial)."""
-        version = (id(session.history), self.store.resource_version, self.generation)
+        version = (self._history_version(), self.generation)
         if self.progress is None or self.progress[0] != version:
             self.progress = (version, self._describe_progress(session))
         return self.progress[1]
+
+    def _history_version(self) -> tuple[int, str | None] | None:
+        """Which history the status is made from: this object as last stored (a reload is a new object)."""
+        return None if self.history is None else (id(self.history), self.store.resource_version)
 
     def _describe_progress(self, session: TuningSession) -> str:
         history = session.history
@@ -912,8 +916,7 @@ class JobReconciler:
         running job), it is not even built again."""
         history, spec = self.history, self.spec
         inputs = (state, reason, message, stop_reason, self.generation, spec is not None, len(self.rejected),
-                  session is not None and session.ready,
-                  None if history is None else (id(history), self.store.resource_version))
+                  session is not None and session.ready, self._history_version())
         if inputs == self.published and state == self.last_state and state not in st.TERMINAL:
             return
         batch = objective_batch_size(spec) if spec is not None else 1

@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from qtune.protocol import FAILED, SUCCEEDED, SpeedMeasurement
 from qtune.tuning.config import TuneConfig
+
+T = TypeVar("T")
 
 PENDING = "pending"
 """A trial started and not recorded yet; SUCCEEDED and FAILED come from the protocol."""
@@ -62,14 +65,18 @@ class TrialRecord:
     started_at: float | None = None
     finished_at: float | None = None
 
+    def _parsed(self, name: str, source: Any, parse: Callable[[], T]) -> T:
+        """`parse()` of `source`, once per record (ranking and status read it many times per step): the cache
+        holds the object it was parsed from and is renewed when that field is replaced. Not a field: never
+        serialized."""
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] is not source:
+            cached = self.__dict__[name] = (source, parse())
+        return cached[1]
+
     @property
     def config(self) -> TuneConfig:
-        """Parsed once per record (ranking and status read it many times per step): the cache holds the dict it
-        was parsed from and is renewed when `tune_config` is replaced. Not a field: never serialized."""
-        cached = self.__dict__.get("_parsed_config")
-        if cached is None or cached[0] is not self.tune_config:
-            cached = self.__dict__["_parsed_config"] = (self.tune_config, TuneConfig.from_dict(self.tune_config))
-        return cached[1]
+        return self._parsed("_parsed_config", self.tune_config, lambda: TuneConfig.from_dict(self.tune_config))
 
     @property
     def done(self) -> bool:
@@ -90,12 +97,10 @@ class TrialRecord:
         data = self.speed.get(key) if key is not None else None
         if not data:
             return None
-        cached = self.__dict__.get("_parsed_speed")
-        if cached is None or cached[0] is not self.speed:  # parsed once per `speed` dict, as `config`
-            cached = self.__dict__["_parsed_speed"] = (self.speed, {})
-        if key not in cached[1]:
-            cached[1][key] = SpeedMeasurement.model_validate(data)
-        return cached[1][key]
+        parsed: dict[str, SpeedMeasurement] = self._parsed("_parsed_speed", self.speed, dict)
+        if key not in parsed:
+            parsed[key] = SpeedMeasurement.model_validate(data)
+        return parsed[key]
 
     def latency(self, batch_size: int | str | None = None) -> float | None:
         """This model's p50 in ms, from its speed measurement."""
