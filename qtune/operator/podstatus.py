@@ -11,6 +11,9 @@ from qtune.operator import constants as c
 
 CONTAINER = "runner"
 NODE_STOPPED = ("Evicted", "Preempting", "NodeLost", "Shutdown", "Terminated")
+CONTAINER_LOST = "ContainerStatusUnknown"
+"""The kubelet's terminated reason for a container that was running and is gone (its node rebooted, the
+runtime lost it): nothing the unit did, so the unit starts again (``lost_container``)."""
 KNOWN_REASONS = frozenset({
     "OOMKilled", "Timeout", "Crashed", protocol.INVALID_SPEC, "TrialError", "RunnerError", "DeadlineExceeded",
     *NODE_STOPPED, "MetricsUnavailable", "Abandoned", "Failed", "Unschedulable",
@@ -76,6 +79,11 @@ class PodSummary:
     @property
     def done(self) -> bool:
         return self.phase in ("Succeeded", "Failed")
+
+    @property
+    def lost_container(self) -> bool:
+        """Failed because its node lost the container (not because the container failed)."""
+        return self.phase == "Failed" and self.container_reason == CONTAINER_LOST
 
     def owned_by(self, namespace: str, job_uid: str) -> bool:
         """The pod is in the job's namespace and the job owns it (the label alone proves nothing)."""

@@ -625,8 +625,10 @@ class JobReconciler:
     async def _reap(self, owned: list[PodSummary], current: dict[str, PodSummary], now: float) -> None:
         """Force-delete (grace 0) the job's pods that no node will ever finish: stuck terminating past their
         grace period plus a margin, or on a node that is gone or NotReady too long (their status may say
-        Running forever). A unit whose current pod goes so is not running: the session starts it again as a
-        new attempt. Only pods the job owns (ownerReferences uid) are ever touched."""
+        Running forever), or failed because their node lost the container (a node back from a reboot says
+        ContainerStatusUnknown). A unit whose current pod goes so is not running: the session starts it again as
+        a new attempt, and no trial is failed for it. Only pods the job owns (ownerReferences uid) are ever
+        touched."""
         margin = self.config.terminating_margin_seconds
         for pod in owned:
             if pod.done or not pod.deleting or pod.deleted_at is None or now - pod.deleted_at <= margin:
@@ -639,6 +641,14 @@ class JobReconciler:
             if current.get(pod.unit) is pod:
                 current.pop(pod.unit)
         for unit, pod in list(current.items()):
+            if pod.lost_container and not pod.deleting:
+                logger.warning("%s/%s: node %s lost the container of pod %s (%s): deleting it; %s starts again",
+                               self.job.namespace, self.job.name, pod.node, pod.name, pod.container_reason, unit)
+                await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
+                self.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: node {pod.node} lost its container "
+                                                   f"({pod.container_reason}); the unit starts again")
+                self._gone(unit, pod, current)
+                continue
             if pod.done or pod.deleting or not pod.node:
                 continue
             lost = await self._node_lost(pod.node, now)
@@ -649,7 +659,15 @@ class JobReconciler:
             await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
             self.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: {lost}; the pod was force-deleted and "
                                                "the unit starts again")
-            current.pop(unit)
+            self._gone(unit, pod, current)
+
+    def _gone(self, unit: str, pod: PodSummary, current: dict[str, PodSummary]) -> None:
+        """`unit`'s current pod was deleted for good: the unit is not running (the pod was seen, so no pod of
+        this process is still expected to show up for it)."""
+        current.pop(unit, None)
+        expected = self.expected.get(unit)
+        if expected is not None and expected[0] <= pod.attempt:
+            self.expected.pop(unit)
 
     async def _node_lost(self, name: str, now: float) -> str | None:
         """Why node `name` is lost (gone, or NotReady for node_lost_seconds), None while it is fine or

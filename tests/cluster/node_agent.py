@@ -254,6 +254,9 @@ class Run:
     oom_killed: bool = False
     done: bool = False
     node: str = ""
+    lost: bool = False
+    """Its node was lost under it: once the node is served again, the pod is reported as a rebooted
+    kubelet reports a container it cannot find (``_serve_returned_nodes``)."""
 
 
 class NodeAgent:
@@ -279,6 +282,8 @@ class NodeAgent:
         self._local = threading.local()
         self._cpu_offset = 0
         self._transition: dict[tuple[str, str], str] = {}
+        self._lost_before: set[str] = set()
+        """The lost nodes as the reaper last saw them (one that leaves the set is resynced)."""
         if use_mount_namespace is None:
             use_mount_namespace = mount_namespace_available()
         self.use_mount_namespace = use_mount_namespace
@@ -473,8 +478,8 @@ class NodeAgent:
                 return
             if get(pod, "status", "phase") == "Running":
                 # Started by an agent that is gone: its process is gone too.
-                self._patch_terminated(pod, exit_code=137, reason="NodeAgentRestarted",
-                                       message="the node agent restarted", started_at=None)
+                self._patch_terminated(pod, exit_code=137, reason=CONTAINER_UNKNOWN,
+                                       message=CONTAINER_UNKNOWN_MESSAGE, started_at=None)
                 return
             self._start(pod)
 
@@ -869,6 +874,7 @@ class NodeAgent:
                     rss = rss_by_session()
                 for run in runs:
                     self._check(run, rss)
+                self._serve_returned_nodes()
                 if time.monotonic() - last_retry > 1.0:
                     last_retry = time.monotonic()
                     with self.lock:
@@ -878,6 +884,27 @@ class NodeAgent:
             except Exception:  # noqa: BLE001 - keep reaping
                 log.exception("reaper")
 
+    def _serve_returned_nodes(self) -> None:
+        """Nodes served again after ``lose_node(lost=False)``: resync their pods as a kubelet back from a
+        reboot does. A pod that ran there is Failed, its container terminated with ContainerStatusUnknown
+        (exit 137: the container was running and is gone); a pod bound there that never started starts
+        now. Until the node is back its pods are never touched (they say Running or Pending), as on a
+        real unplugged node."""
+        lost_nodes = self.lost_nodes()
+        back = self._lost_before - lost_nodes
+        self._lost_before = lost_nodes
+        if not back:
+            return
+        with self.lock:
+            for uid, run in list(self.runs.items()):
+                if run.lost and run.node in back:
+                    del self.runs[uid]  # so its pod reads as started by an agent that is gone
+        for node in sorted(back):
+            log.info("node %s is served again: resyncing its pods", node)
+            listing = self.raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
+            for pod in listing["items"]:
+                self._handle(self._on_pod, "SYNC", pod)
+
     def _check(self, run: Run, rss: dict[int, int]) -> None:
         with self.lock:
             self._check_locked(run, rss)
@@ -885,7 +912,7 @@ class NodeAgent:
     def _check_locked(self, run: Run, rss: dict[int, int]) -> None:
         if run.node in self.lost_nodes():  # the machine is gone: so are its processes, silently
             _kill_group(run.proc.pid, signal.SIGKILL)
-            run.done = True
+            run.done = run.lost = True
             return
         rc = run.proc.poll()
         if rc is None:
@@ -1026,6 +1053,8 @@ def log_tail(path: Path) -> str:
 
 
 LOST_NODES = "lost-nodes"
+CONTAINER_UNKNOWN = "ContainerStatusUnknown"
+CONTAINER_UNKNOWN_MESSAGE = "The container could not be located when the pod was terminated"
 
 
 def lose_node(state_dir: Path, node: str, lost: bool = True) -> None:

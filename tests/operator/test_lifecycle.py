@@ -196,6 +196,41 @@ def test_a_trial_on_a_node_that_is_not_ready_is_force_deleted_and_started_again(
     assert world.history().trials[0].status == "succeeded"
 
 
+def test_a_trial_whose_node_lost_its_container_starts_again_and_fails_no_trial() -> None:
+    """A node back from a reboot reports the container it lost as ContainerStatusUnknown (exit 137): the
+    trial did nothing wrong, so its unit starts again as a new attempt and no failure is recorded (a
+    failure would count towards maxConsecutiveFailures and consume a trial)."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()
+    world.step()
+    _running_on(world, "digits-trial-0", "xeon-0")
+    world.kube.finish_pod("digits-trial-0", phase="Failed", exitCode=137, reason="ContainerStatusUnknown",
+                          message="The container could not be located when the pod was terminated")
+    world.step()
+    assert world.kube.force_deleted == ["digits-trial-0"]
+    assert "digits-trial-0-a1" in world.kube.pods, "the unit starts again as a new attempt"
+    assert world.history().trials[0].status == "pending", world.history().trials[0]
+    assert any(r == "NodeLost" and "ContainerStatusUnknown" in m for _, r, m in world.events), world.events
+    world.finish("digits-trial-0-a1")
+    world.step()
+    assert world.history().trials[0].status == "succeeded"
+    assert len(world.history().trials) == 2, "trial 1 followed; trial 0 was not failed and tried again as 1"
+
+
+def test_a_trial_that_fails_on_its_own_is_recorded_failed_not_started_again() -> None:
+    """The opposite case: an ordinary exit 137 (killed) is the trial's own failure."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()
+    world.step()
+    world.kube.finish_pod("digits-trial-0", phase="Failed", exitCode=137, reason="Error")
+    world.step()
+    assert not world.kube.force_deleted
+    assert "digits-trial-0-a1" not in world.kube.pods
+    assert world.history().trials[0].status == "failed"
+
+
 def test_a_baseline_on_a_node_that_is_gone_is_started_again() -> None:
     world = World()
     world.step()

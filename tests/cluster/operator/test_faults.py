@@ -14,6 +14,7 @@ import opcluster
 import pytest
 from clusterlib import wait_for
 from kubernetes import client
+from metric_modules import stalling
 from test_operator_e2e import _history, _status, _wait_state
 
 from qtune.operator import constants as c
@@ -137,6 +138,50 @@ def test_a_trial_on_a_lost_node_is_replaced_and_the_job_finishes(cluster: Any, o
             return conds.get("Ready") == "True"
 
         wait_for(ready_again, 60, f"{node[0]} Ready again")
+
+
+def test_a_trial_whose_node_comes_back_without_it_starts_again(cluster: Any, op_namespace: str, workspace: Path,
+                                                                start_operator: Any) -> None:
+    """A node lost and back before the operator gives it up (node-lost-seconds 600): the trial's process
+    died with the node. The node reports the pod Failed, ContainerStatusUnknown (as a kubelet back from a
+    reboot does); the operator starts the unit again instead of failing the trial, and the job finishes
+    with the trial succeeded. (A node that came back used to leave its pod Running for ever: the unit waited
+    for its trial timeout.)"""
+    plane = _plane(cluster)
+    ns, name = op_namespace, "node-back"
+    pod_name = f"{name}-trial-0"
+    (workspace / "stall.py").write_text(stalling(pod_name))  # attempt 0 is certainly running when lost
+    start_operator([ns], "--node-lost-seconds", "600")
+    manifest = opcluster.job_manifest(name, maxTrials=1, parallelTrials=1)
+    manifest["spec"]["data"]["evaluation"]["metric"] = "stall:Top1"
+    opcluster.create_job(cluster, ns, manifest)
+    uid = opcluster.get_job(cluster, ns, name)["metadata"]["uid"]
+    node: list[str] = []
+
+    def running() -> bool:
+        pods = [p for p in _pods(cluster, ns, uid, "trial") if p.metadata.name == pod_name]
+        if pods and pods[0].status.phase == "Running" and pods[0].spec.node_name:
+            node[:] = [pods[0].spec.node_name]
+            return True
+        return False
+
+    wait_for(running, 180, f"{pod_name} running", interval=0.1)
+    plane.lose_node(node[0])
+    try:
+        time.sleep(2)  # the agent kills the lost node's processes within 0.1 s; the pod still says Running
+        assert [p.status.phase for p in _pods(cluster, ns, uid, "trial") if p.metadata.name == pod_name] == \
+            ["Running"]
+    finally:
+        plane.lose_node(node[0], lost=False)
+    wait_for(lambda: any(p.metadata.name == f"{pod_name}-a1" for p in _pods(cluster, ns, uid, "trial")), 60,
+             f"trial 0 started again after {node[0]} came back without it", interval=0.3)
+    status = _wait_state(cluster, ns, name, {"Succeeded", "Failed"}, 180)
+    assert status["state"] == "Succeeded", status
+    assert [t["status"] for t in _history(cluster, ns, name)] == ["succeeded"], _history(cluster, ns, name)
+    assert not [p for p in _pods(cluster, ns, uid, "trial") if p.metadata.name == pod_name], \
+        "the pod whose container was lost was deleted"
+    assert any("ContainerStatusUnknown" in (e.message or "") and pod_name in (e.message or "")
+               for e in _events(cluster, ns, "NodeLost")), [e.message for e in _events(cluster, ns, "NodeLost")]
 
 
 def _push(url: str, uid: str, unit: str) -> None:
