@@ -84,4 +84,19 @@ async def ensure_identity(kube: ObjectApi, job: JobRef, spec: JobSpec) -> str:
             raise Conflict(f"{kind.lower()} {name} vanished")
         existing.setdefault("kind", kind)
         check_owned(existing, job)
+        if kind == "RoleBinding" and existing.get("subjects") != body["subjects"]:
+            _account_changed(job, existing, body)
     return pod_account(job, spec)
+
+
+def _account_changed(job: JobRef, existing: dict[str, Any], wanted: dict[str, Any]) -> None:
+    """The job's RoleBinding names another account than the spec now does: the account is fixed when the
+    job's first pod starts (the operator may create RoleBindings, never change one: it holds no update right
+    on them), so a changed spec.trial.serviceAccountName is refused, naming both accounts."""
+    def names(body: dict[str, Any]) -> str:
+        return ", ".join(str(s.get("name")) for s in body.get("subjects") or []) or "none"
+
+    raise SpecError(ACCOUNT_FIELD, f"the job's pods run as ServiceAccount {names(existing)} (RoleBinding "
+                                   f"{job.namespace}/{existing['metadata'].get('name')}) and the spec now asks for "
+                                   f"{names(wanted)}: the account of a job's pods cannot change once they ran; set "
+                                   "the field back, or create a new job for the other account")

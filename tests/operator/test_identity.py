@@ -127,3 +127,26 @@ def test_a_generated_account_owned_by_this_job_is_used() -> None:
     world.step()
     assert world.kube.status["state"] != st.FAILED_STATE
     assert _accounts_of_pods(world) == {BASELINE_POD: "digits-runner"}
+
+
+def test_switching_the_account_after_pods_ran_is_refused_naming_both_accounts() -> None:
+    """spec.trial.serviceAccountName changed after the job's RoleBinding was made: the operator cannot rebind
+    (it holds no update right on RoleBindings), and a baseline pod of the new account could not publish its
+    tuning space while the old account kept the right. The change is refused, naming the field and both
+    accounts; the old binding is left as it was."""
+    world = _world("team-sa")
+    world.kube.objects[("ServiceAccount", "team-sa")] = _account("team-sa", {c.JOB_ACCOUNT_LABEL: "true"})
+    world.step()
+    world.kube.finish_pod(BASELINE_POD, phase="Failed", exitCode=1)  # a spec change is made to try again
+    world.step()
+    del world.body["spec"]["trial"]["serviceAccountName"]
+    world.body["metadata"]["generation"] = 2
+    world.restart()
+    result = world.step()
+    assert result.done and world.kube.status["reason"] == st.INVALID_SPEC, world.kube.status
+    message = world.kube.status["message"]
+    assert message.startswith("spec.trial.serviceAccountName: the job's pods run as ServiceAccount team-sa"), message
+    assert "now asks for digits-runner" in message
+    binding = world.kube.objects[("RoleBinding", "digits-runner")]
+    assert [s["name"] for s in binding["subjects"]] == ["team-sa"]
+    assert "digits-baseline-a1" not in world.kube.pods
