@@ -779,8 +779,9 @@ class JobReconciler:
                               ) -> list[tuple[builders.UnitPlan, dict[str, Any]]]:
         """Store the history (when `save`) and write each start's Secret and inputs, all at once: a dispatch
         waits for two API round trips (these, then the pods) instead of one per object. Any failure is raised
-        once every write has ended, and then no pod is created (the next step starts its units under the next
-        attempt: a Secret this step wrote is never taken for its own, as any existing one)."""
+        once every write has ended, and then no pod is created and the Secrets and inputs written are deleted
+        again (the next step starts its units under the next attempt: a Secret this step wrote is never taken for
+        its own, as any existing one)."""
         assert self.spec is not None
         if units and (any(u.id == protocol.BASELINE_UNIT for u in units) or self.identity is None
                       or self.identity[0] != self.generation):
@@ -788,8 +789,27 @@ class JobReconciler:
                 self.identity = (self.generation, await ensure_identity(self.kube, self.job, self.spec))
             except SpecError as exc:
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
-        prepared = await gather_all([*([self._save()] if save else []), *(self._prepare(unit) for unit in units)])
-        return prepared[1:] if save else prepared  # type: ignore[return-value]
+        outcomes = await asyncio.gather(*([self._save()] if save else []), *(self._prepare(unit) for unit in units),
+                                        return_exceptions=True)
+        prepared = outcomes[1:] if save else outcomes
+        failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
+        if failure is not None:
+            await self._withdraw([item for item in prepared if not isinstance(item, BaseException)])
+            raise failure
+        return prepared  # type: ignore[return-value]
+
+    async def _withdraw(self, prepared: list[tuple[builders.UnitPlan, dict[str, Any]]]) -> None:
+        """Delete the Secrets and inputs of starts whose pods will not be created (the step failed): no pod ever
+        uses them, so nothing else would delete them before the job goes. Best effort: a delete that fails
+        leaves its object to the job's deletion (ownerReferences)."""
+        names = [body["metadata"]["name"] for _, body in prepared]
+        deletes = [self.kube.delete(kind, self.job.namespace, name)
+                   for pod in names for kind, name in (("Secret", c.unit_key(pod)), ("ConfigMap", c.unit_inputs(pod)))]
+        for outcome in await asyncio.gather(*deletes, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.warning("%s/%s: a start's Secret or inputs that no pod will use stay until the job is "
+                               "deleted: %s", self.job.namespace, self.job.name, outcome)
+        self.owned.difference_update(c.unit_inputs(pod) for pod in names)
 
     async def _prepare(self, unit: WorkUnit) -> tuple[builders.UnitPlan, dict[str, Any]]:
         """Secret and inputs of a new start of `unit` (a new attempt when an older pod exists), and its pod's

@@ -550,6 +550,9 @@ def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
     with pytest.raises(ApiException):
         world.step()
     assert set(world.kube.pods) == before, "no pod for a trial whose predecessor's result is not stored"
+    assert ("Secret", c.unit_key("digits-trial-1")) in world.kube.deleted_objects, world.kube.deleted_objects
+    assert c.unit_inputs("digits-trial-1") not in world.kube.configmaps, "the inputs no pod will read are gone"
+    assert ("Secret", c.unit_key("digits-trial-1")) not in world.kube.objects
     world.kube.replace_configmap = real_replace  # type: ignore[method-assign]
     world.step()
     started = set(world.kube.pods) - before
