@@ -435,7 +435,8 @@ class TrialSpec(SpecModel):
         default=None, description="ServiceAccount every pod of the job runs as instead of the job's own generated "
                                   "one (<job>-runner); it must exist in the job's namespace and carry the label "
                                   "qtune.io/job-account: \"true\" (set by the namespace's administrator), else the "
-                                  "job fails InvalidSpec; the operator never creates or changes it")
+                                  "job fails InvalidSpec; the operator never creates or changes it. Fixed once the "
+                                  "job's pods ran: a later change fails the job InvalidSpec")
 
 
 class WorkspaceSpec(SpecModel):
