@@ -892,18 +892,17 @@ class NodeAgent:
         real unplugged node."""
         lost_nodes = self.lost_nodes()
         back = self._lost_before - lost_nodes
-        self._lost_before = lost_nodes
-        if not back:
-            return
-        with self.lock:
-            for uid, run in list(self.runs.items()):
-                if run.lost and run.node in back:
-                    del self.runs[uid]  # so its pod reads as started by an agent that is gone
-        for node in sorted(back):
-            log.info("node %s is served again: resyncing its pods", node)
-            listing = self.raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
-            for pod in listing["items"]:
-                self._handle(self._on_pod, "SYNC", pod)
+        if back:
+            with self.lock:
+                for uid, run in list(self.runs.items()):
+                    if run.lost and run.node in back:
+                        del self.runs[uid]  # so its pod reads as started by an agent that is gone
+            for node in sorted(back):
+                log.info("node %s is served again: resyncing its pods", node)
+                listing = self.raw(self.core.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={node}")
+                for pod in listing["items"]:
+                    self._handle(self._on_pod, "SYNC", pod)
+        self._lost_before = lost_nodes  # only once resynced: a failed listing is tried again next time
 
     def _check(self, run: Run, rss: dict[int, int]) -> None:
         with self.lock:
