@@ -565,3 +565,32 @@ def test_namespace_deletion_removes_its_pods(cluster: Cluster) -> None:
     cluster.delete_namespace(ns, wait=True, timeout=90)
     if cluster.local_agent:
         assert not _alive(pid)
+
+
+def test_a_node_served_again_resyncs_its_pods(cluster: Cluster, namespace: str) -> None:
+    """A node that vanished and comes back does what a kubelet back from a reboot does: a pod whose process
+    died with the node is Failed with ContainerStatusUnknown (exit 137); a pod bound there while it was away
+    starts. (The agent used to leave both as they were for ever: the chaos test's OOM job waited on such a pod.)
+    Pods are bound by spec.nodeName, so the scheduler plays no part."""
+    if cluster.plane is None:
+        pytest.fail("needs the test plane (it loses a node)")
+    core, node = cluster.core(), "xeon-1"
+    core.create_namespaced_pod(namespace, pod_manifest(
+        "was-running", python("import time; time.sleep(300)"), nodeName=node))
+    cluster.wait_for_pod(namespace, "was-running", lambda p: p.status.phase == "Running", timeout=60)
+    cluster.plane.lose_node(node)
+    try:
+        core.create_namespaced_pod(namespace, pod_manifest(
+            "bound-while-away", python("print('started')"), nodeName=node))
+        time.sleep(2)  # the agent kills a lost node's processes within 0.1 s
+        phases = {name: core.read_namespaced_pod(name, namespace).status.phase
+                  for name in ("was-running", "bound-while-away")}
+        assert phases == {"was-running": "Running", "bound-while-away": "Pending"}, phases
+    finally:
+        cluster.plane.lose_node(node, lost=False)
+    pod = cluster.wait_for_pod(namespace, "was-running", timeout=30)
+    state = terminated_state(pod)
+    assert pod.status.phase == "Failed", pod.status
+    assert (state.exit_code, state.reason) == (137, "ContainerStatusUnknown"), state
+    pod = cluster.wait_for_pod(namespace, "bound-while-away", timeout=60)
+    assert pod.status.phase == "Succeeded", pod.status
