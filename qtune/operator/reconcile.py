@@ -642,28 +642,22 @@ class JobReconciler:
                 current.pop(pod.unit)
         for unit, pod in list(current.items()):
             if pod.lost_container and not pod.deleting:
-                logger.warning("%s/%s: node %s lost the container of pod %s (%s): deleting it; %s starts again",
-                               self.job.namespace, self.job.name, pod.node, pod.name, pod.container_reason, unit)
-                await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
-                self.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: node {pod.node} lost its container "
-                                                   f"({pod.container_reason}); the unit starts again")
-                self._gone(unit, pod, current)
+                lost: str | None = f"node {pod.node} lost its container ({pod.container_reason})"
+            elif pod.done or pod.deleting or not pod.node:
                 continue
-            if pod.done or pod.deleting or not pod.node:
-                continue
-            lost = await self._node_lost(pod.node, now)
-            if lost is None:
-                continue
-            logger.warning("%s/%s: %s: force-deleting pod %s; %s starts again", self.job.namespace, self.job.name,
-                           lost, pod.name, unit)
-            await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
-            self.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: {lost}; the pod was force-deleted and "
-                                               "the unit starts again")
-            self._gone(unit, pod, current)
+            else:
+                lost = await self._node_lost(pod.node, now)
+            if lost is not None:
+                await self._replace(unit, pod, lost, current)
 
-    def _gone(self, unit: str, pod: PodSummary, current: dict[str, PodSummary]) -> None:
-        """`unit`'s current pod was deleted for good: the unit is not running (the pod was seen, so no pod of
-        this process is still expected to show up for it)."""
+    async def _replace(self, unit: str, pod: PodSummary, why: str, current: dict[str, PodSummary]) -> None:
+        """Force-delete `unit`'s current pod, lost for `why`: the unit is no longer running (no pod of this process
+        is still expected to show up for it, as this one was seen), so the session starts it again."""
+        logger.warning("%s/%s: %s: force-deleting pod %s; %s starts again", self.job.namespace, self.job.name, why,
+                       pod.name, unit)
+        await self.kube.delete_pod(self.job.namespace, pod.name, grace_seconds=0)
+        self.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: {why}; the pod was force-deleted and the unit "
+                                           "starts again")
         current.pop(unit, None)
         expected = self.expected.get(unit)
         if expected is not None and expected[0] <= pod.attempt:
