@@ -60,9 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("QTUNE_CACHE_DIR") or Path.home() / ".cache" / "qtune") / "images"
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 NONROOT = "65532:65532"
-# runc, as on a kubelet's containerd node; crun (buildah's default on Debian) refuses the hybrid
-# cgroup layout of cgroup v1 hosts with controllers on the cgroup2 hierarchy.
-OCI_RUNTIME = os.environ.get("QTUNE_OCI_RUNTIME") or ("runc" if shutil.which("runc") else "crun")
+# runc, as on a kubelet's containerd node (requirements/system.txt installs it); crun (buildah's
+# default on Debian) refuses the hybrid cgroup layout of cgroup v1 hosts with controllers on the
+# cgroup2 hierarchy.
+OCI_RUNTIME = "runc"
 
 # Everything the base image is made of: its hash names the base image and its cache archive.
 BASE_RECIPE: dict = {
@@ -135,7 +136,7 @@ def ensure_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         raise SystemExit(f"build-image: missing {', '.join(missing)}: run `bash scripts/setup.sh` "
-                         "(or apt-get install buildah debootstrap runc)")
+                         "(requirements/system.txt)")
     if os.geteuid() != 0:
         raise SystemExit("build-image: needs root (debootstrap, buildah's rootful storage)")
 

@@ -44,6 +44,10 @@ import requests
 import urllib3
 import yaml
 
+if str(Path(__file__).resolve().parents[1] / "support") not in sys.path:  # run outside pytest
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))
+import system_tools  # noqa: E402  (requirements/system.txt: what setup installs)
+
 log = logging.getLogger("qtune.plane")
 
 HERE = Path(__file__).resolve().parent
@@ -129,12 +133,7 @@ def missing_binaries(bin_dir: Path | None = None) -> list[str]:
         for b in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
         if not os.access(bin_dir / b, os.X_OK)
     ]
-    missing += [
-        b
-        for b in ("etcd", "prometheus", "prometheus-pushgateway", "openssl", "unshare")
-        if shutil.which(b) is None
-    ]
-    return missing
+    return missing + system_tools.missing("etcd", "prometheus", "prometheus-pushgateway", "openssl", "unshare")
 
 
 PUSHGATEWAY_PERSISTENCE_INTERVAL = "1s"

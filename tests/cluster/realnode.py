@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import system_tools
 import yaml
 
 if TYPE_CHECKING:
@@ -75,8 +75,6 @@ KUBELET_SYSCTLS = {
     "kernel/panic_on_oops": 1, "kernel/keys/root_maxkeys": 1000000,
     "kernel/keys/root_maxbytes": 25000000,
 }
-REQUIRED_TOOLS = ("containerd", "containerd-shim-runc-v2", "runc", "ctr", "buildah", "gcc",
-                  "iptables", "unshare", "nsenter", "ip", "mount")
 
 
 class RealNodeError(RuntimeError):
@@ -109,7 +107,8 @@ def cni_bin_dir() -> str | None:
 
 def missing_tools(bin_dir: Path) -> list[str]:
     """What a real node needs and this machine lacks (run tests/cluster/setup.sh)."""
-    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    missing = system_tools.missing("containerd", "containerd-shim-runc-v2", "runc", "ctr", "buildah", "gcc",
+                                   "iptables", "unshare", "nsenter", "ip", "mount")
     if not os.access(bin_dir / "kubelet", os.X_OK):
         missing.append(str(bin_dir / "kubelet"))
     if cni_bin_dir() is None:

@@ -1,13 +1,14 @@
 """The real image: built from the repository's Dockerfile by scripts/build_image.py (buildah, Debian
-base, no registry), then checked the way a kubelet runs it.
+base, no registry), then checked the way a kubelet runs it (with runc, as a containerd node does).
 
 The build is cached (an OCI archive under ${QTUNE_CACHE_DIR:-~/.cache/qtune}/images keyed by the
 build context): warm, this module takes well under two minutes; cold (first build on a machine) the
 base image and the wheels take several minutes. A failed build FAILS the tests. Without buildah,
-crun and root the module is skipped, or fails when ``QTUNE_REQUIRE_IMAGE=1`` (scripts/test.sh).
+debootstrap, runc (requirements/system.txt, which scripts/setup.sh installs) and root the module is
+skipped, or fails when ``QTUNE_REQUIRE_IMAGE=1`` (scripts/test.sh).
 
 The containers run as the chart's pods do: uid/gid 65532, no capabilities, a read-only root file
-system with a tmpfs on /tmp, no network (scripts/build_image.py:run_in_image, crun on an OCI bundle).
+system with a tmpfs on /tmp, no network (scripts/build_image.py:run_in_image, runc on an OCI bundle).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import system_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_image.py"
@@ -37,9 +39,9 @@ _spec.loader.exec_module(build_image)
 
 
 def _missing() -> str | None:
-    missing = [tool for tool in ("buildah", "crun") if shutil.which(tool) is None]
+    missing = system_tools.missing("buildah", "debootstrap", "runc")
     if missing:
-        return f"{', '.join(missing)} not installed (bash scripts/setup.sh)"
+        return f"not installed: {', '.join(missing)}"
     if os.geteuid() != 0:
         return "building and running the image needs root"
     return None
