@@ -70,6 +70,7 @@ run_in_root() {  # the command line, as a login on that machine would run it
   unshare --mount --propagation private --fork bash -c '
     set -e
     root="$1"; shift
+    mount --bind "$root" "$root"   # its / a mount point, as on a machine (buildah remounts / when it unpacks layers)
     mount -t proc proc "$root/proc"
     mount --rbind /sys "$root/sys"
     mount --rbind /dev "$root/dev"
