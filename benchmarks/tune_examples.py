@@ -2,13 +2,20 @@
 
 Cases: the bundled examples (digits, fashion_mnist, minilm_spam ONNX and PyTorch, when their build
 scripts work offline here) and hard cases where int8 everywhere fails the criterion and a few ops
-must stay fp32: `hard_cnn`, `hard_transformer` (examples/hard_*) and the hostile MLP of
-tests/integration/sensitive_model.py. Per case it prints: trials to the first passing config, trials
-run, the outcome, the claimed speedup of the winner with its interval, and an INDEPENDENT
-re-measurement: a separate `python` process loads the fp32 model and the winner in ONNX Runtime
-sessions (threads as in the job) and times them interleaved A B A B over >= 7 rounds; its median
-ratio and spread (min-max of the per-round ratios) are compared with the claim: "agree" when
-within 15% or when the intervals overlap.
+must stay fp32: `hard_cnn`, `hard_transformer` (examples/hard_*), the hostile MLP of
+tests/integration/sensitive_model.py, and `mobile_strips` (examples/mobile_strips: a MobileNetV3-style
+recogniser whose speed lives in a few wide Conv/MatMul ops among many elementwise ones). Per case it
+prints: trials to the first passing config, trials run, the outcome, the claimed speedup of the
+winner with its interval, and an INDEPENDENT re-measurement at every batch size of the job: a
+separate `python` process loads the fp32 model and the winner in ONNX Runtime sessions (threads as
+the claim was measured with) and times them interleaved A B A B over >= 7 rounds; its median ratio
+and spread (min-max of the per-round ratios) are compared with the claim: "agree" when within 15%
+or when the intervals overlap.
+
+Contention rows (`<case>_hog`, e.g. `mobile_strips_hog`): the same tuning while a CPU hog
+(`python3 -c "while 1: pass"`, pinned to CPU 0) runs, the hog stopped before the re-measurement, so
+the claim made on a busy machine is checked against a quiet independent figure. A claim the run
+itself marked untrusted (too busy to measure) is reported as such, not as a disagreement.
 
     python benchmarks/tune_examples.py [case ...] [--rounds 9] [--runs 50]
 """
@@ -16,13 +23,16 @@ within 15% or when the intervals overlap.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +44,11 @@ EXAMPLES = {
     "hard_cnn": ("examples/hard_cnn/build.py", "examples/hard_cnn/job.yaml"),
     "hard_transformer": ("examples/hard_transformer/build.py", "examples/hard_transformer/job.yaml"),
     "hostile_mlp": (None, None),
+    "mobile_strips": ("examples/mobile_strips/build.py", "examples/mobile_strips/job.yaml"),
 }
+HOG_SUFFIX = "_hog"
+"""`<case>_hog`: the case tuned while a CPU hog holds one core (the contention row)."""
+HOG_CASES = ("mobile_strips_hog",)
 
 MLP_JOB = """\
 apiVersion: qtune.io/v1alpha1
@@ -85,18 +99,60 @@ REMEASURE = textwrap.dedent("""
         for _ in range(runs):
             t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)
         return statistics.median(times)
+    def stalled():  # microseconds some task of this machine waited for a CPU (PSI), None without PSI
+        try:
+            with open("/proc/pressure/cpu") as f:
+                return int(f.readline().split("total=")[1])
+        except (OSError, IndexError, ValueError):
+            return None
+    stalled0, started = stalled(), time.perf_counter()
     ratios, fa, fb = [], [], []
     for r in range(rounds):
         first, second = (a, b) if r % 2 == 0 else (b, a)
         t1, t2 = window(first), window(second)
         ta, tb = (t1, t2) if r % 2 == 0 else (t2, t1)
         fa.append(ta); fb.append(tb); ratios.append(ta / tb)
+    stalled1 = stalled()
+    pressure = None if None in (stalled0, stalled1) else (stalled1 - stalled0) / 1e6 / (time.perf_counter() - started)
     print(json.dumps({"speedup": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
-                      "fp32_ms": 1e3 * statistics.median(fa), "int8_ms": 1e3 * statistics.median(fb)}))
+                      "fp32_ms": 1e3 * statistics.median(fa), "int8_ms": 1e3 * statistics.median(fb),
+                      "pressure": pressure}))
 """)
 
 
-def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, rounds: int, runs: int) -> dict:
+QUIET_PRESSURE = 0.10
+"""The machine counts as quiet when tasks waited for a CPU less than this share of the time (PSI `some`)."""
+
+
+def cpu_pressure(seconds: float = 0.0) -> float | None:
+    """PSI: the share of time some task waited for a CPU, over the last 10 s (or measured over `seconds`)."""
+    def line() -> str:
+        with open("/proc/pressure/cpu") as f:
+            return f.readline()
+    try:
+        if seconds <= 0:
+            return float(line().split("avg10=")[1].split()[0]) / 100
+        before = int(line().split("total=")[1])
+        time.sleep(seconds)
+        return (int(line().split("total=")[1]) - before) / 1e6 / seconds
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_for_quiet(limit_s: float) -> float | None:
+    """Wait (at most `limit_s`) until the machine is quiet; returns the last pressure read (None: no PSI)."""
+    deadline = time.monotonic() + limit_s
+    pressure = cpu_pressure(2.0)
+    while pressure is not None and pressure >= QUIET_PRESSURE and time.monotonic() < deadline:
+        pressure = cpu_pressure(2.0)
+    return pressure
+
+
+def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, rounds: int, runs: int,
+              quiet_wait_s: float = 60.0) -> dict:
+    """The independent check, in its own process; waits up to `quiet_wait_s` for a quiet machine first. The
+    result's `pressure` is the share of time tasks waited for a CPU while it measured (None: no PSI)."""
+    wait_for_quiet(quiet_wait_s)
     out = subprocess.run([sys.executable, "-c", REMEASURE, str(fp32), str(int8), str(npz), str(batch),
                           str(threads), str(rounds), str(runs)], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -122,20 +178,66 @@ def prepare(name: str, scratch: Path) -> Path | None:
     return ROOT / job_path
 
 
+@contextlib.contextmanager
+def cpu_hog(cpu: int = 0) -> Iterator[int]:
+    """`python3 -c "while 1: pass"` pinned to `cpu` for the duration; yields its pid, stops it (only it) after."""
+    hog = subprocess.Popen([sys.executable, "-c", "while 1: pass"],
+                           preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+    try:
+        yield hog.pid
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def claimed_at(outcome, best, batch_size: int):  # noqa: ANN001, ANN201
+    """The winner's claimed speed at `batch_size`: the final (confirmed) figure at the deciding batch size,
+    the trial's own figure at the others."""
+    final = outcome.session.best_speed()
+    if final is not None and final.batch_size == batch_size:
+        return final
+    return best.speed_at(batch_size)
+
+
+def flags(speed) -> str:  # noqa: ANN001
+    """What the claim says about the machine while it was measured (fields of qtune's SpeedMeasurement)."""
+    notes = []
+    if getattr(speed, "busy", False):
+        notes.append("busy")
+    if not getattr(speed, "trusted", True):
+        notes.append("UNTRUSTED")
+    if getattr(speed, "requested_threads", 0):
+        notes.append(f"asked {speed.requested_threads} threads")
+    if getattr(speed, "cpu_clock", False):
+        notes.append("cpu clock")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def quietness(check: dict) -> str:
+    pressure = check.get("pressure")
+    if pressure is None:
+        return "machine load unknown"
+    return f"{'quiet' if pressure < QUIET_PRESSURE else 'NOT quiet'}: CPU pressure {100 * pressure:.0f}%"
+
+
 def run_case(name: str, rounds: int, runs: int) -> dict | None:
     from qtune.local import tune
     from qtune.spec import load_job
 
+    hog = name.endswith(HOG_SUFFIX)
+    base = name.removesuffix(HOG_SUFFIX) if hog else name
     with tempfile.TemporaryDirectory(prefix=f"qtune-bench-{name}-") as tmp:
         scratch = Path(tmp)
-        print(f"\n## {name}", flush=True)
-        job_file = prepare(name, scratch)
+        print(f"\n## {name}" + (" (a CPU hog on CPU 0 while tuning; the re-measure runs quiet)" if hog else ""),
+              flush=True)
+        job_file = prepare(base, scratch)
         if job_file is None:
             print("  not available here (build script missing or failed offline)")
             return None
         job = load_job(job_file)
         started = time.monotonic()
-        outcome = tune(job, job_file, output_dir=scratch / "out", workspace=scratch / "ws")
+        with cpu_hog(0) if hog else contextlib.nullcontext():
+            outcome = tune(job, job_file, output_dir=scratch / "out", workspace=scratch / "ws")
         wall = time.monotonic() - started
         history = outcome.history
         passing = [t for t in history.trials if t.passed]
@@ -150,51 +252,68 @@ def run_case(name: str, rounds: int, runs: int) -> dict | None:
             accuracy = "-" if t.accuracy is None else f"{t.accuracy:.4f}"
             print(f"    trial {t.index}: {'pass' if t.passed else 'fail'} acc {accuracy}"
                   f" fp32 ops {len(t.config.fp32_ops())}/{len(t.config.ops)}"
-                  f"{'' if speed is None else ' speed ' + speed.describe()}")
+                  f"{'' if speed is None else ' speed ' + speed.describe() + flags(speed)}")
         best = outcome.best
         claimed = outcome.session.best_speed()
         if best is None or claimed is None:
             print("  winner: none" if best is None else "  winner has no speed figures")
             return row
-        print(f"  winner: trial {best.index}, {len(best.config.fp32_ops())} ops fp32; claimed {claimed.describe()}")
-        row.update(claimed=claimed.speedup, claimed_low=claimed.low, claimed_high=claimed.high)
+        print(f"  winner: trial {best.index}, {len(best.config.fp32_ops())} ops fp32; claimed {claimed.describe()}"
+              f"{flags(claimed)}")
+        row.update(claimed=claimed.speedup, claimed_low=claimed.low, claimed_high=claimed.high,
+                   trusted=getattr(claimed, "trusted", True))
         if job.spec.model.framework != "onnxruntime" or not best.model_path:
             print("  independent re-measurement: only for ONNX Runtime models")
             return row
         fp32_path = Path(job_file).parent / job.spec.model.path
         eval_npz = Path(job_file).parent / job.spec.data.evaluation.path
-        threads = job.spec.benchmark.threads or claimed.threads or 1
-        check = remeasure(fp32_path, Path(best.model_path), eval_npz, claimed.batch_size, threads, rounds, runs)
-        within = abs(claimed.speedup - check["speedup"]) <= 0.15 * check["speedup"]
-        overlap = claimed.low <= check["high"] and check["low"] <= claimed.high
-        verdict = "agree" if (within or overlap) else "DISAGREE"
-        print(f"  independent: {check['speedup']:.2f}x [{check['low']:.2f}-{check['high']:.2f}] (fp32 "
-              f"{check['fp32_ms']:.3f} ms, int8 {check['int8_ms']:.3f} ms, batch {claimed.batch_size}, {threads} "
-              f"thread(s), {rounds} rounds); claim {verdict} (within 15%: {within}, intervals overlap: {overlap})")
-        if outcome.outcome == "GoalReached" and check["speedup"] < 1.0:
-            print("  WARNING: GoalReached with a winner measured slower than fp32")
-        row.update(independent=check["speedup"], independent_low=check["low"], independent_high=check["high"],
-                   verdict=verdict)
+        checks = []
+        for batch_size in sorted(job.spec.benchmark.batch_sizes):
+            claim = claimed_at(outcome, best, batch_size)
+            if claim is None:
+                continue
+            threads = claim.threads or job.spec.benchmark.threads or 1
+            check = remeasure(fp32_path, Path(best.model_path), eval_npz, batch_size, threads, rounds, runs)
+            within = abs(claim.speedup - check["speedup"]) <= 0.15 * check["speedup"]
+            overlap = claim.low <= check["high"] and check["low"] <= claim.high
+            trusted = getattr(claim, "trusted", True)
+            verdict = ("agree" if (within or overlap) else "DISAGREE") if trusted else "not claimed (untrusted)"
+            print(f"  b{batch_size}: claimed {claim.describe()}{flags(claim)}; independent {check['speedup']:.2f}x "
+                  f"[{check['low']:.2f}-{check['high']:.2f}] (fp32 {check['fp32_ms']:.3f} ms, int8 "
+                  f"{check['int8_ms']:.3f} ms, {threads} thread(s), {rounds} rounds, {quietness(check)}); {verdict} "
+                  f"(within 15%: {within}, intervals overlap: {overlap})", flush=True)
+            checks.append((batch_size, claim, check, verdict))
+            if outcome.outcome == "GoalReached" and check["speedup"] < 1.0:
+                print(f"  WARNING: GoalReached with a winner measured slower than fp32 at batch {batch_size}")
+        if checks:
+            batch_size, _, check, verdict = next((c for c in checks if c[0] == claimed.batch_size), checks[-1])
+            row.update(independent=check["speedup"], independent_low=check["low"], independent_high=check["high"],
+                       verdict=verdict,
+                       per_batch={c[0]: (c[1].speedup, c[2]["speedup"], c[3]) for c in checks})
         return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="*", default=list(EXAMPLES))
+    parser.add_argument("cases", nargs="*", default=[*EXAMPLES, *HOG_CASES],
+                        help=f"cases (default all): {', '.join([*EXAMPLES, *HOG_CASES])}; any case + '{HOG_SUFFIX}' "
+                             "tunes it beside a CPU hog")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the re-measurement (>= 7)")
     parser.add_argument("--runs", type=int, default=50, help="runs per window of the re-measurement")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(ROOT))
     rows = [row for name in args.cases if (row := run_case(name, max(7, args.rounds), args.runs))]
-    print("\n| case | trials to first pass | trials | outcome | claimed | independent | verdict |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| case | trials to first pass | trials | outcome | claimed | independent | verdict | per batch "
+          "(claimed / independent) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         claimed = f"{r['claimed']:.2f}x [{r['claimed_low']:.2f}-{r['claimed_high']:.2f}]" if "claimed" in r else "-"
         independent = (f"{r['independent']:.2f}x [{r['independent_low']:.2f}-{r['independent_high']:.2f}]"
                        if "independent" in r else "-")
+        per_batch = "; ".join(f"b{b}: {c:.2f}x / {i:.2f}x" for b, (c, i, _) in sorted(r.get("per_batch", {}).items()))
         print(f"| {r['case']} | {r['first_pass']} | {r['trials']} | {r['outcome']} | {claimed} | {independent} | "
-              f"{r.get('verdict', '-')} |")
+              f"{r.get('verdict', '-')} | {per_batch or '-'} |")
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ class SpeedMeasurement(_Message):
 
     `p50_ms`/`fp32_p50_ms` are medians over every run of every window of this measurement, so
     `speedup == fp32_p50_ms / p50_ms` exactly; [`low`, `high`] is its confidence interval
-    (bootstrap over the paired rounds). A busy machine widens the interval."""
+    (bootstrap over the paired rounds). Load that comes and goes widens the interval; contention for
+    the measurement's own CPUs is detected window by window and said in the fields from
+    `contended_rounds` on (qtune.runner.contention, docs/speed.md)."""
 
     batch_size: int
     p50_ms: float
@@ -55,23 +57,68 @@ class SpeedMeasurement(_Message):
     cpu_clock: bool = False
     """True: each run was timed by the thread's CPU time (one thread: the whole inference runs on it),
     which leaves out the time the OS gave other processes; False: wall-clock time."""
+    contended_rounds: int = 0
+    """Rounds in which this process waited for a CPU (qtune.runner.contention): left out of the figure
+    when timed by the wall clock (`rounds` counts the others), kept when timed by CPU time."""
+    busy: bool = False
+    """The machine stayed busy while measuring (at least half the rounds contended, or too few clean)."""
+    requested_threads: int = 0
+    """Set when the machine was too busy to measure with the job's thread count: the count asked for,
+    while this figure was measured with `threads` (one, timed by CPU time). 0: measured as asked."""
+    trusted: bool = True
+    """False: the machine was too busy for this figure and no unbiased way was taken; nothing is decided on it."""
+    exclusive_cpus: bool | None = None
+    """In a pod: whether its CPUs were its own (a cpuset of exactly its CPUs: Guaranteed QoS under the
+    kubelet's static CPU manager policy). None: not known (e.g. a local run)."""
 
     def above(self, threshold: float) -> bool:
-        """Faster than `threshold` (e.g. 1.0 = fp32) beyond doubt: the whole interval lies above it."""
-        return self.low > threshold
+        """Faster than `threshold` (e.g. 1.0 = fp32) beyond doubt: the whole interval lies above it,
+        and the figure is one to decide on (a busy machine's untrusted figure never is)."""
+        return self.trusted and self.low > threshold
 
     def overlaps(self, other: SpeedMeasurement) -> bool:
         """The two speedups cannot be told apart."""
         return self.low <= other.high and other.low <= self.high
 
+    def against_fp32(self) -> str:
+        """The speedup in words that say slower when it is slower: "1.52× faster than fp32", "1.32× slower
+        than fp32" (a speedup of 0.76×), or "as fast as fp32 within measurement doubt" (the interval holds 1)."""
+        if self.low > 1.0:
+            return f"{self.speedup:.2f}× faster than fp32"
+        if self.high < 1.0:
+            return f"{1.0 / self.speedup:.2f}× slower than fp32"
+        return "as fast as fp32 within measurement doubt"
+
     def describe(self) -> str:
-        return (f"{self.speedup:.2f}× [{self.low:.2f}–{self.high:.2f}] (fp32 {self.fp32_p50_ms:.3f} ms → "
+        caveat = self.caveat()
+        words = "" if self.low > 1.0 else f"{self.against_fp32()}; "  # a speedup above 1 says "faster" itself
+        return (f"{self.speedup:.2f}× [{self.low:.2f}–{self.high:.2f}] ({words}fp32 {self.fp32_p50_ms:.3f} ms → "
                 f"{self.p50_ms:.3f} ms at batch {self.batch_size}; {self.rounds} interleaved rounds, "
-                f"{self.clock_name} time)")
+                f"{self.clock_name} time, {self.threads} thread(s)" + (f"; {caveat}" if caveat else "") + ")")
 
     @property
     def clock_name(self) -> str:
         return "CPU" if self.cpu_clock else "wall"
+
+    @property
+    def fell_back(self) -> bool:
+        """Measured with fewer threads than the job asked for because the machine was busy."""
+        return self.requested_threads > self.threads
+
+    def caveat(self) -> str | None:
+        """What a reader must know about how busy the machine was, or None when it was quiet."""
+        if not self.trusted:
+            return (f"MACHINE TOO BUSY to measure this ({self.contended_rounds} rounds contended): "
+                    "not a figure to decide on")
+        if self.fell_back:
+            return (f"machine busy: measured with {self.threads} thread by CPU time instead of "
+                    f"{self.requested_threads} threads by wall time; the speedup with {self.requested_threads} "
+                    "threads may differ")
+        if self.contended_rounds and not self.cpu_clock:
+            return f"{self.contended_rounds} contended rounds left out"
+        if self.busy:
+            return f"machine busy ({self.contended_rounds} rounds contended); CPU time is not biased by it"
+        return None
 
 
 class BaselineResult(_Message):
@@ -86,6 +133,8 @@ class BaselineResult(_Message):
     seconds: float = 0.0
     reason: str | None = None
     message: str | None = None
+    peak_rss_bytes: dict[str, int] = Field(default_factory=dict)
+    """Peak resident set of the unit's process: "calibration" (while it calibrated, when it did), "total"."""
 
 
 class TrialResult(_Message):
@@ -103,6 +152,8 @@ class TrialResult(_Message):
     reason: str | None = None
     message: str | None = None
     notes: list[str] = Field(default_factory=list)
+    peak_rss_bytes: dict[str, int] = Field(default_factory=dict)
+    """Peak resident set of the trial's process: "calibration" (while it calibrated, when it did), "total"."""
 
 
 class ConfirmResult(_Message):
@@ -222,7 +273,8 @@ PUSH_JOB = "qtune_result"
 """The Pushgateway `job` of every result group; the grouping key adds {job_uid, unit}."""
 GROUP_LABELS = ("job_uid", "unit")
 SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", "speedup", "low", "high",
-                "confidence", "rounds", "runs_per_window", "threads", "seconds", "cpu_clock")
+                "confidence", "rounds", "runs_per_window", "threads", "seconds", "cpu_clock", "contended_rounds",
+                "busy", "requested_threads", "trusted", "exclusive_cpus")
 """Every field of SpeedMeasurement, each one series `qtune_result_speed_<field>{batch_size}`."""
 
 LABEL_FIELDS: dict[str, tuple[str, ...]] = {
@@ -238,8 +290,9 @@ SCALAR_FIELDS: dict[str, tuple[str, ...]] = {
 }
 """Numeric fields: one series `qtune_result_<field>` each."""
 MAP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
-    BASELINE_UNIT: {"latency_ms": ("latency_ms", "batch_size"), "latency_p90_ms": ("latency_p90_ms", "batch_size")},
-    "trial": {"timings": ("duration_seconds", "phase")},
+    BASELINE_UNIT: {"latency_ms": ("latency_ms", "batch_size"), "latency_p90_ms": ("latency_p90_ms", "batch_size"),
+                    "peak_rss_bytes": ("peak_rss_bytes", "phase")},
+    "trial": {"timings": ("duration_seconds", "phase"), "peak_rss_bytes": ("peak_rss_bytes", "phase")},
     CONFIRM_UNIT: {},
 }
 """dict[str, float] fields: field -> (metric suffix, key label)."""
@@ -337,7 +390,8 @@ def decode_result(samples: list[Sample]) -> tuple[Result, str | None]:
             else:
                 target = data.setdefault("speed", {})
             target.setdefault(batch, {})[speed_names[sample.name]] = _number(sample.value) \
-                if speed_names[sample.name] in ("batch_size", "rounds", "runs_per_window", "threads") \
+                if speed_names[sample.name] in ("batch_size", "rounds", "runs_per_window", "threads",
+                                                "contended_rounds", "requested_threads") \
                 else sample.value
     for name in ("trial", "model_size_bytes"):
         if name in data and isinstance(data[name], float):

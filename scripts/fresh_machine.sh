@@ -16,8 +16,9 @@
 # of Debian's python3.11, where the machine has pyenv's) and this machine's Go toolchain (a new
 # machine has Go installed; the toolchain only, not its module or build caches). Everything else the
 # commands need they must install themselves. The commands run as root (as CI does) in a private
-# mount namespace with /proc, /sys and /dev of this machine, so the test plane's containerd, kubelet
-# and cgroups work as on a machine of its own. Needs root and debootstrap (apt-get install debootstrap).
+# mount namespace whose root it is (pivot_root), with /proc, /sys and /dev of this machine, so the
+# test plane's containerd, kubelet and cgroups work as on a machine of its own. Needs root and
+# debootstrap (apt-get install debootstrap).
 set -euo pipefail
 
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -67,15 +68,22 @@ git -C "$root/root/qtune" log -1 --format='clean clone of %h %s' | tee -a "$log_
 [[ -d "$repo/../shared" ]] && cp -r "$repo/../shared" "$root/root/shared"   # CI has shared/ beside the clone
 
 run_in_root() {  # the command line, as a login on that machine would run it
+  # pivot_root, not chroot: the new root is the root of its mount namespace, so a namespace entered
+  # later with `nsenter --mount` (the test plane's real node) sees it too, not this machine's /
   unshare --mount --propagation private --fork bash -c '
     set -e
     root="$1"; shift
-    mount --bind "$root" "$root"   # its / a mount point, as on a machine (buildah remounts / when it unpacks layers)
+    mount --bind "$root" "$root"   # a mount point of its own (pivot_root needs it; so does buildah)
     mount -t proc proc "$root/proc"
     mount --rbind /sys "$root/sys"
     mount --rbind /dev "$root/dev"
     mount -t tmpfs -o mode=755 tmpfs "$root/run"
-    exec chroot "$root" /usr/bin/env -i HOME=/root USER=root LANG=C.UTF-8 TERM=dumb CI=true \
+    mkdir -p "$root/.old-root"
+    cd "$root"
+    pivot_root . .old-root
+    umount -l /.old-root
+    rmdir /.old-root
+    exec /usr/bin/env -i HOME=/root USER=root LANG=C.UTF-8 TERM=dumb CI=true \
       PATH=/opt/python/bin:/usr/local/go/bin:/root/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
       REQUESTS_CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt GIT_SSL_CAINFO=/etc/ssl/certs/ca-certificates.crt \

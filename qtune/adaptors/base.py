@@ -118,7 +118,8 @@ class Adaptor(ABC):
       inputs (list of {name, shape, dtype}); quantization (the spec's quantization section as a
           dict); threads (int); random_seed (int); output (name or index of the model output the
           metric reads); calibration_data (a qtune Dataset, set before query_fw_capability so an
-          adaptor can spot non-finite ranges up front) and calibration_sampling_size (int).
+          adaptor can spot non-finite ranges up front) and calibration_sampling_size (int);
+      calibration_memory_limit (int bytes or None: spec.data.calibration.memoryLimit, None = the default).
     """
 
     name: ClassVar[str] = ""

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from qtune.cli.front_table import status_front_table
 from qtune.spec import QtuneError, load_job
 
 
@@ -61,6 +62,9 @@ def print_status(namespace: str, name: str, status: dict[str, Any], console: Con
             line += (f", speedup {speed.get('speedup')} [{speed.get('low')}-{speed.get('high')}] at batch "
                      f"{speed.get('batchSize')} (fp32 {speed.get('fp32LatencyMs')} ms -> {speed.get('latencyMs')} ms)")
         console.print(f"{line}, model {best.get('modelPath')}")
+    front = status.get("front")
+    if isinstance(front, dict) and front.get("entries"):
+        console.print(status_front_table(front))
     trials = [t for t in status.get("recentTrials") or [] if isinstance(t, dict)]
     if trials:
         table = Table(title="recent trials")

@@ -25,8 +25,10 @@ EXIT_NO_SPEEDUP = 4
 def _tune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from qtune.cli.front_table import front_table
     from qtune.cli.progress import RichProgress
     from qtune.local import tune
+    from qtune.tuning.front import session_front
 
     console = Console(stderr=True)
     job = load_job(args.job)
@@ -39,6 +41,11 @@ def _tune(args: argparse.Namespace) -> int:
     session = outcome.session
     success = session.success(outcome.best)
     colour = "green" if success else ("yellow" if outcome.best is not None else "red")
+    front = session_front(session)
+    if front:
+        console.print(front_table(front, session.batch_size))
+        console.print("another config of the front: its trial number n indexes `trials` in the output's history.json "
+                      "(tune_config; model_path: its model, kept in the workspace)")
     console.print(f"[{colour}]{session.verdict()}[/{colour}]")
     console.print(f"{len(outcome.history.trials)} trials in {outcome.elapsed_seconds:.1f}s "
                   f"(search stopped: {outcome.stop_reason})")
@@ -175,11 +182,14 @@ def _ours(filename: str) -> bool:
 
 
 def _short_path(filename: str) -> str:
+    """qtune/local/driver.py for qtune's own files (not the install prefix), else the file name: a
+    folder named qtune above the file (a checkout's) does not make it one of qtune's."""
     path = Path(filename)
-    parts = path.parts
-    if "qtune" in parts:  # qtune/local/driver.py rather than the install prefix
-        return "/".join(parts[len(parts) - 1 - parts[::-1].index("qtune"):])
-    return path.name
+    package = Path(__file__).resolve().parents[1]
+    try:
+        return f"{package.name}/{path.resolve().relative_to(package).as_posix()}"
+    except ValueError:
+        return path.name
 
 
 if __name__ == "__main__":

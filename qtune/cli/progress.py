@@ -9,7 +9,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qtune.protocol import SpeedMeasurement
+from qtune.runner.peaks import memory_text
+from qtune.tuning.front import speedup_text
 from qtune.tuning.history import Baseline, TrialRecord
+from qtune.tuning.objective import confirmed_speed
 from qtune.tuning.session import TuningSession
 from qtune.tuning.space import TuningSpace
 
@@ -41,7 +44,8 @@ class RichProgress:
         self.baseline = baseline
         latency = ", ".join(f"batch {b}: {v:.3f} ms" for b, v in baseline.latency_ms.items())
         self.console.print(f"fp32 baseline: {baseline.metric or 'accuracy'} {baseline.accuracy:.4f}, "
-                           f"latency p50 alone {latency}; {len(space.ops)} quantizable ops")
+                           f"latency p50 alone {latency}; {len(space.ops)} quantizable ops"
+                           f"{memory_text(baseline.peak_rss_bytes)}")
         for name, note in list(space.notes.items())[:10]:
             self.console.print(f"  [yellow]note[/yellow] {name}: {note}")
         self.progress.update(self.task, description="trials", total=max_trials, best="best: –")
@@ -53,7 +57,11 @@ class RichProgress:
                            "fp32 in one interleaved session")
 
     def confirm_finished(self, session: TuningSession) -> None:
-        self.progress.update(self.task, description="done", eta="0s")
+        best = session.best()
+        measured = session.best_speed()
+        confirmed = best is not None and confirmed_speed(session.history, best.index, session.batch_size) is not None
+        # the bar's "best" now shows the figure the final line prints: one figure for the winner everywhere
+        self.progress.update(self.task, description="done", eta="0s", best=best_text(best, measured, confirmed))
         confirmation = session.history.confirmation or {}
         if confirmation.get("status") != "succeeded":
             self.console.print(f"[yellow]confirmation failed[/yellow] ({confirmation.get('reason')}): the in-trial "
@@ -74,14 +82,24 @@ class RichProgress:
                   else f"{record.reason}: {(record.message or '')[:120]}")
         measured = record.speed_at()
         if measured is not None:
-            detail += f", {measured.speedup:.2f}× [{measured.low:.2f}–{measured.high:.2f}] vs fp32 at batch " \
+            detail += f", {speedup_text(measured.speedup, measured.low, measured.high)} vs fp32 at batch " \
                       f"{measured.batch_size}"
+            if measured.caveat():  # a busy machine: say how the figure was measured, or that it cannot be trusted
+                detail += f" [yellow]({measured.caveat()})[/yellow]"
         self.console.print(f"trial {record.index}: {mark} {detail}, {len(record.config.fp32_ops())} fp32 ops, "
-                           f"{(record.timings or {}).get('total', 0):.1f}s")
+                           f"{(record.timings or {}).get('total', 0):.1f}s{memory_text(record.peak_rss_bytes)}")
         per_trial = (time.monotonic() - self.started) / self.finished
         remaining = (self.progress.tasks[0].total or 0) - self.finished
-        best_speed = best.speed_at() if best else None
-        best_text = (f"best: trial {best.index} acc {best.accuracy:.4f}"
-                     + (f" {best_speed.speedup:.2f}×" if best_speed else "")) if best else "best: –"
-        self.progress.update(self.task, advance=1, best=best_text, description="trials",
-                             eta=f"≤{per_trial * remaining:.0f}s" if remaining > 0 else "0s")
+        self.progress.update(self.task, advance=1, best=best_text(best, best.speed_at() if best else None, False),
+                             description="trials", eta=f"≤{per_trial * remaining:.0f}s" if remaining > 0 else "0s")
+
+
+def best_text(best: TrialRecord | None, measured: SpeedMeasurement | None, confirmed: bool) -> str:
+    """The bar's best-so-far: the winner's speedup, saying which figure it is (the trial's own until the final
+    confirmation re-measured it; the final line prints the confirmed one)."""
+    if best is None:
+        return "best: –"
+    text = f"best: trial {best.index} acc {best.accuracy:.4f}"
+    if measured is not None:
+        text += f" {measured.speedup:.2f}× ({'confirmed' if confirmed else 'in-trial'})"
+    return text

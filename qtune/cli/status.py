@@ -7,10 +7,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from qtune.cli.front_table import front_table
 from qtune.local.driver import HISTORY_FILE, default_workspace
 from qtune.spec import QtuneError, QuantizationJob, load_job
+from qtune.tuning.criterion import Criterion
+from qtune.tuning.front import accuracy_speed_front
 from qtune.tuning.history import History
-from qtune.tuning.objective import speed_of
+from qtune.tuning.objective import select_best, speed_of
 from qtune.tuning.session import TuningSession, objective_batch_size
 
 
@@ -43,6 +46,13 @@ def print_status(job_file: str) -> int:
         console.print(f"baseline {history.baseline.metric or 'accuracy'} {history.baseline.accuracy:.4f}, "
                       f"fp32 latency alone {history.baseline.latency_ms} ms")
     console.print(table)
+    if history.baseline is not None:
+        criterion = job.spec.tuning.accuracy_criterion
+        best = select_best(history, job.spec.tuning.objective, job.spec.tuning.objective_tolerance, batch,
+                           Criterion.from_spec(criterion))
+        front = accuracy_speed_front(history, batch, criterion.higher_is_better, best.index if best else None)
+        if front:
+            console.print(front_table(front, batch))
     return 0
 
 

@@ -32,6 +32,7 @@ from qtune.spec.load import resolve_path
 from qtune.spec.models import QuantizationJob
 from qtune.tuning import stop
 from qtune.tuning.engine import drive
+from qtune.tuning.front import front_document, session_front
 from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
 from qtune.tuning.session import TuningSession, WorkUnit
 from qtune.tuning.space import TuningSpace
@@ -184,7 +185,9 @@ def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{outcome_dir.name}.", dir=outcome_dir.parent))
     try:
         (staging / OUTPUT_MARKER).touch()
-        history.save(staging / HISTORY_FILE)
+        # the record plus the accuracy-speed front it implies (History.load ignores "front": derived, not state)
+        write_json_atomic(staging / HISTORY_FILE,
+                          {**history.to_dict(), "front": front_document(session_front(session), session.batch_size)})
         if best is not None:
             source = Path(best.model_path) if best.model_path else None
             if source is not None and source.exists():
@@ -205,11 +208,21 @@ def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) ->
 
 def _clean_trial_models(job: QuantizationJob, session: TuningSession, workspace: Path) -> None:
     """spec.workspace.trialModels keep-best (the default here): once the output is written, the models of all
-    trials but the winner leave the workspace (the operator does the same in a short pod)."""
+    trials but the winner and the other configs on the accuracy-speed front leave the workspace (the operator
+    does the same in a short pod)."""
     if (job.spec.workspace.trial_models or KEEP_BEST) != KEEP_BEST:
         return
+    remove_trial_models(workspace, models_to_keep(session))
+
+
+def models_to_keep(session: TuningSession) -> list[int]:
+    """keep-best keeps these trials' models: the winner's and the front's (a user may pick another front config
+    without running it again)."""
     best = session.best()
-    remove_trial_models(workspace, [best.index] if best is not None else [])
+    keep = {entry.trial for entry in session_front(session)} if session.ready else set()
+    if best is not None:
+        keep.add(best.index)
+    return sorted(keep)
 
 
 MODEL_FOLDER = "model"

@@ -4,8 +4,9 @@
   ones go once their failure is recorded (the reason and message stay in the history and status).
 * Trial models: with keep-best (the default; a job's spec.workspace.trialModels wins), when a job
   ends a short `cleanup` pod (the trial image, the job's own workspace mount: the operator has no
-  access to the PVC) runs `python -m qtune.runner cleanup --keep <winner>`, deleting the models of
-  all other trials from the job's workspace folder.
+  access to the PVC) runs `python -m qtune.runner cleanup --keep <winner and front>`, deleting the models
+  of all other trials from the job's workspace folder (the configs on the accuracy-speed front keep theirs:
+  a user may pick one of them without running it again).
 
 Pure decisions here; reconcile.py does the API calls.
 """
@@ -39,12 +40,14 @@ def trial_models_policy(spec: JobSpec, config: OperatorConfig) -> str:
     return spec.workspace.trial_models or config.cleanup_trial_models
 
 
-def model_cleanup_unit(spec: JobSpec, config: OperatorConfig, best: int | None) -> WorkUnit | None:
-    """The cleanup unit to run once a job ended (keeping the winner's model), None with keep-all."""
+def model_cleanup_unit(spec: JobSpec, config: OperatorConfig, best: int | None,
+                       front: Iterable[int] = ()) -> WorkUnit | None:
+    """The cleanup unit to run once a job ended (keeping the models of the winner and of the configs on the
+    accuracy-speed front), None with keep-all."""
     if trial_models_policy(spec, config) != KEEP_BEST:
         return None
-    keep = () if best is None else (int(best),)
-    return WorkUnit(protocol.CLEANUP_UNIT, protocol.CLEANUP_UNIT, candidates=keep)
+    keep = {int(i) for i in front} | ({int(best)} if best is not None else set())
+    return WorkUnit(protocol.CLEANUP_UNIT, protocol.CLEANUP_UNIT, candidates=tuple(sorted(keep)))
 
 
 def cleanup_pod(unit_pod: dict[str, Any]) -> dict[str, Any]:

@@ -156,7 +156,8 @@ class OperatorConfig:
                                           "recorded (their reason and message are in the history)", parse=int)
     cleanup_trial_models: str = setting(
         KEEP_BEST, f"{KEEP_BEST}: when a job ends, a short pod deletes the models of all trials but the winner "
-                   f"from the job's workspace; {KEEP_ALL}: keep every trial's model", parse=_trial_models_policy)
+                   f"and the accuracy-speed front from the job's workspace; {KEEP_ALL}: keep every trial's model",
+        parse=_trial_models_policy)
     import_timeout: float = setting(30.0, "seconds the import of an allowed `module:Class` strategy module may "
                                           "take; longer fails the job InvalidSpec (other jobs never wait on it)",
                                     parse=float)

@@ -59,6 +59,7 @@ from qtune.spec.load import job_from_dict
 from qtune.spec.models import JobSpec
 from qtune.tuning import stop
 from qtune.tuning.engine import UnitFailure, UnitOutcome, apply_outcome
+from qtune.tuning.front import session_front
 from qtune.tuning.history import History
 from qtune.tuning.session import TuningSession, WorkUnit, objective_batch_size
 from qtune.tuning.space import TuningSpace
@@ -887,7 +888,8 @@ class JobReconciler:
         if finished is None or self.spec is None or self.models_cleaned == len(finished.history.trials):
             return
         best = finished.best() if finished.ready else None
-        unit = cleanup.model_cleanup_unit(self.spec, self.config, best.index if best is not None else None)
+        front = [entry.trial for entry in session_front(finished)] if finished.ready else []
+        unit = cleanup.model_cleanup_unit(self.spec, self.config, best.index if best is not None else None, front)
         self.models_cleaned = len(finished.history.trials)
         running = pods.get(protocol.CLEANUP_UNIT)
         if unit is not None and finished.history.trials and (running is None or running.done):
@@ -918,7 +920,8 @@ class JobReconciler:
         if best is not None:
             message += f"; best so far: trial {best.index} (accuracy {best.accuracy:.4f}"
             measured = session.best_speed()
-            message += f", {measured.speedup:.2f}x)" if measured is not None else ")"
+            message += f", {measured.speedup:.2f}x" if measured is not None else ""
+            message += f"; {measured.caveat()})" if measured is not None and measured.caveat() else ")"
         return message
 
     async def _finished(self, session: TuningSession, now: float) -> StepResult:
@@ -952,8 +955,9 @@ class JobReconciler:
         if inputs == self.published and state == self.last_state and state not in st.TERMINAL:
             return
         batch = objective_batch_size(spec) if spec is not None else 1
-        best = None
+        best = front = None
         if session is not None and session.ready:
+            front = st.front_status(session_front(session), batch)
             record = session.best()
             if record is not None:
                 measured = session.best_speed()
@@ -969,7 +973,7 @@ class JobReconciler:
         desired = st.build_status(
             state=state, reason=reason, message=message, generation=self.generation, old=self.last_status,
             history=history if spec is not None else None,
-            max_trials=spec.tuning.max_trials if spec is not None else None, batch_size=batch, best=best,
+            max_trials=spec.tuning.max_trials if spec is not None else None, batch_size=batch, best=best, front=front,
             recent=self.config.recent_trials, history_configmap=self.store.name if history is not None else None,
             workspace=workspace_dir(spec, self.job) if spec is not None else None,
             stop_reason=stop_reason or (history.stop_reason if history is not None else None), elapsed=elapsed,

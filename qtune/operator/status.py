@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 from qtune.protocol import SpeedMeasurement
 from qtune.tuning import stop
+from qtune.tuning.front import FrontEntry, front_window
 from qtune.tuning.history import FAILED, SUCCEEDED, Baseline, History, TrialRecord
 
 # states
@@ -138,6 +139,19 @@ class SpeedStatus(StatusModel):
     confidence: float | None = None
     rounds: int | None = None
     confirmed: bool = Field(default=False, description="measured by the final confirmation")
+    threads: int | None = Field(default=None, description="intra-op threads of the measurement")
+    clock: str | None = Field(default=None, description="what timed each run: wall, or CPU (one thread)")
+    busy: bool | None = Field(default=None, description="the trial's CPUs stayed contended while measuring")
+    trusted: bool | None = Field(default=None, description="false: the machine was too busy for this figure; "
+                                                           "nothing was decided on it")
+    requested_threads: int | None = Field(
+        default=None, description="set when the machine was too busy to measure with the job's threads: the "
+                                  "count asked for (the figure is then one thread's, timed by CPU time)")
+    exclusive_cpus: bool | None = Field(
+        default=None, description="the trial pod ran on CPUs of its own (a cpuset of exactly its CPUs: Guaranteed "
+                                  "QoS under the kubelet's static CPU manager policy); false: CPUs shared with "
+                                  "other pods")
+    note: str | None = Field(default=None, description="how busy the machine was, when it was")
 
 
 class BestStatus(StatusModel):
@@ -177,6 +191,35 @@ class TrialStatus(StatusModel):
     seconds: float | None = None
 
 
+FRONT_STATUS_LIMIT = 5
+"""Entries of the accuracy-speed front in the status (the ones nearest the winner); the history holds them all."""
+
+
+class FrontEntryStatus(StatusModel):
+    """A config on the accuracy-speed front: its figures, and its trial number (its tune config and model are
+    that trial's in the history ConfigMap and the workspace)."""
+
+    trial: int
+    accuracy: float | None = None
+    passed: bool = Field(description="meets the accuracy criterion")
+    speedup: float = Field(description="over fp32 at the front's batch size (point estimate)")
+    low: float
+    high: float
+    confirmed: bool = Field(default=False, description="the speedup is the final confirmation's re-measurement")
+    model_size_bytes: int | None = None
+    fp32_ops: int | None = None
+    winner: bool = Field(default=False, description="the config the job chose (status.best)")
+
+
+class FrontStatus(StatusModel):
+    """The accuracy-speed front: configs no other measured config beats on both accuracy and speedup (point
+    estimates), most accurate first; at most 5 of them, around the winner."""
+
+    batch_size: int
+    total: int = Field(description="configs on the whole front (entries lists at most 5 of them)")
+    entries: list[FrontEntryStatus] = Field(default_factory=list, max_length=FRONT_STATUS_LIMIT)
+
+
 class HistoryRef(StatusModel):
     config_map: str
     trials: int = 0
@@ -201,6 +244,7 @@ class JobStatus(StatusModel):
     baseline: BaselineStatus | None = None
     best: BestStatus | None = None
     recent_trials: list[TrialStatus] = Field(default_factory=list)
+    front: FrontStatus | None = None
     history: HistoryRef | None = None
     rejected_results: int | None = Field(default=None, description="results ignored for lack of proof of origin")
 
@@ -304,7 +348,10 @@ def speed_status(measured: SpeedMeasurement, confirmed: bool) -> SpeedStatus:
         batch_size=measured.batch_size, speedup=round(measured.speedup, 4), low=round(measured.low, 4),
         high=round(measured.high, 4), latency_ms=round(measured.p50_ms, 5), latency_p90_ms=round(measured.p90_ms, 5),
         fp32_latency_ms=round(measured.fp32_p50_ms, 5), fp32_latency_p90_ms=round(measured.fp32_p90_ms, 5),
-        confidence=measured.confidence, rounds=measured.rounds, confirmed=confirmed)
+        confidence=measured.confidence, rounds=measured.rounds, confirmed=confirmed, threads=measured.threads or None,
+        clock=measured.clock_name, busy=measured.busy, trusted=measured.trusted,
+        requested_threads=measured.requested_threads or None, exclusive_cpus=measured.exclusive_cpus,
+        note=measured.caveat())
 
 
 def best_status(record: TrialRecord, baseline: Baseline | None, measured: SpeedMeasurement | None,
@@ -320,6 +367,18 @@ def best_status(record: TrialRecord, baseline: Baseline | None, measured: SpeedM
         speed=speed, model_size_bytes=record.model_size_bytes, size_ratio=_finite(size_ratio, 3),
         fp32_ops=len(record.config.fp32_ops()), config_key=record.config_key,
         model_path=record.model_path or model_path, **_tune_config_fields(record))
+
+
+def front_status(front: list[FrontEntry], batch_size: int, limit: int = FRONT_STATUS_LIMIT) -> FrontStatus | None:
+    """The front as the status shows it: bounded to `limit` entries around the winner; None when empty."""
+    if not front:
+        return None
+    return FrontStatus(batch_size=batch_size, total=len(front), entries=[
+        FrontEntryStatus(trial=e.trial, accuracy=_finite(e.accuracy), passed=e.passed,
+                         speedup=round(e.speed.speedup, 4), low=round(e.speed.low, 4), high=round(e.speed.high, 4),
+                         confirmed=e.confirmed, model_size_bytes=e.model_size_bytes, fp32_ops=e.fp32_ops,
+                         winner=e.winner)
+        for e in front_window(front, limit)])
 
 
 def _tune_config_fields(record: TrialRecord) -> dict[str, Any]:
@@ -341,7 +400,8 @@ def counts(history: History, max_trials: int) -> TrialCounts:
 
 def build_status(*, state: str, reason: str, message: str, generation: int | None,
                  old: dict[str, Any] | None, history: History | None = None, max_trials: int | None = None,
-                 batch_size: int = 1, best: BestStatus | None = None, recent: int = 20,
+                 batch_size: int = 1, best: BestStatus | None = None, front: FrontStatus | None = None,
+                 recent: int = 20,
                  history_configmap: str | None = None, workspace: str | None = None,
                  stop_reason: str | None = None, elapsed: float | None = None, rejected: int = 0,
                  now: float | None = None) -> dict[str, Any]:
@@ -366,6 +426,7 @@ def build_status(*, state: str, reason: str, message: str, generation: int | Non
         if history.baseline is not None:
             status.baseline = baseline_status(history.baseline)
         status.best = best
+        status.front = front
     if history_configmap:
         status.history = HistoryRef(config_map=history_configmap,
                                     trials=len(history.trials) if history is not None else 0)

@@ -129,7 +129,7 @@ def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResu
             publish_baseline(args.publish_configmap, context.workspace)
         return BaselineResult(accuracy=baseline.accuracy, metric=baseline.metric, latency_ms=baseline.latency_ms,
                               latency_p90_ms=baseline.latency_p90_ms, model_size_bytes=baseline.model_size_bytes,
-                              seconds=baseline.seconds)
+                              seconds=baseline.seconds, peak_rss_bytes=baseline.peak_rss_bytes)
     if args.command == "confirm":
         from qtune.runner.confirm import run_confirm
 

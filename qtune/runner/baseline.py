@@ -17,6 +17,7 @@ import numpy as np
 
 from qtune.data import DataLoader, Dataset
 from qtune.runner.context import BASELINE_FILE, REFERENCE_FILE, SPACE_FILE, JobContext
+from qtune.runner.peaks import calibration_mark, calibration_peak, memory_text, process_peak
 from qtune.spec.errors import DataError
 from qtune.tuning.history import Baseline, write_json_atomic
 from qtune.tuning.space import TuningSpace, build_space
@@ -75,6 +76,7 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
     if (workspace / SPACE_FILE).exists() and (workspace / BASELINE_FILE).exists():
         return context.load_space(), context.load_baseline()
     started = time.perf_counter()
+    mark = calibration_mark(context.adaptor)
     model = context.model
     with _blame("spec.data.calibration"):  # fail now, not in every trial, when data and model disagree
         first = next(iter(context.calibration_set.take(2).loader(2)))
@@ -94,8 +96,10 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
         model_size_bytes=int(context.adaptor.model_size(model)),
         seconds=time.perf_counter() - started,
         metric=context.metric_name,
+        peak_rss_bytes={**calibration_peak(context.adaptor, mark), **process_peak()},
     )
     write_json_atomic(workspace / SPACE_FILE, space.to_dict())
     write_json_atomic(workspace / BASELINE_FILE, asdict(baseline))
-    logger.info("baseline: accuracy %.4f, %d quantizable ops", baseline.accuracy, len(space.ops))
+    logger.info("baseline: accuracy %.4f, %d quantizable ops%s", baseline.accuracy, len(space.ops),
+                memory_text(baseline.peak_rss_bytes))
     return space, baseline

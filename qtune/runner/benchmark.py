@@ -12,17 +12,29 @@ the time the scheduler gave to other processes, in slices of a few ms, which doe
 the model: measured on a busy 2-core machine, per-round wall-time ratios of one int8/fp32 pair
 ranged 1.3–4.1× and whole measurements 2.1–2.5× apart, CPU-time ratios 2.2–2.5× per round. With
 several threads, CPU time would add up the threads (and their spinning), so wall time is used.
+
+Contention: wall time with several threads is biased by a busy machine in a way interleaving does
+not cancel (an op waits for its slowest thread; measured: 1.5× → 7× on one CNN, 2.3× → 1.7× on
+another, with one CPU hog on a 2-core machine). So each window is checked
+(`qtune.runner.contention`): a round in which our threads waited for a CPU is left out of a
+wall-clock figure and another round runs instead. When the machine stays busy (half the rounds or
+more contended, or too few clean ones in the budget), `measure_against_fp32` measures again with
+one thread timed by CPU time, which the contention does not bias, and the figure says so
+(`requested_threads`, `busy`); a figure that could not be measured either way is marked
+`trusted=False` and nothing is decided on it.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from qtune.protocol import SpeedMeasurement
+from qtune.runner.contention import BUSY_SHARE, CpuProbe, CpuSample, contention, cpu_placement, load_between
 from qtune.spec.models import BenchmarkSpec
 from qtune.tuning.speed import median, percentile, speedup_interval
 
@@ -42,11 +54,14 @@ CHECK_RESAMPLES = 500
 REFERENCE = "fp32"
 
 Clock = Callable[[], float]
+Probe = Callable[[], CpuSample]
+"""Reads the CPU counters (`CpuProbe.sample`); tests pass a synthetic one."""
 
 
 def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, batch_size: int,
                   settings: BenchmarkSpec, threads: int, clock: Clock = time.perf_counter,
-                  wall_clock: Clock | None = None) -> dict[str, SpeedMeasurement]:
+                  wall_clock: Clock | None = None, probe: Probe | None = None,
+                  drop_contended: bool = True) -> dict[str, SpeedMeasurement]:
     """Each candidate's speed against `runners[reference]` (fp32), from interleaved rounds.
 
     Every runner executes one inference per call. Warm-up: `settings.warmup_runs` calls of each
@@ -56,7 +71,13 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
     round would overrun `settings.max_seconds`. Returns {candidate name: SpeedMeasurement}; the
     fp32 figures in each come from the same windows as the candidate's. `clock` times the runs;
     the budget and `seconds` are counted on `wall_clock` (default: `clock`), so a CPU-time `clock`
-    cannot stretch the budget on a busy machine."""
+    cannot stretch the budget on a busy machine.
+
+    With a `probe`, every window is checked for contention. `drop_contended` (for a clock that
+    contention biases: wall time) leaves contended rounds out of the figure and of the round counts
+    above; the measurement then ends early when the machine stays busy, and its figures are marked
+    `busy` and not `trusted`. Without `drop_contended` (CPU time) contended rounds are counted and
+    kept, and a busy machine is only reported."""
     if reference not in runners:
         raise ValueError(f"reference {reference!r} is not among the runners {sorted(runners)}")
     names = [reference] + [name for name in runners if name != reference]
@@ -71,30 +92,68 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
         cost = {name: _warm_up(runners[name], settings.warmup_runs, warm_budget, clock, wall) for name in names}
         runs_per_window = max(1, min(MAX_RUNS_PER_WINDOW, round(WINDOW_SECONDS / max(max(cost.values()), 1e-9))))
         windows: dict[str, list[list[float]]] = {name: [] for name in names}
+        contended: list[str | None] = []  # per round: why it was contended, or None
         rounds = 0
         next_check = settings.min_rounds
+        stayed_busy = False
         while True:
             round_started = wall()
             shift = rounds % len(names)
+            reasons = []
             for name in names[shift:] + names[:shift]:
+                before = probe() if probe else None
                 windows[name].append(_window(runners[name], runs_per_window, clock))
+                if probe and before is not None:
+                    reasons.append(contention(load_between(before, probe(), threads)))
+            contended.append(next((r for r in reasons if r), None))
             rounds += 1
             now = wall()
-            if rounds < settings.min_rounds:
+            kept = rounds - sum(1 for r in contended if r) if drop_contended else rounds
+            if drop_contended and _stays_busy(contended, settings.min_rounds):
+                stayed_busy = True
+                logger.info("speed at batch %d: the machine stays busy (%d of %d rounds contended, e.g. %s)",
+                            batch_size, rounds - kept, rounds, next(r for r in contended if r))
+                break
+            over_budget = now - started + (now - round_started) > settings.max_seconds
+            if rounds < settings.min_rounds or (kept < settings.min_rounds and not over_budget):
                 continue
-            if now - started + (now - round_started) > settings.max_seconds:
+            if over_budget:
                 logger.debug("speed at batch %d: time budget spent after %d rounds", batch_size, rounds)
+                stayed_busy = drop_contended and kept < settings.min_rounds
                 break
-            if rounds * runs_per_window < settings.runs or rounds < next_check:
+            if kept * runs_per_window < settings.runs or kept < next_check:
                 continue
-            if all(_precise(windows[reference], windows[name], settings) for name in names[1:]):
+            used = _kept_rounds(windows, contended, drop_contended)
+            if all(_precise(used[reference], used[name], settings) for name in names[1:]):
                 break
-            next_check = rounds + max(1, rounds // 10)  # the check's cost grows with the rounds
+            next_check = kept + max(1, kept // 10)  # the check's cost grows with the rounds
     finally:
         if gc_was_enabled:
             gc.enable()
-    return _results(windows, reference, names[1:], batch_size, settings, threads, runs_per_window,
-                    seconds=wall() - started)
+    used = windows if stayed_busy else _kept_rounds(windows, contended, drop_contended)
+    busy_rounds = sum(1 for r in contended if r)
+    results = _results(used, reference, names[1:], batch_size, settings, threads, runs_per_window,
+                       seconds=wall() - started)
+    for measurement in results.values():
+        measurement.contended_rounds = busy_rounds
+        measurement.busy = stayed_busy or busy_rounds >= BUSY_SHARE * rounds > 0
+        measurement.trusted = not stayed_busy
+    return results
+
+
+def _stays_busy(contended: list[str | None], min_rounds: int) -> bool:
+    """At least twice `min_rounds` rounds, and at least `BUSY_SHARE` of all, were contended (a burst
+    shorter than that is waited out)."""
+    count = sum(1 for reason in contended if reason)
+    return count >= 2 * min_rounds and count >= BUSY_SHARE * len(contended)
+
+
+def _kept_rounds(windows: dict[str, list[list[float]]], contended: list[str | None],
+                 drop_contended: bool) -> dict[str, list[list[float]]]:
+    if not drop_contended or not any(contended):
+        return windows
+    return {name: [w for w, reason in zip(rounds, contended, strict=True) if not reason]
+            for name, rounds in windows.items()}
 
 
 def _warm_up(run: Callable[[], None], count: int, budget: float, clock: Clock, wall: Clock) -> float:
@@ -163,7 +222,9 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
 
     One interleaved session per batch size holds fp32 and ALL the models (a trial passes one, the
     final confirmation several), with the job's benchmark settings and thread count; `clock`
-    defaults to `run_clock(threads)`. Returns {name: {batch size (str): SpeedMeasurement}}."""
+    defaults to `run_clock(threads)`. Every window is checked for contention (module docstring);
+    when the machine stays busy during a wall-clock session, the batch size is measured again with
+    one thread by CPU time. Returns {name: {batch size (str): SpeedMeasurement}}."""
     if not models:
         return {}
     adaptor = context.adaptor
@@ -174,6 +235,8 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
         clock = default_clock
     else:
         clock_name = getattr(clock, "__name__", "custom")
+    probe = default_probe()
+    exclusive = cpu_placement(context.threads) if in_pod() else None
     reference = REFERENCE
     while reference in models:
         reference = f"_{reference}"
@@ -182,12 +245,60 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
         runners = {reference: adaptor.make_runner(context.model, batch, threads)}
         runners.update({name: adaptor.make_runner(model, batch, threads) for name, model in models.items()})
         measured = measure_speed(runners, reference, batch_size=size, settings=settings, threads=threads,
-                                 clock=clock, wall_clock=time.perf_counter)
-        for name, measurement in measured.items():
+                                 clock=clock, wall_clock=time.perf_counter, probe=probe,
+                                 drop_contended=clock_name != "cpu")
+        for measurement in measured.values():
             measurement.cpu_clock = clock_name == "cpu"
+        if threads > 1 and not all(m.trusted for m in measured.values()):
+            first = next(iter(measured.values()))
+            logger.warning("speed at batch %d: the machine stayed busy while measuring with %d threads (%d rounds "
+                           "contended): measuring again with 1 thread, timed by its CPU time", size, threads,
+                           first.contended_rounds)
+            measured = _measure_one_thread(context, models, reference, batch, size, probe, threads,
+                                           first.contended_rounds)
+            clock_name = "cpu"
+        for name, measurement in measured.items():
+            measurement.exclusive_cpus = exclusive
             results[name][str(size)] = measurement
-        logger.info("speed at batch %d, %d thread(s), %s time: %s", size, threads, clock_name, summary(measured))
+        logger.info("speed at batch %d, %d thread(s), %s time: %s", size, next(iter(measured.values())).threads,
+                    clock_name, summary(measured))
     return results
+
+
+def _measure_one_thread(context: JobContext, models: Mapping[str, object], reference: str,
+                        batch: dict[str, object], size: int, probe: Probe | None, requested: int,
+                        contended_before: int) -> dict[str, SpeedMeasurement]:
+    """The fallback on a busy machine: one thread, each run timed by the thread's CPU time, which the
+    load of other processes does not bias (module docstring). Marked busy, with the thread count asked for."""
+    adaptor = context.adaptor
+    runners = {reference: adaptor.make_runner(context.model, batch, 1)}
+    runners.update({name: adaptor.make_runner(model, batch, 1) for name, model in models.items()})
+    measured = measure_speed(runners, reference, batch_size=size, settings=context.spec.benchmark, threads=1,
+                             clock=time.thread_time, wall_clock=time.perf_counter, probe=probe,
+                             drop_contended=False)
+    for measurement in measured.values():
+        measurement.cpu_clock = True
+        measurement.busy = True
+        measurement.requested_threads = requested
+        measurement.contended_rounds += contended_before
+    return measured
+
+
+_PROBE: CpuProbe | None = None
+
+
+def default_probe() -> Probe:
+    """This machine's `CpuProbe.sample` (the files are looked up once per process)."""
+    global _PROBE
+    if _PROBE is None:
+        _PROBE = CpuProbe()
+        logger.debug("contention signals: %s", ", ".join(_PROBE.signals()))
+    return _PROBE.sample
+
+
+def in_pod() -> bool:
+    """Running as a trial pod (the operator sets QTUNE_POD_NAME; a local run does not)."""
+    return bool(os.environ.get("QTUNE_POD_NAME"))
 
 
 def summary(measured: Mapping[str, SpeedMeasurement]) -> str:

@@ -1,5 +1,6 @@
 """`python -m qtune.runner cleanup --workspace DIR --keep 3[,5]`: delete the models of all trials but the
-kept ones from a job's workspace (cleanup policy keep-best: the winner's model stays).
+kept ones from a job's workspace (cleanup policy keep-best: the models of the winner and of the other configs
+on the accuracy-speed front stay).
 
 A trial saves its model as `trials/<n>/model` (a folder, or files named model.* beside the adaptor's
 sidecars, see qtune.local.driver.MODEL_FOLDER); its other files (result, logs) stay: they are small and

@@ -3,7 +3,9 @@ interleaved session, so the winner never rests on readings taken minutes apart o
 whose load changed in between.
 
 Each candidate is rebuilt from its tune config (calibration is cached per job, so this is the
-conversion only): the same in a local workspace and in a pod, whatever the framework.
+conversion only): the same in a local workspace and in a pod, whatever the framework. When the
+fastest still overlaps others at the deciding batch size, those contenders are measured again and
+their figures pooled (`qtune.tuning.contenders`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from qtune.protocol import SUCCEEDED, ConfirmResult
 from qtune.runner.context import JobContext
 from qtune.tuning.config import TuneConfig
+from qtune.tuning.contenders import confirm_rounds
+from qtune.tuning.session import objective_batch_size
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,8 @@ def run_confirm(context: JobContext, candidates: dict[str, dict[str, Any]]) -> C
     models = {index: adaptor.quantize(TuneConfig.from_dict(config).to_dict(), context.model,
                                       context.calibration_loader())
               for index, config in sorted(candidates.items(), key=lambda kv: int(kv[0]))}
-    speed = measure_against_fp32(context, models)
+    speed = confirm_rounds(lambda names: measure_against_fp32(context, {name: models[name] for name in names}),
+                           list(models), str(objective_batch_size(context.spec)))
     for index, by_batch in speed.items():
         for measurement in by_batch.values():
             logger.info("confirmation: trial %s: %s", index, measurement.describe())

@@ -32,6 +32,7 @@ from qtune.spec.entrypoints import add_job_dir, load_entrypoint
 from qtune.spec.errors import DataError, ModelLoadError, SpecError
 from qtune.spec.load import resolve_path
 from qtune.spec.models import JobSpec, QuantizationJob
+from qtune.spec.quantity import memory_bytes
 from qtune.tuning.history import Baseline
 from qtune.tuning.space import TuningSpace
 
@@ -80,8 +81,15 @@ class JobContext:
             "random_seed": self.spec.tuning.seed,
             "output": self.spec.data.evaluation.output,
             "model": self.model_spec(),
+            "calibration_memory_limit": self.calibration_memory_limit,
         }
         return cls(info)
+
+    @property
+    def calibration_memory_limit(self) -> int | None:
+        """spec.data.calibration.memoryLimit in bytes; None: the adaptor's default budget."""
+        quantity = self.spec.data.calibration.memory_limit
+        return memory_bytes(quantity) if quantity is not None else None
 
     def model_spec(self) -> dict[str, Any]:
         model = self.spec.model.model_dump()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qtune.protocol import FAILED, SUCCEEDED, TrialResult
 from qtune.runner.context import JobContext
+from qtune.runner.peaks import calibration_mark, calibration_peak, memory_text, process_peak
 from qtune.spec.errors import QtuneError
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.criterion import Criterion
@@ -36,8 +37,10 @@ def run_trial(context: JobContext, config: TuneConfig, index: int, early_stoppin
     timings = result.timings
     try:
         adaptor = context.adaptor
+        mark = calibration_mark(adaptor)
         quantized = adaptor.quantize(config.to_dict(), context.model, context.calibration_loader())
         timings.update({k: round(v, 4) for k, v in adaptor.timings.items()})
+        result.peak_rss_bytes.update(calibration_peak(adaptor, mark))
         timings.setdefault("quantize", round(time.perf_counter() - started, 4))
         phase = time.perf_counter()
         baseline_accuracy = context.load_baseline().accuracy
@@ -65,4 +68,6 @@ def run_trial(context: JobContext, config: TuneConfig, index: int, early_stoppin
         logger.error("trial %s crashed: %s\n%s", index, exc, traceback.format_exc())
         result.status, result.reason, result.message = FAILED, "Crashed", f"{type(exc).__name__}: {exc}"[:2000]
     timings["total"] = round(time.perf_counter() - started, 4)
+    result.peak_rss_bytes.update(process_peak())
+    logger.info("trial %s: %s in %.1fs%s", index, result.status, timings["total"], memory_text(result.peak_rss_bytes))
     return result

@@ -254,8 +254,29 @@ class EvaluationSpec(DatasetSpec):
         return not self.eval_func and (self.metric or "top1") in METRICS
 
 
+class CalibrationSpec(DatasetSpec):
+    """Calibration data, and the memory calibrating with it may take."""
+
+    memory_limit: str | None = Field(
+        default=None,
+        description="onnxruntime: memory one calibration may add to its process (the intermediate tensors it "
+                    "holds at once), a Kubernetes quantity such as 2Gi or 512Mi. The samples are calibrated in "
+                    "chunks sized from one probe sample to stay within it, with the same ranges as all at once. "
+                    "Default 2Gi; in a container with a memory limit (a trial pod) at most half of what that "
+                    "limit leaves free, an explicit value included. Below one sample's need: one sample at a "
+                    "time. The peak is reported per baseline and trial (peak_rss_bytes in the history)",
+        json_schema_extra=cel.rules(pattern=cel.MEMORY_RE, maxLength=32))  # _memory_quantity
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_quantity(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$", value):
+            raise ValueError(f"{value!r} is not a Kubernetes memory quantity such as 2Gi or 512Mi")
+        return value
+
+
 class DataSpec(SpecModel):
-    calibration: DatasetSpec = Field(description="data that calibrates activation ranges (static approach)")
+    calibration: CalibrationSpec = Field(description="data that calibrates activation ranges (static approach)")
     evaluation: EvaluationSpec = Field(description="data and metric that score every model against the criterion")
 
 
@@ -450,7 +471,8 @@ class WorkspaceSpec(SpecModel):
                                                              "and /tmp")
     trial_models: Literal["keep-best", "keep-all"] | None = Field(
         default=None, description="when the run ends, keep-best deletes the models of all trials but the winner "
-                                  "from the workspace (results and logs stay); keep-all keeps every model. Default: "
+                                  "and the other configs on the accuracy-speed front from the workspace (results "
+                                  "and logs stay); keep-all keeps every model. Default: "
                                   "keep-best with qtune tune, the operator's setting (chart cleanup.trialModels) on "
                                   "a cluster")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 FP32 = "fp32"
@@ -32,6 +32,12 @@ class TensorConfig:
     @classmethod
     def fp32(cls) -> TensorConfig:
         return cls(dtype=FP32)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `dataclasses.asdict` (same keys and order), without its deep copies: strategies key
+        thousands of candidate configs per step."""
+        return {"dtype": self.dtype, "scheme": self.scheme, "granularity": self.granularity,
+                "algorithm": self.algorithm, "reduce_range": self.reduce_range}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TensorConfig:
@@ -58,9 +64,9 @@ class OpConfig:
         return OpConfig(self.op_type, TensorConfig.fp32(), None if self.weight is None else TensorConfig.fp32())
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"op_type": self.op_type, "activation": asdict(self.activation)}
+        out: dict[str, Any] = {"op_type": self.op_type, "activation": self.activation.to_dict()}
         if self.weight is not None:
-            out["weight"] = asdict(self.weight)
+            out["weight"] = self.weight.to_dict()
         return out
 
     @classmethod
@@ -121,6 +127,11 @@ class TuneConfig:
         )
 
     def key(self) -> str:
-        """Stable identity of the config: equal configs have equal keys in every process."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        """Stable identity of the config: equal configs have equal keys in every process (computed once
+        per instance: a config is never changed in place, `with_ops` and `replace` make new ones)."""
+        cached = self.__dict__.get("_key")
+        if cached is None:
+            canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            cached = hashlib.sha256(canonical.encode()).hexdigest()[:16]
+            object.__setattr__(self, "_key", cached)
+        return cached

@@ -33,6 +33,8 @@ class Baseline:
     seconds: float = 0.0
     metric: str | None = None
     """The name of the metric `accuracy` is (top1, a user metric's name, ...)."""
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    """Peak resident set of the baseline's process: "calibration" (while it calibrated), "total"."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Baseline:
@@ -56,6 +58,8 @@ class TrialRecord:
     message: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds: calibration, quantize, evaluate, benchmark, total."""
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    """Peak resident set of the trial's process: "calibration" (while it calibrated, when it did), "total"."""
     model_path: str | None = None
     proposed_by: str | None = None
     full_evaluation: bool = False

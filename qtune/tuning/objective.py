@@ -4,11 +4,15 @@ The choice depends only on the recorded figures, never on the order results arri
 parallel run, a sequential run and a resumed run pick the same winner from the same figures.
 
 - `latency`: a trial's figure is its speedup over fp32 with a confidence interval, both models
-  measured interleaved in one process. Passing trials whose intervals overlap the fastest one's
-  cannot be told apart and count as equal; among equals the fewest fp32 ops win, then the higher
-  accuracy, then the config key. When the final confirmation re-measured the best candidates in
-  one session, only those candidates and those figures decide.
-- `size`: sizes within `objective_tolerance` of the smallest count as equal; same tie rule.
+  measured interleaved in one process. Before anything is called a tie, the final confirmation
+  re-measures the best point estimates in one session and measures again the ones whose intervals
+  still overlap the fastest (`contenders.py`); when it ran, only its candidates and its (pooled)
+  figures decide. Configs whose intervals then still overlap the fastest one's are equal in speed:
+  among them the higher accuracy wins, then the higher speedup, then the config key. Fewer fp32 ops
+  is no tie-break: it is not a proxy for speed (an int8 element-wise op costs Q/DQ, saves nothing).
+- `size`: sizes within `objective_tolerance` of the smallest count as equal; among equals the fewest
+  fp32 ops win (for size they are a proxy: an fp32 op keeps its fp32 weights), then the higher
+  accuracy, then the config key.
 """
 
 from __future__ import annotations
@@ -54,16 +58,23 @@ def speed_of(history: History, record: TrialRecord, batch_size: int | str) -> Sp
 
 def rank_by_speed(history: History, records: list[TrialRecord], batch_size: int | str,
                   criterion: Criterion | None = None) -> list[TrialRecord]:
-    """Best first: the group equal to the fastest (overlapping intervals) by the tie rule, then the
-    rest by the same procedure applied again (so the order is deterministic and noise-aware)."""
+    """Best first, by the deciding figure (the confirmation's when it has one): the group whose intervals
+    overlap the fastest one's (equal in speed within measurement doubt) ordered by higher accuracy, then
+    higher speedup, then the config key; then the rest by the same procedure applied again
+    (deterministic whatever order results arrived in). Records without a figure last."""
+    def figure(record: TrialRecord) -> SpeedMeasurement:
+        measured = speed_of(history, record, batch_size)
+        assert measured is not None
+        return measured
+
+    def among_equals(record: TrialRecord) -> tuple[float, float, str]:
+        return _tie_key(record, criterion)[1], -figure(record).speedup, record.config_key
+
     measured = [r for r in records if speed_of(history, r, batch_size) is not None]
     ranked: list[TrialRecord] = []
     while measured:
-        top = max(measured, key=lambda r: (speed_of(history, r, batch_size).speedup, r.config_key))  # type: ignore[union-attr]
-        top_speed = speed_of(history, top, batch_size)
-        assert top_speed is not None
-        equal = [r for r in measured if speed_of(history, r, batch_size).overlaps(top_speed)]  # type: ignore[union-attr]
-        equal.sort(key=lambda r: _tie_key(r, criterion))
+        top = figure(max(measured, key=lambda r: (figure(r).speedup, r.config_key)))
+        equal = sorted((r for r in measured if figure(r).overlaps(top)), key=among_equals)
         ranked.extend(equal)
         measured = [r for r in measured if r not in equal]
     unmeasured = sorted((r for r in records if speed_of(history, r, batch_size) is None),

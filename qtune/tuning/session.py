@@ -26,6 +26,7 @@ from qtune.protocol import trial_unit as trial_unit_id
 from qtune.protocol import unit_trial_index as trial_of
 from qtune.spec.models import JobSpec
 from qtune.tuning import stop
+from qtune.tuning.contenders import EXTRA_PASSES
 from qtune.tuning.criterion import Criterion
 from qtune.tuning.history import FAILED, SUCCEEDED, Baseline, History, TrialRecord
 from qtune.tuning.objective import rank_by_speed, select_best, speed_of
@@ -33,6 +34,11 @@ from qtune.tuning.space import TuningSpace
 from qtune.tuning.strategies import create_strategy
 
 logger = logging.getLogger(__name__)
+
+CONFIRM_MARGIN = 1.5
+"""The confirmation's time is estimated as its passes times a trial's benchmark time, times this (loading
+and rebuilding the candidates, warm-up)."""
+
 
 def objective_batch_size(spec: JobSpec) -> int:
     """Latency objective: the largest benchmarked batch size (where int8 pays most)."""
@@ -90,6 +96,7 @@ class TuningSession:
         self.batch_size = objective_batch_size(spec)
         self.strategy = create_strategy(tuning.strategy, tuning.seed, objective=tuning.objective,
                                         min_speedup=tuning.min_speedup, batch_size=self.batch_size)
+        self.strategy.criterion = self.criterion
         self.rules = stop.StopRules(tuning.max_trials, tuning.max_failed_trials, float(tuning.timeout_seconds),
                                     tuning.max_consecutive_failures)
 
@@ -129,18 +136,40 @@ class TuningSession:
             if trial_unit_id(record.index) not in running and len(start) < free:
                 start.append(WorkUnit.for_trial(record))  # e.g. left pending by an interrupted run
         free -= len(start)
-        if free > 0:
+        time_left = self._time_for_a_trial(elapsed_seconds)
+        if free > 0 and time_left:
             start += [WorkUnit.for_trial(r) for r in self.start_trials(free)]
         if start or running or history.pending():
             return Decision(start=start)
 
         reason = self.finished_reason()
-        if reason is None:  # the strategy waits for nothing and proposes nothing: it is done
-            reason = stop.SEARCH_EXHAUSTED
+        if reason is None:  # the strategy proposes nothing (it is done), or no trial fits in the time left
+            reason = stop.SEARCH_EXHAUSTED if time_left else stop.TIMEOUT
         confirm = self.confirmation_unit()
         if confirm is not None:
             return Decision(start=[confirm])
         return self._finish(reason)
+
+    def _time_for_a_trial(self, elapsed_seconds: float) -> bool:
+        """Whether a new trial can still finish before `timeoutSeconds`, leaving time for the final
+        confirmation once a passing config was measured: a trial the wall-clock limit would cut short
+        is wasted, and without the confirmation the winner rests on figures taken minutes apart.
+        Judged from the trials so far (median unit time); always True before any finished."""
+        limit = self.rules.timeout_seconds
+        durations = sorted(t.finished_at - t.started_at for t in self.history.trials
+                           if t.done and t.started_at is not None and t.finished_at is not None
+                           and t.finished_at >= t.started_at)
+        if not limit or not durations:
+            return True
+        need = durations[len(durations) // 2]
+        tuning = self.spec.tuning
+        measured = sorted(t.timings["benchmark"] for t in self.history.trials
+                          if t.ok and t.passed and t.speed and t.timings.get("benchmark"))
+        if tuning.objective == "latency" and tuning.confirm_candidates > 0 and measured:
+            # every pass of the confirmation takes about what one trial's benchmark took (the same time
+            # budget per batch size), plus loading the models: keep time for all its passes
+            need += CONFIRM_MARGIN * (1 + EXTRA_PASSES) * measured[len(measured) // 2]
+        return elapsed_seconds + need <= limit
 
     def _backoff(self, elapsed_seconds: float) -> float | None:
         """Seconds to wait before the next start after infrastructure failures in a row (5 s doubling, capped),
@@ -224,10 +253,20 @@ class TuningSession:
 
     # --- the final confirmation -----------------------------------------------------------
     def confirm_candidates(self) -> list[TrialRecord]:
-        """The few best passing candidates by the in-trial figures (what the confirmation re-measures)."""
+        """What the confirmation re-measures: the current winner by the figures so far, then the highest
+        speedups (point estimates), `confirmCandidates` in all. The fastest in its own measurement is
+        always among them, whatever its interval or op count."""
         passing = [t for t in self.history.trials if t.ok and t.passed and t.speed_at(self.batch_size)]
-        ranked = rank_by_speed(self.history, passing, self.batch_size, self.criterion)
-        return ranked[: self.spec.tuning.confirm_candidates]
+        if not passing:
+            return []
+        winner = rank_by_speed(self.history, passing, self.batch_size, self.criterion)[0]
+
+        def point(record: TrialRecord) -> float:
+            measured = speed_of(self.history, record, self.batch_size)
+            return measured.speedup if measured is not None else 0.0
+
+        fastest = sorted(passing, key=lambda t: (-point(t), t.config_key))
+        return [winner, *(t for t in fastest if t is not winner)][: self.spec.tuning.confirm_candidates]
 
     def confirmation_unit(self) -> WorkUnit | None:
         """The confirm unit to run before the job ends; None when not wanted or already done (a new
@@ -269,7 +308,7 @@ class TuningSession:
         self.history.baseline = Baseline(
             accuracy=float(result.accuracy), latency_ms=dict(result.latency_ms),
             latency_p90_ms=dict(result.latency_p90_ms), model_size_bytes=int(result.model_size_bytes),
-            seconds=float(result.seconds), metric=result.metric,
+            seconds=float(result.seconds), metric=result.metric, peak_rss_bytes=dict(result.peak_rss_bytes),
         )
         self.space = space
         if self.history.started_at is None:
@@ -287,6 +326,7 @@ class TuningSession:
         record.speed = {k: v.model_dump() for k, v in result.speed.items()}
         record.model_size_bytes = result.model_size_bytes
         record.timings = dict(result.timings)
+        record.peak_rss_bytes = dict(result.peak_rss_bytes)
         record.model_path = result.model_path
         record.reason, record.message = result.reason, result.message
         record.notes = list(result.notes)

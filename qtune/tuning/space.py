@@ -61,9 +61,35 @@ class OpSpace:
             weights = [TensorConfig.fp32()]
         return [OpConfig(self.op_type, a, w) for a, w in itertools.product(activations, weights)]
 
+    def allows(self, op_cfg: OpConfig, approach: str) -> bool:
+        """`op_cfg` is one of `choices(approach)` (checked field by field, without listing them)."""
+        if not self.quantizable(approach) or op_cfg.op_type != self.op_type:
+            return False
+        activation = op_cfg.activation
+        if approach == "dynamic":
+            if activation != TensorConfig(activation.dtype):
+                return False
+            act_ok = activation.dtype != FP32 and activation.dtype in self.activation.get("dtype", [])
+        else:
+            act_ok = _tensor_allowed(self.activation, activation)
+        if self.weight is None:
+            return act_ok and op_cfg.weight is None
+        if not [d for d in self.weight.get("dtype", []) if d != FP32]:
+            return act_ok and op_cfg.weight == TensorConfig.fp32()
+        return act_ok and op_cfg.weight is not None and _tensor_allowed(self.weight, op_cfg.weight)
+
     def default(self, approach: str) -> OpConfig:
-        choices = self.choices(approach)
-        return choices[0] if choices else self.fp32()
+        """The first of `choices(approach)` (built directly: the full list can hold hundreds)."""
+        if not self.quantizable(approach):
+            return self.fp32()
+        activation = _first_tensor(self.activation)
+        assert activation is not None  # quantizable: a non-fp32 activation dtype exists
+        if approach == "dynamic":
+            activation = TensorConfig(activation.dtype)
+        weight = _first_tensor(self.weight)
+        if self.weight is not None and weight is None:
+            weight = TensorConfig.fp32()
+        return OpConfig(self.op_type, activation, weight)
 
     def fp32(self) -> OpConfig:
         return OpConfig(self.op_type, TensorConfig.fp32(), None if self.weight is None else TensorConfig.fp32())
@@ -75,6 +101,27 @@ class OpSpace:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OpSpace:
         return cls(data["name"], data["op_type"], data["activation"], data.get("weight"), data["approach"])
+
+
+def _first_tensor(options: dict[str, list[Any]] | None) -> TensorConfig | None:
+    """The first of OpSpace._tensor_options(options), None when there is none."""
+    if options is None:
+        return None
+    dtypes = [d for d in options.get("dtype", []) if d != FP32]
+    if not dtypes:
+        return None
+    first = [(options.get(name) or [None])[0] for name in ("scheme", "granularity", "algorithm")]
+    return TensorConfig(dtypes[0], *first, bool((options.get("reduce_range") or [False])[0]))
+
+
+def _tensor_allowed(options: dict[str, list[Any]], tensor: TensorConfig) -> bool:
+    """`tensor` is one of OpSpace._tensor_options(options)."""
+    if tensor.dtype == FP32 or tensor.dtype not in options.get("dtype", []):
+        return False
+    for name in ("scheme", "granularity", "algorithm"):
+        if getattr(tensor, name) not in (options.get(name) or [None]):
+            return False
+    return bool(tensor.reduce_range) in {bool(v) for v in options.get("reduce_range") or [False]}
 
 
 @dataclass

@@ -76,6 +76,15 @@ def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
     # calibration ran once: only the first trial of each algorithm spent time on it
     calibration_times = [t.timings.get("calibration", 0) for t in outcome.history.trials if t.ok]
     assert sum(1 for seconds in calibration_times if seconds > 0) <= 3
+    # the peak RSS of calibrating is in the history: the baseline's MinMax, and every trial that measured one
+    assert outcome.history.baseline.peak_rss_bytes.get("calibration", 0) > 0
+    assert outcome.history.baseline.peak_rss_bytes["total"] >= outcome.history.baseline.peak_rss_bytes["calibration"]
+    for trial in outcome.history.trials:
+        if trial.ok:
+            assert trial.peak_rss_bytes.get("total", 0) > 0, trial.index
+            assert (trial.timings.get("calibration", 0) > 0) == ("calibration" in trial.peak_rss_bytes), trial.index
+    stored = json.loads((out / "history.json").read_text())
+    assert stored["baseline"]["peak_rss_bytes"]["calibration"] > 0
 
 
 def test_status_and_report_read_a_finished_run(sensitive, tmp_path, capsys):

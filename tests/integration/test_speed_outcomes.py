@@ -21,6 +21,8 @@ import yaml
 from qtune.cli.main import EXIT_NO_SPEEDUP
 from qtune.cli.main import main as qtune_main
 from qtune.local import tune
+from qtune.protocol import SpeedMeasurement
+from qtune.report.report import speed_sentence
 from qtune.spec import load_job
 
 HERE = Path(__file__).parent
@@ -71,7 +73,11 @@ def test_no_int8_config_faster_than_fp32_ends_in_no_speedup(tiny_mlp, tmp_path, 
     assert history["outcome"] == "NoSpeedup" and history["stop_reason"] != "GoalReached"
     best = json.loads((tmp_path / "out" / "best_config.json").read_text())
     assert best["outcome"] == "NoSpeedup" and best["speed"]["high"] < 1.0, best["speed"]
-    assert "NoSpeedup" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "NoSpeedup" in report
+    # a slower config reads slower, in the report and on the console: never "0.76× faster"
+    assert f"{1 / best['speed']['speedup']:.2f}× slower than fp32" in report and "× faster" not in report
+    assert "slower than fp32" in console
     # the passing config and its figures are still written, for whoever wants them
     assert any((tmp_path / "out" / "model").iterdir())
 
@@ -106,8 +112,13 @@ def test_one_speedup_everywhere(tmp_path, capsys):
     verdict = re.sub(r"\s+", " ", best["verdict"])
     assert verdict in console, (verdict, console[-1500:])  # the console's last word is best_config's
     report = (out / "report.md").read_text()
-    assert f"fp32 {speed['fp32_p50_ms']:.3f} ms → int8 {speed['p50_ms']:.3f} ms: {speed['speedup']:.2f}× faster" \
-        in report
+    # in words that say slower when it is slower (never "0.76× faster")
+    assert f"fp32 {speed['fp32_p50_ms']:.3f} ms → int8 {speed['p50_ms']:.3f} ms: " \
+           f"{speed_sentence(SpeedMeasurement.model_validate(speed))}" in report
+    # the front lists the winner with the same figure
+    front = {e["trial"]: e for e in history["front"]["entries"]}
+    if best["trial"] in front:
+        assert front[best["trial"]]["speed"] == speed and front[best["trial"]]["winner"]
     assert f"[{speed['low']:.2f}–{speed['high']:.2f}]" in report
     assert f"{speed['speedup']:.2f}×" in (out / "report.html").read_text()
     assert best["verdict"].startswith(best["outcome"]) and shown in best["verdict"]

@@ -84,6 +84,9 @@ def test_the_model_cleanup_pod_plan() -> None:
     # no winner: every model goes
     none = cleanup.model_cleanup_unit(spec, make_config(), None)
     assert none is not None and none.candidates == ()
+    # the configs on the accuracy-speed front keep their models beside the winner's
+    front = cleanup.model_cleanup_unit(spec, make_config(), 7, [9, 3, 7])
+    assert front is not None and front.candidates == (3, 7, 9)
 
 
 @pytest.mark.parametrize("setting,job_says,expected", [("keep-all", None, False), ("keep-best", "keep-all", False),

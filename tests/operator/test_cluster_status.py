@@ -34,3 +34,9 @@ def test_status_at_every_phase(phase: str) -> None:
     assert expected in text
     if phase == "done":
         assert "best: trial" in text and "speedup" in text
+        # the accuracy-speed front, from status.front: the winner among its rows
+        front = world.kube.status["front"]
+        assert front["entries"] and "accuracy–speed front" in text and "chosen" in text
+        winner = next(e for e in front["entries"] if e["winner"])
+        assert winner["trial"] == world.kube.status["best"]["trial"]
+        assert f"{winner['speedup']:.2f}× [{winner['low']:.2f}–{winner['high']:.2f}]" in text

@@ -91,7 +91,7 @@ def _camel_fields(cls: type[BaseModel]) -> set[str]:
 
 
 @pytest.mark.parametrize("path,cls", [
-    ("spec", models.JobSpec), ("spec.model", models.ModelSpec), ("spec.data.calibration", models.DatasetSpec),
+    ("spec", models.JobSpec), ("spec.model", models.ModelSpec), ("spec.data.calibration", models.CalibrationSpec),
     ("spec.data.evaluation", models.EvaluationSpec), ("spec.quantization", models.QuantizationSpec),
     ("spec.quantization.modelWise", models.OpConstraint),
     ("spec.quantization.modelWise.activation", models.TensorConstraint),

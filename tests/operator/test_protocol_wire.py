@@ -34,9 +34,11 @@ TRIAL = protocol.TrialResult(
     trial=3, status="succeeded", config_key="0123456789abcdef", accuracy=0.9633333333333334,
     speed={"1": _speed(1, 0.123456789012345, 0.2), "32": _speed(32, 1.7, 4.1)}, model_size_bytes=123_457,
     timings={"quantize": 1.5, "evaluate": 1e-7, "total": 4.25}, model_path="/workspace/.qtune/x/trials/3/model",
-    message='warning: "odd" op\\ kept\nsecond line', notes=["kept 2 ops fp32", "ünïcode"])
+    message='warning: "odd" op\\ kept\nsecond line', notes=["kept 2 ops fp32", "ünïcode"],
+    peak_rss_bytes={"calibration": 2_147_483_648, "total": 3_221_225_473})
 BASELINE = protocol.BaselineResult(accuracy=0.97, metric="top1", latency_ms={"1": 0.31, "32": 5.5},
-                                   latency_p90_ms={"1": 0.4, "32": 6.25}, model_size_bytes=400_000, seconds=12.5)
+                                   latency_p90_ms={"1": 0.4, "32": 6.25}, model_size_bytes=400_000, seconds=12.5,
+                                   peak_rss_bytes={"calibration": 987_654_321, "total": 1_234_567_890})
 CONFIRM = protocol.ConfirmResult(candidates=[3, 5], seconds=30.25,
                                  speed={"3": {"32": _speed(32, 1.8, 4.0)}, "5": {"32": _speed(32, 1.9, 4.0)}})
 FAILED = protocol.TrialResult(trial=4, status="failed", reason="TrialError", message="ValueError: bad scale",
@@ -146,3 +148,20 @@ def test_termination_messages() -> None:
     assert protocol.parse_termination(text) == ("InvalidSpec", "spec.model.framework: unknown framework 'x'")
     assert protocol.parse_termination("segfault") == (None, "segfault")
     assert len(protocol.termination_message("X", "é" * 5000).encode()) <= protocol.TERMINATION_LIMIT
+
+
+def test_a_busy_machines_figure_survives_the_wire() -> None:
+    """How a figure was measured on a busy machine (fallback to one thread, CPU time, exclusive CPUs or
+    not) crosses the Pushgateway intact; None (not known) stays None."""
+    fell_back = _speed(16, 1.0, 2.0).model_copy(update={
+        "threads": 1, "cpu_clock": True, "busy": True, "requested_threads": 4, "contended_rounds": 12,
+        "exclusive_cpus": False})
+    untrusted = _speed(1, 1.0, 7.0).model_copy(update={"busy": True, "trusted": False, "contended_rounds": 10,
+                                                       "exclusive_cpus": True})
+    result = TRIAL.model_copy(update={"speed": {"16": fell_back, "1": untrusted}})
+    decoded, signature = _wire(result, "trial-3", secret="s3cret")
+    assert decoded == result and protocol.verify_result(UID, "trial-3", decoded, "s3cret", signature)
+    assert isinstance(decoded, protocol.TrialResult)
+    assert decoded.speed["16"].fell_back and decoded.speed["16"].exclusive_cpus is False
+    assert not decoded.speed["1"].trusted and not decoded.speed["1"].above(1.0)
+    assert _wire(TRIAL, "trial-3")[0].speed["1"].exclusive_cpus is None  # type: ignore[union-attr]

@@ -90,7 +90,8 @@ def test_build_status_projects_the_history() -> None:
     assert status["best"]["speedup"] == 2.0 and status["best"]["speedupInterval"] == "2.00 [1.90-2.10]"
     assert status["best"]["speed"] == {"batchSize": 32, "speedup": 2.0, "low": 1.9, "high": 2.1, "latencyMs": 5.0,
                                        "latencyP90Ms": 5.5, "fp32LatencyMs": 10.0, "fp32LatencyP90Ms": 11.0,
-                                       "confidence": 0.95, "rounds": 9, "confirmed": False}
+                                       "confidence": 0.95, "rounds": 9, "confirmed": False, "clock": "wall",
+                                       "busy": False, "trusted": True}
     assert status["best"]["sizeRatio"] == 4.0
     assert status["best"]["tuneConfig"] == record.tune_config
     assert status["baseline"]["accuracy"] == 0.95
@@ -137,3 +138,70 @@ def test_the_status_names_the_metric() -> None:
     shown = st.baseline_status(Baseline(accuracy=0.9575, metric="sequence_metrics:ExactMatch"))
     assert shown.metric == "sequence_metrics:ExactMatch"
     assert shown.model_dump(by_alias=True, exclude_none=True)["metric"] == "sequence_metrics:ExactMatch"
+
+
+def _crd_status_schema() -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    document = yaml.safe_load((root / "crds" / "quantizationjob.yaml").read_text())
+    return document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+
+
+def _front_history(count: int) -> History:
+    from dataclasses import replace
+
+    """`count` passing configs, each less accurate and faster than the one before: all on the front."""
+    space = tiny_space()
+    history = History(job="digits", baseline=tiny_baseline())
+    for i in range(count):
+        config = space.default_config().with_fallback(["fc"] if i % 2 else [])
+        record = history.add(replace(config, calibration_sampling_size=100 + i))
+        record.status, record.passed, record.accuracy = "succeeded", i < count - 1, 0.95 - 0.001 * i
+        record.speed = {"32": _speed(5.0 - 0.3 * i).model_dump()}
+        record.model_size_bytes = 100_000 - i
+    return history
+
+
+def test_the_status_names_a_bounded_front_around_the_winner() -> None:
+    import jsonschema
+    import pytest
+
+    from qtune.tuning.front import accuracy_speed_front
+
+    history = _front_history(9)
+    winner = history.trials[6]
+    front = st.front_status(accuracy_speed_front(history, 32, winner=winner.index), 32)
+    assert front is not None and front.total == 9
+    status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=1, old=None,
+                             history=history, max_trials=10, batch_size=32,
+                             best=st.best_status(winner, history.baseline, winner.speed_at(32), False), front=front,
+                             now=0)
+    shown = status["front"]
+    assert shown["batchSize"] == 32 and shown["total"] == 9
+    assert [e["trial"] for e in shown["entries"]] == [4, 5, 6, 7, 8]  # at most 5, the winner's neighbours
+    entry = shown["entries"][2]
+    assert entry == {"trial": 6, "accuracy": 0.944, "passed": True, "speedup": round(10 / 3.2, 4),
+                     "low": round(10 / 3.2 - 0.1, 4), "high": round(10 / 3.2 + 0.1, 4), "confirmed": False,
+                     "modelSizeBytes": 99_994, "fp32Ops": 0, "winner": True}
+    assert shown["entries"][-1]["passed"] is False  # a faster config that misses the criterion, marked
+    # the winner's speedup is the same figure in status.best and in the front
+    assert status["best"]["speedup"] == entry["speedup"] and status["best"]["trial"] == entry["trial"]
+    assert st.JobStatus.model_validate(status).dump() == status
+    schema = _crd_status_schema()
+    jsonschema.Draft4Validator(schema).validate(status)  # what the API server stores
+    too_long = {**status, "front": {**shown, "entries": shown["entries"] + shown["entries"][:1]}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft4Validator(schema).validate(too_long)
+    with pytest.raises(ValueError):
+        st.JobStatus.model_validate(too_long)
+
+
+def test_no_measured_config_no_front() -> None:
+    history = _front_history(0)
+    assert st.front_status([], 32) is None
+    status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=1, old=None,
+                             history=history, max_trials=10, batch_size=32, now=0)
+    assert "front" not in status

@@ -23,6 +23,7 @@ from qtune.protocol import (
 )
 from qtune.spec.models import JobSpec
 from qtune.tuning.config import TuneConfig
+from qtune.tuning.contenders import confirm_rounds
 from qtune.tuning.engine import UnitFailure, UnitOutcome, drive
 from qtune.tuning.history import History
 from qtune.tuning.session import TuningSession, WorkUnit
@@ -90,9 +91,12 @@ class SimulatedExecutor:
             return UnitOutcome(unit.id, BaselineResult(accuracy=self.baseline_accuracy, metric="top1",
                                                        latency_ms={str(batch): 10.0}, model_size_bytes=4000),
                                self.space)
-        if unit.id == CONFIRM_UNIT:
-            speed = {str(i): self._speed(TuneConfig.from_dict(unit.candidate_configs[str(i)]), self.half_width / 2)
-                     for i in unit.candidates}
+        if unit.id == CONFIRM_UNIT:  # the runner's passes (qtune/runner/confirm.py) over the modelled figures
+            def measure(names: list[str]) -> dict[str, dict[str, SpeedMeasurement]]:
+                return {name: self._speed(TuneConfig.from_dict(unit.candidate_configs[name]), self.half_width / 2)
+                        for name in names}
+
+            speed = confirm_rounds(measure, [str(i) for i in unit.candidates], str(batch))
             return UnitOutcome(unit.id, ConfirmResult(candidates=list(unit.candidates), speed=speed))
         assert unit.trial is not None and unit.tune_config is not None
         if unit.trial in self.failures:
@@ -131,14 +135,16 @@ def run_simulated(spec: JobSpec, space: TuningSpace, accuracy: AccuracyModel, *,
                   history: History | None = None, order: str = "index", half_width: float = 0.05,
                   fail_trials: set[int] | None = None, stop_after: int | None = None,
                   clock: Callable[[], float] | None = None, failures: dict[int, tuple[str, str]] | None = None,
-                  slept: list[float] | None = None) -> tuple[TuningSession, SimulatedExecutor, str | None]:
+                  slept: list[float] | None = None, baseline_accuracy: float = 0.95,
+                  ) -> tuple[TuningSession, SimulatedExecutor, str | None]:
     """Drive the real session with the simulated executor; `stop_after` N recorded trials simulates an
     interruption (returns stop reason None). Time stands still except for the backoffs the session asks
     for: they advance the clock at once (and are appended to `slept`)."""
     history = history or History(job="sim")
     session = TuningSession(spec, history, space if history.baseline is not None else None)
     executor = SimulatedExecutor(spec, space, accuracy, speed, order=order, half_width=half_width,
-                                 fail_trials=fail_trials or set(), failures=dict(failures or {}))
+                                 fail_trials=fail_trials or set(), failures=dict(failures or {}),
+                                 baseline_accuracy=baseline_accuracy)
     base_clock = clock or (lambda: 0.0)
     waited = slept if slept is not None else []
 

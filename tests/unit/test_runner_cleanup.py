@@ -13,6 +13,7 @@ from simulated import job_spec, run_simulated, simulated_space
 from qtune.local.driver import _clean_trial_models
 from qtune.runner.cleanup import parse_keep, remove_trial_models
 from qtune.spec.models import QuantizationJob
+from qtune.tuning.front import session_front
 
 
 def _workspace(tmp_path: Path) -> Path:
@@ -73,7 +74,9 @@ def test_qtune_tune_applies_the_jobs_policy(tmp_path: Path, policy: str | None, 
     session, _, _ = run_simulated(spec, simulated_space(), lambda config: 0.95 if config.fp32_ops() else 0.5)
     best = session.best()
     assert best is not None and best.index in range(4)
-    kept = {0, 1, 2, 3} if keep_all else {best.index}
+    front = {entry.trial for entry in session_front(session)}
+    assert front <= {t.index for t in session.history.trials if t.speed}
+    kept = {0, 1, 2, 3} if keep_all else ({best.index} | front) & {0, 1, 2, 3}  # the winner's and the front's
     document = {"apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "j"},
                 "spec": spec.model_dump(by_alias=True, exclude_none=True)}
     if policy:

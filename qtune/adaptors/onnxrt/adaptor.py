@@ -35,7 +35,7 @@ from qtune.tuning.config import TuneConfig
 
 logger = logging.getLogger(__name__)
 
-QUANTIZE_VERSION = 1
+QUANTIZE_VERSION = 2
 """Bump when the quantization recipe changes, so cached quantized models are rebuilt."""
 
 
@@ -63,6 +63,8 @@ class OnnxRuntimeAdaptor(Adaptor):
         self.notes: dict[str, str] = {}
         """Op (or tensor) → why it was restricted, accumulated over capability and quantize calls."""
         self.last_quantization: dict[str, Any] = {}
+        self.calibration_peaks: list[int] = []
+        """Peak RSS (bytes) of every calibration this instance measured, in order (cache hits add none)."""
 
     # --- settings -----------------------------------------------------------------------------
     def _quantization_setting(self, snake: str, default: Any) -> Any:
@@ -180,8 +182,7 @@ class OnnxRuntimeAdaptor(Adaptor):
             count = self.info.get("calibration_sampling_size") or self._quantization_setting(
                 "calibration_samples", None) or 100
             samples = calib.collect_samples(loader, int(count))
-            minmax, _, _ = self._calibrate(opt, samples, "minmax", set())
-            return calib.problem_tensors(minmax)
+            return calib.problem_tensors(self._calibrate(opt, samples, "minmax", set()).tensors)
         problems: dict[str, str] = {}
         for path in sorted(cache_dir.glob(f"{opt.source_hash[:16]}-*-minmax-*.json")):
             try:
@@ -191,13 +192,18 @@ class OnnxRuntimeAdaptor(Adaptor):
         return problems
 
     def _calibrate(self, opt: OptimizedModel, samples: calib.CalibrationSet, algorithm: str,
-                   skip: set[str]) -> tuple[Any, float, bool]:
+                   skip: set[str], seed_ranges: Any = None) -> calib.Calibration:
         # The same tensors whatever the format or config, so one file serves every trial.
         qdq, qoperator, _ = registries()
         op_types = sorted({node.op_type for node in GraphView(opt.model.graph_only()).nodes} & (qdq | qoperator))
-        return calib.calibrate(opt.model.path, opt.source_hash, samples, algorithm,
-                               self.workspace / "calibration", op_types, skip,
-                               data_files=opt.model.external_data_files())
+        limit = self.info.get("calibration_memory_limit")
+        result = calib.calibrate(opt.model.path, opt.source_hash, samples, algorithm,
+                                 self.workspace / "calibration", op_types, skip,
+                                 data_files=opt.model.external_data_files(),
+                                 memory_limit=int(limit) if limit is not None else None, seed_ranges=seed_ranges)
+        if result.peak_rss_bytes is not None:
+            self.calibration_peaks.append(result.peak_rss_bytes)
+        return result
 
     def query_fw_capability(self, model: Any) -> dict[str, Any]:
         opt = self.optimized(model)
@@ -261,9 +267,10 @@ class OnnxRuntimeAdaptor(Adaptor):
             assert samples is not None
             plan = q.plan_static(view, cfg, quantizable, forced)
             if plan.quantized:
-                minmax, seconds, hit = self._calibrate(opt, samples, "minmax", set())
-                calibration_seconds += seconds
-                calibration_log["minmax"] = "cached" if hit else "measured"
+                measured = self._calibrate(opt, samples, "minmax", set())
+                minmax = measured.tensors
+                calibration_seconds += measured.seconds
+                calibration_log["minmax"] = "cached" if measured.cache_hit else "measured"
                 problems = calib.problem_tensors(minmax)
                 if problems:
                     for tensor, why in problems.items():
@@ -280,10 +287,10 @@ class OnnxRuntimeAdaptor(Adaptor):
                 owners = q.owner_algorithms(plan)
                 by_algorithm = {"minmax": minmax}
                 for algorithm in sorted(set(owners.values()) - {"minmax"}):
-                    data, seconds, hit = self._calibrate(opt, samples, algorithm, set(problems))
-                    by_algorithm[algorithm] = data
-                    calibration_seconds += seconds
-                    calibration_log[algorithm] = "cached" if hit else "measured"
+                    measured = self._calibrate(opt, samples, algorithm, set(problems), seed_ranges=minmax)
+                    by_algorithm[algorithm] = measured.tensors
+                    calibration_seconds += measured.seconds
+                    calibration_log[algorithm] = "cached" if measured.cache_hit else "measured"
                 ranges = calib.merged_tensors_data(minmax, by_algorithm, owners)
                 q.fill_overrides(plan, view, ranges, opt.per_channel)
                 if plan.quantized:

@@ -15,6 +15,7 @@ from typing import Any
 
 from qtune.spec.errors import SpecError
 from qtune.tuning.config import TuneConfig
+from qtune.tuning.criterion import Criterion
 from qtune.tuning.history import History
 from qtune.tuning.space import TuningSpace
 
@@ -28,9 +29,13 @@ def strategy_registry(cls: type[Strategy]) -> type[Strategy]:
 
 class Strategy(ABC):
     name: str = ""
+    criterion: Criterion | None = None
+    """The job's accuracy criterion, set by the session after construction (a strategy of your own keeps
+    its constructor): how far a failed config missed is then known (see outlook.py)."""
 
     def __init__(self, seed: int = 0, objective: str = "latency", min_speedup: float = 1.0,
-                 batch_size: int | None = None) -> None:
+                 batch_size: int | None = None, criterion: Criterion | None = None) -> None:
+        self.criterion = criterion
         self.seed = seed
         self.objective = objective
         self.min_speedup = min_speedup

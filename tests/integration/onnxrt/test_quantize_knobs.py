@@ -133,9 +133,10 @@ def test_weight_dtype_scheme_and_reduce_range(adaptor, mlp, mlp_data) -> None:
 def test_calibration_algorithms_give_different_scales(adaptor, mlp, mlp_data) -> None:
     model, cfg = mlp
     scales = {}
+    # FC2 reads fc1's ReLU output, whose long tail KL and percentile clip (KL keeps fc0's whole range)
     for algorithm in ("minmax", "kl", "percentile"):
-        graph = quantize(adaptor, model, set_op(cfg, FC1, activation={"algorithm": algorithm}), mlp_data)
-        scales[algorithm] = float(graph.qparams(graph.dq_of_input(FC1, 0))[0])
+        graph = quantize(adaptor, model, set_op(cfg, FC2, activation={"algorithm": algorithm}), mlp_data)
+        scales[algorithm] = float(graph.qparams(graph.dq_of_input(FC2, 0))[0])
         # the other ops keep their (minmax) scale for their own inputs
         assert float(graph.qparams(graph.dq_of_input(FC0, 0))[0]) == pytest.approx(1.0 / 255, rel=1e-3)
     assert scales["kl"] != pytest.approx(scales["minmax"], rel=1e-3)
@@ -247,3 +248,32 @@ def test_random_configs_load_run_and_stay_close(adaptor: OnnxRuntimeAdaptor, cnn
         fp32 = adaptor.evaluate(model, data["eval"].loader(200))
         quantized = adaptor.quantize(cfg.to_dict(), model, data["calib"].loader(32))
         assert adaptor.evaluate(quantized, data["eval"].loader(200)) >= fp32 - 0.1, cfg.to_dict()
+
+
+def test_a_quantized_conv_before_fp32_ops_still_runs_as_an_int8_kernel(adaptor: OnnxRuntimeAdaptor, cnn_path: Path,
+                                                                       cnn_data, tmp_path: Path) -> None:
+    """Only the compute ops in int8 (Conv and Gemm; Relu, MaxPool, Flatten fp32): each keeps the Q on its
+    output, its fp32 consumers read the DequantizeLinear, and ONNX Runtime fuses every one of them into
+    an int8 kernel. Giving the consumers the fp32 tensor instead would drop that Q and leave the Conv in
+    fp32 on dequantized inputs (slower than fp32)."""
+    import onnx
+    import onnxruntime as ort
+
+    model = load(adaptor, cnn_path)
+    cfg = default_config(adaptor.query_fw_capability(model))
+    compute = {name for name, op in cfg.ops.items() if op.op_type in ("Conv", "Gemm")}
+    assert compute, cfg.ops
+    cfg = cfg.with_fallback([name for name in cfg.ops if name not in compute])
+    quantized = adaptor.quantize(cfg.to_dict(), model, cnn_data["calib"].loader(32))
+    graph = QGraph(quantized.path)
+    for name in compute:
+        consumers = [c for out in graph.node(name).output for c in graph.consumers.get(out, [])]
+        assert consumers and all(n.op_type == "QuantizeLinear" for n in consumers), (name, consumers)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(quantized.path), options, providers=["CPUExecutionProvider"])
+    kernels = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Conv" not in kernels and "FusedConv" not in kernels, kernels
+    assert kernels.count("QLinearConv") == sum(cfg.ops[n].op_type == "Conv" for n in compute), kernels
+    fp32 = adaptor.evaluate(model, cnn_data["eval"].loader(200))
+    assert adaptor.evaluate(quantized, cnn_data["eval"].loader(200)) >= fp32 - 0.03
