@@ -29,30 +29,11 @@ from qtune.spec.models import BenchmarkSpec  # noqa: E402
 BATCHES = [1, 32]
 
 
-class _Reader:
-    """onnxruntime.quantization CalibrationDataReader over a few batches."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self._batches = iter([{builders.INPUT: images[i:i + 16]} for i in range(0, len(images), 16)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> JobContext:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     folder = tmp_path_factory.mktemp("bench")
-    data = builders.digits()
-    fp32 = builders.save(builders.cnn_proto(), folder / "cnn.onnx")
-    calib = builders.cnn_input(data["x_train"][:128])[builders.INPUT]
-    quantize_static(str(fp32), str(folder / "cnn_int8.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    fp32, _ = builders.digits_cnn_with_int8(folder, calib_count=128, eval_count=20)
     shutil.copyfile(fp32, folder / "cnn_copy.onnx")
-    np.savez(folder / "eval.npz", **{builders.INPUT: builders.cnn_input(data["x_eval"][:20])[builders.INPUT],
-                                     "labels": data["y_eval"][:20]})
-    np.savez(folder / "calib.npz", **{builders.INPUT: calib, "labels": data["y_train"][:128]})
     spec = {
         "apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "bench"},
         "spec": {

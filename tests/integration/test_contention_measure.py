@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -31,27 +30,10 @@ from qtune.spec.load import load_job  # noqa: E402
 CPUS = len(os.sched_getaffinity(0))
 
 
-class _Reader:
-    def __init__(self, images: np.ndarray) -> None:
-        self._batches = iter([{builders.INPUT: images[i:i + 16]} for i in range(0, len(images), 16)])
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._batches, None)
-
-
 @pytest.fixture(scope="module")
 def job(tmp_path_factory: pytest.TempPathFactory) -> JobContext:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
     folder = tmp_path_factory.mktemp("contention")
-    data = builders.digits()
-    fp32 = builders.save(builders.cnn_proto(), folder / "cnn.onnx")
-    calib = builders.cnn_input(data["x_train"][:64])[builders.INPUT]
-    quantize_static(str(fp32), str(folder / "cnn_int8.onnx"), _Reader(calib), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    np.savez(folder / "eval.npz", **{builders.INPUT: builders.cnn_input(data["x_eval"][:16])[builders.INPUT],
-                                     "labels": data["y_eval"][:16]})
-    np.savez(folder / "calib.npz", **{builders.INPUT: calib, "labels": data["y_train"][:64]})
+    builders.digits_cnn_with_int8(folder, calib_count=64, eval_count=16)
     threads = max(CPUS, 2)
     spec = {
         "apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "busy"},

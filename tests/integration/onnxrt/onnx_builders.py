@@ -161,3 +161,29 @@ def mlp_input(x: np.ndarray) -> dict[str, np.ndarray]:
 
 def cnn_input(x: np.ndarray) -> dict[str, np.ndarray]:
     return {INPUT: x.reshape(-1, 1, 8, 8).astype(np.float32)}
+
+
+def digits_cnn_with_int8(folder: Path, calib_count: int, eval_count: int) -> tuple[Path, Path]:
+    """The digits CNN (cnn.onnx) and its static int8 QDQ (cnn_int8.onnx, ORT's own quantize_static) in
+    `folder`, with calib.npz / eval.npz of the first `calib_count` / `eval_count` images: a real
+    fp32/int8 pair to measure."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    data = digits()
+    fp32 = save(cnn_proto(), folder / "cnn.onnx")
+    calib = cnn_input(data["x_train"][:calib_count])[INPUT]
+
+    class Reader:  # onnxruntime.quantization's CalibrationDataReader over batches of 16
+        def __init__(self) -> None:
+            self._batches = iter([{INPUT: calib[i:i + 16]} for i in range(0, len(calib), 16)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+    int8 = folder / "cnn_int8.onnx"
+    quantize_static(str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    np.savez(folder / "eval.npz", **{INPUT: cnn_input(data["x_eval"][:eval_count])[INPUT],
+                                     "labels": data["y_eval"][:eval_count]})
+    np.savez(folder / "calib.npz", **{INPUT: calib, "labels": data["y_train"][:calib_count]})
+    return fp32, int8
