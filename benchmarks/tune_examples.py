@@ -6,9 +6,10 @@ must stay fp32: `hard_cnn`, `hard_transformer` (examples/hard_*), the hostile ML
 tests/integration/sensitive_model.py, and `mobile_strips` (examples/mobile_strips: a MobileNetV3-style
 recogniser whose speed lives in a few wide Conv/MatMul ops among many elementwise ones). Per case it
 prints: trials to the first passing config, trials run, the outcome, the claimed speedup of the
-winner with its interval, and an INDEPENDENT re-measurement at every batch size of the job: a
-separate `python` process loads the fp32 model and the winner in ONNX Runtime sessions (threads as
-the claim was measured with) and times them interleaved A B A B over >= 7 rounds; its median ratio
+winner with its interval, and an INDEPENDENT re-measurement at every batch size of the job: each
+model alone in a `python` process of its own (ONNX Runtime's default options, threads as the claim
+was measured with), the two processes taking turns in windows of about 0.25 s, A B B A, over >= 7
+rounds and >= 50 runs of each; its median per-round ratio
 and spread (min-max of the per-round ratios) are compared with the claim: "agree" when within 15%
 or when the intervals overlap.
 
@@ -27,6 +28,7 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,54 +72,70 @@ spec:
   benchmark: {batchSizes: [1, 64], threads: 1}
 """
 
-# The independent check: its own process, its own sessions, nothing imported from qtune.
-REMEASURE = textwrap.dedent("""
+# The independent check: each model alone in a process of its own (ORT's default options, spinning included,
+# as a deployed model runs), the two processes taking turns window by window (the idle one waits on its pipe);
+# nothing imported from qtune. Two sessions in ONE process would not do: after a run ORT's idle workers keep
+# spinning and take a core from the other session's threads. Short windows in turn, as qtune's own, because
+# this VM's speed drifts by up to 1.7x for seconds at a time (host load no counter here shows).
+ONE_MODEL = textwrap.dedent("""
     import json, statistics, sys, time
     import numpy as np, onnxruntime as ort
-    fp32_path, int8_path, npz, batch, threads, rounds, runs = sys.argv[1:8]
-    batch, threads, rounds, runs = int(batch), int(threads), int(rounds), int(runs)
-    def session(path):
-        o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
-        o.log_severity_level = 3
-        return ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
-    a, b = session(fp32_path), session(int8_path)
+    path, npz, batch, threads = sys.argv[1:5]
+    batch, threads = int(batch), int(threads)
+    o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
+    o.log_severity_level = 3
+    s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
     with np.load(npz) as data:
         feed = {}
-        for item in a.get_inputs():
+        for item in s.get_inputs():
             x = data[item.name]
-            x = np.concatenate([x] * (-(-batch // len(x))))[:batch]
-            feed[item.name] = x
-    def one(s):
-        t = time.perf_counter(); s.run(None, feed); return time.perf_counter() - t
-    for s in (a, b):
-        for _ in range(3): s.run(None, feed)
-    slowest = max(one(a), one(b))
-    runs = max(3, min(runs, int(0.3 / slowest)))  # windows of about 0.3 s, as long models need
-    def window(s):
-        for _ in range(2): s.run(None, feed)
+            feed[item.name] = np.concatenate([x] * (-(-batch // len(x))))[:batch]
+    for _ in range(3): s.run(None, feed)
+    t = time.perf_counter(); s.run(None, feed)
+    print(json.dumps({"ready": time.perf_counter() - t}), flush=True)
+    for line in sys.stdin:  # one window per line: "<runs>"; answers its median run time
         times = []
-        for _ in range(runs):
+        for _ in range(int(line)):
             t = time.perf_counter(); s.run(None, feed); times.append(time.perf_counter() - t)
-        return statistics.median(times)
-    def stalled():  # microseconds some task of this machine waited for a CPU (PSI), None without PSI
-        try:
-            with open("/proc/pressure/cpu") as f:
-                return int(f.readline().split("total=")[1])
-        except (OSError, IndexError, ValueError):
-            return None
-    stalled0, started = stalled(), time.perf_counter()
-    ratios, fa, fb = [], [], []
-    for r in range(rounds):
-        first, second = (a, b) if r % 2 == 0 else (b, a)
-        t1, t2 = window(first), window(second)
-        ta, tb = (t1, t2) if r % 2 == 0 else (t2, t1)
-        fa.append(ta); fb.append(tb); ratios.append(ta / tb)
-    stalled1 = stalled()
-    pressure = None if None in (stalled0, stalled1) else (stalled1 - stalled0) / 1e6 / (time.perf_counter() - started)
-    print(json.dumps({"speedup": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
-                      "fp32_ms": 1e3 * statistics.median(fa), "int8_ms": 1e3 * statistics.median(fb),
-                      "pressure": pressure}))
+        print(json.dumps({"ms": 1e3 * statistics.median(times)}), flush=True)
 """)
+WINDOW_SECONDS = 0.25
+
+
+def _stalled_us() -> int | None:
+    """Microseconds some task of this machine waited for a CPU (PSI total), None without PSI."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            return int(f.readline().split("total=")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+class _ModelProcess:
+    """One model in an ONNX Runtime session of its own process; `window(runs)` times `runs` runs there."""
+
+    def __init__(self, model: Path, npz: Path, batch: int, threads: int) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", ONE_MODEL, str(model), str(npz), str(batch),
+                                         str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.run_seconds = float(self._answer()["ready"])
+
+    def _answer(self) -> dict:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the re-measure process ended (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def window(self, runs: int) -> float:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{runs}\n")
+        self.process.stdin.flush()
+        return float(self._answer()["ms"])
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=30)
 
 
 QUIET_PRESSURE = 0.10
@@ -150,12 +168,32 @@ def wait_for_quiet(limit_s: float) -> float | None:
 
 def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, rounds: int, runs: int,
               quiet_wait_s: float = 60.0) -> dict:
-    """The independent check, in its own process; waits up to `quiet_wait_s` for a quiet machine first. The
-    result's `pressure` is the share of time tasks waited for a CPU while it measured (None: no PSI)."""
+    """The independent check (ONE_MODEL: each model alone in its own process, windows of about WINDOW_SECONDS
+    in turn, at least `rounds` rounds alternating which goes first, `runs` runs per model at least); waits up to
+    `quiet_wait_s` for a quiet machine first. Returns the median per-round ratio, its range over the rounds,
+    both medians, and `pressure`: the share of time tasks waited for a CPU while it measured (None: no PSI)."""
     wait_for_quiet(quiet_wait_s)
-    out = subprocess.run([sys.executable, "-c", REMEASURE, str(fp32), str(int8), str(npz), str(batch),
-                          str(threads), str(rounds), str(runs)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    workers = {fp32: _ModelProcess(fp32, npz, batch, threads), int8: _ModelProcess(int8, npz, batch, threads)}
+    try:
+        per_window = max(1, round(WINDOW_SECONDS / max(w.run_seconds for w in workers.values())))
+        rounds = max(rounds, -(-runs // per_window))
+        stalled0, started = _stalled_us(), time.perf_counter()
+        ratios, fp32_ms, int8_ms = [], [], []
+        for index in range(rounds):
+            order = (fp32, int8) if index % 2 == 0 else (int8, fp32)
+            times = {model: workers[model].window(per_window) for model in order}
+            fp32_ms.append(times[fp32])
+            int8_ms.append(times[int8])
+            ratios.append(times[fp32] / times[int8])
+        stalled1 = _stalled_us()
+    finally:
+        for worker in workers.values():
+            worker.close()
+    pressure = (None if stalled0 is None or stalled1 is None
+                else (stalled1 - stalled0) / 1e6 / (time.perf_counter() - started))
+    return {"speedup": statistics.median(ratios), "low": min(ratios), "high": max(ratios),
+            "fp32_ms": statistics.median(fp32_ms), "int8_ms": statistics.median(int8_ms), "pressure": pressure,
+            "rounds": rounds}
 
 
 def prepare(name: str, scratch: Path) -> Path | None:

@@ -8,4 +8,5 @@ export QTUNE_REQUIRE_CLUSTER=1   # the cluster tests fail, not skip, without the
 export QTUNE_REQUIRE_HADOLINT=1  # the Dockerfile lint fails, not skips, without hadolint
 export QTUNE_REQUIRE_IMAGE=1     # the image tests fail, not skip, without buildah and root
 python3 -m ruff check .
+lint-imports                     # the layering of docs/engine.md (pyproject.toml [tool.importlinter])
 python3 -m pytest -q -p no:cacheprovider "$@"

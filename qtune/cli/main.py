@@ -11,15 +11,18 @@ from pathlib import Path
 
 from qtune import __version__
 from qtune.spec import QtuneError, load_job
+from qtune.tuning import stop
 
 logger = logging.getLogger("qtune")
 EXIT_ERROR = 1
 """Bad input (the line names the field and what is allowed), or an unexpected failure (the line names
 what failed and where; `-v` prints the traceback)."""
-EXIT_NO_CONFIG = 3
+EXIT_NO_CONFIG = stop.EXIT_NO_CONFIG
 """`qtune tune`: no configuration meets the accuracy criterion."""
-EXIT_NO_SPEEDUP = 4
+EXIT_NO_SPEEDUP = stop.EXIT_NO_SPEEDUP
 """`qtune tune`: configurations meet the criterion, but none is faster than fp32 (or minSpeedup)."""
+EXIT_FAILED = stop.EXIT_FAILED
+"""`qtune tune`: the run failed for another reason (RepeatedFailures, BaselineFailed), as a cluster job would."""
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -39,8 +42,8 @@ def _tune(args: argparse.Namespace) -> int:
         outcome = tune(job, args.job, output_dir=Path(args.output).expanduser() if args.output else None,
                        resume=args.resume, fresh=args.fresh, listener=progress)
     session = outcome.session
-    success = session.success(outcome.best)
-    colour = "green" if success else ("yellow" if outcome.best is not None else "red")
+    code = stop.exit_code(session.outcome())
+    colour = "green" if code == 0 else ("yellow" if outcome.best is not None else "red")
     front = session_front(session)
     if front:
         console.print(front_table(front, session.batch_size))
@@ -50,9 +53,7 @@ def _tune(args: argparse.Namespace) -> int:
     console.print(f"{len(outcome.history.trials)} trials in {outcome.elapsed_seconds:.1f}s "
                   f"(search stopped: {outcome.stop_reason})")
     console.print(f"output: {outcome.output_dir} (model/, best_config.json, history.json, report.html)")
-    if outcome.best is None:
-        return EXIT_NO_CONFIG
-    return 0 if success else EXIT_NO_SPEEDUP
+    return code
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -160,10 +160,8 @@ def runner_args(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConf
     return args
 
 
-def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
-             annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    """The pod running one start of a unit."""
-    name = plan.pod_name(job)
+def _container(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig, name: str) -> dict[str, Any]:
+    """The unit pod's one container: the runner, as an unprivileged user on a read-only root."""
     image = spec.trial.image or config.trial_image
     container: dict[str, Any] = {
         "name": CONTAINER,
@@ -189,6 +187,13 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
     pull_policy = spec.trial.image_pull_policy or config.trial_image_pull_policy
     if pull_policy:
         container["imagePullPolicy"] = pull_policy
+    return container
+
+
+def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
+             annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The pod running one start of a unit."""
+    name = plan.pod_name(job)
     baseline = plan.kind == protocol.BASELINE_UNIT
     timeout = int(spec.tuning.trial_timeout_seconds)
     pod_spec: dict[str, Any] = {
@@ -205,7 +210,7 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "affinity": {"nodeAffinity": node_affinity(spec, config)},
-        "containers": [container],
+        "containers": [_container(job, spec, plan, config, name)],
         "volumes": [
             {"name": "tmp", "emptyDir": {"sizeLimit": config.tmp_size_limit} if config.tmp_size_limit else {}},
             {"name": "workspace",

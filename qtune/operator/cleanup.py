@@ -1,4 +1,8 @@
-"""The operator's cleanup policy (settings cleanup_failed_pods, cleanup_trial_models; chart `cleanup.*`).
+"""The janitor: what a job leaves behind goes, by the operator's cleanup policy (settings cleanup_failed_pods,
+cleanup_trial_models, keep_succeeded_pods; chart `cleanup.*`).
+
+* A recorded unit: its Pushgateway group first (kept while the Pushgateway cannot be reached), then its Secret,
+  its inputs ConfigMap and, unless keep_succeeded_pods, its succeeded pod; once per process.
 
 * Failed pods: the newest `cleanup_failed_pods` of a job are kept for `kubectl logs`/`describe`; older
   ones go once their failure is recorded (the reason and message stay in the history and status).
@@ -7,24 +11,38 @@
   access to the PVC) runs `python -m qtune.runner cleanup --keep <winner and front>`, deleting the models
   of all other trials from the job's workspace folder (the configs on the accuracy-speed front keep theirs:
   a user may pick one of them without running it again).
+* A finished job: every Pushgateway group of it. A deleted job's groups are swept later by a periodic task
+  (qtune/operator/sweep.py); its pods, ConfigMaps and Secrets go by their ownerReferences.
 
-Pure decisions here; reconcile.py does the API calls.
+The decisions are the pure functions; `Janitor` does the API calls for one job's loop (reconcile.py).
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from qtune import protocol
+from qtune.operator import builders
+from qtune.operator import constants as c
 from qtune.operator.config import KEEP_ALL, KEEP_BEST, OperatorConfig
+from qtune.operator.context import JobContext, gather_all
+from qtune.operator.observe import recorded
+from qtune.operator.pods import PodExecutor, plan_of
 from qtune.operator.podstatus import PodSummary
+from qtune.operator.prom import MetricsError
 from qtune.spec.models import JobSpec
-from qtune.tuning.session import WorkUnit
+from qtune.tuning.front import session_front
+from qtune.tuning.history import History
+from qtune.tuning.session import TuningSession, WorkUnit
 
-__all__ = ["KEEP_ALL", "KEEP_BEST", "cleanup_pod", "failed_pods_to_delete", "model_cleanup_unit",
+__all__ = ["KEEP_ALL", "KEEP_BEST", "Janitor", "cleanup_pod", "failed_pods_to_delete", "model_cleanup_unit",
            "trial_models_policy"]
+
+logger = logging.getLogger(__name__)
 
 INPUTS_VOLUME = "inputs"
 
@@ -62,3 +80,77 @@ def cleanup_pod(unit_pod: dict[str, Any]) -> dict[str, Any]:
         container["env"] = [e for e in container.get("env", [])
                             if "secretKeyRef" not in (e.get("valueFrom") or {})]
     return body
+
+
+@dataclass
+class Janitor:
+    """One job's cleanup (its loop's last action each step)."""
+
+    ctx: JobContext
+    executor: PodExecutor
+    cleaned: set[str] = field(default_factory=set)
+    """Pods of recorded units already cleaned up (once per process)."""
+    models_cleaned: int = -1
+    """Trials the models cleanup was started for (once per finish in this process)."""
+
+    async def clean(self, history: History, pods: dict[str, PodSummary],
+                    finished: TuningSession | None = None) -> None:
+        """Pushgateway group, Secret, inputs and (succeeded) pod of every recorded unit, once; then the
+        cleanup policy: old failed pods, and the models of non-winning trials once the job has `finished`."""
+        await gather_all(self._clean_unit(unit, pod) for unit, pod in pods.items()
+                         if pod.name not in self.cleaned and recorded(history, unit) and pod.done)
+        cleaned = [pod for pod in pods.values() if pod.name in self.cleaned]
+        for pod in failed_pods_to_delete(cleaned, self.ctx.config.cleanup_failed_pods):
+            await self.ctx.kube.delete_pod(self.ctx.job.namespace, pod.name)
+        if finished is not None:
+            await self._clean_models(pods, finished)
+
+    async def _clean_unit(self, unit: str, pod: PodSummary) -> None:
+        """The recorded unit's result group first (kept while the Pushgateway cannot be reached), then its
+        Secret, inputs and succeeded pod at once."""
+        ctx, owned = self.ctx, self.executor.owned
+        if ctx.services.pushgateway is not None:
+            try:
+                await ctx.services.pushgateway.delete_group(ctx.job.uid, unit)
+            except MetricsError as exc:
+                logger.warning("%s/%s: %s: %s", ctx.job.namespace, ctx.job.name, unit, exc)
+                return
+
+        async def delete_inputs() -> None:
+            inputs = c.unit_inputs(pod.name)
+            if inputs in owned or await ctx.read_owned(inputs) is not None:
+                await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs)
+            owned.discard(inputs)
+
+        deletes = [ctx.kube.delete("Secret", ctx.job.namespace, c.unit_key(pod.name)), delete_inputs()]
+        if pod.phase == "Succeeded" and not ctx.config.keep_succeeded_pods:
+            deletes.append(ctx.kube.delete_pod(ctx.job.namespace, pod.name))
+        await gather_all(deletes)
+        self.cleaned.add(pod.name)
+
+    async def _clean_models(self, pods: dict[str, PodSummary], finished: TuningSession) -> None:
+        """Once per finish: the cleanup pod deleting the models of the trials neither the winner nor on the
+        front (keep-best), unless one still runs."""
+        ctx = self.ctx
+        if ctx.spec is None or self.models_cleaned == len(finished.history.trials):
+            return
+        best = finished.best() if finished.ready else None
+        front = [entry.trial for entry in session_front(finished)] if finished.ready else []
+        unit = model_cleanup_unit(ctx.spec, ctx.config, best.index if best is not None else None, front)
+        self.models_cleaned = len(finished.history.trials)
+        running = pods.get(protocol.CLEANUP_UNIT)
+        if unit is not None and finished.history.trials and (running is None or running.done):
+            attempt = self.executor.attempts.next(unit.id)
+            body = cleanup_pod(builders.unit_pod(ctx.job, ctx.spec, plan_of(unit, attempt), ctx.config))
+            if await ctx.kube.create_pod(body):
+                logger.info("%s/%s: deleting the models of trials other than %s (pod %s)", ctx.job.namespace,
+                            ctx.job.name, ",".join(map(str, unit.candidates)) or "none", body["metadata"]["name"])
+
+    async def forget_job(self) -> None:
+        """The finished job's Pushgateway groups, all of them (best effort: the sweep deletes what is left)."""
+        ctx = self.ctx
+        if ctx.services.pushgateway is not None:
+            try:
+                await ctx.services.pushgateway.delete_job_groups(ctx.job.uid)
+            except MetricsError as exc:
+                logger.warning("%s/%s: %s", ctx.job.namespace, ctx.job.name, exc)

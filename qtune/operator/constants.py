@@ -36,7 +36,6 @@ ANNOTATION_PREFIX = GROUP
 
 # keys of the ConfigMap the baseline pod publishes (qtune/runner/publish.py writes them)
 SPACE_KEY = "space.json"
-BASELINE_KEY = "baseline.json"
 
 # the history ConfigMap
 HISTORY_KEY = "history.json"

@@ -155,26 +155,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
         name = node.pop("$ref").rsplit("/", 1)[-1]
         target = dict(defs[name])
         target.update({k: v for k, v in node.items() if k in ("description", "default")})
-        out = _convert(target, defs, classes, path)
-        return out
+        return _convert(target, defs, classes, path)
     if "anyOf" in node:
-        branches = [b for b in node.pop("anyOf") if not _is_null(b)]
-        outer = {k: v for k, v in node.items() if k in ("description", "default", "format", "pattern", "maxLength")
-                 or k.startswith("x-kubernetes-")}
-        if len(branches) == 1:
-            merged = dict(branches[0])
-            for key, value in outer.items():
-                merged.setdefault(key, value)
-            return _convert(merged, defs, classes, path)
-        kinds = {b.get("type") for b in branches}
-        if kinds <= {"integer", "string"} and all(set(b) <= {"type"} for b in branches):
-            out = {"x-kubernetes-int-or-string": True}
-            if "description" in outer:
-                out["description"] = outer["description"]
-            if outer.get("default") is not None:
-                out["default"] = outer["default"]
-            return out
-        raise SchemaError(f"spec.{path}: cannot express anyOf {branches} in a structural schema")
+        return _convert_any_of(node, defs, classes, path)
     if "allOf" in node or "oneOf" in node:
         raise SchemaError(f"spec.{path}: allOf/oneOf are not supported")
 
@@ -207,21 +190,10 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
     out.update({k: copy.deepcopy(v) for k, v in node.items() if k.startswith("x-kubernetes-")})
 
     if kind == "object":
-        title = node.get("title")
         props = node.get("properties")
         additional = node.get("additionalProperties")
         if props is not None:
-            cls = classes.get(title or "")
-            factory = _factory_defaults(cls) if cls else {}
-            one_or_many = _one_or_many_fields(cls)
-            out["properties"] = {}
-            for name, sub in props.items():
-                child = _convert(sub, defs, classes, f"{path}.{name}" if path else name)
-                if name in one_or_many:
-                    child = _one_or_many(child, f"{path}.{name}" if path else name)
-                if name in factory and "default" not in child:
-                    child["default"] = factory[name]
-                out["properties"][name] = child
+            out["properties"] = _convert_properties(props, classes.get(node.get("title") or ""), defs, classes, path)
             if node.get("required"):
                 out["required"] = list(node["required"])
         elif isinstance(additional, dict) and additional:
@@ -235,6 +207,44 @@ def _convert(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type
         out["items"] = _convert(items, defs, classes, f"{path}[]")
     elif kind is None:
         raise SchemaError(f"spec.{path}: no type")
+    return out
+
+
+def _convert_any_of(node: dict[str, Any], defs: dict[str, Any], classes: dict[str, type[BaseModel]],
+                    path: str) -> dict[str, Any]:
+    """`X | None` is X; `int | str` is int-or-string; any other union has no structural schema."""
+    branches = [b for b in node.pop("anyOf") if not _is_null(b)]
+    outer = {k: v for k, v in node.items() if k in ("description", "default", "format", "pattern", "maxLength")
+             or k.startswith("x-kubernetes-")}
+    if len(branches) == 1:
+        merged = dict(branches[0])
+        for key, value in outer.items():
+            merged.setdefault(key, value)
+        return _convert(merged, defs, classes, path)
+    kinds = {b.get("type") for b in branches}
+    if kinds <= {"integer", "string"} and all(set(b) <= {"type"} for b in branches):
+        out: dict[str, Any] = {"x-kubernetes-int-or-string": True}
+        if "description" in outer:
+            out["description"] = outer["description"]
+        if outer.get("default") is not None:
+            out["default"] = outer["default"]
+        return out
+    raise SchemaError(f"spec.{path}: cannot express anyOf {branches} in a structural schema")
+
+
+def _convert_properties(props: dict[str, Any], cls: type[BaseModel] | None, defs: dict[str, Any],
+                        classes: dict[str, type[BaseModel]], path: str) -> dict[str, Any]:
+    """An object's properties, with the defaults of default_factory fields and the one-or-many fields."""
+    factory = _factory_defaults(cls) if cls else {}
+    one_or_many = _one_or_many_fields(cls)
+    out = {}
+    for name, sub in props.items():
+        child = _convert(sub, defs, classes, f"{path}.{name}" if path else name)
+        if name in one_or_many:
+            child = _one_or_many(child, f"{path}.{name}" if path else name)
+        if name in factory and "default" not in child:
+            child["default"] = factory[name]
+        out[name] = child
     return out
 
 

@@ -125,6 +125,8 @@ def _no_finalizer_for(handler_id: str) -> None:
     qtune's job loop stops on the job's DELETED event instead (`job_deleted`), so jobs need no finalizer:
     without one, deleting a job or the CRD never hangs on an absent operator."""
     registry = kopf.get_default_registry()
+    # private Kopf API: kopf is pinned (pyproject.toml, `operator` extra); tests/operator/test_kopf_pin.py
+    # fails when an upgrade changes registry._spawning or the handlers' requires_finalizer
     found = [h for h in registry._spawning.get_all_handlers() if h.id == handler_id]
     if len(found) != 1 or not hasattr(found[0], "requires_finalizer"):
         raise RuntimeError(f"Kopf's daemon handler {handler_id!r} not found: cannot run jobs without a finalizer")

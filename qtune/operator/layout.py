@@ -62,10 +62,6 @@ def metadata(job: JobRef, name: str, role: str, **label_args: Any) -> dict[str, 
             "ownerReferences": [owner_reference(job)]}
 
 
-def job_selector(job: JobRef) -> str:
-    return f"{c.LABEL_JOB_UID}={job.uid}"
-
-
 def cluster_problem(spec: JobSpec) -> SpecError | None:
     """What the cluster needs beyond a valid spec; None when the job can run on the cluster."""
     if not spec.workspace.persistent_volume_claim:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from qtune.operator.mergepatch import merge_patch
 from qtune.protocol import SpeedMeasurement
 from qtune.tuning import stop
 from qtune.tuning.front import FrontEntry, front_window
@@ -53,7 +54,7 @@ MESSAGE_LIMIT = 1024
 
 def state_for_outcome(outcome: str) -> str:
     """Succeeded only for the session's success outcomes (a best config that is a success)."""
-    return SUCCEEDED_STATE if outcome in stop.SUCCESS_OUTCOMES else FAILED_STATE
+    return SUCCEEDED_STATE if stop.succeeded(outcome) else FAILED_STATE
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,10 +308,6 @@ def conditions_for(state: str, reason: str, message: str, generation: int | None
     return conditions
 
 
-def find_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
-    return next((cond for cond in conditions or [] if cond.get("type") == type_), None)
-
-
 # --------------------------------------------------------------------------------------------
 # projections
 # --------------------------------------------------------------------------------------------
@@ -434,28 +431,6 @@ def build_status(*, state: str, reason: str, message: str, generation: int | Non
     if not out.get("recentTrials"):
         out.pop("recentTrials", None)
     return out
-
-
-def merge_patch(old: Any, new: Any) -> Any:
-    """The RFC 7386 JSON merge patch turning `old` into `new` (None when equal).
-
-    Keys missing from `new` become null (deleted); lists and scalars are replaced whole."""
-    if not isinstance(old, dict) or not isinstance(new, dict):
-        return None if old == new else new
-    patch: dict[str, Any] = {}
-    for key in old.keys() - new.keys():
-        patch[key] = None
-    for key, value in new.items():
-        if key not in old:
-            patch[key] = value
-            continue
-        if isinstance(value, dict) and isinstance(old[key], dict):
-            sub = merge_patch(old[key], value)
-            if sub:
-                patch[key] = sub
-        elif old[key] != value:
-            patch[key] = value
-    return patch or None
 
 
 def status_patch(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any] | None:

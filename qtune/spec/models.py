@@ -38,9 +38,6 @@ class SpecModel(BaseModel):
         alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_default=True
     )
 
-    def to_yaml_dict(self) -> dict[str, Any]:
-        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
-
 
 def _as_list(value: Any) -> Any:
     """Constraint values may be written as one value or a list of values."""

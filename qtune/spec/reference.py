@@ -49,7 +49,8 @@ what it does. The same file runs locally (`qtune tune job.yaml`) and on Kubernet
 - **Errors** name the field and what is allowed, in one line. Exit codes of `qtune tune`: 0 success,
   1 bad input or another error (one line; `qtune -v` adds the traceback), 3 no config meets the
   accuracy criterion, 4 configs meet it but none is faster than fp32 beyond `tuning.minSpeedup`
-  (NoSpeedup), 130 interrupted.
+  (NoSpeedup), 5 the run failed otherwise (RepeatedFailures, BaselineFailed), 130 interrupted. Exit 0
+  exactly when a cluster job of the same file would end `Succeeded` (`qtune.tuning.stop.succeeded`).
 """
 
 

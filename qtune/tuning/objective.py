@@ -17,8 +17,6 @@ parallel run, a sequential run and a resumed run pick the same winner from the s
 
 from __future__ import annotations
 
-from typing import Any
-
 from qtune.protocol import SpeedMeasurement
 from qtune.tuning.criterion import Criterion
 from qtune.tuning.history import History, TrialRecord
@@ -101,10 +99,3 @@ def select_best(history: History, objective: str, objective_tolerance: float = 0
 def _largest_batch(records: list[TrialRecord]) -> str | None:
     keys = {k for r in records for k in r.speed}
     return max(keys, key=int) if keys else None
-
-
-def speed_summary(measurement: SpeedMeasurement | None) -> dict[str, Any] | None:
-    """The winner's speed as plain data for best_config.json and the status (one source)."""
-    if measurement is None:
-        return None
-    return measurement.model_dump()

@@ -45,6 +45,23 @@ _HINTS = {
 SUCCESS_OUTCOMES = frozenset({GOAL_REACHED, SEARCH_EXHAUSTED, MAX_TRIALS, TIMEOUT, TOO_MANY_FAILURES})
 """Outcomes with a winner that meets the criterion (and, for latency, is faster than fp32)."""
 
+EXIT_SUCCESS, EXIT_NO_CONFIG, EXIT_NO_SPEEDUP, EXIT_FAILED = 0, 3, 4, 5
+"""`qtune tune`'s exit codes for a finished run (1 is bad input or an unexpected error, said by the CLI)."""
+
+
+def succeeded(outcome: str) -> bool:
+    """THE success rule: `qtune tune` exits 0 and a QuantizationJob ends Succeeded exactly for these."""
+    return outcome in SUCCESS_OUTCOMES
+
+
+def exit_code(outcome: str) -> int:
+    """The exit code of a run that ended with `outcome`: 0 on success, 3 when no config met the criterion,
+    4 when none was faster than minSpeedup, 5 for every other failure (RepeatedFailures, BaselineFailed:
+    the verdict line says why; a best config found before it is still written)."""
+    if succeeded(outcome):
+        return EXIT_SUCCESS
+    return {NO_CONFIG: EXIT_NO_CONFIG, NO_SPEEDUP: EXIT_NO_SPEEDUP}.get(outcome, EXIT_FAILED)
+
 
 def failure_class(reason: str | None, message: str | None) -> str:
     """What makes two failures alike: the reason, plus for reasons that cover many causes (Crashed,

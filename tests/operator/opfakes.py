@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import re
 from typing import Any
 
 from qtune.operator import constants as c
@@ -79,11 +80,18 @@ class FakeKube:
             self.force_deleted.append(name)
         return self.pods.pop(name, None) is not None
 
+    def _selected(self, namespace: str, selector: str) -> list[str]:
+        """Names of the pods in `namespace` (a pod without one is in every namespace) that `selector` selects."""
+        return [name for name, pod in self.pods.items()
+                if pod["metadata"].get("namespace", namespace) == namespace
+                and matches_labels(pod["metadata"].get("labels") or {}, selector)]
+
     async def delete_pods(self, namespace: str, selector: str) -> None:
-        self.pods.clear()
+        for name in self._selected(namespace, selector):
+            del self.pods[name]
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        return list(self.pods.values())
+        return [self.pods[name] for name in self._selected(namespace, selector)]
 
     async def read_node(self, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.nodes.get(name))
@@ -148,6 +156,34 @@ class FakeKube:
 
     def run_pod(self, name: str) -> None:
         self.pods[name]["status"] = {"phase": "Running", "startTime": "2099-01-01T00:00:00Z"}
+
+
+_SET_TERM = re.compile(r"^\s*([^\s!=(),]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+
+
+def matches_labels(labels: dict[str, str], selector: str) -> bool:
+    """Kubernetes' label selector, as the API server applies it: `a=b`, `a==b`, `a!=b`, `a` (present),
+    `!a` (absent), `a in (x,y)`, `a notin (x,y)`; terms separated by commas are ANDed."""
+    terms = [term.strip() for term in re.split(r",(?![^()]*\))", selector) if term.strip()]
+    for term in terms:
+        if found := _SET_TERM.match(term):
+            key, op, values = found.group(1), found.group(2), {v.strip() for v in found.group(3).split(",")}
+            if (labels.get(key) in values) != (op == "in"):
+                return False
+        elif "!=" in term:
+            key, value = (part.strip() for part in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (part.strip() for part in term.replace("==", "=", 1).split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
 
 
 def merge(old: Any, patch: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +164,31 @@ def test_schema_defaults_equal_the_model_defaults() -> None:
     assert JobSpec.model_validate(defaulted) == JobSpec.model_validate(minimal)
 
 
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field holds (`X | None` included), None for a plain value."""
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
 def test_extras_name_existing_fields() -> None:
     schema = crd.spec_schema()
-    for path in crd.EXTRAS:
+    for path, extra in crd.EXTRAS.items():
+        model: type[BaseModel] | None = JobSpec
         node = schema
         for part in path.split("."):
+            assert model is not None, f"EXTRAS[{path!r}]: {part!r} is below a plain value"
+            fields = {field.alias or name: field for name, field in model.model_fields.items()}
+            assert part in fields, f"EXTRAS[{path!r}]: {model.__name__} has no field {part!r}"
+            model = _model_of(fields[part].annotation)
             node = node["properties"][part]
+        assert "type" in node, f"EXTRAS[{path!r}] names no generated schema node"
+        for key, value in extra.items():
+            if key == "x-kubernetes-validations":
+                assert all(rule in node[key] for rule in value), f"EXTRAS[{path!r}]: rules not applied"
+            else:
+                assert node[key] == value, f"EXTRAS[{path!r}]: {key} not applied"
 
 
 def test_printer_columns() -> None:

@@ -17,8 +17,9 @@ from test_reconcile import BASELINE_POD, World, spec_dict
 from qtune.operator import constants as c
 from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
+from qtune.operator.nodes import NODE_CACHE_SECONDS
 from qtune.operator.prom import PUSH_JOB, MetricsError, ResultsPoller
-from qtune.operator.reconcile import NODE_CACHE_SECONDS, JobReconciler
+from qtune.operator.statuswriter import StatusWriter
 from qtune.operator.sweep import GroupSweeper, orphan_groups
 
 
@@ -329,8 +330,8 @@ def test_the_results_poller_survives_any_exception(caplog: pytest.LogCaptureFixt
     finally:
         prom.asyncio.sleep = sleep  # type: ignore[assignment]
     assert prometheus.calls >= 4 and poller.snapshot == {UID: {}} and poller.last_error is None
-    assert metrics.errors.labels(kind="poller_KeyError")._value.get() == 1
-    assert metrics.errors.labels(kind="prometheus")._value.get() == 1
+    assert metrics.registry.get_sample_value("qtune_operator_step_errors_total", {"kind": "poller_KeyError"}) == 1
+    assert metrics.registry.get_sample_value("qtune_operator_step_errors_total", {"kind": "prometheus"}) == 1
     bug = [r for r in caplog.records if r.exc_info]
     assert bug and "KeyError" in caplog.text, "logged with its traceback"
 
@@ -361,7 +362,7 @@ def test_a_poller_task_that_ends_is_started_again() -> None:
         memo.poller_task.cancel()
 
     asyncio.run(body())
-    assert memo.metrics.errors.labels(kind="poller_ended")._value.get() == 1
+    assert memo.metrics.registry.get_sample_value("qtune_operator_step_errors_total", {"kind": "poller_ended"}) == 1
 
 
 # ---------------------------------------------------------------------------------------- deletion
@@ -477,11 +478,11 @@ def test_jobs_waiting_on_the_same_node_share_one_read() -> None:
     reconcilers = [world.reconciler] * 20
 
     async def together() -> list[Any]:
-        return await asyncio.gather(*(r._read_node("xeon-0", world.now) for r in reconcilers))
+        return await asyncio.gather(*(r.executor.nodes.read("xeon-0", world.now) for r in reconcilers))
 
     nodes = asyncio.run(together())
     assert reads == ["xeon-0"] and all(n["metadata"]["name"] == "xeon-0" for n in nodes)
-    asyncio.run(world.reconciler._read_node("xeon-0", world.now + 1))
+    asyncio.run(world.reconciler.executor.nodes.read("xeon-0", world.now + 1))
     assert reads == ["xeon-0"], "a fresh entry is served from the cache"
 
 
@@ -572,13 +573,13 @@ def test_a_step_that_changes_nothing_does_not_build_the_status_again(monkeypatch
 
     monkeypatch.setattr(st, "build_status", counting)
     described: list[int] = []
-    real_describe = JobReconciler._describe_progress
+    real_describe = StatusWriter._describe_progress
 
-    def describing(self: JobReconciler, session: Any) -> str:
+    def describing(self: StatusWriter, session: Any) -> str:
         described.append(len(session.history.trials))
         return real_describe(self, session)
 
-    monkeypatch.setattr(JobReconciler, "_describe_progress", describing)
+    monkeypatch.setattr(StatusWriter, "_describe_progress", describing)
     world = World(job_body(spec=spec_dict(parallelTrials=1)))
     world.step()
     world.finish_running()             # the baseline

@@ -182,7 +182,7 @@ def test_a_whole_job_is_the_engine_run(objective: str, parallel: int) -> None:
     assert set(world.kube.configmaps) == {"digits-history", "digits-baseline"}
     conditions = {cond["type"]: cond["status"] for cond in status["conditions"]}
     assert conditions["Ready"] == ("True" if result.state == st.SUCCEEDED_STATE else "False")
-    assert world.metrics.trials_started._value.get() == status["trials"]["started"]
+    assert world.metrics.registry.get_sample_value("qtune_operator_trials_started_total") == status["trials"]["started"]
 
 
 def test_operator_restarts_change_nothing() -> None:
@@ -213,7 +213,8 @@ def test_a_forged_result_is_ignored_and_the_real_one_recorded() -> None:
     world.step()
     world.step()
     assert world.kube.status["trials"]["finished"] == 0
-    assert world.metrics.results_rejected.labels(reason="BadSignature")._value.get() == 1
+    assert world.metrics.registry.get_sample_value("qtune_operator_results_rejected_total",
+                                              {"reason": "BadSignature"}) == 1
     assert [r for _, r, _ in world.events].count("ResultRejected") == 1
     # a correctly signed result counts only once the pod has finished
     world.push("trial-0", world.runner._result(world.unit_of(pod)).result, world.secret_of(pod))
@@ -243,7 +244,7 @@ def test_a_result_for_a_pod_of_another_namespace_is_not_believed() -> None:
     poller.snapshot = dict(world.results.results)
     world.step()
     assert not world.history().trials[0].done
-    assert world.metrics.results_rejected.labels(reason="NoPod")._value.get() == 1
+    assert world.metrics.registry.get_sample_value("qtune_operator_results_rejected_total", {"reason": "NoPod"}) == 1
 
 
 def test_a_spec_the_cluster_cannot_run_is_invalid() -> None:

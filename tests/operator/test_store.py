@@ -96,7 +96,7 @@ def test_publish_patch_round_trips_through_the_operator_reader(tmp_path: Path, m
     monkeypatch.setattr("qtune.protocol.PLAIN_LIMIT", 10)
     patch = publish.configmap_patch(tmp_path)
     assert patch["data"] == {"space.json": None, "baseline.json": None}
-    assert decode_published(patch, c.BASELINE_KEY) == {"accuracy": 0.9}
+    assert decode_published(patch, "baseline.json") == {"accuracy": 0.9}
 
 
 def test_publish_needs_the_files(tmp_path: Path) -> None:

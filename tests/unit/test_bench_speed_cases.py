@@ -179,3 +179,24 @@ def test_mobile_strips_model_trains_and_exports_the_same_function() -> None:
         fused = model(x)
     assert written_out.shape == (2, build.LENGTH, 10)
     assert torch.allclose(written_out, fused, atol=1e-5)
+
+
+def test_mobile_strips_head_carries_a_massive_activation() -> None:
+    """The attention head's residual stream starts with one channel at OUTLIER (a learned position), hundreds of
+    times the others: what makes an all-int8 residual Add lose the small channels beside it, while LayerNorm
+    keeps the MatMuls' inputs in range."""
+    torch = pytest.importorskip("torch")
+    build = _load("mobile_strips_build", ROOT / "examples" / "mobile_strips" / "build.py")
+    torch.manual_seed(0)
+    model = build.make_model().eval()
+    position = model.position.detach()[0]
+    others = position[:, [c for c in range(build.HEAD_DIM) if c != build.OUTLIER_CHANNEL]]
+    assert float(position[:, build.OUTLIER_CHANNEL].min()) == build.OUTLIER
+    assert float(others.abs().max()) == 0.0
+    captured = {}
+    model.attention[0].norm1.register_forward_hook(lambda module, args, out: captured.update(x=args[0]))
+    with torch.no_grad():
+        model(torch.rand(2, 1, build.CELL, build.LENGTH * build.CELL))
+    stream = captured["x"].abs().amax(dim=(0, 1))
+    median = float(stream.median())
+    assert float(stream[build.OUTLIER_CHANNEL]) > 50 * median, (float(stream[build.OUTLIER_CHANNEL]), median)

@@ -245,6 +245,55 @@ def test_without_a_probe_nothing_is_checked() -> None:
     assert measured.trusted and measured.contended_rounds == 0
 
 
+class HostSlowMachine(BusyMachine):
+    """Stretches of load no counter shows (a VM's host holding its vCPUs back): no run delay, no pressure,
+    but both models run slower, the int8 one (more ops, more thread joins) more: the ratio moves."""
+
+    def __init__(self, slow: Callable[[float], bool], fp32_slow: float = 1.5, int8_slow: float = 2.2) -> None:
+        super().__init__(busy=lambda now: False)
+        self.slow, self.fp32_slow, self.int8_slow = slow, fp32_slow, int8_slow
+
+    def runner(self, cost_ms: float, biased: bool) -> Callable[[], None]:
+        def run() -> None:
+            factor = (self.fp32_slow if biased else self.int8_slow) if self.slow(self.now) else 1.0
+            self.now += cost_ms * factor * (1.0 + self.rng.uniform(-0.02, 0.02)) / 1000.0
+        return run
+
+    def measure(self, drop: bool = True, quiet_ms: float | None = None, **settings: float) -> SpeedMeasurement:
+        runners = {"fp32": self.runner(2.0, biased=True), "int8": self.runner(1.0, biased=False)}
+        spec = BenchmarkSpec(**{"warmup_runs": 2, "runs": 20, "max_seconds": 20.0, **settings})
+        return measure_speed(runners, "fp32", batch_size=8, settings=spec, threads=2, clock=self.clock,
+                             probe=self.probe, drop_contended=drop, fp32_quiet_ms=quiet_ms)["int8"]
+
+
+def test_rounds_in_a_stretch_of_host_load_are_found_by_the_fp32_canary_and_left_out() -> None:
+    # slow 0.2 s of every 0.6 s: the slow rounds are flagged and left out, the figure is the quiet one
+    measured = HostSlowMachine(slow=lambda now: (now % 0.6) >= 0.4).measure()
+    assert measured.contended_rounds > 0 and measured.trusted
+    assert measured.speedup == pytest.approx(2.0, rel=0.03)
+    # slow most of the time: unchecked, the figure is the slow stretches' (2.0 * 1.5 / 2.2 = 1.36); checked, it
+    # is not trusted (measure_against_fp32 then measures again with one thread by CPU time)
+    def mostly(now: float) -> bool:
+        return (now % 0.6) >= 0.15
+
+    unchecked = HostSlowMachine(slow=mostly)
+    unchecked.probe = None  # type: ignore[method-assign]  # no probe: nothing is checked, as before
+    assert unchecked.measure().speedup < 1.5
+    checked = HostSlowMachine(slow=mostly).measure()
+    assert checked.busy and not checked.trusted
+
+
+def test_a_measurement_inside_a_stretch_of_host_load_is_caught_by_the_baseline_time() -> None:
+    """Slow from start to end: only the job's own quiet fp32 time (the baseline's) can tell; the figure is not
+    trusted (measure_against_fp32 then measures again with one thread by CPU time)."""
+    always = HostSlowMachine(slow=lambda now: True)
+    assert always.measure().speedup == pytest.approx(2.0 * 1.5 / 2.2, rel=0.03)  # what it read before
+    measured = HostSlowMachine(slow=lambda now: True).measure(quiet_ms=2.0)
+    assert measured.busy and not measured.trusted and not measured.above(1.0)
+    quiet = HostSlowMachine(slow=lambda now: False).measure(quiet_ms=2.0)
+    assert quiet.trusted and quiet.contended_rounds == 0 and quiet.speedup == pytest.approx(2.0, rel=0.03)
+
+
 def test_a_fallback_figure_says_how_it_was_measured() -> None:
     measured = SpeedMeasurement(batch_size=1, p50_ms=1.0, p90_ms=1.0, fp32_p50_ms=2.0, fp32_p90_ms=2.0, speedup=2.0,
                                 low=1.9, high=2.1, threads=1, cpu_clock=True, busy=True, requested_threads=2,

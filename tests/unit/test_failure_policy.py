@@ -74,6 +74,23 @@ def test_a_passing_config_found_before_the_failures_is_still_reported():
     assert "Best passing config so far: trial 0" in session.verdict()
 
 
+def test_one_verdict_for_the_exit_code_and_the_job_state():
+    """A run that stops RepeatedFailures after a passing trial fails alike locally and on the cluster: one
+    rule (`stop.succeeded`) behind `qtune tune`'s exit code and the QuantizationJob's state."""
+    from qtune.operator.status import FAILED_STATE, SUCCEEDED_STATE, state_for_outcome
+
+    failures = {i: OOM for i in range(1, 50)}
+    session, _, _ = run_simulated(spec_of(maxTrials=8), simulated_space(), lambda config: 0.95, failures=failures)
+    outcome = session.outcome()
+    assert outcome == stop.REPEATED_FAILURES and session.best() is not None
+    assert stop.exit_code(outcome) == stop.EXIT_FAILED and state_for_outcome(outcome) == FAILED_STATE
+    table = {stop.GOAL_REACHED: (0, SUCCEEDED_STATE), stop.MAX_TRIALS: (0, SUCCEEDED_STATE),
+             stop.TIMEOUT: (0, SUCCEEDED_STATE), stop.NO_CONFIG: (3, FAILED_STATE),
+             stop.NO_SPEEDUP: (4, FAILED_STATE), stop.BASELINE_FAILED: (5, FAILED_STATE)}
+    for name, (code, state) in table.items():
+        assert (stop.exit_code(name), state_for_outcome(name)) == (code, state), name
+
+
 def test_running_trials_are_abandoned_when_the_failures_repeat():
     spec = spec_of(maxTrials=8, parallelTrials=2)
     history = History(job="parallel")

@@ -7,8 +7,8 @@ from __future__ import annotations
 from qtune import protocol
 from qtune.operator import constants as c
 from qtune.operator.layout import JobRef
+from qtune.operator.observe import observe
 from qtune.operator.podstatus import PodSummary
-from qtune.operator.reconcile import observe
 from qtune.operator.results import ACCEPT, BAD_SIGNATURE, STALE, WAIT, Observed, judge
 from qtune.tuning.history import History, TrialRecord
 

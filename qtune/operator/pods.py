@@ -1,0 +1,327 @@
+"""The pod executor: starts, cancels and observes a job's units as pods.
+
+* observe: the job's current pods (one per unit, the newest attempt), pods no node will finish force-deleted
+  (`reap`: stuck terminating, on a lost node (qtune/operator/nodes.py), their container lost), the results
+  (the operator-wide poller's snapshot, Prometheus when a succeeded unit's result is missing), then the pure
+  `observe` (qtune/operator/observe.py); pods this process created that the pod index does not show yet still
+  run (`expect`).
+* start: the job's ServiceAccount checked, each start's Secret and inputs ConfigMap written (a new attempt when
+  a Secret of that name exists: one the operator did not just create is never used), while the history is
+  saved; the pods only once it is stored. What the pod looks like is the builders' (qtune/operator/builders.py).
+* cancel: pods of units the session cancelled, pods past their time limit.
+
+Every action is idempotent (deterministic names, 409/404 tolerated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qtune import protocol
+from qtune.operator import builders
+from qtune.operator import constants as c
+from qtune.operator import status as st
+from qtune.operator.context import JobContext, Terminal, gather_all
+from qtune.operator.kube import Conflict
+from qtune.operator.nodes import NodeHealth
+from qtune.operator.observe import Limits, Observation, observe, recorded
+from qtune.operator.podstatus import PodSummary
+from qtune.operator.prom import MetricsError
+from qtune.operator.rbac import ensure_identity
+from qtune.operator.results import Observed, unit_pods
+from qtune.operator.store import OWNED, ForeignObject, decode_published, ownership
+from qtune.spec.errors import SpecError
+from qtune.tuning.history import History
+from qtune.tuning.session import WorkUnit
+
+logger = logging.getLogger(__name__)
+
+SECRET_TRIES = 3
+"""Attempts whose unit Secret already existed before a unit start gives up (ObjectConflict)."""
+EXPECTATION_SECONDS = 60.0
+"""How long a pod this process created counts as running while the pod index does not show it yet."""
+
+Start = tuple[builders.UnitPlan, dict[str, Any]]
+"""A prepared start: its plan and its pod's body."""
+
+
+def plan_of(unit: WorkUnit, attempt: int) -> builders.UnitPlan:
+    return builders.UnitPlan(unit=unit.id, attempt=attempt, trial=unit.trial, tune_config=unit.tune_config,
+                             candidates=tuple(unit.candidates), candidate_configs=dict(unit.candidate_configs),
+                             full_evaluation=unit.full_evaluation)
+
+
+def _config_key(tune_config: dict[str, Any]) -> str:
+    from qtune.tuning.config import TuneConfig
+
+    return TuneConfig.from_dict(tune_config).key()
+
+
+@dataclass
+class Attempts:
+    """Which start of each unit is the current one (names and Secrets are per attempt)."""
+
+    latest: dict[str, int] = field(default_factory=dict)
+    """unit -> the highest attempt started or seen (a new start takes the next one)."""
+    expected: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """unit -> (attempt, when) of pods this process created that the pod index has not shown yet."""
+    retired: set[str] = field(default_factory=set)
+    """uids of failed pods whose failure was put aside (a failed baseline run again after an edit)."""
+
+    def seen(self, unit: str, attempt: int) -> None:
+        self.latest[unit] = max(self.latest.get(unit, -1), attempt)
+
+    def next(self, unit: str) -> int:
+        attempt = self.latest[unit] = self.latest.get(unit, -1) + 1
+        return attempt
+
+
+@dataclass
+class ResultWatch:
+    """Units whose succeeded pods wait for their results, and the last error of a results query."""
+
+    awaiting: dict[str, float] = field(default_factory=dict)
+    """unit -> when its finished pod started waiting for its result (this process's clock)."""
+    error: str | None = None
+    """The last error of a results query (the job's own or the operator-wide poller's); None once one worked."""
+
+
+@dataclass
+class PodExecutor:
+    ctx: JobContext
+    nodes: NodeHealth = field(init=False)
+    attempts: Attempts = field(default_factory=Attempts)
+    results: ResultWatch = field(default_factory=ResultWatch)
+    owned: set[str] = field(default_factory=set)
+    """ConfigMaps this process created or found owned by the job's uid (deletable without a read)."""
+    identity: tuple[int | None, str] | None = None
+    """(generation, ServiceAccount) whose use by the job's pods was checked (rbac.ensure_identity)."""
+
+    def __post_init__(self) -> None:
+        self.nodes = NodeHealth(self.ctx)
+
+    # ----------------------------------------------------------------------------------------
+    # observe
+    def current(self, pods: Iterable[PodSummary]) -> dict[str, PodSummary]:
+        """unit -> its current pod (retired pods left out)."""
+        return unit_pods(self.ctx.job, [p for p in pods if p.uid not in self.attempts.retired])
+
+    async def retire(self, unit: str, failed: PodSummary) -> None:
+        """A failed pod whose failure is history (the baseline runs again): the next start is a new attempt."""
+        self.attempts.retired.add(failed.uid)
+        self.attempts.seen(unit, failed.attempt)
+        await self.ctx.kube.delete_pod(self.ctx.job.namespace, failed.name)
+
+    async def observe(self, pods: list[PodSummary], current: dict[str, PodSummary], history: History,
+                      now: float) -> Observation:
+        """What the cluster says about each unit (`current` loses the pods force-deleted here)."""
+        ctx = self.ctx
+        for unit, pod in current.items():
+            self.attempts.seen(unit, pod.attempt)
+        await self.reap([p for p in pods if p.owned_by(ctx.job.namespace, ctx.job.uid)], current, now)
+        results = await self._results(current, history)
+        space_doc = None
+        baseline_pod = current.get(protocol.BASELINE_UNIT)
+        if baseline_pod is not None and baseline_pod.phase == "Succeeded" and not recorded(history, "baseline"):
+            published = await ctx.read_owned(c.baseline_configmap(ctx.job.name))
+            space_doc = decode_published(published, c.SPACE_KEY)
+        assert ctx.spec is not None
+        limits = Limits(ctx.config.results_deadline_seconds, float(ctx.spec.tuning.trial_timeout_seconds),
+                        ctx.config.trial_grace_seconds)
+        seen = observe(ctx.job, history, current, results, space_doc, ctx.config.signing_key,
+                       self.results.awaiting, now, limits)
+        self.expect(current, history, seen.running, now)
+        return seen
+
+    async def reap(self, owned: list[PodSummary], current: dict[str, PodSummary], now: float) -> None:
+        """Force-delete (grace 0) the job's pods that no node will ever finish: stuck terminating past their
+        grace period plus a margin, or on a node that is gone or NotReady too long (their status may say
+        Running forever), or failed because their node lost the container (a node back from a reboot says
+        ContainerStatusUnknown). A unit whose current pod goes so is not running: the session starts it again as
+        a new attempt, and no trial is failed for it. Only pods the job owns (ownerReferences uid) are ever
+        touched."""
+        ctx = self.ctx
+        margin = ctx.config.terminating_margin_seconds
+        for pod in owned:
+            if pod.done or not pod.deleting or pod.deleted_at is None or now - pod.deleted_at <= margin:
+                continue
+            logger.warning("%s/%s: pod %s still terminating %.0fs after its grace period (node %s): force-deleting "
+                           "it", ctx.job.namespace, ctx.job.name, pod.name, now - pod.deleted_at, pod.node)
+            await ctx.kube.delete_pod(ctx.job.namespace, pod.name, grace_seconds=0)
+            ctx.events("Warning", "PodForceDeleted", f"pod {pod.name} was stuck terminating on node {pod.node} "
+                                                     "past its grace period: force-deleted")
+            if current.get(pod.unit) is pod:
+                current.pop(pod.unit)
+        for unit, pod in list(current.items()):
+            if pod.lost_container and not pod.deleting:
+                lost: str | None = f"node {pod.node} lost its container ({pod.container_reason})"
+            elif pod.done or pod.deleting or not pod.node:
+                continue
+            else:
+                lost = await self.nodes.lost(pod.node, now)
+            if lost is not None:
+                await self._replace(unit, pod, lost, current)
+
+    async def _replace(self, unit: str, pod: PodSummary, why: str, current: dict[str, PodSummary]) -> None:
+        """Force-delete `unit`'s current pod, lost for `why`: the unit is no longer running (no pod of this process
+        is still expected to show up for it, as this one was seen), so the session starts it again."""
+        ctx = self.ctx
+        logger.warning("%s/%s: %s: force-deleting pod %s; %s starts again", ctx.job.namespace, ctx.job.name, why,
+                       pod.name, unit)
+        await ctx.kube.delete_pod(ctx.job.namespace, pod.name, grace_seconds=0)
+        ctx.events("Warning", "NodeLost", f"pod {pod.name} of {unit}: {why}; the pod was force-deleted and the unit "
+                                          "starts again")
+        current.pop(unit, None)
+        expected = self.attempts.expected.get(unit)
+        if expected is not None and expected[0] <= pod.attempt:
+            self.attempts.expected.pop(unit)
+
+    def expect(self, current: dict[str, PodSummary], history: History, running: set[str], now: float) -> None:
+        """A pod this process just created may be missing from the pod index for a while (its watch event is
+        not in yet, e.g. under load): its unit still runs, or the session would start it again under a new
+        attempt and the first pod's result would be rejected. (The ReplicaSet controller's 'expectations'.)"""
+        expected = self.attempts.expected
+        for unit, (attempt, since) in list(expected.items()):
+            pod = current.get(unit)
+            if (pod is not None and pod.attempt >= attempt) or recorded(history, unit):
+                del expected[unit]
+            elif now - since > EXPECTATION_SECONDS:
+                logger.warning("%s/%s: the pod of %s (attempt %d) created %.0fs ago is not seen: the unit is not "
+                               "running", self.ctx.job.namespace, self.ctx.job.name, unit, attempt, now - since)
+                del expected[unit]
+            else:
+                running.add(unit)
+
+    async def _results(self, pods: dict[str, PodSummary], history: History) -> dict[str, Observed]:
+        """The job's queryable results: the operator-wide poller's snapshot, plus a query of this job
+        when a unit's pod has succeeded and the snapshot lacks its result."""
+        services, job = self.ctx.services, self.ctx.job
+        poller = services.poller
+        results = dict(poller.results(job.uid)) if poller is not None else {}
+        needed = any(pod.phase == "Succeeded" and unit not in results and not recorded(history, unit)
+                     for unit, pod in pods.items())
+        if needed and services.prometheus is not None:
+            try:
+                results.update(await services.prometheus.job_results(job.uid))
+                self.results.error = None
+            except MetricsError as exc:
+                logger.warning("%s/%s: %s", job.namespace, job.name, exc)
+                services.metrics.errors.labels(kind="prometheus").inc()
+                self.results.error = str(exc)
+        elif needed:
+            self.results.error = "no Prometheus URL configured (--prometheus-url / QTUNE_PROMETHEUS_URL)"
+        return results
+
+    # ----------------------------------------------------------------------------------------
+    # cancel, start
+    async def cancel(self, units: Iterable[str], current: dict[str, PodSummary], doomed: Iterable[str]) -> None:
+        """Delete the pods of the cancelled units still running, and the doomed ones (past their time limit)."""
+        for unit in units:
+            pod = current.get(unit)
+            if pod is not None and not pod.done:
+                await self.ctx.kube.delete_pod(self.ctx.job.namespace, pod.name)
+        for name in doomed:
+            await self.ctx.kube.delete_pod(self.ctx.job.namespace, name)
+
+    async def claim(self, body: dict[str, Any]) -> None:
+        """Create a ConfigMap of the job unless it exists; an existing one must be the job's own
+        (ForeignObject otherwise: a same-named object is never adopted)."""
+        ctx = self.ctx
+        name = body["metadata"]["name"]
+        if await ctx.kube.ensure(body) or name in self.owned:
+            self.owned.add(name)
+            return
+        existing = await ctx.kube.read_configmap(ctx.job.namespace, name)
+        if existing is None:  # deleted in between: create it next step
+            raise Conflict(f"configmap {name} vanished")
+        if ownership(existing, ctx.job) != OWNED:
+            raise ForeignObject.of(existing, ctx.job)
+        self.owned.add(name)
+
+    async def prepare_starts(self, units: list[WorkUnit], save: bool) -> list[Start]:
+        """Store the history (when `save`) and write each start's Secret and inputs, all at once: a dispatch
+        waits for two API round trips (these, then the pods) instead of one per object. Any failure is raised
+        once every write has ended, and then no pod is created and the Secrets and inputs written are deleted
+        again (the next step starts its units under the next attempt: a Secret this step wrote is never taken for
+        its own, as any existing one)."""
+        ctx = self.ctx
+        assert ctx.spec is not None
+        if units and (any(u.id == protocol.BASELINE_UNIT for u in units) or self.identity is None
+                      or self.identity[0] != ctx.generation):
+            try:  # every pod runs as the job's own account, or a named one that is opted in
+                self.identity = (ctx.generation, await ensure_identity(ctx.kube, ctx.job, ctx.spec))
+            except SpecError as exc:
+                raise Terminal(st.INVALID_SPEC, str(exc)) from None
+        outcomes = await asyncio.gather(*([ctx.save()] if save else []), *(self._prepare(unit) for unit in units),
+                                        return_exceptions=True)
+        prepared = outcomes[1:] if save else outcomes
+        failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
+        if failure is not None:
+            await self._withdraw([item for item in prepared if not isinstance(item, BaseException)])
+            raise failure
+        return prepared  # type: ignore[return-value]
+
+    async def _withdraw(self, prepared: list[Start]) -> None:
+        """Delete the Secrets and inputs of starts whose pods will not be created (the step failed): no pod ever
+        uses them, so nothing else would delete them before the job goes. Best effort: a delete that fails
+        leaves its object to the job's deletion (ownerReferences)."""
+        job = self.ctx.job
+        names = [body["metadata"]["name"] for _, body in prepared]
+        deletes = [self.ctx.kube.delete(kind, job.namespace, name)
+                   for pod in names for kind, name in (("Secret", c.unit_key(pod)), ("ConfigMap", c.unit_inputs(pod)))]
+        for outcome in await asyncio.gather(*deletes, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                logger.warning("%s/%s: a start's Secret or inputs that no pod will use stay until the job is "
+                               "deleted: %s", job.namespace, job.name, outcome)
+        self.owned.difference_update(c.unit_inputs(pod) for pod in names)
+
+    async def _prepare(self, unit: WorkUnit) -> Start:
+        """Secret and inputs of a new start of `unit` (a new attempt when an older pod exists), and its pod's
+        body."""
+        ctx = self.ctx
+        assert ctx.spec is not None
+        plan = plan_of(unit, self.attempts.next(unit.id))
+        if plan.kind == protocol.BASELINE_UNIT:
+            await self.claim(builders.configmap(ctx.job, c.baseline_configmap(ctx.job.name), c.ROLE_BASELINE))
+        # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
+        # holding a key its author knows). The unit starts under the next attempt's name instead. The inputs
+        # are written alongside (their name is the attempt's); a superseded attempt's are deleted again.
+        for _ in range(SECRET_TRIES):
+            secret = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, unit.id, plan.attempt)
+            secret_body = builders.unit_secret(ctx.job, plan, secret)
+            try:
+                inputs = builders.unit_inputs(ctx.job, ctx.spec_dict, plan)
+            except protocol.PayloadTooLarge as exc:
+                raise Terminal("ConfigTooLarge", str(exc)) from None
+            created, _ = await gather_all([ctx.kube.ensure(secret_body), self.claim(inputs)])
+            if created:
+                break
+            logger.warning("%s/%s: Secret %s exists already and is not used (it may not be the job's); %s starts "
+                           "as attempt %d", ctx.job.namespace, ctx.job.name, secret_body["metadata"]["name"],
+                           unit.id, plan.attempt + 1)
+            await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs["metadata"]["name"])
+            self.owned.discard(inputs["metadata"]["name"])
+            attempt = self.attempts.latest[unit.id] = plan.attempt + 1
+            plan = plan_of(unit, attempt)
+        else:
+            raise ForeignObject("Secret", ctx.job.namespace, secret_body["metadata"]["name"], previous=False)
+        annotations = {f"{c.GROUP}/config-key": str(unit.tune_config and _config_key(unit.tune_config))} \
+            if unit.tune_config else None
+        return plan, builders.unit_pod(ctx.job, ctx.spec, plan, ctx.config, annotations)
+
+    async def start(self, starts: list[Start]) -> None:
+        """Create the prepared starts' pods (the history holding their units is stored)."""
+        await gather_all(self._launch(plan, body) for plan, body in starts)
+
+    async def _launch(self, plan: builders.UnitPlan, body: dict[str, Any]) -> None:
+        ctx = self.ctx
+        if await ctx.kube.create_pod(body):
+            self.attempts.expected[plan.unit] = (plan.attempt, ctx.services.clock())
+            if plan.kind == "trial":
+                ctx.metrics.trials_started.inc()
+            logger.info("%s/%s: %s started (pod %s)", ctx.job.namespace, ctx.job.name, plan.unit,
+                        body["metadata"]["name"])

@@ -1,0 +1,68 @@
+"""The cluster fakes honour label selectors as the API server does, so a test cannot pass on a query the real
+cluster would answer differently."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import types
+from typing import Any
+
+import pytest
+from opfakes import FakeKube, matches_labels
+
+from qtune.operator import constants as c
+from qtune.operator import handlers
+from qtune.operator.metrics import OperatorMetrics
+
+LABELS = {"app": "qtune", "qtune.io/job": "digits", "tier": "trial"}
+
+
+@pytest.mark.parametrize(("selector", "selected"), [
+    ("", True),
+    ("app=qtune", True),
+    ("app==qtune,tier=trial", True),
+    ("app=qtune,tier=baseline", False),
+    ("qtune.io/job", True),
+    ("qtune.io/job,missing", False),
+    ("!missing", True),
+    ("!app", False),
+    ("tier!=baseline", True),
+    ("tier!=trial", False),
+    ("tier in (trial, confirm)", True),
+    ("tier in (baseline),app=qtune", False),
+    ("tier notin (baseline)", True),
+    ("missing notin (x)", True),
+    ("tier notin (trial,x)", False),
+])
+def test_label_selectors(selector: str, selected: bool) -> None:
+    assert matches_labels(LABELS, selector) is selected
+
+
+def _pod(name: str, uid: str, namespace: str = "ml") -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace, "labels": {c.LABEL_JOB_UID: uid},
+                         "ownerReferences": [{"uid": uid}]}}
+
+
+def test_list_and_delete_pods_select_by_label_and_namespace() -> None:
+    kube = FakeKube()
+    for pod in (_pod("a-0", "uid-a"), _pod("a-1", "uid-a"), _pod("b-0", "uid-b"), _pod("a-x", "uid-a", "other")):
+        kube.pods[pod["metadata"]["name"]] = pod
+
+    listed = asyncio.run(kube.list_pods("ml", f"{c.LABEL_JOB_UID}=uid-a"))
+    assert sorted(p["metadata"]["name"] for p in listed) == ["a-0", "a-1"]
+    asyncio.run(kube.delete_pods("ml", f"{c.LABEL_JOB_UID}=uid-a"))
+    assert sorted(kube.pods) == ["a-x", "b-0"]
+
+
+def test_a_deleted_job_deletes_its_own_pods_only() -> None:
+    kube = FakeKube()
+    for pod in (_pod("a-0", "uid-a"), _pod("b-0", "uid-b")):
+        kube.pods[pod["metadata"]["name"]] = pod
+    services = types.SimpleNamespace(kube=kube, metrics=OperatorMetrics(), pushgateway=None)
+    memo = types.SimpleNamespace(services=services, deleted=set(), wakeups={})
+
+    asyncio.run(handlers.job_deleted(type="DELETED", meta={"namespace": "ml", "uid": "uid-a"}, memo=memo,
+                                     logger=logging.getLogger(__name__)))
+    assert kube.deleted_pods == ["a-0"] and sorted(kube.pods) == ["b-0"]
+    assert memo.deleted == {"uid-a"}
