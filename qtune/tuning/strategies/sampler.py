@@ -13,6 +13,9 @@ the sampler has nothing left to say and the search ends.
 
 Deterministic: draws come from `random.Random` seeded by the job's seed and the number of trials, so
 the same history proposes the same configs in every process (pure Python: the operator imports it).
+Two runs whose figures differ by noise (a local and a cluster run of one job) should propose the same
+configs too: the dimensions come in a fixed order and candidates are ranked by their density ratio and
+key, never by the noisy speed estimate (which only filters).
 """
 
 from __future__ import annotations
@@ -64,7 +67,10 @@ def dimensions(space: TuningSpace) -> list[Dimension]:
     for name, op in space.ops.items():
         if any(op.quantizable(a) for a in space.approaches):
             by_type[op.op_type] = by_type.get(op.op_type, 0.0) + gains.get(name, 0.0)
-    for op_type in sorted(by_type, key=lambda t: (-by_type[t], t))[:MAX_TYPE_DIMENSIONS]:
+    # the profile picks WHICH types (the most gain first) when there are too many; their order is fixed by
+    # name, so that two runs whose profiles differ by noise draw the same points from the same seed
+    chosen = sorted(by_type, key=lambda t: (-by_type[t], t))[:MAX_TYPE_DIMENSIONS]
+    for op_type in sorted(chosen):
         dims.append(Dimension(_type_dimension(op_type), (True, False)))
     for knob, (role, field) in KNOBS.items():
         values: list[Hashable] = []
@@ -198,5 +204,7 @@ def propose(space: TuningSpace, history: History, k: int, seed: int, outlook: Ou
         if key in seen or key in candidates or not outlook.promising(config):
             continue
         candidates[key] = (ratio, outlook.expected(config), config)
-    ranked = sorted(candidates.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+    # ranked by the density ratio (a function of the trials' order, not of their exact figures), then the
+    # key: the expected speed only filters (`promising`), as it moves with every run's noise
+    ranked = sorted(candidates.items(), key=lambda kv: (-round(kv[1][0], 9), kv[0]))
     return [config for _, (_, _, config) in ranked[:k]]
