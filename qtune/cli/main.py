@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("job", help="job.yaml (kind QuantizationJob)")
     tune.add_argument("-o", "--output", help="output folder (default spec.output.path or ./qtune-output/<name>)")
     mode = tune.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its history")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run from its history; a finished run goes on only when a budget it "
+                           "stopped on was raised above what it used (maxTrials above the trials run, timeoutSeconds "
+                           "0 or above the tuning time used so far, maxFailedTrials unset or above the failed trials)")
     mode.add_argument("--fresh", action="store_true", help="discard an earlier run of this job and start over")
     tune.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                       help="debug logging, and the traceback of an unexpected error")

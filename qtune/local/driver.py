@@ -29,11 +29,12 @@ from qtune.runner.cleanup import KEEP_BEST, remove_trial_models
 from qtune.spec.entrypoints import add_job_dir
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
-from qtune.spec.models import QuantizationJob
+from qtune.spec.models import JobSpec, QuantizationJob
 from qtune.tuning import stop
 from qtune.tuning.engine import drive
 from qtune.tuning.front import front_document, session_front
 from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
+from qtune.tuning.resume import history_resume_message
 from qtune.tuning.session import TuningSession, WorkUnit
 from qtune.tuning.space import TuningSpace
 
@@ -313,6 +314,18 @@ class _UnitListener:
             self.listener.confirm_finished(session)
 
 
+def _continue_finished(history: History, spec: JobSpec, workspace: Path) -> None:
+    """--resume of a finished run: it goes on when the resume rule says a budget was raised above what the run
+    used (qtune.tuning.resume); otherwise it stays finished and is reported again."""
+    message = history_resume_message(history, spec)
+    if message is None:
+        logger.warning("the run in %s finished (%s) and no budget it stopped on was raised: nothing to continue",
+                       workspace, history.stop_reason)
+        return
+    logger.info("resuming the run in %s, stopped %s: %s", workspace, history.stop_reason, message)
+    history.stop_reason = history.outcome = None
+
+
 def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None = None, resume: bool = False,
          fresh: bool = False, listener: ProgressListener | None = None,
          workspace: Path | None = None) -> TuneOutcome:
@@ -351,11 +364,10 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     write_json_atomic(workspace / JOB_FINGERPRINT_FILE, fingerprint)
 
     history = History.load(history_path) if history_path.exists() else History(job=job.name)
-    if history.stop_reason == stop.MAX_TRIALS and spec.tuning.max_trials > len(history.trials) or \
-            history.stop_reason in (stop.TIMEOUT, stop.TOO_MANY_FAILURES):
-        history.stop_reason = history.outcome = None  # resumed with more budget: the search goes on
-    elif history.stop_reason == stop.BASELINE_FAILED:
+    if history.stop_reason == stop.BASELINE_FAILED:
         history = History(job=job.name)
+    elif history.stop_reason is not None:
+        _continue_finished(history, spec, workspace)
     space = load_space(workspace) if history.baseline is not None else None
     add_job_dir(job_file.parent)  # the session imports a `module:Class` strategy from the job's folder
     session = TuningSession(spec, history, space)

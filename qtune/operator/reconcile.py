@@ -52,11 +52,12 @@ from qtune.spec.models import JobSpec
 from qtune.tuning import stop
 from qtune.tuning.engine import apply_outcome
 from qtune.tuning.history import History
+from qtune.tuning.resume import history_resume_message, resume_message
 from qtune.tuning.session import Decision, TuningSession
 from qtune.tuning.space import TuningSpace
 
-__all__ = ["EventSink", "JobReconciler", "Services", "StepResult", "Terminal", "build_session", "can_resume",
-           "check_operator_imports", "resumable_status", "validate"]
+__all__ = ["EventSink", "JobReconciler", "Services", "StepResult", "Terminal", "build_session",
+           "check_operator_imports", "status_resume_message", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,16 +121,15 @@ def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
                                         f"{type(exc).__name__}" + (f": {first}" if first else "")) from None
 
 
-def can_resume(history: History, spec: JobSpec) -> bool:
-    """A job stopped by its trial budget continues when spec.tuning.maxTrials was raised."""
-    return history.stop_reason == stop.MAX_TRIALS and spec.tuning.max_trials > len(history.trials)
-
-
-def resumable_status(status: Mapping[str, Any], max_trials: int) -> bool:
-    """The same decision from the status alone (for the maxTrials field handler)."""
+def status_resume_message(status: Mapping[str, Any], spec: JobSpec) -> str | None:
+    """The resume rule (qtune.tuning.resume) from a finished job's status alone, for the budget field handlers:
+    why it goes on under the edited `spec`, None when it does not (or is not finished)."""
+    if status.get("state") not in st.TERMINAL:
+        return None
     trials = status.get("trials") or {}
-    return (status.get("state") in st.TERMINAL and status.get("stopReason") == stop.MAX_TRIALS
-            and max_trials > int(trials.get("started", 0)))
+    return resume_message(status.get("stopReason"), trials=int(trials.get("started", 0)),
+                          elapsed_seconds=float(status.get("elapsedSeconds") or 0.0),
+                          failed_trials=int(trials.get("failed", 0)), spec=spec)
 
 
 class JobReconciler:
@@ -281,20 +281,23 @@ class JobReconciler:
 
     async def _maybe_continue(self, history: History, spec: JobSpec, pods: dict[str, PodSummary],
                               now: float) -> None:
-        """A job stopped by its trial budget continues when maxTrials is raised; a failed baseline
-        runs again when the spec was edited since."""
+        """Once the spec was edited since the job stopped: a job stopped by a budget goes on when the resume
+        rule says so (qtune.tuning.resume), a failed baseline runs again."""
         generation = self.ctx.generation
-        if can_resume(history, spec):
-            message = f"maxTrials raised to {spec.tuning.max_trials}: tuning continues"
-        elif (history.stop_reason == stop.BASELINE_FAILED and generation is not None
-              and (self.writer.last_status or {}).get("observedGeneration") not in (None, generation)):
+        if history.stop_reason is None or generation is None or \
+                (self.writer.last_status or {}).get("observedGeneration") in (None, generation):
+            return
+        if history.stop_reason == stop.BASELINE_FAILED:
             message = f"spec changed (generation {generation}): the baseline runs again"
             failed = pods.pop(protocol.BASELINE_UNIT, None)
             if failed is not None:  # its failure is history: the next start is a new attempt
                 await self.executor.retire(protocol.BASELINE_UNIT, failed)
             history.message = None
         else:
-            return
+            resumed = history_resume_message(history, spec)
+            if resumed is None:
+                return
+            message = f"spec changed (generation {generation}), {resumed}"
         logger.info("%s/%s: %s", self.job.namespace, self.job.name, message)
         history.stop_reason = None
         history.outcome = None
