@@ -8,7 +8,8 @@ the actions are in their own rooms (the causes apart from the actions, as in Kop
 2. observe (the pod executor, qtune/operator/pods.py, and the pure `observe` of qtune/operator/observe.py):
    which units run and the outcome of each finished one; pods no node will finish are force-deleted
    (node health: qtune/operator/nodes.py) and their units start again;
-3. record the outcomes in unit order and ask `session.advance(elapsed, running, capacity)`;
+3. record the outcomes in unit order and ask `session.advance(running, capacity)` (the session reads the
+   operator's clock);
 4. apply (the pod executor): save the history BEFORE any pod starts (the started units' Secrets and inputs
    ConfigMaps are written meanwhile: a dispatch costs two API round trips, not four), delete the pods of
    cancelled units, create the started units' pods; then clean up recorded units (the janitor,
@@ -26,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from qtune.operator import constants as c
 from qtune.operator import status as st
 from qtune.operator.cleanup import Janitor
 from qtune.operator.config import OperatorConfig, module_allowed
-from qtune.operator.context import EventSink, JobContext, Services, Terminal, elapsed_seconds
+from qtune.operator.context import EventSink, JobContext, Services, Terminal
 from qtune.operator.imports import import_strategy_module
 from qtune.operator.kube import Conflict
 from qtune.operator.layout import JobRef, cluster_problem, job_document
@@ -104,7 +105,7 @@ def check_operator_imports(spec: JobSpec, allowed_modules: tuple[str, ...]) -> N
 
 
 def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
-                  allowed_modules: tuple[str, ...]) -> TuningSession:
+                  allowed_modules: tuple[str, ...], clock: Callable[[], float] = time.time) -> TuningSession:
     """The job's TuningSession, as the operator may build it: only allowed strategy modules are imported,
     and whatever their import or constructor raises (SystemExit and KeyboardInterrupt included) becomes a
     SpecError on spec.tuning.strategy: no job can end the operator process."""
@@ -112,7 +113,7 @@ def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
 
     check_operator_imports(spec, allowed_modules)
     try:
-        return TuningSession(spec, history, space)
+        return TuningSession(spec, history, space, clock=clock)
     except (SpecError, asyncio.CancelledError):
         raise
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
@@ -227,7 +228,7 @@ class JobReconciler:
         seen = await self.executor.observe(pods, current, history, now)
         self.writer.report_rejections(seen.rejected)
         records = self._record(session, history, seen)
-        decision = self._advance(session, history, seen, now)
+        decision = self._advance(session, seen)
         changed = bool(seen.outcomes or decision.changed)
         # the history first, then pods: the starts' Secrets and inputs are written while the history is (they
         # start nothing); their pods only once it is stored
@@ -275,7 +276,7 @@ class JobReconciler:
         try:
             await import_strategy_module(spec.tuning.strategy, "spec.tuning.strategy", self.config.import_timeout,
                                          self.config.allowed_modules)
-            return build_session(spec, history, self.space, self.config.allowed_modules)
+            return build_session(spec, history, self.space, self.config.allowed_modules, self.ctx.services.clock)
         except SpecError as exc:
             raise Terminal(st.INVALID_SPEC, str(exc)) from None
 
@@ -294,14 +295,14 @@ class JobReconciler:
                 await self.executor.retire(protocol.BASELINE_UNIT, failed)
             history.message = None
         else:
-            resumed = history_resume_message(history, spec)
+            resumed = history_resume_message(history, spec, now)
             if resumed is None:
                 return
             message = f"spec changed (generation {generation}), {resumed}"
         logger.info("%s/%s: %s", self.job.namespace, self.job.name, message)
         history.stop_reason = None
         history.outcome = None
-        history.started_at = now
+        history.start_clock(now)
         await self.ctx.save()
         self.ctx.events("Normal", st.RESUMED, message)
 
@@ -318,15 +319,10 @@ class JobReconciler:
                 records.append(record)
         return records
 
-    def _advance(self, session: TuningSession, history: History, seen: Observation, now: float) -> Decision:
-        """The session's decision; a finished job's clock stops."""
+    def _advance(self, session: TuningSession, seen: Observation) -> Decision:
+        """The session's decision (on the operator's clock; a finished job's clock stops in the session)."""
         assert self.ctx.spec is not None
-        decision = session.advance(elapsed_seconds(history, now), frozenset(seen.running),
-                                   self.ctx.spec.tuning.parallel_trials)
-        if decision.finished and history.started_at is not None:
-            history.elapsed_seconds += now - history.started_at
-            history.started_at = None
-        return decision
+        return session.advance(frozenset(seen.running), self.ctx.spec.tuning.parallel_trials)
 
     async def _running(self, session: TuningSession, seen: Observation, decision: Decision,
                        now: float) -> StepResult:

@@ -45,7 +45,7 @@ def resumes(stop_reason: str | None, *, trials: int, elapsed_seconds: float, fai
                           failed_trials=failed_trials, spec=spec) is not None
 
 
-def history_resume_message(history: History, spec: JobSpec) -> str | None:
-    """`resume_message` of a finished run, from its history (its clock is stopped: elapsed is final)."""
-    return resume_message(history.stop_reason, trials=len(history.trials), elapsed_seconds=history.elapsed_seconds,
+def history_resume_message(history: History, spec: JobSpec, now: float) -> str | None:
+    """`resume_message` of a finished run, from its history (History.elapsed: stopped with the run, so final)."""
+    return resume_message(history.stop_reason, trials=len(history.trials), elapsed_seconds=history.elapsed(now),
                           failed_trials=len(history.failed()), spec=spec)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,10 +88,14 @@ class Decision:
 
 
 class TuningSession:
-    def __init__(self, spec: JobSpec, history: History, space: TuningSpace | None = None) -> None:
+    def __init__(self, spec: JobSpec, history: History, space: TuningSpace | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.history = history
         self.space = space
+        self.clock = clock
+        """The one clock of the job (wall seconds): its elapsed time, the trials' start and end. The operator
+        passes its Services.clock, tests a fake one."""
         tuning = spec.tuning
         self.criterion = Criterion.from_spec(tuning.accuracy_criterion)
         self.batch_size = objective_batch_size(spec)
@@ -104,18 +109,25 @@ class TuningSession:
     def baseline(self) -> Baseline | None:
         return self.history.baseline
 
+    def elapsed(self) -> float:
+        """The job's tuning time now (History.elapsed on the session's clock)."""
+        return self.history.elapsed(self.clock())
+
     @property
     def ready(self) -> bool:
         """The baseline and the space are known: trials can be proposed."""
         return self.history.baseline is not None and self.space is not None
 
     # --- the loop's one step ----------------------------------------------------------------
-    def advance(self, elapsed_seconds: float, running: set[str] | frozenset[str], capacity: int) -> Decision:
-        """Decide what to start, stop or finish, given the job's elapsed wall time (baseline
-        included), the units running now and how many may run at once."""
+    def advance(self, running: set[str] | frozenset[str], capacity: int) -> Decision:
+        """Decide what to start, stop or finish, given the units running now and how many may run at once.
+        The job's clock (baseline included) runs from the first call until the job finishes."""
         history = self.history
         if history.stop_reason is not None:
             return Decision(cancel=sorted(running), finished=history.stop_reason)
+        now = self.clock()
+        history.start_clock(now)
+        elapsed_seconds = history.elapsed(now)
         if not self.ready:
             if BASELINE_UNIT in running:
                 return self._maybe_timeout(elapsed_seconds, running) or Decision()
@@ -207,6 +219,7 @@ class TuningSession:
 
     def _finish(self, reason: str, cancel: list[str] | None = None) -> Decision:
         self.history.stop_reason = reason
+        self.history.stop_clock(self.clock())
         self.history.outcome = self.outcome(reason)
         logger.info("%s: search stopped (%s); outcome %s", self.history.job, reason, self.history.outcome)
         return Decision(cancel=cancel or [], finished=reason)
@@ -221,7 +234,7 @@ class TuningSession:
             return []
         assert self.space is not None
         configs = self.strategy.propose(self.space, self.history, k)[:k]
-        now = time.time()
+        now = self.clock()
         records = []
         for config in configs:
             if self.history.find(config) is not None:
@@ -311,8 +324,6 @@ class TuningSession:
             seconds=float(result.seconds), metric=result.metric, peak_rss_bytes=dict(result.peak_rss_bytes),
         )
         self.space = space
-        if self.history.started_at is None:
-            self.history.started_at = time.time()
 
     def record_trial(self, result: TrialResult) -> TrialRecord | None:
         """Record a trial's result once; a repeated or unknown result is ignored (returns None)."""
@@ -333,7 +344,7 @@ class TuningSession:
         record.status = SUCCEEDED if result.status == SUCCEEDED else FAILED
         baseline = self.history.baseline.accuracy if self.history.baseline else None
         record.passed = bool(record.ok and baseline is not None and self.criterion.passes(record.accuracy, baseline))
-        record.finished_at = time.time()
+        record.finished_at = self.clock()
         return record
 
     def record_confirm(self, result: ConfirmResult) -> None:

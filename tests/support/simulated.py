@@ -131,6 +131,16 @@ class SimulatedExecutor:
         return outcomes
 
 
+class FakeClock:
+    """A clock for TuningSession(clock=...): it reads `now`, which the test sets."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def run_simulated(spec: JobSpec, space: TuningSpace, accuracy: AccuracyModel, *, speed: SpeedModel = int8_share_speed,
                   history: History | None = None, order: str = "index", half_width: float = 0.05,
                   fail_trials: set[int] | None = None, stop_after: int | None = None,
@@ -141,21 +151,22 @@ def run_simulated(spec: JobSpec, space: TuningSpace, accuracy: AccuracyModel, *,
     interruption (returns stop reason None). Time stands still except for the backoffs the session asks
     for: they advance the clock at once (and are appended to `slept`)."""
     history = history or History(job="sim")
-    session = TuningSession(spec, history, space if history.baseline is not None else None)
-    executor = SimulatedExecutor(spec, space, accuracy, speed, order=order, half_width=half_width,
-                                 fail_trials=fail_trials or set(), failures=dict(failures or {}),
-                                 baseline_accuracy=baseline_accuracy)
     base_clock = clock or (lambda: 0.0)
     waited = slept if slept is not None else []
 
-    def elapsed() -> float:
+    def now() -> float:
         return base_clock() + sum(waited)
+
+    session = TuningSession(spec, history, space if history.baseline is not None else None, clock=now)
+    executor = SimulatedExecutor(spec, space, accuracy, speed, order=order, half_width=half_width,
+                                 fail_trials=fail_trials or set(), failures=dict(failures or {}),
+                                 baseline_accuracy=baseline_accuracy)
 
     def interrupted() -> bool:
         return stop_after is not None and len(history.finished()) >= stop_after
 
     try:
-        reason = drive(session, executor, elapsed, lambda: None, interrupted=interrupted, poll_wait=0,
+        reason = drive(session, executor, lambda: None, interrupted=interrupted, poll_wait=0,
                        sleep=waited.append)
     except KeyboardInterrupt:
         return session, executor, None

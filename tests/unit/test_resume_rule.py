@@ -59,5 +59,5 @@ def test_from_a_history_counts_what_the_stop_rules_count():
     session, _, reason = run_simulated(spec, simulated_space(), sensitive_accuracy())
     assert reason == stop.MAX_TRIALS
     history = session.history
-    assert history_resume_message(history, spec) is None
-    assert history_resume_message(history, job_spec(maxTrials=4, confirmCandidates=0)) is not None
+    assert history_resume_message(history, spec, now=0.0) is None
+    assert history_resume_message(history, job_spec(maxTrials=4, confirmCandidates=0), now=0.0) is not None
