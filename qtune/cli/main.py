@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from qtune import __version__
+from qtune.protocol import UnitKind
 from qtune.spec import QtuneError, load_job
 from qtune.tuning import stop
 
@@ -73,11 +74,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _trial(argv: list[str]) -> int:
-    from qtune.runner.__main__ import install_sigterm_handler
+    from qtune.runner.__main__ import RUNNER_KINDS, install_sigterm_handler
     from qtune.runner.__main__ import main as runner_main
 
-    if not argv or argv[0] not in ("baseline", "trial", "confirm"):
-        argv = ["trial", *argv]
+    if not argv or argv[0] not in RUNNER_KINDS:
+        argv = [UnitKind.TRIAL.value, *argv]
     install_sigterm_handler()  # `qtune trial` is PID 1 of a trial container too
     return runner_main(argv)
 

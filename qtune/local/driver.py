@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qtune.local.executor import LocalExecutor
-from qtune.protocol import BASELINE_UNIT, CONFIRM_UNIT, SpeedMeasurement
+from qtune.protocol import SpeedMeasurement, UnitKind
 from qtune.runner.cleanup import KEEP_BEST, remove_trial_models
 from qtune.spec.entrypoints import add_job_dir
 from qtune.spec.errors import QtuneError
@@ -296,21 +296,21 @@ class _UnitListener:
     def unit_started(self, unit: WorkUnit) -> None:
         if self.listener is None:
             return
-        if unit.kind == "trial":
+        if unit.kind == UnitKind.TRIAL:
             record = next(t for t in self.session.history.trials if t.index == unit.trial)
             self.listener.trial_started(record)
-        elif unit.kind == CONFIRM_UNIT:
+        elif unit.kind == UnitKind.CONFIRM:
             self.listener.confirm_started(list(unit.candidates))
 
     def unit_finished(self, unit_id: str, record: TrialRecord | None, session: TuningSession) -> None:
         if self.listener is None:
             return
-        if unit_id == BASELINE_UNIT and session.ready:
+        if unit_id == UnitKind.BASELINE and session.ready:
             assert session.baseline is not None and session.space is not None
             self.listener.baseline_ready(session.baseline, session.space, session.spec.tuning.max_trials)
         elif record is not None:
             self.listener.trial_finished(record, session.best(), self.elapsed())
-        elif unit_id == CONFIRM_UNIT:
+        elif unit_id == UnitKind.CONFIRM:
             self.listener.confirm_finished(session)
 
 

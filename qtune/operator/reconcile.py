@@ -290,9 +290,9 @@ class JobReconciler:
             return
         if history.stop_reason == stop.BASELINE_FAILED:
             message = f"spec changed (generation {generation}): the baseline runs again"
-            failed = pods.pop(protocol.BASELINE_UNIT, None)
+            failed = pods.pop(protocol.UnitKind.BASELINE, None)
             if failed is not None:  # its failure is history: the next start is a new attempt
-                await self.executor.retire(protocol.BASELINE_UNIT, failed)
+                await self.executor.retire(protocol.UnitKind.BASELINE.value, failed)
             history.message = None
         else:
             resumed = history_resume_message(history, spec, now)
@@ -311,7 +311,7 @@ class JobReconciler:
         records = []
         for outcome in seen.outcomes:
             record = apply_outcome(session, outcome)
-            if outcome.unit_id == protocol.BASELINE_UNIT and session.space is not None:
+            if outcome.unit_id == protocol.UnitKind.BASELINE and session.space is not None:
                 self.space = session.space
                 self.ctx.events("Normal", "BaselineReady", f"fp32 accuracy {history.baseline.accuracy:.4f}, "  # type: ignore[union-attr]
                                 f"{len(session.space.ops)} quantizable ops")
@@ -327,8 +327,8 @@ class JobReconciler:
     async def _running(self, session: TuningSession, seen: Observation, decision: Decision,
                        now: float) -> StepResult:
         """The status of a job that goes on, and when to step again."""
-        confirming = (protocol.CONFIRM_UNIT in seen.running
-                      or any(u.id == protocol.CONFIRM_UNIT for u in decision.start))
+        confirming = (protocol.UnitKind.CONFIRM in seen.running
+                      or any(u.id == protocol.UnitKind.CONFIRM for u in decision.start))
         state, reason, message = self.writer.running(session, confirming)
         reason, message = self.executor.nodes.waiting(
             seen, reason, message, now,

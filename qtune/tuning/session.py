@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtune.protocol import (
-    BASELINE_UNIT,
-    CONFIRM_UNIT,
     BaselineResult,
     ConfirmResult,
     SpeedMeasurement,
     TrialResult,
+    UnitKind,
 )
 from qtune.protocol import trial_unit as trial_unit_id
 from qtune.protocol import unit_trial_index as trial_of
@@ -51,7 +50,7 @@ class WorkUnit:
     """One unit of work an executor runs: the baseline, a trial, or the final confirmation."""
 
     id: str
-    kind: str
+    kind: UnitKind
     trial: int | None = None
     tune_config: dict[str, Any] | None = None
     candidates: tuple[int, ...] = ()
@@ -62,11 +61,11 @@ class WorkUnit:
 
     @classmethod
     def baseline(cls) -> WorkUnit:
-        return cls(BASELINE_UNIT, BASELINE_UNIT)
+        return cls(UnitKind.BASELINE.value, UnitKind.BASELINE)
 
     @classmethod
     def for_trial(cls, record: TrialRecord) -> WorkUnit:
-        return cls(trial_unit_id(record.index), "trial", record.index, record.tune_config,
+        return cls(trial_unit_id(record.index), UnitKind.TRIAL, record.index, record.tune_config,
                    full_evaluation=record.full_evaluation)
 
 
@@ -129,14 +128,14 @@ class TuningSession:
         history.start_clock(now)
         elapsed_seconds = history.elapsed(now)
         if not self.ready:
-            if BASELINE_UNIT in running:
+            if UnitKind.BASELINE in running:
                 return self._maybe_timeout(elapsed_seconds, running) or Decision()
             return self._maybe_timeout(elapsed_seconds, running) or Decision(start=[WorkUnit.baseline()])
 
         hard = self._maybe_timeout(elapsed_seconds, running)
         if hard is not None:
             return hard
-        if CONFIRM_UNIT in running:
+        if UnitKind.CONFIRM in running:
             return Decision()
         wait = self._backoff(elapsed_seconds)
         if wait is not None:
@@ -211,7 +210,7 @@ class TuningSession:
             message = f"stopped: {reason}: {self.history.message}"
         for record in self.history.pending():
             self.fail(record.index, reason if reason == stop.TIMEOUT else stop.ABANDONED, message)
-        if CONFIRM_UNIT in running:
+        if UnitKind.CONFIRM in running:
             self.history.confirmation = {"status": FAILED, "reason": reason, "message": message}
         if not self.ready:
             self.history.message = f"{message}, before the baseline finished"
@@ -295,18 +294,18 @@ class TuningSession:
         candidates = self.confirm_candidates()
         if not candidates:
             return None
-        return WorkUnit(CONFIRM_UNIT, CONFIRM_UNIT, candidates=tuple(t.index for t in candidates),
+        return WorkUnit(UnitKind.CONFIRM.value, UnitKind.CONFIRM, candidates=tuple(t.index for t in candidates),
                         candidate_configs={str(t.index): t.tune_config for t in candidates})
 
     # --- results -----------------------------------------------------------------------------
     def record(self, unit_id: str, result: BaselineResult | TrialResult | ConfirmResult,
                space: TuningSpace | None = None) -> TrialRecord | None:
         """Record a unit's typed result (dispatch on the unit id)."""
-        if unit_id == BASELINE_UNIT:
+        if unit_id == UnitKind.BASELINE:
             assert isinstance(result, BaselineResult)
             self.record_baseline(result, space)
             return None
-        if unit_id == CONFIRM_UNIT:
+        if unit_id == UnitKind.CONFIRM:
             assert isinstance(result, ConfirmResult)
             self.record_confirm(result)
             return None
@@ -315,7 +314,7 @@ class TuningSession:
 
     def record_baseline(self, result: BaselineResult, space: TuningSpace | None) -> None:
         if result.status != SUCCEEDED or result.accuracy is None or space is None:
-            self.record_unit_failure(BASELINE_UNIT, result.reason or stop.BASELINE_FAILED,
+            self.record_unit_failure(UnitKind.BASELINE, result.reason or stop.BASELINE_FAILED,
                                      result.message or "the baseline step did not produce the tuning space")
             return
         self.history.baseline = Baseline(
@@ -349,17 +348,17 @@ class TuningSession:
 
     def record_confirm(self, result: ConfirmResult) -> None:
         if result.status != SUCCEEDED:
-            self.record_unit_failure(CONFIRM_UNIT, result.reason or "Crashed", result.message or "")
+            self.record_unit_failure(UnitKind.CONFIRM, result.reason or "Crashed", result.message or "")
             return
         self.history.confirmation = {**result.model_dump(), "trials_seen": len(self.history.trials)}
 
     def record_unit_failure(self, unit_id: str, reason: str, message: str) -> TrialRecord | None:
         """A unit that produced no result (crash, OOMKilled, Timeout, pod lost ...)."""
-        if unit_id == BASELINE_UNIT:
+        if unit_id == UnitKind.BASELINE:
             self.history.message = message
             self._finish(stop.BASELINE_FAILED)
             return None
-        if unit_id == CONFIRM_UNIT:
+        if unit_id == UnitKind.CONFIRM:
             logger.warning("the confirmation failed (%s: %s); the in-trial figures decide", reason, message)
             self.history.confirmation = {"status": FAILED, "reason": reason, "message": message,
                                          "trials_seen": len(self.history.trials)}

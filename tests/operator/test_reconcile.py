@@ -84,14 +84,14 @@ class World:
         inputs = self.kube.configmaps[c.unit_inputs(pod["metadata"]["name"])]["data"]
         assert c.JOB_FILE in inputs
         config = json.loads(inputs.get(c.CONFIG_FILE, "{}"))
-        if unit == protocol.BASELINE_UNIT:
+        if unit == protocol.UnitKind.BASELINE:
             return WorkUnit.baseline()
-        if unit == protocol.CONFIRM_UNIT:
+        if unit == protocol.UnitKind.CONFIRM:
             args = pod["spec"]["containers"][0]["args"]
             candidates = tuple(int(i) for i in args[args.index("--candidates") + 1].split(","))
-            return WorkUnit(unit, unit, candidates=candidates, candidate_configs=config)
+            return WorkUnit(unit, protocol.UnitKind.CONFIRM, candidates=candidates, candidate_configs=config)
         index = protocol.unit_trial_index(unit)
-        return WorkUnit(unit, "trial", index, config)
+        return WorkUnit(unit, protocol.UnitKind.TRIAL, index, config)
 
     def secret_of(self, pod: dict[str, Any]) -> str:
         """The pod's env QTUNE_RESULT_SECRET, resolved from its own Secret (secretKeyRef)."""
@@ -107,7 +107,7 @@ class World:
 
     def finish(self, name: str, push: bool = True) -> None:
         pod = self.kube.pods[name]
-        if pod["metadata"]["labels"][c.LABEL_UNIT] == protocol.CLEANUP_UNIT:
+        if pod["metadata"]["labels"][c.LABEL_UNIT] == protocol.UnitKind.CLEANUP:
             self.kube.finish_pod(name)  # it deletes models in the workspace; no result
             return
         unit = self.unit_of(pod)
@@ -116,7 +116,7 @@ class World:
             self.kube.finish_pod(name, phase="Failed", exitCode=protocol.EXIT_TRIAL_FAILED,
                                  message=protocol.termination_message(outcome.result.reason, outcome.result.message))
             return
-        if unit.id == protocol.BASELINE_UNIT:
+        if unit.id == protocol.UnitKind.BASELINE:
             data, binary = protocol.encode_document(c.SPACE_KEY, self.space.to_dict())
             self.kube.configmaps[c.baseline_configmap("digits")].update(data=data, binaryData=binary)
         if push:

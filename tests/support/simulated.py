@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtune.protocol import (
-    BASELINE_UNIT,
-    CONFIRM_UNIT,
     BaselineResult,
     ConfirmResult,
     SpeedMeasurement,
     TrialResult,
+    UnitKind,
 )
 from qtune.spec.models import JobSpec
 from qtune.tuning.config import TuneConfig
@@ -87,11 +86,11 @@ class SimulatedExecutor:
 
     def _result(self, unit: WorkUnit) -> UnitOutcome:
         batch = self._batch()
-        if unit.id == BASELINE_UNIT:
+        if unit.id == UnitKind.BASELINE:
             return UnitOutcome(unit.id, BaselineResult(accuracy=self.baseline_accuracy, metric="top1",
                                                        latency_ms={str(batch): 10.0}, model_size_bytes=4000),
                                self.space)
-        if unit.id == CONFIRM_UNIT:  # the runner's passes (qtune/runner/confirm.py) over the modelled figures
+        if unit.id == UnitKind.CONFIRM:  # the runner's passes (qtune/runner/confirm.py) over the modelled figures
             def measure(names: list[str]) -> dict[str, dict[str, SpeedMeasurement]]:
                 return {name: self._speed(TuneConfig.from_dict(unit.candidate_configs[name]), self.half_width / 2)
                         for name in names}
