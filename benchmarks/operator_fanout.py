@@ -165,7 +165,7 @@ def dispatch_pairs(results: dict[tuple[str, str], float], pods: Iterable[PodSeen
     ones, after the baseline), retries and other units (cleanup) are left out. `slack`: a result counts as earlier
     when seen at most this long after the pod (the poller sees results up to a period late).
     Returns ((job uid, result unit), result seen, pod) triples."""
-    from qtune.protocol import CONFIRM_UNIT, unit_trial_index
+    from qtune.protocol import UnitKind, unit_trial_index
 
     by_job: dict[str, list[tuple[float, str]]] = {}
     for (uid, unit), seen in results.items():
@@ -174,15 +174,15 @@ def dispatch_pairs(results: dict[tuple[str, str], float], pods: Iterable[PodSeen
     out: list[tuple[tuple[str, str], float, PodSeen]] = []
     for pod in sorted(pods, key=lambda p: p.created):
         waiting = by_job.get(pod.job_uid)
-        if pod.attempt or not waiting or (pod.unit != CONFIRM_UNIT and unit_trial_index(pod.unit) is None):
+        if pod.attempt or not waiting or (pod.unit != UnitKind.CONFIRM and unit_trial_index(pod.unit) is None):
             continue  # a retry, or no trial result of the job yet, or not a trial/confirm pod (baseline, cleanup)
         waiting.sort()
         earlier = [item for item in waiting if item[0] <= pod.created + slack]
         if not earlier:
             continue
-        seen, unit = earlier[-1] if pod.unit == CONFIRM_UNIT else earlier[0]
+        seen, unit = earlier[-1] if pod.unit == UnitKind.CONFIRM else earlier[0]
         out.append(((pod.job_uid, unit), seen, pod))
-        if pod.unit == CONFIRM_UNIT:
+        if pod.unit == UnitKind.CONFIRM:
             del waiting[:len(earlier)]
         else:
             waiting.remove(earlier[0])

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import math
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,9 +24,19 @@ EXIT_TRIAL_FAILED = 2
 """The trial ran and failed (its result says why): recorded, the search goes on."""
 
 SUCCEEDED, FAILED = "succeeded", "failed"
-BASELINE_UNIT, CONFIRM_UNIT = "baseline", "confirm"
-CLEANUP_UNIT = "cleanup"
-"""Operator only: the short pod that deletes the models of non-winning trials when a job ends (no result)."""
+
+
+class UnitKind(StrEnum):
+    """The kinds of unit of work. A str: the values are what the wire, the pods' labels and args, the runner's
+    commands and stored histories carry. The baseline, the confirmation and the cleanup are one per job, so
+    each one's unit id is its kind's value; a trial's id is `trial-<n>` (`trial_unit`)."""
+
+    BASELINE = "baseline"
+    TRIAL = "trial"
+    CONFIRM = "confirm"
+    CLEANUP = "cleanup"
+    """Operator only: the short pod that deletes the models of non-winning trials when a job ends (no result)."""
+
 
 
 class _Message(BaseModel):
@@ -229,14 +240,14 @@ LONG_UNIT_FLOOR_SECONDS = 600
 """... and at least this long: the baseline also measures op sensitivity and profiles the graph."""
 
 
-def unit_timeout_seconds(kind: str, trial_timeout: float) -> float:
+def unit_timeout_seconds(kind: UnitKind, trial_timeout: float) -> float:
     """The wall-clock limit of one unit, the same for a local process and a pod."""
-    if kind == "trial":
+    if kind == UnitKind.TRIAL:
         return float(trial_timeout)
     return float(max(LONG_UNIT_FACTOR * trial_timeout, LONG_UNIT_FLOOR_SECONDS))
 
 
-TRIAL_PREFIX = "trial-"
+TRIAL_PREFIX = f"{UnitKind.TRIAL.value}-"
 
 
 def trial_unit(index: int) -> str:
@@ -250,16 +261,26 @@ def unit_trial_index(unit: str) -> int | None:
     return None
 
 
-def result_kind(result: Result) -> str:
+def unit_kind(unit: str) -> UnitKind | None:
+    """The kind of the unit with this id: TRIAL for "trial-3", BASELINE for "baseline", ...; None for an id that
+    is no unit's."""
+    if unit_trial_index(unit) is not None:
+        return UnitKind.TRIAL
+    if unit in (UnitKind.BASELINE, UnitKind.CONFIRM, UnitKind.CLEANUP):
+        return UnitKind(unit)
+    return None
+
+
+def result_kind(result: Result) -> UnitKind:
     if isinstance(result, BaselineResult):
-        return BASELINE_UNIT
+        return UnitKind.BASELINE
     if isinstance(result, ConfirmResult):
-        return CONFIRM_UNIT
-    return "trial"
+        return UnitKind.CONFIRM
+    return UnitKind.TRIAL
 
 
 RESULT_MODELS: dict[str, type[BaselineResult] | type[TrialResult] | type[ConfirmResult]] = {
-    BASELINE_UNIT: BaselineResult, "trial": TrialResult, CONFIRM_UNIT: ConfirmResult}
+    UnitKind.BASELINE: BaselineResult, UnitKind.TRIAL: TrialResult, UnitKind.CONFIRM: ConfirmResult}
 
 
 # --- the metric table: results as Prometheus samples ------------------------------------------
@@ -278,25 +299,26 @@ SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", 
 """Every field of SpeedMeasurement, each one series `qtune_result_speed_<field>{batch_size}`."""
 
 LABEL_FIELDS: dict[str, tuple[str, ...]] = {
-    BASELINE_UNIT: ("status", "metric", "reason", "message"),
-    "trial": ("status", "config_key", "model_path", "reason", "message", "notes"),
-    CONFIRM_UNIT: ("status", "candidates", "reason", "message"),
+    UnitKind.BASELINE: ("status", "metric", "reason", "message"),
+    UnitKind.TRIAL: ("status", "config_key", "model_path", "reason", "message", "notes"),
+    UnitKind.CONFIRM: ("status", "candidates", "reason", "message"),
 }
 """String (and list, as JSON) fields: labels of the info series."""
 SCALAR_FIELDS: dict[str, tuple[str, ...]] = {
-    BASELINE_UNIT: ("accuracy", "model_size_bytes", "seconds"),
-    "trial": ("trial", "accuracy", "model_size_bytes"),
-    CONFIRM_UNIT: ("seconds",),
+    UnitKind.BASELINE: ("accuracy", "model_size_bytes", "seconds"),
+    UnitKind.TRIAL: ("trial", "accuracy", "model_size_bytes"),
+    UnitKind.CONFIRM: ("seconds",),
 }
 """Numeric fields: one series `qtune_result_<field>` each."""
 MAP_FIELDS: dict[str, dict[str, tuple[str, str]]] = {
-    BASELINE_UNIT: {"latency_ms": ("latency_ms", "batch_size"), "latency_p90_ms": ("latency_p90_ms", "batch_size"),
-                    "peak_rss_bytes": ("peak_rss_bytes", "phase")},
-    "trial": {"timings": ("duration_seconds", "phase"), "peak_rss_bytes": ("peak_rss_bytes", "phase")},
-    CONFIRM_UNIT: {},
+    UnitKind.BASELINE: {"latency_ms": ("latency_ms", "batch_size"), "latency_p90_ms": ("latency_p90_ms", "batch_size"),
+                        "peak_rss_bytes": ("peak_rss_bytes", "phase")},
+    UnitKind.TRIAL: {"timings": ("duration_seconds", "phase"), "peak_rss_bytes": ("peak_rss_bytes", "phase")},
+    UnitKind.CONFIRM: {},
 }
 """dict[str, float] fields: field -> (metric suffix, key label)."""
-SPEED_MAP_FIELDS: dict[str, tuple[str, ...]] = {BASELINE_UNIT: (), "trial": ("speed",), CONFIRM_UNIT: ("speed",)}
+SPEED_MAP_FIELDS: dict[str, tuple[str, ...]] = {UnitKind.BASELINE: (), UnitKind.TRIAL: ("speed",),
+                                                 UnitKind.CONFIRM: ("speed",)}
 """Speed fields: TrialResult.speed {batch: SpeedMeasurement}; ConfirmResult.speed {trial: {batch: ...}}
 (label `candidate` = the trial index)."""
 SIGNATURE_LABEL = "signature"
@@ -320,7 +342,7 @@ def encode_result(result: Result, signature: str | None = None) -> list[Sample]:
     """The metric table of one result (plus its signature) as samples."""
     kind = result_kind(result)
     data = result.model_dump(mode="python")
-    info: dict[str, str] = {KIND_LABEL: kind}
+    info: dict[str, str] = {KIND_LABEL: kind.value}
     for name in LABEL_FIELDS[kind]:
         value = data.get(name)
         if value is None:
@@ -337,11 +359,11 @@ def encode_result(result: Result, signature: str | None = None) -> list[Sample]:
             samples.append(Sample(name=f"{METRIC_PREFIX}{suffix}", labels={label: str(key)}, value=float(value)))
     for name in SPEED_MAP_FIELDS[kind]:
         speed = data.get(name) or {}
-        nested = speed.items() if kind == CONFIRM_UNIT else [("", speed)]
+        nested = speed.items() if kind == UnitKind.CONFIRM else [("", speed)]
         for candidate, by_batch in nested:
             for batch, measurement in sorted(by_batch.items()):
                 labels = {"batch_size": str(batch)}
-                if kind == CONFIRM_UNIT:
+                if kind == UnitKind.CONFIRM:
                     labels["candidate"] = str(candidate)
                 for field in SPEED_FIELDS:
                     if measurement.get(field) is not None:
@@ -385,7 +407,7 @@ def decode_result(samples: list[Sample]) -> tuple[Result, str | None]:
             data.setdefault(name, {})[sample.labels.get(label, "")] = sample.value
         elif sample.name in speed_names and SPEED_MAP_FIELDS[kind]:
             batch = sample.labels.get("batch_size", "")
-            if kind == CONFIRM_UNIT:
+            if kind == UnitKind.CONFIRM:
                 target = data.setdefault("speed", {}).setdefault(sample.labels.get("candidate", ""), {})
             else:
                 target = data.setdefault("speed", {})

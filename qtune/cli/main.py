@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from qtune import __version__
+from qtune.protocol import UnitKind
 from qtune.spec import QtuneError, load_job
 from qtune.tuning import stop
 
@@ -73,11 +74,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _trial(argv: list[str]) -> int:
-    from qtune.runner.__main__ import install_sigterm_handler
+    from qtune.runner.__main__ import RUNNER_KINDS, install_sigterm_handler
     from qtune.runner.__main__ import main as runner_main
 
-    if not argv or argv[0] not in ("baseline", "trial", "confirm"):
-        argv = ["trial", *argv]
+    if not argv or argv[0] not in RUNNER_KINDS:
+        argv = [UnitKind.TRIAL.value, *argv]
     install_sigterm_handler()  # `qtune trial` is PID 1 of a trial container too
     return runner_main(argv)
 
@@ -102,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("job", help="job.yaml (kind QuantizationJob)")
     tune.add_argument("-o", "--output", help="output folder (default spec.output.path or ./qtune-output/<name>)")
     mode = tune.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue an interrupted run from its history")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run from its history; a finished run goes on only when a budget it "
+                           "stopped on was raised above what it used (maxTrials above the trials run, timeoutSeconds "
+                           "0 or above the tuning time used so far, maxFailedTrials unset or above the failed trials)")
     mode.add_argument("--fresh", action="store_true", help="discard an earlier run of this job and start over")
     tune.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                       help="debug logging, and the traceback of an unexpected error")

@@ -24,16 +24,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from qtune.local.executor import LocalExecutor
-from qtune.protocol import BASELINE_UNIT, CONFIRM_UNIT, SpeedMeasurement
+from qtune.protocol import SpeedMeasurement, UnitKind
 from qtune.runner.cleanup import KEEP_BEST, remove_trial_models
 from qtune.spec.entrypoints import add_job_dir
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
-from qtune.spec.models import QuantizationJob
+from qtune.spec.models import JobSpec, QuantizationJob
 from qtune.tuning import stop
 from qtune.tuning.engine import drive
 from qtune.tuning.front import front_document, session_front
 from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
+from qtune.tuning.resume import history_resume_message
 from qtune.tuning.session import TuningSession, WorkUnit
 from qtune.tuning.space import TuningSpace
 
@@ -295,28 +296,41 @@ class _UnitListener:
     def unit_started(self, unit: WorkUnit) -> None:
         if self.listener is None:
             return
-        if unit.kind == "trial":
+        if unit.kind == UnitKind.TRIAL:
             record = next(t for t in self.session.history.trials if t.index == unit.trial)
             self.listener.trial_started(record)
-        elif unit.kind == CONFIRM_UNIT:
+        elif unit.kind == UnitKind.CONFIRM:
             self.listener.confirm_started(list(unit.candidates))
 
     def unit_finished(self, unit_id: str, record: TrialRecord | None, session: TuningSession) -> None:
         if self.listener is None:
             return
-        if unit_id == BASELINE_UNIT and session.ready:
+        if unit_id == UnitKind.BASELINE and session.ready:
             assert session.baseline is not None and session.space is not None
             self.listener.baseline_ready(session.baseline, session.space, session.spec.tuning.max_trials)
         elif record is not None:
             self.listener.trial_finished(record, session.best(), self.elapsed())
-        elif unit_id == CONFIRM_UNIT:
+        elif unit_id == UnitKind.CONFIRM:
             self.listener.confirm_finished(session)
+
+
+def _continue_finished(history: History, spec: JobSpec, workspace: Path, now: float) -> None:
+    """--resume of a finished run: it goes on when the resume rule says a budget was raised above what the run
+    used (qtune.tuning.resume); otherwise it stays finished and is reported again."""
+    message = history_resume_message(history, spec, now)
+    if message is None:
+        logger.warning("the run in %s finished (%s) and no budget it stopped on was raised: nothing to continue",
+                       workspace, history.stop_reason)
+        return
+    logger.info("resuming the run in %s, stopped %s: %s", workspace, history.stop_reason, message)
+    history.stop_reason = history.outcome = None
 
 
 def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None = None, resume: bool = False,
          fresh: bool = False, listener: ProgressListener | None = None,
-         workspace: Path | None = None) -> TuneOutcome:
-    """Tune a job on this machine. Raises QtuneError (one line) on bad input, before writing output."""
+         workspace: Path | None = None, clock: Callable[[], float] = time.time) -> TuneOutcome:
+    """Tune a job on this machine. Raises QtuneError (one line) on bad input, before writing output.
+    `clock` is the session's (the job's elapsed time, the trials' timestamps)."""
     job_file = Path(job_file).resolve()
     spec = job.spec
     workspace = (workspace or default_workspace(job, job_file)).resolve()
@@ -351,26 +365,22 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     write_json_atomic(workspace / JOB_FINGERPRINT_FILE, fingerprint)
 
     history = History.load(history_path) if history_path.exists() else History(job=job.name)
-    if history.stop_reason == stop.MAX_TRIALS and spec.tuning.max_trials > len(history.trials) or \
-            history.stop_reason in (stop.TIMEOUT, stop.TOO_MANY_FAILURES):
-        history.stop_reason = history.outcome = None  # resumed with more budget: the search goes on
-    elif history.stop_reason == stop.BASELINE_FAILED:
+    # A local job's clock runs only while `qtune tune` does: the stretch an earlier run left open (from its last
+    # save until it died) is not counted; the session starts the clock again.
+    history.started_at = None
+    if history.stop_reason == stop.BASELINE_FAILED:
         history = History(job=job.name)
+    elif history.stop_reason is not None:
+        _continue_finished(history, spec, workspace, clock())
     space = load_space(workspace) if history.baseline is not None else None
     add_job_dir(job_file.parent)  # the session imports a `module:Class` strategy from the job's folder
-    session = TuningSession(spec, history, space)
-    if history.started_at is None:
-        history.started_at = time.time()
-    run_started = time.monotonic()
-    base_elapsed = history.elapsed_seconds
+    session = TuningSession(spec, history, space, clock=clock)
     executor = LocalExecutor(job_file, job_file.parent, workspace, spec.tuning.parallel_trials,
                              float(spec.tuning.trial_timeout_seconds), spec.benchmark.threads)
-
-    def elapsed() -> float:
-        return base_elapsed + (time.monotonic() - run_started)
+    elapsed = session.elapsed
 
     def save() -> None:
-        history.elapsed_seconds = elapsed()
+        history.checkpoint(clock())  # history.json's elapsed_seconds is the tuning time as of this save
         history.save(history_path)
 
     if listener is not None and session.ready:
@@ -378,7 +388,7 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
         listener.baseline_ready(history.baseline, space, spec.tuning.max_trials)
     with _deferred_signals() as received:
         try:
-            stop_reason = drive(session, executor, elapsed, save, _UnitListener(listener, session, elapsed),
+            stop_reason = drive(session, executor, save, _UnitListener(listener, session, elapsed),
                                 interrupted=lambda: bool(received))
         except BaseException:
             executor.stop_all()  # interrupted: killed trials stay pending and run again on --resume

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from qtune.protocol import (
-    BASELINE_UNIT,
-    CONFIRM_UNIT,
     EXIT_JOB_UNUSABLE,
     INVALID_SPEC,
     BaselineResult,
     ConfirmResult,
     TrialResult,
+    UnitKind,
     parse_termination,
     unit_timeout_seconds,
 )
@@ -61,7 +60,7 @@ def cpu_slots(parallel: int) -> list[list[int]]:
 
 def unit_dir(workspace: Path, unit: WorkUnit | str) -> Path:
     unit_id = unit if isinstance(unit, str) else unit.id
-    if unit_id in (BASELINE_UNIT, CONFIRM_UNIT):
+    if unit_id in (UnitKind.BASELINE, UnitKind.CONFIRM):
         return workspace / unit_id
     return workspace / "trials" / unit_id.split("-", 1)[1]
 
@@ -105,13 +104,13 @@ class LocalExecutor:
         command = [sys.executable, "-m", "qtune.runner", unit.kind, "--job", str(self.job_file),
                    "--base-dir", str(self.base_dir), "--workspace", str(self.workspace),
                    "--threads", str(threads), "--result", str(folder / RESULT_FILE)]
-        if unit.kind == "trial":
+        if unit.kind == UnitKind.TRIAL:
             config_file = folder / "config.json"
             write_json_atomic(config_file, unit.tune_config)
             command += ["--index", str(unit.trial), "--config", str(config_file)]
             if unit.full_evaluation:
                 command.append("--full-evaluation")
-        elif unit.kind == CONFIRM_UNIT:
+        elif unit.kind == UnitKind.CONFIRM:
             configs_file = folder / "candidates.json"
             write_json_atomic(configs_file, unit.candidate_configs)
             command += ["--candidates", ",".join(map(str, unit.candidates)), "--config", str(configs_file)]
@@ -164,14 +163,14 @@ class LocalExecutor:
         result_file = running.folder / RESULT_FILE
         if result_file.exists():
             data = json.loads(result_file.read_text())
-            if unit.id == BASELINE_UNIT:
+            if unit.id == UnitKind.BASELINE:
                 baseline = BaselineResult.model_validate(data)
                 space = None
                 space_file = self.workspace / "space.json"
                 if baseline.status == "succeeded" and space_file.exists():
                     space = TuningSpace.from_dict(json.loads(space_file.read_text()))
                 return UnitOutcome(unit.id, baseline, space)
-            if unit.id == CONFIRM_UNIT:
+            if unit.id == UnitKind.CONFIRM:
                 return UnitOutcome(unit.id, ConfirmResult.model_validate(data))
             return UnitOutcome(unit.id, TrialResult.model_validate(data))
         code = running.process.returncode

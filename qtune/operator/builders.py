@@ -51,15 +51,13 @@ class UnitPlan:
     full_evaluation: bool = False
 
     @property
-    def kind(self) -> str:
-        if self.unit in (protocol.BASELINE_UNIT, protocol.CONFIRM_UNIT, protocol.CLEANUP_UNIT):
-            return self.unit
-        return "trial"
+    def kind(self) -> protocol.UnitKind:
+        return protocol.unit_kind(self.unit) or protocol.UnitKind.TRIAL
 
     @property
     def role(self) -> str:
-        return {protocol.BASELINE_UNIT: c.ROLE_BASELINE, protocol.CONFIRM_UNIT: c.ROLE_CONFIRM,
-                protocol.CLEANUP_UNIT: c.ROLE_CLEANUP}.get(self.unit, c.ROLE_TRIAL)
+        """The pod's role label: its kind (c.ROLE_*)."""
+        return self.kind.value
 
     def pod_name(self, job: JobRef) -> str:
         return c.unit_pod(job.name, self.unit, self.attempt)
@@ -136,7 +134,7 @@ def _env(job: JobRef, spec: JobSpec, plan: UnitPlan, pod: str, config: OperatorC
 
 def runner_args(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig) -> list[str]:
     """`python -m qtune.runner <kind> ...`: every input is a file of the mounted inputs ConfigMap."""
-    if plan.kind == protocol.CLEANUP_UNIT:  # the models of trials not in plan.candidates leave the workspace
+    if plan.kind == protocol.UnitKind.CLEANUP:  # the models of trials not in plan.candidates leave the workspace
         return [plan.kind, "--workspace", workspace_dir(spec, job), "--keep", ",".join(map(str, plan.candidates))]
     args = [
         plan.kind,
@@ -148,11 +146,11 @@ def runner_args(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConf
     ]
     if config.pushgateway_for_pods:
         args += ["--pushgateway", config.pushgateway_for_pods]
-    if plan.kind == "trial":
+    if plan.kind == protocol.UnitKind.TRIAL:
         args += ["--index", str(plan.trial), "--config", posixpath.join(c.INPUT_MOUNT, c.CONFIG_FILE)]
         if plan.full_evaluation:
             args.append("--full-evaluation")
-    elif plan.kind == protocol.CONFIRM_UNIT:
+    elif plan.kind == protocol.UnitKind.CONFIRM:
         args += ["--candidates", ",".join(str(i) for i in plan.candidates),
                  "--config", posixpath.join(c.INPUT_MOUNT, c.CONFIG_FILE)]
     else:
@@ -194,7 +192,7 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
              annotations: dict[str, str] | None = None) -> dict[str, Any]:
     """The pod running one start of a unit."""
     name = plan.pod_name(job)
-    baseline = plan.kind == protocol.BASELINE_UNIT
+    baseline = plan.kind == protocol.UnitKind.BASELINE
     timeout = int(spec.tuning.trial_timeout_seconds)
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -235,9 +233,9 @@ def unit_inputs(job: JobRef, spec_dict: dict[str, Any], plan: UnitPlan) -> dict[
     the confirmation's candidate configs by trial index). Plain JSON: the runner reads the files;
     raises protocol.PayloadTooLarge beyond what a ConfigMap holds."""
     data = {c.JOB_FILE: json.dumps(job_document(job, spec_dict), separators=(",", ":"), sort_keys=True)}
-    if plan.kind == "trial":
+    if plan.kind == protocol.UnitKind.TRIAL:
         data[c.CONFIG_FILE] = json.dumps(plan.tune_config or {}, separators=(",", ":"), sort_keys=True)
-    elif plan.kind == protocol.CONFIRM_UNIT:
+    elif plan.kind == protocol.UnitKind.CONFIRM:
         data[c.CONFIG_FILE] = json.dumps(plan.candidate_configs, separators=(",", ":"), sort_keys=True)
     size = sum(len(k) + len(v.encode()) for k, v in data.items())
     if size > protocol.CONFIGMAP_LIMIT:

@@ -65,7 +65,7 @@ def model_cleanup_unit(spec: JobSpec, config: OperatorConfig, best: int | None,
     if trial_models_policy(spec, config) != KEEP_BEST:
         return None
     keep = {int(i) for i in front} | ({int(best)} if best is not None else set())
-    return WorkUnit(protocol.CLEANUP_UNIT, protocol.CLEANUP_UNIT, candidates=tuple(sorted(keep)))
+    return WorkUnit(protocol.UnitKind.CLEANUP.value, protocol.UnitKind.CLEANUP, candidates=tuple(sorted(keep)))
 
 
 def cleanup_pod(unit_pod: dict[str, Any]) -> dict[str, Any]:
@@ -138,7 +138,7 @@ class Janitor:
         front = [entry.trial for entry in session_front(finished)] if finished.ready else []
         unit = model_cleanup_unit(ctx.spec, ctx.config, best.index if best is not None else None, front)
         self.models_cleaned = len(finished.history.trials)
-        running = pods.get(protocol.CLEANUP_UNIT)
+        running = pods.get(protocol.UnitKind.CLEANUP)
         if unit is not None and finished.history.trials and (running is None or running.done):
             attempt = self.executor.attempts.next(unit.id)
             body = cleanup_pod(builders.unit_pod(ctx.job, ctx.spec, plan_of(unit, attempt), ctx.config))

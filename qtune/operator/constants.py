@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from qtune.protocol import UnitKind
+
 GROUP = "qtune.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -23,10 +25,9 @@ LABEL_ROLE = f"{GROUP}/role"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "qtune-operator"
 
-ROLE_BASELINE = "baseline"
-ROLE_TRIAL = "trial"
-ROLE_CONFIRM = "confirm"
-ROLE_CLEANUP = "cleanup"
+ROLE_BASELINE, ROLE_TRIAL, ROLE_CONFIRM, ROLE_CLEANUP = (kind.value for kind in (
+    UnitKind.BASELINE, UnitKind.TRIAL, UnitKind.CONFIRM, UnitKind.CLEANUP))
+"""A unit's pod (and the baseline's own objects) carry its kind as their role."""
 ROLE_HISTORY = "history"
 ROLE_INPUT = "input"
 ROLE_KEY = "key"

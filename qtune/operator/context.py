@@ -87,6 +87,7 @@ class JobContext:
     async def save(self) -> None:
         """Store the history (a history too large for its ConfigMap ends the job)."""
         assert self.history is not None
+        self.history.checkpoint(self.services.clock())  # the stored elapsed_seconds is current
         try:
             await self.store.save(self.history)
         except HistoryTooLarge as exc:
@@ -99,11 +100,6 @@ class JobContext:
             logger.warning("%s/%s: %s", self.job.namespace, self.job.name, ForeignObject.of(body, self.job).message)
             return None
         return body
-
-
-def elapsed_seconds(history: History, now: float) -> float:
-    """The job's tuning time so far: what was stored plus the running stretch."""
-    return history.elapsed_seconds + (now - history.started_at if history.started_at else 0.0)
 
 
 async def gather_all(awaitables: Iterable[Awaitable[T]]) -> list[T]:

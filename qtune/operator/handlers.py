@@ -5,8 +5,8 @@
 * `tune` (daemon, one per active job): the job's loop: `JobReconciler.step` every
   `poll_interval` seconds or when woken. Kopf stops it when the job reaches a terminal state
   (the `when` filter) and starts it again when the job becomes active (e.g. maxTrials raised).
-* `max_trials_changed` (field handler): a job stopped by its trial budget continues when
-  spec.tuning.maxTrials is raised.
+* `budget_changed` (field handlers of spec.tuning.maxTrials, timeoutSeconds, maxFailedTrials): a job
+  stopped by a budget continues when the resume rule (qtune/tuning/resume.py) says the edit raised it.
 * `job_deleted` (event handler, no finalizer): jobs carry no finalizer, so deleting a job (or the CRD
   once the operator is gone) never waits for the operator or the Pushgateway. Pods, ConfigMaps and
   Secrets go by their ownerReferences (the garbage collector); this handler stops the job's loop,
@@ -32,7 +32,8 @@ from qtune.operator import status as st
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary, summarize_pod
 from qtune.operator.prom import MetricsError
-from qtune.operator.reconcile import JobReconciler, Services, resumable_status
+from qtune.operator.reconcile import JobReconciler, Services, status_resume_message, validate
+from qtune.spec.errors import SpecError
 
 JOB = (c.GROUP, c.VERSION, c.PLURAL)
 DONE_RECHECK_SECONDS = 30.0
@@ -110,14 +111,25 @@ async def _woken(wake: asyncio.Event, stopped: kopf.DaemonStopped) -> None:
 
 
 @kopf.on.field(*JOB, field="spec.tuning.maxTrials", id="max-trials")
-async def max_trials_changed(old: Any, new: Any, status: kopf.Status, patch: kopf.Patch, logger: kopf.Logger,
-                             **_: Any) -> None:
-    if old is None or new is None or not resumable_status(status, int(new)):
+@kopf.on.field(*JOB, field="spec.tuning.timeoutSeconds", id="timeout")
+@kopf.on.field(*JOB, field="spec.tuning.maxFailedTrials", id="max-failed-trials")
+async def budget_changed(old: Any, new: Any, body: kopf.Body, status: kopf.Status, patch: kopf.Patch,
+                         logger: kopf.Logger, **_: Any) -> None:
+    """A budget of a finished job was edited: when the resume rule says it goes on, the job is active again
+    (its loop starts, and `JobReconciler._maybe_continue` resumes it from the history)."""
+    if old == new or status.get("state") not in st.TERMINAL:
         return
-    logger.info("maxTrials %s -> %s: the job continues", old, new)
+    try:
+        spec, _ = validate(body)
+    except SpecError:
+        return  # the job stays finished; an invalid spec is reported if it ever runs again
+    message = status_resume_message(status, spec)
+    if message is None:
+        return
+    logger.info("%s: the job continues", message)
     patch.status["state"] = st.RUNNING
     patch.status["reason"] = st.RESUMED
-    patch.status["message"] = f"maxTrials raised from {old} to {new}: tuning continues"
+    patch.status["message"] = message
 
 
 def _no_finalizer_for(handler_id: str) -> None:

@@ -28,16 +28,16 @@ METRICS_UNAVAILABLE = "MetricsUnavailable"
 def unit_order(unit: str) -> tuple[int, int]:
     """baseline, trial-0, trial-1, ..., confirm: the order outcomes are recorded in."""
     index = protocol.unit_trial_index(unit)
-    if unit == protocol.BASELINE_UNIT:
+    if unit == protocol.UnitKind.BASELINE:
         return (0, 0)
     return (1, index) if index is not None else (2, 0)
 
 
 def recorded(history: History, unit: str) -> bool:
     """The session has this unit's outcome (its pod is no longer 'running')."""
-    if unit == protocol.BASELINE_UNIT:
+    if unit == protocol.UnitKind.BASELINE:
         return history.baseline is not None or history.stop_reason == stop.BASELINE_FAILED
-    if unit == protocol.CONFIRM_UNIT:
+    if unit == protocol.UnitKind.CONFIRM:
         done = history.confirmation
         return done is not None and int(done.get("trials_seen", -1)) == len(history.trials)
     index = protocol.unit_trial_index(unit)
@@ -104,7 +104,7 @@ def _succeeded(seen: Observation, unit: str, pod: PodSummary, accepted: Observed
     until the results deadline, then the unit fails MetricsUnavailable."""
     outcome = None
     if accepted is not None:
-        if unit != protocol.BASELINE_UNIT:
+        if unit != protocol.UnitKind.BASELINE:
             outcome = UnitOutcome(unit, accepted.result)
         elif space_doc is not None:
             outcome = UnitOutcome(unit, accepted.result, TuningSpace.from_dict(space_doc))
@@ -115,7 +115,7 @@ def _succeeded(seen: Observation, unit: str, pod: PodSummary, accepted: Observed
     since = awaiting.setdefault(unit, now)
     if now - since > limits.results_deadline:
         awaiting.pop(unit, None)
-        what = "its signed result and the published tuning space were" if unit == protocol.BASELINE_UNIT \
+        what = "its signed result and the published tuning space were" if unit == protocol.UnitKind.BASELINE \
             else "its signed result was"
         seen.outcomes.append(UnitOutcome(unit, UnitFailure(
             METRICS_UNAVAILABLE, f"the pod {pod.name} succeeded but {what} not available (Prometheus, "
@@ -140,7 +140,7 @@ def _not_succeeded(seen: Observation, unit: str, pod: PodSummary, now: float, li
             seen.unschedulable_pod = pod.name
         return
     reason, message = failure
-    if unit == protocol.BASELINE_UNIT:
+    if unit == protocol.UnitKind.BASELINE:
         message = protocol.termination_message(reason, message)
     seen.outcomes.append(UnitOutcome(unit, UnitFailure(reason, message)))
 
@@ -150,8 +150,7 @@ def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[st
     from its start, or from its creation while it never started (pending, unschedulable)."""
     if not limits.trial_timeout:
         return None
-    kind = protocol.BASELINE_UNIT if unit == protocol.BASELINE_UNIT else \
-        protocol.CONFIRM_UNIT if unit == protocol.CONFIRM_UNIT else "trial"
+    kind = protocol.unit_kind(unit) or protocol.UnitKind.TRIAL
     limit = protocol.unit_timeout_seconds(kind, limits.trial_timeout)
     since = pod.started if pod.started is not None else pod.created
     if since is None or now - since <= limit + limits.grace:

@@ -125,8 +125,9 @@ class PodExecutor:
         await self.reap([p for p in pods if p.owned_by(ctx.job.namespace, ctx.job.uid)], current, now)
         results = await self._results(current, history)
         space_doc = None
-        baseline_pod = current.get(protocol.BASELINE_UNIT)
-        if baseline_pod is not None and baseline_pod.phase == "Succeeded" and not recorded(history, "baseline"):
+        baseline = protocol.UnitKind.BASELINE.value
+        baseline_pod = current.get(baseline)
+        if baseline_pod is not None and baseline_pod.phase == "Succeeded" and not recorded(history, baseline):
             published = await ctx.read_owned(c.baseline_configmap(ctx.job.name))
             space_doc = decode_published(published, c.SPACE_KEY)
         assert ctx.spec is not None
@@ -250,7 +251,7 @@ class PodExecutor:
         its own, as any existing one)."""
         ctx = self.ctx
         assert ctx.spec is not None
-        if units and (any(u.id == protocol.BASELINE_UNIT for u in units) or self.identity is None
+        if units and (any(u.id == protocol.UnitKind.BASELINE for u in units) or self.identity is None
                       or self.identity[0] != ctx.generation):
             try:  # every pod runs as the job's own account, or a named one that is opted in
                 self.identity = (ctx.generation, await ensure_identity(ctx.kube, ctx.job, ctx.spec))
@@ -285,7 +286,7 @@ class PodExecutor:
         ctx = self.ctx
         assert ctx.spec is not None
         plan = plan_of(unit, self.attempts.next(unit.id))
-        if plan.kind == protocol.BASELINE_UNIT:
+        if plan.kind == protocol.UnitKind.BASELINE:
             await self.claim(builders.configmap(ctx.job, c.baseline_configmap(ctx.job.name), c.ROLE_BASELINE))
         # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
         # holding a key its author knows). The unit starts under the next attempt's name instead. The inputs
@@ -321,7 +322,7 @@ class PodExecutor:
         ctx = self.ctx
         if await ctx.kube.create_pod(body):
             self.attempts.expected[plan.unit] = (plan.attempt, ctx.services.clock())
-            if plan.kind == "trial":
+            if plan.kind == protocol.UnitKind.TRIAL:
                 ctx.metrics.trials_started.inc()
             logger.info("%s/%s: %s started (pod %s)", ctx.job.namespace, ctx.job.name, plan.unit,
                         body["metadata"]["name"])

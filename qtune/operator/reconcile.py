@@ -8,7 +8,8 @@ the actions are in their own rooms (the causes apart from the actions, as in Kop
 2. observe (the pod executor, qtune/operator/pods.py, and the pure `observe` of qtune/operator/observe.py):
    which units run and the outcome of each finished one; pods no node will finish are force-deleted
    (node health: qtune/operator/nodes.py) and their units start again;
-3. record the outcomes in unit order and ask `session.advance(elapsed, running, capacity)`;
+3. record the outcomes in unit order and ask `session.advance(running, capacity)` (the session reads the
+   operator's clock);
 4. apply (the pod executor): save the history BEFORE any pod starts (the started units' Secrets and inputs
    ConfigMaps are written meanwhile: a dispatch costs two API round trips, not four), delete the pods of
    cancelled units, create the started units' pods; then clean up recorded units (the janitor,
@@ -26,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from qtune.operator import constants as c
 from qtune.operator import status as st
 from qtune.operator.cleanup import Janitor
 from qtune.operator.config import OperatorConfig, module_allowed
-from qtune.operator.context import EventSink, JobContext, Services, Terminal, elapsed_seconds
+from qtune.operator.context import EventSink, JobContext, Services, Terminal
 from qtune.operator.imports import import_strategy_module
 from qtune.operator.kube import Conflict
 from qtune.operator.layout import JobRef, cluster_problem, job_document
@@ -52,11 +53,12 @@ from qtune.spec.models import JobSpec
 from qtune.tuning import stop
 from qtune.tuning.engine import apply_outcome
 from qtune.tuning.history import History
+from qtune.tuning.resume import history_resume_message, resume_message
 from qtune.tuning.session import Decision, TuningSession
 from qtune.tuning.space import TuningSpace
 
-__all__ = ["EventSink", "JobReconciler", "Services", "StepResult", "Terminal", "build_session", "can_resume",
-           "check_operator_imports", "resumable_status", "validate"]
+__all__ = ["EventSink", "JobReconciler", "Services", "StepResult", "Terminal", "build_session",
+           "check_operator_imports", "status_resume_message", "validate"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +105,7 @@ def check_operator_imports(spec: JobSpec, allowed_modules: tuple[str, ...]) -> N
 
 
 def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
-                  allowed_modules: tuple[str, ...]) -> TuningSession:
+                  allowed_modules: tuple[str, ...], clock: Callable[[], float] = time.time) -> TuningSession:
     """The job's TuningSession, as the operator may build it: only allowed strategy modules are imported,
     and whatever their import or constructor raises (SystemExit and KeyboardInterrupt included) becomes a
     SpecError on spec.tuning.strategy: no job can end the operator process."""
@@ -111,7 +113,7 @@ def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
 
     check_operator_imports(spec, allowed_modules)
     try:
-        return TuningSession(spec, history, space)
+        return TuningSession(spec, history, space, clock=clock)
     except (SpecError, asyncio.CancelledError):
         raise
     except BaseException as exc:  # noqa: BLE001 - user code may raise anything, even SystemExit
@@ -120,16 +122,15 @@ def build_session(spec: JobSpec, history: History, space: TuningSpace | None,
                                         f"{type(exc).__name__}" + (f": {first}" if first else "")) from None
 
 
-def can_resume(history: History, spec: JobSpec) -> bool:
-    """A job stopped by its trial budget continues when spec.tuning.maxTrials was raised."""
-    return history.stop_reason == stop.MAX_TRIALS and spec.tuning.max_trials > len(history.trials)
-
-
-def resumable_status(status: Mapping[str, Any], max_trials: int) -> bool:
-    """The same decision from the status alone (for the maxTrials field handler)."""
+def status_resume_message(status: Mapping[str, Any], spec: JobSpec) -> str | None:
+    """The resume rule (qtune.tuning.resume) from a finished job's status alone, for the budget field handlers:
+    why it goes on under the edited `spec`, None when it does not (or is not finished)."""
+    if status.get("state") not in st.TERMINAL:
+        return None
     trials = status.get("trials") or {}
-    return (status.get("state") in st.TERMINAL and status.get("stopReason") == stop.MAX_TRIALS
-            and max_trials > int(trials.get("started", 0)))
+    return resume_message(status.get("stopReason"), trials=int(trials.get("started", 0)),
+                          elapsed_seconds=float(status.get("elapsedSeconds") or 0.0),
+                          failed_trials=int(trials.get("failed", 0)), spec=spec)
 
 
 class JobReconciler:
@@ -227,7 +228,7 @@ class JobReconciler:
         seen = await self.executor.observe(pods, current, history, now)
         self.writer.report_rejections(seen.rejected)
         records = self._record(session, history, seen)
-        decision = self._advance(session, history, seen, now)
+        decision = self._advance(session, seen)
         changed = bool(seen.outcomes or decision.changed)
         # the history first, then pods: the starts' Secrets and inputs are written while the history is (they
         # start nothing); their pods only once it is stored
@@ -275,30 +276,33 @@ class JobReconciler:
         try:
             await import_strategy_module(spec.tuning.strategy, "spec.tuning.strategy", self.config.import_timeout,
                                          self.config.allowed_modules)
-            return build_session(spec, history, self.space, self.config.allowed_modules)
+            return build_session(spec, history, self.space, self.config.allowed_modules, self.ctx.services.clock)
         except SpecError as exc:
             raise Terminal(st.INVALID_SPEC, str(exc)) from None
 
     async def _maybe_continue(self, history: History, spec: JobSpec, pods: dict[str, PodSummary],
                               now: float) -> None:
-        """A job stopped by its trial budget continues when maxTrials is raised; a failed baseline
-        runs again when the spec was edited since."""
+        """Once the spec was edited since the job stopped: a job stopped by a budget goes on when the resume
+        rule says so (qtune.tuning.resume), a failed baseline runs again."""
         generation = self.ctx.generation
-        if can_resume(history, spec):
-            message = f"maxTrials raised to {spec.tuning.max_trials}: tuning continues"
-        elif (history.stop_reason == stop.BASELINE_FAILED and generation is not None
-              and (self.writer.last_status or {}).get("observedGeneration") not in (None, generation)):
+        if history.stop_reason is None or generation is None or \
+                (self.writer.last_status or {}).get("observedGeneration") in (None, generation):
+            return
+        if history.stop_reason == stop.BASELINE_FAILED:
             message = f"spec changed (generation {generation}): the baseline runs again"
-            failed = pods.pop(protocol.BASELINE_UNIT, None)
+            failed = pods.pop(protocol.UnitKind.BASELINE, None)
             if failed is not None:  # its failure is history: the next start is a new attempt
-                await self.executor.retire(protocol.BASELINE_UNIT, failed)
+                await self.executor.retire(protocol.UnitKind.BASELINE.value, failed)
             history.message = None
         else:
-            return
+            resumed = history_resume_message(history, spec, now)
+            if resumed is None:
+                return
+            message = f"spec changed (generation {generation}), {resumed}"
         logger.info("%s/%s: %s", self.job.namespace, self.job.name, message)
         history.stop_reason = None
         history.outcome = None
-        history.started_at = now
+        history.start_clock(now)
         await self.ctx.save()
         self.ctx.events("Normal", st.RESUMED, message)
 
@@ -307,7 +311,7 @@ class JobReconciler:
         records = []
         for outcome in seen.outcomes:
             record = apply_outcome(session, outcome)
-            if outcome.unit_id == protocol.BASELINE_UNIT and session.space is not None:
+            if outcome.unit_id == protocol.UnitKind.BASELINE and session.space is not None:
                 self.space = session.space
                 self.ctx.events("Normal", "BaselineReady", f"fp32 accuracy {history.baseline.accuracy:.4f}, "  # type: ignore[union-attr]
                                 f"{len(session.space.ops)} quantizable ops")
@@ -315,21 +319,16 @@ class JobReconciler:
                 records.append(record)
         return records
 
-    def _advance(self, session: TuningSession, history: History, seen: Observation, now: float) -> Decision:
-        """The session's decision; a finished job's clock stops."""
+    def _advance(self, session: TuningSession, seen: Observation) -> Decision:
+        """The session's decision (on the operator's clock; a finished job's clock stops in the session)."""
         assert self.ctx.spec is not None
-        decision = session.advance(elapsed_seconds(history, now), frozenset(seen.running),
-                                   self.ctx.spec.tuning.parallel_trials)
-        if decision.finished and history.started_at is not None:
-            history.elapsed_seconds += now - history.started_at
-            history.started_at = None
-        return decision
+        return session.advance(frozenset(seen.running), self.ctx.spec.tuning.parallel_trials)
 
     async def _running(self, session: TuningSession, seen: Observation, decision: Decision,
                        now: float) -> StepResult:
         """The status of a job that goes on, and when to step again."""
-        confirming = (protocol.CONFIRM_UNIT in seen.running
-                      or any(u.id == protocol.CONFIRM_UNIT for u in decision.start))
+        confirming = (protocol.UnitKind.CONFIRM in seen.running
+                      or any(u.id == protocol.UnitKind.CONFIRM for u in decision.start))
         state, reason, message = self.writer.running(session, confirming)
         reason, message = self.executor.nodes.waiting(
             seen, reason, message, now,

@@ -59,7 +59,7 @@ def judge(job: JobRef, observed: Observed, pod: PodSummary | None, signing_key: 
     if isinstance(observed.result, protocol.TrialResult) != (index is not None) or \
             (index is not None and observed.result.trial != index):  # type: ignore[union-attr]
         return WRONG_UNIT
-    if protocol.result_kind(observed.result) != ("trial" if index is not None else observed.unit):
+    if protocol.result_kind(observed.result) != protocol.unit_kind(observed.unit):
         return WRONG_UNIT
     secret = protocol.derive_unit_secret(signing_key, job.uid, observed.unit, pod.attempt)
     if not protocol.verify_result(job.uid, observed.unit, observed.result, secret, observed.signature):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -400,10 +401,11 @@ def build_status(*, state: str, reason: str, message: str, generation: int | Non
                  batch_size: int = 1, best: BestStatus | None = None, front: FrontStatus | None = None,
                  recent: int = 20,
                  history_configmap: str | None = None, workspace: str | None = None,
-                 stop_reason: str | None = None, elapsed: float | None = None, rejected: int = 0,
-                 now: float | None = None) -> dict[str, Any]:
-    """The whole managed status of a job (what the operator wants it to be), as the API stores it."""
+                 stop_reason: str | None = None, rejected: int = 0, now: float | None = None) -> dict[str, Any]:
+    """The whole managed status of a job (what the operator wants it to be) at `now` (default: the time of day),
+    as the API stores it."""
     old = old or {}
+    now = now if now is not None else time.time()
     status = JobStatus(
         state=state,  # type: ignore[arg-type]
         reason=reason, message=message[:MESSAGE_LIMIT], observed_generation=generation,
@@ -419,7 +421,7 @@ def build_status(*, state: str, reason: str, message: str, generation: int | Non
         status.progress = f"{status.trials.finished}/{max_trials}"
         records = sorted(history.trials, key=lambda t: t.index)[-recent:] if recent > 0 else []
         status.recent_trials = [trial_status(r, batch_size) for r in records]
-        status.elapsed_seconds = round(elapsed if elapsed is not None else history.elapsed_seconds, 1)
+        status.elapsed_seconds = round(history.elapsed(now), 1)
         if history.baseline is not None:
             status.baseline = baseline_status(history.baseline)
         status.best = best

@@ -11,7 +11,7 @@ from typing import Any
 
 from qtune import protocol
 from qtune.operator import status as st
-from qtune.operator.context import JobContext, elapsed_seconds
+from qtune.operator.context import JobContext
 from qtune.operator.layout import trial_dir, workspace_dir
 from qtune.operator.observe import unit_order
 from qtune.operator.podstatus import bounded_reason
@@ -150,14 +150,13 @@ class StatusWriter:
         history, spec = ctx.history, ctx.spec
         batch = objective_batch_size(spec) if spec is not None else 1
         best, front = self._best_and_front(session, batch)
-        elapsed = elapsed_seconds(history, now) if history is not None else None
         return st.build_status(
             state=state, reason=reason, message=message, generation=ctx.generation, old=self.last_status,
             history=history if spec is not None else None,
             max_trials=spec.tuning.max_trials if spec is not None else None, batch_size=batch, best=best, front=front,
             recent=ctx.config.recent_trials, history_configmap=ctx.store.name if history is not None else None,
             workspace=workspace_dir(spec, ctx.job) if spec is not None else None,
-            stop_reason=stop_reason or (history.stop_reason if history is not None else None), elapsed=elapsed,
+            stop_reason=stop_reason or (history.stop_reason if history is not None else None),
             rejected=len(self.rejected), now=now,
         )
 

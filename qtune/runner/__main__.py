@@ -43,8 +43,6 @@ if __name__ == "__main__":
     install_sigterm_handler()  # first: importing qtune (pydantic, ...) takes a second, SIGTERM may come meanwhile
 
 from qtune.protocol import (  # noqa: E402 - after the SIGTERM handler
-    BASELINE_UNIT,
-    CONFIRM_UNIT,
     EXIT_JOB_UNUSABLE,
     EXIT_OK,
     EXIT_TRIAL_FAILED,
@@ -53,6 +51,7 @@ from qtune.protocol import (  # noqa: E402 - after the SIGTERM handler
     BaselineResult,
     ConfirmResult,
     TrialResult,
+    UnitKind,
     termination_message,
     trial_unit,
 )
@@ -64,9 +63,13 @@ logger = logging.getLogger("qtune.runner")
 TERMINATION_LOG = "/dev/termination-log"
 
 
+RUNNER_KINDS = (UnitKind.BASELINE, UnitKind.TRIAL, UnitKind.CONFIRM)
+"""The units this command runs (each its kind's command); the cleanup is `python -m qtune.runner cleanup`."""
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qtune.runner", description=__doc__)
-    parser.add_argument("command", choices=["baseline", "trial", "confirm"])
+    parser.add_argument("command", choices=[kind.value for kind in RUNNER_KINDS])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--job", help="QuantizationJob YAML file")
     source.add_argument("--job-json", help="QuantizationJob as JSON (or env QTUNE_JOB_JSON)")
@@ -119,7 +122,7 @@ def _context(args: argparse.Namespace) -> Any:
 
 def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResult:
     context = _context(args)
-    if args.command == "baseline":
+    if args.command == UnitKind.BASELINE:
         from qtune.runner.baseline import run_baseline
 
         _, baseline = run_baseline(context)
@@ -130,7 +133,7 @@ def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResu
         return BaselineResult(accuracy=baseline.accuracy, metric=baseline.metric, latency_ms=baseline.latency_ms,
                               latency_p90_ms=baseline.latency_p90_ms, model_size_bytes=baseline.model_size_bytes,
                               seconds=baseline.seconds, peak_rss_bytes=baseline.peak_rss_bytes)
-    if args.command == "confirm":
+    if args.command == UnitKind.CONFIRM:
         from qtune.runner.confirm import run_confirm
 
         if not args.config:
@@ -149,16 +152,16 @@ def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResu
 
 
 def _failed(command: str, index: str, reason: str, message: str) -> BaselineResult | TrialResult | ConfirmResult:
-    if command == "baseline":
+    if command == UnitKind.BASELINE:
         return BaselineResult(status=FAILED, reason=reason, message=message)
-    if command == "confirm":
+    if command == UnitKind.CONFIRM:
         return ConfirmResult(status=FAILED, reason=reason, message=message)
     return TrialResult(trial=int(index) if str(index).isdigit() else 0, status=FAILED, reason=reason, message=message)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["cleanup"]:  # no job, no result: deletes the models of non-winning trials
+    if argv[:1] == [UnitKind.CLEANUP]:  # no job, no result: deletes the models of non-winning trials
         from qtune.runner.cleanup import main as cleanup
 
         return cleanup(argv[1:])
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any other failure is reported, never a silent crash
         logger.error("%s crashed:\n%s", args.command, traceback.format_exc())
         result = _failed(args.command, args.index, "Crashed", f"{type(exc).__name__}: {exc}"[:2000])
-        code = EXIT_JOB_UNUSABLE if args.command == "baseline" else EXIT_TRIAL_FAILED
+        code = EXIT_JOB_UNUSABLE if args.command == UnitKind.BASELINE else EXIT_TRIAL_FAILED
     if code == EXIT_OK and result.status != "succeeded":
         code = EXIT_TRIAL_FAILED
     payload = result.model_dump(mode="json")
@@ -183,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pushgateway:
         from qtune.runner.metrics import PUSH_ATTEMPTS, push_result
 
-        unit = args.command if args.command in (BASELINE_UNIT, CONFIRM_UNIT) else trial_unit(int(args.index))
+        unit = args.command if args.command in (UnitKind.BASELINE, UnitKind.CONFIRM) else trial_unit(int(args.index))
         # A baseline that published its ConfigMap has delivered its result (the operator reads it
         # there): its push is optional, and failing it must not fail a good baseline.
-        optional = args.command == BASELINE_UNIT and bool(args.publish_configmap) and code == EXIT_OK
+        optional = args.command == UnitKind.BASELINE and bool(args.publish_configmap) and code == EXIT_OK
         try:
             push_result(args.pushgateway, args.job_uid, unit, result, attempts=PUSH_ATTEMPTS if optional else None)
         except Exception as exc:  # noqa: BLE001 - after push_result's retries

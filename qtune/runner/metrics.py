@@ -99,9 +99,9 @@ def as_result(unit: str, result: Result | dict[str, Any]) -> Result:
     if not isinstance(result, dict):
         return result
     data = dict(result)
-    if unit == protocol.BASELINE_UNIT:
+    if unit == protocol.UnitKind.BASELINE:
         return protocol.BaselineResult.model_validate(data)
-    if unit == protocol.CONFIRM_UNIT:
+    if unit == protocol.UnitKind.CONFIRM:
         return protocol.ConfirmResult.model_validate(data)
     index = protocol.unit_trial_index(unit)
     if "trial" not in data and index is not None:

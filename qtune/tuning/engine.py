@@ -64,17 +64,17 @@ def apply_outcome(session: TuningSession, outcome: UnitOutcome) -> TrialRecord |
     return session.record(outcome.unit_id, outcome.result, outcome.space)
 
 
-def drive(session: TuningSession, executor: Executor, elapsed: Callable[[], float], save: Callable[[], None],
+def drive(session: TuningSession, executor: Executor, save: Callable[[], None],
           listener: Listener | None = None, interrupted: Callable[[], bool] = lambda: False,
           poll_wait: float = 0.5, sleep: Callable[[float], None] = time.sleep) -> str:
     """Run the job to its end; returns the stop reason. The history is saved after every change and
     before any unit starts, so a crash at any point loses no recorded result and repeats no unit.
-    A backoff the session asks for (`Decision.wait`) is slept when no unit runs (`sleep`, so a test
-    with a fake clock advances it), else waited for in the executor's poll."""
+    The time is the session's clock. A backoff the session asks for (`Decision.wait`) is slept when no
+    unit runs (`sleep`, so a test with a fake clock advances it), else waited for in the executor's poll."""
     while True:
         if interrupted():
             raise Interrupted()
-        decision = session.advance(elapsed(), frozenset(executor.running()), executor.capacity)
+        decision = session.advance(frozenset(executor.running()), executor.capacity)
         if decision.cancel:
             executor.cancel(decision.cancel)
         if decision.changed:

@@ -132,8 +132,11 @@ class History:
     trials: list[TrialRecord] = field(default_factory=list)
     stop_reason: str | None = None
     started_at: float | None = None
+    """While the job's clock runs: when the stretch of tuning not yet counted in `elapsed_seconds` began (the
+    run's start, its resume, or the last checkpoint); None while the clock is stopped (a finished job)."""
     elapsed_seconds: float = 0.0
-    """Tuning wall time spent by earlier runs of this job (resumes add to it)."""
+    """Tuning wall time counted up to `started_at` (every earlier run and resume of the job included). Read
+    the job's tuning time with `elapsed(now)`, never from this field alone."""
     confirmation: dict[str, Any] | None = None
     """The final re-measurement of the best candidates (ConfirmResult as a dict), once run."""
     outcome: str | None = None
@@ -143,6 +146,28 @@ class History:
     backoff: dict[str, Any] | None = None
     """After infrastructure failures: {"trial": the last failed trial, "until": elapsed seconds before which
     no unit starts} (see TuningSession.advance)."""
+
+    # --- the job's clock: THE elapsed tuning time (stop rules, status, history.json, the console) -------
+    def elapsed(self, now: float) -> float:
+        """The job's tuning wall time at `now`: what was counted plus the running stretch."""
+        running = max(0.0, now - self.started_at) if self.started_at is not None else 0.0
+        return self.elapsed_seconds + running
+
+    def start_clock(self, now: float) -> None:
+        """The clock runs from `now` (no-op while it runs)."""
+        if self.started_at is None:
+            self.started_at = now
+
+    def stop_clock(self, now: float) -> None:
+        """The job is over: its elapsed time is final."""
+        self.elapsed_seconds = self.elapsed(now)
+        self.started_at = None
+
+    def checkpoint(self, now: float) -> None:
+        """Count the running stretch up to `now` (before a save: the stored `elapsed_seconds` is current)."""
+        if self.started_at is not None:
+            self.elapsed_seconds = self.elapsed(now)
+            self.started_at = now
 
     def keys(self) -> set[str]:
         return {t.config_key for t in self.trials}

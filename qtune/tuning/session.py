@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from qtune.protocol import (
-    BASELINE_UNIT,
-    CONFIRM_UNIT,
     BaselineResult,
     ConfirmResult,
     SpeedMeasurement,
     TrialResult,
+    UnitKind,
 )
 from qtune.protocol import trial_unit as trial_unit_id
 from qtune.protocol import unit_trial_index as trial_of
@@ -50,7 +50,7 @@ class WorkUnit:
     """One unit of work an executor runs: the baseline, a trial, or the final confirmation."""
 
     id: str
-    kind: str
+    kind: UnitKind
     trial: int | None = None
     tune_config: dict[str, Any] | None = None
     candidates: tuple[int, ...] = ()
@@ -61,11 +61,11 @@ class WorkUnit:
 
     @classmethod
     def baseline(cls) -> WorkUnit:
-        return cls(BASELINE_UNIT, BASELINE_UNIT)
+        return cls(UnitKind.BASELINE.value, UnitKind.BASELINE)
 
     @classmethod
     def for_trial(cls, record: TrialRecord) -> WorkUnit:
-        return cls(trial_unit_id(record.index), "trial", record.index, record.tune_config,
+        return cls(trial_unit_id(record.index), UnitKind.TRIAL, record.index, record.tune_config,
                    full_evaluation=record.full_evaluation)
 
 
@@ -87,10 +87,14 @@ class Decision:
 
 
 class TuningSession:
-    def __init__(self, spec: JobSpec, history: History, space: TuningSpace | None = None) -> None:
+    def __init__(self, spec: JobSpec, history: History, space: TuningSpace | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.spec = spec
         self.history = history
         self.space = space
+        self.clock = clock
+        """The one clock of the job (wall seconds): its elapsed time, the trials' start and end. The operator
+        passes its Services.clock, tests a fake one."""
         tuning = spec.tuning
         self.criterion = Criterion.from_spec(tuning.accuracy_criterion)
         self.batch_size = objective_batch_size(spec)
@@ -104,27 +108,34 @@ class TuningSession:
     def baseline(self) -> Baseline | None:
         return self.history.baseline
 
+    def elapsed(self) -> float:
+        """The job's tuning time now (History.elapsed on the session's clock)."""
+        return self.history.elapsed(self.clock())
+
     @property
     def ready(self) -> bool:
         """The baseline and the space are known: trials can be proposed."""
         return self.history.baseline is not None and self.space is not None
 
     # --- the loop's one step ----------------------------------------------------------------
-    def advance(self, elapsed_seconds: float, running: set[str] | frozenset[str], capacity: int) -> Decision:
-        """Decide what to start, stop or finish, given the job's elapsed wall time (baseline
-        included), the units running now and how many may run at once."""
+    def advance(self, running: set[str] | frozenset[str], capacity: int) -> Decision:
+        """Decide what to start, stop or finish, given the units running now and how many may run at once.
+        The job's clock (baseline included) runs from the first call until the job finishes."""
         history = self.history
         if history.stop_reason is not None:
             return Decision(cancel=sorted(running), finished=history.stop_reason)
+        now = self.clock()
+        history.start_clock(now)
+        elapsed_seconds = history.elapsed(now)
         if not self.ready:
-            if BASELINE_UNIT in running:
+            if UnitKind.BASELINE in running:
                 return self._maybe_timeout(elapsed_seconds, running) or Decision()
             return self._maybe_timeout(elapsed_seconds, running) or Decision(start=[WorkUnit.baseline()])
 
         hard = self._maybe_timeout(elapsed_seconds, running)
         if hard is not None:
             return hard
-        if CONFIRM_UNIT in running:
+        if UnitKind.CONFIRM in running:
             return Decision()
         wait = self._backoff(elapsed_seconds)
         if wait is not None:
@@ -199,7 +210,7 @@ class TuningSession:
             message = f"stopped: {reason}: {self.history.message}"
         for record in self.history.pending():
             self.fail(record.index, reason if reason == stop.TIMEOUT else stop.ABANDONED, message)
-        if CONFIRM_UNIT in running:
+        if UnitKind.CONFIRM in running:
             self.history.confirmation = {"status": FAILED, "reason": reason, "message": message}
         if not self.ready:
             self.history.message = f"{message}, before the baseline finished"
@@ -207,6 +218,7 @@ class TuningSession:
 
     def _finish(self, reason: str, cancel: list[str] | None = None) -> Decision:
         self.history.stop_reason = reason
+        self.history.stop_clock(self.clock())
         self.history.outcome = self.outcome(reason)
         logger.info("%s: search stopped (%s); outcome %s", self.history.job, reason, self.history.outcome)
         return Decision(cancel=cancel or [], finished=reason)
@@ -221,7 +233,7 @@ class TuningSession:
             return []
         assert self.space is not None
         configs = self.strategy.propose(self.space, self.history, k)[:k]
-        now = time.time()
+        now = self.clock()
         records = []
         for config in configs:
             if self.history.find(config) is not None:
@@ -282,18 +294,18 @@ class TuningSession:
         candidates = self.confirm_candidates()
         if not candidates:
             return None
-        return WorkUnit(CONFIRM_UNIT, CONFIRM_UNIT, candidates=tuple(t.index for t in candidates),
+        return WorkUnit(UnitKind.CONFIRM.value, UnitKind.CONFIRM, candidates=tuple(t.index for t in candidates),
                         candidate_configs={str(t.index): t.tune_config for t in candidates})
 
     # --- results -----------------------------------------------------------------------------
     def record(self, unit_id: str, result: BaselineResult | TrialResult | ConfirmResult,
                space: TuningSpace | None = None) -> TrialRecord | None:
         """Record a unit's typed result (dispatch on the unit id)."""
-        if unit_id == BASELINE_UNIT:
+        if unit_id == UnitKind.BASELINE:
             assert isinstance(result, BaselineResult)
             self.record_baseline(result, space)
             return None
-        if unit_id == CONFIRM_UNIT:
+        if unit_id == UnitKind.CONFIRM:
             assert isinstance(result, ConfirmResult)
             self.record_confirm(result)
             return None
@@ -302,7 +314,7 @@ class TuningSession:
 
     def record_baseline(self, result: BaselineResult, space: TuningSpace | None) -> None:
         if result.status != SUCCEEDED or result.accuracy is None or space is None:
-            self.record_unit_failure(BASELINE_UNIT, result.reason or stop.BASELINE_FAILED,
+            self.record_unit_failure(UnitKind.BASELINE, result.reason or stop.BASELINE_FAILED,
                                      result.message or "the baseline step did not produce the tuning space")
             return
         self.history.baseline = Baseline(
@@ -311,8 +323,6 @@ class TuningSession:
             seconds=float(result.seconds), metric=result.metric, peak_rss_bytes=dict(result.peak_rss_bytes),
         )
         self.space = space
-        if self.history.started_at is None:
-            self.history.started_at = time.time()
 
     def record_trial(self, result: TrialResult) -> TrialRecord | None:
         """Record a trial's result once; a repeated or unknown result is ignored (returns None)."""
@@ -333,22 +343,22 @@ class TuningSession:
         record.status = SUCCEEDED if result.status == SUCCEEDED else FAILED
         baseline = self.history.baseline.accuracy if self.history.baseline else None
         record.passed = bool(record.ok and baseline is not None and self.criterion.passes(record.accuracy, baseline))
-        record.finished_at = time.time()
+        record.finished_at = self.clock()
         return record
 
     def record_confirm(self, result: ConfirmResult) -> None:
         if result.status != SUCCEEDED:
-            self.record_unit_failure(CONFIRM_UNIT, result.reason or "Crashed", result.message or "")
+            self.record_unit_failure(UnitKind.CONFIRM, result.reason or "Crashed", result.message or "")
             return
         self.history.confirmation = {**result.model_dump(), "trials_seen": len(self.history.trials)}
 
     def record_unit_failure(self, unit_id: str, reason: str, message: str) -> TrialRecord | None:
         """A unit that produced no result (crash, OOMKilled, Timeout, pod lost ...)."""
-        if unit_id == BASELINE_UNIT:
+        if unit_id == UnitKind.BASELINE:
             self.history.message = message
             self._finish(stop.BASELINE_FAILED)
             return None
-        if unit_id == CONFIRM_UNIT:
+        if unit_id == UnitKind.CONFIRM:
             logger.warning("the confirmation failed (%s: %s); the in-trial figures decide", reason, message)
             self.history.confirmation = {"status": FAILED, "reason": reason, "message": message,
                                          "trials_seen": len(self.history.trials)}

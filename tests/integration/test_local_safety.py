@@ -219,7 +219,7 @@ def test_fresh_and_a_second_run_replace_only_what_qtune_created(assets, tmp_path
     assert code in (0, 3, 4), err
     assert not stale.exists() and not (output / "stale").exists()  # ours, replaced
     second = json.loads((workspace / "history.json").read_text())
-    assert second["started_at"] > first["started_at"]
+    assert second["trials"][0]["started_at"] > first["trials"][0]["started_at"]  # a new run, not the old history
     assert (project / "runs" / "user-notes.txt").read_text() == "next to the workspace"
     assert (project / "data.txt").read_text() == "user data"
     assert (project / "job.yaml").exists() and (project / "probe_metric.py").exists()
@@ -228,7 +228,8 @@ def test_fresh_and_a_second_run_replace_only_what_qtune_created(assets, tmp_path
     code, err = run_cli(["tune", str(job_file), "--fresh"], capsys)
     assert code in (0, 3, 4), err
     assert not stale.exists()
-    assert json.loads((workspace / "history.json").read_text())["started_at"] > second["started_at"]
+    assert json.loads((workspace / "history.json").read_text())["trials"][0]["started_at"] > \
+        second["trials"][0]["started_at"]
     assert (project / "runs" / "user-notes.txt").exists() and (project / "data.txt").exists()
     assert sorted(p.name for p in project.iterdir() if p.name != "__pycache__") == \
         ["data.txt", "job.yaml", "probe_metric.py", "runs"]

@@ -180,13 +180,30 @@ def test_a_trial_over_its_time_limit_is_killed_and_recorded(sensitive, tmp_path,
 
 def test_the_job_wall_clock_limit_stops_tuning(sensitive, tmp_path, monkeypatch):
     job_file = job_with_adaptor("HangingAdaptor", tmp_path, sensitive, monkeypatch, timeoutSeconds=30,
-                                trialTimeoutSeconds=600)
+                                trialTimeoutSeconds=600, strategy="random")  # random: never out of configs
     started = time.monotonic()
     outcome = tune(load_job(job_file), job_file)
     assert time.monotonic() - started < 90
     assert outcome.stop_reason == "Timeout"
     assert outcome.history.trials[-1].reason == "Timeout"
     assert not outcome.history.pending()
+    used, trials = outcome.history.elapsed_seconds, len(outcome.history.trials)
+    assert used >= 30
+    # --resume with the same limit: the time is spent, the run stays finished (and is reported again)
+    again = tune(load_job(job_file), job_file, resume=True)
+    assert again.stop_reason == "Timeout" and len(again.history.trials) == trials
+    # a raised limit: the run goes on, the time of the first run counted, until the total reaches the new limit
+    # (the limit leaves room for one trial as long as the first run's: the session starts none that cannot end)
+    hung = max(t.finished_at - t.started_at for t in outcome.history.trials)
+    limit = int(again.history.elapsed_seconds + hung) + 3
+    document = yaml.safe_load(job_file.read_text())
+    document["spec"]["tuning"]["timeoutSeconds"] = limit
+    job_file.write_text(yaml.safe_dump(document))
+    started = time.monotonic()
+    resumed = tune(load_job(job_file), job_file, resume=True)
+    assert resumed.stop_reason == "Timeout" and len(resumed.history.trials) == trials + 1
+    assert limit <= resumed.history.elapsed_seconds < limit + 15
+    assert time.monotonic() - started < limit - again.history.elapsed_seconds + 15
     # the limit counts the baseline step: one shorter than the baseline stops the job in one line
     job_file = job_with_adaptor("HangingAdaptor", tmp_path / "short", sensitive, monkeypatch, timeoutSeconds=1,
                                 trialTimeoutSeconds=600)

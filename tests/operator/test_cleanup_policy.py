@@ -65,7 +65,7 @@ def test_the_model_cleanup_pod_plan() -> None:
     spec, _ = validate(body)
     job = JobRef.from_body(body)
     unit = cleanup.model_cleanup_unit(spec, make_config(), 7)
-    assert unit is not None and unit.id == protocol.CLEANUP_UNIT and unit.candidates == (7,)
+    assert unit is not None and unit.id == protocol.UnitKind.CLEANUP and unit.candidates == (7,)
     trial = builders.unit_pod(job, spec, builders.UnitPlan(unit="trial-1", tune_config={}), make_config())
     pod = cleanup.cleanup_pod(builders.unit_pod(job, spec, builders.UnitPlan(unit=unit.id, candidates=(7,)),
                                                 make_config()))

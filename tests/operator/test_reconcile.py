@@ -8,8 +8,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 from typing import Any
 
+import kopf
 import pytest
 from kubernetes.client import ApiException
 from opfakes import SIGNING_KEY, FakeKube, FakePoller, FakeResults, job_body, make_config
@@ -22,7 +24,7 @@ from qtune.operator.config import OperatorConfig
 from qtune.operator.layout import JobRef
 from qtune.operator.metrics import OperatorMetrics
 from qtune.operator.podstatus import PodSummary, summarize_pod
-from qtune.operator.reconcile import JobReconciler, Services, StepResult, resumable_status, validate
+from qtune.operator.reconcile import JobReconciler, Services, StepResult, status_resume_message, validate
 from qtune.operator.results import Observed
 from qtune.tuning import stop
 from qtune.tuning.engine import UnitFailure
@@ -82,14 +84,14 @@ class World:
         inputs = self.kube.configmaps[c.unit_inputs(pod["metadata"]["name"])]["data"]
         assert c.JOB_FILE in inputs
         config = json.loads(inputs.get(c.CONFIG_FILE, "{}"))
-        if unit == protocol.BASELINE_UNIT:
+        if unit == protocol.UnitKind.BASELINE:
             return WorkUnit.baseline()
-        if unit == protocol.CONFIRM_UNIT:
+        if unit == protocol.UnitKind.CONFIRM:
             args = pod["spec"]["containers"][0]["args"]
             candidates = tuple(int(i) for i in args[args.index("--candidates") + 1].split(","))
-            return WorkUnit(unit, unit, candidates=candidates, candidate_configs=config)
+            return WorkUnit(unit, protocol.UnitKind.CONFIRM, candidates=candidates, candidate_configs=config)
         index = protocol.unit_trial_index(unit)
-        return WorkUnit(unit, "trial", index, config)
+        return WorkUnit(unit, protocol.UnitKind.TRIAL, index, config)
 
     def secret_of(self, pod: dict[str, Any]) -> str:
         """The pod's env QTUNE_RESULT_SECRET, resolved from its own Secret (secretKeyRef)."""
@@ -105,7 +107,7 @@ class World:
 
     def finish(self, name: str, push: bool = True) -> None:
         pod = self.kube.pods[name]
-        if pod["metadata"]["labels"][c.LABEL_UNIT] == protocol.CLEANUP_UNIT:
+        if pod["metadata"]["labels"][c.LABEL_UNIT] == protocol.UnitKind.CLEANUP:
             self.kube.finish_pod(name)  # it deletes models in the workspace; no result
             return
         unit = self.unit_of(pod)
@@ -114,7 +116,7 @@ class World:
             self.kube.finish_pod(name, phase="Failed", exitCode=protocol.EXIT_TRIAL_FAILED,
                                  message=protocol.termination_message(outcome.result.reason, outcome.result.message))
             return
-        if unit.id == protocol.BASELINE_UNIT:
+        if unit.id == protocol.UnitKind.BASELINE:
             data, binary = protocol.encode_document(c.SPACE_KEY, self.space.to_dict())
             self.kube.configmaps[c.baseline_configmap("digits")].update(data=data, binaryData=binary)
         if push:
@@ -325,7 +327,8 @@ def test_raising_max_trials_continues_a_finished_job() -> None:
     world.run_to_end()
     status = world.kube.status
     assert status["stopReason"] == stop.MAX_TRIALS and status["trials"]["started"] == 2
-    assert resumable_status(status, 4) and not resumable_status(status, 2)
+    assert status_resume_message(status, validate(_with_tuning(body, maxTrials=4))[0]) is not None
+    assert status_resume_message(status, validate(body)[0]) is None
     body["spec"]["tuning"]["maxTrials"] = 4
     body["metadata"]["generation"] = 2
     world.kube.status.update(state=st.RUNNING, reason=st.RESUMED)  # what the field handler patches
@@ -333,6 +336,58 @@ def test_raising_max_trials_continues_a_finished_job() -> None:
     world.run_to_end()
     assert world.kube.status["trials"]["started"] == 4
     assert st.RESUMED in [reason for _, reason, _ in world.events]
+
+
+def _with_tuning(body: dict[str, Any], **tuning: Any) -> dict[str, Any]:
+    edited = copy.deepcopy(body)
+    edited["spec"]["tuning"].update(tuning)
+    return edited
+
+
+def _timed_out_world() -> World:
+    """A job stopped by its wall-clock limit while trial 0 ran."""
+    world = World(job_body(spec=spec_dict(timeoutSeconds=30, objective="size")))
+    world.step()
+    world.now += 25
+    world.finish_running()
+    world.step()
+    world.now += 10
+    assert world.step().done and world.kube.status["stopReason"] == stop.TIMEOUT
+    return world
+
+
+def test_raising_timeout_seconds_continues_a_timed_out_job() -> None:
+    from qtune.operator.handlers import budget_changed
+
+    world = _timed_out_world()
+    world.step()                                      # a step after the end, the spec unchanged: still over
+    assert world.kube.status["state"] in st.TERMINAL and st.RESUMED not in [r for _, r, _ in world.events]
+    world.body = _with_tuning(world.body, timeoutSeconds=3600)
+    world.body["metadata"]["generation"] = 2
+    patch = kopf.Patch()
+    asyncio.run(budget_changed(old=30, new=3600, body=kopf.Body(world.body), status=world.kube.status,
+                               patch=patch, logger=logging.getLogger("test")))
+    assert patch["status"]["state"] == st.RUNNING and "timeoutSeconds is 3600s" in patch["status"]["message"]
+    world.kube.status.update(patch["status"])
+    world.restart()
+    assert world.run_to_end().state == st.SUCCEEDED_STATE
+    assert world.kube.status["stopReason"] != stop.TIMEOUT and world.kube.status["trials"]["started"] > 1
+    assert st.RESUMED in [reason for _, reason, _ in world.events]
+
+
+def test_an_edit_that_raises_no_budget_leaves_a_timed_out_job_finished() -> None:
+    from qtune.operator.handlers import budget_changed
+
+    world = _timed_out_world()
+    world.body = _with_tuning(world.body, timeoutSeconds=31, maxTrials=20)
+    world.body["metadata"]["generation"] = 2
+    patch = kopf.Patch()
+    asyncio.run(budget_changed(old=8, new=20, body=kopf.Body(world.body), status=world.kube.status, patch=patch,
+                               logger=logging.getLogger("test")))
+    assert not patch                                  # over 31s were used: no more time
+    world.restart()
+    assert world.step().done and world.kube.status["stopReason"] == stop.TIMEOUT
+    assert st.RESUMED not in [reason for _, reason, _ in world.events]
 
 
 def test_a_failed_baseline_runs_again_after_the_spec_is_edited() -> None:

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtune.protocol import (
-    BASELINE_UNIT,
-    CONFIRM_UNIT,
     BaselineResult,
     ConfirmResult,
     SpeedMeasurement,
     TrialResult,
+    UnitKind,
 )
 from qtune.spec.models import JobSpec
 from qtune.tuning.config import TuneConfig
@@ -87,11 +86,11 @@ class SimulatedExecutor:
 
     def _result(self, unit: WorkUnit) -> UnitOutcome:
         batch = self._batch()
-        if unit.id == BASELINE_UNIT:
+        if unit.id == UnitKind.BASELINE:
             return UnitOutcome(unit.id, BaselineResult(accuracy=self.baseline_accuracy, metric="top1",
                                                        latency_ms={str(batch): 10.0}, model_size_bytes=4000),
                                self.space)
-        if unit.id == CONFIRM_UNIT:  # the runner's passes (qtune/runner/confirm.py) over the modelled figures
+        if unit.id == UnitKind.CONFIRM:  # the runner's passes (qtune/runner/confirm.py) over the modelled figures
             def measure(names: list[str]) -> dict[str, dict[str, SpeedMeasurement]]:
                 return {name: self._speed(TuneConfig.from_dict(unit.candidate_configs[name]), self.half_width / 2)
                         for name in names}
@@ -131,6 +130,16 @@ class SimulatedExecutor:
         return outcomes
 
 
+class FakeClock:
+    """A clock for TuningSession(clock=...): it reads `now`, which the test sets."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def run_simulated(spec: JobSpec, space: TuningSpace, accuracy: AccuracyModel, *, speed: SpeedModel = int8_share_speed,
                   history: History | None = None, order: str = "index", half_width: float = 0.05,
                   fail_trials: set[int] | None = None, stop_after: int | None = None,
@@ -141,21 +150,22 @@ def run_simulated(spec: JobSpec, space: TuningSpace, accuracy: AccuracyModel, *,
     interruption (returns stop reason None). Time stands still except for the backoffs the session asks
     for: they advance the clock at once (and are appended to `slept`)."""
     history = history or History(job="sim")
-    session = TuningSession(spec, history, space if history.baseline is not None else None)
-    executor = SimulatedExecutor(spec, space, accuracy, speed, order=order, half_width=half_width,
-                                 fail_trials=fail_trials or set(), failures=dict(failures or {}),
-                                 baseline_accuracy=baseline_accuracy)
     base_clock = clock or (lambda: 0.0)
     waited = slept if slept is not None else []
 
-    def elapsed() -> float:
+    def now() -> float:
         return base_clock() + sum(waited)
+
+    session = TuningSession(spec, history, space if history.baseline is not None else None, clock=now)
+    executor = SimulatedExecutor(spec, space, accuracy, speed, order=order, half_width=half_width,
+                                 fail_trials=fail_trials or set(), failures=dict(failures or {}),
+                                 baseline_accuracy=baseline_accuracy)
 
     def interrupted() -> bool:
         return stop_after is not None and len(history.finished()) >= stop_after
 
     try:
-        reason = drive(session, executor, elapsed, lambda: None, interrupted=interrupted, poll_wait=0,
+        reason = drive(session, executor, lambda: None, interrupted=interrupted, poll_wait=0,
                        sleep=waited.append)
     except KeyboardInterrupt:
         return session, executor, None

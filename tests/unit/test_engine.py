@@ -182,25 +182,25 @@ def test_no_trial_starts_that_the_wall_clock_limit_would_cut_short():
     """Trials take 60 s here: with 100 s left one more starts; with 50 s left none does and the job ends
     Timeout; with the confirmation to run, the time for it (3 passes of a trial's 10 s benchmark, x 1.5)
     is kept too, and the confirmation runs instead of a trial the limit would kill."""
-    def session_at(confirm: int) -> TuningSession:
+    def session_at(confirm: int, now: float) -> TuningSession:
         spec = job_spec(timeoutSeconds=300, minSpeedup=2.0, confirmCandidates=confirm)
-        history = History(job="time")
+        history = History(job="time", started_at=0.0)
         history.baseline = Baseline(accuracy=0.95)
         for index in range(2):
             record = _record(history, index, fp32_ops=index, speedup=1.2, half=0.05)
             record.started_at, record.finished_at = 1000.0 + 100 * index, 1060.0 + 100 * index
             record.timings = {"benchmark": 10.0, "total": 60.0}
-        return TuningSession(spec, history, simulated_space())
+        return TuningSession(spec, history, simulated_space(), clock=lambda: now)
 
-    assert session_at(0).advance(200.0, frozenset(), 1).start[0].kind == "trial"
-    late = session_at(0)
-    decision = late.advance(250.0, frozenset(), 1)
+    assert session_at(0, 200.0).advance(frozenset(), 1).start[0].kind == "trial"
+    late = session_at(0, 250.0)
+    decision = late.advance(frozenset(), 1)
     assert decision.finished == stop.TIMEOUT and not decision.start and len(late.history.trials) == 2
     assert late.outcome() == stop.NO_SPEEDUP  # 1.2x is short of minSpeedup 2.0: no success claimed
-    confirming = session_at(3)
-    decision = confirming.advance(200.0, frozenset(), 1)  # 200 + 60 + 45 > 300
+    confirming = session_at(3, 200.0)
+    decision = confirming.advance(frozenset(), 1)  # 200 + 60 + 45 > 300
     assert [unit.kind for unit in decision.start] == ["confirm"] and len(confirming.history.trials) == 2
-    assert session_at(3).advance(190.0, frozenset(), 1).start[0].kind == "trial"  # 190 + 60 + 45 <= 300
+    assert session_at(3, 190.0).advance(frozenset(), 1).start[0].kind == "trial"  # 190 + 60 + 45 <= 300
 
 
 def test_too_many_failures_stops_but_a_passing_config_is_still_reported():
@@ -250,9 +250,9 @@ def test_a_result_is_recorded_once_and_a_foreign_config_is_ignored():
 def test_a_failed_baseline_ends_the_job_with_its_message():
     spec = job_spec()
     session = TuningSession(spec, History(job="bad"))
-    decision = session.advance(0.0, frozenset(), 1)
+    decision = session.advance(frozenset(), 1)
     assert [u.id for u in decision.start] == ["baseline"]
     session.record_unit_failure("baseline", "InvalidJob", "spec.data.evaluation: no labels")
-    decision = session.advance(1.0, frozenset(), 1)
+    decision = session.advance(frozenset(), 1)
     assert decision.finished == stop.BASELINE_FAILED
     assert session.outcome() == stop.BASELINE_FAILED and "no labels" in session.verdict()

@@ -4,7 +4,7 @@ infrastructure failure delays the next start (5 s doubling, capped) in both exec
 
 from __future__ import annotations
 
-from simulated import job_spec, run_simulated, sensitive_accuracy, simulated_space
+from simulated import FakeClock, job_spec, run_simulated, sensitive_accuracy, simulated_space
 
 from qtune.spec.models import JobSpec
 from qtune.tuning import stop
@@ -94,20 +94,25 @@ def test_one_verdict_for_the_exit_code_and_the_job_state():
 def test_running_trials_are_abandoned_when_the_failures_repeat():
     spec = spec_of(maxTrials=8, parallelTrials=2)
     history = History(job="parallel")
-    session = TuningSession(spec, history, simulated_space())
+    clock = FakeClock()
+    session = TuningSession(spec, history, simulated_space(), clock=clock)
     history.baseline = Baseline(accuracy=0.95)
-    decision = session.advance(0.0, frozenset(), 2)
+    decision = session.advance(frozenset(), 2)
     assert [u.id for u in decision.start] == ["trial-0", "trial-1"]
     session.record_unit_failure("trial-0", *OOM)
-    decision = session.advance(10.0, frozenset({"trial-1"}), 2)
+    clock.now = 10.0
+    decision = session.advance(frozenset({"trial-1"}), 2)
     assert decision.wait == 5.0 and not decision.start  # backing off while trial-1 runs
     session.record_unit_failure("trial-1", *OOM)
-    decision = session.advance(15.0, frozenset(), 2)
+    clock.now = 15.0
+    decision = session.advance(frozenset(), 2)
     assert decision.wait == 10.0 and not decision.start
-    decision = session.advance(25.0, frozenset(), 2)
+    clock.now = 25.0
+    decision = session.advance(frozenset(), 2)
     assert [u.id for u in decision.start] == ["trial-2", "trial-3"]
     session.record_unit_failure("trial-2", *OOM)
-    decision = session.advance(26.0, frozenset({"trial-3"}), 2)
+    clock.now = 26.0
+    decision = session.advance(frozenset({"trial-3"}), 2)
     assert decision.finished == stop.REPEATED_FAILURES and decision.cancel == ["trial-3"]
     assert history.trials[3].reason == stop.ABANDONED
 
@@ -131,12 +136,16 @@ def test_a_config_failure_or_a_success_does_not_back_off():
 def test_the_backoff_survives_a_restart_of_the_executor():
     spec = spec_of(maxTrials=8)
     history = History(job="restart")
-    session = TuningSession(spec, history, simulated_space())
+    clock = FakeClock()
+    session = TuningSession(spec, history, simulated_space(), clock=clock)
     history.baseline = Baseline(accuracy=0.95)
-    session.advance(0.0, frozenset(), 1)
+    session.advance(frozenset(), 1)
     session.record_unit_failure("trial-0", *OOM)
-    assert session.advance(100.0, frozenset(), 1).wait == 5.0
+    clock.now = 100.0
+    assert session.advance(frozenset(), 1).wait == 5.0
     restored = History.from_dict(history.to_dict())  # e.g. the operator restarted and read its ConfigMap
-    again = TuningSession(spec, restored, simulated_space())
-    assert again.advance(103.0, frozenset(), 1).wait == 2.0
-    assert [u.id for u in again.advance(105.0, frozenset(), 1).start] == ["trial-1"]
+    again = TuningSession(spec, restored, simulated_space(), clock=clock)
+    clock.now = 103.0
+    assert again.advance(frozenset(), 1).wait == 2.0
+    clock.now = 105.0
+    assert [u.id for u in again.advance(frozenset(), 1).start] == ["trial-1"]

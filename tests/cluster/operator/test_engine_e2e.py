@@ -144,10 +144,10 @@ def replay(spec: Any, space: Any, history: Any) -> list[str]:
 
     fresh = History(job="replay")
     fresh.baseline = copy.deepcopy(history.baseline)
-    session = TuningSession(spec, fresh, space)
+    session = TuningSession(spec, fresh, space, clock=lambda: 0.0)
     executor = ReplayExecutor(history, spec.tuning.parallel_trials)
     try:
-        drive(session, executor, lambda: 0.0, lambda: None, poll_wait=0,
+        drive(session, executor, lambda: None, poll_wait=0,
               interrupted=lambda: bool(executor.unknown) or len(fresh.trials) > len(history.trials) + 5)
     except Interrupted:  # it proposed a config the run never ran: the sequences differ from here
         pass
