@@ -41,8 +41,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for path in (ROOT, ROOT / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from tune_examples import stalled_us  # noqa: E402
 
 TOLERANCE = 0.15
 INPUT = "image"
@@ -69,7 +72,6 @@ def build_case(name: str, folder: Path) -> dict[str, str | int]:
         fp32, evaluation, batch = DIGITS / "model.onnx", DIGITS / "eval.npz", 64
         images = np.load(DIGITS / "calib.npz")[INPUT][:200]
     elif name == "resnet28":
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from latency_agreement import build_cnn
         from latency_agreement import images as resnet_images
 
@@ -222,14 +224,6 @@ def judge(measured: dict, references: dict[int, dict]) -> tuple[str, float | Non
     return prefix + source + ("within 15%" if ok else "WRONG (confident figure off by more than 15%)"), ratio
 
 
-def _pressure_total() -> int | None:
-    try:
-        line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
-        return int(line.rsplit("total=", 1)[1])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["digits", "resnet28"])
@@ -258,7 +252,7 @@ def main() -> int:
         print(json.dumps(alone(model, batch_file, int(batch), int(threads), float(seconds))))
         return 0
 
-    started, pressure = time.time(), _pressure_total()
+    started, pressure = time.time(), stalled_us()
     load_before = os.getloadavg()
     rows, wrong = [], 0
     for name in args.cases:
@@ -281,7 +275,7 @@ def main() -> int:
                     print(f"{'':<9} without the contention checks: {before['speedup']:.2f}× "
                           f"[{before['low']:.2f}–{before['high']:.2f}] ({before['threads']} thr){off}", flush=True)
     elapsed = time.time() - started
-    pressure_after = _pressure_total()
+    pressure_after = stalled_us()
     busy = (pressure_after - pressure) / 1e6 / elapsed if pressure is not None and pressure_after is not None else None
     print(f"\nmachine: {os.cpu_count()} CPUs; load average {load_before[0]:.2f} → {os.getloadavg()[0]:.2f}; "
           + (f"some task waited for a CPU {busy:.0%} of the {elapsed:.0f} s (PSI, hogs included)" if busy is not None

@@ -102,7 +102,7 @@ ONE_MODEL = textwrap.dedent("""
 WINDOW_SECONDS = 0.25
 
 
-def _stalled_us() -> int | None:
+def stalled_us() -> int | None:
     """Microseconds some task of this machine waited for a CPU (PSI total), None without PSI."""
     try:
         with open("/proc/pressure/cpu") as f:
@@ -144,17 +144,16 @@ QUIET_PRESSURE = 0.10
 
 def cpu_pressure(seconds: float = 0.0) -> float | None:
     """PSI: the share of time some task waited for a CPU, over the last 10 s (or measured over `seconds`)."""
-    def line() -> str:
-        with open("/proc/pressure/cpu") as f:
-            return f.readline()
-    try:
-        if seconds <= 0:
-            return float(line().split("avg10=")[1].split()[0]) / 100
-        before = int(line().split("total=")[1])
-        time.sleep(seconds)
-        return (int(line().split("total=")[1]) - before) / 1e6 / seconds
-    except (OSError, IndexError, ValueError):
-        return None
+    if seconds <= 0:
+        try:
+            with open("/proc/pressure/cpu") as f:
+                return float(f.readline().split("avg10=")[1].split()[0]) / 100
+        except (OSError, IndexError, ValueError):
+            return None
+    before = stalled_us()
+    time.sleep(seconds)
+    after = stalled_us()
+    return None if before is None or after is None else (after - before) / 1e6 / seconds
 
 
 def wait_for_quiet(limit_s: float) -> float | None:
@@ -177,7 +176,7 @@ def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, round
     try:
         per_window = max(1, round(WINDOW_SECONDS / max(w.run_seconds for w in workers.values())))
         rounds = max(rounds, -(-runs // per_window))
-        stalled0, started = _stalled_us(), time.perf_counter()
+        stalled0, started = stalled_us(), time.perf_counter()
         ratios, fp32_ms, int8_ms = [], [], []
         for index in range(rounds):
             order = (fp32, int8) if index % 2 == 0 else (int8, fp32)
@@ -185,7 +184,7 @@ def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, round
             fp32_ms.append(times[fp32])
             int8_ms.append(times[int8])
             ratios.append(times[fp32] / times[int8])
-        stalled1 = _stalled_us()
+        stalled1 = stalled_us()
     finally:
         for worker in workers.values():
             worker.close()

@@ -260,17 +260,23 @@ def verify_onnx(path: Path, model, x: np.ndarray, atol: float = ATOL) -> float:
 # --------------------------------------------------------------------------------------------
 # data files
 # --------------------------------------------------------------------------------------------
-def write_npz(path: Path, input_name: str, x: np.ndarray, labels: np.ndarray) -> None:
-    """One array per model input (float32) plus int64 `labels`, written atomically."""
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """`arrays` as one .npz file, written atomically; prints each array's shape and dtype."""
     path = Path(path)
-    if len(x) != len(labels):
-        raise ValueError(f"{len(x)} inputs but {len(labels)} labels")
     tmp_path = path.with_name(path.name + ".tmp")
     with open(tmp_path, "wb") as handle:
-        np.savez(handle, **{input_name: np.ascontiguousarray(x, dtype=np.float32),
-                            "labels": np.asarray(labels, dtype=np.int64)})
+        np.savez(handle, **arrays)
     os.replace(tmp_path, path)
-    print(f"  wrote {path.name}: {input_name} {tuple(x.shape)} float32, labels {len(labels)} int64")
+    shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in arrays.items())
+    print(f"  wrote {path.name}: {shapes}")
+
+
+def write_npz(path: Path, input_name: str, x: np.ndarray, labels: np.ndarray) -> None:
+    """One array per model input (float32) plus int64 `labels`, written atomically."""
+    if len(x) != len(labels):
+        raise ValueError(f"{len(x)} inputs but {len(labels)} labels")
+    write_arrays(path, {input_name: np.ascontiguousarray(x, dtype=np.float32),
+                        "labels": np.asarray(labels, dtype=np.int64)})
 
 
 def npz_accuracy(model_path: Path, npz_path: Path) -> tuple[float, int]:

@@ -70,15 +70,6 @@ def decode(logits: np.ndarray) -> np.ndarray:
     return np.array(["".join(str(d) for d in row) for row in logits.argmax(axis=-1)])
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
-    shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in arrays.items())
-    print(f"  wrote {path.name}: {shapes}")
-
-
 def exact_match(model_path: Path, npz_path: Path) -> tuple[float, int]:
     session = _common.ort_session(model_path)
     with np.load(npz_path, allow_pickle=False) as data:
@@ -112,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     x_calib, _ = strips(x_train, y_train, CALIB_STRIPS, SEED + 1)
     x_strip, y_strip = strips(x_eval, y_eval, EVAL_STRIPS, SEED + 2)
-    write_npz(CALIB, {INPUT: x_calib})
-    write_npz(EVAL, {INPUT: x_strip, "labels": y_strip})
+    _common.write_arrays(CALIB, {INPUT: x_calib})
+    _common.write_arrays(EVAL, {INPUT: x_strip, "labels": y_strip})
     _common.export_onnx(reader, x_strip, MODEL, input_name=INPUT, output_name=OUTPUT)
     _common.verify_onnx(MODEL, reader, x_strip)
     score, count = exact_match(MODEL, EVAL)

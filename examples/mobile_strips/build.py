@@ -252,15 +252,6 @@ def train(model, x: np.ndarray, digits: np.ndarray, *, epochs: int, seed: int) -
     model.eval()
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, **arrays)
-    os.replace(tmp, path)
-    shapes = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in arrays.items())
-    print(f"  wrote {path.name}: {shapes}")
-
-
 def exact_match(model_path: Path, npz_path: Path) -> tuple[float, int]:
     session = _common.ort_session(model_path)
     with np.load(npz_path, allow_pickle=False) as data:
@@ -296,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     model = make_model()
     train(model, x_strips, digits_train, epochs=args.epochs, seed=SEED)
 
-    write_npz(CALIB, {INPUT: x_calib})
-    write_npz(EVAL, {INPUT: x_eval_strips, "labels": y_eval_strips})
+    _common.write_arrays(CALIB, {INPUT: x_calib})
+    _common.write_arrays(EVAL, {INPUT: x_eval_strips, "labels": y_eval_strips})
     _common.export_onnx(model, x_eval_strips, MODEL, input_name=INPUT, output_name=OUTPUT)
     _common.verify_onnx(MODEL, model, x_eval_strips[:128])
     score, count = exact_match(MODEL, EVAL)

@@ -109,6 +109,7 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
         windows: dict[str, list[list[float]]] = {name: [] for name in names}
         measured: list[str | None] = []  # per round: why the counters say it was contended, or None
         contended: list[str | None] = []  # the same, or why its fp32 window says so (`_with_slow_rounds`)
+        fp32_ms: list[float] = []  # per round: the fp32 window's median
         rounds = 0
         next_check = settings.min_rounds
         stayed_busy = False
@@ -122,8 +123,9 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
                 if probe and before is not None:
                     reasons.append(contention(load_between(before, probe(), threads)))
             measured.append(next((r for r in reasons if r), None))
+            fp32_ms.append(median(windows[reference][-1]))
             if probe and drop_contended:  # each round again: a faster fp32 window later shows earlier ones slow
-                contended = _with_slow_rounds(measured, windows[reference], fp32_quiet_ms)
+                contended = _with_slow_rounds(measured, fp32_ms, fp32_quiet_ms)
             else:
                 contended = list(measured)
             rounds += 1
@@ -161,11 +163,9 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
     return results
 
 
-def _with_slow_rounds(reasons: list[str | None], fp32_windows: list[list[float]],
-                      quiet_ms: float | None) -> list[str | None]:
-    """`reasons`, plus for each round without one whether its fp32 window ran more than SLOW_FACTOR times the
-    quiet time (`quiet_ms`, or the fastest fp32 window of all rounds so far)."""
-    times = [median(window) for window in fp32_windows]
+def _with_slow_rounds(reasons: list[str | None], times: list[float], quiet_ms: float | None) -> list[str | None]:
+    """`reasons`, plus for each round without one whether its fp32 window (median `times`) ran more than
+    SLOW_FACTOR times the quiet time (`quiet_ms`, or the fastest fp32 window of all rounds so far)."""
     floor = min(times + ([quiet_ms] if quiet_ms else []))
     out: list[str | None] = []
     for reason, took in zip(reasons, times, strict=True):
