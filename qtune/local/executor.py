@@ -101,7 +101,8 @@ class LocalExecutor:
         return self.threads or len(self.slots[slot])
 
     def command(self, unit: WorkUnit, folder: Path, threads: int) -> list[str]:
-        command = [sys.executable, "-m", "qtune.runner", unit.kind, "--job", str(self.job_file),
+        # -P: the current folder never shadows an installed module (a `yaml.py` beside the user's shell)
+        command = [sys.executable, "-P", "-m", "qtune.runner", unit.kind, "--job", str(self.job_file),
                    "--base-dir", str(self.base_dir), "--workspace", str(self.workspace),
                    "--threads", str(threads), "--result", str(folder / RESULT_FILE)]
         if unit.kind == UnitKind.TRIAL:

@@ -40,3 +40,15 @@ def test_status_at_every_phase(phase: str) -> None:
         winner = next(e for e in front["entries"] if e["winner"])
         assert winner["trial"] == world.kube.status["best"]["trial"]
         assert f"{winner['speedup']:.2f}× [{winner['low']:.2f}–{winner['high']:.2f}]" in text
+
+
+def test_job_text_prints_as_itself() -> None:
+    """Status text comes from a tenant (names, messages, user errors): a stray Rich tag must not crash the
+    print, and escape sequences (colours, OSC-8 links, cursor moves) must not reach the terminal."""
+    hostile = "[/bold] broke \x1b]8;;http://example.invalid\x1b\\link\x1b]8;;\x1b\\ \x1b[2J[red]x[/red]\x9b"
+    status = {"state": "Failed", "reason": "[bold]", "message": hostile,
+              "conditions": [{"type": "Ready", "status": "False", "reason": "[link]", "message": hostile}],
+              "recentTrials": [{"index": 0, "status": "failed", "reason": hostile}]}
+    text = _text(status)
+    assert "[/bold] broke" in text and "[red]x[/red]" in text and "([bold])" in text
+    assert not any(ch in text for ch in ("\x1b", "\x9b", "\x07"))
