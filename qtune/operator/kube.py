@@ -101,10 +101,6 @@ class Kube:
                                             grace_period_seconds=grace_seconds, _preload_content=False)
         return response is not None
 
-    async def delete_pods(self, namespace: str, selector: str) -> None:
-        await self._call(self.core.delete_collection_namespaced_pod, namespace, label_selector=selector,
-                         _preload_content=False)
-
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         response = await self._call(self.core.list_namespaced_pod, namespace, label_selector=selector,
                                     _preload_content=False)

@@ -16,7 +16,7 @@ trials started/finished/failed, dispatch latency, loop step duration). --bind-ad
 0.0.0.0, as the kubelet probes the pod IP; 127.0.0.1 for a local run).
 
 RBAC the operator needs: quantizationjobs (+/status) get/list/watch/patch/update; pods
-get/list/watch/create/delete/deletecollection; configmaps get/create/update/patch/delete; secrets
+get/list/watch/create/delete; configmaps get/create/update/patch/delete; secrets
 create/delete only (each unit's result secret; the operator derives it again from QTUNE_SIGNING_KEY
 and never reads Secrets); serviceaccounts,
 roles, rolebindings create; events create; kopfpeerings/clusterkopfpeerings get/list/watch/patch/

@@ -468,3 +468,14 @@ def test_allowed_strategy_modules_reach_the_operator(helm: Path) -> None:
     from qtune.operator.config import OperatorConfig
 
     assert OperatorConfig.env_name("allowed_modules") == "QTUNE_ALLOWED_MODULES"
+
+
+def test_the_readme_states_the_role_the_chart_grants(helm: Path) -> None:
+    """The chart README's Role row names each resource the default Role grants with exactly its verbs (it once
+    said "never Secrets" beside a Role that creates and deletes them, and kept an unused deletecollection)."""
+    row = next(line for line in (OPERATOR_CHART / "README.md").read_text().splitlines()
+               if line.startswith("| `Role`/`RoleBinding`"))
+    stated = {res: set(verbs.split("/")) for res, verbs in re.findall(r"`([a-z/]+)` \(([a-z/]+)", row)}
+    role = one(render(helm, {"watch.namespaces": ["team-a"], "peering.enabled": True}), "Role")
+    granted = {resource: verbs for _, resource, verbs in rules_of(role)}
+    assert stated == granted

@@ -86,10 +86,6 @@ class FakeKube:
                 if pod["metadata"].get("namespace", namespace) == namespace
                 and matches_labels(pod["metadata"].get("labels") or {}, selector)]
 
-    async def delete_pods(self, namespace: str, selector: str) -> None:
-        for name in self._selected(namespace, selector):
-            del self.pods[name]
-
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return [self.pods[name] for name in self._selected(namespace, selector)]
 

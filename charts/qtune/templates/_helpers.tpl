@@ -88,7 +88,7 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
   verbs: [get, patch]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete, deletecollection]
+  verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, update, patch, delete]
