@@ -184,24 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.result:
         write_json_atomic(Path(args.result), payload)
     if args.pushgateway:
-        from qtune.runner.metrics import PUSH_ATTEMPTS, push_result
+        from qtune.runner.metrics import push_result
 
         unit = args.command if args.command in (UnitKind.BASELINE, UnitKind.CONFIRM) else trial_unit(int(args.index))
-        # A baseline that published its ConfigMap has delivered its result (the operator reads it
-        # there): its push is optional, and failing it must not fail a good baseline.
-        optional = args.command == UnitKind.BASELINE and bool(args.publish_configmap) and code == EXIT_OK
+        # Every unit's push is required, the baseline's too: the operator believes only the signed result it
+        # gathers (a published ConfigMap carries the space, not the verdict), so a push that never gets
+        # through fails the unit now, naming why, instead of leaving the job to wait for its results deadline.
         try:
-            push_result(args.pushgateway, args.job_uid, unit, result, attempts=PUSH_ATTEMPTS if optional else None)
+            push_result(args.pushgateway, args.job_uid, unit, result)
         except Exception as exc:  # noqa: BLE001 - after push_result's retries
-            if optional:
-                logger.warning("could not push the baseline's metrics to %s (%s): the baseline is published in "
-                               "ConfigMap %s, carrying on", args.pushgateway, exc, args.publish_configmap)
-            else:
-                logger.error("could not push the result of %s to %s: %s", unit, args.pushgateway, exc)
-                text = f"the result could not be pushed to {args.pushgateway}: {type(exc).__name__}: {exc}"[:2000]
-                write_termination(termination_message("PushFailed", text))
-                print(f"error: {text}", file=sys.stderr)  # noqa: T201 - the last line the caller reads
-                return code if code != EXIT_OK else EXIT_TRIAL_FAILED
+            logger.error("could not push the result of %s to %s: %s", unit, args.pushgateway, exc)
+            text = f"the result could not be pushed to {args.pushgateway}: {type(exc).__name__}: {exc}"[:2000]
+            write_termination(termination_message("PushFailed", text))
+            print(f"error: {text}", file=sys.stderr)  # noqa: T201 - the last line the caller reads
+            return code if code != EXIT_OK else EXIT_TRIAL_FAILED
     if code != EXIT_OK:
         message = result.message or result.reason or "failed"
         write_termination(termination_message(result.reason or "Failed", message))

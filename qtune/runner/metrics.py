@@ -26,7 +26,6 @@ from qtune.protocol import Result, Sample
 logger = logging.getLogger(__name__)
 
 PUSH_JOB = protocol.PUSH_JOB
-PUSH_ATTEMPTS = 6
 PUSH_BACKOFF = 2.0
 PUSH_MAX_DELAY = 30.0
 PUSH_RETRY_SECONDS = 900.0
@@ -34,8 +33,7 @@ PUSH_RETRY_ENV = "QTUNE_PUSH_RETRY_SECONDS"
 """A unit's result push is retried on connection errors, timeouts, 429 and 5xx answers, waiting 2, 4, 8,
 16, then 30 s between attempts, for up to PUSH_RETRY_SECONDS in all (env QTUNE_PUSH_RETRY_SECONDS): a
 Pushgateway outage of several minutes loses no result. The pod's own time limit (activeDeadlineSeconds)
-still bounds it. A 4xx answer is final. An optional push (the baseline's metrics, when the baseline also
-published its ConfigMap) makes PUSH_ATTEMPTS attempts only (about a minute)."""
+still bounds it. A 4xx answer is final. Every unit's push is required, the baseline's too."""
 
 
 def push_retry_seconds() -> float:

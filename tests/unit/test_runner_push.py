@@ -1,7 +1,7 @@
 """The runner's result push (issue 12): retried with a bounded backoff on connection errors and
-5xx answers, final on 4xx; a failed optional push (the baseline's metrics, when the baseline also
-published its ConfigMap) never fails a good baseline. Against a local HTTP server that fails the
-first attempts."""
+5xx answers, final on 4xx; a push that never gets through fails the unit, the baseline's too (the
+operator believes only the pushed, signed result). Against a local HTTP server that fails the first
+attempts."""
 
 from __future__ import annotations
 
@@ -135,14 +135,16 @@ def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, result:
     return code, json.loads(out.read_text()), termination.read_text() if termination.exists() else ""
 
 
-def test_failed_optional_baseline_push_keeps_a_good_baseline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                              gateway_factory: Any, fast_retries: None) -> None:
-    gateway = gateway_factory(100, fail_status=500)  # never recovers
+def test_a_baseline_that_published_its_configmap_still_fails_when_its_push_never_gets_through(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gateway_factory: Any, fast_retries: None) -> None:
+    """The operator reads only the signed pushed result: a baseline whose push fails must say so at once
+    (PushFailed, non-zero exit), not exit 0 and leave its job waiting for the results deadline."""
+    gateway = gateway_factory(10**9, fail_status=500)  # never recovers
     baseline = protocol.BaselineResult(accuracy=0.97, metric="top1")
-    code, result, termination = _main(monkeypatch, tmp_path, "baseline", baseline, gateway.url,
-                                      "--publish-configmap", "job-baseline")
-    assert code == protocol.EXIT_OK and result["status"] == "succeeded" and termination == ""
-    assert len(gateway.requests) == metrics.PUSH_ATTEMPTS, "retried, then given up"
+    code, _, termination = _main(monkeypatch, tmp_path, "baseline", baseline, gateway.url,
+                                 "--publish-configmap", "job-baseline")
+    assert code != protocol.EXIT_OK and termination.startswith("PushFailed: ")
+    assert len(gateway.requests) > 1, "retried before giving up"
 
 
 def test_a_trial_push_that_recovers_succeeds_and_one_that_never_does_fails_cleanly(
