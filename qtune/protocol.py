@@ -3,19 +3,40 @@
 Everything that crosses a process boundary is defined here once: the result of a unit of work
 (baseline, trial, confirmation), the exit codes and termination message of the runner, and the
 signature that proves a cluster result came from the pod that was given the trial's secret.
+The encodings that know no message (canonical JSON and HMAC, termination message, ConfigMap
+payloads, the metric table's `Sample`) are in `qtune.wire` and re-exported here.
 This module imports no framework (the operator imports it).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import math
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Re-exported: the message-free encodings live in qtune.wire, and `from qtune.protocol import X` keeps working.
+from qtune.wire import (  # noqa: F401
+    CONFIGMAP_LIMIT,
+    INFLATED_LIMIT,
+    INVALID_SPEC,
+    PLAIN_LIMIT,
+    RATIO_LIMIT,
+    TERMINATION_LIMIT,
+    PayloadTooLarge,
+    ProtocolError,
+    Sample,
+    canonical_bytes,
+    decode_document,
+    derive_unit_secret,
+    encode_document,
+    parse_termination,
+    sign,
+    termination_message,
+    verify,
+)
 
 EXIT_OK = 0
 EXIT_JOB_UNUSABLE = 1
@@ -183,41 +204,7 @@ class ConfirmResult(_Message):
 Result = BaselineResult | TrialResult | ConfirmResult
 
 
-# --- canonical encoding and signatures -------------------------------------------------------
-def _canonical_value(value: Any) -> Any:
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return repr(value)
-        return float(repr(value))
-    if isinstance(value, dict):
-        return {str(k): _canonical_value(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, list | tuple):
-        return [_canonical_value(v) for v in value]
-    return value
-
-
-def canonical_bytes(payload: dict[str, Any]) -> bytes:
-    """Deterministic JSON of a result (sorted keys, shortest float repr): what a signature covers."""
-    return json.dumps(_canonical_value(payload), sort_keys=True, separators=(",", ":")).encode()
-
-
-def sign(payload: dict[str, Any], secret: str) -> str:
-    return hmac.new(secret.encode(), canonical_bytes(payload), hashlib.sha256).hexdigest()
-
-
-def verify(payload: dict[str, Any], secret: str, signature: str | None) -> bool:
-    return bool(signature) and hmac.compare_digest(sign(payload, secret), str(signature))
-
-
-def derive_unit_secret(signing_key: str, job_uid: str, unit: str, attempt: int = 0) -> str:
-    """The secret of one pod of one unit: HMAC(operator key, job uid / unit id / attempt).
-
-    The operator hands it to that pod only (a Secret it owns, read through secretKeyRef) and can
-    derive it again at any time from its key, so it never reads Secrets back."""
-    message = f"{job_uid}/{unit}/{int(attempt)}".encode()
-    return hmac.new(signing_key.encode(), message, hashlib.sha256).hexdigest()
-
-
+# --- result signatures (the canonical encoding and HMAC are qtune.wire's) -----------------------
 def signed_payload(job_uid: str, unit: str, result: Result) -> dict[str, Any]:
     """What a result's signature covers: the whole result bound to its job and unit (a result of
     one unit cannot be replayed as another's)."""
@@ -325,19 +312,6 @@ SIGNATURE_LABEL = "signature"
 KIND_LABEL = "kind"
 
 
-class Sample(BaseModel):
-    """One series of the metric table: name, labels (grouping labels excluded), value."""
-
-    model_config = ConfigDict(frozen=True)
-    name: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    value: float
-
-
-class ProtocolError(ValueError):
-    """A message that does not decode (missing series, bad JSON label, invalid field)."""
-
-
 def encode_result(result: Result, signature: str | None = None) -> list[Sample]:
     """The metric table of one result (plus its signature) as samples."""
     kind = result_kind(result)
@@ -438,108 +412,3 @@ def group_samples(samples: list[tuple[dict[str, str], float]]) -> dict[tuple[str
         own = {k: v for k, v in labels.items() if k not in drop}
         groups.setdefault(key, []).append(Sample(name=name, labels=own, value=value))
     return groups
-
-
-# --- the runner's exit and termination message -----------------------------------------------
-TERMINATION_LIMIT = 4096
-"""Kubernetes keeps at most 4096 bytes of a container's termination message."""
-INVALID_SPEC = "InvalidSpec"
-"""Reason of a termination message whose job spec is unusable (the message names the field)."""
-_REASON_RE = r"^\s*([A-Z][A-Za-z0-9]+):\s*(.*)$"
-
-
-def termination_message(reason: str, message: str) -> str:
-    """`Reason: message` (one line first), cut to what Kubernetes keeps."""
-    text = f"{reason}: {message}"
-    return text.encode()[:TERMINATION_LIMIT].decode(errors="ignore")
-
-
-def parse_termination(text: str | None) -> tuple[str | None, str]:
-    """(reason, message) of a termination message; reason None when it has no `Reason:` prefix."""
-    import re
-
-    text = (text or "").strip()
-    match = re.match(_REASON_RE, text, re.S)
-    if match:
-        return match.group(1), match.group(2).strip()
-    return None, text
-
-
-# --- ConfigMap payloads -------------------------------------------------------------------------
-CONFIGMAP_LIMIT = 1024 * 1024 - 16 * 1024
-"""A ConfigMap holds at most 1 MiB (data + binaryData); keep a margin for metadata."""
-PLAIN_LIMIT = 256 * 1024
-"""Documents up to this size are stored as plain JSON (readable with kubectl); larger ones gzip."""
-INFLATED_LIMIT = 64 * 1024 * 1024
-"""A compressed document may not inflate beyond this (a zip bomb is refused, not unpacked)."""
-RATIO_LIMIT = 200
-"""...nor inflate more than this many times its compressed size."""
-
-
-class PayloadTooLarge(ValueError):
-    """A document does not fit in a ConfigMap, or a stored one inflates beyond the limits."""
-
-
-def encode_document(key: str, document: Any, plain_limit: int | None = None,
-                    limit: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
-    """(data, binaryData) holding `document` as JSON under `key`, or gzip+base64 under `key.gz`."""
-    import base64
-    import gzip
-
-    plain_limit = PLAIN_LIMIT if plain_limit is None else plain_limit
-    limit = CONFIGMAP_LIMIT if limit is None else limit
-    text = json.dumps(document, separators=(",", ":"), sort_keys=True)
-    raw = text.encode()
-    if len(raw) <= plain_limit:
-        return {key: text}, {}
-    packed = base64.b64encode(gzip.compress(raw, compresslevel=6, mtime=0)).decode()
-    if len(packed) > limit:
-        raise PayloadTooLarge(f"{key} is {len(raw)} bytes, {len(packed)} compressed: more than a ConfigMap "
-                              f"holds ({limit} bytes)")
-    return {}, {f"{key}.gz": packed}
-
-
-def decode_document(body: dict[str, Any] | None, key: str, limit: int | None = None,
-                    inflated_limit: int | None = None, ratio_limit: int | None = None) -> Any | None:
-    """The JSON document stored under `key` (plain) or `key.gz` (gzip+base64); None when absent.
-    Raises PayloadTooLarge for oversized or over-compressed payloads, ProtocolError for bad ones."""
-    import base64
-    import zlib
-
-    limit = CONFIGMAP_LIMIT if limit is None else limit
-    inflated_limit = INFLATED_LIMIT if inflated_limit is None else inflated_limit
-    ratio_limit = RATIO_LIMIT if ratio_limit is None else ratio_limit
-    if not body:
-        return None
-    data = body.get("data") or {}
-    binary = body.get("binaryData") or {}
-    if binary.get(f"{key}.gz"):
-        packed = binary[f"{key}.gz"]
-        if len(packed) > limit:
-            raise PayloadTooLarge(f"{key}.gz: {len(packed)} bytes, more than {limit}")
-        try:
-            compressed = base64.b64decode(packed, validate=True)
-        except ValueError as exc:
-            raise ProtocolError(f"{key}.gz: not base64: {exc}") from None
-        cap = min(inflated_limit, max(1, len(compressed)) * ratio_limit)
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            raw = inflater.decompress(compressed, cap + 1)
-        except zlib.error as exc:
-            raise ProtocolError(f"{key}.gz: not gzip: {exc}") from None
-        if len(raw) > cap or inflater.unconsumed_tail:
-            raise PayloadTooLarge(f"{key}.gz inflates beyond {cap} bytes ({len(compressed)} compressed): refused")
-        try:
-            text = raw.decode()
-        except UnicodeDecodeError as exc:
-            raise ProtocolError(f"{key}.gz: not UTF-8: {exc}") from None
-    elif data.get(key):
-        text = data[key]
-        if len(text.encode()) > limit:
-            raise PayloadTooLarge(f"{key}: {len(text.encode())} bytes, more than {limit}")
-    else:
-        return None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser goes
-        raise ProtocolError(f"{key}: not JSON: {type(exc).__name__}: {exc}") from None

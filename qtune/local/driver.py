@@ -326,21 +326,24 @@ def _continue_finished(history: History, spec: JobSpec, workspace: Path, now: fl
     history.stop_reason = history.outcome = None
 
 
-def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None = None, resume: bool = False,
-         fresh: bool = False, listener: ProgressListener | None = None,
-         workspace: Path | None = None, clock: Callable[[], float] = time.time) -> TuneOutcome:
-    """Tune a job on this machine. Raises QtuneError (one line) on bad input, before writing output.
-    `clock` is the session's (the job's elapsed time, the trials' timestamps)."""
-    job_file = Path(job_file).resolve()
-    spec = job.spec
+def _resolve_folders(job: QuantizationJob, job_file: Path, workspace: Path | None,
+                     output_dir: Path | None) -> tuple[Path, Path]:
+    """The run's workspace and output folders: qtune's own (or new), and neither inside the other."""
     workspace = (workspace or default_workspace(job, job_file)).resolve()
     output_dir = (output_dir or default_output(job, job_file)).resolve()
     _check_own_folder(workspace, WORKSPACE_MARKER, "spec.workspace.path")
     _check_own_folder(output_dir, OUTPUT_MARKER, "spec.output.path (or -o)")
     if workspace == output_dir or output_dir in workspace.parents or workspace in output_dir.parents:
         raise QtuneError(f"spec.output.path: {output_dir} and the workspace {workspace} must not contain each other")
-    history_path = workspace / HISTORY_FILE
+    return workspace, output_dir
 
+
+def _prepare_workspace(job: QuantizationJob, job_file: Path, workspace: Path, *, resume: bool,
+                       fresh: bool) -> tuple[Path, bool]:
+    """Start over, resume or refuse an earlier run in `workspace`, then make it with this run's fingerprint.
+    Returns the top-most folder this run creates and whether the workspace is new (both removed again if
+    the baseline fails)."""
+    history_path = workspace / HISTORY_FILE
     if history_path.exists() and not resume and not fresh:
         previous = History.load(history_path)
         if not (previous.stop_reason and not previous.pending()):
@@ -363,7 +366,12 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     created_new = not workspace.exists()
     _make_own_folder(workspace, WORKSPACE_MARKER)
     write_json_atomic(workspace / JOB_FINGERPRINT_FILE, fingerprint)
+    return created, created_new
 
+
+def _load_history(job: QuantizationJob, workspace: Path, clock: Callable[[], float]) -> History:
+    """The history this run goes on from: the workspace's (a failed baseline's is dropped), or a new one."""
+    history_path = workspace / HISTORY_FILE
     history = History.load(history_path) if history_path.exists() else History(job=job.name)
     # A local job's clock runs only while `qtune tune` does: the stretch an earlier run left open (from its last
     # save until it died) is not counted; the session starts the clock again.
@@ -371,7 +379,21 @@ def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None 
     if history.stop_reason == stop.BASELINE_FAILED:
         history = History(job=job.name)
     elif history.stop_reason is not None:
-        _continue_finished(history, spec, workspace, clock())
+        _continue_finished(history, job.spec, workspace, clock())
+    return history
+
+
+def tune(job: QuantizationJob, job_file: str | Path, *, output_dir: Path | None = None, resume: bool = False,
+         fresh: bool = False, listener: ProgressListener | None = None,
+         workspace: Path | None = None, clock: Callable[[], float] = time.time) -> TuneOutcome:
+    """Tune a job on this machine. Raises QtuneError (one line) on bad input, before writing output.
+    `clock` is the session's (the job's elapsed time, the trials' timestamps)."""
+    job_file = Path(job_file).resolve()
+    spec = job.spec
+    workspace, output_dir = _resolve_folders(job, job_file, workspace, output_dir)
+    created, created_new = _prepare_workspace(job, job_file, workspace, resume=resume, fresh=fresh)
+    history_path = workspace / HISTORY_FILE
+    history = _load_history(job, workspace, clock)
     space = load_space(workspace) if history.baseline is not None else None
     add_job_dir(job_file.parent)  # the session imports a `module:Class` strategy from the job's folder
     session = TuningSession(spec, history, space, clock=clock)

@@ -39,6 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from qtune.protocol import SpeedMeasurement
@@ -68,6 +69,54 @@ of one model varied by about ±10% here, stretches of host load made them 1.5–
 Clock = Callable[[], float]
 Probe = Callable[[], CpuSample]
 """Reads the CPU counters (`CpuProbe.sample`); tests pass a synthetic one."""
+
+
+@dataclass
+class _Rounds:
+    """One interleaved measurement: what it runs, how, and the windows and verdicts of its rounds so far."""
+
+    runners: Mapping[str, Callable[[], None]]
+    names: list[str]  # the reference (fp32) first
+    settings: BenchmarkSpec
+    threads: int
+    clock: Clock
+    wall: Clock
+    probe: Probe | None
+    drop_contended: bool
+    fp32_quiet_ms: float | None
+    runs_per_window: int
+    windows: dict[str, list[list[float]]] = field(default_factory=dict)
+    # per round: why the counters say it was contended, or None
+    measured: list[str | None] = field(default_factory=list)
+    # the same, or why its fp32 window says so (`_with_slow_rounds`)
+    contended: list[str | None] = field(default_factory=list)
+    fp32_ms: list[float] = field(default_factory=list)  # per round: the fp32 window's median
+    rounds: int = 0
+    stayed_busy: bool = False
+
+    def __post_init__(self) -> None:
+        self.windows = {name: [] for name in self.names}
+
+    @property
+    def reference(self) -> str:
+        return self.names[0]
+
+    def play(self) -> None:
+        """One round: a window of each model, in an order rotated every round, each checked for contention."""
+        shift = self.rounds % len(self.names)
+        reasons = []
+        for name in self.names[shift:] + self.names[:shift]:
+            before = self.probe() if self.probe else None
+            self.windows[name].append(_window(self.runners[name], self.runs_per_window, self.clock))
+            if self.probe and before is not None:
+                reasons.append(contention(load_between(before, self.probe(), self.threads)))
+        self.measured.append(next((r for r in reasons if r), None))
+        self.fp32_ms.append(median(self.windows[self.reference][-1]))
+        if self.probe and self.drop_contended:  # each round again: a faster fp32 window later shows earlier ones slow
+            self.contended = _with_slow_rounds(self.measured, self.fp32_ms, self.fp32_quiet_ms)
+        else:
+            self.contended = list(self.measured)
+        self.rounds += 1
 
 
 def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, batch_size: int,
@@ -106,60 +155,55 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
         warm_budget = settings.max_seconds * WARMUP_SHARE / len(names)
         cost = {name: _warm_up(runners[name], settings.warmup_runs, warm_budget, clock, wall) for name in names}
         runs_per_window = max(1, min(MAX_RUNS_PER_WINDOW, round(WINDOW_SECONDS / max(max(cost.values()), 1e-9))))
-        windows: dict[str, list[list[float]]] = {name: [] for name in names}
-        measured: list[str | None] = []  # per round: why the counters say it was contended, or None
-        contended: list[str | None] = []  # the same, or why its fp32 window says so (`_with_slow_rounds`)
-        fp32_ms: list[float] = []  # per round: the fp32 window's median
-        rounds = 0
-        next_check = settings.min_rounds
-        stayed_busy = False
-        while True:
-            round_started = wall()
-            shift = rounds % len(names)
-            reasons = []
-            for name in names[shift:] + names[:shift]:
-                before = probe() if probe else None
-                windows[name].append(_window(runners[name], runs_per_window, clock))
-                if probe and before is not None:
-                    reasons.append(contention(load_between(before, probe(), threads)))
-            measured.append(next((r for r in reasons if r), None))
-            fp32_ms.append(median(windows[reference][-1]))
-            if probe and drop_contended:  # each round again: a faster fp32 window later shows earlier ones slow
-                contended = _with_slow_rounds(measured, fp32_ms, fp32_quiet_ms)
-            else:
-                contended = list(measured)
-            rounds += 1
-            now = wall()
-            kept = rounds - sum(1 for r in contended if r) if drop_contended else rounds
-            if drop_contended and _stays_busy(contended, settings.min_rounds):
-                stayed_busy = True
-                logger.info("speed at batch %d: the machine stays busy (%d of %d rounds contended, e.g. %s)",
-                            batch_size, rounds - kept, rounds, next(r for r in contended if r))
-                break
-            over_budget = now - started + (now - round_started) > settings.max_seconds
-            if rounds < settings.min_rounds or (kept < settings.min_rounds and not over_budget):
-                continue
-            if over_budget:
-                logger.debug("speed at batch %d: time budget spent after %d rounds", batch_size, rounds)
-                stayed_busy = drop_contended and kept < settings.min_rounds
-                break
-            if kept * runs_per_window < settings.runs or kept < next_check:
-                continue
-            used = _kept_rounds(windows, contended, drop_contended)
-            if all(_precise(used[reference], used[name], settings) for name in names[1:]):
-                break
-            next_check = kept + max(1, kept // 10)  # the check's cost grows with the rounds
+        state = _Rounds(runners, names, settings, threads, clock, wall, probe, drop_contended, fp32_quiet_ms,
+                        runs_per_window)
+        _play_until_done(state, started, batch_size)
     finally:
         if gc_was_enabled:
             gc.enable()
-    used = windows if stayed_busy else _kept_rounds(windows, contended, drop_contended)
-    busy_rounds = sum(1 for r in contended if r)
-    results = _results(used, reference, names[1:], batch_size, settings, threads, runs_per_window,
-                       seconds=wall() - started)
+    return _measured(state, batch_size, seconds=wall() - started)
+
+
+def _play_until_done(state: _Rounds, started: float, batch_size: int) -> None:
+    """Play rounds until the figures are precise enough, the budget is spent or the machine stays busy."""
+    settings = state.settings
+    next_check = settings.min_rounds
+    while True:
+        round_started = state.wall()
+        state.play()
+        rounds = state.rounds
+        now = state.wall()
+        kept = rounds - sum(1 for r in state.contended if r) if state.drop_contended else rounds
+        if state.drop_contended and _stays_busy(state.contended, settings.min_rounds):
+            state.stayed_busy = True
+            logger.info("speed at batch %d: the machine stays busy (%d of %d rounds contended, e.g. %s)",
+                        batch_size, rounds - kept, rounds, next(r for r in state.contended if r))
+            return
+        over_budget = now - started + (now - round_started) > settings.max_seconds
+        if rounds < settings.min_rounds or (kept < settings.min_rounds and not over_budget):
+            continue
+        if over_budget:
+            logger.debug("speed at batch %d: time budget spent after %d rounds", batch_size, rounds)
+            state.stayed_busy = state.drop_contended and kept < settings.min_rounds
+            return
+        if kept * state.runs_per_window < settings.runs or kept < next_check:
+            continue
+        used = _kept_rounds(state.windows, state.contended, state.drop_contended)
+        if all(_precise(used[state.reference], used[name], settings) for name in state.names[1:]):
+            return
+        next_check = kept + max(1, kept // 10)  # the check's cost grows with the rounds
+
+
+def _measured(state: _Rounds, batch_size: int, seconds: float) -> dict[str, SpeedMeasurement]:
+    """The figures of a finished measurement, with how contended it was and whether it can be trusted."""
+    used = state.windows if state.stayed_busy else _kept_rounds(state.windows, state.contended, state.drop_contended)
+    busy_rounds = sum(1 for r in state.contended if r)
+    results = _results(used, state.reference, state.names[1:], batch_size, state.settings, state.threads,
+                       state.runs_per_window, seconds=seconds)
     for measurement in results.values():
         measurement.contended_rounds = busy_rounds
-        measurement.busy = stayed_busy or busy_rounds >= BUSY_SHARE * rounds > 0
-        measurement.trusted = not stayed_busy
+        measurement.busy = state.stayed_busy or busy_rounds >= BUSY_SHARE * state.rounds > 0
+        measurement.trusted = not state.stayed_busy
     return results
 
 

@@ -1,4 +1,5 @@
-"""CEL rules for the CRD, written next to the pydantic validators they mirror (qtune/spec/models.py).
+"""CEL rules for the CRD, written next to the pydantic validators they mirror (qtune/spec/models.py,
+data_models.py, base.py).
 
 A model or field carries its rules as `json_schema_extra=cel.rules(...)`; the CRD generator
 (qtune/operator/crd.py) copies every `x-kubernetes-validations` of the JSON schema into the

@@ -45,7 +45,7 @@ def test_large_history_is_gzipped() -> None:
 
 
 def test_too_large_history(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("qtune.protocol.CONFIGMAP_LIMIT", 100)
+    monkeypatch.setattr("qtune.wire.CONFIGMAP_LIMIT", 100)
     with pytest.raises(HistoryTooLarge, match="maxTrials"):
         encode_history(_history(50), plain_limit=10)
 
@@ -93,7 +93,7 @@ def test_publish_patch_round_trips_through_the_operator_reader(tmp_path: Path, m
     assert patch["binaryData"] == {"space.json.gz": None, "baseline.json.gz": None}
     assert decode_published(patch, c.SPACE_KEY) == tiny_space().to_dict()
 
-    monkeypatch.setattr("qtune.protocol.PLAIN_LIMIT", 10)
+    monkeypatch.setattr("qtune.wire.PLAIN_LIMIT", 10)
     patch = publish.configmap_patch(tmp_path)
     assert patch["data"] == {"space.json": None, "baseline.json": None}
     assert decode_published(patch, "baseline.json") == {"accuracy": 0.9}

@@ -139,6 +139,54 @@ def ops_touching(view: GraphView, tensors: dict[str, str], quantizable: set[str]
     return reasons
 
 
+def _relevant(approach: str, *approaches: str) -> bool:
+    """Whether a note about `approaches` concerns a job of `approach` (static, dynamic or auto)."""
+    return approach not in ("static", "dynamic") or approach in approaches
+
+
+def _activation_capability(static_ok: bool, quant_format: str, approach: str) -> tuple[dict[str, Any], list[str]]:
+    """An op's activation choices, and the notes that explain them."""
+    notes: list[str] = []
+    if static_ok:
+        act_dtypes = ["uint8", "fp32"] if quant_format == "QOperator" else ["uint8", "int8", "fp32"]
+        activation = {"dtype": act_dtypes, "scheme": ["asym", "sym"], "granularity": ["per_tensor"],
+                      "algorithm": list(ACT_ALGORITHMS), "reduce_range": [False, True]}
+        if quant_format == "QOperator" and _relevant(approach, "static"):
+            notes.append("QOperator format: activations uint8 only (int8 activations need QDQ on x86)")
+    else:
+        activation = {"dtype": ["uint8", "fp32"], "scheme": ["asym"], "granularity": ["per_tensor"],
+                      "algorithm": ["minmax"], "reduce_range": [False]}
+        if approach == "auto":
+            notes.append("dynamic only: ORT quantizes this op with its IntegerOps (run-time activation ranges)")
+    return activation, notes
+
+
+def _op_capability(node: onnx.NodeProto, view: GraphView, static_ok: bool, dynamic_ok: bool, quant_format: str,
+                   per_channel_ok: bool, approach: str, forced_reason: str | None) -> tuple[dict[str, Any], list[str]]:
+    """One quantizable op's capability entry (activation, weight, approaches) and its notes, in order."""
+    approaches = (["static"] if static_ok else []) + (["dynamic"] if dynamic_ok else [])
+    weights = weight_inputs(node, view)
+    activation, op_notes = _activation_capability(static_ok, quant_format, approach)
+    if node.op_type == "Conv" and _relevant(approach, "dynamic"):
+        op_notes.append("static only: dynamic ConvInteger is 2.5-7x slower than fp32 on CPU and hurts accuracy")
+    if node.op_type == "Gemm" and dynamic_ok and _relevant(approach, "dynamic"):
+        op_notes.append(f"dynamic: ORT rewrites it as {node.name}_MatMul (MatMulInteger) + {node.name}_Add")
+    entry: dict[str, Any] = {"activation": activation, "approach": approaches}
+    if weights:
+        granularity = ["per_channel", "per_tensor"] if per_channel_ok else ["per_tensor"]
+        if not per_channel_ok:
+            op_notes.append("per_tensor weights only: per-channel QDQ needs opset >= 13")
+        entry["weight"] = {"dtype": ["int8", "uint8", "fp32"], "scheme": ["sym", "asym"],
+                           "granularity": granularity, "algorithm": ["minmax"],
+                           "reduce_range": [False, True]}
+    if forced_reason is not None:
+        entry["activation"] = {"dtype": ["fp32"]}
+        if weights:
+            entry["weight"] = {"dtype": ["fp32"]}
+        op_notes.append(forced_reason)
+    return entry, op_notes
+
+
 def build_capability(
     view: GraphView,
     quant_format: str = "QDQ",
@@ -151,10 +199,6 @@ def build_capability(
 
     `approach` is the job's (static, dynamic or auto): notes about the other approach are left out,
     so a static job is not told 38 times why dynamic ConvInteger is avoided."""
-
-    def relevant(*approaches: str) -> bool:
-        return approach not in ("static", "dynamic") or approach in approaches
-
     qdq_types, qoperator_types, dynamic_types = registries()
     static_types = qoperator_types if quant_format == "QOperator" else qdq_types
     forced_fp32 = dict(forced_fp32 or {})
@@ -171,38 +215,8 @@ def build_capability(
         has_float_io = any(view.is_float(name) for name in [*node.input, *node.output] if name)
         if not (static_ok or dynamic_ok) or not has_float_io:
             continue
-        approaches = (["static"] if static_ok else []) + (["dynamic"] if dynamic_ok else [])
-        weights = weight_inputs(node, view)
-        op_notes: list[str] = []
-
-        if static_ok:
-            act_dtypes = ["uint8", "fp32"] if quant_format == "QOperator" else ["uint8", "int8", "fp32"]
-            activation = {"dtype": act_dtypes, "scheme": ["asym", "sym"], "granularity": ["per_tensor"],
-                          "algorithm": list(ACT_ALGORITHMS), "reduce_range": [False, True]}
-            if quant_format == "QOperator" and relevant("static"):
-                op_notes.append("QOperator format: activations uint8 only (int8 activations need QDQ on x86)")
-        else:
-            activation = {"dtype": ["uint8", "fp32"], "scheme": ["asym"], "granularity": ["per_tensor"],
-                          "algorithm": ["minmax"], "reduce_range": [False]}
-            if approach == "auto":
-                op_notes.append("dynamic only: ORT quantizes this op with its IntegerOps (run-time activation ranges)")
-        if node.op_type == "Conv" and relevant("dynamic"):
-            op_notes.append("static only: dynamic ConvInteger is 2.5-7x slower than fp32 on CPU and hurts accuracy")
-        if node.op_type == "Gemm" and dynamic_ok and relevant("dynamic"):
-            op_notes.append(f"dynamic: ORT rewrites it as {node.name}_MatMul (MatMulInteger) + {node.name}_Add")
-        entry: dict[str, Any] = {"activation": activation, "approach": approaches}
-        if weights:
-            granularity = ["per_channel", "per_tensor"] if per_channel_ok else ["per_tensor"]
-            if not per_channel_ok:
-                op_notes.append("per_tensor weights only: per-channel QDQ needs opset >= 13")
-            entry["weight"] = {"dtype": ["int8", "uint8", "fp32"], "scheme": ["sym", "asym"],
-                               "granularity": granularity, "algorithm": ["minmax"],
-                               "reduce_range": [False, True]}
-        if node.name in forced_fp32:
-            entry["activation"] = {"dtype": ["fp32"]}
-            if weights:
-                entry["weight"] = {"dtype": ["fp32"]}
-            op_notes.append(forced_fp32[node.name])
+        entry, op_notes = _op_capability(node, view, static_ok, dynamic_ok, quant_format, per_channel_ok, approach,
+                                         forced_fp32.get(node.name))
         if op_notes:
             notes[node.name] = "; ".join(op_notes)
         opwise[(node.name, node.op_type)] = entry

@@ -20,7 +20,7 @@ import onnx
 from onnx import helper
 
 from qtune.adaptors.onnxrt.graph import GraphView, weight_inputs
-from qtune.tuning.config import TensorConfig, TuneConfig
+from qtune.tuning.config import OpConfig, TensorConfig, TuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -109,13 +109,62 @@ def _single_node_session(node: onnx.NodeProto, proto: onnx.ModelProto, arrays: d
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
+def _node_inputs(node: onnx.NodeProto, view: GraphView, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The op's input arrays: from the fp32 run, else the graph's constants."""
+    if any(attribute.HasField("g") or attribute.graphs for attribute in node.attribute):
+        raise ValueError("has subgraphs")
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in node.input:
+        if not tensor:
+            continue
+        array = values.get(tensor)
+        if array is None:
+            array = view.constant_array(tensor)
+        if array is None:
+            raise ValueError(f"input {tensor} unavailable")
+        arrays[tensor] = np.asarray(array)
+    return arrays
+
+
+def _fake_quantized_inputs(node: onnx.NodeProto, view: GraphView, op_cfg: OpConfig, arrays: dict[str, np.ndarray],
+                           ranges: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """`arrays` with each float input fake-quantized as `op_cfg` (the op's config) asks."""
+    from qtune.adaptors.onnxrt.calibration import tensor_range
+
+    weights = dict(weight_inputs(node, view))
+    quantized = dict(arrays)
+    for tensor, array in arrays.items():
+        if array.dtype != np.float32:
+            continue
+        if tensor in weights:
+            if op_cfg.weight is not None and not op_cfg.weight.is_fp32:
+                axis = weights[tensor] if op_cfg.weight.granularity == "per_channel" else None
+                quantized[tensor] = fake_quantize(array, op_cfg.weight, axis=axis)
+        elif not op_cfg.activation.is_fp32:
+            algorithm = op_cfg.activation.algorithm or "minmax"
+            bounds = tensor_range((ranges or {}).get(algorithm), tensor)
+            quantized[tensor] = fake_quantize(array, op_cfg.activation, bounds)
+    return quantized
+
+
+def _op_score(node: onnx.NodeProto, proto: onnx.ModelProto, view: GraphView, op_cfg: OpConfig,
+              values: dict[str, np.ndarray], ranges: dict[str, Any] | None) -> float:
+    """Relative MSE of the op's output, run alone on fake-quantized against fp32 inputs."""
+    arrays = _node_inputs(node, view, values)
+    session = _single_node_session(node, proto, arrays)
+    reference = session.run([node.output[0]], arrays)[0]
+    quantized = _fake_quantized_inputs(node, view, op_cfg, arrays, ranges)
+    perturbed = session.run([node.output[0]], quantized)[0]
+    reference = np.asarray(reference, dtype=np.float64)
+    diff = np.asarray(perturbed, dtype=np.float64) - reference
+    return float(np.sum(diff * diff) / (np.sum(reference * reference) + 1e-12))
+
+
 def op_sensitivity(model_path: Path, cfg: TuneConfig, inputs: dict[str, np.ndarray],
                    ranges: dict[str, Any] | None = None) -> dict[str, float]:
     """{op name: relative MSE of its output when it alone is quantized as in `cfg`}.
 
     `ranges` maps an algorithm name to the job's cached TensorsData (optional)."""
-    from qtune.adaptors.onnxrt.calibration import tensor_range
-
     proto = onnx.load(str(model_path))
     structure = onnx.load(str(model_path), load_external_data=False)
     view = GraphView(proto)
@@ -135,39 +184,8 @@ def op_sensitivity(model_path: Path, cfg: TuneConfig, inputs: dict[str, np.ndarr
     scores: dict[str, float] = {name: 0.0 for name, op in cfg.ops.items()}
     for name in targets:
         node = view.by_name[name]
-        op_cfg = cfg.ops[name]
         try:
-            if any(attribute.HasField("g") or attribute.graphs for attribute in node.attribute):
-                raise ValueError("has subgraphs")
-            arrays: dict[str, np.ndarray] = {}
-            for tensor in node.input:
-                if not tensor:
-                    continue
-                array = values.get(tensor)
-                if array is None:
-                    array = view.constant_array(tensor)
-                if array is None:
-                    raise ValueError(f"input {tensor} unavailable")
-                arrays[tensor] = np.asarray(array)
-            session = _single_node_session(node, proto, arrays)
-            reference = session.run([node.output[0]], arrays)[0]
-            weights = dict(weight_inputs(node, view))
-            quantized = dict(arrays)
-            for tensor, array in arrays.items():
-                if array.dtype != np.float32:
-                    continue
-                if tensor in weights:
-                    if op_cfg.weight is not None and not op_cfg.weight.is_fp32:
-                        axis = weights[tensor] if op_cfg.weight.granularity == "per_channel" else None
-                        quantized[tensor] = fake_quantize(array, op_cfg.weight, axis=axis)
-                elif not op_cfg.activation.is_fp32:
-                    algorithm = op_cfg.activation.algorithm or "minmax"
-                    bounds = tensor_range((ranges or {}).get(algorithm), tensor)
-                    quantized[tensor] = fake_quantize(array, op_cfg.activation, bounds)
-            perturbed = session.run([node.output[0]], quantized)[0]
-            reference = np.asarray(reference, dtype=np.float64)
-            diff = np.asarray(perturbed, dtype=np.float64) - reference
-            scores[name] = float(np.sum(diff * diff) / (np.sum(reference * reference) + 1e-12))
+            scores[name] = _op_score(node, proto, view, cfg.ops[name], values, ranges)
         except Exception as exc:  # noqa: BLE001 - an op we cannot isolate scores 0
             logger.debug("op sensitivity: cannot isolate %s (%s): %s", name, node.op_type, exc)
             scores[name] = 0.0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -138,70 +138,115 @@ def _used_elsewhere(attrs: list[Any], owner: str) -> bool:
     return any(_op_owner(user) != owner for attr in attrs if isinstance(attr, fx.Node) for user in attr.users)
 
 
-def lift(exported: torch.export.ExportedProgram, input_names: list[str]) -> LiftedGraph:
-    """Rewrite the exported program into a GraphModule whose linear/conv/bn/relu are modules."""
-    source = exported.module()
-    graph = source.graph
-    lifted_modules: dict[str, nn.Module] = {}
-    replaced: dict[fx.Node, tuple[str, list[fx.Node]]] = {}  # node -> (module target, data inputs)
-    not_lifted: dict[str, str] = {}
-    ops: list[OpInfo] = []
-    seen_ops: set[str] = set()
+@dataclass
+class _LiftPlan:
+    """Which nodes of the exported graph become modules (step 1 of `lift`)."""
 
-    # 1. decide which nodes become modules
-    for node in graph.nodes:
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+    replaced: dict[fx.Node, tuple[str, list[fx.Node]]] = field(default_factory=dict)  # node -> (target, data inputs)
+    not_lifted: dict[str, str] = field(default_factory=dict)
+    ops: list[OpInfo] = field(default_factory=list)
+    seen_ops: set[str] = field(default_factory=set)
+
+
+def _plan_weighted(plan: _LiftPlan, source: nn.Module, node: fx.Node) -> None:
+    """A linear/conv node whose weight (and bias) are parameters becomes a Linear/Conv module."""
+    op_type = WEIGHTED_OPS[node.target]
+    weight_target = _getattr_target(node.args[1])
+    bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    bias_target = _getattr_target(bias_arg)
+    if weight_target is None or (bias_arg is not None and bias_target is None):
+        plan.not_lifted[node.name] = f"{op_type} whose weight is computed, not a parameter: kept fp32"
+        return
+    name = _owner(weight_target) or node.name
+    if _used_elsewhere([node.args[1], bias_arg], _owner(weight_target)):
+        plan.not_lifted[name] = f"weight of {name} is shared with other ops: kept fp32"
+        return
+    if name not in plan.modules:
+        weight = _attr(source, weight_target)
+        bias = _attr(source, bias_target) if bias_target else None
+        try:
+            module = (_linear_module(weight, bias) if op_type == "Linear"
+                      else _conv_module(op_type, weight, bias, tuple(node.args)))
+        except (ValueError, AssertionError) as exc:
+            plan.not_lifted[name] = f"{op_type} with unsupported arguments ({exc}): kept fp32"
+            return
+        plan.modules[name] = module
+    plan.replaced[node] = (name, [node.args[0]])
+    if name not in plan.seen_ops:
+        plan.seen_ops.add(name)
+        plan.ops.append(OpInfo(name, op_type, tuple(_attr(source, weight_target).shape)))
+
+
+def _plan_batch_norm(plan: _LiftPlan, source: nn.Module, node: fx.Node) -> None:
+    """An inference-mode batch norm over parameter statistics becomes a BatchNorm module."""
+    if node.args[5]:
+        return  # training-mode batch norm
+    targets = [_getattr_target(arg) for arg in node.args[1:5]]
+    if targets[2] is None or targets[3] is None:
+        return
+    name = _owner(targets[2]) or node.name
+    if name in plan.modules or _used_elsewhere(list(node.args[1:5]), _owner(targets[2])):
+        return
+    tensors = [_attr(source, t) if t else None for t in targets]
+    module = _bn_module(node, tensors, float(node.args[6]), float(node.args[7]))
+    if module is None:
+        return
+    plan.modules[name] = module
+    plan.replaced[node] = (name, [node.args[0]])
+
+
+def _plan_lift(source: nn.Module) -> _LiftPlan:
+    """Step 1: decide which nodes become modules."""
+    plan = _LiftPlan()
+    for node in source.graph.nodes:
         if node.op != "call_function":
             continue
         if node.target in WEIGHTED_OPS:
-            op_type = WEIGHTED_OPS[node.target]
-            weight_target = _getattr_target(node.args[1])
-            bias_arg = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            bias_target = _getattr_target(bias_arg)
-            if weight_target is None or (bias_arg is not None and bias_target is None):
-                not_lifted[node.name] = f"{op_type} whose weight is computed, not a parameter: kept fp32"
-                continue
-            name = _owner(weight_target) or node.name
-            if _used_elsewhere([node.args[1], bias_arg], _owner(weight_target)):
-                not_lifted[name] = f"weight of {name} is shared with other ops: kept fp32"
-                continue
-            if name not in lifted_modules:
-                weight = _attr(source, weight_target)
-                bias = _attr(source, bias_target) if bias_target else None
-                try:
-                    module = (_linear_module(weight, bias) if op_type == "Linear"
-                              else _conv_module(op_type, weight, bias, tuple(node.args)))
-                except (ValueError, AssertionError) as exc:
-                    not_lifted[name] = f"{op_type} with unsupported arguments ({exc}): kept fp32"
-                    continue
-                lifted_modules[name] = module
-            replaced[node] = (name, [node.args[0]])
-            if name not in seen_ops:
-                seen_ops.add(name)
-                ops.append(OpInfo(name, op_type, tuple(_attr(source, weight_target).shape)))
+            _plan_weighted(plan, source, node)
         elif node.target == aten.batch_norm.default:  # (the no-training variant returns a tuple: left alone)
-            if node.args[5]:
-                continue  # training-mode batch norm
-            targets = [_getattr_target(arg) for arg in node.args[1:5]]
-            if targets[2] is None or targets[3] is None:
-                continue
-            name = _owner(targets[2]) or node.name
-            if name in lifted_modules or _used_elsewhere(list(node.args[1:5]), _owner(targets[2])):
-                continue
-            tensors = [_attr(source, t) if t else None for t in targets]
-            module = _bn_module(node, tensors, float(node.args[6]), float(node.args[7]))
-            if module is None:
-                continue
-            lifted_modules[name] = module
-            replaced[node] = (name, [node.args[0]])
+            _plan_batch_norm(plan, source, node)
         elif node.target in RELU_OPS:
             name = f"_qtune_relu.{node.name}"
-            lifted_modules[name] = nn.ReLU()
-            replaced[node] = (name, [node.args[0]])
+            plan.modules[name] = nn.ReLU()
+            plan.replaced[node] = (name, [node.args[0]])
+    return plan
 
-    # 2. rebuild the graph
+
+def _copy_node(new_graph: fx.Graph, env: dict[fx.Node, fx.Node], attrs: dict[str, Any],
+               source: nn.Module, plan: _LiftPlan, node: fx.Node) -> None:
+    """Copy one non-placeholder node into the new graph, as a module call where the plan says so."""
+    if node.op == "get_attr":
+        if all(user in plan.replaced for user in node.users):
+            return
+        attrs[node.target] = _attr(source, node.target)
+        env[node] = new_graph.get_attr(node.target)
+        env[node].meta = dict(node.meta)
+    elif node.op == "call_module" and node.target == "_guards_fn":
+        return
+    elif node in plan.replaced:
+        target, data = plan.replaced[node]
+        env[node] = new_graph.call_module(target, tuple(env[d] for d in data))
+        env[node].meta = dict(node.meta)
+    elif node.op == "output":
+        outputs = node.args[0]
+        flat = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
+        mapped = [env[o] if isinstance(o, fx.Node) else o for o in flat]
+        new_graph.output(mapped[0] if len(mapped) == 1 else tuple(mapped))
+    elif node.op == "call_function" and node.target in FUNCTION_ALIASES and not node.kwargs:
+        args = fx.map_arg(node.args, lambda n: env[n])
+        env[node] = new_graph.call_function(FUNCTION_ALIASES[node.target], args)
+        env[node].meta = dict(node.meta)
+    else:
+        env[node] = new_graph.node_copy(node, lambda n: env[n])
+
+
+def _rebuild(source: nn.Module, plan: _LiftPlan, input_names: list[str]) -> fx.GraphModule:
+    """Step 2: rebuild the graph with the planned modules, inputs named after `input_names`."""
+    graph = source.graph
     new_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    attrs: dict[str, Any] = dict(lifted_modules)
+    attrs: dict[str, Any] = dict(plan.modules)
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) != len(input_names):
         raise ValueError(f"exported program has {len(placeholders)} inputs, expected {len(input_names)}")
@@ -209,38 +254,23 @@ def lift(exported: torch.export.ExportedProgram, input_names: list[str]) -> Lift
         env[node] = new_graph.placeholder(name)
         env[node].meta = dict(node.meta)
     for node in graph.nodes:
-        if node.op == "placeholder":
-            continue
-        if node.op == "get_attr":
-            if all(user in replaced for user in node.users):
-                continue
-            attrs[node.target] = _attr(source, node.target)
-            env[node] = new_graph.get_attr(node.target)
-            env[node].meta = dict(node.meta)
-        elif node.op == "call_module" and node.target == "_guards_fn":
-            continue
-        elif node in replaced:
-            target, data = replaced[node]
-            env[node] = new_graph.call_module(target, tuple(env[d] for d in data))
-            env[node].meta = dict(node.meta)
-        elif node.op == "output":
-            outputs = node.args[0]
-            flat = list(outputs) if isinstance(outputs, list | tuple) else [outputs]
-            mapped = [env[o] if isinstance(o, fx.Node) else o for o in flat]
-            new_graph.output(mapped[0] if len(mapped) == 1 else tuple(mapped))
-        elif node.op == "call_function" and node.target in FUNCTION_ALIASES and not node.kwargs:
-            args = fx.map_arg(node.args, lambda n: env[n])
-            env[node] = new_graph.call_function(FUNCTION_ALIASES[node.target], args)
-            env[node].meta = dict(node.meta)
-        else:
-            env[node] = new_graph.node_copy(node, lambda n: env[n])
+        if node.op != "placeholder":
+            _copy_node(new_graph, env, attrs, source, plan, node)
     module = fx.GraphModule(attrs, new_graph, class_name="QtuneGraph")
     module.graph.eliminate_dead_code()
     module.recompile()
     module.eval()
+    return module
+
+
+def lift(exported: torch.export.ExportedProgram, input_names: list[str]) -> LiftedGraph:
+    """Rewrite the exported program into a GraphModule whose linear/conv/bn/relu are modules."""
+    source = exported.module()
+    plan = _plan_lift(source)
+    module = _rebuild(source, plan, input_names)
     used = {n.target for n in module.graph.nodes if n.op == "call_module"}
-    ops = [op for op in ops if op.name in used]
-    return LiftedGraph(module, ops, not_lifted)
+    ops = [op for op in plan.ops if op.name in used]
+    return LiftedGraph(module, ops, plan.not_lifted)
 
 
 def fingerprint(module: nn.Module, extra: str = "") -> str:

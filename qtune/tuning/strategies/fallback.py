@@ -132,6 +132,47 @@ def ladder(start: int, count: int) -> list[int]:
     return [*rungs, count]
 
 
+def probe_configs(base: TuneConfig, units: list[Unit], gap: int | None,
+                  prefix: Callable[[int], TuneConfig]) -> list[TuneConfig]:
+    """The probes tried before the ladder: the op type to fall back as a whole (`type_probe`), and the
+    prefix up to the cliff of sensitivity (`gap_size`)."""
+    probes: list[TuneConfig] = []
+    probe_type = type_probe(units)
+    if probe_type is not None:
+        probes.append(with_units_fp32(base, units, {u.names for u in units if probe_type in u.op_types}))
+    if gap is not None:
+        probes.append(prefix(gap))
+    return probes
+
+
+def prefix_search(history: History, order: list[Unit], prefix: Callable[[int], TuneConfig], gap: int | None,
+                  k: int, fresh: Fresh, waiting: Waiting, needed: set[tuple[str, ...]]) -> Plan | TuneConfig | None:
+    """Ladder then bisection over the prefix length of `order`: a Plan while it runs, then the shortest
+    passing prefix (adding to `needed` the unit it shows is needed), or None when even all in fp32 failed."""
+    prefixes = [prefix(n) for n in range(len(order) + 1)]
+    prefix_records = records_of(history, prefixes)
+    if waiting(prefix_records):
+        return Plan([], False)
+    passed = [n for n, r in enumerate(prefix_records) if r is not None and r.passed]
+    if not passed:
+        # climb from small sets (1, 2, 4, ... or from the cliff) until one passes: a failure of a
+        # large prefix says nothing about a small one when accuracy is not monotone
+        rungs = ladder(gap or 1, len(order))
+        todo = fresh([prefixes[n] for n in rungs if prefix_records[n] is None])
+        return Plan(todo, False) if todo else None  # None: even everything in fp32 failed
+    hi = min(passed)
+    failed = [n for n, r in enumerate(prefix_records) if r is not None and r.done and not r.passed and n < hi]
+    lo = max([0, *failed])
+    if hi - lo > 1:
+        points = sorted({lo + math.ceil(i * (hi - lo) / (k + 1)) for i in range(1, k + 1)})
+        todo = fresh([prefixes[n] for n in points if lo < n < hi])
+        if todo:
+            return Plan(todo, False)
+    elif lo == hi - 1 and prefix_records[lo] is not None:
+        needed.add(order[hi - 1].names)  # prefix hi-1 failed, prefix hi passed
+    return prefixes[hi]
+
+
 def search(space: TuningSpace, history: History, base: TuneConfig, k: int, fresh: Fresh,
            waiting: Waiting) -> Plan | None:
     """The fallback search from `base`; None once it has nothing more to try (or a variant passed)."""
@@ -154,13 +195,8 @@ def search(space: TuningSpace, history: History, base: TuneConfig, k: int, fresh
     def prefix(n: int) -> TuneConfig:
         return with_units_fp32(base, units, {u.names for u in order[:n]})
 
-    probes: list[TuneConfig] = []
-    probe_type = type_probe(units)
-    if probe_type is not None:
-        probes.append(with_units_fp32(base, units, {u.names for u in units if probe_type in u.op_types}))
     gap = gap_size(order)
-    if gap is not None:
-        probes.append(prefix(gap))
+    probes = probe_configs(base, units, gap, prefix)
     probe_records = records_of(history, probes)
     todo = fresh(probes)
     if todo or waiting(probe_records):
@@ -171,28 +207,10 @@ def search(space: TuningSpace, history: History, base: TuneConfig, k: int, fresh
     anchor_candidates = list(passing_probes)
     needed: set[tuple[str, ...]] = set()
     if not passing_probes:
-        prefixes = [prefix(n) for n in range(len(order) + 1)]
-        prefix_records = records_of(history, prefixes)
-        if waiting(prefix_records):
-            return Plan([], False)
-        passed = [n for n, r in enumerate(prefix_records) if r is not None and r.passed]
-        if not passed:
-            # climb from small sets (1, 2, 4, ... or from the cliff) until one passes: a failure of a
-            # large prefix says nothing about a small one when accuracy is not monotone
-            rungs = ladder(gap or 1, len(order))
-            todo = fresh([prefixes[n] for n in rungs if prefix_records[n] is None])
-            return Plan(todo, False) if todo else None  # None: even everything in fp32 failed
-        hi = min(passed)
-        failed = [n for n, r in enumerate(prefix_records) if r is not None and r.done and not r.passed and n < hi]
-        lo = max([0, *failed])
-        if hi - lo > 1:
-            points = sorted({lo + math.ceil(i * (hi - lo) / (k + 1)) for i in range(1, k + 1)})
-            todo = fresh([prefixes[n] for n in points if lo < n < hi])
-            if todo:
-                return Plan(todo, False)
-        elif lo == hi - 1 and prefix_records[lo] is not None:
-            needed.add(order[hi - 1].names)  # prefix hi-1 failed, prefix hi passed
-        anchor_candidates.append(prefixes[hi])
+        found = prefix_search(history, order, prefix, gap, k, fresh, waiting, needed)
+        if not isinstance(found, TuneConfig):
+            return found
+        anchor_candidates.append(found)
 
     # c. refine the cheapest passing fallback config
     anchor = min(anchor_candidates, key=lambda c: (estimated_time(space, c), len(c.fp32_ops()), c.key()))
