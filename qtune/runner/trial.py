@@ -13,6 +13,7 @@ from qtune.protocol import FAILED, SUCCEEDED, TrialResult
 from qtune.runner.context import JobContext
 from qtune.runner.peaks import calibration_mark, calibration_peak, memory_text, process_peak
 from qtune.spec.errors import QtuneError
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.criterion import Criterion
 
@@ -38,7 +39,7 @@ def run_trial(context: JobContext, config: TuneConfig, index: int, early_stoppin
     try:
         adaptor = context.adaptor
         mark = calibration_mark(adaptor)
-        quantized = adaptor.quantize(config.to_dict(), context.model, context.calibration_loader())
+        quantized = adaptor.quantize(codec.dump(config), context.model, context.calibration_loader())
         timings.update({k: round(v, 4) for k, v in adaptor.timings.items()})
         result.peak_rss_bytes.update(calibration_peak(adaptor, mark))
         timings.setdefault("quantize", round(time.perf_counter() - started, 4))

@@ -26,6 +26,8 @@ sys.path.insert(0, str(HERE))
 
 from sensitive_model import build_sensitive_mlp  # noqa: E402
 
+from qtune.tuning import codec  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def sensitive(tmp_path_factory):
@@ -60,8 +62,8 @@ def write_job(folder: Path, sensitive, name: str = "mlp", **tuning) -> Path:
 def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
     job_file = write_job(tmp_path, sensitive)
     outcome = tune(load_job(job_file), job_file)
-    assert outcome.best is not None, outcome.history.to_dict()
-    fp32 = set(outcome.best.config.fp32_ops())
+    assert outcome.best is not None, codec.dump(outcome.history)
+    fp32 = set(outcome.best.tune_config.fp32_ops())
     # the hostile ops stay fp32, each with (at most) its fused partner: nothing else
     assert sensitive[4] <= fp32, fp32
     assert all(any(op.split("/")[0] == bad.split("/")[0] for bad in sensitive[4]) for op in fp32), fp32
@@ -140,7 +142,7 @@ def test_interrupted_run_resumes_without_repeating_a_trial(sensitive, tmp_path):
     for record in outcome.history.trials:
         if record.config_key in done_keys:  # finished trials were kept, not re-run
             assert record.finished_at == done_keys[record.config_key]["finished_at"]
-    fp32 = set(outcome.best.config.fp32_ops())
+    fp32 = set(outcome.best.tune_config.fp32_ops())
     # the hostile ops stay fp32, each with (at most) its fused partner: nothing else
     assert sensitive[4] <= fp32, fp32
     assert all(any(op.split("/")[0] == bad.split("/")[0] for bad in sensitive[4]) for op in fp32), fp32
