@@ -192,6 +192,7 @@ class TrialStatus(StatusModel):
     config_key: str | None = None
     fp32_ops: int | None = None
     seconds: float | None = None
+    model_sha256: str | None = Field(default=None, description="sha256 of the trial's saved model (when saved)")
 
 
 FRONT_STATUS_LIMIT = 5
@@ -330,7 +331,7 @@ def trial_status(record: TrialRecord, batch_size: int) -> TrialStatus:
         latency_ms=_finite(measured.p50_ms, 4) if measured else None,
         model_size_bytes=record.model_size_bytes, passed=record.passed, reason=record.reason,
         message=(record.message or "")[:300] or None, config_key=record.config_key,
-        fp32_ops=len(record.tune_config.fp32_ops()), seconds=_finite(seconds, 2))
+        fp32_ops=len(record.tune_config.fp32_ops()), seconds=_finite(seconds, 2), model_sha256=record.model_sha256)
 
 
 def baseline_status(baseline: Baseline) -> BaselineStatus:

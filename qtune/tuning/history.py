@@ -63,6 +63,8 @@ class TrialRecord:
     """What the trial said about itself (e.g. evaluation stopped early, not benchmarked)."""
     started_at: float | None = None
     finished_at: float | None = None
+    model_sha256: str | None = None
+    """sha256 of the saved model as the trial's process measured it (None: no model saved)."""
 
     @property
     def done(self) -> bool:

@@ -6,6 +6,7 @@ a few ops made hostile to int8 (function-preserving), so the tuner must find exa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -75,6 +76,13 @@ def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
     assert any((out / "model").glob("*.onnx"))
     best = json.loads((out / "best_config.json").read_text())
     assert best["trial"] == outcome.best.index
+    # each saved model's sha256, measured in its trial's process, is in history.json: the winner's is its file's
+    stored = {t["index"]: t for t in json.loads((out / "history.json").read_text())["trials"]}
+    winner = stored[outcome.best.index]
+    model_file = Path(winner["model_path"])
+    assert winner["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert winner["model_sha256"] == hashlib.sha256((out / "model" / model_file.name).read_bytes()).hexdigest()
+    assert all(t["model_sha256"] is None for t in stored.values() if not t["model_path"])
     # calibration ran once: only the first trial of each algorithm spent time on it
     calibration_times = [t.timings.get("calibration", 0) for t in outcome.history.trials if t.ok]
     assert sum(1 for seconds in calibration_times if seconds > 0) <= 3
