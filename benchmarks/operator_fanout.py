@@ -81,9 +81,9 @@ def _speed(context: Any, speedup: float) -> dict[str, Any]:
 
 def fake_run_baseline(context: Any) -> tuple[Any, Any]:
     """What qtune.runner.baseline.run_baseline leaves behind, without a model: space.json, baseline.json."""
-    from dataclasses import asdict
 
     from qtune.runner.context import BASELINE_FILE, SPACE_FILE
+    from qtune.tuning import codec
     from qtune.tuning.history import Baseline, write_json_atomic
 
     space = fake_space()
@@ -91,8 +91,8 @@ def fake_run_baseline(context: Any) -> tuple[Any, Any]:
     baseline = Baseline(accuracy=0.9, latency_ms={str(b): float(b) for b in sizes},
                         latency_p90_ms={str(b): 1.1 * b for b in sizes}, model_size_bytes=1_000_000, seconds=0.01,
                         metric="top1")
-    write_json_atomic(context.workspace / SPACE_FILE, space.to_dict())
-    write_json_atomic(context.workspace / BASELINE_FILE, asdict(baseline))
+    write_json_atomic(context.workspace / SPACE_FILE, codec.dump(space))
+    write_json_atomic(context.workspace / BASELINE_FILE, codec.dump(baseline))
     return space, baseline
 
 
@@ -108,9 +108,10 @@ def fake_run_trial(context: Any, config: Any, index: int, early_stopping: bool =
 
 def fake_run_confirm(context: Any, candidates: dict[str, dict[str, Any]]) -> Any:
     from qtune.protocol import SUCCEEDED, ConfirmResult
+    from qtune.tuning import codec
     from qtune.tuning.config import TuneConfig
 
-    speed = {index: _speed(context, 1.2 + 0.1 * len(TuneConfig.from_dict(config).quantized_ops()))
+    speed = {index: _speed(context, 1.2 + 0.1 * len(codec.load(TuneConfig, config).quantized_ops()))
              for index, config in candidates.items()}
     return ConfirmResult(status=SUCCEEDED, candidates=sorted(int(i) for i in candidates), speed=speed, seconds=0.01)
 
@@ -229,7 +230,7 @@ def check_job(name: str, state: str | None, history: Any, expected: int, pods: I
         violations.append(f"trials not succeeded: {', '.join(bad)}")
     if history.baseline is None:
         violations.append("no baseline recorded")
-    if confirm and (history.confirmation or {}).get("status") != SUCCEEDED:
+    if confirm and (history.confirmation is None or history.confirmation.status != SUCCEEDED):
         violations.append(f"confirmation not recorded as succeeded: {history.confirmation}")
     per_trial = Counter(unit_trial_index(p.unit) for p in pods if unit_trial_index(p.unit) is not None)
     if without := sorted(set(counts) - set(per_trial)):

@@ -331,9 +331,10 @@ COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
 def op_mix(tune_config: dict) -> str:
     """How many ops the config quantized: each compute op type, then all the others together,
     e.g. 'Conv 38/38, MatMul 0/13, other 4/389'."""
+    from qtune.tuning import codec
     from qtune.tuning.config import TuneConfig
 
-    config = TuneConfig.from_dict(tune_config)
+    config = codec.load(TuneConfig, tune_config)
     total, quantized = Counter(), Counter()
     for op in config.ops.values():
         kind = op.op_type if op.op_type in COMPUTE_OPS else "other"

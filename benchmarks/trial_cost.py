@@ -180,15 +180,16 @@ def trial_phases(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
     from qtune.runner.benchmark import measure_against_fp32
     from qtune.runner.context import JobContext
     from qtune.spec import load_job
+    from qtune.tuning import codec
     from qtune.tuning.config import TuneConfig
     from qtune.tuning.criterion import Criterion
 
     job = load_job(folder / "job.yaml")
     context = JobContext(job, folder, folder / ".qtune" / job.name)
     baseline = context.load_baseline().accuracy
-    config = TuneConfig.from_dict(record["tune_config"])
+    config = codec.load(TuneConfig, record["tune_config"])
     started = time.perf_counter()
-    quantized = context.adaptor.quantize(config.to_dict(), context.model, context.calibration_loader())
+    quantized = context.adaptor.quantize(codec.dump(config), context.model, context.calibration_loader())
     quantize = time.perf_counter() - started
     context.early_stopping = False
     started = time.perf_counter()

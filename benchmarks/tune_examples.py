@@ -288,14 +288,14 @@ def run_case(name: str, rounds: int, runs: int) -> dict | None:
             speed = t.speed_at()
             accuracy = "-" if t.accuracy is None else f"{t.accuracy:.4f}"
             print(f"    trial {t.index}: {'pass' if t.passed else 'fail'} acc {accuracy}"
-                  f" fp32 ops {len(t.config.fp32_ops())}/{len(t.config.ops)}"
+                  f" fp32 ops {len(t.tune_config.fp32_ops())}/{len(t.tune_config.ops)}"
                   f"{'' if speed is None else ' speed ' + speed.describe() + flags(speed)}")
         best = outcome.best
         claimed = outcome.session.best_speed()
         if best is None or claimed is None:
             print("  winner: none" if best is None else "  winner has no speed figures")
             return row
-        print(f"  winner: trial {best.index}, {len(best.config.fp32_ops())} ops fp32; claimed {claimed.describe()}"
+        print(f"  winner: trial {best.index}, {len(best.tune_config.fp32_ops())} ops fp32; claimed {claimed.describe()}"
               f"{flags(claimed)}")
         row.update(claimed=claimed.speedup, claimed_low=claimed.low, claimed_high=claimed.high,
                    trusted=getattr(claimed, "trusted", True))

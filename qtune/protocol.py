@@ -186,6 +186,8 @@ class TrialResult(_Message):
     notes: list[str] = Field(default_factory=list)
     peak_rss_bytes: dict[str, int] = Field(default_factory=dict)
     """Peak resident set of the trial's process: "calibration" (while it calibrated, when it did), "total"."""
+    model_sha256: str | None = None
+    """sha256 (hex) of the saved model file (of its files in name order for a model folder), when it was saved."""
 
 
 class ConfirmResult(_Message):
@@ -287,7 +289,7 @@ SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", 
 
 LABEL_FIELDS: dict[str, tuple[str, ...]] = {
     UnitKind.BASELINE: ("status", "metric", "reason", "message"),
-    UnitKind.TRIAL: ("status", "config_key", "model_path", "reason", "message", "notes"),
+    UnitKind.TRIAL: ("status", "config_key", "model_path", "reason", "message", "notes", "model_sha256"),
     UnitKind.CONFIRM: ("status", "candidates", "reason", "message"),
 }
 """String (and list, as JSON) fields: labels of the info series."""

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from qtune.adaptors import get_adaptor_class
     from qtune.data import create_metric, load_dataset
     from qtune.spec import load_job
+    from qtune.tuning import codec
     from qtune.tuning.space import build_space
 
     torch.set_num_threads(args.threads)
@@ -70,15 +71,15 @@ def main(argv: list[str] | None = None) -> int:
                           len(calibration)).default_config("dynamic")
 
     def variant(base, **weight_or_activation):  # noqa: ANN001, ANN202
-        data = base.to_dict()
+        data = codec.dump(base)
         for op in data["ops"].values():
             for role, changes in weight_or_activation.items():
                 op[role].update(changes)
         return data
 
     configs = {
-        "static int8 (all Linear, minmax, per-channel)": static.to_dict(),
-        "dynamic int8 per-channel": dynamic.to_dict(),
+        "static int8 (all Linear, minmax, per-channel)": codec.dump(static),
+        "dynamic int8 per-channel": codec.dump(dynamic),
         "dynamic int8 per-channel, 7-bit activations": variant(dynamic, activation={"reduce_range": True}),
         "dynamic int8 per-tensor": variant(dynamic, weight={"granularity": "per_tensor"}),
     }

@@ -62,15 +62,15 @@ class RichProgress:
         confirmed = best is not None and confirmed_speed(session.history, best.index, session.batch_size) is not None
         # the bar's "best" now shows the figure the final line prints: one figure for the winner everywhere
         self.progress.update(self.task, description="done", eta="0s", best=best_text(best, measured, confirmed))
-        confirmation = session.history.confirmation or {}
-        if confirmation.get("status") != "succeeded":
-            self.console.print(f"[yellow]confirmation failed[/yellow] ({confirmation.get('reason')}): the in-trial "
-                               "figures decide")
+        confirmation = session.history.confirmation
+        if confirmation is None or confirmation.status != "succeeded":
+            reason = confirmation.reason if confirmation is not None else None
+            self.console.print(f"[yellow]confirmation failed[/yellow] ({reason}): the in-trial figures decide")
             return
-        for index, by_batch in sorted(confirmation.get("speed", {}).items(), key=lambda kv: int(kv[0])):
-            data = by_batch.get(str(session.batch_size))
-            if data:
-                self.console.print(f"  trial {index}: {SpeedMeasurement.model_validate(data).describe()}")
+        for index, by_batch in sorted(confirmation.speed.items(), key=lambda kv: int(kv[0])):
+            measured = by_batch.get(str(session.batch_size))
+            if measured is not None:
+                self.console.print(f"  trial {index}: {measured.describe()}")
 
     def trial_started(self, record: TrialRecord) -> None:
         self.progress.update(self.task, description=f"running trial {record.index}")
@@ -86,7 +86,7 @@ class RichProgress:
                       f"{measured.batch_size}"
             if measured.caveat():  # a busy machine: say how the figure was measured, or that it cannot be trusted
                 detail += f" [yellow]({measured.caveat()})[/yellow]"
-        self.console.print(f"trial {record.index}: {mark} {detail}, {len(record.config.fp32_ops())} fp32 ops, "
+        self.console.print(f"trial {record.index}: {mark} {detail}, {len(record.tune_config.fp32_ops())} fp32 ops, "
                            f"{(record.timings or {}).get('total', 0):.1f}s{memory_text(record.peak_rss_bytes)}")
         per_trial = (time.monotonic() - self.started) / self.finished
         remaining = (self.progress.tasks[0].total or 0) - self.finished

@@ -41,7 +41,7 @@ def print_status(job_file: str) -> int:
                       "yes" if t.passed else "no", "–" if measured is None else f"{measured.fp32_p50_ms:.3f}",
                       "–" if measured is None else f"{measured.p50_ms:.3f}",
                       "–" if measured is None else f"{measured.speedup:.2f}× [{measured.low:.2f}–{measured.high:.2f}]",
-                      str(len(t.config.fp32_ops())), t.reason or "")
+                      str(len(t.tune_config.fp32_ops())), t.reason or "")
     if history.baseline:
         console.print(f"baseline {history.baseline.metric or 'accuracy'} {history.baseline.accuracy:.4f}, "
                       f"fp32 latency alone {history.baseline.latency_ms} ms")

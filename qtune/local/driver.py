@@ -30,7 +30,8 @@ from qtune.spec.entrypoints import add_job_dir
 from qtune.spec.errors import QtuneError
 from qtune.spec.load import resolve_path
 from qtune.spec.models import JobSpec, QuantizationJob
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
+from qtune.tuning.best import best_summary
 from qtune.tuning.engine import drive
 from qtune.tuning.front import front_document, session_front
 from qtune.tuning.history import Baseline, History, TrialRecord, write_json_atomic
@@ -188,7 +189,7 @@ def _publish(outcome_dir: Path, session: TuningSession, job: QuantizationJob) ->
         (staging / OUTPUT_MARKER).touch()
         # the record plus the accuracy-speed front it implies (History.load ignores "front": derived, not state)
         write_json_atomic(staging / HISTORY_FILE,
-                          {**history.to_dict(), "front": front_document(session_front(session), session.batch_size)})
+                          {**codec.dump(history), "front": front_document(session_front(session), session.batch_size)})
         if best is not None:
             source = Path(best.model_path) if best.model_path else None
             if source is not None and source.exists():
@@ -250,39 +251,31 @@ def _copy_model(source: Path, target: Path) -> None:
 
 
 def best_config(job: QuantizationJob, session: TuningSession) -> dict[str, Any]:
-    """best_config.json: the winner, its ONE speed figure (the same the console and report show)."""
-    best = session.best()
+    """best_config.json: the session's BestSummary (the same the console, report and the operator's status.best
+    show), with the file's own field names."""
+    best = best_summary(session)
     assert best is not None and session.baseline is not None
-    speed = session.best_speed()
     return {
         "job": job.name,
-        "outcome": session.outcome(),
-        "verdict": session.verdict(),
-        "trial": best.index,
+        "outcome": best.outcome,
+        "verdict": best.verdict,
+        "trial": best.trial,
         "accuracy": best.accuracy,
-        "baseline_accuracy": session.baseline.accuracy,
-        "metric": session.baseline.metric,
-        "speed": speed.model_dump() if speed else None,
-        "speed_source": ("confirmation: re-measured against fp32 and the other best candidates in one "
-                         "interleaved session" if speed is not None and _confirmed(session, best.index)
-                         else "the trial: fp32 and int8 measured interleaved in the trial's process"),
-        "fp32_alone_latency_ms": session.baseline.latency_ms,
+        "baseline_accuracy": best.baseline_accuracy,
+        "metric": best.metric,
+        "speed": codec.dump(best.speed) if best.speed is not None else None,
+        "speed_source": best.speed_source,
+        "fp32_alone_latency_ms": best.fp32_alone_latency_ms,
         "model_size_bytes": best.model_size_bytes,
-        "baseline_model_size_bytes": session.baseline.model_size_bytes,
-        "fp32_ops": best.config.fp32_ops(),
-        "tune_config": best.tune_config,
+        "baseline_model_size_bytes": best.baseline_model_size_bytes,
+        "fp32_ops": best.fp32_ops,
+        "tune_config": codec.dump(best.tune_config),
     }
-
-
-def _confirmed(session: TuningSession, index: int) -> bool:
-    from qtune.tuning.objective import confirmed_speed
-
-    return confirmed_speed(session.history, index, session.batch_size) is not None
 
 
 def load_space(workspace: Path) -> TuningSpace | None:
     path = workspace / SPACE_FILE
-    return TuningSpace.from_dict(json.loads(path.read_text())) if path.exists() else None
+    return codec.load(TuningSpace, json.loads(path.read_text())) if path.exists() else None
 
 
 class _UnitListener:

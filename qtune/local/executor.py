@@ -30,6 +30,7 @@ from qtune.protocol import (
     parse_termination,
     unit_timeout_seconds,
 )
+from qtune.tuning import codec
 from qtune.tuning.engine import UnitFailure, UnitOutcome
 from qtune.tuning.history import write_json_atomic
 from qtune.tuning.session import WorkUnit
@@ -107,13 +108,13 @@ class LocalExecutor:
                    "--threads", str(threads), "--result", str(folder / RESULT_FILE)]
         if unit.kind == UnitKind.TRIAL:
             config_file = folder / "config.json"
-            write_json_atomic(config_file, unit.tune_config)
+            write_json_atomic(config_file, codec.dump(unit.tune_config))
             command += ["--index", str(unit.trial), "--config", str(config_file)]
             if unit.full_evaluation:
                 command.append("--full-evaluation")
         elif unit.kind == UnitKind.CONFIRM:
             configs_file = folder / "candidates.json"
-            write_json_atomic(configs_file, unit.candidate_configs)
+            write_json_atomic(configs_file, {k: codec.dump(v) for k, v in unit.candidate_configs.items()})
             command += ["--candidates", ",".join(map(str, unit.candidates)), "--config", str(configs_file)]
         return command
 
@@ -169,7 +170,7 @@ class LocalExecutor:
                 space = None
                 space_file = self.workspace / "space.json"
                 if baseline.status == "succeeded" and space_file.exists():
-                    space = TuningSpace.from_dict(json.loads(space_file.read_text()))
+                    space = codec.load(TuningSpace, json.loads(space_file.read_text()))
                 return UnitOutcome(unit.id, baseline, space)
             if unit.id == UnitKind.CONFIRM:
                 return UnitOutcome(unit.id, ConfirmResult.model_validate(data))

@@ -17,7 +17,7 @@ from qtune.operator.config import RESULTS_DEADLINE_DEFAULT
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary, failure_of
 from qtune.operator.results import ACCEPT, STALE, WAIT, Observed, judge
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
 from qtune.tuning.engine import UnitFailure, UnitOutcome
 from qtune.tuning.history import History
 from qtune.tuning.space import TuningSpace
@@ -39,7 +39,7 @@ def recorded(history: History, unit: str) -> bool:
         return history.baseline is not None or history.stop_reason == stop.BASELINE_FAILED
     if unit == protocol.UnitKind.CONFIRM:
         done = history.confirmation
-        return done is not None and int(done.get("trials_seen", -1)) == len(history.trials)
+        return done is not None and done.trials_seen == len(history.trials)
     index = protocol.unit_trial_index(unit)
     record = next((t for t in history.trials if t.index == index), None)
     return record is None or record.done
@@ -107,7 +107,7 @@ def _succeeded(seen: Observation, unit: str, pod: PodSummary, accepted: Observed
         if unit != protocol.UnitKind.BASELINE:
             outcome = UnitOutcome(unit, accepted.result)
         elif space_doc is not None:
-            outcome = UnitOutcome(unit, accepted.result, TuningSpace.from_dict(space_doc))
+            outcome = UnitOutcome(unit, accepted.result, codec.load(TuningSpace, space_doc))
     if outcome is not None:
         awaiting.pop(unit, None)
         seen.outcomes.append(outcome)

@@ -35,6 +35,7 @@ from qtune.operator.rbac import ensure_identity
 from qtune.operator.results import Observed, unit_pods
 from qtune.operator.store import OWNED, ForeignObject, decode_published, ownership
 from qtune.spec.errors import SpecError
+from qtune.tuning import codec
 from qtune.tuning.history import History
 from qtune.tuning.session import WorkUnit
 
@@ -50,15 +51,11 @@ Start = tuple[builders.UnitPlan, dict[str, Any]]
 
 
 def plan_of(unit: WorkUnit, attempt: int) -> builders.UnitPlan:
-    return builders.UnitPlan(unit=unit.id, attempt=attempt, trial=unit.trial, tune_config=unit.tune_config,
-                             candidates=tuple(unit.candidates), candidate_configs=dict(unit.candidate_configs),
+    return builders.UnitPlan(unit=unit.id, attempt=attempt, trial=unit.trial,
+                             tune_config=codec.dump(unit.tune_config) if unit.tune_config is not None else None,
+                             candidates=tuple(unit.candidates),
+                             candidate_configs={k: codec.dump(v) for k, v in unit.candidate_configs.items()},
                              full_evaluation=unit.full_evaluation)
-
-
-def _config_key(tune_config: dict[str, Any]) -> str:
-    from qtune.tuning.config import TuneConfig
-
-    return TuneConfig.from_dict(tune_config).key()
 
 
 @dataclass
@@ -310,8 +307,7 @@ class PodExecutor:
             plan = plan_of(unit, attempt)
         else:
             raise ForeignObject("Secret", ctx.job.namespace, secret_body["metadata"]["name"], previous=False)
-        annotations = {f"{c.GROUP}/config-key": str(unit.tune_config and _config_key(unit.tune_config))} \
-            if unit.tune_config else None
+        annotations = {f"{c.GROUP}/config-key": unit.tune_config.key()} if unit.tune_config is not None else None
         return plan, builders.unit_pod(ctx.job, ctx.spec, plan, ctx.config, annotations)
 
     async def start(self, starts: list[Start]) -> None:

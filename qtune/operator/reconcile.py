@@ -50,7 +50,7 @@ from qtune.operator.store import ForeignObject, PayloadRejected, decode_publishe
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
 from qtune.spec.models import JobSpec
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
 from qtune.tuning.engine import apply_outcome
 from qtune.tuning.history import History
 from qtune.tuning.resume import history_resume_message, resume_message
@@ -269,7 +269,7 @@ class JobReconciler:
         if history.baseline is not None and self.space is None:
             published = await ctx.read_owned(c.baseline_configmap(self.job.name))
             document = decode_published(published, c.SPACE_KEY)
-            self.space = TuningSpace.from_dict(document) if document is not None else None
+            self.space = codec.load(TuningSpace, document) if document is not None else None
         return history
 
     async def _session(self, spec: JobSpec, history: History) -> TuningSession:

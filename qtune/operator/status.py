@@ -17,7 +17,8 @@ from pydantic.alias_generators import to_camel
 
 from qtune.operator.mergepatch import merge_patch
 from qtune.protocol import SpeedMeasurement
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
+from qtune.tuning.best import BestSummary
 from qtune.tuning.front import FrontEntry, front_window
 from qtune.tuning.history import FAILED, SUCCEEDED, Baseline, History, TrialRecord
 
@@ -191,6 +192,7 @@ class TrialStatus(StatusModel):
     config_key: str | None = None
     fp32_ops: int | None = None
     seconds: float | None = None
+    model_sha256: str | None = Field(default=None, description="sha256 of the trial's saved model (when saved)")
 
 
 FRONT_STATUS_LIMIT = 5
@@ -329,7 +331,7 @@ def trial_status(record: TrialRecord, batch_size: int) -> TrialStatus:
         latency_ms=_finite(measured.p50_ms, 4) if measured else None,
         model_size_bytes=record.model_size_bytes, passed=record.passed, reason=record.reason,
         message=(record.message or "")[:300] or None, config_key=record.config_key,
-        fp32_ops=len(record.config.fp32_ops()), seconds=_finite(seconds, 2))
+        fp32_ops=len(record.tune_config.fp32_ops()), seconds=_finite(seconds, 2), model_sha256=record.model_sha256)
 
 
 def baseline_status(baseline: Baseline) -> BaselineStatus:
@@ -352,19 +354,17 @@ def speed_status(measured: SpeedMeasurement, confirmed: bool) -> SpeedStatus:
         note=measured.caveat())
 
 
-def best_status(record: TrialRecord, baseline: Baseline | None, measured: SpeedMeasurement | None,
-                confirmed: bool, model_path: str | None = None) -> BestStatus:
-    size_ratio = None
-    if baseline is not None and baseline.model_size_bytes and record.model_size_bytes:
-        size_ratio = baseline.model_size_bytes / record.model_size_bytes
-    speed = speed_status(measured, confirmed) if measured is not None else None
+def best_status(best: BestSummary, model_path: str | None = None) -> BestStatus:
+    """status.best: the session's BestSummary (the same best_config.json shows) in the status' names;
+    `model_path` where the winner's model is when its record does not say."""
+    speed = speed_status(best.speed, best.confirmed) if best.speed is not None else None
     return BestStatus(
-        trial=record.index, accuracy=_finite(record.accuracy),
+        trial=best.trial, accuracy=_finite(best.accuracy),
         speedup=speed.speedup if speed else None,
         speedup_interval=f"{speed.speedup:.2f} [{speed.low:.2f}-{speed.high:.2f}]" if speed else None,
-        speed=speed, model_size_bytes=record.model_size_bytes, size_ratio=_finite(size_ratio, 3),
-        fp32_ops=len(record.config.fp32_ops()), config_key=record.config_key,
-        model_path=record.model_path or model_path, **_tune_config_fields(record))
+        speed=speed, model_size_bytes=best.model_size_bytes, size_ratio=_finite(best.size_ratio, 3),
+        fp32_ops=len(best.fp32_ops), config_key=best.config_key,
+        model_path=best.model_path or model_path, **_tune_config_fields(best))
 
 
 def front_status(front: list[FrontEntry], batch_size: int, limit: int = FRONT_STATUS_LIMIT) -> FrontStatus | None:
@@ -379,12 +379,13 @@ def front_status(front: list[FrontEntry], batch_size: int, limit: int = FRONT_ST
         for e in front_window(front, limit)])
 
 
-def _tune_config_fields(record: TrialRecord) -> dict[str, Any]:
-    size = len(json.dumps(record.tune_config, separators=(",", ":")))
+def _tune_config_fields(best: BestSummary) -> dict[str, Any]:
+    data = codec.dump(best.tune_config)
+    size = len(json.dumps(data, separators=(",", ":")))
     if size > TUNE_CONFIG_STATUS_LIMIT:
-        return {"tune_config_omitted": f"{size} bytes for {len(record.config.ops)} ops: see trial {record.index} "
+        return {"tune_config_omitted": f"{size} bytes for {len(best.tune_config.ops)} ops: see trial {best.trial} "
                                        "in the history ConfigMap"}
-    return {"tune_config": TuneConfigStatus.model_validate(record.tune_config)}
+    return {"tune_config": TuneConfigStatus.model_validate(data)}
 
 
 def counts(history: History, max_trials: int) -> TrialCounts:

@@ -9,13 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from qtune import protocol
 from qtune.operator import status as st
 from qtune.operator.context import JobContext
 from qtune.operator.layout import trial_dir, workspace_dir
 from qtune.operator.observe import unit_order
 from qtune.operator.podstatus import bounded_reason
 from qtune.operator.results import Observed
+from qtune.tuning.best import best_summary
 from qtune.tuning.front import session_front
 from qtune.tuning.session import TuningSession, objective_batch_size
 
@@ -164,15 +164,10 @@ class StatusWriter:
         """status.best (the winner so far, its ONE speed figure, confirmed or not) and status.front."""
         if session is None or not session.ready:
             return None, None
-        history, spec = self.ctx.history, self.ctx.spec
+        spec = self.ctx.spec
         front = st.front_status(session_front(session), batch)
-        record = session.best()
-        if record is None:
+        summary = best_summary(session)
+        if summary is None:
             return None, front
-        measured = session.best_speed()
-        confirmation = history.confirmation if history is not None else None
-        confirmed = bool(confirmation and confirmation.get("status") == protocol.SUCCEEDED
-                         and record.index in (confirmation.get("candidates") or []))
-        model_path = trial_dir(spec, self.ctx.job, record.index) + "/model" if spec is not None else None
-        best = st.best_status(record, history.baseline if history else None, measured, confirmed, model_path)
-        return best, front
+        model_path = trial_dir(spec, self.ctx.job, summary.trial) + "/model" if spec is not None else None
+        return st.best_status(summary, model_path), front

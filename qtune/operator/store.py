@@ -31,6 +31,7 @@ from qtune.operator import constants as c
 from qtune.operator.builders import configmap
 from qtune.operator.kube import Kube
 from qtune.operator.layout import JobRef
+from qtune.tuning import codec
 from qtune.tuning.history import History
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class HistoryTooLarge(protocol.PayloadTooLarge):
 def encode_history(history: History, plain_limit: int | None = None) -> tuple[dict[str, str], dict[str, str]]:
     """(data, binaryData) of the history ConfigMap."""
     try:
-        return protocol.encode_document(c.HISTORY_KEY, history.to_dict(), plain_limit)
+        return protocol.encode_document(c.HISTORY_KEY, codec.dump(history), plain_limit)
     except protocol.PayloadTooLarge as exc:
         raise HistoryTooLarge(f"the history of {len(history.trials)} trials does not fit in a ConfigMap ({exc}); "
                               "lower spec.tuning.maxTrials") from None
@@ -125,7 +126,7 @@ def decode_bounded(body: dict[str, Any] | None, key: str, limit: int = c.DECODED
 def decode_history(body: dict[str, Any], limit: int = c.DECODED_PAYLOAD_LIMIT) -> History | None:
     """The history stored in a ConfigMap body (None when it holds none); PayloadRejected beyond `limit`."""
     document = decode_bounded(body, c.HISTORY_KEY, limit)
-    return None if document is None else History.from_dict(document)
+    return None if document is None else codec.load(History, document)
 
 
 def decode_published(body: dict[str, Any] | None, key: str, limit: int = c.DECODED_PAYLOAD_LIMIT) -> Any | None:

@@ -56,6 +56,7 @@ from qtune.protocol import (  # noqa: E402 - after the SIGTERM handler
     trial_unit,
 )
 from qtune.spec import QtuneError, job_from_dict, load_job  # noqa: E402
+from qtune.tuning import codec  # noqa: E402
 from qtune.tuning.config import TuneConfig  # noqa: E402
 from qtune.tuning.history import write_json_atomic  # noqa: E402
 
@@ -147,7 +148,7 @@ def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResu
 
     if not args.config:
         raise QtuneError("--config is required for a trial")
-    config = TuneConfig.from_dict(_read_json(args.config, "--config"))
+    config = codec.load(TuneConfig, _read_json(args.config, "--config"))
     return run_trial(context, config, int(args.index), early_stopping=not args.full_evaluation)
 
 

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
 
 import numpy as np
 
@@ -19,6 +18,7 @@ from qtune.data import DataLoader, Dataset
 from qtune.runner.context import BASELINE_FILE, REFERENCE_FILE, SPACE_FILE, JobContext
 from qtune.runner.peaks import calibration_mark, calibration_peak, memory_text, process_peak
 from qtune.spec.errors import DataError
+from qtune.tuning import codec
 from qtune.tuning.history import Baseline, write_json_atomic
 from qtune.tuning.space import TuningSpace, build_space
 
@@ -58,11 +58,11 @@ def compute_space(context: JobContext) -> TuningSpace:
     samples = len(context.calibration_set)
     space = build_space(capability, context.spec.quantization, patterns, samples)
     started = time.perf_counter()
-    sensitivity = adaptor.op_sensitivity(model, space.default_config().to_dict(), context.calibration_set)
+    sensitivity = adaptor.op_sensitivity(model, codec.dump(space.default_config()), context.calibration_set)
     space.sensitivity = {name: float(sensitivity.get(name, 0.0)) for name in space.ops}
     logger.info("op sensitivity of %d ops measured in %.1fs", len(space.ops), time.perf_counter() - started)
     # per-op time shares (fp32 and int8) at the largest benchmark batch: where the strategy spends trials
-    space.time_share = adaptor.op_time_shares(model, space.default_config().to_dict(), context.calibration_loader(),
+    space.time_share = adaptor.op_time_shares(model, codec.dump(space.default_config()), context.calibration_loader(),
                                               context.benchmark_batches()[max(context.spec.benchmark.batch_sizes)],
                                               context.benchmark_threads)
     for name, note in space.notes.items():
@@ -98,8 +98,8 @@ def run_baseline(context: JobContext) -> tuple[TuningSpace, Baseline]:
         metric=context.metric_name,
         peak_rss_bytes={**calibration_peak(context.adaptor, mark), **process_peak()},
     )
-    write_json_atomic(workspace / SPACE_FILE, space.to_dict())
-    write_json_atomic(workspace / BASELINE_FILE, asdict(baseline))
+    write_json_atomic(workspace / SPACE_FILE, codec.dump(space))
+    write_json_atomic(workspace / BASELINE_FILE, codec.dump(baseline))
     logger.info("baseline: accuracy %.4f, %d quantizable ops%s", baseline.accuracy, len(space.ops),
                 memory_text(baseline.peak_rss_bytes))
     return space, baseline

@@ -16,6 +16,7 @@ from typing import Any
 
 from qtune.protocol import SUCCEEDED, ConfirmResult
 from qtune.runner.context import JobContext
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.contenders import confirm_rounds
 from qtune.tuning.session import objective_batch_size
@@ -29,7 +30,7 @@ def run_confirm(context: JobContext, candidates: dict[str, dict[str, Any]]) -> C
 
     started = time.perf_counter()
     adaptor = context.adaptor
-    models = {index: adaptor.quantize(TuneConfig.from_dict(config).to_dict(), context.model,
+    models = {index: adaptor.quantize(codec.dump(codec.load(TuneConfig, config)), context.model,
                                       context.calibration_loader())
               for index, config in sorted(candidates.items(), key=lambda kv: int(kv[0]))}
     speed = confirm_rounds(lambda names: measure_against_fp32(context, {name: models[name] for name in names}),

@@ -33,6 +33,7 @@ from qtune.spec.errors import DataError, ModelLoadError, SpecError
 from qtune.spec.load import resolve_path
 from qtune.spec.models import JobSpec, QuantizationJob
 from qtune.spec.quantity import memory_bytes
+from qtune.tuning import codec
 from qtune.tuning.history import Baseline
 from qtune.tuning.space import TuningSpace
 
@@ -246,10 +247,10 @@ class JobContext:
 
     # --- shared per-job files -----------------------------------------------------------
     def load_space(self) -> TuningSpace:
-        return TuningSpace.from_dict(json.loads((self.workspace / SPACE_FILE).read_text()))
+        return codec.load(TuningSpace, json.loads((self.workspace / SPACE_FILE).read_text()))
 
     def load_baseline(self) -> Baseline:
-        return Baseline.from_dict(json.loads((self.workspace / BASELINE_FILE).read_text()))
+        return codec.load(Baseline, json.loads((self.workspace / BASELINE_FILE).read_text()))
 
     def trial_dir(self, index: int | str) -> Path:
         return self.workspace / "trials" / str(index)

@@ -4,6 +4,7 @@ nothing, so it is not spent)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import traceback
@@ -13,6 +14,7 @@ from qtune.protocol import FAILED, SUCCEEDED, TrialResult
 from qtune.runner.context import JobContext
 from qtune.runner.peaks import calibration_mark, calibration_peak, memory_text, process_peak
 from qtune.spec.errors import QtuneError
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.criterion import Criterion
 
@@ -23,6 +25,20 @@ CANDIDATE = "candidate"
 
 def passes_criterion(context: JobContext, accuracy: float, baseline_accuracy: float) -> bool:
     return Criterion.from_spec(context.spec.tuning.accuracy_criterion).passes(accuracy, baseline_accuracy)
+
+
+def model_sha256(path: Path) -> str:
+    """sha256 of a saved model: the file's bytes; for a model folder, its files' relative names and bytes in
+    name order."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def run_trial(context: JobContext, config: TuneConfig, index: int, early_stopping: bool = True) -> TrialResult:
@@ -38,7 +54,7 @@ def run_trial(context: JobContext, config: TuneConfig, index: int, early_stoppin
     try:
         adaptor = context.adaptor
         mark = calibration_mark(adaptor)
-        quantized = adaptor.quantize(config.to_dict(), context.model, context.calibration_loader())
+        quantized = adaptor.quantize(codec.dump(config), context.model, context.calibration_loader())
         timings.update({k: round(v, 4) for k, v in adaptor.timings.items()})
         result.peak_rss_bytes.update(calibration_peak(adaptor, mark))
         timings.setdefault("quantize", round(time.perf_counter() - started, 4))
@@ -57,6 +73,7 @@ def run_trial(context: JobContext, config: TuneConfig, index: int, early_stoppin
             result.speed = speed
             saved = adaptor.save_model(quantized, trial_dir / "model")
             result.model_path = str(Path(saved).resolve())
+            result.model_sha256 = model_sha256(Path(saved))
         else:
             result.notes.append("not benchmarked: the accuracy criterion is not met")
         result.status = SUCCEEDED

@@ -10,7 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from qtune.tuning import codec
 
 FP32 = "fp32"
 
@@ -33,28 +37,14 @@ class TensorConfig:
     def fp32(cls) -> TensorConfig:
         return cls(dtype=FP32)
 
-    def to_dict(self) -> dict[str, Any]:
-        """As `dataclasses.asdict` (same keys and order), without its deep copies: strategies key
-        thousands of candidate configs per step."""
-        return {"dtype": self.dtype, "scheme": self.scheme, "granularity": self.granularity,
-                "algorithm": self.algorithm, "reduce_range": self.reduce_range}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorConfig:
-        return cls(
-            dtype=data["dtype"],
-            scheme=data.get("scheme"),
-            granularity=data.get("granularity"),
-            algorithm=data.get("algorithm"),
-            reduce_range=bool(data.get("reduce_range", False)),
-        )
-
 
 @dataclass(frozen=True)
 class OpConfig:
     op_type: str
     activation: TensorConfig
-    weight: TensorConfig | None = None
+    weight: Annotated[TensorConfig | None, Field(exclude_if=lambda weight: weight is None)] = None
+    """None for ops without weights; such an op's data has no `weight` key (the form config keys were always
+    computed from)."""
 
     @property
     def is_fp32(self) -> bool:
@@ -62,21 +52,6 @@ class OpConfig:
 
     def as_fp32(self) -> OpConfig:
         return OpConfig(self.op_type, TensorConfig.fp32(), None if self.weight is None else TensorConfig.fp32())
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"op_type": self.op_type, "activation": self.activation.to_dict()}
-        if self.weight is not None:
-            out["weight"] = self.weight.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OpConfig:
-        weight = data.get("weight")
-        return cls(
-            op_type=data["op_type"],
-            activation=TensorConfig.from_dict(data["activation"]),
-            weight=TensorConfig.from_dict(weight) if weight else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -107,31 +82,12 @@ class TuneConfig:
             if not op.activation.is_fp32 and op.activation.algorithm
         }
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "approach": self.approach,
-            "format": self.format,
-            "calibration_sampling_size": self.calibration_sampling_size,
-            "ops": {name: self.ops[name].to_dict() for name in sorted(self.ops)},
-            "extras": dict(sorted(self.extras.items())),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TuneConfig:
-        return cls(
-            approach=data["approach"],
-            format=data["format"],
-            ops={name: OpConfig.from_dict(op) for name, op in data["ops"].items()},
-            calibration_sampling_size=int(data.get("calibration_sampling_size", 100)),
-            extras=dict(data.get("extras", {})),
-        )
-
     def key(self) -> str:
         """Stable identity of the config: equal configs have equal keys in every process (computed once
         per instance: a config is never changed in place, `with_ops` and `replace` make new ones)."""
         cached = self.__dict__.get("_key")
         if cached is None:
-            canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+            canonical = json.dumps(codec.dump(self), sort_keys=True, separators=(",", ":"))
             cached = hashlib.sha256(canonical.encode()).hexdigest()[:16]
             object.__setattr__(self, "_key", cached)
         return cached

@@ -121,7 +121,7 @@ def accuracy_speed_front(history: History, batch_size: int | str, higher_is_bett
             trial=record.index, accuracy=float(record.accuracy),  # type: ignore[arg-type]
             passed=bool(record.passed), speed=speed,
             confirmed=confirmed_speed(history, record.index, batch_size) is not None,
-            model_size_bytes=record.model_size_bytes, fp32_ops=len(record.config.fp32_ops()),
+            model_size_bytes=record.model_size_bytes, fp32_ops=len(record.tune_config.fp32_ops()),
             config_key=record.config_key, model_path=record.model_path,
             clear_gain=None if previous is None else speed.low > previous.high,
             winner=winner is not None and record.index == winner))

@@ -1,7 +1,8 @@
 """Trial records and the job history: the only state a tuning run has.
 
 Strategies are pure functions of (space, history), so the history alone lets a run resume after a
-crash, and lets the operator pick up a job after a restart.
+crash, and lets the operator pick up a job after a restart. Typed values throughout; history.json is
+`codec.dump(history)` and loads with `codec.load(History, ...)` (`save`/`load`).
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from qtune.protocol import FAILED, SUCCEEDED, SpeedMeasurement
+from qtune.protocol import FAILED, SUCCEEDED, ConfirmResult, SpeedMeasurement
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
-
-T = TypeVar("T")
 
 PENDING = "pending"
 """A trial started and not recorded yet; SUCCEEDED and FAILED come from the protocol."""
@@ -36,21 +35,17 @@ class Baseline:
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
     """Peak resident set of the baseline's process: "calibration" (while it calibrated), "total"."""
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Baseline:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
 
 @dataclass
 class TrialRecord:
     index: int
     config_key: str
-    tune_config: dict[str, Any]
+    tune_config: TuneConfig
     status: str = PENDING
     accuracy: float | None = None
-    speed: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Batch size (str) -> SpeedMeasurement (protocol) as a dict: this model against fp32, measured
-    interleaved in the trial's process. Empty when the trial was not benchmarked (it failed accuracy)."""
+    speed: dict[str, SpeedMeasurement] = field(default_factory=dict)
+    """Batch size (str) -> this model against fp32, measured interleaved in the trial's process. Empty when
+    the trial was not benchmarked (it failed accuracy)."""
     model_size_bytes: int | None = None
     passed: bool | None = None
     reason: str | None = None
@@ -68,19 +63,8 @@ class TrialRecord:
     """What the trial said about itself (e.g. evaluation stopped early, not benchmarked)."""
     started_at: float | None = None
     finished_at: float | None = None
-
-    def _parsed(self, name: str, source: Any, parse: Callable[[], T]) -> T:
-        """`parse()` of `source`, once per record (ranking and status read it many times per step): the cache
-        holds the object it was parsed from and is renewed when that field is replaced. Not a field: never
-        serialized."""
-        cached = self.__dict__.get(name)
-        if cached is None or cached[0] is not source:
-            cached = self.__dict__[name] = (source, parse())
-        return cached[1]
-
-    @property
-    def config(self) -> TuneConfig:
-        return self._parsed("_parsed_config", self.tune_config, lambda: TuneConfig.from_dict(self.tune_config))
+    model_sha256: str | None = None
+    """sha256 of the saved model as the trial's process measured it (None: no model saved)."""
 
     @property
     def done(self) -> bool:
@@ -98,13 +82,7 @@ class TrialRecord:
 
     def speed_at(self, batch_size: int | str | None = None) -> SpeedMeasurement | None:
         key = self.batch_key(batch_size)
-        data = self.speed.get(key) if key is not None else None
-        if not data:
-            return None
-        parsed: dict[str, SpeedMeasurement] = self._parsed("_parsed_speed", self.speed, dict)
-        if key not in parsed:
-            parsed[key] = SpeedMeasurement.model_validate(data)
-        return parsed[key]
+        return self.speed.get(key) if key is not None else None
 
     def latency(self, batch_size: int | str | None = None) -> float | None:
         """This model's p50 in ms, from its speed measurement."""
@@ -116,13 +94,22 @@ class TrialRecord:
         measured = self.speed_at(batch_size)
         return measured.speedup if measured else None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrialRecord:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+class Confirmation(ConfirmResult):
+    """The final re-measurement as the history keeps it: the unit's result and how many trials the history
+    held when it was recorded (a later passing trial calls for a new one)."""
+
+    trials_seen: int | None = None
+    """None: as many as the history holds (a confirmation stopped by the job's timeout)."""
+
+
+@dataclass
+class Backoff:
+    """After infrastructure failures in a row: no unit starts before `until` (the job's elapsed seconds); the
+    streak is the one that began with trial `trial` (see TuningSession.advance)."""
+
+    trial: int
+    until: float
 
 
 @dataclass
@@ -137,15 +124,14 @@ class History:
     elapsed_seconds: float = 0.0
     """Tuning wall time counted up to `started_at` (every earlier run and resume of the job included). Read
     the job's tuning time with `elapsed(now)`, never from this field alone."""
-    confirmation: dict[str, Any] | None = None
-    """The final re-measurement of the best candidates (ConfirmResult as a dict), once run."""
+    confirmation: Confirmation | None = None
+    """The final re-measurement of the best candidates, once run."""
     outcome: str | None = None
     """The job's final reason (GoalReached, NoSpeedup, NoConfigMeetsCriterion, ...), set when it ends."""
     message: str | None = None
     """Why the job failed as a whole (e.g. the baseline's error), when it did."""
-    backoff: dict[str, Any] | None = None
-    """After infrastructure failures: {"trial": the last failed trial, "until": elapsed seconds before which
-    no unit starts} (see TuningSession.advance)."""
+    backoff: Backoff | None = None
+    """After infrastructure failures: when the next unit may start (see TuningSession.advance)."""
 
     # --- the job's clock: THE elapsed tuning time (stop rules, status, history.json, the console) -------
     def elapsed(self, now: float) -> float:
@@ -189,46 +175,16 @@ class History:
         return max((t.index for t in self.trials), default=-1) + 1
 
     def add(self, config: TuneConfig, proposed_by: str | None = None) -> TrialRecord:
-        record = TrialRecord(self.next_index(), config.key(), config.to_dict(), proposed_by=proposed_by)
+        record = TrialRecord(self.next_index(), config.key(), config, proposed_by=proposed_by)
         self.trials.append(record)
         return record
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "baseline": asdict(self.baseline) if self.baseline else None,
-            "trials": [t.to_dict() for t in self.trials],
-            "stop_reason": self.stop_reason,
-            "started_at": self.started_at,
-            "elapsed_seconds": self.elapsed_seconds,
-            "confirmation": self.confirmation,
-            "outcome": self.outcome,
-            "message": self.message,
-            "backoff": self.backoff,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> History:
-        baseline = data.get("baseline")
-        return cls(
-            job=data["job"],
-            baseline=Baseline.from_dict(baseline) if baseline else None,
-            trials=[TrialRecord.from_dict(t) for t in data.get("trials", [])],
-            stop_reason=data.get("stop_reason"),
-            started_at=data.get("started_at"),
-            elapsed_seconds=float(data.get("elapsed_seconds", 0.0)),
-            confirmation=data.get("confirmation"),
-            outcome=data.get("outcome"),
-            message=data.get("message"),
-            backoff=data.get("backoff"),
-        )
-
     def save(self, path: Path) -> None:
-        write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, codec.dump(self))
 
     @classmethod
     def load(cls, path: Path) -> History:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return codec.load(cls, json.loads(Path(path).read_text()))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

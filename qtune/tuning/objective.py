@@ -17,7 +17,7 @@ parallel run, a sequential run and a resumed run pick the same winner from the s
 
 from __future__ import annotations
 
-from qtune.protocol import SpeedMeasurement
+from qtune.protocol import SUCCEEDED, SpeedMeasurement
 from qtune.tuning.criterion import Criterion
 from qtune.tuning.history import History, TrialRecord
 
@@ -30,23 +30,22 @@ def _tie_key(record: TrialRecord, criterion: Criterion | None) -> tuple[int, flo
         goodness = -accuracy
     else:
         goodness = accuracy
-    return len(record.config.fp32_ops()), goodness, record.config_key
+    return len(record.tune_config.fp32_ops()), goodness, record.config_key
 
 
 def confirmed_speed(history: History, index: int, batch_size: int | str) -> SpeedMeasurement | None:
     """The confirmation's figure of trial `index` at `batch_size`, if the confirmation measured it."""
-    confirmation = history.confirmation or {}
-    if confirmation.get("status", "succeeded") != "succeeded":
+    confirmation = history.confirmation
+    if confirmation is None or confirmation.status != SUCCEEDED:
         return None
-    data = (confirmation.get("speed") or {}).get(str(index), {}).get(str(batch_size))
-    return SpeedMeasurement.model_validate(data) if data else None
+    return confirmation.speed.get(str(index), {}).get(str(batch_size))
 
 
 def confirmed_candidates(history: History) -> list[int]:
-    confirmation = history.confirmation or {}
-    if confirmation.get("status", "succeeded") != "succeeded":
+    confirmation = history.confirmation
+    if confirmation is None or confirmation.status != SUCCEEDED:
         return []
-    return [int(i) for i in (confirmation.get("speed") or {})]
+    return [int(i) for i in confirmation.speed]
 
 
 def speed_of(history: History, record: TrialRecord, batch_size: int | str) -> SpeedMeasurement | None:

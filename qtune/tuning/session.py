@@ -9,11 +9,11 @@ executor rebuilds it from storage at any time and continues where the job was.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from qtune.protocol import (
     BaselineResult,
@@ -26,9 +26,10 @@ from qtune.protocol import trial_unit as trial_unit_id
 from qtune.protocol import unit_trial_index as trial_of
 from qtune.spec.models import JobSpec
 from qtune.tuning import stop
+from qtune.tuning.config import TuneConfig
 from qtune.tuning.contenders import EXTRA_PASSES
 from qtune.tuning.criterion import Criterion
-from qtune.tuning.history import FAILED, SUCCEEDED, Baseline, History, TrialRecord
+from qtune.tuning.history import FAILED, SUCCEEDED, Backoff, Baseline, Confirmation, History, TrialRecord
 from qtune.tuning.objective import rank_by_speed, select_best, speed_of
 from qtune.tuning.space import TuningSpace
 from qtune.tuning.strategies import create_strategy
@@ -38,6 +39,12 @@ logger = logging.getLogger(__name__)
 CONFIRM_MARGIN = 1.5
 """The confirmation's time is estimated as its passes times a trial's benchmark time, times this (loading
 and rebuilding the candidates, warm-up)."""
+
+
+COPIED_RESULT_FIELDS = tuple(name for name in TrialResult.model_fields
+                             if name in TrialRecord.__dataclass_fields__ and name not in ("status", "config_key"))
+"""The figures `record_trial` copies from a TrialResult into its TrialRecord: every field both have, so a new
+per-trial figure needs only its field in each (and the surfaces that show it)."""
 
 
 def objective_batch_size(spec: JobSpec) -> int:
@@ -52,9 +59,9 @@ class WorkUnit:
     id: str
     kind: UnitKind
     trial: int | None = None
-    tune_config: dict[str, Any] | None = None
+    tune_config: TuneConfig | None = None
     candidates: tuple[int, ...] = ()
-    candidate_configs: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False, hash=False)
+    candidate_configs: dict[str, TuneConfig] = field(default_factory=dict, compare=False, hash=False)
     """confirm: trial index (str) -> tune config, so the runner can rebuild each candidate."""
     full_evaluation: bool = False
     """trial: evaluate in full even once the criterion cannot be met (see Strategy.needs_full_evaluation)."""
@@ -191,12 +198,12 @@ class TuningSession:
             self.history.backoff = None
             return None
         backoff = self.history.backoff
-        if backoff is None or backoff.get("trial") != streak[0].index:
+        if backoff is None or backoff.trial != streak[0].index:
             delay = stop.backoff_seconds(len(streak))
-            backoff = self.history.backoff = {"trial": streak[0].index, "until": elapsed_seconds + delay}
+            backoff = self.history.backoff = Backoff(trial=streak[0].index, until=elapsed_seconds + delay)
             logger.info("%s: %d trial(s) in a row failed (%s); the next starts in %gs", self.history.job,
                         len(streak), streak[0].reason, delay)
-        left = float(backoff["until"]) - elapsed_seconds
+        left = backoff.until - elapsed_seconds
         return left if left > 0 else None
 
     def _maybe_timeout(self, elapsed_seconds: float, running: set[str] | frozenset[str]) -> Decision | None:
@@ -211,7 +218,7 @@ class TuningSession:
         for record in self.history.pending():
             self.fail(record.index, reason if reason == stop.TIMEOUT else stop.ABANDONED, message)
         if UnitKind.CONFIRM in running:
-            self.history.confirmation = {"status": FAILED, "reason": reason, "message": message}
+            self.history.confirmation = Confirmation(status=FAILED, reason=reason, message=message)
         if not self.ready:
             self.history.message = f"{message}, before the baseline finished"
         return self._finish(reason, cancel=sorted(running))
@@ -287,7 +294,7 @@ class TuningSession:
             return None
         previous = self.history.confirmation
         if previous is not None:
-            seen = int(previous.get("trials_seen", len(self.history.trials)))
+            seen = previous.trials_seen if previous.trials_seen is not None else len(self.history.trials)
             newer = [t for t in self.history.trials[seen:] if t.ok and t.passed and t.speed]
             if not newer:
                 return None
@@ -332,14 +339,9 @@ class TuningSession:
         if result.config_key and result.config_key != record.config_key:
             logger.warning("trial %d: result for another config (%s) ignored", record.index, result.config_key)
             return None
-        record.accuracy = result.accuracy
-        record.speed = {k: v.model_dump() for k, v in result.speed.items()}
-        record.model_size_bytes = result.model_size_bytes
-        record.timings = dict(result.timings)
-        record.peak_rss_bytes = dict(result.peak_rss_bytes)
-        record.model_path = result.model_path
-        record.reason, record.message = result.reason, result.message
-        record.notes = list(result.notes)
+        for name in COPIED_RESULT_FIELDS:  # a figure the result and the record both name is copied as it is
+            value = getattr(result, name)
+            setattr(record, name, copy.copy(value) if isinstance(value, dict | list) else value)
         record.status = SUCCEEDED if result.status == SUCCEEDED else FAILED
         baseline = self.history.baseline.accuracy if self.history.baseline else None
         record.passed = bool(record.ok and baseline is not None and self.criterion.passes(record.accuracy, baseline))
@@ -350,7 +352,7 @@ class TuningSession:
         if result.status != SUCCEEDED:
             self.record_unit_failure(UnitKind.CONFIRM, result.reason or "Crashed", result.message or "")
             return
-        self.history.confirmation = {**result.model_dump(), "trials_seen": len(self.history.trials)}
+        self.history.confirmation = Confirmation(**dict(result), trials_seen=len(self.history.trials))
 
     def record_unit_failure(self, unit_id: str, reason: str, message: str) -> TrialRecord | None:
         """A unit that produced no result (crash, OOMKilled, Timeout, pod lost ...)."""
@@ -360,8 +362,8 @@ class TuningSession:
             return None
         if unit_id == UnitKind.CONFIRM:
             logger.warning("the confirmation failed (%s: %s); the in-trial figures decide", reason, message)
-            self.history.confirmation = {"status": FAILED, "reason": reason, "message": message,
-                                         "trials_seen": len(self.history.trials)}
+            self.history.confirmation = Confirmation(status=FAILED, reason=reason, message=message,
+                                                     trials_seen=len(self.history.trials))
             return None
         index = trial_of(unit_id)
         return self.fail(index, reason, message) if index is not None else None

@@ -1,6 +1,6 @@
 """The tuning space: an adaptor's capability intersected with the user's constraints.
 
-Plain data (JSON round trip), so the operator can propose trials without importing any
+Typed values (space.json through `qtune.tuning.codec`), so the operator can propose trials without importing any
 framework: the baseline step computes the space once and stores it in the job's workspace.
 """
 
@@ -11,8 +11,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import field_serializer, field_validator
+
 from qtune.spec.errors import SpecError
 from qtune.spec.models import OpConstraint, QuantizationSpec, TensorConstraint
+from qtune.tuning import codec
 from qtune.tuning.config import FP32, OpConfig, TensorConfig, TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -94,14 +97,6 @@ class OpSpace:
     def fp32(self) -> OpConfig:
         return OpConfig(self.op_type, TensorConfig.fp32(), None if self.weight is None else TensorConfig.fp32())
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "op_type": self.op_type, "activation": self.activation,
-                "weight": self.weight, "approach": self.approach}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> OpSpace:
-        return cls(data["name"], data["op_type"], data["activation"], data.get("weight"), data["approach"])
-
 
 def _first_tensor(options: dict[str, list[Any]] | None) -> TensorConfig | None:
     """The first of OpSpace._tensor_options(options), None when there is none."""
@@ -168,34 +163,17 @@ class TuningSpace:
         position = {name: i for i, name in enumerate(self.ops)}
         return sorted(self.ops, key=lambda n: (-self.sensitivity.get(n, 0.0), -position[n]))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ops": [op.to_dict() for op in self.ops.values()],
-            "approaches": self.approaches,
-            "format": self.format,
-            "calibration_sampling_size": self.calibration_sampling_size,
-            "fused_patterns": self.fused_patterns,
-            "sensitivity": self.sensitivity,
-            "notes": self.notes,
-            "fused_groups": self.fused_groups,
-            "time_share": self.time_share,
-        }
-
+    @field_validator("ops", mode="before")
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TuningSpace:
-        ops = [OpSpace.from_dict(op) for op in data["ops"]]
-        return cls(
-            ops={op.name: op for op in ops},
-            approaches=list(data["approaches"]),
-            format=data["format"],
-            calibration_sampling_size=int(data["calibration_sampling_size"]),
-            fused_patterns=[list(p) for p in data.get("fused_patterns", [])],
-            sensitivity={k: float(v) for k, v in data.get("sensitivity", {}).items()},
-            notes=dict(data.get("notes", {})),
-            fused_groups=[list(g) for g in data.get("fused_groups", [])],
-            time_share={str(k): {str(n): float(v) for n, v in shares.items()}
-                        for k, shares in data.get("time_share", {}).items()},
-        )
+    def _ops_by_name(cls, ops: Any) -> Any:
+        """space.json lists the ops (in graph order); the space keys them by name."""
+        if isinstance(ops, list):
+            return {op.name if isinstance(op, OpSpace) else op["name"]: op for op in ops}
+        return ops
+
+    @field_serializer("ops")
+    def _ops_as_list(self, ops: dict[str, OpSpace]) -> list[Any]:
+        return [codec.dump(op) for op in ops.values()]
 
 
 def _intersect(options: dict[str, list[Any]] | None, constraint: TensorConstraint | None, field_path: str,

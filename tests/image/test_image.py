@@ -26,6 +26,8 @@ from pathlib import Path
 import pytest
 import system_tools
 
+from qtune.tuning import codec
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_image.py"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
@@ -146,8 +148,8 @@ def test_digits_baseline_and_trial_like_a_pod(image: tuple[str, Path], tmp_path:
 
     from qtune.tuning.space import TuningSpace
 
-    space = TuningSpace.from_dict(json.loads((workspace / "ws" / "space.json").read_text()))
-    (job / "config.json").write_text(json.dumps(space.default_config().to_dict()))
+    space = codec.load(TuningSpace, json.loads((workspace / "ws" / "space.json").read_text()))
+    (job / "config.json").write_text(json.dumps(codec.dump(space.default_config())))
     run(image, ["trial", *common, "--index", "1", "--config", "/job/config.json", "--result", "/workspace/t1.json"],
         entrypoint=command, binds=binds, cwd="/workspace", env={"QTUNE_TERMINATION_LOG": "/tmp/termination"})
     result = json.loads((workspace / "t1.json").read_text())

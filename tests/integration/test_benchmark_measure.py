@@ -25,6 +25,7 @@ from qtune.runner.benchmark import measure_against_fp32, measure_speed  # noqa: 
 from qtune.runner.context import JobContext  # noqa: E402
 from qtune.spec.load import load_job  # noqa: E402
 from qtune.spec.models import BenchmarkSpec  # noqa: E402
+from qtune.tuning import codec  # noqa: E402
 
 BATCHES = [1, 32]
 
@@ -102,7 +103,7 @@ def test_pytorch_runner_against_its_int8_conversion(tmp_path: Path) -> None:
     space = build_space(adaptor.query_fw_capability(model), QuantizationSpec(approach="static"),
                         adaptor.query_fused_patterns(model), 64)
     calib = Dataset({"image": images[:64]}, labels[:64])
-    quantized = adaptor.quantize(space.default_config("static").to_dict(), model, calib.loader(32))
+    quantized = adaptor.quantize(codec.dump(space.default_config("static")), model, calib.loader(32))
     batch = {"image": images[:16]}
     previous = torch.get_num_threads()
     try:

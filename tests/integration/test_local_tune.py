@@ -6,6 +6,7 @@ a few ops made hostile to int8 (function-preserving), so the tuner must find exa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -25,6 +26,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
 from sensitive_model import build_sensitive_mlp  # noqa: E402
+
+from qtune.tuning import codec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,8 @@ def write_job(folder: Path, sensitive, name: str = "mlp", **tuning) -> Path:
 def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
     job_file = write_job(tmp_path, sensitive)
     outcome = tune(load_job(job_file), job_file)
-    assert outcome.best is not None, outcome.history.to_dict()
-    fp32 = set(outcome.best.config.fp32_ops())
+    assert outcome.best is not None, codec.dump(outcome.history)
+    fp32 = set(outcome.best.tune_config.fp32_ops())
     # the hostile ops stay fp32, each with (at most) its fused partner: nothing else
     assert sensitive[4] <= fp32, fp32
     assert all(any(op.split("/")[0] == bad.split("/")[0] for bad in sensitive[4]) for op in fp32), fp32
@@ -73,6 +76,13 @@ def test_tuning_keeps_exactly_the_sensitive_ops_in_fp32(sensitive, tmp_path):
     assert any((out / "model").glob("*.onnx"))
     best = json.loads((out / "best_config.json").read_text())
     assert best["trial"] == outcome.best.index
+    # each saved model's sha256, measured in its trial's process, is in history.json: the winner's is its file's
+    stored = {t["index"]: t for t in json.loads((out / "history.json").read_text())["trials"]}
+    winner = stored[outcome.best.index]
+    model_file = Path(winner["model_path"])
+    assert winner["model_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert winner["model_sha256"] == hashlib.sha256((out / "model" / model_file.name).read_bytes()).hexdigest()
+    assert all(t["model_sha256"] is None for t in stored.values() if not t["model_path"])
     # calibration ran once: only the first trial of each algorithm spent time on it
     calibration_times = [t.timings.get("calibration", 0) for t in outcome.history.trials if t.ok]
     assert sum(1 for seconds in calibration_times if seconds > 0) <= 3
@@ -140,7 +150,7 @@ def test_interrupted_run_resumes_without_repeating_a_trial(sensitive, tmp_path):
     for record in outcome.history.trials:
         if record.config_key in done_keys:  # finished trials were kept, not re-run
             assert record.finished_at == done_keys[record.config_key]["finished_at"]
-    fp32 = set(outcome.best.config.fp32_ops())
+    fp32 = set(outcome.best.tune_config.fp32_ops())
     # the hostile ops stay fp32, each with (at most) its fused partner: nothing else
     assert sensitive[4] <= fp32, fp32
     assert all(any(op.split("/")[0] == bad.split("/")[0] for bad in sensitive[4]) for op in fp32), fp32

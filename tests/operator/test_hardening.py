@@ -25,6 +25,7 @@ from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import KNOWN_REASONS, MESSAGE_LIMIT, OTHER, failure_of, summarize_pod
 from qtune.operator.reconcile import build_session, validate
 from qtune.operator.store import encode_history
+from qtune.tuning import codec
 from qtune.tuning.history import History
 
 
@@ -162,7 +163,7 @@ def test_a_recreated_job_does_not_adopt_the_old_jobs_history_or_baseline() -> No
     kube = FakeKube()
     for body in (builders.configmap(old, c.history_configmap("digits"), c.ROLE_HISTORY, data, binary),
                  builders.configmap(old, c.baseline_configmap("digits"), c.ROLE_BASELINE,
-                                    *protocol.encode_document(c.SPACE_KEY, tiny_space().to_dict()))):
+                                    *protocol.encode_document(c.SPACE_KEY, codec.dump(tiny_space())))):
         asyncio.run(kube.create_configmap(body))
     before = copy.deepcopy(kube.configmaps)
     world = World()                                 # the new job: same name, another uid

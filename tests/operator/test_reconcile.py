@@ -26,7 +26,8 @@ from qtune.operator.metrics import OperatorMetrics
 from qtune.operator.podstatus import PodSummary, summarize_pod
 from qtune.operator.reconcile import JobReconciler, Services, StepResult, status_resume_message, validate
 from qtune.operator.results import Observed
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
+from qtune.tuning.config import TuneConfig
 from qtune.tuning.engine import UnitFailure
 from qtune.tuning.session import WorkUnit
 
@@ -89,9 +90,10 @@ class World:
         if unit == protocol.UnitKind.CONFIRM:
             args = pod["spec"]["containers"][0]["args"]
             candidates = tuple(int(i) for i in args[args.index("--candidates") + 1].split(","))
-            return WorkUnit(unit, protocol.UnitKind.CONFIRM, candidates=candidates, candidate_configs=config)
+            return WorkUnit(unit, protocol.UnitKind.CONFIRM, candidates=candidates,
+                            candidate_configs={k: codec.load(TuneConfig, v) for k, v in config.items()})
         index = protocol.unit_trial_index(unit)
-        return WorkUnit(unit, protocol.UnitKind.TRIAL, index, config)
+        return WorkUnit(unit, protocol.UnitKind.TRIAL, index, codec.load(TuneConfig, config))
 
     def secret_of(self, pod: dict[str, Any]) -> str:
         """The pod's env QTUNE_RESULT_SECRET, resolved from its own Secret (secretKeyRef)."""
@@ -117,7 +119,7 @@ class World:
                                  message=protocol.termination_message(outcome.result.reason, outcome.result.message))
             return
         if unit.id == protocol.UnitKind.BASELINE:
-            data, binary = protocol.encode_document(c.SPACE_KEY, self.space.to_dict())
+            data, binary = protocol.encode_document(c.SPACE_KEY, codec.dump(self.space))
             self.kube.configmaps[c.baseline_configmap("digits")].update(data=data, binaryData=binary)
         if push:
             self.push(unit.id, outcome.result, self.secret_of(pod))

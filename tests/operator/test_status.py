@@ -6,7 +6,8 @@ from opfakes import tiny_baseline, tiny_space
 
 from qtune.operator import status as st
 from qtune.protocol import SpeedMeasurement
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
+from qtune.tuning.best import summarize
 from qtune.tuning.history import History
 
 
@@ -66,7 +67,7 @@ def _history() -> History:
         if i < 2:
             record.status = "succeeded"
             record.accuracy = 0.94 + 0.001 * i
-            record.speed = {"32": _speed(5.0 + i).model_dump()}
+            record.speed = {"32": _speed(5.0 + i)}
             record.model_size_bytes = 100_000 + 10_000 * i
             record.passed = True
     history.trials[0].passed = True
@@ -76,7 +77,7 @@ def _history() -> History:
 def test_build_status_projects_the_history() -> None:
     history = _history()
     record = history.trials[0]
-    best = st.best_status(record, history.baseline, record.speed_at(32), confirmed=False)
+    best = st.best_status(summarize(record, history.baseline, record.speed_at(32), confirmed=False))
     status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=2, old=None,
                              history=history, max_trials=10, batch_size=32, best=best, recent=2,
                              history_configmap="digits-history", workspace="/w", now=0)
@@ -93,7 +94,7 @@ def test_build_status_projects_the_history() -> None:
                                        "confidence": 0.95, "rounds": 9, "confirmed": False, "clock": "wall",
                                        "busy": False, "trusted": True}
     assert status["best"]["sizeRatio"] == 4.0
-    assert status["best"]["tuneConfig"] == record.tune_config
+    assert status["best"]["tuneConfig"] == codec.dump(record.tune_config)
     assert status["baseline"]["accuracy"] == 0.95
     assert status["history"] == {"configMap": "digits-history", "trials": 3}
     assert "completionTime" not in status
@@ -126,8 +127,8 @@ def test_a_huge_winning_config_stays_out_of_the_status() -> None:
     big = history.add(simulated_space(count=2000).default_config())
     for record in (small, big):
         record.status, record.passed, record.accuracy = "succeeded", True, 0.95
-    assert st.best_status(small, tiny_baseline(), None, False).tune_config is not None
-    best = st.best_status(big, tiny_baseline(), None, False)
+    assert st.best_status(summarize(small, tiny_baseline(), None, False)).tune_config is not None
+    best = st.best_status(summarize(big, tiny_baseline(), None, False))
     assert best.tune_config is None and "history ConfigMap" in (best.tune_config_omitted or "")
     assert len(best.model_dump_json()) < 4096
 
@@ -160,7 +161,7 @@ def _front_history(count: int) -> History:
         config = space.default_config().with_fallback(["fc"] if i % 2 else [])
         record = history.add(replace(config, calibration_sampling_size=100 + i))
         record.status, record.passed, record.accuracy = "succeeded", i < count - 1, 0.95 - 0.001 * i
-        record.speed = {"32": _speed(5.0 - 0.3 * i).model_dump()}
+        record.speed = {"32": _speed(5.0 - 0.3 * i)}
         record.model_size_bytes = 100_000 - i
     return history
 
@@ -177,8 +178,8 @@ def test_the_status_names_a_bounded_front_around_the_winner() -> None:
     assert front is not None and front.total == 9
     status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=1, old=None,
                              history=history, max_trials=10, batch_size=32,
-                             best=st.best_status(winner, history.baseline, winner.speed_at(32), False), front=front,
-                             now=0)
+                             best=st.best_status(summarize(winner, history.baseline, winner.speed_at(32), False)),
+                             front=front, now=0)
     shown = status["front"]
     assert shown["batchSize"] == 32 and shown["total"] == 9
     assert [e["trial"] for e in shown["entries"]] == [4, 5, 6, 7, 8]  # at most 5, the winner's neighbours

@@ -16,6 +16,7 @@ from qtune.operator.kube import Conflict
 from qtune.operator.layout import JobRef
 from qtune.operator.store import HistoryStore, HistoryTooLarge, decode_history, decode_published, encode_history
 from qtune.runner import publish
+from qtune.tuning import codec
 from qtune.tuning.history import History
 
 
@@ -33,7 +34,7 @@ def test_small_history_is_plain_json() -> None:
     history = _history(3)
     data, binary = encode_history(history)
     assert set(data) == {c.HISTORY_KEY} and not binary
-    assert decode_history({"data": data}).to_dict() == history.to_dict()
+    assert codec.dump(decode_history({"data": data})) == codec.dump(history)
 
 
 def test_large_history_is_gzipped() -> None:
@@ -41,7 +42,7 @@ def test_large_history_is_gzipped() -> None:
     data, binary = encode_history(history, plain_limit=10_000)
     assert not data and set(binary) == {c.HISTORY_GZ_KEY}
     assert json.loads(gzip.decompress(base64.b64decode(binary[c.HISTORY_GZ_KEY])))["job"] == "digits"
-    assert decode_history({"binaryData": binary}).to_dict() == history.to_dict()
+    assert codec.dump(decode_history({"binaryData": binary})) == codec.dump(history)
 
 
 def test_too_large_history(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -87,11 +88,11 @@ def test_store_detects_concurrent_writers() -> None:
 
 
 def test_publish_patch_round_trips_through_the_operator_reader(tmp_path: Path, monkeypatch) -> None:
-    (tmp_path / "space.json").write_text(json.dumps(tiny_space().to_dict()))
+    (tmp_path / "space.json").write_text(json.dumps(codec.dump(tiny_space())))
     (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": 0.9}))
     patch = publish.configmap_patch(tmp_path)
     assert patch["binaryData"] == {"space.json.gz": None, "baseline.json.gz": None}
-    assert decode_published(patch, c.SPACE_KEY) == tiny_space().to_dict()
+    assert decode_published(patch, c.SPACE_KEY) == codec.dump(tiny_space())
 
     monkeypatch.setattr("qtune.wire.PLAIN_LIMIT", 10)
     patch = publish.configmap_patch(tmp_path)

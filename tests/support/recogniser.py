@@ -100,4 +100,4 @@ def speed(config: TuneConfig, batch: int = 32, half_width: float = 0.04) -> dict
     value = speedup(config)
     return {str(batch): SpeedMeasurement(
         batch_size=batch, p50_ms=10.0 / value, p90_ms=11.0 / value, fp32_p50_ms=10.0, fp32_p90_ms=11.0,
-        speedup=value, low=value * (1 - half_width), high=value * (1 + half_width), rounds=7).model_dump()}
+        speedup=value, low=value * (1 - half_width), high=value * (1 + half_width), rounds=7)}

@@ -92,7 +92,7 @@ class SimulatedExecutor:
                                self.space)
         if unit.id == UnitKind.CONFIRM:  # the runner's passes (qtune/runner/confirm.py) over the modelled figures
             def measure(names: list[str]) -> dict[str, dict[str, SpeedMeasurement]]:
-                return {name: self._speed(TuneConfig.from_dict(unit.candidate_configs[name]), self.half_width / 2)
+                return {name: self._speed(unit.candidate_configs[name], self.half_width / 2)
                         for name in names}
 
             speed = confirm_rounds(measure, [str(i) for i in unit.candidates], str(batch))
@@ -102,7 +102,7 @@ class SimulatedExecutor:
             return UnitOutcome(unit.id, UnitFailure(*self.failures[unit.trial]))
         if unit.trial in self.fail_trials:
             return UnitOutcome(unit.id, UnitFailure("Crashed", "simulated crash"))
-        config = TuneConfig.from_dict(unit.tune_config)
+        config = unit.tune_config
         accuracy = self.accuracy(config)
         result = TrialResult(trial=unit.trial, status="succeeded", config_key=config.key(), accuracy=accuracy,
                              model_size_bytes=1000 + 100 * len(config.fp32_ops()),

@@ -30,11 +30,11 @@ def test_a_whole_job_baseline_trials_confirmation_winner():
     assert executor.started[0] == "baseline" and executor.started[-1] == "confirm"
     assert reason == stop.GOAL_REACHED and session.outcome() == stop.GOAL_REACHED
     best = session.best()
-    assert best is not None and SENSITIVE <= set(best.config.fp32_ops())
+    assert best is not None and SENSITIVE <= set(best.tune_config.fp32_ops())
     assert len(session.history.trials) <= 12
     # the winner's figure is the confirmation's, the one every surface prints
-    confirmed = session.history.confirmation["speed"][str(best.index)]["32"]
-    assert session.best_speed().model_dump() == confirmed
+    confirmed = session.history.confirmation.speed[str(best.index)]["32"]
+    assert session.best_speed() == confirmed
     assert session.history.outcome == stop.GOAL_REACHED
 
 
@@ -61,7 +61,7 @@ def _record(history: History, index: int, fp32_ops: int, speedup: float, half: f
     config = space.default_config().with_fallback(list(space.ops)[:fp32_ops])
     record = history.add(config)
     record.status, record.passed, record.accuracy = "succeeded", True, accuracy
-    record.speed = {"32": speed_measurement(speedup, half).model_dump()}
+    record.speed = {"32": speed_measurement(speedup, half)}
     assert record.index == index
     return record
 

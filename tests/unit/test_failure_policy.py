@@ -7,7 +7,7 @@ from __future__ import annotations
 from simulated import FakeClock, job_spec, run_simulated, sensitive_accuracy, simulated_space
 
 from qtune.spec.models import JobSpec
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
 from qtune.tuning.history import Baseline, History
 from qtune.tuning.session import TuningSession
 
@@ -143,7 +143,7 @@ def test_the_backoff_survives_a_restart_of_the_executor():
     session.record_unit_failure("trial-0", *OOM)
     clock.now = 100.0
     assert session.advance(frozenset(), 1).wait == 5.0
-    restored = History.from_dict(history.to_dict())  # e.g. the operator restarted and read its ConfigMap
+    restored = codec.load(History, codec.dump(history))  # e.g. the operator restarted and read its ConfigMap
     again = TuningSession(spec, restored, simulated_space(), clock=clock)
     clock.now = 103.0
     assert again.advance(frozenset(), 1).wait == 2.0

@@ -10,6 +10,7 @@ import pytest
 from simulated import job_spec, run_simulated, simulated_space, speed_measurement
 
 from qtune.protocol import SpeedMeasurement
+from qtune.tuning import codec
 from qtune.tuning.front import (
     accuracy_speed_front,
     front_document,
@@ -17,7 +18,7 @@ from qtune.tuning.front import (
     session_front,
     speedup_text,
 )
-from qtune.tuning.history import Baseline, History, TrialRecord
+from qtune.tuning.history import Baseline, Confirmation, History, TrialRecord
 
 
 def _record(history: History, accuracy: float | None, speedup: float | None, *, half: float = 0.05,
@@ -27,7 +28,7 @@ def _record(history: History, accuracy: float | None, speedup: float | None, *, 
     record = history.add(space.default_config().with_fallback(list(space.ops)[:index]))
     record.status, record.passed, record.accuracy = status, passed, accuracy
     if speedup is not None:
-        record.speed = {"32": speed_measurement(speedup, half).model_dump()}
+        record.speed = {"32": speed_measurement(speedup, half)}
     record.model_size_bytes = 1000 + index
     return record
 
@@ -83,7 +84,7 @@ def test_failed_and_unmeasured_configs_are_left_out_and_misses_are_marked() -> N
     miss = _record(history, 0.93, 1.8, passed=False)  # missed the criterion but was measured: faster
     _record(history, float("nan"), 3.0, passed=False)
     untrusted = _record(history, 0.96, 5.0)  # the machine was too busy for its figure: nothing decides on it
-    untrusted.speed["32"]["trusted"] = False
+    untrusted.speed["32"].trusted = False
     front = accuracy_speed_front(history, 32)
     assert [(e.trial, e.passed) for e in front] == [(0, True), (miss.index, False)]
     # nothing measured at another batch size
@@ -99,9 +100,9 @@ def test_lower_is_better_scores() -> None:
 def test_the_confirmations_figure_counts_and_is_marked() -> None:
     history = _history((0.95, 1.2), (0.94, 1.5))
     # the confirmation re-measured trial 1 slower than trial 0: it no longer buys speed for its accuracy
-    history.confirmation = {"status": "succeeded", "candidates": [0, 1],
-                            "speed": {"0": {"32": speed_measurement(1.30, 0.02).model_dump()},
-                                      "1": {"32": speed_measurement(1.25, 0.02).model_dump()}}}
+    history.confirmation = Confirmation(status="succeeded", candidates=[0, 1],
+                                        speed={"0": {"32": speed_measurement(1.30, 0.02)},
+                                               "1": {"32": speed_measurement(1.25, 0.02)}})
     front = accuracy_speed_front(history, 32, winner=0)
     assert [(e.trial, e.speedup, e.confirmed, e.winner) for e in front] == [(0, 1.30, True, True)]
 
@@ -124,15 +125,15 @@ def test_the_window_is_bounded_and_holds_the_winner() -> None:
 def test_history_json_names_each_entry_by_its_trial_and_tune_config() -> None:
     history = _history((0.95, 1.2), (0.94, 1.5))
     document = front_document(accuracy_speed_front(history, 32, winner=1), 32)
-    stored = json.loads(json.dumps({**history.to_dict(), "front": document}))
+    stored = json.loads(json.dumps({**codec.dump(history), "front": document}))
     assert stored["front"]["batch_size"] == 32 and "point estimates" in stored["front"]["rule"]
     entries = stored["front"]["entries"]
     assert [e["trial"] for e in entries] == [0, 1] and entries[1]["winner"] and not entries[0]["winner"]
     by_index = {t["index"]: t for t in stored["trials"]}
     for entry in entries:  # what a user does to pick one: its tune config is the trial's
-        assert by_index[entry["trial"]]["tune_config"] == history.trials[entry["trial"]].tune_config
+        assert by_index[entry["trial"]]["tune_config"] == codec.dump(history.trials[entry["trial"]].tune_config)
         assert SpeedMeasurement.model_validate(entry["speed"]).speedup == entry["speedup"]
-    assert History.from_dict(stored).to_dict() == history.to_dict()  # derived, never read back as state
+    assert codec.dump(codec.load(History, stored)) == codec.dump(history)  # derived, never read back as state
 
 
 def test_a_run_marks_its_winner_on_the_front() -> None:

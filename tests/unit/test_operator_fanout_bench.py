@@ -22,7 +22,9 @@ from qtune import protocol
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.results import ACCEPT, BAD_SIGNATURE, Observed, judge
-from qtune.tuning.history import Baseline, History, TrialRecord
+from qtune.tuning import codec
+from qtune.tuning.config import TuneConfig
+from qtune.tuning.history import Baseline, Confirmation, History, TrialRecord
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "operator_fanout.py"
@@ -94,7 +96,7 @@ def test_fake_trial_and_confirm_results_are_signed_and_accepted_by_the_operator(
                                                                                gateway: Gateway) -> None:
     space = bench.fake_space()
     config = space.default_config()
-    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    (tmp_path / "config.json").write_text(json.dumps(codec.dump(config)))
     done = _run_fake(tmp_path, gateway, "trial-3", "trial", "--index", "3", "--config", str(tmp_path / "config.json"))
     assert done.returncode == 0, done.stderr
     body = gateway.pushed[f"/metrics/job/{protocol.PUSH_JOB}/job_uid/{UID}/unit/trial-3"]
@@ -104,7 +106,7 @@ def test_fake_trial_and_confirm_results_are_signed_and_accepted_by_the_operator(
     assert _accepted("trial-3", result, signature) == ACCEPT
     assert _accepted("trial-3", result, signature, key="another-key") == BAD_SIGNATURE
 
-    (tmp_path / "configs.json").write_text(json.dumps({"3": config.to_dict(), "4": config.to_dict()}))
+    (tmp_path / "configs.json").write_text(json.dumps({"3": codec.dump(config), "4": codec.dump(config)}))
     done = _run_fake(tmp_path, gateway, "confirm", "confirm", "--candidates", "3",
                      "--config", str(tmp_path / "configs.json"))
     assert done.returncode == 0, done.stderr
@@ -153,8 +155,8 @@ def test_dispatch_latency_allows_the_poll_period_of_slack() -> None:
 
 def _history(indices: list[int], status: str = "succeeded", confirmed: bool = True) -> History:
     history = History("j", baseline=Baseline(accuracy=0.9))
-    history.trials = [TrialRecord(i, f"k{i}", {}, status=status) for i in indices]
-    history.confirmation = {"status": "succeeded"} if confirmed else None
+    history.trials = [TrialRecord(i, f"k{i}", TuneConfig("static", "QDQ", {}), status=status) for i in indices]
+    history.confirmation = Confirmation(status="succeeded") if confirmed else None
     return history
 
 

@@ -10,6 +10,7 @@ from qtune.operator.layout import JobRef
 from qtune.operator.observe import observe
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.results import ACCEPT, BAD_SIGNATURE, STALE, WAIT, Observed, judge
+from qtune.tuning.config import TuneConfig
 from qtune.tuning.history import History, TrialRecord
 
 KEY = "operator-key"
@@ -40,7 +41,7 @@ def test_earlier_attempts_result_is_stale_not_forged() -> None:
 
 def _history() -> History:
     history = History(JOB.name)
-    history.trials.append(TrialRecord(index=0, config_key="k", tune_config={}))  # pending
+    history.trials.append(TrialRecord(index=0, config_key="k", tune_config=TuneConfig("static", "QDQ", {})))  # pending
     return history
 
 

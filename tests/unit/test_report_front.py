@@ -11,7 +11,7 @@ from simulated import job_spec, run_simulated, simulated_space
 
 from qtune.report import write_report
 from qtune.spec.models import JobSpec, QuantizationJob
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
 from qtune.tuning.front import session_front
 
 
@@ -88,7 +88,7 @@ def test_the_output_history_names_the_front_and_best_config_stays_the_winners(tm
         assert record["tune_config"] and record["model_path"] == entry["model_path"]
         assert entry["winner"] == (entry["trial"] == best.index)
     best_config = json.loads((tmp_path / "out" / "best_config.json").read_text())
-    assert best_config["trial"] == best.index and best_config["tune_config"] == best.tune_config
+    assert best_config["trial"] == best.index and best_config["tune_config"] == codec.dump(best.tune_config)
     # keep-best keeps the models of the winner and of the whole front
     assert models_to_keep(session) == sorted({best.index} | {e["trial"] for e in front["entries"]})
 
@@ -105,7 +105,7 @@ def test_the_report_says_when_the_winner_is_not_on_the_front() -> None:
     for index, (accuracy, speedup) in enumerate([(0.95, 1.50), (0.95, 1.45)]):
         record = history.add(space.default_config().with_fallback(list(space.ops)[:index]))
         record.status, record.passed, record.accuracy = "succeeded", True, accuracy
-        record.speed = {"32": speed_measurement(speedup, 0.1).model_dump()}
+        record.speed = {"32": speed_measurement(speedup, 0.1)}
     # the winner rule may pick trial 1 (overlapping intervals, fewer fp32 ops): trial 0 beats it by point estimate
     front = accuracy_speed_front(history, 32, winner=1)
     assert [e.trial for e in front] == [0]

@@ -49,8 +49,8 @@ def untried_promising_neighbours(session: TuningSession) -> list[TuneConfig]:
     outlook = strategy._outlook(space, history.trials)
     keys = history.keys()
     return [n for t in history.trials
-            if near_miss(t, session.criterion, history.baseline.accuracy) and outlook.promising(t.config)
-            for n in neighbours(space, t.config) if outlook.promising(n) and n.key() not in keys]
+            if near_miss(t, session.criterion, history.baseline.accuracy) and outlook.promising(t.tune_config)
+            for n in neighbours(space, t.tune_config) if outlook.promising(n) and n.key() not in keys]
 
 
 @pytest.mark.parametrize("profile", [True, False], ids=["profile", "prior"])
@@ -62,11 +62,11 @@ def test_restricted_configs_come_right_after_a_failing_default(profile):
     trials = session.history.trials
     assert not trials[0].passed
     for trial in trials[1:4]:
-        types = quantized_types(space, trial.config)
+        types = quantized_types(space, trial.tune_config)
         assert set(types) - {"Add"} <= COMPUTE and set(types) & COMPUTE, (trial.index, types)
     best = session.best()
     assert best is not None and reason == stop.GOAL_REACHED and session.outcome() == stop.GOAL_REACHED
-    assert set(quantized_types(space, best.config)) <= COMPUTE
+    assert set(quantized_types(space, best.tune_config)) <= COMPUTE
     assert session.best_speed().speedup > 1.8  # Conv+MatMul alone: 1.91x; all-int8 would be 1.69x
     assert len(trials) <= 10, len(trials)
 
@@ -77,9 +77,9 @@ def test_restricted_configs_when_the_default_passes_but_is_not_fast_enough():
     session, space, _ = run_recogniser(accuracy=lambda config: recogniser.BASELINE, minSpeedup=1.75)
     trials = session.history.trials
     assert trials[0].passed and not trials[0].speed_at(32).above(1.75)
-    assert set(quantized_types(space, trials[1].config)) == COMPUTE
+    assert set(quantized_types(space, trials[1].tune_config)) == COMPUTE
     assert session.outcome() == stop.GOAL_REACHED
-    assert set(quantized_types(space, session.best().config)) == COMPUTE
+    assert set(quantized_types(space, session.best().tune_config)) == COMPUTE
     assert len(trials) <= 4
 
 
@@ -117,8 +117,9 @@ def test_a_near_miss_is_retried_with_other_knobs_before_the_search_ends():
     session, _, reason = run_simulated(spec, space, accuracy)
     best = session.best()
     assert best is not None and session.outcome() in stop.SUCCESS_OUTCOMES
-    assert all(op.weight.granularity == "per_tensor" for op in best.config.ops.values() if op.weight and not op.is_fp32)
-    assert best.config.quantized_ops() == space.default_config().quantized_ops()  # nothing left fp32
+    assert all(op.weight.granularity == "per_tensor"
+               for op in best.tune_config.ops.values() if op.weight and not op.is_fp32)
+    assert best.tune_config.quantized_ops() == space.default_config().quantized_ops()  # nothing left fp32
     assert reason != stop.SEARCH_EXHAUSTED or not untried_promising_neighbours(session)
 
 

@@ -8,7 +8,7 @@ import time
 from simulated import FakeClock, job_spec, simulated_space
 
 from qtune.protocol import TrialResult
-from qtune.tuning import stop
+from qtune.tuning import codec, stop
 from qtune.tuning.history import Baseline, History
 from qtune.tuning.session import TuningSession
 
@@ -39,13 +39,13 @@ def test_a_finished_jobs_clock_stops_and_the_elapsed_time_is_one_figure():
     unit = session.advance(frozenset(), 1).start[0]
     clock.now = 130.0
     history.checkpoint(clock())                       # a save: the stored figure is current
-    assert history.to_dict()["elapsed_seconds"] == 30.0 == history.elapsed(clock())
+    assert codec.dump(history)["elapsed_seconds"] == 30.0 == history.elapsed(clock())
     clock.now = 140.0
     session.record_trial(TrialResult(trial=unit.trial, status="succeeded", accuracy=0.95, model_size_bytes=10))
     assert session.advance(frozenset(), 1).finished == stop.MAX_TRIALS
     assert history.started_at is None and history.elapsed_seconds == 40.0
     clock.now = 10_000.0                              # time goes by after the end: the job's time does not
-    assert session.elapsed() == 40.0 == History.from_dict(history.to_dict()).elapsed(time.time())
+    assert session.elapsed() == 40.0 == codec.load(History, codec.dump(history)).elapsed(time.time())
 
 
 def test_a_resumed_job_counts_the_time_of_every_run():

@@ -16,7 +16,7 @@ from simulated import capability, job_spec, run_simulated, simulated_space
 from qtune.protocol import SpeedMeasurement
 from qtune.spec import SpecError
 from qtune.spec.models import QuantizationSpec
-from qtune.tuning import Criterion, History, Strategy, TrialRecord, build_space, create_strategy
+from qtune.tuning import Criterion, History, Strategy, TrialRecord, build_space, codec, create_strategy
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.space import TuningSpace
 from qtune.tuning.strategies.units import build_units
@@ -59,7 +59,7 @@ def simulated_speed(config: TuneConfig, fp32_ms: dict[str, float] | None = None,
     speedup = reference / own
     return {str(batch): SpeedMeasurement(batch_size=batch, p50_ms=own, p90_ms=own * 1.1, fp32_p50_ms=reference,
                                          fp32_p90_ms=reference * 1.1, speedup=speedup, low=speedup * 0.96,
-                                         high=speedup * 1.04, rounds=7).model_dump()}
+                                         high=speedup * 1.04, rounds=7)}
 
 
 Accuracy = Callable[[TuneConfig], float]
@@ -88,7 +88,7 @@ def basic_strategy(**options: object) -> Strategy:
 def fastest(history: History) -> TrialRecord:
     """The passing trial with the highest simulated speedup (fewest fp32 ops, then key, on ties)."""
     passing = [t for t in history.trials if t.passed]
-    return min(passing, key=lambda t: (-round(t.speedup(32), 6), len(t.config.fp32_ops()), t.config_key))
+    return min(passing, key=lambda t: (-round(t.speedup(32), 6), len(t.tune_config.fp32_ops()), t.config_key))
 
 
 def first_pass(history: History) -> int:
@@ -117,8 +117,8 @@ def test_space_intersects_constraints_and_defaults_are_first_choices():
     assert config.ops["op00"].activation.dtype == "uint8"
     assert config.ops["op03"].is_fp32
     assert space.approaches == ["static"]
-    assert TuneConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    assert type(space).from_dict(json.loads(json.dumps(space.to_dict()))).to_dict() == space.to_dict()
+    assert codec.load(TuneConfig, json.loads(json.dumps(codec.dump(config)))) == config
+    assert codec.dump(codec.load(type(space), json.loads(json.dumps(codec.dump(space))))) == codec.dump(space)
 
 
 def test_space_rejects_unknown_op_and_impossible_constraint():
@@ -134,7 +134,7 @@ def test_basic_finds_exactly_the_sensitive_units_in_a_handful_of_trials():
     history = run("basic", k=1)
     best = fastest(history)
     # the sensitive MatMuls fall back with their fused Add (MatMul -> Add pattern), nothing else
-    assert set(best.config.fp32_ops()) == SENSITIVE | set(PARTNER.values())
+    assert set(best.tune_config.fp32_ops()) == SENSITIVE | set(PARTNER.values())
     assert first_pass(history) <= 4, first_pass(history)
     assert len(history.trials) <= 12, len(history.trials)
     assert best.speed_at(32).above(1.0)
@@ -150,10 +150,10 @@ def test_fallback_never_splits_a_fused_group_named_by_the_adaptor():
     space.sensitivity = space_for().sensitivity
     history = run("basic", k=2, space=space)
     for trial in history.trials:
-        fp32 = set(trial.config.fp32_ops())
+        fp32 = set(trial.tune_config.fp32_ops())
         for group in space.fused_groups:
             assert len(fp32 & set(group)) in (0, len(group)), (trial.index, group)
-    assert set(fastest(history).config.fp32_ops()) == {"op04", "op07", "op10", "op13", "op16", "op19"}
+    assert set(fastest(history).tune_config.fp32_ops()) == {"op04", "op07", "op10", "op13", "op16", "op19"}
 
 
 def test_non_monotone_accuracy_finds_the_small_set_without_walking_op_by_op():
@@ -173,7 +173,7 @@ def test_non_monotone_accuracy_finds_the_small_set_without_walking_op_by_op():
 
     history = run("basic", k=1, space=space, accuracy=accuracy)
     best = fastest(history)
-    assert set(best.config.fp32_ops()) == {"op04", "op05", "op10", "op11"}
+    assert set(best.tune_config.fp32_ops()) == {"op04", "op05", "op10", "op11"}
     assert len(history.trials) <= 8, len(history.trials)
     assert first_pass(history) <= 6
 
@@ -188,8 +188,8 @@ def test_refine_drops_a_fallback_that_costs_speed_and_buys_nothing():
                          for i, name in enumerate(space.ops)}
     history = run("basic", k=1, space=space)
     best = fastest(history)
-    assert "op08" not in best.config.fp32_ops()
-    assert set(best.config.fp32_ops()) == SENSITIVE | set(PARTNER.values())
+    assert "op08" not in best.tune_config.fp32_ops()
+    assert set(best.tune_config.fp32_ops()) == SENSITIVE | set(PARTNER.values())
     assert len(history.trials) <= 12, len(history.trials)
 
 
@@ -207,7 +207,7 @@ def test_only_the_compute_type_in_int8_when_one_cheap_type_holds_the_sensitivity
     history = run("basic", k=1, space=space, accuracy=accuracy)
     restricted = history.trials[1]
     adds = {n for n, op in space.ops.items() if op.op_type == "Add"}
-    assert set(restricted.config.fp32_ops()) == adds and restricted.passed
+    assert set(restricted.tune_config.fp32_ops()) == adds and restricted.passed
     assert first_pass(history) == 2
 
 
@@ -220,7 +220,7 @@ def test_speed_stage_looks_for_a_faster_passing_config():
     total = sum(fp32_ms[op.op_type] for op in space.ops.values())
     space.time_share = {"fp32": {n: fp32_ms[op.op_type] / total for n, op in space.ops.items()},
                         "int8": {n: int8_ms[op.op_type] / total for n, op in space.ops.items()}}
-    assert TuningSpace.from_dict(json.loads(json.dumps(space.to_dict()))).time_share == space.time_share
+    assert codec.load(TuningSpace, json.loads(json.dumps(codec.dump(space)))).time_share == space.time_share
 
     def speed(config: TuneConfig) -> dict:
         return simulated_speed(config, fp32_ms, int8_ms)
@@ -229,7 +229,7 @@ def test_speed_stage_looks_for_a_faster_passing_config():
     assert history.trials[0].passed and not history.trials[0].speed_at(32).above(1.0)
     best = fastest(history)
     assert best.speed_at(32).above(1.0)
-    assert {space.ops[n].op_type for n in best.config.fp32_ops()} == {"Add"}
+    assert {space.ops[n].op_type for n in best.tune_config.fp32_ops()} == {"Add"}
     assert len(history.trials) <= 4
     strategy = basic_strategy()
     assert strategy.goal_reached(space, history)

@@ -31,6 +31,7 @@ from qtune.adaptors.onnxrt.workspace import file_lock, read_json, write_json_ato
 from qtune.data import DataLoader, Dataset, Metric
 from qtune.data.metrics import TopK
 from qtune.spec.errors import ModelLoadError
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -216,7 +217,7 @@ class OnnxRuntimeAdaptor(Adaptor):
 
     # --- quantization -----------------------------------------------------------------------------
     def quantize(self, tune_cfg: dict[str, Any], model: Any, dataloader: DataLoader, q_func: Any = None) -> OnnxModel:
-        cfg = TuneConfig.from_dict(tune_cfg)
+        cfg = codec.load(TuneConfig, tune_cfg)
         opt = self.optimized(model)
         capability, forced = self._capability(opt)
         quantizable = {name: entry for (name, _), entry in capability["opwise"].items()}
@@ -345,7 +346,7 @@ class OnnxRuntimeAdaptor(Adaptor):
     def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:
         from onnxruntime.quantization.calibrate import load_tensors_data
 
-        cfg = TuneConfig.from_dict(tune_cfg)
+        cfg = codec.load(TuneConfig, tune_cfg)
         opt = self.optimized(model)
         if isinstance(dataset, Dataset):
             inputs = dataset.take(32).inputs
@@ -377,7 +378,7 @@ class OnnxRuntimeAdaptor(Adaptor):
             session = self._sessions.get(opt.model.path, threads)
             feed = check_feed(session, inputs)
             shares = time_shares(opt.model.path, _as_model(quantized).path, feed,
-                                 list(TuneConfig.from_dict(tune_cfg).ops), threads=threads)
+                                 list(codec.load(TuneConfig, tune_cfg).ops), threads=threads)
         except Exception as exc:  # noqa: BLE001 - the profile is an optimisation aid, never fatal
             logger.warning("per-op profile unavailable (%s: %s); the search uses a prior by op type",
                            type(exc).__name__, exc)

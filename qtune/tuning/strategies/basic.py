@@ -175,10 +175,11 @@ class BasicStrategy(Strategy):
             return Plan([], False)
         outlook = self._outlook(space, history.trials)
         baseline = self._baseline(history)
-        misses = [t for t in history.trials if near_miss(t, self.criterion, baseline) and outlook.promising(t.config)]
-        misses.sort(key=lambda t: (-(outlook.gain(t.config) * (closeness(t, self.criterion, baseline) or 0.0)),
+        misses = [t for t in history.trials
+                  if near_miss(t, self.criterion, baseline) and outlook.promising(t.tune_config)]
+        misses.sort(key=lambda t: (-(outlook.gain(t.tune_config) * (closeness(t, self.criterion, baseline) or 0.0)),
                                    t.index))
-        todo = fresh(n for t in misses for n in neighbours(space, t.config) if outlook.promising(n))
+        todo = fresh(n for t in misses for n in neighbours(space, t.tune_config) if outlook.promising(n))
         if todo:
             return Plan(todo, False)
         if not self._goal(history):
@@ -197,11 +198,11 @@ class BasicStrategy(Strategy):
 
         def speed_key(t: TrialRecord) -> tuple[float, int, str]:
             measured = t.speed_at(self.batch_size)
-            return (-(measured.speedup if measured else 0.0), len(t.config.fp32_ops()), t.config_key)
+            return (-(measured.speedup if measured else 0.0), len(t.tune_config.fp32_ops()), t.config_key)
 
-        fastest = min(passing, key=speed_key).config
+        fastest = min(passing, key=speed_key).tune_config
         # bounded: every passing config spawns a few candidates, at most SPEED_TRIALS are run
-        spawned = {c.key() for t in passing for c in self._speed_candidates(space, t.config)}
+        spawned = {c.key() for t in passing for c in self._speed_candidates(space, t.tune_config)}
         if len(spawned & history.keys()) >= SPEED_TRIALS:
             return None
         todo = fresh(self._speed_candidates(space, fastest))

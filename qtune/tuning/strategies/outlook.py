@@ -103,7 +103,7 @@ class Outlook:
             measured = record.speed_at(batch_size)
             if measured is None or measured.speedup <= 0:
                 continue
-            raw = raw_speedup(gains, record.config)
+            raw = raw_speedup(gains, record.tune_config)
             ratios.append(measured.speedup / raw)
             best = measured.speedup if best is None else max(best, measured.speedup)
         calibration = min(10.0, max(0.1, median(ratios))) if ratios else 1.0

@@ -155,7 +155,7 @@ def score(record: TrialRecord, criterion: Criterion | None, baseline: float | No
         return CRASHED_SCORE
     if record.passed:
         measured = record.speed_at(batch_size)
-        return 1.0 + (measured.speedup if measured is not None else outlook.expected(record.config))
+        return 1.0 + (measured.speedup if measured is not None else outlook.expected(record.tune_config))
     if criterion is None or baseline is None:
         return -1.0
     missed = shortfall(record, criterion, baseline)
@@ -181,7 +181,7 @@ def propose(space: TuningSpace, history: History, k: int, seed: int, outlook: Ou
         return []
     scored.sort(key=lambda st: (-st[0], st[1].index))
     cut = max(1, math.ceil(GOOD_SHARE * len(scored)))
-    points = [features(space, t.config, dims) for _, t in scored]
+    points = [features(space, t.tune_config, dims) for _, t in scored]
     good = {d.name: _frequencies(points[:cut], d) for d in dims}
     bad = {d.name: _frequencies(points[cut:], d) for d in dims}
     rng = random.Random(f"tpe:{seed}:{len(history.trials)}")

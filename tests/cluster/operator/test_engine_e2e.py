@@ -194,7 +194,7 @@ def test_latency_job_takes_the_same_decisions_on_the_cluster_as_locally(
     for side, trials in (("local", local.history.trials), ("cluster", cluster_history.trials)):
         for t in trials:
             report.append(f"  {side:7} trial {t.index} {t.config_key} {t.status} acc {t.accuracy} "
-                          f"passed {t.passed} fp32 ops {len(t.config.fp32_ops())} speed@16 {_speed(t)}")
+                          f"passed {t.passed} fp32 ops {len(t.tune_config.fp32_ops())} speed@16 {_speed(t)}")
     sys.stderr.write("\n".join(report) + "\n")
 
     # the job ran to its end (NoSpeedup is a Failed job: no config is 2x faster beyond doubt)

@@ -9,6 +9,7 @@ import pytest
 from ort_helpers import default_config, load, set_op
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
+from qtune.tuning import codec
 
 FC0, FC1 = "fc0/MatMul/MatMulAddFusion", "fc1/MatMul/MatMulAddFusion"
 
@@ -23,7 +24,7 @@ def test_second_config_does_not_recalibrate(tmp_path: Path, mlp_path: Path, mlp_
     model = load(first, mlp_path)
     cfg = default_config(first.query_fw_capability(model))
 
-    first.quantize(cfg.to_dict(), model, mlp_data["calib"].loader(32))
+    first.quantize(codec.dump(cfg), model, mlp_data["calib"].loader(32))
     assert first.timings["calibration"] > 0
     assert set(first.timings) == {"calibration", "quantize"}
     files = cache_files(workspace)
@@ -31,30 +32,30 @@ def test_second_config_does_not_recalibrate(tmp_path: Path, mlp_path: Path, mlp_
     stamps = [f.stat().st_mtime_ns for f in files]
 
     other = set_op(cfg, FC1, activation={"dtype": "int8"}).with_fallback([FC0])
-    first.quantize(other.to_dict(), model, mlp_data["calib"].loader(50))  # other batching, same samples
+    first.quantize(codec.dump(other), model, mlp_data["calib"].loader(50))  # other batching, same samples
     assert first.timings["calibration"] == 0.0
     assert cache_files(workspace) == files and [f.stat().st_mtime_ns for f in files] == stamps
 
     # a new adaptor (e.g. another trial process) reuses the file too
     second = OnnxRuntimeAdaptor({"workspace": str(workspace)})
     third_cfg = set_op(cfg, FC0, weight={"granularity": "per_tensor"})
-    second.quantize(third_cfg.to_dict(), load(second, mlp_path), mlp_data["calib"].loader(32))
+    second.quantize(codec.dump(third_cfg), load(second, mlp_path), mlp_data["calib"].loader(32))
     assert second.timings["calibration"] == 0.0
     assert cache_files(workspace) == files
 
     # a new algorithm is measured once, then reused
     kl = set_op(cfg, FC1, activation={"algorithm": "kl"})
-    second.quantize(kl.to_dict(), model, mlp_data["calib"].loader(32))
+    second.quantize(codec.dump(kl), model, mlp_data["calib"].loader(32))
     assert second.timings["calibration"] > 0
     assert len(cache_files(workspace)) == 2
     kl_again = set_op(kl, FC0, activation={"dtype": "int8"})
-    OnnxRuntimeAdaptor({"workspace": str(workspace)}).quantize(kl_again.to_dict(), model,
+    OnnxRuntimeAdaptor({"workspace": str(workspace)}).quantize(codec.dump(kl_again), model,
                                                                mlp_data["calib"].loader(32))
     assert len(cache_files(workspace)) == 2
 
     # other calibration data, or another sample count, is another measurement
     fewer = default_config(first.query_fw_capability(model), samples=60)
-    first.quantize(fewer.to_dict(), model, mlp_data["calib"].loader(32))
+    first.quantize(codec.dump(fewer), model, mlp_data["calib"].loader(32))
     assert first.timings["calibration"] > 0
     assert len(cache_files(workspace)) == 3
 
@@ -62,14 +63,14 @@ def test_second_config_does_not_recalibrate(tmp_path: Path, mlp_path: Path, mlp_
 def test_trial_record_and_merged_ranges(adaptor: OnnxRuntimeAdaptor, mlp_path: Path, mlp_data) -> None:
     model = load(adaptor, mlp_path)
     cfg = set_op(default_config(adaptor.query_fw_capability(model)), FC1, activation={"algorithm": "percentile"})
-    quantized = adaptor.quantize(cfg.to_dict(), model, mlp_data["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(cfg), model, mlp_data["calib"].loader(32))
     folder = quantized.path.parent
     assert (folder / "calibration.json").is_file(), "the merged per-trial ranges handed to quantize_static"
     record = adaptor.last_quantization
     assert record["identity"]["config"] == cfg.key()
     assert record["timings"] == adaptor.timings
     # the same config again: the quantized model is reused from the workspace
-    again = adaptor.quantize(cfg.to_dict(), model, mlp_data["calib"].loader(32))
+    again = adaptor.quantize(codec.dump(cfg), model, mlp_data["calib"].loader(32))
     assert again.path == quantized.path and adaptor.timings == {"calibration": 0.0, "quantize": 0.0}
 
 
@@ -90,7 +91,7 @@ def _quantize_in_process(workspace: str, model_path: str, variant: int, queue: m
         cfg = set_one(cfg, FC0, activation={"dtype": "int8"})
     data = builders.digits()
     calib = Dataset(builders.mlp_input(data["x_train"][:100]))
-    adaptor.quantize(cfg.to_dict(), model, calib.loader(32))
+    adaptor.quantize(codec.dump(cfg), model, calib.loader(32))
     queue.put(adaptor.last_quantization["calibration"])
 
 

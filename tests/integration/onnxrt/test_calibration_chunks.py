@@ -20,6 +20,7 @@ from tiny_onnx import save_tiny_classifier  # noqa: E402
 from qtune.adaptors import memory  # noqa: E402
 from qtune.adaptors.onnxrt import calibration as calib  # noqa: E402
 from qtune.adaptors.onnxrt.budget import CALIBRATION_BATCH, MEMORY_FIELD  # noqa: E402
+from qtune.tuning import codec  # noqa: E402
 
 MIB = 1 << 20
 
@@ -145,8 +146,8 @@ def test_the_adaptor_calibrates_within_the_jobs_limit(tmp_path: Path, caplog: py
     cfg = build_space(adaptor.query_fw_capability(model), QuantizationSpec(), [], 30).default_config("static")
     calibration = Dataset({"x": rng.normal(size=(30, 4)).astype(np.float32)}, None)
     with caplog.at_level(logging.INFO, logger="qtune.adaptors.onnxrt.calibration"):
-        adaptor.quantize(cfg.to_dict(), model, calibration.loader(16))
+        adaptor.quantize(codec.dump(cfg), model, calibration.loader(16))
     assert "1 samples per call" in caplog.text and MEMORY_FIELD in caplog.text
     assert len(adaptor.calibration_peaks) == 1 and adaptor.calibration_peaks[0] > 0
-    adaptor.quantize(cfg.to_dict(), model, calibration.loader(16))
+    adaptor.quantize(codec.dump(cfg), model, calibration.loader(16))
     assert len(adaptor.calibration_peaks) == 1, "a cached calibration measures nothing, so reports no peak"

@@ -11,6 +11,7 @@ from ort_helpers import QGraph, default_config, load
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.adaptors.onnxrt.optimize import has_attention_blocks
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
 
@@ -40,9 +41,9 @@ def test_capability_shape_and_defaults(adaptor: OnnxRuntimeAdaptor, cnn_path: Pa
 def test_tune_config_round_trip_and_quantize(adaptor: OnnxRuntimeAdaptor, cnn_path: Path, cnn_data) -> None:
     model = load(adaptor, cnn_path)
     cfg = default_config(adaptor.query_fw_capability(model))
-    as_dict = json.loads(json.dumps(cfg.to_dict()))
-    assert TuneConfig.from_dict(as_dict) == cfg
-    assert TuneConfig.from_dict(as_dict).key() == cfg.key()
+    as_dict = json.loads(json.dumps(codec.dump(cfg)))
+    assert codec.load(TuneConfig, as_dict) == cfg
+    assert codec.load(TuneConfig, as_dict).key() == cfg.key()
     quantized = adaptor.quantize(as_dict, model, cnn_data["calib"].loader(32))
     assert quantized.path == adaptor.workspace / "models" / cfg.key() / "model.onnx"
     assert "QuantizeLinear" in QGraph(quantized.path).op_types()
@@ -88,7 +89,7 @@ def test_opset12_model_converted_for_per_channel(adaptor: OnnxRuntimeAdaptor, tm
     assert any("version_converter" in step for step in optimized.steps)
     gemm = "fc0/MatMul/MatMulAddFusion"
     assert capability["opwise"][(gemm, "Gemm")]["weight"]["granularity"][0] == "per_channel"
-    quantized = adaptor.quantize(default_config(capability).to_dict(), model, mlp_data["calib"].loader(50))
+    quantized = adaptor.quantize(codec.dump(default_config(capability)), model, mlp_data["calib"].loader(50))
     graph = QGraph(quantized.path)
     scale, _, _ = graph.qparams(graph.dq_of_input(gemm, 1))
     assert scale.shape == (64,), "per-channel scale, one per output column"

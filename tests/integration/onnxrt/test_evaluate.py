@@ -13,6 +13,7 @@ from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.data import Dataset
 from qtune.data.metrics import CosineSimilarity, TopK
 from qtune.spec.errors import DataError
+from qtune.tuning import codec
 
 
 @pytest.mark.parametrize(("which", "floor"), [("mlp", 0.95), ("cnn", 0.9)])
@@ -23,7 +24,7 @@ def test_fp32_and_int8_accuracy(adaptor: OnnxRuntimeAdaptor, request: pytest.Fix
     model = load(adaptor, path)
     fp32 = adaptor.evaluate(model, data["eval"].loader(64), metric=TopK(1))
     assert fp32 >= floor, "the scikit-learn-trained weights classify digits"
-    quantized = adaptor.quantize(default_config(adaptor.query_fw_capability(model)).to_dict(), model,
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor.query_fw_capability(model))), model,
                                  data["calib"].loader(32))
     int8 = adaptor.evaluate(quantized, data["eval"].loader(64), metric=TopK(1))
     assert int8 >= fp32 - 0.03, (fp32, int8)
@@ -62,7 +63,7 @@ def test_wrong_input_is_a_data_error(adaptor: OnnxRuntimeAdaptor, mlp_path: Path
         adaptor.evaluate(model, loader)
     with pytest.raises(DataError, match=pattern):
         cfg = default_config(adaptor.query_fw_capability(model))
-        adaptor.quantize(cfg.to_dict(), model, loader)
+        adaptor.quantize(codec.dump(cfg), model, loader)
 
 
 def test_benchmark(adaptor: OnnxRuntimeAdaptor, cnn_path: Path, cnn_data) -> None:

@@ -14,6 +14,7 @@ from ort_helpers import default_config, load
 from qtune.adaptors import get_adaptor_class
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.spec.errors import ModelLoadError
+from qtune.tuning import codec
 
 
 def test_registered_under_onnxruntime() -> None:
@@ -87,7 +88,7 @@ def test_external_data_load_copy_quantize(adaptor: OnnxRuntimeAdaptor, tmp_path:
 
     optimized = adaptor.optimized(model).model
     assert len(optimized.files()) == 2 and all(p.is_file() for p in optimized.files())
-    quantized = adaptor.quantize(default_config(adaptor.query_fw_capability(model)).to_dict(), model,
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor.query_fw_capability(model))), model,
                                  mlp_data["calib"].loader(50))
     assert len(quantized.files()) == 2, "a model with external data is saved with external data"
     accuracy = adaptor.evaluate(quantized, mlp_data["eval"].loader(100))

@@ -12,6 +12,7 @@ from ort_helpers import QGraph, default_config, load, set_op
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.data import Dataset
+from qtune.tuning import codec
 
 SCORES = "scores/MatMulAddFusion"  # the mask Add is folded into the scores Gemm by pre-processing
 
@@ -40,7 +41,7 @@ def test_constant_mask_is_kept_fp32_and_reported(adaptor: OnnxRuntimeAdaptor, tm
         cfg = default_config(capability)
         cfg = cfg.with_ops({name: set_op(cfg, name, activation={"algorithm": algorithm}).ops[name]
                             for name, op in cfg.ops.items() if not op.activation.is_fp32})
-        quantized = adaptor.quantize(cfg.to_dict(), model, data.loader(32))
+        quantized = adaptor.quantize(codec.dump(cfg), model, data.loader(32))
         excluded = adaptor.last_quantization["plan"]["excluded"]
         assert set(excluded) == {SCORES, "softmax"}, excluded
         assert "calibration range" in excluded["softmax"]
@@ -65,7 +66,7 @@ def test_mask_fed_as_input_is_found_by_calibration(tmp_path: Path, caplog: pytes
     capability = adaptor.query_fw_capability(model)
     assert not any(note.startswith("tensor:") for note in capability["notes"]), "nothing to see statically"
     with caplog.at_level(logging.WARNING, logger="qtune.adaptors.onnxrt"):
-        adaptor.quantize(default_config(capability).to_dict(), model, data.loader(32))
+        adaptor.quantize(codec.dump(default_config(capability)), model, data.loader(32))
     excluded = adaptor.last_quantization["plan"]["excluded"]
     assert "softmax" in excluded and "non-finite calibration range" in excluded["softmax"]
     assert "tensor:masked" in adaptor.notes
@@ -88,5 +89,5 @@ def test_keep_non_finite_fp32_can_be_turned_off(tmp_path: Path) -> None:
                                   "quantization": {"keepNonFiniteFp32": False}})
     model = load(adaptor, path)
     cfg = default_config(adaptor.query_fw_capability(model))
-    adaptor.quantize(cfg.to_dict(), model, mask_data(-np.inf).loader(32))
+    adaptor.quantize(codec.dump(cfg), model, mask_data(-np.inf).loader(32))
     assert "softmax" not in adaptor.last_quantization["plan"]["excluded"]

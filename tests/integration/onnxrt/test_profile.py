@@ -16,7 +16,7 @@ from sensitive_model import build_sensitive_mlp  # noqa: E402
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor  # noqa: E402
 from qtune.data import Dataset  # noqa: E402
 from qtune.spec.models import QuantizationSpec  # noqa: E402
-from qtune.tuning import TuningSpace, build_space  # noqa: E402
+from qtune.tuning import TuningSpace, build_space, codec  # noqa: E402
 
 
 def test_time_shares_and_fused_groups_land_in_the_space(tmp_path):
@@ -29,7 +29,7 @@ def test_time_shares_and_fused_groups_land_in_the_space(tmp_path):
     assert len(space.fused_groups) == 12
     assert all([space.ops[n].op_type for n in group] == ["Gemm", "Relu"] for group in space.fused_groups)
     x = np.load(calib)["input"]
-    shares = adaptor.op_time_shares(model, space.default_config().to_dict(), Dataset({"input": x}, None).loader(32),
+    shares = adaptor.op_time_shares(model, codec.dump(space.default_config()), Dataset({"input": x}, None).loader(32),
                                     {"input": x[:64]}, 1)
     assert set(shares) == {"fp32", "int8"}
     # the Gemms carry nearly all of the fp32 time; shares are fractions of the fp32 total
@@ -38,6 +38,6 @@ def test_time_shares_and_fused_groups_land_in_the_space(tmp_path):
     assert sum(shares["fp32"].values()) == pytest.approx(1.0, abs=1e-3)
     assert all(n in space.ops or n == "(other)" for n in shares["int8"])
     space.time_share = shares
-    again = TuningSpace.from_dict(space.to_dict())
+    again = codec.load(TuningSpace, codec.dump(space))
     assert again.time_share == shares and again.fused_groups == space.fused_groups
     assert set(sensitive) <= set(gemms)

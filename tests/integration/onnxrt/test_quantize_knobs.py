@@ -10,6 +10,7 @@ import pytest
 from ort_helpers import QGraph, default_config, load, set_op
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
 FC0, FC1, FC2 = (f"fc{i}/MatMul/MatMulAddFusion" for i in range(3))
@@ -22,7 +23,7 @@ def mlp(adaptor: OnnxRuntimeAdaptor, mlp_path: Path):
 
 
 def quantize(adaptor: OnnxRuntimeAdaptor, model, cfg: TuneConfig, data) -> QGraph:
-    quantized = adaptor.quantize(cfg.to_dict(), model, data["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(cfg), model, data["calib"].loader(32))
     adaptor.predict(quantized, data["eval"].loader(200))  # loads and runs in onnxruntime
     return QGraph(quantized.path)
 
@@ -51,7 +52,7 @@ def test_fp32_op_has_no_qdq_around_it(adaptor, mlp, mlp_data) -> None:
 def test_fp32_op_after_a_quantized_relu_reads_the_relu_output(adaptor, mlp, mlp_data) -> None:
     """ORT folds a quantized Relu into the Q of its input; an fp32 consumer must still see max(x, 0)."""
     model, cfg = mlp
-    quantized = adaptor.quantize(cfg.with_fallback([FC1]).to_dict(), model, mlp_data["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(cfg.with_fallback([FC1])), model, mlp_data["calib"].loader(32))
     graph = QGraph(quantized.path)
     assert graph.dq_of_input(FC1, 0) is None
     assert graph.producer[graph.node(FC1).input[0]].op_type == "Relu", "reads the real ReLU output"
@@ -154,7 +155,7 @@ def test_weight_only_and_activation_only(adaptor, mlp, mlp_data) -> None:
     assert graph.dq_of_input(FC2, 0) is not None, "activation int8"
     assert graph.dq_of_input(FC2, 1) is None and graph.inits[graph.node(FC2).input[1]].dtype == np.float32
     fp32 = adaptor.evaluate(model, mlp_data["eval"].loader(200))
-    assert adaptor.evaluate(adaptor.quantize(cfg.to_dict(), model, mlp_data["calib"].loader(32)),
+    assert adaptor.evaluate(adaptor.quantize(codec.dump(cfg), model, mlp_data["calib"].loader(32)),
                             mlp_data["eval"].loader(200)) >= fp32 - 0.02
 
 
@@ -168,7 +169,7 @@ def test_dynamic_produces_integer_ops(adaptor, mlp, mlp_data) -> None:
     # ORT's dynamic quantizer rewrites every Gemm as <name>_MatMul + <name>_Add; the fp32 one stays float
     assert graph.node(f"{FC2}_MatMul").op_type == "MatMul"
     assert adaptor.timings["calibration"] == 0.0
-    assert adaptor.evaluate(adaptor.quantize(dynamic.to_dict(), model, mlp_data["calib"].loader(32)),
+    assert adaptor.evaluate(adaptor.quantize(codec.dump(dynamic), model, mlp_data["calib"].loader(32)),
                             mlp_data["eval"].loader(200)) > 0.95
 
 
@@ -187,7 +188,7 @@ def test_qoperator_format(adaptor: OnnxRuntimeAdaptor, cnn_path: Path, cnn_data,
     graph = quantize(adaptor, model, cfg, cnn_data)
     assert graph.op_types().count("QLinearConv") == 2
     fp32 = adaptor.evaluate(model, cnn_data["eval"].loader(200))
-    quantized = adaptor.quantize(cfg.to_dict(), model, cnn_data["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(cfg), model, cnn_data["calib"].loader(32))
     assert adaptor.evaluate(quantized, cnn_data["eval"].loader(200)) >= fp32 - 0.03
 
     matmul = load(adaptor, builders.save(builders.mask_proto(mask_value=-4.0), tmp_path / "mm.onnx"))
@@ -246,8 +247,8 @@ def test_random_configs_load_run_and_stay_close(adaptor: OnnxRuntimeAdaptor, cnn
                     weight = {"dtype": "fp32", "scheme": None, "granularity": None, "algorithm": None}
             cfg = set_op(cfg, name, activation=activation, weight=weight)
         fp32 = adaptor.evaluate(model, data["eval"].loader(200))
-        quantized = adaptor.quantize(cfg.to_dict(), model, data["calib"].loader(32))
-        assert adaptor.evaluate(quantized, data["eval"].loader(200)) >= fp32 - 0.1, cfg.to_dict()
+        quantized = adaptor.quantize(codec.dump(cfg), model, data["calib"].loader(32))
+        assert adaptor.evaluate(quantized, data["eval"].loader(200)) >= fp32 - 0.1, codec.dump(cfg)
 
 
 def test_a_quantized_conv_before_fp32_ops_still_runs_as_an_int8_kernel(adaptor: OnnxRuntimeAdaptor, cnn_path: Path,
@@ -264,7 +265,7 @@ def test_a_quantized_conv_before_fp32_ops_still_runs_as_an_int8_kernel(adaptor: 
     compute = {name for name, op in cfg.ops.items() if op.op_type in ("Conv", "Gemm")}
     assert compute, cfg.ops
     cfg = cfg.with_fallback([name for name in cfg.ops if name not in compute])
-    quantized = adaptor.quantize(cfg.to_dict(), model, cnn_data["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(cfg), model, cnn_data["calib"].loader(32))
     graph = QGraph(quantized.path)
     for name in compute:
         consumers = [c for out in graph.node(name).output for c in graph.consumers.get(out, [])]

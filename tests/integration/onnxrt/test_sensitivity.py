@@ -13,6 +13,7 @@ from sensitive_model import INPUT_NAME, _data, _proto, _trained, build_sensitive
 
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.data import Dataset
+from qtune.tuning import codec
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +58,16 @@ def test_only_the_hostile_ops_break_int8(sensitive) -> None:
     assert fp32 >= 0.95
 
     cfg = default_config(capability, samples=200)
-    full = adaptor.evaluate(adaptor.quantize(cfg.to_dict(), model, sensitive["calib"].loader(64)), evaluation)
+    full = adaptor.evaluate(adaptor.quantize(codec.dump(cfg), model, sensitive["calib"].loader(64)), evaluation)
     assert full < fp32 - 0.05, "full int8 collapses"
 
     rescued = cfg.with_fallback(sensitive["names"])
-    accuracy = adaptor.evaluate(adaptor.quantize(rescued.to_dict(), model, sensitive["calib"].loader(64)), evaluation)
+    accuracy = adaptor.evaluate(adaptor.quantize(codec.dump(rescued), model, sensitive["calib"].loader(64)), evaluation)
     assert accuracy >= fp32 * 0.99, (fp32, accuracy)
 
     for name in sensitive["names"]:  # each one alone in int8 is enough to break it
         alone = cfg.with_fallback([other for other in sensitive["names"] if other != name])
-        broken = adaptor.evaluate(adaptor.quantize(alone.to_dict(), model, sensitive["calib"].loader(64)),
+        broken = adaptor.evaluate(adaptor.quantize(codec.dump(alone), model, sensitive["calib"].loader(64)),
                                   evaluation)
         assert broken < fp32 - 0.05, name
 
@@ -76,21 +77,21 @@ def test_sensitivity_ranks_hostile_ops_first(sensitive) -> None:
     model = load(adaptor, sensitive["path"])
     cfg = default_config(adaptor.query_fw_capability(model), samples=200)
     started = time.perf_counter()
-    scores = adaptor.op_sensitivity(model, cfg.to_dict(), sensitive["calib"])
+    scores = adaptor.op_sensitivity(model, codec.dump(cfg), sensitive["calib"])
     assert time.perf_counter() - started < 20
     assert set(scores) == set(cfg.ops)
     ranked = sorted(scores, key=scores.get, reverse=True)
     assert set(ranked[:3]) == set(sensitive["names"]), [(n, scores[n]) for n in ranked[:5]]
     assert min(scores[n] for n in sensitive["names"]) > 100 * scores[ranked[3]]
     # an op in fp32 in the config has nothing to perturb
-    fallback = adaptor.op_sensitivity(model, cfg.with_fallback(sensitive["names"][:1]).to_dict(), sensitive["calib"])
+    fallback = adaptor.op_sensitivity(model, codec.dump(cfg.with_fallback(sensitive["names"][:1])), sensitive["calib"])
     assert fallback[sensitive["names"][0]] == 0.0
 
 
 def test_sensitivity_on_cnn_is_small_everywhere(adaptor: OnnxRuntimeAdaptor, cnn_path: Path, cnn_data) -> None:
     model = load(adaptor, cnn_path)
     cfg = default_config(adaptor.query_fw_capability(model))
-    scores = adaptor.op_sensitivity(model, cfg.to_dict(), cnn_data["calib"])
+    scores = adaptor.op_sensitivity(model, codec.dump(cfg), cnn_data["calib"])
     assert set(scores) == set(cfg.ops)
     assert all(0 <= score < 0.01 for score in scores.values()), scores
     assert scores["conv1"] > 0

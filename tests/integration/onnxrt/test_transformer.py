@@ -13,6 +13,7 @@ from ort_helpers import default_config, load
 from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.adaptors.onnxrt.optimize import has_attention_blocks
 from qtune.data import Dataset
+from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
 
@@ -80,7 +81,7 @@ def test_bert_is_optimised_and_quantized(tmp_path: Path, bert_path: Path) -> Non
     for approach in ("dynamic", "static"):
         cfg = default_config(capability, samples=24)
         cfg = TuneConfig(approach, cfg.format, cfg.ops, cfg.calibration_sampling_size)
-        quantized = adaptor.quantize(cfg.to_dict(), model, data.loader(8))
+        quantized = adaptor.quantize(codec.dump(cfg), model, data.loader(8))
         types = [node.op_type for node in onnx.load(str(quantized.path)).graph.node]
         assert ("MatMulInteger" if approach == "dynamic" else "QuantizeLinear") in types
         output = adaptor.predict(quantized, data.loader(8))

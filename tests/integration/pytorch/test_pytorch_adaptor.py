@@ -30,6 +30,8 @@ sys.path.insert(0, str(HERE))
 
 import torch_models  # noqa: E402
 
+from qtune.tuning import codec  # noqa: E402
+
 CNN_INPUTS = [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
 OPS = ["conv1", "conv2", "fc1", "fc2"]
 
@@ -101,8 +103,8 @@ def test_capability_lists_ops_in_graph_order_with_torch_choices(loaded):
 def test_tune_config_round_trips_through_json_and_is_honoured(loaded, digits_cnn):
     adaptor, model = loaded
     config = default_config(adaptor, model)
-    wire = json.loads(json.dumps(config.to_dict()))  # what travels to a trial process or a pod
-    assert TuneConfig.from_dict(wire).key() == config.key()
+    wire = json.loads(json.dumps(codec.dump(config)))  # what travels to a trial process or a pod
+    assert codec.load(TuneConfig, wire).key() == config.key()
     quantized = adaptor.quantize(wire, model, digits_cnn["calib"].loader(32))
     assert sorted(quantized.quantized_ops) == sorted(OPS)
     assert quantized.fp32_ops == {}
@@ -124,7 +126,7 @@ def test_fused_patterns_of_a_conv_bn_relu_model(loaded):
 # --- quantization --------------------------------------------------------------------------------
 def test_static_int8_converts_every_op_to_int8_kernels_with_fusion(loaded, digits_cnn):
     adaptor, model = loaded
-    quantized = adaptor.quantize(default_config(adaptor, model).to_dict(), model, digits_cnn["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor, model)), model, digits_cnn["calib"].loader(32))
     types = module_types(quantized)
     assert types["conv1"].endswith("intrinsic.quantized.modules.conv_relu.ConvReLU2d")  # bn folded, relu fused
     assert types["conv2"].endswith("ConvReLU2d")
@@ -136,8 +138,8 @@ def test_static_int8_converts_every_op_to_int8_kernels_with_fusion(loaded, digit
 def test_per_op_fallback_changes_the_converted_graph(loaded, digits_cnn):
     adaptor, model = loaded
     base = default_config(adaptor, model)
-    full = adaptor.quantize(base.to_dict(), model, digits_cnn["calib"].loader(32))
-    partial = adaptor.quantize(base.with_fallback(["conv2"]).to_dict(), model, digits_cnn["calib"].loader(32))
+    full = adaptor.quantize(codec.dump(base), model, digits_cnn["calib"].loader(32))
+    partial = adaptor.quantize(codec.dump(base.with_fallback(["conv2"])), model, digits_cnn["calib"].loader(32))
     assert "conv2" not in partial.quantized_ops and set(partial.quantized_ops) == {"conv1", "fc1", "fc2"}
     assert partial.fp32_ops == {"conv2": "fp32 in the tune config"}
     types = module_types(partial)
@@ -153,7 +155,7 @@ def test_dynamic_quantizes_linear_only(loaded, digits_cnn):
     adaptor, model = loaded
     config = default_config(adaptor, model, approach="dynamic")
     assert set(config.quantized_ops()) == {"fc1", "fc2"}
-    quantized = adaptor.quantize(config.to_dict(), model, digits_cnn["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(config), model, digits_cnn["calib"].loader(32))
     assert sorted(quantized.quantized_ops) == ["fc1", "fc2"]
     assert adaptor.timings["calibration"] == 0.0  # dynamic needs no calibration
     types = module_types(quantized)
@@ -167,12 +169,12 @@ def test_per_tensor_weights_and_kl_calibration_are_honoured(loaded, digits_cnn):
     adaptor, model = loaded
     base = default_config(adaptor, model)
     ops = {}
-    for name, op in base.to_dict()["ops"].items():
+    for name, op in codec.dump(base)["ops"].items():
         op = copy.deepcopy(op)
         op["weight"]["granularity"] = "per_tensor"
         op["activation"]["algorithm"] = "kl"
         ops[name] = op
-    config = {**base.to_dict(), "ops": ops}
+    config = {**codec.dump(base), "ops": ops}
     quantized = adaptor.quantize(config, model, digits_cnn["calib"].loader(32))
     fc2 = dict(quantized.module.named_modules())["fc2"]
     weight = fc2.weight()
@@ -187,27 +189,27 @@ def test_calibration_is_collected_once_per_job_and_reused(digits_cnn, tmp_path):
     adaptor = make_adaptor(workspace)
     model = load_cnn(adaptor, digits_cnn)
     base = default_config(adaptor, model)
-    first = adaptor.quantize(base.to_dict(), model, digits_cnn["calib"].loader(32))
+    first = adaptor.quantize(codec.dump(base), model, digits_cnn["calib"].loader(32))
     assert adaptor.timings["calibration"] > 0
     assert set(adaptor.timings) == {"calibration", "quantize"}
     assert list((workspace / "calibration").glob("*-minmax.pt"))
 
     other = base.with_fallback(["fc1"])
-    ops = other.to_dict()["ops"]
+    ops = codec.dump(other)["ops"]
     ops["conv2"]["activation"]["scheme"] = "sym"
-    adaptor.quantize({**other.to_dict(), "ops": ops}, model, digits_cnn["calib"].loader(32))
+    adaptor.quantize({**codec.dump(other), "ops": ops}, model, digits_cnn["calib"].loader(32))
     assert adaptor.timings["calibration"] == 0.0
 
     # another trial process: a new adaptor on the same workspace reads the cache from disk
     again = make_adaptor(workspace)
-    second = again.quantize(base.to_dict(), load_cnn(again, digits_cnn), digits_cnn["calib"].loader(32))
+    second = again.quantize(codec.dump(base), load_cnn(again, digits_cnn), digits_cnn["calib"].loader(32))
     assert again.timings["calibration"] == 0.0
     batch = {"image": digits_cnn["eval"].inputs["image"][:64]}
     np.testing.assert_array_equal(adaptor.predict(first, Dataset(batch).loader(64)),
                                   again.predict(second, Dataset(batch).loader(64)))
 
     # other calibration data -> other statistics
-    fewer = {**base.to_dict(), "calibration_sampling_size": 64}
+    fewer = {**codec.dump(base), "calibration_sampling_size": 64}
     again.quantize(fewer, load_cnn(again, digits_cnn), digits_cnn["calib"].loader(32))
     assert again.timings["calibration"] > 0
 
@@ -219,7 +221,7 @@ def test_non_finite_calibration_range_keeps_the_op_fp32(tmp_path):
     images, labels = torch_models.digits()
     calibration = Dataset({"image": images[:64]}, labels[:64])
     config = default_config(adaptor, model, samples=64)
-    quantized = adaptor.quantize(config.to_dict(), model, calibration.loader(32))
+    quantized = adaptor.quantize(codec.dump(config), model, calibration.loader(32))
     assert quantized.quantized_ops == ["fc1"]
     assert "fc2" in adaptor.range_problems and "fc2" in quantized.fp32_ops
     outputs = adaptor.predict(quantized, calibration.loader(32))
@@ -264,14 +266,15 @@ def test_export_program_round_trip_and_quantize_from_pt2(loaded, digits_cnn, tmp
     assert saved.suffix == ".pt2"
     reloaded = adaptor.load_model({"path": str(saved)})
     assert adaptor.query_fw_capability(reloaded)["graph_order"] == OPS  # same op names as the module
-    quantized = adaptor.quantize(default_config(adaptor, reloaded).to_dict(), reloaded, digits_cnn["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor, reloaded)), reloaded,
+                                 digits_cnn["calib"].loader(32))
     assert sorted(quantized.quantized_ops) == sorted(OPS)
     assert adaptor.evaluate(quantized, digits_cnn["eval"].loader(50)) > 0.9  # odd batch sizes: batch is dynamic
 
 
 def test_saved_int8_model_loads_without_qtune(loaded, digits_cnn, tmp_path):
     adaptor, model = loaded
-    quantized = adaptor.quantize(default_config(adaptor, model).to_dict(), model, digits_cnn["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor, model)), model, digits_cnn["calib"].loader(32))
     path = adaptor.save_model(quantized, tmp_path / "best")
     meta = json.loads((path.parent / "qtune_model.json").read_text())
     assert meta["inputs"] == ["image"] and sorted(meta["int8_ops"]) == sorted(OPS)
@@ -286,7 +289,7 @@ def test_static_int8_exports_to_qdq_onnx(loaded, digits_cnn, tmp_path):
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     adaptor, model = loaded
-    quantized = adaptor.quantize(default_config(adaptor, model).to_dict(), model, digits_cnn["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor, model)), model, digits_cnn["calib"].loader(32))
     path = adaptor.export_onnx(quantized, tmp_path / "int8.onnx")
     ops = {node.op_type for node in onnx.load(str(path)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
@@ -305,7 +308,7 @@ def test_benchmark_and_sensitivity(loaded, digits_cnn):
     assert stats.batch_size == 32 and stats.runs == 5 and stats.threads == 1
     assert 0 < stats.p50_ms <= stats.p90_ms
     config = default_config(adaptor, model).with_fallback(["fc2"])
-    scores = adaptor.op_sensitivity(model, config.to_dict(), digits_cnn["calib"])
+    scores = adaptor.op_sensitivity(model, codec.dump(config), digits_cnn["calib"])
     assert set(scores) == set(OPS)
     assert scores["fc2"] == 0.0
     assert all(scores[name] > 0 for name in ("conv1", "conv2", "fc1"))
@@ -318,6 +321,6 @@ def test_model_without_declared_inputs_is_exported_from_the_first_calibration_ba
     capability = adaptor.query_fw_capability(model)
     assert capability["graph_order"] == OPS  # module names = graph op names
     assert ["Conv2d", "BatchNorm2d", "ReLU"] in adaptor.query_fused_patterns(model)
-    quantized = adaptor.quantize(default_config(adaptor, model).to_dict(), model, digits_cnn["calib"].loader(32))
+    quantized = adaptor.quantize(codec.dump(default_config(adaptor, model)), model, digits_cnn["calib"].loader(32))
     assert sorted(quantized.quantized_ops) == sorted(OPS)
     assert adaptor.query_fw_capability(model)["graph_order"] == OPS

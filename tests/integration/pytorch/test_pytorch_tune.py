@@ -54,15 +54,15 @@ def test_tuning_a_torch_model_meets_its_criterion(tmp_path, monkeypatch):
     assert outcome.baseline.accuracy > 0.9
     assert outcome.best is not None, [(t.index, t.status, t.accuracy, t.message) for t in outcome.history.trials]
     assert outcome.best.accuracy >= outcome.baseline.accuracy * 0.99
-    assert outcome.best.config.quantized_ops(), "the winner quantizes nothing"
+    assert outcome.best.tune_config.quantized_ops(), "the winner quantizes nothing"
     best = json.loads((tmp_path / "out" / "best_config.json").read_text())
     assert best["tune_config"]["approach"] in ("static", "dynamic")
     published = tmp_path / "out" / "model"
     assert sorted(p.name for p in published.iterdir()) == ["model.pt", "qtune_model.json"]
     meta = json.loads((published / "qtune_model.json").read_text())  # promised beside the saved model
     assert meta["format"] == "torchscript" and meta["inputs"] == ["image"]
-    assert meta["int8_ops"] and set(meta["int8_ops"]) <= set(outcome.best.config.quantized_ops())
-    assert set(outcome.best.config.fp32_ops()) <= set(meta["fp32_ops"])
+    assert meta["int8_ops"] and set(meta["int8_ops"]) <= set(outcome.best.tune_config.quantized_ops())
+    assert set(outcome.best.tune_config.fp32_ops()) <= set(meta["fp32_ops"])
     scripted = torch.jit.load(str(published / "model.pt"))  # loads without qtune
     with torch.inference_mode():
         assert scripted(torch.from_numpy(images[held_out[:3]])).shape == (3, 10)
