@@ -227,11 +227,12 @@ def wait_finished(inst: Installed, name: str, timeout: float) -> dict[str, Any]:
 
 def history(inst: Installed, name: str) -> list[dict[str, Any]]:
     from qtune.operator.store import decode_history
+    from qtune.tuning import codec
 
     body = inst.cluster.core().read_namespaced_config_map(f"{name}-history", inst.jobs)
     hist = decode_history({"data": body.data, "binaryData": body.binary_data})
     assert hist is not None
-    return [t.to_dict() for t in hist.trials]
+    return [codec.dump(t) for t in hist.trials]
 
 
 def in_node(inst: Installed, url: str) -> str:

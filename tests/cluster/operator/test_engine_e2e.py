@@ -34,6 +34,7 @@ from kubernetes import client
 
 from qtune.operator import constants as c
 from qtune.operator.status import state_for_outcome
+from qtune.tuning import codec
 
 TERMINAL = {"Succeeded", "Failed"}
 
@@ -93,7 +94,7 @@ class ReplayExecutor:
 
     def __init__(self, history: Any, capacity: int) -> None:
         self.recorded = {t.config_key: t for t in history.trials}
-        self.confirmation = history.confirmation or {}
+        self.confirmation = history.confirmation
         self.capacity = capacity
         self.units: dict[str, Any] = {}
         self.unknown: list[str] = []
@@ -111,17 +112,17 @@ class ReplayExecutor:
 
     def poll(self, wait: float) -> list[Any]:
         from qtune.protocol import ConfirmResult, TrialResult
-        from qtune.tuning.config import TuneConfig
         from qtune.tuning.engine import UnitFailure, UnitOutcome
 
         outcomes = []
         for unit_id, unit in sorted(self.units.items()):
             if unit.kind == "confirm":
-                done = {k: v for k, v in self.confirmation.items() if k != "trials_seen"}
-                outcomes.append(UnitOutcome(unit_id, ConfirmResult.model_validate(done) if done.get("status") ==
-                                            "succeeded" else UnitFailure("Crashed", "no confirmation in the run")))
+                done = self.confirmation
+                result = (ConfirmResult.model_validate(done.model_dump(exclude={"trials_seen"}))
+                          if done is not None and done.status == "succeeded" else None)
+                outcomes.append(UnitOutcome(unit_id, result or UnitFailure("Crashed", "no confirmation in the run")))
                 continue
-            key = TuneConfig.from_dict(unit.tune_config).key()
+            key = unit.tune_config.key()
             record = self.recorded.get(key)
             if record is None:
                 self.unknown.append(key)
@@ -156,7 +157,7 @@ def replay(spec: Any, space: Any, history: Any) -> list[str]:
 
 def _speed(record: Any, batch: str = "16") -> str:
     measured = (record.speed or {}).get(batch)
-    return f"{measured['speedup']:.2f}x [{measured['low']:.2f}-{measured['high']:.2f}]" if measured else "-"
+    return f"{measured.speedup:.2f}x [{measured.low:.2f}-{measured.high:.2f}]" if measured else "-"
 
 
 @pytest.mark.parametrize("parallel", [1, 2], ids=["sequential", "parallel2"])
@@ -207,7 +208,7 @@ def test_latency_job_takes_the_same_decisions_on_the_cluster_as_locally(
     assert [t.index for t in cluster_history.trials] == list(range(len(cluster_history.trials)))
     assert all(t.status == "succeeded" for t in cluster_history.trials), cluster_keys
     # the in-trial fp32 latency made it through Prometheus: the cluster ranks ratios, as locally
-    assert all(t.speed.get("16", {}).get("fp32_p50_ms", 0) > 0 for t in cluster_history.trials if t.passed)
+    assert all("16" in t.speed and t.speed["16"].fp32_p50_ms > 0 for t in cluster_history.trials if t.passed)
 
     # the decisions: the same trial sequence, winner and outcome in both modes. Each run's sequence is
     # also what the engine proposes given that run's own figures (replay): the speed stage reads the
@@ -219,8 +220,8 @@ def test_latency_job_takes_the_same_decisions_on_the_cluster_as_locally(
 
     spec = load_job(tmp_path / "local" / "job.yaml").spec
     published = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map(f"{name}-baseline", ns)
-    cluster_space = TuningSpace.from_dict(decode_published({"data": published.data,
-                                                            "binaryData": published.binary_data}, c.SPACE_KEY))
+    cluster_space = codec.load(TuningSpace, decode_published({"data": published.data,
+                                                              "binaryData": published.binary_data}, c.SPACE_KEY))
     assert replay(spec, cluster_space, cluster_history) == cluster_keys, "\n".join(report)
     assert replay(spec, local.space, local.history) == local_keys, "\n".join(report)
     # Two runs measure two sets of figures. The proposals of the defaults and the op-type-restricted stage
@@ -249,7 +250,7 @@ def test_latency_job_takes_the_same_decisions_on_the_cluster_as_locally(
     assert local_best is not None and status["best"]["configKey"] == local_best.config_key, "\n".join(report)
     assert status["best"]["trial"] == local_best.index
     if cluster_history.confirmation and local.history.confirmation:
-        assert cluster_history.confirmation["candidates"] == local.history.confirmation["candidates"]
+        assert cluster_history.confirmation.candidates == local.history.confirmation.candidates
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def test_forged_results_for_a_running_trial_are_ignored(cluster: Any, op_namespa
                      f"{trial.accuracy}, speed@16 {_speed(trial)}, size {trial.model_size_bytes}\n")
     assert trial.status == "succeeded" and trial.accuracy not in (0.999, 0.998) and trial.accuracy > 0.9
     assert trial.model_size_bytes > 1000
-    assert trial.speed["16"]["p50_ms"] > 0.001 and trial.speed["16"]["speedup"] < 100
+    assert trial.speed["16"].p50_ms > 0.001 and trial.speed["16"].speedup < 100
     assert status["best"]["accuracy"] != 0.999 and status["rejectedResults"] >= 2
     messages = " ".join(e.message for e in _events(cluster, ns, "ResultRejected"))
     assert "trial-0" in messages
@@ -385,7 +386,7 @@ def test_a_2000_op_model_trial_pod_starts_and_reports(cluster: Any, op_namespace
     sys.stderr.write(f"2,000 ops: config {config_bytes} bytes, job {status.get('state')}/{status.get('reason')} in "
                      f"{seconds:.0f}s, trial 0 {trial.status} mse {trial.accuracy} size {trial.model_size_bytes}\n")
     assert status["state"] == "Succeeded", status
-    assert trial.status == "succeeded" and trial.tune_config == config
+    assert trial.status == "succeeded" and codec.dump(trial.tune_config) == config
     assert len(history.trials) == 1 and trial.accuracy is not None and trial.model_size_bytes
     assert status["trials"]["succeeded"] == 1
 

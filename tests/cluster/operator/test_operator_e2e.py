@@ -51,11 +51,12 @@ def _wait_until(cluster: Any, namespace: str, name: str, ok: Any, timeout: float
 
 def _history(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     from qtune.operator.store import decode_history
+    from qtune.tuning import codec
 
     body = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map(f"{name}-history", namespace)
     history = decode_history({"data": body.data, "binaryData": body.binary_data})
     assert history is not None
-    return [t.to_dict() for t in history.trials]
+    return [codec.dump(t) for t in history.trials]
 
 
 def _local_best(workspace: Path, tmp_path: Path, max_trials: int) -> tuple[str, list[str]]:
