@@ -80,7 +80,7 @@ def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     dependents: dict[int, list[int]] = defaultdict(list)
     pending = [0] * len(graph.node)
     for index, node in enumerate(graph.node):
-        parents = {produced_by[name] for name in _all_node_inputs(node) if name in produced_by}
+        parents = {produced_by[name] for name in all_node_inputs(node) if name in produced_by}
         parents.discard(index)
         pending[index] = len(parents)
         for parent in parents:
@@ -100,7 +100,7 @@ def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return [graph.node[index] for index in order]
 
 
-def _all_node_inputs(node: onnx.NodeProto) -> list[str]:
+def all_node_inputs(node: onnx.NodeProto) -> list[str]:
     """Inputs including the outer-scope names used by subgraphs (If/Loop/Scan bodies)."""
     names = [name for name in node.input if name]
     for attribute in node.attribute:
@@ -110,7 +110,7 @@ def _all_node_inputs(node: onnx.NodeProto) -> list[str]:
             for sub_node in subgraph.node:
                 local.update(sub_node.output)
             for sub_node in subgraph.node:
-                names.extend(name for name in _all_node_inputs(sub_node) if name and name not in local)
+                names.extend(name for name in all_node_inputs(sub_node) if name and name not in local)
     return names
 
 

@@ -11,7 +11,9 @@ Steps, each logged and recorded in the folder's meta.json:
    a temporary working folder because it leaves large files in the current directory on failure;
    (and, should ORT's optimisation itself fail, once more as shape inference only);
 4. every node gets a unique name (ORT's quantizer addresses nodes by name);
-5. Gemm biases of shape [1, N] become [N] (ORT's per-channel int32 bias check needs the 1-D form).
+5. Gemm biases of shape [1, N] become [N] (ORT's per-channel int32 bias check needs the 1-D form);
+6. a constant scale (and shift) right after a Conv is folded into its weights (`fold.py`): quantized, the
+   Conv's int8 output then goes on without a DequantizeLinear and two fp32 elementwise passes.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 import onnx
 
+from qtune.adaptors.onnxrt.fold import fold_conv_affine
 from qtune.adaptors.onnxrt.graph import GraphView, ensure_node_names
 from qtune.adaptors.onnxrt.model import TWO_GB, OnnxModel, opset_of, save_model
 from qtune.adaptors.onnxrt.workspace import file_lock, new_staging_dir, publish_dir, read_json, write_json_atomic
@@ -37,7 +40,7 @@ from qtune.adaptors.onnxrt.workspace import file_lock, new_staging_dir, publish_
 logger = logging.getLogger(__name__)
 
 MIN_PER_CHANNEL_OPSET = 13
-OPTIMIZER_VERSION = 2
+OPTIMIZER_VERSION = 3
 """Bump when the optimisation steps change, so cached optimised models are rebuilt."""
 
 _CHDIR_LOCK = threading.Lock()
@@ -253,6 +256,9 @@ def _build(source: OnnxModel, source_hash: str, folder: Path) -> OptimizedModel:
     flattened = flatten_gemm_biases(final_proto)
     if flattened:
         steps.append(f"reshaped {flattened} Gemm bias(es) [1, N] -> [N]")
+    folded = fold_conv_affine(final_proto)
+    if folded:
+        steps.append(f"folded the constant scale/shift after {folded} Conv(s) into their weights")
     model = save_model(final_proto, folder / "model.onnx", external=external or None)
     seconds = time.perf_counter() - started
     return OptimizedModel(model=model, source_hash=source_hash, opset_from=opset_from,
