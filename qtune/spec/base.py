@@ -24,7 +24,7 @@ OBJECTIVES = ("latency", "size")
 BUILTIN_FRAMEWORKS = ("onnxruntime", "pytorch")
 BUILTIN_STRATEGIES = ("basic", "exhaustive", "random")
 
-_ENTRYPOINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 class SpecModel(BaseModel):
@@ -49,7 +49,7 @@ AlgorithmList = Annotated[list[Literal["minmax", "kl", "percentile"]] | None, Be
 
 
 def _entrypoint_form(value: str | None) -> str | None:
-    if value is not None and not _ENTRYPOINT.match(value):
+    if value is not None and not ENTRYPOINT_PATTERN.match(value):
         raise ValueError(f"{value!r} is not of the form module:function")
     return value
 

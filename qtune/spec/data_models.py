@@ -10,7 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from qtune.spec import cel
-from qtune.spec.base import _ENTRYPOINT, METRICS, Entrypoint, SpecModel
+from qtune.spec.base import ENTRYPOINT_PATTERN, METRICS, Entrypoint, SpecModel
 
 
 class DatasetSpec(SpecModel):
@@ -45,7 +45,7 @@ class DatasetSpec(SpecModel):
 
 
 def _metric_form(value: str | None) -> str | None:
-    if value is not None and value not in METRICS and not _ENTRYPOINT.match(value):
+    if value is not None and value not in METRICS and not ENTRYPOINT_PATTERN.match(value):
         raise ValueError(
             f"got {value!r}; allowed: {', '.join(repr(m) for m in METRICS[:-1])} or {METRICS[-1]!r}, or "
             "module:Name of your own metric (a class with "

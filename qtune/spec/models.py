@@ -16,12 +16,12 @@ from qtune.spec import cel
 # Re-exported: the shared base and vocabularies (qtune.spec.base) and the data sections (qtune.spec.data_models)
 # are part of this module's namespace, so `from qtune.spec.models import X` works for all of them.
 from qtune.spec.base import (  # noqa: F401
-    _ENTRYPOINT,
     ALGORITHMS,
     APPROACHES,
     BUILTIN_FRAMEWORKS,
     BUILTIN_STRATEGIES,
     DTYPES,
+    ENTRYPOINT_PATTERN,
     GRANULARITIES,
     METRICS,
     OBJECTIVES,
@@ -105,7 +105,7 @@ class ModelSpec(SpecModel):
     @field_validator("framework")
     @classmethod
     def _framework_known(cls, value: str) -> str:
-        if value in BUILTIN_FRAMEWORKS or _ENTRYPOINT.match(value) or re.match(r"^[A-Za-z_][\w-]*$", value):
+        if value in BUILTIN_FRAMEWORKS or ENTRYPOINT_PATTERN.match(value) or re.match(r"^[A-Za-z_][\w-]*$", value):
             return value
         raise ValueError(
             f"unknown framework {value!r}; allowed: {', '.join(BUILTIN_FRAMEWORKS)}, "
@@ -221,7 +221,7 @@ class TuningSpec(SpecModel):
     @field_validator("strategy")
     @classmethod
     def _strategy_known(cls, value: str) -> str:
-        if value in BUILTIN_STRATEGIES or _ENTRYPOINT.match(value):
+        if value in BUILTIN_STRATEGIES or ENTRYPOINT_PATTERN.match(value):
             return value
         raise ValueError(
             f"unknown strategy {value!r}; allowed: {', '.join(BUILTIN_STRATEGIES)} or module:Class"
