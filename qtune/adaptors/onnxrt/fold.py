@@ -24,13 +24,15 @@ from qtune.adaptors.onnxrt.graph import GraphView, all_node_inputs
 logger = logging.getLogger(__name__)
 
 
-def _per_channel(value: np.ndarray | None, channels: int) -> np.ndarray | None:
-    """`value` as one float per output channel of an NCHW Conv's output, when it broadcasts so."""
+def _per_channel(value: np.ndarray | None, channels: int, spatial: int) -> np.ndarray | None:
+    """`value` as one float per output channel of a Conv's output (N, C, *`spatial` dims), when it broadcasts
+    so: a single value, or C values shaped (C, 1, ...) or (1, C, 1, ...) with one 1 per spatial dim."""
     if value is None or not np.issubdtype(value.dtype, np.floating):
         return None
-    if value.size == 1:
+    if value.size == 1 and value.ndim <= spatial + 2:
         return np.full(channels, float(value.reshape(-1)[0]), dtype=np.float32)
-    if value.size == channels and value.shape in ((channels, 1, 1), (1, channels, 1, 1)):
+    ones = (1,) * spatial
+    if value.size == channels and value.shape in ((channels, *ones), (1, channels, *ones)):
         return value.reshape(channels).astype(np.float32)
     return None
 
@@ -46,19 +48,19 @@ def _other_input(node: onnx.NodeProto, tensor: str) -> str:
     return node.input[1] if node.input[0] == tensor else node.input[0]
 
 
-def _affine_after(view: GraphView, conv: onnx.NodeProto, channels: int
+def _affine_after(view: GraphView, conv: onnx.NodeProto, channels: int, spatial: int
                   ) -> tuple[np.ndarray, np.ndarray, list[onnx.NodeProto]] | None:
     """(scale, shift, the nodes they come from) of the constant affine right after `conv`, if any."""
     mul = _only_consumer(view, conv.output[0], "Mul")
     if mul is None or len(mul.input) != 2:
         return None
-    scale = _per_channel(view.constant_array(_other_input(mul, conv.output[0])), channels)
+    scale = _per_channel(view.constant_array(_other_input(mul, conv.output[0])), channels, spatial)
     if scale is None:
         return None
     add = _only_consumer(view, mul.output[0], "Add")
     shift = None
     if add is not None and len(add.input) == 2:
-        shift = _per_channel(view.constant_array(_other_input(add, mul.output[0])), channels)
+        shift = _per_channel(view.constant_array(_other_input(add, mul.output[0])), channels, spatial)
     if shift is None:
         return scale, np.zeros(channels, dtype=np.float32), [mul]
     return scale, shift, [mul, add]  # type: ignore[list-item]
@@ -80,7 +82,7 @@ def fold_conv_affine(proto: onnx.ModelProto) -> int:
         if weight is None or weight.dtype != np.float32 or (has_bias and bias is None):
             continue
         channels = weight.shape[0]
-        affine = _affine_after(view, conv, channels)
+        affine = _affine_after(view, conv, channels, weight.ndim - 2)
         if affine is None:
             continue
         scale, shift, nodes = affine

@@ -79,3 +79,17 @@ def test_nothing_to_fold_changes_nothing() -> None:
     before = proto.SerializeToString()
     assert fold_conv_affine(proto) == 0
     assert proto.SerializeToString() == before
+
+
+def test_a_scale_that_would_broadcast_past_a_1d_conv_output_is_not_folded() -> None:
+    """A (1, 1, 1, 1) scale against a Conv1d's (N, C, L) output adds a dimension: folding it would change the
+    result's shape."""
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], name="conv"),
+             helper.make_node("Mul", ["a", "s"], ["y"], name="mul")]
+    graph = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [_const("w", RNG.normal(size=(1, 3, 1))), _const("s", np.array([[[[2.0]]]]))])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert fold_conv_affine(proto) == 0
+    graph.initializer[1].CopyFrom(_const("s", np.array([[2.0]])))  # (1, 1): one value, within (N, C, L)
+    assert fold_conv_affine(proto) == 1
