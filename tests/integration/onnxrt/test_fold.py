@@ -91,5 +91,5 @@ def test_a_scale_that_would_broadcast_past_a_1d_conv_output_is_not_folded() -> N
                               [_const("w", RNG.normal(size=(1, 3, 1))), _const("s", np.array([[[[2.0]]]]))])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     assert fold_conv_affine(proto) == 0
-    graph.initializer[1].CopyFrom(_const("s", np.array([[2.0]])))  # (1, 1): one value, within (N, C, L)
+    proto.graph.initializer[1].CopyFrom(_const("s", np.array([[2.0]])))  # (1, 1): one value, within (N, C, L)
     assert fold_conv_affine(proto) == 1
