@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -248,6 +249,22 @@ def unit_trial_index(unit: str) -> int | None:
     if unit.startswith(TRIAL_PREFIX) and unit[len(TRIAL_PREFIX):].isdigit():
         return int(unit[len(TRIAL_PREFIX):])
     return None
+
+
+JOBS_FOLDER = ".qtune"
+"""The folder of the workspace PVC holding one folder per job object (`job_folder`), all the operator writes."""
+_JOB_FOLDER = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?-[0-9a-f]{8}")
+
+
+def job_folder(name: str, uid: str) -> str:
+    """`<name>-<uid8>`: the job object's own folder in JOBS_FOLDER, the only place its pods may write."""
+    return f"{name}-{uid[:8]}"
+
+
+def is_job_folder(folder: str) -> bool:
+    """A name `job_folder` gives a real job (a DNS name of at most 63 characters, `-`, 8 hex digits): never a
+    path, `.`, `..` or a parent. What a folder cleanup may delete, checked by the operator and the runner."""
+    return bool(_JOB_FOLDER.fullmatch(folder)) and ".." not in folder
 
 
 def unit_kind(unit: str) -> UnitKind | None:

@@ -161,6 +161,9 @@ class OperatorConfig:
     import_timeout: float = setting(30.0, "seconds the import of an allowed `module:Class` strategy module may "
                                           "take; longer fails the job InvalidSpec (other jobs never wait on it)",
                                     parse=float)
+    cleanup_deleted_job_folders: bool = setting(
+        True, "when a job is deleted, a short pod deletes its folder (.qtune/<job>-<uid8>) from its workspace claim "
+              "(false: the folder stays)", flag=False, parse=_flag_bool)
 
     def __post_init__(self) -> None:
         if self.results_deadline_seconds < RESULTS_DEADLINE_MIN:

@@ -11,8 +11,10 @@
   once the operator is gone) never waits for the operator or the Pushgateway. Pods, ConfigMaps and
   Secrets go by their ownerReferences (the garbage collector); this handler stops the job's loop,
   deletes the pods the job owns at once (ownerReferences uid, never by label alone) and tries once to
-  delete its Pushgateway groups; what is left is swept later (qtune/operator/sweep.py). Kopf removes
-  the finalizer an older operator put on a job when it next sees it.
+  delete its Pushgateway groups; what is left is swept later (qtune/operator/sweep.py). With the
+  setting cleanup_deleted_job_folders it also starts the pod that deletes the job's folder from its
+  workspace claim (qtune/operator/folders.py); `folder_cleanup_pod_changed` deletes that pod once it
+  succeeded. Kopf removes the finalizer an older operator put on a job when it next sees it.
 
 A step's API 4xx answers, an invalid spec and an oversized history end in the job's status (see
 reconcile.py); other errors (network, 5xx, bugs) are logged, counted and retried.
@@ -28,6 +30,7 @@ import kopf
 from kubernetes.client import ApiException
 
 from qtune.operator import constants as c
+from qtune.operator import folders
 from qtune.operator import status as st
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary, summarize_pod
@@ -166,10 +169,11 @@ def _is_deletion(type: str, **_: Any) -> bool:  # noqa: A002 - Kopf's argument n
 
 
 @kopf.on.event(*JOB, id="deleted", when=_is_deletion)
-async def job_deleted(type: str, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger,  # noqa: A002
-                      **_: Any) -> None:
+async def job_deleted(type: str, body: kopf.Body, meta: kopf.Meta, memo: kopf.Memo,  # noqa: A002
+                      logger: kopf.Logger, **_: Any) -> None:
     """The job is gone (no finalizer held it): stop its loop, delete the pods it owns and, once, its
-    Pushgateway groups; never retried here (the periodic sweep deletes what is left)."""
+    Pushgateway groups (never retried here: the periodic sweep deletes what is left); then start the pod
+    deleting its workspace folder."""
     if type != "DELETED":
         return
     services: Services = memo.services
@@ -194,6 +198,39 @@ async def job_deleted(type: str, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.
             logger.info("deleted %d Pushgateway group(s)", count)
         except (MetricsError, TimeoutError) as exc:
             logger.warning("Pushgateway groups of the job not deleted yet (the periodic sweep will): %s", exc)
+    await _delete_folder(services, body, logger)
+
+
+async def _delete_folder(services: Services, body: kopf.Body, logger: kopf.Logger) -> None:
+    """After the job's own pods: the pod deleting its folder from the workspace claim (folders.py)."""
+    pod = folders.deleted_job_cleanup(body, services.config)
+    if pod is None:
+        return
+    try:
+        if await services.kube.create_pod(pod):
+            logger.info("deleting the job's workspace folder (pod %s)", pod["metadata"]["name"])
+    except (ApiException, OSError) as exc:
+        logger.warning("could not start the pod deleting the job's workspace folder (it stays): %s", exc)
+
+
+@kopf.on.event("pods", id="folder-cleanup",
+               labels={c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: folders.ROLE_FOLDER_CLEANUP})
+async def folder_cleanup_pod_changed(type: str, body: kopf.Body, memo: kopf.Memo,  # noqa: A002
+                                     logger: kopf.Logger, **_: Any) -> None:
+    """A deleted job's folder cleanup pod (it has no owner to go with) is deleted once it succeeded; a
+    failed one stays for `kubectl logs`. Also for the pods of before an operator restart (Kopf lists them)."""
+    if type == "DELETED":
+        return
+    action = folders.after_folder_cleanup(body)
+    name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
+    if action == "delete":
+        try:
+            await memo.services.kube.delete_pod(namespace, name)
+        except (ApiException, OSError) as exc:
+            logger.warning("could not delete the finished folder cleanup pod %s: %s", name, exc)
+    elif action == "keep":
+        logger.warning("the folder cleanup pod %s failed: the job's folder may remain (kubectl logs -n %s %s)",
+                       name, namespace, name)
 
 
 @kopf.on.probe(id="jobs")

@@ -9,6 +9,7 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any
 
+from qtune import protocol
 from qtune.operator import constants as c
 from qtune.spec.errors import SpecError
 from qtune.spec.models import JobSpec
@@ -73,7 +74,7 @@ def cluster_problem(spec: JobSpec) -> SpecError | None:
 
 def workspace_dir(spec: JobSpec, job: JobRef) -> str:
     """The job's workspace inside the pods: one folder per job object on the PVC."""
-    return posixpath.join(spec.workspace.mount_path, ".qtune", f"{job.name}-{job.uid[:8]}")
+    return posixpath.join(spec.workspace.mount_path, protocol.JOBS_FOLDER, protocol.job_folder(job.name, job.uid))
 
 
 def pod_account(job: JobRef, spec: JobSpec) -> str:

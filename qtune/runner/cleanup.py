@@ -2,6 +2,10 @@
 kept ones from a job's workspace (cleanup policy keep-best: the models of the winner and of the other configs
 on the accuracy-speed front stay).
 
+`python -m qtune.runner cleanup --jobs-root DIR --remove-job-folder NAME`: delete a deleted job's whole folder
+DIR/NAME (the operator's folder cleanup pod, DIR being the PVC's `.qtune` folder). NAME must be a job folder's
+name (`<job>-<uid8>`, qtune.protocol.is_job_folder): never a path, `..` or a parent.
+
 A trial saves its model as `trials/<n>/model` (a folder, or files named model.* beside the adaptor's
 sidecars, see qtune.local.driver.MODEL_FOLDER); its other files (result, logs) stay: they are small and
 say what the trial did. Symbolic links are removed, never followed. The same code runs locally at the
@@ -16,6 +20,8 @@ import shutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
+
+from qtune import protocol
 
 logger = logging.getLogger("qtune.runner.cleanup")
 
@@ -66,6 +72,21 @@ def remove_trial_models(workspace: Path, keep: Iterable[int]) -> tuple[list[int]
     return removed, freed
 
 
+def remove_job_folder(jobs_root: Path, folder: str) -> int:
+    """Delete `jobs_root/folder` and everything in it (symbolic links are removed, never followed); returns
+    the bytes freed, 0 when it is absent. Raises ValueError for a `folder` that is not a job folder's name."""
+    if not protocol.is_job_folder(folder):
+        raise ValueError(f"--remove-job-folder: {folder!r} is not a job folder's name (<job>-<uid8>)")
+    path = Path(jobs_root) / folder
+    if not path.is_symlink() and not path.exists():
+        logger.info("%s: no such folder (nothing to delete)", path)
+        return 0
+    freed = _size(path)
+    _remove(path)
+    logger.info("deleted the folder %s of a deleted job (%d bytes)", path, freed)
+    return freed
+
+
 def parse_keep(text: str) -> list[int]:
     """`3,5` -> [3, 5]; empty -> [] (no trial's model is kept)."""
     parts = [part.strip() for part in (text or "").split(",") if part.strip()]
@@ -76,12 +97,24 @@ def parse_keep(text: str) -> list[int]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m qtune.runner cleanup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workspace", required=True, help="the job's workspace folder (holds trials/<n>)")
+    parser.add_argument("--workspace", help="the job's workspace folder (holds trials/<n>)")
     parser.add_argument("--keep", default="", help="trial numbers whose models stay, e.g. 3 or 3,5; empty: none")
+    parser.add_argument("--jobs-root", help="the folder holding one folder per job (with --remove-job-folder)")
+    parser.add_argument("--remove-job-folder", help="a deleted job's folder in --jobs-root: deleted whole")
     parser.add_argument("--log-level", default="INFO")
     args, _ = parser.parse_known_args(argv)  # the operator's common unit arguments are accepted and ignored
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if args.remove_job_folder is not None:
+        if not args.jobs_root or not Path(args.jobs_root).is_dir():
+            parser.error(f"--jobs-root {args.jobs_root} is not a folder")
+        try:
+            remove_job_folder(Path(args.jobs_root), args.remove_job_folder)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return 0
+    if not args.workspace:
+        parser.error("--workspace (or --jobs-root with --remove-job-folder) is required")
     try:
         keep = parse_keep(args.keep)
     except ValueError as exc:

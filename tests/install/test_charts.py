@@ -311,6 +311,18 @@ def test_unit_pod_storage_settings(helm: Path) -> None:
     assert proc.returncode != 0 and "tmpSizeLimit" in proc.stderr
 
 
+def test_deleted_job_folders_are_cleaned_up_unless_turned_off(helm: Path) -> None:
+    from qtune.operator.config import OperatorConfig
+
+    assert env_of(render(helm))["QTUNE_CLEANUP_DELETED_JOB_FOLDERS"] == "true"
+    off = env_of(render(helm, {"cleanup.deletedJobFolders": False}))["QTUNE_CLEANUP_DELETED_JOB_FOLDERS"]
+    os.environ["QTUNE_CLEANUP_DELETED_JOB_FOLDERS"] = off
+    try:
+        assert OperatorConfig.from_env().cleanup_deleted_job_folders is False
+    finally:
+        del os.environ["QTUNE_CLEANUP_DELETED_JOB_FOLDERS"]
+
+
 def test_the_operator_may_read_the_accounts_and_rbac_objects_it_checks(helm: Path) -> None:
     role = find(render(helm, {"watch.namespaces": ["team-a"]}), "Role")[0]
     verbs = {(group, resource): set(rule["verbs"]) for rule in role["rules"]
@@ -377,12 +389,13 @@ def selects(policy: Manifest, labels: dict[str, str]) -> bool:
 
 def test_unit_pods_get_no_ingress_and_egress_only_to_dns_and_the_pushgateway(helm: Path) -> None:
     from qtune.operator import constants as c
+    from qtune.operator.folders import ROLE_FOLDER_CLEANUP
 
     manifests = render(helm, {"watch.namespaces": ["team-a", "team-b"]})
     for ns in ("team-a", "team-b"):
         units, baseline = unit_policies(manifests, ns)
         # the labels the operator puts on its pods select them; the operator itself is not selected
-        for role in (c.ROLE_BASELINE, c.ROLE_TRIAL, c.ROLE_CONFIRM):
+        for role in (c.ROLE_BASELINE, c.ROLE_TRIAL, c.ROLE_CONFIRM, c.ROLE_CLEANUP, ROLE_FOLDER_CLEANUP):
             assert selects(units, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: role}), role
         assert not selects(units, {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_ROLE: c.ROLE_HISTORY})
         assert not selects(units, {"app.kubernetes.io/name": "qtune", "app.kubernetes.io/component": "operator"})

@@ -9,7 +9,7 @@ import types
 from typing import Any
 
 import pytest
-from opfakes import FakeKube, matches_labels
+from opfakes import FakeKube, job_body, make_config, matches_labels
 
 from qtune.operator import constants as c
 from qtune.operator import handlers
@@ -57,10 +57,12 @@ def test_a_deleted_job_deletes_its_own_pods_only() -> None:
     kube = FakeKube()
     for pod in (_pod("a-0", "uid-a"), _pod("b-0", "uid-b")):
         kube.pods[pod["metadata"]["name"]] = pod
-    services = types.SimpleNamespace(kube=kube, metrics=OperatorMetrics(), pushgateway=None)
+    services = types.SimpleNamespace(kube=kube, metrics=OperatorMetrics(), pushgateway=None, config=make_config())
     memo = types.SimpleNamespace(services=services, deleted=set(), wakeups={})
 
-    asyncio.run(handlers.job_deleted(type="DELETED", meta={"namespace": "ml", "uid": "uid-a"}, memo=memo,
+    # (a uid of no real job: its folder name is refused, so no folder cleanup pod either)
+    body = job_body(uid="uid-a")
+    asyncio.run(handlers.job_deleted(type="DELETED", body=body, meta=body["metadata"], memo=memo,
                                      logger=logging.getLogger(__name__)))
     assert kube.deleted_pods == ["a-0"] and sorted(kube.pods) == ["b-0"]
     assert memo.deleted == {"uid-a"}

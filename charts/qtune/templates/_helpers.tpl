@@ -180,6 +180,8 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
   value: {{ .Values.cleanup.failedPods | quote }}
 - name: QTUNE_CLEANUP_TRIAL_MODELS
   value: {{ .Values.cleanup.trialModels | quote }}
+- name: QTUNE_CLEANUP_DELETED_JOB_FOLDERS
+  value: {{ .Values.cleanup.deletedJobFolders | quote }}
 {{- with .Values.allowedModules }}
 - name: QTUNE_ALLOWED_MODULES
   value: {{ join "," . | quote }}
