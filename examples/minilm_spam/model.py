@@ -4,7 +4,7 @@ sentence-transformers does for this model) and a linear ham/spam head.
 
     logits, sentence_embedding = SpamClassifier()(input_ids, attention_mask)   # [B, 2], [B, 384]
 
-`build()` is the qtune entrypoint (`examples.minilm_spam.model:build`): it builds the
+`build()` is the qtune entrypoint (`model:build`, beside the job files): it builds the
 architecture from the bundled config only, with no weights; qtune then loads the weights file
 written by build.py (weights-only). `build(pretrained=True)` loads the bundled encoder weights
 (used by build.py before it trains the head). Nothing is downloaded: the config, tokenizer and

@@ -2,9 +2,11 @@
 
 Every entrypoint is imported the same way, locally and in a trial pod: the job's folder (the
 folder of the job file for `qtune tune`, the runner's `--base-dir`, i.e. the workspace mount, in
-a pod) and up to three of its parent folders are appended to `sys.path`, nearest first, so a
-module beside the job file imports without PYTHONPATH and `examples.x.model:build` works from a
-parent folder. They are *appended*: a file of the job never shadows an installed module.
+a pod), and only it, is appended to `sys.path`, so a module beside the job file imports without
+PYTHONPATH, and a package in that folder by its qualified name (`mypkg.models:build` for
+`mypkg/models.py`). No parent folder is searched: what a job runs is in its folder (or installed,
+or in the trial image), never picked up from whatever folder happens to sit above it. The folder
+is *appended*: a file of the job never shadows an installed module.
 
 Every failure is one line naming the job field and what is allowed (`EntrypointError`).
 """
@@ -22,9 +24,6 @@ from qtune.spec.errors import SpecError
 
 logger = logging.getLogger(__name__)
 
-PARENT_LEVELS = 3
-"""How many parent folders of the job's folder are also searched (for package-qualified names)."""
-
 Kind = Literal["callable", "class", "function"]
 
 
@@ -33,11 +32,10 @@ class EntrypointError(SpecError):
 
 
 def job_search_path(base_dir: str | Path | None) -> list[str]:
-    """The folders an entrypoint is searched in besides the installed packages, nearest first."""
+    """The folders an entrypoint is searched in besides the installed packages: the job's folder only."""
     if base_dir is None:
         return []
-    folder = Path(base_dir).resolve()
-    return [str(p) for p in [folder, *list(folder.parents)[:PARENT_LEVELS]]]
+    return [str(Path(base_dir).resolve())]
 
 
 _JOB_DIRS: set[str] = set()
@@ -45,7 +43,7 @@ _JOB_DIRS: set[str] = set()
 
 
 def add_job_dir(base_dir: str | Path | None) -> None:
-    """Append the job's folder (and its parents) to `sys.path` once. Idempotent."""
+    """Append the job's folder to `sys.path` once. Idempotent."""
     for folder in job_search_path(base_dir):
         if folder not in sys.path:
             sys.path.append(folder)
@@ -115,7 +113,7 @@ def load_entrypoint(value: str, field: str, base_dir: str | Path | None = None, 
         missing = exc.name or ""
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
             where = job_search_path(base_dir)
-            place = f" nor in the job's folder {where[0]} or its parents" if where else ""
+            place = f" nor in the job's folder {where[0]}" if where else ""
             raise EntrypointError(
                 field, f"cannot import {value}: no module named {missing!r} is installed{place}; "
                        f"allowed: {allowed}, importable from the job's folder or the Python path") from None

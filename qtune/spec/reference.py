@@ -37,8 +37,9 @@ what it does. The same file runs locally (`qtune tune job.yaml`) and on Kubernet
   `--base-dir`).
 - **Your own code** (`module:Name` in `model.framework`, `model.entrypoint`, `data.*.entrypoint`,
   `data.evaluation.metric`, `data.evaluation.evalFunc`, `tuning.strategy`) is imported from the job
-  file's folder (and up to three of its parents), appended to `sys.path`, so a module beside the
-  job file needs no PYTHONPATH; installed packages are never shadowed. In a pod the folder is the
+  file's folder, and only it (no parent folder), appended to `sys.path`, so a module beside the
+  job file needs no PYTHONPATH and a package in that folder imports by its qualified name
+  (`mypkg.models:build`); installed packages are never shadowed. In a pod the folder is the
   workspace mount: put the modules on the workspace volume beside the job's data, or bake them
   into the trial image (`spec.trial.image`).
 - **Data files** are `.npz` (numpy, loaded with `allow_pickle=False`: numeric, bool and string
