@@ -51,7 +51,10 @@ what it does. The same file runs locally (`qtune tune job.yaml`) and on Kubernet
   1 bad input or another error (one line; `qtune -v` adds the traceback), 3 no config meets the
   accuracy criterion, 4 configs meet it but none is faster than fp32 beyond `tuning.minSpeedup`
   (NoSpeedup), 5 the run failed otherwise (RepeatedFailures, BaselineFailed), 130 interrupted. Exit 0
-  exactly when a cluster job of the same file would end `Succeeded` (`qtune.tuning.stop.succeeded`).
+  exactly when a cluster job of the same file would end `Succeeded` (`qtune.tuning.stop.succeeded`):
+  a run stopped by `RepeatedFailures` after a passing trial exits 5 and its QuantizationJob ends
+  `Failed` (reason `RepeatedFailures`); both still deliver the best passing config found before
+  (best_config.json and the model; `status.best`) and name it in the verdict line / status message.
 """
 
 

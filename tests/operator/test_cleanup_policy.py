@@ -132,3 +132,29 @@ def test_the_operator_stops_on_repeated_oom_kills_and_backs_off_between_them() -
                                         "trial-2 (pod digits-trial-2) was killed (OOMKilled, exit code 137) for "
                                         "exceeding its memory limit of 1Gi")
     assert "raise spec.trial.resources.memory" in status["message"]
+
+
+def test_repeated_failures_after_a_passing_trial_end_failed_with_the_best_and_the_reason() -> None:
+    """The cluster half of one rule (`stop.succeeded`): the same outcome that makes `qtune tune` exit 5 ends
+    the job Failed, its reason RepeatedFailures, the best passing config still in status.best and named in the
+    message (tests/integration/test_repeated_failures_exit.py is the local half)."""
+    world = World(job_body(spec=spec_dict(strategy="random", maxTrials=8, minSpeedup=50.0)))
+    world.runner.accuracy = lambda config: 0.95                 # every config passes the criterion
+    world.step()
+    world.finish_running()                                      # the baseline
+    world.step()
+    world.finish_running()                                      # trial 0 passes (not 50x faster: no goal)
+    for _ in range(20):
+        result = world.step()
+        if result.done:
+            break
+        for name in sorted(world.running_pods()):
+            world.kube.finish_pod(name, phase="Failed", reason="OOMKilled", exitCode=137)
+        world.now += 61.0                                       # past any backoff
+    status = world.kube.status
+    assert result.done and status["state"] == st.FAILED_STATE
+    assert status["reason"] == status["stopReason"] == stop.REPEATED_FAILURES
+    assert status["best"]["trial"] == 0
+    assert "Best passing config so far: trial 0" in status["message"]
+    failed = [c for c in status["conditions"] if c["type"] == st.FAILED_COND]
+    assert failed and failed[0]["status"] == "True" and failed[0]["reason"] == stop.REPEATED_FAILURES
