@@ -6,8 +6,9 @@ the operator sees the job's DELETED event (handlers.job_deleted) and the setting
 cleanup_deleted_job_folders is on (chart `cleanup.deletedJobFolders`, default true), it creates one pod in
 the job's namespace that mounts only the claim's `.qtune` folder and runs `python -m qtune.runner cleanup
 --jobs-root ... --remove-job-folder <job>-<uid8>`. The pod has no ownerReference (its job is gone: the
-garbage collector would delete it at once) but the operator's labels (role `folder-cleanup`, the job's name
-and uid); it runs the operator's trial image (never the job's `spec.trial.image`), without an API token, and
+garbage collector would delete it at once) but the operator's labels (role `folder-cleanup`, the job's
+name, its uid as `qtune.io/deleted-job-uid`: not `qtune.io/job-uid`, so nothing takes it for a pod of a live
+job); it runs the operator's trial image (never the job's `spec.trial.image`), without an API token, and
 `handlers.folder_cleanup_pod_changed` deletes it once it succeeded (a failed one stays for `kubectl logs`).
 
 The folder name is the one the operator assigned the job (qtune.protocol.job_folder) and is checked twice
@@ -28,7 +29,7 @@ from qtune import protocol
 from qtune.operator import builders
 from qtune.operator import constants as c
 from qtune.operator.config import OperatorConfig
-from qtune.operator.layout import JobRef, labels
+from qtune.operator.layout import JobRef
 from qtune.operator.reconcile import validate
 from qtune.spec.errors import SpecError
 from qtune.spec.models import JobSpec
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 ROLE_FOLDER_CLEANUP = "folder-cleanup"
 JOBS_MOUNT = "/qtune-jobs"
 """Where the folder cleanup pod mounts the claim's `.qtune` folder (subPath): nothing else of the claim."""
+LABEL_DELETED_JOB_UID = f"{c.GROUP}/deleted-job-uid"
 DEADLINE_SECONDS = 600
 RESOURCES = {"cpu": "100m", "memory": "256Mi"}
 
@@ -90,7 +92,9 @@ def folder_cleanup_pod(job: JobRef, spec: JobSpec, config: OperatorConfig) -> di
     tolerations = spec.trial.tolerations or list(config.default_tolerations)
     if tolerations:
         pod_spec["tolerations"] = [dict(t) for t in tolerations]
-    meta = {"name": pod_name(job), "namespace": job.namespace, "labels": labels(job, ROLE_FOLDER_CLEANUP)}
+    tags = {c.LABEL_JOB: job.name, c.LABEL_ROLE: ROLE_FOLDER_CLEANUP, c.LABEL_MANAGED_BY: c.MANAGED_BY,
+            LABEL_DELETED_JOB_UID: job.uid}
+    meta = {"name": pod_name(job), "namespace": job.namespace, "labels": tags}
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 

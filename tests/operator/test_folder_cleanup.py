@@ -68,7 +68,8 @@ def test_the_pod_is_ownerless_labelled_unprivileged_and_runs_the_operators_image
     assert "ownerReferences" not in meta  # the job is gone: the garbage collector would delete it at once
     assert meta["name"] == f"qtune-folder-cleanup-{UID}" and meta["namespace"] == "ml"
     assert meta["labels"][c.LABEL_ROLE] == folders.ROLE_FOLDER_CLEANUP
-    assert meta["labels"][c.LABEL_JOB_UID] == UID and meta["labels"][c.LABEL_MANAGED_BY] == c.MANAGED_BY
+    assert meta["labels"][folders.LABEL_DELETED_JOB_UID] == UID and meta["labels"][c.LABEL_MANAGED_BY] == c.MANAGED_BY
+    assert c.LABEL_JOB_UID not in meta["labels"]  # not a pod of a live job: the job loops' index ignores it
     container = spec["containers"][0]
     assert container["image"] == "qtune:test"  # the chart's image, never the job's
     assert spec["automountServiceAccountToken"] is False and "serviceAccountName" not in spec

@@ -158,6 +158,8 @@ def test_deleting_a_running_job_leaves_nothing(cluster: Any, op_namespace: str, 
         return any(p.status.phase == "Running" for p in pods)
 
     _wait_until(cluster, ns, name, trials_running, 180, "trial pods running")
+    folder = workspace / ".qtune" / f"{name}-{uid[:8]}"
+    assert folder.is_dir()
     opcluster.custom(cluster).delete_namespaced_custom_object(opcluster.GROUP, opcluster.VERSION, ns,
                                                               opcluster.PLURAL, name)
     wait_for(lambda: opcluster.get_job(cluster, ns, name) is None, 60, "the job deleted (finalizer done)")
@@ -165,6 +167,11 @@ def test_deleting_a_running_job_leaves_nothing(cluster: Any, op_namespace: str, 
     assert opcluster.pushgateway_groups(cluster, uid) == []
     time.sleep(3)  # nothing pushes late
     assert opcluster.pushgateway_groups(cluster, uid) == []
+    # its folder on the PVC goes too (a short pod of the operator, deleted once it succeeded)
+    cleaners = f"{c.LABEL_ROLE}=folder-cleanup"
+    wait_for(lambda: not folder.exists(), 60, "the deleted job's folder gone")
+    wait_for(lambda: not core.list_namespaced_pod(ns, label_selector=cleaners).items, 60, "the folder cleanup pod gone")
+    assert [p.name for p in (workspace / ".qtune").iterdir()] == []
 
 
 def test_a_spec_the_cluster_cannot_run_gets_invalid_spec(cluster: Any, op_namespace: str, crds: None,

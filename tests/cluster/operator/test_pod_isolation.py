@@ -18,6 +18,7 @@ from kubernetes import client
 from metric_modules import TOP1
 
 from qtune.operator import constants as c
+from qtune.operator.folders import ROLE_FOLDER_CLEANUP
 
 INTRUDER = textwrap.dedent('''
     """A metric module (the job's own code, on the PVC root) that tries to write where it must not."""
@@ -166,3 +167,17 @@ def test_a_jobs_pods_write_only_in_their_own_folder(cluster: Any, op_namespace: 
     assert sorted(p.name for p in (workspace / ".qtune").iterdir()) == sorted(["other-12345678", own.name])
     assert not (own / "shadow-yaml-imported").exists()  # no import from the PVC root by accident
     assert (own / "own.txt").read_text() == "pwned"
+
+    # deleting the job deletes its folder from the PVC (a short pod of the operator), nothing else; the
+    # operator deletes that pod once it succeeded (issue 20)
+    opcluster.custom(cluster).delete_namespaced_custom_object(opcluster.GROUP, opcluster.VERSION, ns,
+                                                              opcluster.PLURAL, name)
+    cleaners = f"{c.LABEL_ROLE}={ROLE_FOLDER_CLEANUP}"
+    wait_for(lambda: not own.exists(), 120, "the deleted job's folder is gone",
+             detail=lambda: repr([(p.metadata.name, p.status.phase)
+                                  for p in core.list_namespaced_pod(ns, label_selector=cleaners).items]))
+    assert sorted(p.name for p in (workspace / ".qtune").iterdir()) == ["other-12345678"]
+    assert (other / "result.txt").read_text() == "the other job's result"
+    assert sorted(p.name for p in workspace.iterdir()) == before
+    wait_for(lambda: not core.list_namespaced_pod(ns, label_selector=cleaners).items, 60,
+             "the folder cleanup pod deleted once it succeeded")
