@@ -15,6 +15,7 @@ Small modules, one concern each:
   kube       async wrappers of the Kubernetes client (calls run in threads)
   reconcile  one turn of the tuning loop: observe -> session.record_* -> session.advance -> apply
   metrics    the operator's own Prometheus metrics
+  folders    a deleted job's workspace folder: the short pod deleting it
   handlers   the thin Kopf handlers
   main       `qtune operator`: settings, peering, health and metrics endpoints
 
