@@ -34,6 +34,7 @@ from qtune.operator.observe import recorded
 from qtune.operator.pods import PodExecutor, plan_of
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import MetricsError
+from qtune.operator.rbac import revoke_publishing
 from qtune.spec.models import JobSpec
 from qtune.tuning.front import session_front
 from qtune.tuning.history import History
@@ -122,6 +123,8 @@ class Janitor:
                 await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs)
             owned.discard(inputs)
 
+        if unit == protocol.UnitKind.BASELINE:  # before its pod goes: a lost pod is never cleaned again
+            await revoke_publishing(ctx.kube, ctx.job)
         deletes = [ctx.kube.delete("Secret", ctx.job.namespace, c.unit_key(pod.name)), delete_inputs()]
         if pod.phase == "Succeeded" and not ctx.config.keep_succeeded_pods:
             deletes.append(ctx.kube.delete_pod(ctx.job.namespace, pod.name))
@@ -146,9 +149,19 @@ class Janitor:
                 logger.info("%s/%s: deleting the models of trials other than %s (pod %s)", ctx.job.namespace,
                             ctx.job.name, ",".join(map(str, unit.candidates)) or "none", body["metadata"]["name"])
 
+    async def revoke(self) -> None:
+        """The failed job's publishing right, best effort (the garbage collector deletes it with the job)."""
+        try:
+            await revoke_publishing(self.ctx.kube, self.ctx.job)
+        except Exception as exc:  # noqa: BLE001 - the job's failure is reported whatever this answers
+            logger.warning("%s/%s: the job's RoleBinding stays until the job is deleted: %s", self.ctx.job.namespace,
+                           self.ctx.job.name, exc)
+
     async def forget_job(self) -> None:
-        """The finished job's Pushgateway groups, all of them (best effort: the sweep deletes what is left)."""
+        """The finished job's publishing right (rbac.revoke_publishing) and Pushgateway groups, all of them (best
+        effort: the sweep deletes what is left)."""
         ctx = self.ctx
+        await revoke_publishing(ctx.kube, ctx.job)
         if ctx.services.pushgateway is not None:
             try:
                 await ctx.services.pushgateway.delete_job_groups(ctx.job.uid)

@@ -7,6 +7,11 @@ already and be opted in by the namespace's administrator (label `qtune.io/job-ac
 the operator never creates or changes a named account, so a job cannot borrow a workload's
 identity. An existing object of a generated name is used only when the job's uid owns it
 (ForeignObject otherwise: ObjectConflict, or WaitingForCleanup for an earlier job's).
+
+The publishing right lives only while the job's baseline may run: the RoleBinding is created when a baseline
+pod is about to start and deleted once the baseline is recorded and when the job ends (the garbage collector
+deletes it with the job too). So jobs whose pods share one opted-in account do not accumulate rights over each
+other's `<job>-baseline` ConfigMaps: the account holds a job's right only during that job's baseline.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class ObjectApi(Protocol):
     async def ensure(self, body: dict[str, Any]) -> bool: ...
 
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None: ...
+
+    async def delete(self, kind: str, namespace: str, name: str) -> bool: ...
 
 
 def runner_rbac(job: JobRef, account: str | None = None) -> list[dict[str, Any]]:
@@ -65,9 +72,10 @@ def check_named_account(body: dict[str, Any] | None, job: JobRef, name: str) -> 
                                        f"{c.JOB_ACCOUNT_LABEL} is {labels.get(c.JOB_ACCOUNT_LABEL)!r}); {allowed}")
 
 
-async def ensure_identity(kube: ObjectApi, job: JobRef, spec: JobSpec) -> str:
+async def ensure_identity(kube: ObjectApi, job: JobRef, spec: JobSpec, publish: bool = True) -> str:
     """Make sure the account the job's pods run as may be used, creating the job's own objects
-    (ServiceAccount unless one is named, Role, RoleBinding); returns the account's name.
+    (ServiceAccount unless one is named; the Role and RoleBinding only when `publish`: a baseline pod is about
+    to start); returns the account's name.
 
     Raises SpecError (spec.trial.serviceAccountName) for a missing or not opted-in named account, and
     store.ForeignObject when an object of a generated name exists that the job's uid does not own:
@@ -76,6 +84,8 @@ async def ensure_identity(kube: ObjectApi, job: JobRef, spec: JobSpec) -> str:
     if named:
         check_named_account(await kube.read("ServiceAccount", job.namespace, named), job, named)
     for body in runner_rbac(job, named):
+        if body["kind"] != "ServiceAccount" and not publish:
+            continue
         if await kube.ensure(body):
             continue
         kind, name = body["kind"], body["metadata"]["name"]
@@ -100,3 +110,10 @@ def _account_changed(job: JobRef, existing: dict[str, Any], wanted: dict[str, An
                                    f"{job.namespace}/{existing['metadata'].get('name')}) and the spec now asks for "
                                    f"{names(wanted)}: the account of a job's pods cannot change once they ran; set "
                                    "the field back, or create a new job for the other account")
+
+
+async def revoke_publishing(kube: ObjectApi, job: JobRef) -> bool:
+    """Delete the job's RoleBinding (the baseline is recorded, or the job ended): the account its pods run as
+    keeps no right over the job's baseline ConfigMap. The binding is the job's own (owned, generated name: a
+    foreign one of that name was never used, ensure_identity refused it). True when one was deleted."""
+    return await kube.delete("RoleBinding", job.namespace, c.runner_account(job.name))
