@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from qtune.operator.config import OperatorConfig, matches_pattern
 from qtune.operator.layout import JobRef
+from qtune.operator.rbac import ACCOUNT_FIELD
 from qtune.spec.errors import SpecError
 from qtune.spec.models import JobSpec
 from qtune.tuning.history import History
@@ -29,7 +30,6 @@ from qtune.tuning.history import History
 IMAGE_FIELD = "spec.trial.image"
 CLAIM_FIELD = "spec.workspace.persistentVolumeClaim"
 TOLERATIONS_FIELD = "spec.trial.tolerations"
-ACCOUNT_FIELD = "spec.trial.serviceAccountName"
 ADMIN_HINT = "ask the operator's administrator"
 
 

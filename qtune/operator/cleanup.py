@@ -34,7 +34,7 @@ from qtune.operator.observe import recorded
 from qtune.operator.pods import PodExecutor, plan_of
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import MetricsError
-from qtune.operator.rbac import revoke_publishing
+from qtune.operator.rbac import ACCOUNT_FIELD, revoke_publishing
 from qtune.spec.models import JobSpec
 from qtune.tuning.front import session_front
 from qtune.tuning.history import History
@@ -124,7 +124,7 @@ class Janitor:
             owned.discard(inputs)
 
         if unit == protocol.UnitKind.BASELINE:  # before its pod goes: a lost pod is never cleaned again
-            await revoke_publishing(ctx.kube, ctx.job)
+            await revoke_publishing(ctx.kube, ctx.job, self._account())
         deletes = [ctx.kube.delete("Secret", ctx.job.namespace, c.unit_key(pod.name)), delete_inputs()]
         if pod.phase == "Succeeded" and not ctx.config.keep_succeeded_pods:
             deletes.append(ctx.kube.delete_pod(ctx.job.namespace, pod.name))
@@ -149,10 +149,18 @@ class Janitor:
                 logger.info("%s/%s: deleting the models of trials other than %s (pod %s)", ctx.job.namespace,
                             ctx.job.name, ",".join(map(str, unit.candidates)) or "none", body["metadata"]["name"])
 
+    def _account(self) -> str | None:
+        """The named account the job's pods ran as: the one pinned before its first pod (the spec may have been
+        edited since), else the spec's."""
+        pinned = self.ctx.history.pinned.get(ACCOUNT_FIELD) if self.ctx.history is not None else None
+        if pinned is not None:
+            return pinned or None
+        return self.ctx.spec.trial.service_account_name if self.ctx.spec is not None else None
+
     async def revoke(self) -> None:
         """The failed job's publishing right, best effort (the garbage collector deletes it with the job)."""
         try:
-            await revoke_publishing(self.ctx.kube, self.ctx.job)
+            await revoke_publishing(self.ctx.kube, self.ctx.job, self._account())
         except Exception as exc:  # noqa: BLE001 - the job's failure is reported whatever this answers
             logger.warning("%s/%s: the job's RoleBinding stays until the job is deleted: %s", self.ctx.job.namespace,
                            self.ctx.job.name, exc)
@@ -161,7 +169,7 @@ class Janitor:
         """The finished job's publishing right (rbac.revoke_publishing) and Pushgateway groups, all of them (best
         effort: the sweep deletes what is left)."""
         ctx = self.ctx
-        await revoke_publishing(ctx.kube, ctx.job)
+        await revoke_publishing(ctx.kube, ctx.job, self._account())
         if ctx.services.pushgateway is not None:
             try:
                 await ctx.services.pushgateway.delete_job_groups(ctx.job.uid)

@@ -10,22 +10,48 @@ identity. An existing object of a generated name is used only when the job's uid
 
 The publishing right lives only while the job's baseline may run: the RoleBinding is created when a baseline
 pod is about to start and deleted once the baseline is recorded and when the job ends (the garbage collector
-deletes it with the job too). So jobs whose pods share one opted-in account do not accumulate rights over each
-other's `<job>-baseline` ConfigMaps: the account holds a job's right only during that job's baseline.
+deletes it with the job too). A named account's binding has one name per account (`qtune-publish-<account>`,
+owned by the job whose baseline publishes): while one job holds it, the baseline of another job of the same
+account waits (WaitingForAccount). So jobs whose pods share one opted-in account never accumulate rights over
+each other's `<job>-baseline` ConfigMaps: at any moment the account may write one job's at most.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Protocol
 
 from qtune.operator import constants as c
 from qtune.operator.kube import Conflict
 from qtune.operator.layout import JobRef, metadata, pod_account
-from qtune.operator.store import check_owned
+from qtune.operator.store import OWNED, ForeignObject, check_owned, ownership
 from qtune.spec.errors import SpecError
 from qtune.spec.models import JobSpec
 
 ACCOUNT_FIELD = "spec.trial.serviceAccountName"
+WAITING_FOR_ACCOUNT = "WaitingForAccount"
+
+
+class AccountBusy(ForeignObject):
+    """The named account's publishing RoleBinding is held by another job's baseline: wait until it is recorded."""
+
+    def __init__(self, job: JobRef, account: str, body: dict[str, Any]) -> None:
+        name = str((body.get("metadata") or {}).get("name", ""))
+        super().__init__("RoleBinding", job.namespace, name, previous=True)
+        holders = [str(ref.get("name")) for ref in (body.get("metadata") or {}).get("ownerReferences") or []]
+        self.reason = WAITING_FOR_ACCOUNT
+        self.message = (f"ServiceAccount {account} publishes the baseline of job {', '.join(holders) or '?'} now "
+                        f"(RoleBinding {job.namespace}/{name}): one baseline at a time per shared account, so no job "
+                        "of it may write another's baseline ConfigMap; this job's baseline starts once that one "
+                        "is recorded")
+
+
+def binding_name(job: JobRef, account: str | None) -> str:
+    """The job's RoleBinding: `<job>-runner` for its own account, one name per named account (one holder)."""
+    if not account:
+        return c.runner_account(job.name)
+    name = f"qtune-publish-{account}"
+    return name if len(name) <= 253 else f"qtune-publish-{hashlib.sha256(account.encode()).hexdigest()[:16]}"
 
 
 class ObjectApi(Protocol):
@@ -51,7 +77,7 @@ def runner_rbac(job: JobRef, account: str | None = None) -> list[dict[str, Any]]
                     "resourceNames": [c.baseline_configmap(job.name)],
                     "verbs": ["get", "update", "patch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": metadata(job, name, c.ROLE_BASELINE),
+         "metadata": metadata(job, binding_name(job, account), c.ROLE_BASELINE),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": account or name, "namespace": job.namespace}]},
     ]
@@ -93,6 +119,8 @@ async def ensure_identity(kube: ObjectApi, job: JobRef, spec: JobSpec, publish: 
         if existing is None:  # deleted in between: the next step creates it
             raise Conflict(f"{kind.lower()} {name} vanished")
         existing.setdefault("kind", kind)
+        if kind == "RoleBinding" and named and ownership(existing, job) != OWNED and _held_by_a_job(existing):
+            raise AccountBusy(job, named, existing)
         check_owned(existing, job)
         if kind == "RoleBinding" and existing.get("subjects") != body["subjects"]:
             _account_changed(job, existing, body)
@@ -112,8 +140,17 @@ def _account_changed(job: JobRef, existing: dict[str, Any], wanted: dict[str, An
                                    "the field back, or create a new job for the other account")
 
 
-async def revoke_publishing(kube: ObjectApi, job: JobRef) -> bool:
+def _held_by_a_job(body: dict[str, Any]) -> bool:
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("kind") == c.KIND and str(ref.get("apiVersion", "")).startswith(c.GROUP + "/") for ref in refs)
+
+
+async def revoke_publishing(kube: ObjectApi, job: JobRef, account: str | None) -> bool:
     """Delete the job's RoleBinding (the baseline is recorded, or the job ended): the account its pods run as
-    keeps no right over the job's baseline ConfigMap. The binding is the job's own (owned, generated name: a
-    foreign one of that name was never used, ensure_identity refused it). True when one was deleted."""
-    return await kube.delete("RoleBinding", job.namespace, c.runner_account(job.name))
+    keeps no right over the job's baseline ConfigMap, and the next job of a shared account may publish. Only
+    the job's own binding is deleted (a named account's may be another job's). True when one was deleted."""
+    name = binding_name(job, account)
+    body = await kube.read("RoleBinding", job.namespace, name)
+    if body is None or ownership(body, job) != OWNED:
+        return False
+    return await kube.delete("RoleBinding", job.namespace, name)

@@ -194,8 +194,8 @@ class JobReconciler:
         garbage collector deletes it); anyone else's fails the job, naming it. Never adopted."""
         logger.warning("%s/%s: %s", self.job.namespace, self.job.name, exc.message)
         state = self.writer.last_state or st.PENDING
-        if exc.previous:
-            await self.writer.publish(state, st.WAITING_FOR_CLEANUP, exc.message, now)
+        if exc.previous:  # an earlier job's object, or a shared account another job's baseline holds (rbac.py)
+            await self.writer.publish(state, getattr(exc, "reason", st.WAITING_FOR_CLEANUP), exc.message, now)
             return StepResult(state, wait=max(self.config.poll_interval, 2.0))
         await self.writer.publish(st.FAILED_STATE, st.OBJECT_CONFLICT, exc.message, now)
         return StepResult(st.FAILED_STATE, done=True)

@@ -191,11 +191,37 @@ def test_jobs_sharing_an_account_do_not_accumulate_rights_over_each_others_basel
     first.step()            # recorded: trials start, the publishing right goes
     assert any(name.startswith("digits-trial-") for name in first.kube.pods)
     assert _rights_of(first, "team-sa") == set()
-    assert ("RoleBinding", "digits-runner") in first.kube.deleted_objects
+    assert ("RoleBinding", "qtune-publish-team-sa") in first.kube.deleted_objects
 
+    second = _second_job(first)
+    second.step()
+    assert "resnet-baseline" in first.kube.pods
+    assert _rights_of(first, "team-sa") == {c.baseline_configmap("resnet")}
+
+
+def _second_job(first: World) -> World:
+    """Job resnet of the same namespace (the same fake API server) and the same named account."""
     second = _world(name="resnet", uid=OTHER_UID, serviceAccountName="team-sa")
-    second.kube = second.services.kube = first.kube  # one namespace, one API server
+    second.kube = second.services.kube = first.kube
     second.restart()
+    return second
+
+
+def test_baselines_of_a_shared_account_take_turns() -> None:
+    """While job a's baseline may publish, job b's (same account) waits, WaitingForAccount naming a: the account
+    never holds the right over two baseline ConfigMaps at once. Once a's baseline is recorded, b's starts."""
+    first = _world(serviceAccountName="team-sa")
+    _team_account(first)
+    first.step()
+    second = _second_job(first)
+    result = second.step()
+    assert not result.done and "resnet-baseline" not in first.kube.pods
+    status = first.kube.status  # the fake keeps one status: the last job's patch
+    assert status["reason"] == "WaitingForAccount", status
+    assert "ServiceAccount team-sa publishes the baseline of job digits now" in status["message"]
+    assert _rights_of(first, "team-sa") == {c.baseline_configmap("digits")}
+    first.finish_running()
+    first.step()  # a's baseline recorded: its binding goes
     second.step()
     assert "resnet-baseline" in first.kube.pods
     assert _rights_of(first, "team-sa") == {c.baseline_configmap("resnet")}

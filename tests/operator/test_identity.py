@@ -83,7 +83,7 @@ def test_an_opted_in_named_account_is_used_by_every_pod_and_never_changed() -> N
     world.step()
     assert _accounts_of_pods(world) == {BASELINE_POD: "team-sa"}
     assert ("ServiceAccount", "digits-runner") not in world.kube.objects
-    binding = world.kube.objects[("RoleBinding", "digits-runner")]
+    binding = world.kube.objects[("RoleBinding", "qtune-publish-team-sa")]  # one per named account
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-sa", "namespace": "ml"}]
     world.finish_running()
     world.step()
@@ -148,5 +148,5 @@ def test_switching_the_account_after_pods_ran_is_refused_naming_both_accounts() 
     assert message.startswith("spec.trial.serviceAccountName: the job's pods were created with 'team-sa'"), message
     assert "now asks for none" in message
     # the pinned account (history) refuses it, although the RoleBinding went when the baseline was recorded
-    assert ("RoleBinding", "digits-runner") not in world.kube.objects
+    assert ("RoleBinding", "qtune-publish-team-sa") not in world.kube.objects
     assert "digits-baseline-a1" not in world.kube.pods
