@@ -93,11 +93,14 @@ class Janitor:
     """Pods of recorded units already cleaned up (once per process)."""
     models_cleaned: int = -1
     """Trials the models cleanup was started for (once per finish in this process)."""
+    revoked: bool = False
+    """The job's publishing RoleBinding was deleted after its baseline was recorded (in this process)."""
 
     async def clean(self, history: History, pods: dict[str, PodSummary],
                     finished: TuningSession | None = None) -> None:
         """Pushgateway group, Secret, inputs and (succeeded) pod of every recorded unit, once; then the
         cleanup policy: old failed pods, and the models of non-winning trials once the job has `finished`."""
+        await self._revoke_after_baseline(history)
         await gather_all(self._clean_unit(unit, pod) for unit, pod in pods.items()
                          if pod.name not in self.cleaned and recorded(history, unit) and pod.done)
         cleaned = [pod for pod in pods.values() if pod.name in self.cleaned]
@@ -105,6 +108,15 @@ class Janitor:
             await self.ctx.kube.delete_pod(self.ctx.job.namespace, pod.name)
         if finished is not None:
             await self._clean_models(pods, finished)
+
+    async def _revoke_after_baseline(self, history: History) -> None:
+        """Once the baseline is recorded (its pod gone or not), the job's publishing right goes, once per process
+        (rbac.revoke_publishing); a baseline that runs again gets it back when it starts (rbac.ensure_identity)."""
+        if not recorded(history, protocol.UnitKind.BASELINE):
+            self.revoked = False
+        elif not self.revoked:
+            await revoke_publishing(self.ctx.kube, self.ctx.job, self._account())
+            self.revoked = True
 
     async def _clean_unit(self, unit: str, pod: PodSummary) -> None:
         """The recorded unit's result group first (kept while the Pushgateway cannot be reached), then its
@@ -123,8 +135,6 @@ class Janitor:
                 await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs)
             owned.discard(inputs)
 
-        if unit == protocol.UnitKind.BASELINE:  # before its pod goes: a lost pod is never cleaned again
-            await revoke_publishing(ctx.kube, ctx.job, self._account())
         deletes = [ctx.kube.delete("Secret", ctx.job.namespace, c.unit_key(pod.name)), delete_inputs()]
         if pod.phase == "Succeeded" and not ctx.config.keep_succeeded_pods:
             deletes.append(ctx.kube.delete_pod(ctx.job.namespace, pod.name))

@@ -236,3 +236,18 @@ def test_a_job_that_ends_keeps_no_publishing_right() -> None:
     world.body["metadata"]["generation"] = 2
     assert world.step().done and world.kube.status["reason"] == st.INVALID_SPEC
     assert _rights_of(world, "team-sa") == set()
+
+
+def test_a_waiting_job_that_fails_leaves_the_holders_binding_alone() -> None:
+    """Job b waits for the shared account and then fails: its revocation deletes only its own binding (a named
+    account's binding may be another job's: a's baseline must still be able to publish)."""
+    first = _world(serviceAccountName="team-sa")
+    _team_account(first)
+    first.step()
+    second = _second_job(first)
+    second.step()
+    second.body["spec"]["trial"]["image"] = "not-allowed:1"
+    second.body["metadata"]["generation"] = 2
+    assert second.step().done and first.kube.status["reason"] == st.INVALID_SPEC
+    assert _rights_of(first, "team-sa") == {c.baseline_configmap("digits")}
+    assert ("RoleBinding", "qtune-publish-team-sa") not in first.kube.deleted_objects
