@@ -523,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
             except client.ApiException:
                 time.sleep(0.2)
         core.create_namespaced_persistent_volume_claim(NAMESPACE, {
-            "metadata": {"name": CLAIM},
+            "metadata": {"name": CLAIM, "labels": dict(opcluster.WORKSPACE_LABELS)},  # opted in as a workspace
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
 
         # the operator's settings are its defaults (qtune/operator/config.py) except where it runs

@@ -6,7 +6,8 @@ Small modules, one concern each:
   crd        the CRD generated from the pydantic spec and status models (`python -m qtune.operator.crd`)
   layout     a job's identity, labels, owner reference, workspace folders
   builders   pure builders of a unit's pod, inputs ConfigMap and Secret
-  rbac       the baseline pod's Role/RoleBinding (publishing the tuning space)
+  rbac       the baseline pod's Role/RoleBinding (publishing the tuning space), bound only during the baseline
+  admission  what a job may choose of its pods (image, workspace PVC, tolerations), pinned before the first pod
   podstatus  pod summaries (the pod index) and how a failed pod's end is read
   results    proof of origin: which observed results the operator may believe
   prom       async Prometheus HTTP API and Pushgateway clients (results decoded by qtune.protocol)

@@ -4,7 +4,7 @@ its inputs (job document, tune config) and the Secret holding its result secret.
 Every pod of a job: ownerReference to the job (controller, so deleting the job deletes it),
 labels `qtune.io/job`, `qtune.io/job-uid`, `qtune.io/unit`, `qtune.io/attempt` (and
 `qtune.io/trial` for trials); Guaranteed QoS (whole CPUs, requests = limits); required node
-affinity on the Intel Xeon pool's NFD labels unless spec.trial.nodeAffinity replaces it;
+affinity on the Intel Xeon pool's NFD labels, which spec.trial.nodeAffinity narrows (never replaces);
 non-root, read-only root filesystem, no privilege escalation, all capabilities dropped, seccomp
 RuntimeDefault; runs as the job's own ServiceAccount (or an opted-in named one, qtune/operator/rbac.py);
 an emptyDir on /tmp (sizeLimit) and an ephemeral-storage request and limit; the unit's inputs
@@ -77,14 +77,24 @@ def default_node_affinity(config: OperatorConfig) -> dict[str, Any]:
 
 
 def node_affinity(spec: JobSpec, config: OperatorConfig) -> dict[str, Any]:
-    """spec.trial.nodeAffinity (a Kubernetes NodeAffinity; bare nodeSelectorTerms are accepted
-    as the required terms) replaces the default Intel Xeon pool affinity."""
+    """The Intel Xeon pool's required affinity, narrowed by spec.trial.nodeAffinity (a Kubernetes NodeAffinity;
+    bare nodeSelectorTerms are accepted as the required terms), never replaced: the pool's expressions are
+    added to each of the job's required terms (terms are ORed, expressions within a term ANDed), so a job can
+    only choose among the pool's nodes. The job's preferred terms are kept as they are (they only rank)."""
+    default = default_node_affinity(config)
     override = spec.trial.node_affinity
     if not override:
-        return default_node_affinity(config)
+        return default
     if "nodeSelectorTerms" in override:
-        return {"requiredDuringSchedulingIgnoredDuringExecution": dict(override)}
-    return dict(override)
+        override = {"requiredDuringSchedulingIgnoredDuringExecution": override}
+    pool = default["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"]
+    out = {k: v for k, v in override.items() if k == "preferredDuringSchedulingIgnoredDuringExecution"}
+    terms = (override.get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    terms = [dict(term) for term in terms if isinstance(term, dict)] or [{}]
+    for term in terms:
+        term["matchExpressions"] = [*(term.get("matchExpressions") or []), *pool]
+    out["requiredDuringSchedulingIgnoredDuringExecution"] = {"nodeSelectorTerms": terms}
+    return out
 
 
 def resources(spec: JobSpec, config: OperatorConfig | None = None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from qtune.operator.observe import recorded
 from qtune.operator.pods import PodExecutor, plan_of
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import MetricsError
+from qtune.operator.rbac import ACCOUNT_FIELD, revoke_publishing
 from qtune.spec.models import JobSpec
 from qtune.tuning.front import session_front
 from qtune.tuning.history import History
@@ -92,11 +93,14 @@ class Janitor:
     """Pods of recorded units already cleaned up (once per process)."""
     models_cleaned: int = -1
     """Trials the models cleanup was started for (once per finish in this process)."""
+    revoked: bool = False
+    """The job's publishing RoleBinding was deleted after its baseline was recorded (in this process)."""
 
     async def clean(self, history: History, pods: dict[str, PodSummary],
                     finished: TuningSession | None = None) -> None:
         """Pushgateway group, Secret, inputs and (succeeded) pod of every recorded unit, once; then the
         cleanup policy: old failed pods, and the models of non-winning trials once the job has `finished`."""
+        await self._revoke_after_baseline(history)
         await gather_all(self._clean_unit(unit, pod) for unit, pod in pods.items()
                          if pod.name not in self.cleaned and recorded(history, unit) and pod.done)
         cleaned = [pod for pod in pods.values() if pod.name in self.cleaned]
@@ -104,6 +108,15 @@ class Janitor:
             await self.ctx.kube.delete_pod(self.ctx.job.namespace, pod.name)
         if finished is not None:
             await self._clean_models(pods, finished)
+
+    async def _revoke_after_baseline(self, history: History) -> None:
+        """Once the baseline is recorded (its pod gone or not), the job's publishing right goes, once per process
+        (rbac.revoke_publishing); a baseline that runs again gets it back when it starts (rbac.ensure_identity)."""
+        if not recorded(history, protocol.UnitKind.BASELINE):
+            self.revoked = False
+        elif not self.revoked:
+            await revoke_publishing(self.ctx.kube, self.ctx.job, self._account())
+            self.revoked = True
 
     async def _clean_unit(self, unit: str, pod: PodSummary) -> None:
         """The recorded unit's result group first (kept while the Pushgateway cannot be reached), then its
@@ -146,9 +159,27 @@ class Janitor:
                 logger.info("%s/%s: deleting the models of trials other than %s (pod %s)", ctx.job.namespace,
                             ctx.job.name, ",".join(map(str, unit.candidates)) or "none", body["metadata"]["name"])
 
+    def _account(self) -> str | None:
+        """The named account the job's pods ran as: the one pinned before its first pod (the spec may have been
+        edited since), else the spec's."""
+        pinned = self.ctx.history.pinned.get(ACCOUNT_FIELD) if self.ctx.history is not None else None
+        if pinned is not None:
+            return pinned or None
+        return self.ctx.spec.trial.service_account_name if self.ctx.spec is not None else None
+
+    async def revoke(self) -> None:
+        """The failed job's publishing right, best effort (the garbage collector deletes it with the job)."""
+        try:
+            await revoke_publishing(self.ctx.kube, self.ctx.job, self._account())
+        except Exception as exc:  # noqa: BLE001 - the job's failure is reported whatever this answers
+            logger.warning("%s/%s: the job's RoleBinding stays until the job is deleted: %s", self.ctx.job.namespace,
+                           self.ctx.job.name, exc)
+
     async def forget_job(self) -> None:
-        """The finished job's Pushgateway groups, all of them (best effort: the sweep deletes what is left)."""
+        """The finished job's publishing right (rbac.revoke_publishing) and Pushgateway groups, all of them (best
+        effort: the sweep deletes what is left)."""
         ctx = self.ctx
+        await revoke_publishing(ctx.kube, ctx.job, self._account())
         if ctx.services.pushgateway is not None:
             try:
                 await ctx.services.pushgateway.delete_job_groups(ctx.job.uid)

@@ -38,6 +38,27 @@ def module_allowed(module: str, prefixes: tuple[str, ...]) -> bool:
     return any(module == p or module.startswith(p.rstrip(".") + ".") for p in prefixes)
 
 
+def _patterns(text: str) -> tuple[str, ...]:
+    """Comma-separated exact values or prefix patterns ending in '*'."""
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def matches_pattern(value: str, patterns: tuple[str, ...]) -> bool:
+    """`value` equals one of `patterns`, or starts with the part before the final '*' of one."""
+    return any(value == p or (p.endswith("*") and value.startswith(p[:-1])) for p in patterns)
+
+
+def _label(text: str) -> str:
+    """`key=value` (a label a PVC must carry), or "none" (any PVC: a single-tenant install)."""
+    text = (text or "").strip()
+    if text.lower() == "none":
+        return ""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"not a label key=value (or none): {text!r}")
+    return f"{key.strip()}={value.strip()}"
+
+
 def _quantity(text: str) -> str:
     """A Kubernetes quantity such as 2Gi or 500M ("none" = none); ValueError otherwise."""
     import re
@@ -164,6 +185,19 @@ class OperatorConfig:
     cleanup_deleted_job_folders: bool = setting(
         True, "when a job is deleted, a short pod deletes its folder (.qtune/<job>-<uid8>) from its workspace claim "
               "(false: the folder stays)", flag=False, parse=_flag_bool)
+
+    allowed_images: tuple[str, ...] = setting(
+        (), "comma-separated images a job may name in spec.trial.image: exact references, or prefixes ending in "
+            "'*' (registry.example/team/*); empty: only the operator's trial image (--trial-image)",
+        parse=_patterns)
+    workspace_claim_label: str = setting(
+        c.DEFAULT_WORKSPACE_LABEL, "label key=value a PVC must carry to be a job's spec.workspace."
+                                   "persistentVolumeClaim (set by the namespace's administrator); none: any PVC "
+                                   "of the namespace (single-tenant installs only)", parse=_label)
+    allowed_toleration_keys: tuple[str, ...] = setting(
+        (), "comma-separated taint keys a job's spec.trial.tolerations may tolerate (exact, or prefixes ending in "
+            "'*'; '*' alone also allows a toleration without a key, which tolerates every taint); empty: none (the "
+            "operator's own --trial-tolerations still apply to jobs that set none)", parse=_patterns)
 
     def __post_init__(self) -> None:
         if self.results_deadline_seconds < RESULTS_DEADLINE_MIN:

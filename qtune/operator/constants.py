@@ -69,6 +69,8 @@ JOB_ACCOUNT_LABEL = f"{GROUP}/job-account"
 """A ServiceAccount a job may name in spec.trial.serviceAccountName must carry this label with
 value "true" (the namespace's administrator opts it in); the operator never creates or changes it."""
 JOB_ACCOUNT_VALUE = "true"
+DEFAULT_WORKSPACE_LABEL = f"{GROUP}/workspace=true"
+"""The label a PVC carries when its namespace's administrator lets jobs use it as their workspace."""
 
 DECODED_PAYLOAD_LIMIT = 16 * 1024 * 1024
 """The most bytes of JSON the operator inflates from a ConfigMap the job's pods (or an earlier

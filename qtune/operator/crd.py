@@ -33,6 +33,12 @@ from qtune.spec.reference import model_classes
 # --------------------------------------------------------------------------------------------
 _cel = cel.cel
 
+
+def _unchanged(name: str) -> str:
+    """CEL transition rule: the optional string field `name` of the object is as it was (unset stays unset)."""
+    return f"(has(self.{name}) ? self.{name} : '') == (has(oldSelf.{name}) ? oldSelf.{name} : '')"
+
+
 EXTRAS: dict[str, dict[str, Any]] = {
     "model": {
         "x-kubernetes-validations": [
@@ -42,6 +48,22 @@ EXTRAS: dict[str, dict[str, Any]] = {
     "data": {
         "x-kubernetes-validations": [
             _cel("self == oldSelf", "spec.data is immutable: create a new QuantizationJob to use other data"),
+        ],
+    },
+    # the image and the workspace claim are what the operator admitted (qtune/operator/admission.py): an edit
+    # would run the job's next pods from another image or volume. Rules on the parent objects (defaulted to {})
+    # so that setting an unset field is refused too (a transition rule on the field runs only when both exist).
+    "trial": {
+        "x-kubernetes-validations": [
+            _cel(_unchanged("image"), "spec.trial.image is immutable: create a new QuantizationJob to use "
+                                      "another image", field_path=".image"),
+        ],
+    },
+    "workspace": {
+        "x-kubernetes-validations": [
+            _cel(_unchanged("persistentVolumeClaim"), "spec.workspace.persistentVolumeClaim is immutable: "
+                                                      "create a new QuantizationJob to use another PVC",
+                 field_path=".persistentVolumeClaim"),
         ],
     },
     "workspace.persistentVolumeClaim": {"maxLength": 253},

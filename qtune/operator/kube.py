@@ -155,20 +155,22 @@ class Kube:
         return await self._call_or_none(409, create, namespace, body, _preload_content=False) is not None
 
     async def read(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """A ServiceAccount, Role or RoleBinding as stored (None when absent): who owns an object
-        `ensure` found existing, whether a named ServiceAccount is opted in."""
+        """A ServiceAccount, Role, RoleBinding or PersistentVolumeClaim as stored (None when absent): who owns
+        an object `ensure` found existing, whether a named ServiceAccount or a workspace PVC is opted in."""
         read = {
             "ServiceAccount": self.core.read_namespaced_service_account,
             "Role": self.rbac.read_namespaced_role,
             "RoleBinding": self.rbac.read_namespaced_role_binding,
+            "PersistentVolumeClaim": self.core.read_namespaced_persistent_volume_claim,
         }[kind]
         response = await self._call_or_none(404, read, name, namespace, _preload_content=False)
         return None if response is None else _raw(response)
 
     async def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a ConfigMap or Secret; False when it was already gone."""
+        """Delete a ConfigMap, Secret or RoleBinding; False when it was already gone."""
         delete = {"ConfigMap": self.core.delete_namespaced_config_map,
-                  "Secret": self.core.delete_namespaced_secret}[kind]
+                  "Secret": self.core.delete_namespaced_secret,
+                  "RoleBinding": self.rbac.delete_namespaced_role_binding}[kind]
         return await self._call_or_none(404, delete, name, namespace, _preload_content=False) is not None
 
     # ---- the job

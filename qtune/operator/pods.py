@@ -248,10 +248,10 @@ class PodExecutor:
         its own, as any existing one)."""
         ctx = self.ctx
         assert ctx.spec is not None
-        if units and (any(u.id == protocol.UnitKind.BASELINE for u in units) or self.identity is None
-                      or self.identity[0] != ctx.generation):
+        baseline = any(u.id == protocol.UnitKind.BASELINE for u in units)
+        if units and (baseline or self.identity is None or self.identity[0] != ctx.generation):
             try:  # every pod runs as the job's own account, or a named one that is opted in
-                self.identity = (ctx.generation, await ensure_identity(ctx.kube, ctx.job, ctx.spec))
+                self.identity = (ctx.generation, await ensure_identity(ctx.kube, ctx.job, ctx.spec, publish=baseline))
             except SpecError as exc:
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
         outcomes = await asyncio.gather(*([ctx.save()] if save else []), *(self._prepare(unit) for unit in units),

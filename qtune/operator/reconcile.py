@@ -34,6 +34,7 @@ from typing import Any
 from kubernetes.client import ApiException
 
 from qtune import protocol
+from qtune.operator import admission
 from qtune.operator import constants as c
 from qtune.operator import status as st
 from qtune.operator.cleanup import Janitor
@@ -144,6 +145,8 @@ class JobReconciler:
         self.space: TuningSpace | None = None
         """The tuning space the baseline published (read once)."""
         self.api_failures = 0
+        self.admitted: tuple[int | None] | None = None
+        """The generation whose choices were admitted (qtune/operator/admission.py) in this process."""
 
     @property
     def job(self) -> JobRef:
@@ -163,6 +166,7 @@ class JobReconciler:
             self.api_failures = 0
             return result
         except (Terminal, PayloadRejected) as exc:
+            await self.janitor.revoke()
             await self.writer.publish(st.FAILED_STATE, exc.reason, exc.message, now)
             return StepResult(st.FAILED_STATE, done=True)
         except ForeignObject as exc:
@@ -190,8 +194,8 @@ class JobReconciler:
         garbage collector deletes it); anyone else's fails the job, naming it. Never adopted."""
         logger.warning("%s/%s: %s", self.job.namespace, self.job.name, exc.message)
         state = self.writer.last_state or st.PENDING
-        if exc.previous:
-            await self.writer.publish(state, st.WAITING_FOR_CLEANUP, exc.message, now)
+        if exc.previous:  # an earlier job's object, or a shared account another job's baseline holds (rbac.py)
+            await self.writer.publish(state, getattr(exc, "reason", st.WAITING_FOR_CLEANUP), exc.message, now)
             return StepResult(state, wait=max(self.config.poll_interval, 2.0))
         await self.writer.publish(st.FAILED_STATE, st.OBJECT_CONFLICT, exc.message, now)
         return StepResult(st.FAILED_STATE, done=True)
@@ -222,6 +226,7 @@ class JobReconciler:
         self.writer.remember(body)
         spec = self._spec(body)
         history = await self._history(now)
+        await self._admit(spec, history)
         session = await self._session(spec, history)
         current = self.executor.current(pods)
         await self._maybe_continue(history, spec, current, now)
@@ -250,6 +255,7 @@ class JobReconciler:
             try:
                 ctx.spec, ctx.spec_dict = validate(body)
                 check_operator_imports(ctx.spec, self.config.allowed_modules)
+                admission.check_choices(ctx.spec, self.config)
             except SpecError as exc:
                 ctx.spec = None
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
@@ -271,6 +277,19 @@ class JobReconciler:
             document = decode_published(published, c.SPACE_KEY)
             self.space = codec.load(TuningSpace, document) if document is not None else None
         return history
+
+    async def _admit(self, spec: JobSpec, history: History) -> None:
+        """Once per generation, before any pod: the workspace PVC is opted in, and the image, claim and account
+        are those the job's pods were first created with (pinned in the history, stored at once)."""
+        if self.admitted == (self.ctx.generation,):
+            return
+        try:
+            await admission.check_claim(self.ctx.kube, self.job, spec, self.config)
+            if admission.pin(history, spec):
+                await self.ctx.save()
+        except SpecError as exc:
+            raise Terminal(st.INVALID_SPEC, str(exc)) from None
+        self.admitted = (self.ctx.generation,)
 
     async def _session(self, spec: JobSpec, history: History) -> TuningSession:
         try:

@@ -281,16 +281,21 @@ class ResourcesSpec(SpecModel):
 class TrialSpec(SpecModel):
     """Cluster-only settings of trial pods; `qtune tune` ignores them."""
 
-    image: str | None = Field(default=None, description="trial image; default: the operator's own image")
+    image: str | None = Field(default=None, description="image of the job's pods; default: the operator's trial "
+                                                        "image. Another one must be allowed by the operator's "
+                                                        "settings (allowed images). Immutable")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Kubernetes imagePullPolicy of trial pods")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="CPU and memory of a trial pod")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="extra node labels trial pods need")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="extra node labels trial pods need "
+                                                                           "(besides the Intel Xeon pool's)")
     node_affinity: dict[str, Any] | None = Field(
-        default=None, description="replaces the default Intel Xeon pool affinity"
+        default=None, description="narrows the Intel Xeon pool affinity: the pool's required expressions are "
+                                  "added to each required term (never replaced)"
     )
     tolerations: list[dict[str, Any]] = Field(default_factory=list,
-                                              description="tolerations of trial pods (dedicated pools)")
+                                              description="tolerations of trial pods (dedicated pools); only "
+                                                          "taint keys the operator's settings allow")
     service_account_name: str | None = Field(
         default=None, description="ServiceAccount every pod of the job runs as instead of the job's own generated "
                                   "one (<job>-runner); it must exist in the job's namespace and carry the label "
@@ -302,7 +307,10 @@ class TrialSpec(SpecModel):
 class WorkspaceSpec(SpecModel):
     path: str | None = Field(default=None, description="local folder of the run's state (qtune tune), relative to "
                                                         "the job file's folder; default .qtune/<job name> beside it")
-    persistent_volume_claim: str | None = Field(default=None, description="cluster: PVC holding model and data")
+    persistent_volume_claim: str | None = Field(
+        default=None, description="cluster: PVC holding model and data; it must carry the operator's workspace "
+                                  "label (default qtune.io/workspace=true, set by the namespace's administrator). "
+                                  "Immutable")
     mount_path: str = Field(default="/workspace", description="cluster: where the PVC is mounted, read-only, in "
                                                              "pods; relative paths and user modules resolve there. "
                                                              "Pods write only in the job's own folder "

@@ -132,6 +132,10 @@ class History:
     """Why the job failed as a whole (e.g. the baseline's error), when it did."""
     backoff: Backoff | None = None
     """After infrastructure failures: when the next unit may start (see TuningSession.advance)."""
+    pinned: dict[str, str] = field(default_factory=dict)
+    """Cluster: what a job's pods were first created with (spec field -> value, "" for the operator's default:
+    image, workspace claim, ServiceAccount); a spec asking for another value later is refused
+    (qtune/operator/admission.py). Empty for local runs."""
 
     # --- the job's clock: THE elapsed tuning time (stop rules, status, history.json, the console) -------
     def elapsed(self, now: float) -> float:

@@ -34,7 +34,9 @@ NS = "qtune-system"
 FORBIDDEN = {"*"}
 #: Namespaced resources it may only use in the namespaces it serves (Role, not ClusterRole).
 NAMESPACED = {"pods", "configmaps", "secrets", "events", "serviceaccounts", "roles", "rolebindings", "quantizationjobs",
-              "quantizationjobs/status", "kopfpeerings"}
+              "quantizationjobs/status", "kopfpeerings", "persistentvolumeclaims"}
+API_SERVER = {"networkPolicy.apiServer.cidrs": ["10.0.0.1/32"]}
+"""Every render sets the API server's addresses (the chart refuses to render without them unless waived)."""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,12 @@ def helm() -> Path:
 
 
 def render(helm: Path, values: dict[str, Any] | None = None, **kwargs: Any) -> list[Manifest]:
-    return template(helm, OPERATOR_CHART, namespace=NS, values=values, **kwargs)
+    return template(helm, OPERATOR_CHART, namespace=NS, values={**API_SERVER, **(values or {})}, **kwargs)
+
+
+def operator_args(values: dict[str, Any] | None = None) -> list[str]:
+    """`--set-json` arguments of an operator chart render: API_SERVER, then `values`."""
+    return set_args({**API_SERVER, **(values or {})})
 
 
 def args_of(manifests: list[Manifest]) -> list[str]:
@@ -76,7 +83,7 @@ def rules_of(role: Manifest) -> list[tuple[str, str, set[str]]]:
     {"watch.allNamespaces": True, "trial.serviceAccount.create": False, "replicaCount": 3},
 ], ids=["defaults", "ha", "namespaces+monitors", "cluster-wide"])
 def test_operator_chart_lints(helm: Path, values: dict[str, Any]) -> None:
-    proc = run_helm(helm, ["lint", "--strict", str(OPERATOR_CHART), "--namespace", NS, *set_args(values)])
+    proc = run_helm(helm, ["lint", "--strict", str(OPERATOR_CHART), "--namespace", NS, *operator_args(values)])
     assert "0 chart(s) failed" in proc.stdout
 
 
@@ -174,7 +181,7 @@ def test_replicas_turn_on_peering_with_distinct_priorities(helm: Path) -> None:
 
 
 def test_replicas_without_peering_are_refused(helm: Path) -> None:
-    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"replicaCount": 2,
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args({"replicaCount": 2,
                                                                               "peering.enabled": False})],
                     check=False)
     assert proc.returncode != 0 and "peering" in proc.stderr
@@ -262,7 +269,9 @@ def test_rbac_is_least_privilege_and_per_served_namespace(helm: Path, values: di
     for _group, resource, verbs in role:
         if resource == "secrets":
             assert verbs == {"create", "delete"}, "a unit's secret is created and deleted, never read"
-        if resource not in ("pods", "configmaps", "secrets"):
+        if resource == "rolebindings":  # a job's own, once its baseline is recorded (issue 20)
+            assert verbs == {"get", "create", "delete"}
+        elif resource not in ("pods", "configmaps", "secrets"):
             assert "delete" not in verbs and "deletecollection" not in verbs, f"{resource}: no deletion needed"
     assert {res for _, res, _ in role} <= NAMESPACED
 
@@ -279,7 +288,7 @@ def test_cluster_wide_mode_uses_a_cluster_role(helm: Path) -> None:
 
 
 def test_cluster_wide_mode_needs_listed_namespaces_for_trial_accounts(helm: Path) -> None:
-    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"watch.allNamespaces": True})],
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args({"watch.allNamespaces": True})],
                     check=False)
     assert proc.returncode != 0 and "trial.serviceAccount.create" in proc.stderr
 
@@ -306,7 +315,7 @@ def test_unit_pod_storage_settings(helm: Path) -> None:
             env["QTUNE_TMP_SIZE_LIMIT"]) == ("1Gi", "4Gi", "2Gi")
     env = env_of(render(helm, {"trial.tmpSizeLimit": "", "trial.ephemeralStorage.limit": "8Gi"}))
     assert env["QTUNE_TMP_SIZE_LIMIT"] == "none" and env["QTUNE_EPHEMERAL_STORAGE_LIMIT"] == "8Gi"
-    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"trial.tmpSizeLimit": "2 GB"})],
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args({"trial.tmpSizeLimit": "2 GB"})],
                     check=False)
     assert proc.returncode != 0 and "tmpSizeLimit" in proc.stderr
 
@@ -330,6 +339,38 @@ def test_the_operator_may_read_the_accounts_and_rbac_objects_it_checks(helm: Pat
     assert {"get", "create"} <= verbs[("", "serviceaccounts")]
     assert {"get", "create"} <= verbs[("rbac.authorization.k8s.io", "roles")]
     assert {"get", "create"} <= verbs[("rbac.authorization.k8s.io", "rolebindings")]
+    # issue 20: a job's RoleBinding goes after its baseline; a workspace PVC must carry the opt-in label
+    assert verbs[("rbac.authorization.k8s.io", "rolebindings")] == {"get", "create", "delete"}
+    assert verbs[("rbac.authorization.k8s.io", "roles")] == {"get", "create"}
+    assert verbs[("", "persistentvolumeclaims")] == {"get"}
+
+
+def test_what_a_job_may_choose_reaches_the_operator(helm: Path) -> None:
+    """Issue 20: the chart's defaults allow its own image only, PVCs labelled qtune.io/workspace=true and the
+    dedicated pool's taint key; each value reaches the operator under the name its setting reads."""
+    from qtune.operator.config import OperatorConfig
+
+    env = env_of(render(helm))
+    assert "QTUNE_ALLOWED_IMAGES" not in env  # the operator's trial image (the chart's) only
+    assert env["QTUNE_WORKSPACE_CLAIM_LABEL"] == "qtune.io/workspace=true"
+    assert env["QTUNE_ALLOWED_TOLERATION_KEYS"] == "qtune.io/dedicated"
+    env = env_of(render(helm, {"trial.allowedImages": ["registry.example/team/*", "other:1"],
+                               "trial.workspaceClaimLabel": "", "trial.allowedTolerationKeys": []}))
+    assert env["QTUNE_ALLOWED_IMAGES"] == "registry.example/team/*,other:1"
+    assert env["QTUNE_WORKSPACE_CLAIM_LABEL"] == "none" and env["QTUNE_ALLOWED_TOLERATION_KEYS"] == ""
+    for name in ("allowed_images", "workspace_claim_label", "allowed_toleration_keys"):
+        assert OperatorConfig.env_name(name) in env
+    settings = {k: v for k, v in env.items() if k.startswith("QTUNE_") and isinstance(v, str)}
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, settings, clear=True):
+        config = OperatorConfig.from_env()
+    assert config.allowed_images == ("registry.example/team/*", "other:1")
+    assert config.workspace_claim_label == "" and config.allowed_toleration_keys == ()
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args(
+        {"trial.workspaceClaimLabel": "no-value"})], check=False)
+    assert proc.returncode != 0 and "schema" in proc.stderr
 
 
 # --------------------------------------------------------------------------- monitoring
@@ -352,7 +393,7 @@ def test_pod_and_service_monitors_are_off_by_default(helm: Path) -> None:
 @pytest.mark.parametrize("values", [{"replicCount": 2}, {"replicaCount": -1}, {"image.digest": "latest"},
                                     {"watch.namespaces": ["Not_A_Namespace"]}])
 def test_values_schema_rejects_mistakes(helm: Path, values: dict[str, Any]) -> None:
-    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args(values)], check=False)
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args(values)], check=False)
     assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr, proc.stderr
 
 
@@ -436,9 +477,25 @@ def test_network_policy_selectors_are_values(helm: Path) -> None:
     assert baseline["spec"]["egress"] == [{"to": [{"ipBlock": {"cidr": "172.18.0.2/32"}}],
                                            "ports": [{"protocol": "TCP", "port": 6443}]}]
     assert not find(render(helm, {"networkPolicy.enabled": False}), "NetworkPolicy")
-    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *set_args({"networkPolicy.apiServer.cidrs":
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args({"networkPolicy.apiServer.cidrs":
                                                                               ["kubernetes"]})], check=False)
     assert proc.returncode != 0 and "schema" in proc.stderr
+
+
+def test_rendering_fails_without_the_api_servers_addresses_unless_waived(helm: Path, tmp_path: Path) -> None:
+    """Issue 20: with networkPolicy.apiServer.cidrs empty the baseline pod's egress would be any address on
+    443/6443; the chart refuses to render, saying what to set, unless allowAnyAddress waives it explicitly."""
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), "--namespace", NS], check=False)
+    assert proc.returncode != 0
+    assert "networkPolicy.apiServer.cidrs is empty" in proc.stderr and "kubectl get endpoints kubernetes" in proc.stderr
+    assert "networkPolicy.apiServer.allowAnyAddress=true" in proc.stderr
+    waived = {"networkPolicy.apiServer.cidrs": [], "networkPolicy.apiServer.allowAnyAddress": True}
+    _, baseline = unit_policies(render(helm, waived), NS)
+    assert baseline["spec"]["egress"][0]["to"] == [{"ipBlock": {"cidr": "0.0.0.0/0"}}]
+    assert "WARNING: networkPolicy.apiServer.cidrs is empty" in notes(helm, tmp_path / "a", waived)
+    assert "networkPolicy.apiServer.cidrs is empty" not in notes(helm, tmp_path / "b", {})
+    assert not find(render(helm, {"networkPolicy.apiServer.cidrs": [], "networkPolicy.enabled": False}),
+                    "NetworkPolicy")
 
 
 def notes(helm: Path, tmp_path: Path, values: dict[str, Any]) -> str:
@@ -454,7 +511,7 @@ def notes(helm: Path, tmp_path: Path, values: dict[str, Any]) -> str:
     (chart / "templates" / "zz-notes.yaml").write_text(
         'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: rendered-notes\n'
         'data:\n  notes: {{ tpl (.Files.Get "notes.txt") . | quote }}\n')
-    proc = run_helm(helm, ["template", "q", str(chart), "--namespace", NS, *set_args(values),
+    proc = run_helm(helm, ["template", "q", str(chart), "--namespace", NS, *operator_args(values),
                            "--show-only", "templates/zz-notes.yaml"])
     return yaml.safe_load(proc.stdout)["data"]["notes"]
 

@@ -17,6 +17,7 @@ from qtune.tuning.history import Baseline
 from qtune.tuning.space import OpSpace, TuningSpace
 
 UID = "0b6c7f5e-8d1a-4c2e-9f00-123456789abc"
+CLAIM = "qtune-work"
 
 
 def job_body(name: str = "digits", spec: dict[str, Any] | None = None, generation: int = 1,
@@ -26,7 +27,7 @@ def job_body(name: str = "digits", spec: dict[str, Any] | None = None, generatio
         "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}},
         "tuning": {"maxTrials": 6, "parallelTrials": 2, "objective": "size"},
         "trial": {"resources": {"cpu": 2, "memory": "1Gi"}},
-        "workspace": {"persistentVolumeClaim": "qtune-work", "mountPath": "/workspace"},
+        "workspace": {"persistentVolumeClaim": CLAIM, "mountPath": "/workspace"},
     }
     return {"apiVersion": c.API_VERSION, "kind": c.KIND,
             "metadata": {"name": name, "namespace": "ml", "uid": uid, "generation": generation},
@@ -64,6 +65,14 @@ class FakeKube:
         self.force_deleted: list[str] = []
         self.nodes: dict[str, dict[str, Any]] = {}
         self._rv = itertools.count(1)
+        self.add_claim(CLAIM)
+
+    def add_claim(self, name: str, labels: dict[str, str] | None = None) -> None:
+        """A PVC of the namespace (by default opted in as a workspace, as job_body's `qtune-work`)."""
+        key, _, value = c.DEFAULT_WORKSPACE_LABEL.partition("=")
+        self.objects[("PersistentVolumeClaim", name)] = {
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": name, "labels": {key: value} if labels is None else dict(labels)}}
 
     async def create_pod(self, body: dict[str, Any]) -> bool:
         name = body["metadata"]["name"]

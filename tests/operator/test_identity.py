@@ -83,7 +83,7 @@ def test_an_opted_in_named_account_is_used_by_every_pod_and_never_changed() -> N
     world.step()
     assert _accounts_of_pods(world) == {BASELINE_POD: "team-sa"}
     assert ("ServiceAccount", "digits-runner") not in world.kube.objects
-    binding = world.kube.objects[("RoleBinding", "digits-runner")]
+    binding = world.kube.objects[("RoleBinding", "qtune-publish-team-sa")]  # one per named account
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "team-sa", "namespace": "ml"}]
     world.finish_running()
     world.step()
@@ -132,8 +132,8 @@ def test_a_generated_account_owned_by_this_job_is_used() -> None:
 def test_switching_the_account_after_pods_ran_is_refused_naming_both_accounts() -> None:
     """spec.trial.serviceAccountName changed after the job's RoleBinding was made: the operator cannot rebind
     (it holds no update right on RoleBindings), and a baseline pod of the new account could not publish its
-    tuning space while the old account kept the right. The change is refused, naming the field and both
-    accounts; the old binding is left as it was."""
+    tuning space while the old account kept the right. The change is refused (the account is pinned in the
+    history before the first pod), naming the field and both accounts."""
     world = _world("team-sa")
     world.kube.objects[("ServiceAccount", "team-sa")] = _account("team-sa", {c.JOB_ACCOUNT_LABEL: "true"})
     world.step()
@@ -145,8 +145,8 @@ def test_switching_the_account_after_pods_ran_is_refused_naming_both_accounts() 
     result = world.step()
     assert result.done and world.kube.status["reason"] == st.INVALID_SPEC, world.kube.status
     message = world.kube.status["message"]
-    assert message.startswith("spec.trial.serviceAccountName: the job's pods run as ServiceAccount team-sa"), message
-    assert "now asks for digits-runner" in message
-    binding = world.kube.objects[("RoleBinding", "digits-runner")]
-    assert [s["name"] for s in binding["subjects"]] == ["team-sa"]
+    assert message.startswith("spec.trial.serviceAccountName: the job's pods were created with 'team-sa'"), message
+    assert "now asks for none" in message
+    # the pinned account (history) refuses it, although the RoleBinding went when the baseline was recorded
+    assert ("RoleBinding", "qtune-publish-team-sa") not in world.kube.objects
     assert "digits-baseline-a1" not in world.kube.pods

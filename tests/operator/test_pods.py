@@ -3,6 +3,7 @@ unit's inputs ConfigMap and Secret; pod status parsing."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -118,20 +119,50 @@ def test_isa_label_is_configurable() -> None:
     assert terms[0]["matchExpressions"][1]["key"].endswith("AMXINT8")
 
 
-def test_affinity_override_replaces_the_default() -> None:
+POOL = [{"key": "feature.node.kubernetes.io/cpu-model.vendor_id", "operator": "In", "values": ["Intel"]},
+        {"key": "feature.node.kubernetes.io/cpu-cpuid.AVX512VNNI", "operator": "In", "values": ["true"]}]
+
+
+def test_a_jobs_affinity_narrows_the_pool_never_replaces_it() -> None:
+    """Issue 20: the job's required terms each get the Xeon pool's expressions (terms are ORed: a term without
+    them would let the job's pods onto any node); its preferred terms are kept; the spec is not changed."""
+    dedicated = {"key": "qtune.io/pool", "operator": "In", "values": ["dedicated"]}
+    host = {"key": "kubernetes.io/hostname", "operator": "In", "values": ["gpu-1"]}
+    preferred = [{"weight": 1, "preference": {"matchExpressions": [host]}}]
     override = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "qtune.io/pool", "operator": "In", "values": ["dedicated"]}]}]}}
+        {"matchExpressions": [dedicated]}, {"matchFields": [{"key": "metadata.name", "operator": "In",
+                                                             "values": ["any"]}]}]},
+        "preferredDuringSchedulingIgnoredDuringExecution": preferred}
     body = job_body()
     body["spec"]["trial"]["nodeAffinity"] = override
-    assert _trial(body)["spec"]["affinity"]["nodeAffinity"] == override
+    before = copy.deepcopy(override)
+    affinity = _trial(body)["spec"]["affinity"]["nodeAffinity"]
+    assert affinity["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchExpressions": [dedicated, *POOL]},
+        {"matchFields": override["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][1][
+            "matchFields"], "matchExpressions": POOL}]
+    assert affinity["preferredDuringSchedulingIgnoredDuringExecution"] == preferred
+    assert override == before
 
 
-def test_bare_node_selector_terms_are_the_required_terms() -> None:
+def test_bare_node_selector_terms_are_the_required_terms_within_the_pool() -> None:
     terms = [{"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["xeon-1"]}]}]
     body = job_body()
     body["spec"]["trial"]["nodeAffinity"] = {"nodeSelectorTerms": terms}
     affinity = _trial(body)["spec"]["affinity"]["nodeAffinity"]
-    assert affinity == {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
+    assert affinity == {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [*terms[0]["matchExpressions"], *POOL]}]}}
+
+
+def test_an_affinity_of_preferences_only_keeps_the_pool_required() -> None:
+    preferred = [{"weight": 5, "preference": {"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": ["xeon-2"]}]}}]
+    body = job_body()
+    body["spec"]["trial"]["nodeAffinity"] = {"preferredDuringSchedulingIgnoredDuringExecution": preferred}
+    affinity = _trial(body)["spec"]["affinity"]["nodeAffinity"]
+    assert affinity == {"preferredDuringSchedulingIgnoredDuringExecution": preferred,
+                        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                            {"matchExpressions": POOL}]}}
 
 
 def test_node_selector_and_tolerations_from_the_spec() -> None:

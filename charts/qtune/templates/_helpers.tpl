@@ -102,8 +102,17 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
   resources: [serviceaccounts]
   verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
-  resources: [roles, rolebindings]
+  resources: [roles]
   verbs: [get, create]
+# delete: a job's RoleBinding goes once its baseline is recorded and when the job ends (a shared
+# account keeps no right over a job's baseline ConfigMap)
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [rolebindings]
+  verbs: [get, create, delete]
+# get: a job's workspace PVC must carry the opt-in label (trial.workspaceClaimLabel)
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
@@ -186,6 +195,14 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 - name: QTUNE_ALLOWED_MODULES
   value: {{ join "," . | quote }}
 {{- end }}
+{{- with .Values.trial.allowedImages }}
+- name: QTUNE_ALLOWED_IMAGES
+  value: {{ join "," . | quote }}
+{{- end }}
+- name: QTUNE_WORKSPACE_CLAIM_LABEL
+  value: {{ .Values.trial.workspaceClaimLabel | default "none" | quote }}
+- name: QTUNE_ALLOWED_TOLERATION_KEYS
+  value: {{ join "," .Values.trial.allowedTolerationKeys | quote }}
 - name: QTUNE_TRIAL_TOLERATIONS
   value: {{ .Values.trial.tolerations | toJson | quote }}
 - name: QTUNE_EPHEMERAL_STORAGE_REQUEST

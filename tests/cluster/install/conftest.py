@@ -32,7 +32,7 @@ if str(INSTALL_TESTS) not in sys.path:
 
 from clusterlib import Cluster, wait_for  # noqa: E402
 from helm_support import CRD_CHART, OPERATOR_CHART, helm_binary, run_helm, set_args  # noqa: E402
-from install_cluster import OperatorProcess, Release, chart_command, free_port  # noqa: E402
+from install_cluster import OperatorProcess, Release, api_server_values, chart_command, free_port  # noqa: E402
 
 log = logging.getLogger("qtune.tests.install")
 
@@ -71,7 +71,7 @@ def release(cluster: Cluster, helm: Path, tmp_path_factory: pytest.TempPathFacto
     names = [cluster.create_namespace(prefix=f"{p}-{suffix}-") for p in ("qtune-system", "qtune-jobs", "other")]
     values = {"watch.namespaces": [names[1]], "replicaCount": 0,
               "prometheus.url": cluster.prometheus_url or "", "pushgateway.url": cluster.pushgateway_url or "",
-              "operator.logLevel": "DEBUG"}
+              "operator.logLevel": "DEBUG", **api_server_values(cluster)}
     rel = Release(cluster, helm, names[0], names[1], names[2], values, tmp=tmp_path_factory.mktemp("install"))
     crds_release = f"qtune-crds-{suffix}"
     adopt_existing_crds(cluster, crds_release, names[0])

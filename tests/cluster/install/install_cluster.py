@@ -20,6 +20,18 @@ from helm_support import OPERATOR_CHART, operator_container, run_helm, set_args
 log = logging.getLogger("qtune.tests.install")
 
 
+def api_server_values(cluster: Cluster) -> dict[str, Any]:
+    """The chart values naming the test plane's API server (`networkPolicy.apiServer.cidrs`: the chart refuses
+    to render without them unless waived): the addresses of the `kubernetes` Endpoints, as an administrator
+    finds them (`kubectl get endpoints kubernetes -n default`)."""
+    from kubernetes import client
+
+    endpoints = client.CoreV1Api(cluster.api_client()).read_namespaced_endpoints("kubernetes", "default")
+    ips = sorted({a.ip for subset in endpoints.subsets or [] for a in subset.addresses or []})
+    assert ips, "the API server publishes no address in the kubernetes Endpoints"
+    return {"networkPolicy.apiServer.cidrs": [f"{ip}/128" if ":" in ip else f"{ip}/32" for ip in ips]}
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[3]
 DIGITS = ROOT / "examples" / "digits"
 GROUP, VERSION, PLURAL = "qtune.io", "v1alpha1", "quantizationjobs"
 CLAIM = "qtune-work"
+WORKSPACE_LABEL = "qtune.io/workspace"
 
 
 PERMISSION_ERROR = re.compile(r'" 403 |\(403\)|403 Forbidden|\bForbidden\b|\bforbidden\b|Failed to post an event')
@@ -109,6 +110,9 @@ def test_operator_token_can_do_what_the_operator_needs(release: Release) -> None
         # whether an existing job account / Role / RoleBinding is the job's, a named account opted in
         ("get", "serviceaccounts", served, ""), ("get", "roles", served, "rbac.authorization.k8s.io"),
         ("get", "rolebindings", served, "rbac.authorization.k8s.io"),
+        # issue 20: a job's RoleBinding goes after its baseline; a workspace PVC must carry the opt-in label
+        ("delete", "rolebindings", served, "rbac.authorization.k8s.io"),
+        ("get", "persistentvolumeclaims", served, ""),
         ("list", "quantizationjobs", served, GROUP), ("watch", "quantizationjobs", served, GROUP),
         ("patch", "quantizationjobs", served, GROUP),
         ("list", "customresourcedefinitions", "", "apiextensions.k8s.io"),
@@ -142,6 +146,8 @@ def test_operator_token_cannot_do_anything_else(release: Release) -> None:
         ("create", "quantizationjobs", served, GROUP), ("create", "pods/exec", served, ""),
         ("delete", "serviceaccounts", served, ""), ("update", "serviceaccounts", served, ""),
         ("patch", "serviceaccounts", served, ""), ("get", "serviceaccounts", unserved, ""),
+        ("delete", "roles", served, "rbac.authorization.k8s.io"),
+        ("get", "persistentvolumeclaims", unserved, ""), ("list", "persistentvolumeclaims", served, ""),
         ("escalate", "roles", served, "rbac.authorization.k8s.io"),
         ("bind", "roles", served, "rbac.authorization.k8s.io"),
         ("create", "deployments", served, "apps"),
@@ -204,7 +210,8 @@ def prepare_workspace(release: Release) -> None:
         pytest.skip("filling a PVC needs the test plane's host-path provisioner")
     core = cluster.core()
     core.create_namespaced_persistent_volume_claim(release.served, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLAIM, "labels": {WORKSPACE_LABEL: "true"}},  # opted in (trial.workspaceClaimLabel)
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
     folder = cluster.state_dir / "agent" / "pvc" / release.served / CLAIM
 
@@ -366,7 +373,7 @@ def test_after_uninstall_deleting_the_crd_with_jobs_finishes(release: Release, o
 
     custom = client.CustomObjectsApi(release.cluster.api_client())
     job = digits_job("left-behind", release.served)
-    job["spec"]["workspace"]["persistentVolumeClaim"] = "no-such-claim"  # its baseline pod waits forever
+    job["spec"]["workspace"]["persistentVolumeClaim"] = "no-such-claim"  # it fails InvalidSpec: no pod
     custom.create_namespaced_custom_object(GROUP, VERSION, release.served, PLURAL, job)
     wait_for(lambda: read_job(release, "left-behind", release.served).get("status", {}).get("state"), 60,
              "the operator saw the job", detail=lambda: operator.log()[-2000:])

@@ -29,6 +29,7 @@ import pytest
 import realnode
 from clusterlib import Cluster, wait_for
 from helm_support import CRD_CHART, OPERATOR_CHART, run_helm, set_args
+from install_cluster import api_server_values
 from metric_modules import HOG, stalling
 
 OPERATOR_TESTS = Path(__file__).resolve().parents[1] / "operator"
@@ -174,6 +175,7 @@ def installed(cluster: Cluster, helm: Path, real_node: realnode.RealNode) -> Ite
         "operator.logLevel": "DEBUG",
         # short enough for the deleted-pod test to see a replacement soon
         "lifecycle.terminatingMarginSeconds": 10,
+        **api_server_values(cluster),
     }
     kube = ["--kubeconfig", str(cluster.kubeconfig)]
     crds_release = f"qtune-crds-{suffix}"

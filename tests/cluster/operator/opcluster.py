@@ -22,6 +22,8 @@ DIGITS = ROOT / "examples" / "digits"
 DIGITS_FILES = ("model.onnx", "calib.npz", "eval.npz")
 GROUP, VERSION, PLURAL = "qtune.io", "v1alpha1", "quantizationjobs"
 CLAIM = "qtune-work"
+WORKSPACE_LABELS = {"qtune.io/workspace": "true"}
+"""The operator's default opt-in label of a workspace PVC (qtune.operator.constants.DEFAULT_WORKSPACE_LABEL)."""
 SIGNING_KEY = "cluster-test-signing-key"
 
 
@@ -167,12 +169,14 @@ def ensure_digits() -> Path:
 
 
 def prepare_workspace(cluster: Any, namespace: str) -> Path:
-    """A PVC `qtune-work` holding the digits model and data (copied into its host folder)."""
+    """A PVC `qtune-work` holding the digits model and data (copied into its host folder), opted in as a
+    workspace by the label the operator requires by default (QTUNE_WORKSPACE_CLAIM_LABEL)."""
     from kubernetes import client
 
     core = client.CoreV1Api(cluster.api_client())
     core.create_namespaced_persistent_volume_claim(namespace, {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLAIM, "labels": dict(WORKSPACE_LABELS)},
         "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
     folder = cluster.state_dir / "agent" / "pvc" / namespace / CLAIM
     folder.mkdir(parents=True, exist_ok=True)

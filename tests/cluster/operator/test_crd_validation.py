@@ -83,6 +83,37 @@ VALID = {
 }
 
 
+def test_image_and_workspace_claim_are_immutable(cluster: Any, crds: None, op_namespace: str) -> None:
+    """Issue 20: the image and the workspace PVC the operator admitted cannot be edited, nor set when they were
+    unset (the transition rules sit on spec.trial and spec.workspace, which the API server defaults to {})."""
+    manifest = opcluster.job_manifest("pinned-image")
+    manifest["spec"]["trial"]["image"] = "qtune:0.1.0"
+    _create(cluster, op_namespace, manifest, dry_run=False)
+    _create(cluster, op_namespace, opcluster.job_manifest("unset-image"), dry_run=False)
+    api = opcluster.custom(cluster)
+
+    def patch(name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return api.patch_namespaced_custom_object(opcluster.GROUP, opcluster.VERSION, op_namespace, opcluster.PLURAL,
+                                                  name, body)
+
+    for name, body, field in (
+            ("pinned-image", {"spec": {"trial": {"image": "attacker.example/miner:1"}}}, "spec.trial.image"),
+            ("pinned-image", {"spec": {"trial": {"image": None}}}, "spec.trial.image"),
+            ("unset-image", {"spec": {"trial": {"image": "attacker.example/miner:1"}}}, "spec.trial.image"),
+            ("pinned-image", {"spec": {"workspace": {"persistentVolumeClaim": "other"}}},
+             "spec.workspace.persistentVolumeClaim"),
+            ("pinned-image", {"spec": {"workspace": {"persistentVolumeClaim": None}}},
+             "spec.workspace.persistentVolumeClaim")):
+        with pytest.raises(client.ApiException) as info:
+            patch(name, body)
+        message = json.loads(info.value.body)["message"]
+        assert info.value.status == 422 and f"{field} is immutable" in message, (name, body, message)
+    # the rest of spec.trial and spec.workspace may change; an unchanged image is no edit
+    patch("pinned-image", {"spec": {"trial": {"image": "qtune:0.1.0", "resources": {"memory": "3Gi"}},
+                                    "workspace": {"trialModels": "keep-all"}}})
+    patch("unset-image", {"spec": {"trial": {"resources": {"memory": "3Gi"}}}})
+
+
 @pytest.mark.parametrize("case", list(INVALID))
 def test_invalid_jobs_are_rejected(cluster: Any, crds: None, op_namespace: str, case: str) -> None:
     mutate, expected = INVALID[case]
