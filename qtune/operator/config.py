@@ -14,6 +14,12 @@ from typing import Any
 from qtune.operator import constants as c
 
 RESULTS_DEADLINE_DEFAULT = 1800.0
+SPACE_LIMIT_BYTES = 4 * 1024 * 1024
+"""The default cap of a published tuning space, decoded: about 12,000 ops at ~350 bytes each (PP-OCRv4's
+282 ops are 97 KB: 43x headroom; the bundled examples' spaces are at most a few KB)."""
+SPACE_LIMIT_ELEMENTS = 200_000
+"""The default cap of a published space's JSON elements ({[,: counted before parsing): about 4,700 ops at ~42
+each (PP-OCRv4: 11,807, 17x headroom); bounds the objects one decode builds to some tens of MB."""
 RESULTS_DEADLINE_MIN = 600.0
 """A succeeded unit's result survives a metrics outage of at least this long (issue 12)."""
 
@@ -143,6 +149,12 @@ class OperatorConfig:
                                   parse=_quantity)
     history_plain_limit: int = setting(256 * 1024, "history JSON larger than this is stored gzip-compressed",
                                        env=None, flag=False, parse=int)
+    space_limit_bytes: int = setting(
+        SPACE_LIMIT_BYTES, "most bytes of JSON a job's published tuning space may inflate to; more fails the job "
+                           "PayloadTooLarge", parse=int)
+    space_limit_elements: int = setting(
+        SPACE_LIMIT_ELEMENTS, "most JSON elements (structural characters {[,: counted before parsing) a job's "
+                              "published tuning space may hold; more fails the job PayloadTooLarge", parse=int)
     signing_key: str = setting("", "the key every unit's result secret is derived from (the chart keeps it in a "
                                    "Secret, stable across upgrades); empty: a random key per process", flag=False)
     allowed_modules: tuple[str, ...] = setting(
