@@ -25,8 +25,9 @@ Trust boundary (issue 20): anyone who may edit ConfigMaps in the job's namespace
   same replace as the data (one object, one resourceVersion: the operator's own writes never race it).
   It is checked BEFORE anything is inflated or parsed; a history that does not verify (edited, or
   unsigned: written by an operator before issue 20, which is refused, not adopted) fails the job
-  HistoryRejected and nothing of it is believed. Not detected: a ConfigMap put back to an earlier
-  state the operator itself signed for the same job (a rollback) while the operator was down.
+  HistoryRejected and nothing of it is believed. An earlier history the operator itself signed for the
+  job, put back, is refused by the process that stored a later one (`HistoryStore.saved`); across a
+  restart such a rollback is not detected.
 * The tuning space is bound to the baseline's signed result (`BaselineResult.space_sha256`, kept in the
   history's baseline): `SpaceLoader` decodes it only for an accepted result, only when the stored value
   has that hash (SpaceMismatch otherwise), under a byte and an element cap (PayloadTooLarge), at most
@@ -184,6 +185,11 @@ def decode_published(body: dict[str, Any] | None, key: str, limit: int = c.DECOD
     return decode_bounded(body, key, limit)
 
 
+def progress(history: History) -> tuple[int, int]:
+    """(trials started, trials done): neither ever decreases in the history of one job."""
+    return len(history.trials), sum(1 for trial in history.trials if trial.done)
+
+
 @dataclass
 class HistoryStore:
     kube: Kube
@@ -192,6 +198,9 @@ class HistoryStore:
     signing_key: str = ""
     """The operator's key: the history is signed with it (`sign_history`) and refused unless it verifies."""
     resource_version: str | None = None
+    saved: tuple[int, int] = (0, 0)
+    """`progress` of the latest history this process stored: a history read back with less (an earlier one this
+    operator signed, put back by someone else) is refused. (Across a restart such a rollback is not detected.)"""
 
     @property
     def name(self) -> str:
@@ -208,7 +217,13 @@ class HistoryStore:
         check_owned(body, self.job)
         self.resource_version = body["metadata"].get("resourceVersion")
         check_history_signature(body, self.job, self.signing_key)
-        return decode_history(body)
+        history = decode_history(body)
+        if history is not None and any(now < then for now, then in zip(progress(history), self.saved, strict=True)):
+            raise PayloadRejected(HISTORY_REJECTED, (
+                f"{where(body)} holds an earlier history of this job ({progress(history)} trials, done) than this "
+                f"operator stored ({self.saved}): it was put back by someone other than the operator; nothing of it "
+                "is believed. Delete and recreate the job to tune again"))
+        return history
 
     async def save(self, history: History) -> None:
         """Create or replace; raises kube.Conflict when someone else wrote it since our read."""
@@ -222,3 +237,4 @@ class HistoryStore:
             body["metadata"]["resourceVersion"] = self.resource_version
             created = await self.kube.replace_configmap(body)
         self.resource_version = created.get("metadata", {}).get("resourceVersion")
+        self.saved = progress(history)

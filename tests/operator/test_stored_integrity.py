@@ -269,3 +269,26 @@ def test_an_attempt_is_never_issued_twice_across_a_restart() -> None:
     assert world.history().attempts == {"baseline": 1}
     world.finish_running()
     assert world.run_to_end().done
+
+
+def test_an_earlier_signed_history_put_back_is_refused_by_the_running_operator() -> None:
+    """A copy of the history the operator itself signed earlier (so it verifies), put back later: the process
+    that stored more refuses it (a restarted one cannot tell: documented)."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)), config=CONFIG)
+    world.step()
+    world.finish_running()  # the baseline
+    world.step()
+    earlier = json.loads(json.dumps(world.kube.configmaps[c.history_configmap("digits")]))
+    world.finish_running()  # trial 0
+    world.step()
+    world.finish_running()
+    world.step()
+    assert len(world.history().trials) >= 2
+    rv = world.kube.configmaps[c.history_configmap("digits")]["metadata"]["resourceVersion"]
+    earlier["metadata"]["resourceVersion"] = rv + "-put-back"
+    world.kube.configmaps[c.history_configmap("digits")] = earlier
+    for _ in range(4):
+        world.finish_running()
+        if world.step().done:
+            break
+    assert world.kube.status["reason"] == "HistoryRejected" and "earlier history" in world.kube.status["message"]
