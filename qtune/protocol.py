@@ -35,8 +35,13 @@ from qtune.wire import (  # noqa: F401
     encode_document,
     parse_termination,
     sign,
+    sign_stored,
+    stored_value,
+    structural_count,
     termination_message,
+    value_sha256,
     verify,
+    verify_stored,
 )
 
 EXIT_OK = 0
@@ -168,6 +173,10 @@ class BaselineResult(_Message):
     message: str | None = None
     peak_rss_bytes: dict[str, int] = Field(default_factory=dict)
     """Peak resident set of the unit's process: "calibration" (while it calibrated, when it did), "total"."""
+    space_sha256: str | None = None
+    """sha256 (hex, `value_sha256`) of the tuning space exactly as the pod stored it in its `<job>-baseline`
+    ConfigMap (the JSON text, or the base64 of its gzip). Signed with the rest: the operator decodes the
+    published space only once this result is accepted and the stored value has this hash."""
 
 
 class TrialResult(_Message):
@@ -305,7 +314,7 @@ SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", 
 """Every field of SpeedMeasurement, each one series `qtune_result_speed_<field>{batch_size}`."""
 
 LABEL_FIELDS: dict[str, tuple[str, ...]] = {
-    UnitKind.BASELINE: ("status", "metric", "reason", "message"),
+    UnitKind.BASELINE: ("status", "metric", "reason", "message", "space_sha256"),
     UnitKind.TRIAL: ("status", "config_key", "model_path", "reason", "message", "notes", "model_sha256"),
     UnitKind.CONFIRM: ("status", "candidates", "reason", "message"),
 }

@@ -48,6 +48,27 @@ def verify(payload: dict[str, Any], secret: str, signature: str | None) -> bool:
     return bool(signature) and hmac.compare_digest(sign(payload, secret), str(signature))
 
 
+STORED_DOMAIN = b"qtune-stored-document\0"
+"""Prefix of what a stored document's HMAC covers (a unit secret's message, `uid/unit/attempt`, never starts so)."""
+
+
+def sign_stored(signing_key: str, job_uid: str, key: str, value: str) -> str:
+    """HMAC(operator key) over a document the operator stores for a job (e.g. its history): the job's uid, the
+    ConfigMap key the value is stored under (plain or `.gz`) and the exact stored string. Checked before the
+    value is decoded, so an edited document is refused without being inflated or parsed."""
+    message = b"\0".join((STORED_DOMAIN + job_uid.encode(), key.encode(), value.encode()))
+    return hmac.new(signing_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify_stored(signing_key: str, job_uid: str, key: str, value: str, signature: str | None) -> bool:
+    return bool(signature) and hmac.compare_digest(sign_stored(signing_key, job_uid, key, value), str(signature))
+
+
+def value_sha256(value: str) -> str:
+    """sha256 (hex) of a stored ConfigMap value exactly as stored (the JSON text, or the base64 of its gzip)."""
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
 def derive_unit_secret(signing_key: str, job_uid: str, unit: str, attempt: int = 0) -> str:
     """The secret of one pod of one unit: HMAC(operator key, job uid / unit id / attempt).
 
@@ -126,10 +147,40 @@ def encode_document(key: str, document: Any, plain_limit: int | None = None,
     return {}, {f"{key}.gz": packed}
 
 
+def stored_value(body: dict[str, Any] | None, key: str) -> tuple[str, str] | None:
+    """(the key it is under, the value) of the document stored under `key` (plain) or `key.gz` (gzip+base64)
+    in a ConfigMap body, exactly as stored; None when absent."""
+    binary = (body or {}).get("binaryData") or {}
+    if binary.get(f"{key}.gz"):
+        return f"{key}.gz", str(binary[f"{key}.gz"])
+    data = (body or {}).get("data") or {}
+    if data.get(key):
+        return key, str(data[key])
+    return None
+
+
+STRUCTURAL = tuple(ord(ch) for ch in "{[,:")
+"""JSON's structural bytes: their count bounds from above the number of values (objects, lists, members,
+elements) a text decodes to, so it is checked on the text before any object is built."""
+
+
+def structural_count(text: str | bytes) -> int:
+    raw = text.encode() if isinstance(text, str) else text
+    return sum(raw.count(byte) for byte in STRUCTURAL)
+
+
+def _check_elements(key: str, text: str | bytes, element_limit: int | None) -> None:
+    if element_limit is not None and (count := structural_count(text)) > element_limit:
+        raise PayloadTooLarge(f"{key}: {count} JSON structural characters {{[,: (an upper bound of its elements), "
+                              f"more than {element_limit}: refused before parsing")
+
+
 def decode_document(body: dict[str, Any] | None, key: str, limit: int | None = None,
-                    inflated_limit: int | None = None, ratio_limit: int | None = None) -> Any | None:
+                    inflated_limit: int | None = None, ratio_limit: int | None = None,
+                    element_limit: int | None = None) -> Any | None:
     """The JSON document stored under `key` (plain) or `key.gz` (gzip+base64); None when absent.
-    Raises PayloadTooLarge for oversized or over-compressed payloads, ProtocolError for bad ones."""
+    Raises PayloadTooLarge for oversized or over-compressed payloads (and, with `element_limit`, for a text
+    holding more structural bytes `{[,:` than that: counted before parsing), ProtocolError for bad ones."""
     import base64
     import zlib
 
@@ -156,14 +207,17 @@ def decode_document(body: dict[str, Any] | None, key: str, limit: int | None = N
             raise ProtocolError(f"{key}.gz: not gzip: {exc}") from None
         if len(raw) > cap or inflater.unconsumed_tail:
             raise PayloadTooLarge(f"{key}.gz inflates beyond {cap} bytes ({len(compressed)} compressed): refused")
+        del compressed, inflater
+        _check_elements(key, raw, element_limit)
         try:
             text = raw.decode()
         except UnicodeDecodeError as exc:
             raise ProtocolError(f"{key}.gz: not UTF-8: {exc}") from None
     elif data.get(key):
         text = data[key]
-        if len(text.encode()) > limit:
-            raise PayloadTooLarge(f"{key}: {len(text.encode())} bytes, more than {limit}")
+        if len(text.encode()) > min(limit, inflated_limit):
+            raise PayloadTooLarge(f"{key}: {len(text.encode())} bytes, more than {min(limit, inflated_limit)}")
+        _check_elements(key, text, element_limit)
     else:
         return None
     try:

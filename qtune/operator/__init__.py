@@ -12,7 +12,8 @@ Small modules, one concern each:
   results    proof of origin: which observed results the operator may believe
   prom       async Prometheus HTTP API and Pushgateway clients (results decoded by qtune.protocol)
   status     the JobStatus model and projections of the session into it
-  store      the job history in a ConfigMap (qtune.protocol's ConfigMap codec)
+  store      the job history in a ConfigMap (qtune.protocol's ConfigMap codec), signed by the operator
+  spaces     the baseline's published tuning space: decoded once, only with the hash its signed result names
   kube       async wrappers of the Kubernetes client (calls run in threads)
   reconcile  one turn of the tuning loop: observe -> session.record_* -> session.advance -> apply
   metrics    the operator's own Prometheus metrics

@@ -16,6 +16,12 @@ from qtune.operator import constants as c
 RESULTS_DEADLINE_DEFAULT = 1800.0
 RESULTS_DEADLINE_MIN = 600.0
 """A succeeded unit's result survives a metrics outage of at least this long (issue 12)."""
+SPACE_LIMIT_BYTES = 4 * 1024 * 1024
+"""The default cap of a published tuning space, decoded: about 12,000 ops at ~350 bytes each (PP-OCRv4's
+282 ops are 97 KB: 43x headroom; the bundled examples' spaces are at most a few KB)."""
+SPACE_LIMIT_ELEMENTS = 200_000
+"""The default cap of a published space's JSON elements ({[,: counted before parsing): about 4,700 ops at ~42
+each (PP-OCRv4: 11,807, 17x headroom); bounds the objects one decode builds to some tens of MB."""
 
 DEFAULT_IMAGE = "qtune:0.1.0"
 """Trial image when neither spec.trial.image nor QTUNE_TRIAL_IMAGE says otherwise."""
@@ -164,6 +170,12 @@ class OperatorConfig:
                                   parse=_quantity)
     history_plain_limit: int = setting(256 * 1024, "history JSON larger than this is stored gzip-compressed",
                                        env=None, flag=False, parse=int)
+    space_limit_bytes: int = setting(
+        SPACE_LIMIT_BYTES, "most bytes of JSON a job's published tuning space may inflate to; more fails the job "
+                           "PayloadTooLarge", parse=int)
+    space_limit_elements: int = setting(
+        SPACE_LIMIT_ELEMENTS, "most JSON elements (structural characters {[,: counted before parsing) a job's "
+                              "published tuning space may hold; more fails the job PayloadTooLarge", parse=int)
     signing_key: str = setting("", "the key every unit's result secret is derived from (the chart keeps it in a "
                                    "Secret, stable across upgrades); empty: a random key per process", flag=False)
     allowed_modules: tuple[str, ...] = setting(
@@ -208,6 +220,9 @@ class OperatorConfig:
             raise ValueError(f"cleanup_failed_pods (QTUNE_CLEANUP_FAILED_PODS) is {self.cleanup_failed_pods}: it must "
                              "be 0 or more")
         _trial_models_policy(self.cleanup_trial_models)
+        if self.space_limit_bytes < 1 or self.space_limit_elements < 1:
+            raise ValueError(f"space_limit_bytes ({self.space_limit_bytes}) and space_limit_elements "
+                             f"({self.space_limit_elements}) (QTUNE_SPACE_LIMIT_*) must be at least 1")
         if not self.import_timeout > 0:
             raise ValueError(f"import_timeout (QTUNE_IMPORT_TIMEOUT) is {self.import_timeout:g}: it must be above 0")
 

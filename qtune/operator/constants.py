@@ -41,6 +41,8 @@ SPACE_KEY = "space.json"
 # the history ConfigMap
 HISTORY_KEY = "history.json"
 HISTORY_GZ_KEY = "history.json.gz"
+HISTORY_SIGNATURE = f"{GROUP}/history-signature"
+"""Annotation of the history ConfigMap: the operator's HMAC over the job's uid and the stored history."""
 
 # the NFD labels of the Intel Xeon pool: vendor plus an int8 ISA (VNNI; AMX parts have it too)
 NFD = "feature.node.kubernetes.io"

@@ -70,7 +70,8 @@ class JobContext:
     store: HistoryStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.store = HistoryStore(self.services.kube, self.job, self.services.config.history_plain_limit)
+        self.store = HistoryStore(self.services.kube, self.job, self.services.config.history_plain_limit,
+                                  self.services.config.signing_key)
 
     @property
     def config(self) -> OperatorConfig:

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from qtune import protocol
 from qtune.operator.config import RESULTS_DEADLINE_DEFAULT
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary, failure_of
 from qtune.operator.results import ACCEPT, STALE, WAIT, Observed, judge
-from qtune.tuning import codec, stop
+from qtune.tuning import stop
 from qtune.tuning.engine import UnitFailure, UnitOutcome
 from qtune.tuning.history import History
 from qtune.tuning.space import TuningSpace
@@ -76,7 +75,7 @@ class Observation:
 
 
 def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results: Mapping[str, Observed],
-            space_doc: Any | None, signing_key: str, awaiting: dict[str, float], now: float,
+            space: TuningSpace | None, signing_key: str, awaiting: dict[str, float], now: float,
             limits: Limits | None = None) -> Observation:
     """What the cluster says about each unit. `awaiting` (unit -> since when a succeeded pod waits for
     its result) is updated in place. A succeeded unit is never given up before `limits.results_deadline`
@@ -92,22 +91,22 @@ def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results:
             awaiting.pop(unit, None)
         elif pod.phase == "Succeeded":
             accepted = results[unit] if verdicts.get(unit) == ACCEPT else None
-            _succeeded(seen, unit, pod, accepted, space_doc, awaiting, now, limits)
+            _succeeded(seen, unit, pod, accepted, space, awaiting, now, limits)
         elif not pod.deleting:  # one going away without a result: the session starts the unit again if it wants
             _not_succeeded(seen, unit, pod, now, limits)
     return seen
 
 
-def _succeeded(seen: Observation, unit: str, pod: PodSummary, accepted: Observed | None, space_doc: Any | None,
-               awaiting: dict[str, float], now: float, limits: Limits) -> None:
+def _succeeded(seen: Observation, unit: str, pod: PodSummary, accepted: Observed | None,
+               space: TuningSpace | None, awaiting: dict[str, float], now: float, limits: Limits) -> None:
     """A succeeded pod: its accepted result (the baseline's with its published space), else it waits for one
     until the results deadline, then the unit fails MetricsUnavailable."""
     outcome = None
     if accepted is not None:
         if unit != protocol.UnitKind.BASELINE:
             outcome = UnitOutcome(unit, accepted.result)
-        elif space_doc is not None:
-            outcome = UnitOutcome(unit, accepted.result, codec.load(TuningSpace, space_doc))
+        elif space is not None:
+            outcome = UnitOutcome(unit, accepted.result, space)
     if outcome is not None:
         awaiting.pop(unit, None)
         seen.outcomes.append(outcome)

@@ -5,9 +5,10 @@
   (the operator-wide poller's snapshot, Prometheus when a succeeded unit's result is missing), then the pure
   `observe` (qtune/operator/observe.py); pods this process created that the pod index does not show yet still
   run (`expect`).
-* start: the job's ServiceAccount checked, each start's Secret and inputs ConfigMap written (a new attempt when
-  a Secret of that name exists: one the operator did not just create is never used), while the history is
-  saved; the pods only once it is stored. What the pod looks like is the builders' (qtune/operator/builders.py).
+* start: the job's ServiceAccount checked, the history saved with each start's attempt (`History.attempts`: a
+  restarted operator never issues a unit secret twice), then each start's Secret and inputs ConfigMap written (a
+  new attempt, stored first, when a Secret of that name exists: one the operator did not just create is never
+  used); the pods only once they are written. What the pod looks like is the builders' (qtune/operator/builders.py).
 * cancel: pods of units the session cancelled, pods past their time limit.
 
 Every action is idempotent (deterministic names, 409/404 tolerated).
@@ -32,12 +33,14 @@ from qtune.operator.observe import Limits, Observation, observe, recorded
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import MetricsError
 from qtune.operator.rbac import ensure_identity
-from qtune.operator.results import Observed, unit_pods
-from qtune.operator.store import OWNED, ForeignObject, decode_published, ownership
+from qtune.operator.results import ACCEPT, Observed, judge, unit_pods
+from qtune.operator.spaces import SpaceLoader
+from qtune.operator.store import OWNED, ForeignObject, ownership
 from qtune.spec.errors import SpecError
 from qtune.tuning import codec
 from qtune.tuning.history import History
 from qtune.tuning.session import WorkUnit
+from qtune.tuning.space import TuningSpace
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +75,10 @@ class Attempts:
     def seen(self, unit: str, attempt: int) -> None:
         self.latest[unit] = max(self.latest.get(unit, -1), attempt)
 
-    def next(self, unit: str) -> int:
-        attempt = self.latest[unit] = self.latest.get(unit, -1) + 1
+    def next(self, unit: str, issued: int = -1) -> int:
+        """The next attempt of `unit`: above every one seen here and `issued` (the highest whose secret the history
+        says was issued: a restarted operator, which sees only the pods still there, never issues one twice)."""
+        attempt = self.latest[unit] = max(self.latest.get(unit, -1), issued) + 1
         return attempt
 
 
@@ -91,6 +96,8 @@ class ResultWatch:
 class PodExecutor:
     ctx: JobContext
     nodes: NodeHealth = field(init=False)
+    spaces: SpaceLoader = field(init=False)
+    """The space the baseline published, decoded once its signed hash matches (read again by a restart)."""
     attempts: Attempts = field(default_factory=Attempts)
     results: ResultWatch = field(default_factory=ResultWatch)
     owned: set[str] = field(default_factory=set)
@@ -100,6 +107,7 @@ class PodExecutor:
 
     def __post_init__(self) -> None:
         self.nodes = NodeHealth(self.ctx)
+        self.spaces = SpaceLoader(self.ctx.config.space_limit_bytes, self.ctx.config.space_limit_elements)
 
     # ----------------------------------------------------------------------------------------
     # observe
@@ -121,19 +129,30 @@ class PodExecutor:
             self.attempts.seen(unit, pod.attempt)
         await self.reap([p for p in pods if p.owned_by(ctx.job.namespace, ctx.job.uid)], current, now)
         results = await self._results(current, history)
-        space_doc = None
+        space = None
         baseline = protocol.UnitKind.BASELINE.value
         baseline_pod = current.get(baseline)
         if baseline_pod is not None and baseline_pod.phase == "Succeeded" and not recorded(history, baseline):
-            published = await ctx.read_owned(c.baseline_configmap(ctx.job.name))
-            space_doc = decode_published(published, c.SPACE_KEY)
+            space = await self.published_space(results.get(baseline), baseline_pod)
         assert ctx.spec is not None
         limits = Limits(ctx.config.results_deadline_seconds, float(ctx.spec.tuning.trial_timeout_seconds),
                         ctx.config.trial_grace_seconds)
-        seen = observe(ctx.job, history, current, results, space_doc, ctx.config.signing_key,
+        seen = observe(ctx.job, history, current, results, space, ctx.config.signing_key,
                        self.results.awaiting, now, limits)
         self.expect(current, history, seen.running, now)
         return seen
+
+    async def published_space(self, observed: Observed | None, pod: PodSummary) -> TuningSpace | None:
+        """The space the baseline published, read only once its succeeded result is accepted (signature verified)
+        and decoded only when the stored value has the hash that result names (qtune/operator/spaces.py): nothing
+        the job's code wrote there is inflated or parsed before."""
+        ctx = self.ctx
+        if observed is None or not isinstance(observed.result, protocol.BaselineResult) or \
+                observed.result.status != protocol.SUCCEEDED or \
+                judge(ctx.job, observed, pod, ctx.config.signing_key) != ACCEPT:
+            return None
+        published = await ctx.read_owned(c.baseline_configmap(ctx.job.name))
+        return self.spaces.load(published, observed.result.space_sha256)
 
     async def reap(self, owned: list[PodSummary], current: dict[str, PodSummary], now: float) -> None:
         """Force-delete (grace 0) the job's pods that no node will ever finish: stuck terminating past their
@@ -241,27 +260,51 @@ class PodExecutor:
         self.owned.add(name)
 
     async def prepare_starts(self, units: list[WorkUnit], save: bool) -> list[Start]:
-        """Store the history (when `save`) and write each start's Secret and inputs, all at once: a dispatch
-        waits for two API round trips (these, then the pods) instead of one per object. Any failure is raised
-        once every write has ended, and then no pod is created and the Secrets and inputs written are deleted
-        again (the next step starts its units under the next attempt: a Secret this step wrote is never taken for
-        its own, as any existing one)."""
+        """Store the history, then write each start's Secret and inputs, all at once, then (the caller) the pods.
+        The attempt of each start is recorded in the history (`History.attempts`) and stored BEFORE its Secret is
+        created, so a restarted operator never issues the same unit secret twice (a holder of an old one could
+        sign for the new pod). A Secret that exists already is never taken for the job's own: its unit takes the
+        next attempt (stored again first), at most SECRET_TRIES times. Any failure is raised once every write
+        has ended, and then no pod is created and the Secrets and inputs written are deleted again."""
         ctx = self.ctx
-        assert ctx.spec is not None
+        assert ctx.spec is not None and ctx.history is not None
         baseline = any(u.id == protocol.UnitKind.BASELINE for u in units)
         if units and (baseline or self.identity is None or self.identity[0] != ctx.generation):
             try:  # every pod runs as the job's own account, or a named one that is opted in
                 self.identity = (ctx.generation, await ensure_identity(ctx.kube, ctx.job, ctx.spec, publish=baseline))
             except SpecError as exc:
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
-        outcomes = await asyncio.gather(*([ctx.save()] if save else []), *(self._prepare(unit) for unit in units),
-                                        return_exceptions=True)
-        prepared = outcomes[1:] if save else outcomes
-        failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
-        if failure is not None:
-            await self._withdraw([item for item in prepared if not isinstance(item, BaseException)])
-            raise failure
-        return prepared  # type: ignore[return-value]
+        if not units:
+            if save:
+                await ctx.save()
+            return []
+        prepared: list[Start] = []
+        pending, name = list(units), ""
+        for _ in range(SECRET_TRIES):
+            plans = [plan_of(unit, self._issue(unit.id)) for unit in pending]
+            await ctx.save()  # the attempts first: no Secret exists whose attempt the stored history lacks
+            outcomes = await asyncio.gather(*(self._prepare(u, plan) for u, plan in zip(pending, plans, strict=True)),
+                                            return_exceptions=True)
+            prepared += [item for item in outcomes if isinstance(item, tuple)]
+            failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
+            if failure is not None:
+                await self._withdraw(prepared)
+                raise failure
+            taken = [(unit, plan) for unit, plan, item in zip(pending, plans, outcomes, strict=True) if item is None]
+            if not taken:
+                return prepared
+            pending = [unit for unit, _ in taken]
+            name = c.unit_key(c.unit_pod(ctx.job.name, taken[0][1].unit, taken[0][1].attempt))
+        await self._withdraw(prepared)
+        raise ForeignObject("Secret", ctx.job.namespace, name, previous=False)
+
+    def _issue(self, unit: str) -> int:
+        """The next attempt of `unit`, recorded in the history (stored before its Secret is created)."""
+        history = self.ctx.history
+        assert history is not None
+        attempt = self.attempts.next(unit, history.attempts.get(unit, -1))
+        history.attempts[unit] = attempt
+        return attempt
 
     async def _withdraw(self, prepared: list[Start]) -> None:
         """Delete the Secrets and inputs of starts whose pods will not be created (the step failed): no pod ever
@@ -277,36 +320,30 @@ class PodExecutor:
                                "deleted: %s", job.namespace, job.name, outcome)
         self.owned.difference_update(c.unit_inputs(pod) for pod in names)
 
-    async def _prepare(self, unit: WorkUnit) -> Start:
-        """Secret and inputs of a new start of `unit` (a new attempt when an older pod exists), and its pod's
-        body."""
+    async def _prepare(self, unit: WorkUnit, plan: builders.UnitPlan) -> Start | None:
+        """Secret and inputs of a new start of `unit` under `plan`'s attempt, and its pod's body; None when a Secret
+        of that attempt's name exists already (the unit takes the next attempt)."""
         ctx = self.ctx
         assert ctx.spec is not None
-        plan = plan_of(unit, self.attempts.next(unit.id))
         if plan.kind == protocol.UnitKind.BASELINE:
             await self.claim(builders.configmap(ctx.job, c.baseline_configmap(ctx.job.name), c.ROLE_BASELINE))
         # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
         # holding a key its author knows). The unit starts under the next attempt's name instead. The inputs
         # are written alongside (their name is the attempt's); a superseded attempt's are deleted again.
-        for _ in range(SECRET_TRIES):
-            secret = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, unit.id, plan.attempt)
-            secret_body = builders.unit_secret(ctx.job, plan, secret)
-            try:
-                inputs = builders.unit_inputs(ctx.job, ctx.spec_dict, plan)
-            except protocol.PayloadTooLarge as exc:
-                raise Terminal("ConfigTooLarge", str(exc)) from None
-            created, _ = await gather_all([ctx.kube.ensure(secret_body), self.claim(inputs)])
-            if created:
-                break
+        secret = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, unit.id, plan.attempt)
+        secret_body = builders.unit_secret(ctx.job, plan, secret)
+        try:
+            inputs = builders.unit_inputs(ctx.job, ctx.spec_dict, plan)
+        except protocol.PayloadTooLarge as exc:
+            raise Terminal("ConfigTooLarge", str(exc)) from None
+        created, _ = await gather_all([ctx.kube.ensure(secret_body), self.claim(inputs)])
+        if not created:
             logger.warning("%s/%s: Secret %s exists already and is not used (it may not be the job's); %s starts "
                            "as attempt %d", ctx.job.namespace, ctx.job.name, secret_body["metadata"]["name"],
                            unit.id, plan.attempt + 1)
             await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs["metadata"]["name"])
             self.owned.discard(inputs["metadata"]["name"])
-            attempt = self.attempts.latest[unit.id] = plan.attempt + 1
-            plan = plan_of(unit, attempt)
-        else:
-            raise ForeignObject("Secret", ctx.job.namespace, secret_body["metadata"]["name"], previous=False)
+            return None
         annotations = {f"{c.GROUP}/config-key": unit.tune_config.key()} if unit.tune_config is not None else None
         return plan, builders.unit_pod(ctx.job, ctx.spec, plan, ctx.config, annotations)
 

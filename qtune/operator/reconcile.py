@@ -47,11 +47,11 @@ from qtune.operator.observe import Observation
 from qtune.operator.pods import PodExecutor
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.statuswriter import StatusWriter
-from qtune.operator.store import ForeignObject, PayloadRejected, decode_published
+from qtune.operator.store import HISTORY_REJECTED, ForeignObject, PayloadRejected
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
 from qtune.spec.models import JobSpec
-from qtune.tuning import codec, stop
+from qtune.tuning import stop
 from qtune.tuning.engine import apply_outcome
 from qtune.tuning.history import History
 from qtune.tuning.resume import history_resume_message, resume_message
@@ -268,14 +268,19 @@ class JobReconciler:
         ctx = self.ctx
         if ctx.history is None:
             loaded = await ctx.store.load()
+            if loaded is None and (self.writer.last_status or {}).get("history"):
+                raise PayloadRejected(HISTORY_REJECTED, (
+                    f"ConfigMap {self.job.namespace}/{ctx.store.name} is gone although the job's status says its "
+                    "history was stored: it was deleted by someone other than the operator; the job does not start "
+                    "over. Delete and recreate the job to tune again"))
             ctx.history = loaded or History(job=self.job.name, started_at=now)
             if loaded is None:
                 await ctx.save()
         history = ctx.history
         if history.baseline is not None and self.space is None:
+            # the history is signed: its baseline's space hash is the one the baseline's signed result named
             published = await ctx.read_owned(c.baseline_configmap(self.job.name))
-            document = decode_published(published, c.SPACE_KEY)
-            self.space = codec.load(TuningSpace, document) if document is not None else None
+            self.space = self.executor.spaces.load(published, history.baseline.space_sha256)
         return history
 
     async def _admit(self, spec: JobSpec, history: History) -> None:

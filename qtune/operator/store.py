@@ -18,6 +18,20 @@ Decoding is bounded (constants.DECODED_PAYLOAD_LIMIT, streaming inflate): the ba
 job's code and publishes the tuning space through a ConfigMap, so whatever a ConfigMap holds is
 untrusted; a document inflating beyond the limit, or not gzip/JSON, is PayloadRejected and fails
 that one job (PayloadTooLarge / InvalidPayload, naming the ConfigMap and the limit).
+
+Trust boundary (issue 20): anyone who may edit ConfigMaps in the job's namespace can edit these two.
+* The history is signed: an HMAC of the operator's signing key over the job's uid, the key and the exact
+  stored value (`protocol.sign_stored`), in the annotation `qtune.io/history-signature`, written in the
+  same replace as the data (one object, one resourceVersion: the operator's own writes never race it).
+  It is checked BEFORE anything is inflated or parsed; a history that does not verify (edited, or
+  unsigned: written by an operator before issue 20, which is refused, not adopted) fails the job
+  HistoryRejected and nothing of it is believed. An earlier history the operator itself signed for the
+  job, put back, is refused by the process that stored a later one (`HistoryStore.saved`); across a
+  restart such a rollback is not detected.
+* The tuning space is bound to the baseline's signed result (`BaselineResult.space_sha256`, kept in the
+  history's baseline): `SpaceLoader` decodes it only for an accepted result, only when the stored value
+  has that hash (SpaceMismatch otherwise), under a byte and an element cap (PayloadTooLarge), at most
+  once per value.
 """
 
 from __future__ import annotations
@@ -108,23 +122,59 @@ class PayloadRejected(Exception):
         self.message = message
 
 
-def decode_bounded(body: dict[str, Any] | None, key: str, limit: int = c.DECODED_PAYLOAD_LIMIT) -> Any | None:
+def where(body: dict[str, Any] | None) -> str:
+    meta = (body or {}).get("metadata") or {}
+    return f"ConfigMap {meta.get('namespace', '?')}/{meta.get('name', '?')}"
+
+
+def decode_bounded(body: dict[str, Any] | None, key: str, limit: int = c.DECODED_PAYLOAD_LIMIT,
+                   elements: int | None = None) -> Any | None:
     """`protocol.decode_document` with the operator's bound: at most `limit` bytes are ever inflated
-    (streaming, whatever the compressed data claims); PayloadRejected otherwise."""
+    (streaming, whatever the compressed data claims), at most `elements` JSON structural characters
+    (counted before parsing); PayloadRejected otherwise."""
     try:
-        return protocol.decode_document(body, key, inflated_limit=limit)
+        return protocol.decode_document(body, key, inflated_limit=limit, element_limit=elements)
     except (protocol.PayloadTooLarge, protocol.ProtocolError) as exc:
-        meta = (body or {}).get("metadata") or {}
-        where = f"ConfigMap {meta.get('namespace', '?')}/{meta.get('name', '?')}"
         if isinstance(exc, protocol.PayloadTooLarge):
+            cap = f"{limit} bytes of JSON" + (f" holding at most {elements} elements" if elements else "")
             raise PayloadRejected(PAYLOAD_TOO_LARGE, (
-                f"{where}: {exc}; the operator decodes at most {limit} bytes of JSON (and "
+                f"{where(body)}: {exc}; the operator decodes at most {cap} (and "
                 f"{protocol.RATIO_LIMIT}x the compressed size) from a job's ConfigMap")) from None
-        raise PayloadRejected(INVALID_PAYLOAD, f"{where}: {exc}") from None
+        raise PayloadRejected(INVALID_PAYLOAD, f"{where(body)}: {exc}") from None
+
+
+HISTORY_REJECTED = "HistoryRejected"
+
+
+def check_history_signature(body: dict[str, Any], job: JobRef, signing_key: str) -> None:
+    """PayloadRejected(HistoryRejected) unless the history ConfigMap's signature annotation verifies over the
+    job's uid and its stored value; checked before anything is decoded."""
+    stored = protocol.stored_value(body, c.HISTORY_KEY)
+    signature = ((body.get("metadata") or {}).get("annotations") or {}).get(c.HISTORY_SIGNATURE)
+    if stored is not None and protocol.verify_stored(signing_key, job.uid, *stored, signature):
+        return
+    if stored is None:
+        why = "holds no history"
+    elif not signature:
+        why = (f"is not signed (no annotation {c.HISTORY_SIGNATURE}: written by someone else, or by an operator "
+               "older than issue 20, whose histories are not adopted)")
+    else:
+        why = "does not match its signature: it was changed by someone other than the operator"
+    raise PayloadRejected(HISTORY_REJECTED, (
+        f"{where(body)} {why}; nothing of it is believed. Delete and recreate the job to tune again"))
+
+
+def sign_history(body: dict[str, Any], job: JobRef, signing_key: str) -> None:
+    """Put the history's signature in `body`'s annotations (`check_history_signature` verifies it)."""
+    stored = protocol.stored_value(body, c.HISTORY_KEY)
+    assert stored is not None
+    body["metadata"].setdefault("annotations", {})[c.HISTORY_SIGNATURE] = protocol.sign_stored(
+        signing_key, job.uid, *stored)
 
 
 def decode_history(body: dict[str, Any], limit: int = c.DECODED_PAYLOAD_LIMIT) -> History | None:
-    """The history stored in a ConfigMap body (None when it holds none); PayloadRejected beyond `limit`."""
+    """The history stored in a ConfigMap body (None when it holds none); PayloadRejected beyond `limit`.
+    Its signature is not checked here (`HistoryStore.load` does, first)."""
     document = decode_bounded(body, c.HISTORY_KEY, limit)
     return None if document is None else codec.load(History, document)
 
@@ -135,12 +185,22 @@ def decode_published(body: dict[str, Any] | None, key: str, limit: int = c.DECOD
     return decode_bounded(body, key, limit)
 
 
+def progress(history: History) -> tuple[int, int]:
+    """(trials started, trials done): neither ever decreases in the history of one job."""
+    return len(history.trials), sum(1 for trial in history.trials if trial.done)
+
+
 @dataclass
 class HistoryStore:
     kube: Kube
     job: JobRef
     plain_limit: int | None = None
+    signing_key: str = ""
+    """The operator's key: the history is signed with it (`sign_history`) and refused unless it verifies."""
     resource_version: str | None = None
+    saved: tuple[int, int] = (0, 0)
+    """`progress` of the latest history this process stored: a history read back with less (an earlier one this
+    operator signed, put back by someone else) is refused. (Across a restart such a rollback is not detected.)"""
 
     @property
     def name(self) -> str:
@@ -156,16 +216,25 @@ class HistoryStore:
         self.resource_version = None
         check_owned(body, self.job)
         self.resource_version = body["metadata"].get("resourceVersion")
-        return decode_history(body)
+        check_history_signature(body, self.job, self.signing_key)
+        history = decode_history(body)
+        if history is not None and any(now < then for now, then in zip(progress(history), self.saved, strict=True)):
+            raise PayloadRejected(HISTORY_REJECTED, (
+                f"{where(body)} holds an earlier history of this job ({progress(history)} trials, done) than this "
+                f"operator stored ({self.saved}): it was put back by someone other than the operator; nothing of it "
+                "is believed. Delete and recreate the job to tune again"))
+        return history
 
     async def save(self, history: History) -> None:
         """Create or replace; raises kube.Conflict when someone else wrote it since our read."""
         data, binary = encode_history(history, self.plain_limit)
         body = configmap(self.job, self.name, c.ROLE_HISTORY, data, binary)
         body["metadata"].setdefault("annotations", {})[f"{c.GROUP}/trials"] = str(len(history.trials))
+        sign_history(body, self.job, self.signing_key)
         if self.resource_version is None:
             created = await self.kube.create_configmap(body)
         else:
             body["metadata"]["resourceVersion"] = self.resource_version
             created = await self.kube.replace_configmap(body)
         self.resource_version = created.get("metadata", {}).get("resourceVersion")
+        self.saved = progress(history)

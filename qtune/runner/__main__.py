@@ -127,13 +127,14 @@ def _run(args: argparse.Namespace) -> BaselineResult | TrialResult | ConfirmResu
         from qtune.runner.baseline import run_baseline
 
         _, baseline = run_baseline(context)
+        digest = None
         if args.publish_configmap:
             from qtune.runner.publish import publish_baseline
 
-            publish_baseline(args.publish_configmap, context.workspace)
+            digest = publish_baseline(args.publish_configmap, context.workspace)
         return BaselineResult(accuracy=baseline.accuracy, metric=baseline.metric, latency_ms=baseline.latency_ms,
                               latency_p90_ms=baseline.latency_p90_ms, model_size_bytes=baseline.model_size_bytes,
-                              seconds=baseline.seconds, peak_rss_bytes=baseline.peak_rss_bytes)
+                              seconds=baseline.seconds, peak_rss_bytes=baseline.peak_rss_bytes, space_sha256=digest)
     if args.command == UnitKind.CONFIRM:
         from qtune.runner.confirm import run_confirm
 

@@ -23,7 +23,8 @@ from qtune.spec.errors import QtuneError
 
 logger = logging.getLogger(__name__)
 
-FILES = ("space.json", "baseline.json")
+SPACE = "space.json"
+FILES = (SPACE, "baseline.json")
 NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
@@ -67,18 +68,27 @@ def _api() -> Any:
     return client.CoreV1Api()
 
 
-def publish_baseline(configmap: str, workspace: Path, namespace: str | None = None, attempts: int = 5) -> None:
-    """Merge-patch space.json and baseline.json of `workspace` into ConfigMap `configmap`."""
+def space_sha256(patch: dict[str, Any]) -> str:
+    """sha256 of space.json's value exactly as the patch stores it (plain JSON or base64 gzip): the baseline's
+    signed result carries it, and the operator decodes the published space only when the stored value has it."""
+    value = patch["binaryData"].get(f"{SPACE}.gz") or patch["data"].get(SPACE)
+    return protocol.value_sha256(str(value))
+
+
+def publish_baseline(configmap: str, workspace: Path, namespace: str | None = None, attempts: int = 5) -> str:
+    """Merge-patch space.json and baseline.json of `workspace` into ConfigMap `configmap`; the sha256 of the
+    space's stored value (`space_sha256`)."""
     from kubernetes.client import ApiException
 
     patch = configmap_patch(Path(workspace))
+    digest = space_sha256(patch)
     namespace = namespace or current_namespace()
     api = _api()
     for attempt in range(1, attempts + 1):
         try:
             api.patch_namespaced_config_map(configmap, namespace, patch)
             logger.info("published %s to ConfigMap %s/%s", ", ".join(FILES), namespace, configmap)
-            return
+            return digest
         except ApiException as exc:
             if exc.status in (401, 403, 404) or attempt == attempts:
                 raise QtuneError(f"--publish-configmap: cannot update ConfigMap {namespace}/{configmap}: "
@@ -87,3 +97,4 @@ def publish_baseline(configmap: str, workspace: Path, namespace: str | None = No
             if attempt == attempts:
                 raise QtuneError(f"--publish-configmap: {exc}") from None
         time.sleep(min(2.0 * attempt, 10.0))
+    raise QtuneError(f"--publish-configmap: cannot update ConfigMap {namespace}/{configmap}")  # attempts < 1

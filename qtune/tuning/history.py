@@ -34,6 +34,9 @@ class Baseline:
     """The name of the metric `accuracy` is (top1, a user metric's name, ...)."""
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
     """Peak resident set of the baseline's process: "calibration" (while it calibrated), "total"."""
+    space_sha256: str | None = None
+    """On a cluster: sha256 of the tuning space as the baseline pod published it (its signed result named it);
+    a restarted operator decodes the published space only when it still has this hash."""
 
 
 @dataclass
@@ -136,6 +139,9 @@ class History:
     """Cluster: what a job's pods were first created with (spec field -> value, "" for the operator's default:
     image, workspace claim, ServiceAccount); a spec asking for another value later is refused
     (qtune/operator/admission.py). Empty for local runs."""
+    attempts: dict[str, int] = field(default_factory=dict)
+    """On a cluster: unit id -> the highest attempt whose result secret the operator issued, stored BEFORE the
+    unit's Secret is created, so a restarted operator never issues the same (unit, attempt) secret again."""
 
     # --- the job's clock: THE elapsed tuning time (stop rules, status, history.json, the console) -------
     def elapsed(self, now: float) -> float:

@@ -328,6 +328,7 @@ class TuningSession:
             accuracy=float(result.accuracy), latency_ms=dict(result.latency_ms),
             latency_p90_ms=dict(result.latency_p90_ms), model_size_bytes=int(result.model_size_bytes),
             seconds=float(result.seconds), metric=result.metric, peak_rss_bytes=dict(result.peak_rss_bytes),
+            space_sha256=result.space_sha256,
         )
         self.space = space
 

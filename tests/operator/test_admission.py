@@ -155,7 +155,8 @@ def test_the_pinned_choices_are_stored_before_the_first_pod() -> None:
 
     world = _world()
     world.step()
-    stored = __import__("asyncio").run(HistoryStore(world.kube, world.reconciler.job).load())
+    stored = __import__("asyncio").run(HistoryStore(world.kube, world.reconciler.job,
+                                                  signing_key=world.reconciler.config.signing_key).load())
     assert stored is not None and stored.pinned == {"spec.trial.image": "",
                                                     "spec.workspace.persistentVolumeClaim": CLAIM,
                                                     "spec.trial.serviceAccountName": ""}
@@ -204,6 +205,7 @@ def _second_job(first: World) -> World:
     second = _world(name="resnet", uid=OTHER_UID, serviceAccountName="team-sa")
     second.kube = second.services.kube = first.kube
     second.restart()
+    second.body["status"] = {}  # the fake keeps one status (the last patch, job a's): b has none yet
     return second
 
 

@@ -505,9 +505,10 @@ def _slow_writes(world: World, log: list[tuple[str, str, float]]) -> None:
         setattr(world.kube, name, slowed(name, getattr(world.kube, name)))
 
 
-def test_a_dispatch_writes_the_history_and_the_next_units_objects_at_once_then_its_pod() -> None:
-    """The next trial's Secret and inputs are written while the history is (one API round trip, not three),
-    and its pod is created only once the history holding the finished trial is stored."""
+def test_a_dispatch_stores_the_history_then_the_next_units_objects_at_once_then_its_pod() -> None:
+    """The history (holding the finished trial and the next start's attempt) is stored first, so no unit secret
+    exists whose attempt the stored history lacks (issue 20); the next trial's Secret and inputs are then
+    written at once (one round trip, not two), and its pod only once they are."""
     world = World(job_body(spec=spec_dict(parallelTrials=1)))
     world.step()
     world.finish_running()             # the baseline
@@ -529,8 +530,9 @@ def test_a_dispatch_writes_the_history_and_the_next_units_objects_at_once_then_i
     assert pod.endswith("digits-trial-1"), spans
     started = {label: times[0] for label, times in spans.items()}
     ended = {label: times[1] for label, times in spans.items()}
-    assert max(started[history], started[secret], started[inputs]) < min(ended[history], ended[secret], ended[inputs])
-    assert started[pod] >= ended[history], "the pod only once its trial is in the stored history"
+    assert ended[history] <= min(started[secret], started[inputs]), "the attempt is stored before its Secret"
+    assert max(started[secret], started[inputs]) < min(ended[secret], ended[inputs])
+    assert started[pod] >= max(ended[history], ended[secret], ended[inputs])
 
 
 def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
@@ -551,7 +553,8 @@ def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
     with pytest.raises(ApiException):
         world.step()
     assert set(world.kube.pods) == before, "no pod for a trial whose predecessor's result is not stored"
-    assert ("Secret", c.unit_key("digits-trial-1")) in world.kube.deleted_objects, world.kube.deleted_objects
+    # the history (with the next start's attempt) is stored before any Secret: none was written
+    assert not [key for key in world.kube.objects if key[0] == "Secret" and "trial-1" in key[1]], world.kube.objects
     assert c.unit_inputs("digits-trial-1") not in world.kube.configmaps, "the inputs no pod will read are gone"
     assert ("Secret", c.unit_key("digits-trial-1")) not in world.kube.objects
     world.kube.replace_configmap = real_replace  # type: ignore[method-assign]

@@ -82,7 +82,9 @@ def test_a_document_under_the_limit_decodes_and_garbage_is_rejected() -> None:
         decode_history(_configmap("digits-history", c.HISTORY_KEY, not_gzip))
 
 
-def test_a_bomb_published_by_the_baseline_fails_only_that_job(bomb: str) -> None:
+def test_a_bomb_put_in_place_of_the_published_space_is_refused_undecoded(bomb: str) -> None:
+    """Written after the baseline signed its space's hash (by the job's code, or anyone editing ConfigMaps):
+    the value's hash is not the signed one, so it is never inflated (issue 20: SpaceMismatch)."""
     world = World(job_body(spec=spec_dict()), config=CONFIG)
     world.step()
     world.finish(BASELINE_POD)
@@ -90,19 +92,27 @@ def test_a_bomb_published_by_the_baseline_fails_only_that_job(bomb: str) -> None
     world.kube.configmaps[c.baseline_configmap("digits")]["data"] = {}
     result = world.step()
     assert result.done and world.kube.status["state"] == st.FAILED_STATE
-    assert world.kube.status["reason"] == PAYLOAD_TOO_LARGE
+    assert world.kube.status["reason"] == "SpaceMismatch"
     assert "ConfigMap ml/digits-baseline" in world.kube.status["message"]
-    assert str(c.DECODED_PAYLOAD_LIMIT) in world.kube.status["message"]
+    assert world.reconciler.executor.spaces.decodes == 0
     assert not [n for n in world.kube.created_pods if "trial" in n]
 
 
-def test_a_bomb_in_the_history_fails_the_job(bomb: str) -> None:
+def test_a_bomb_in_the_history_fails_the_job_uninflated(bomb: str) -> None:
+    """The history's signature is checked on the stored value, before anything is inflated (issue 20)."""
     world = World(job_body(spec=spec_dict()), config=CONFIG)
     world.step()
     history = world.kube.configmaps[c.history_configmap("digits")]
     history["data"] = {}
     history["binaryData"] = {c.HISTORY_GZ_KEY: bomb}
     world.restart()  # a new operator process reads the history again
-    result = world.step()
-    assert result.done and world.kube.status["reason"] == PAYLOAD_TOO_LARGE
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = world.step()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert result.done and world.kube.status["reason"] == "HistoryRejected"
     assert "ConfigMap ml/digits-history" in world.kube.status["message"]
+    assert peak < 16 * MiB, f"the step took {peak / MiB:.0f} MiB"

@@ -38,7 +38,8 @@ TRIAL = protocol.TrialResult(
     peak_rss_bytes={"calibration": 2_147_483_648, "total": 3_221_225_473})
 BASELINE = protocol.BaselineResult(accuracy=0.97, metric="top1", latency_ms={"1": 0.31, "32": 5.5},
                                    latency_p90_ms={"1": 0.4, "32": 6.25}, model_size_bytes=400_000, seconds=12.5,
-                                   peak_rss_bytes={"calibration": 987_654_321, "total": 1_234_567_890})
+                                   peak_rss_bytes={"calibration": 987_654_321, "total": 1_234_567_890},
+                                   space_sha256="9f" * 32)
 CONFIRM = protocol.ConfirmResult(candidates=[3, 5], seconds=30.25,
                                  speed={"3": {"32": _speed(32, 1.8, 4.0)}, "5": {"32": _speed(32, 1.9, 4.0)}})
 FAILED = protocol.TrialResult(trial=4, status="failed", reason="TrialError", message="ValueError: bad scale",
@@ -165,3 +166,28 @@ def test_a_busy_machines_figure_survives_the_wire() -> None:
     assert decoded.speed["16"].fell_back and decoded.speed["16"].exclusive_cpus is False
     assert not decoded.speed["1"].trusted and not decoded.speed["1"].above(1.0)
     assert _wire(TRIAL, "trial-3")[0].speed["1"].exclusive_cpus is None  # type: ignore[union-attr]
+
+
+def test_the_space_hash_is_signed_with_the_baseline_result() -> None:
+    """The published space's sha256 crosses the wire with the baseline's result and under its signature: a
+    result naming another space does not verify (issue 20)."""
+    decoded, signature = _wire(BASELINE, "baseline", "s3cret")
+    assert isinstance(decoded, protocol.BaselineResult) and decoded.space_sha256 == "9f" * 32
+    assert protocol.verify_result(UID, "baseline", decoded, "s3cret", signature)
+    other = decoded.model_copy(update={"space_sha256": "00" * 32})
+    assert not protocol.verify_result(UID, "baseline", other, "s3cret", signature)
+
+
+def test_the_element_count_is_checked_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    document = {"ops": [[1, 2], {"a": 3}]}
+    data, binary = protocol.encode_document("space.json", document)
+    assert protocol.structural_count(data["space.json"]) == 8  # {x2 [x2 ,x2 :x2
+    assert protocol.decode_document({"data": data}, "space.json", element_limit=8) == document
+    parsed: list[str] = []
+    monkeypatch.setattr("qtune.wire.json.loads", lambda text: parsed.append(text))
+    with pytest.raises(protocol.PayloadTooLarge, match="more than 7"):
+        protocol.decode_document({"data": data}, "space.json", element_limit=7)
+    data, binary = protocol.encode_document("space.json", document, plain_limit=0)
+    with pytest.raises(protocol.PayloadTooLarge, match="more than 7"):
+        protocol.decode_document({"binaryData": binary}, "space.json", element_limit=7)
+    assert parsed == [], "refused before json.loads"

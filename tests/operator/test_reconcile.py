@@ -118,9 +118,12 @@ class World:
             self.kube.finish_pod(name, phase="Failed", exitCode=protocol.EXIT_TRIAL_FAILED,
                                  message=protocol.termination_message(outcome.result.reason, outcome.result.message))
             return
-        if unit.id == protocol.UnitKind.BASELINE:
+        if unit.id == protocol.UnitKind.BASELINE:  # as the runner does: publish, then sign the stored value's hash
             data, binary = protocol.encode_document(c.SPACE_KEY, codec.dump(self.space))
             self.kube.configmaps[c.baseline_configmap("digits")].update(data=data, binaryData=binary)
+            stored = protocol.stored_value({"data": data, "binaryData": binary}, c.SPACE_KEY)
+            assert stored is not None
+            outcome.result = outcome.result.model_copy(update={"space_sha256": protocol.value_sha256(stored[1])})
         if push:
             self.push(unit.id, outcome.result, self.secret_of(pod))
         self.kube.finish_pod(name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from opfakes import FakeKube, tiny_baseline, tiny_space
 
+from qtune import protocol
 from qtune.operator import constants as c
 from qtune.operator.kube import Conflict
 from qtune.operator.layout import JobRef
@@ -105,3 +106,45 @@ def test_publish_needs_the_files(tmp_path: Path) -> None:
 
     with pytest.raises(QtuneError, match="space.json"):
         publish.configmap_patch(tmp_path)
+
+
+def test_the_published_space_hash_is_what_the_operator_checks(tmp_path: Path, monkeypatch) -> None:
+    """The runner returns the sha256 of space.json exactly as it patched it into the ConfigMap (plain or
+    gzip), and the baseline's result carries it (signed with the rest): the operator's loader accepts that
+    value under that hash (issue 20)."""
+    from qtune.operator.config import SPACE_LIMIT_BYTES, SPACE_LIMIT_ELEMENTS
+    from qtune.operator.spaces import SpaceLoader
+    from qtune.runner import __main__ as runner
+    from qtune.runner import baseline as runner_baseline
+    from qtune.tuning.history import Baseline
+
+    (tmp_path / "space.json").write_text(json.dumps(codec.dump(tiny_space())))
+    (tmp_path / "baseline.json").write_text(json.dumps({"accuracy": 0.9}))
+    patches: list[dict] = []
+
+    class Api:
+        def patch_namespaced_config_map(self, name: str, namespace: str, patch: dict) -> None:
+            patches.append(patch)
+
+    monkeypatch.setattr(publish, "_api", lambda: Api())
+    for plain_limit in (10**6, 10):
+        monkeypatch.setattr("qtune.wire.PLAIN_LIMIT", plain_limit)
+        digest = publish.publish_baseline("digits-baseline", tmp_path, namespace="ml")
+        patch = patches[-1]
+        body = {"metadata": {"name": "digits-baseline", "namespace": "ml", "resourceVersion": str(plain_limit)},
+                "data": {k: v for k, v in patch["data"].items() if v},
+                "binaryData": {k: v for k, v in patch["binaryData"].items() if v}}
+        loader = SpaceLoader(SPACE_LIMIT_BYTES, SPACE_LIMIT_ELEMENTS)
+        assert codec.dump(loader.load(body, digest)) == codec.dump(tiny_space())
+
+    class Context:
+        workspace = tmp_path
+
+    monkeypatch.setattr(runner, "_context", lambda args: Context())
+    monkeypatch.setattr(runner_baseline, "run_baseline", lambda context: (tiny_space(), Baseline(accuracy=0.9)))
+    monkeypatch.setattr(publish, "publish_baseline", lambda name, workspace: f"sha-of-{name}")
+    args = runner._parser().parse_args(["baseline", "--job-json", "{}", "--workspace", str(tmp_path),
+                                        "--publish-configmap", "digits-baseline"])
+    result = runner._run(args)
+    assert isinstance(result, protocol.BaselineResult) and result.space_sha256 == "sha-of-digits-baseline"
+    assert "sha-of-digits-baseline" in protocol.signed_payload("uid", "baseline", result)["result"].values()
