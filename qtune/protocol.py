@@ -24,7 +24,9 @@ from qtune.wire import (  # noqa: F401
     INVALID_SPEC,
     PLAIN_LIMIT,
     RATIO_LIMIT,
+    RESULT_TAG,
     TERMINATION_LIMIT,
+    GroupKey,
     PayloadTooLarge,
     ProtocolError,
     Sample,
@@ -32,9 +34,12 @@ from qtune.wire import (  # noqa: F401
     decode_document,
     derive_unit_secret,
     encode_document,
+    group_series,
+    pack_termination,
     parse_termination,
     sign,
     termination_message,
+    unpack_termination,
     verify,
 )
 
@@ -281,7 +286,7 @@ METRIC_PREFIX = "qtune_result_"
 INFO_METRIC = f"{METRIC_PREFIX}info"
 PUSH_JOB = "qtune_result"
 """The Pushgateway `job` of every result group; the grouping key adds {job_uid, unit}."""
-GROUP_LABELS = ("job_uid", "unit")
+GROUP_LABELS = ("job_uid", "unit")  # exactly these beside `job`: a group with any other is not a result
 SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", "speedup", "low", "high",
                 "confidence", "rounds", "runs_per_window", "threads", "seconds", "cpu_clock", "contended_rounds",
                 "busy", "requested_threads", "trusted", "exclusive_cpus")
@@ -401,16 +406,43 @@ def decode_result(samples: list[Sample]) -> tuple[Result, str | None]:
     return result, info.labels.get(SIGNATURE_LABEL)
 
 
+def _series_labels() -> dict[str, frozenset[str]]:
+    """metric name -> the labels the metric table itself gives its series (all others are grouping labels)."""
+    out = {INFO_METRIC: frozenset({KIND_LABEL, SIGNATURE_LABEL, *(n for f in LABEL_FIELDS.values() for n in f)})}
+    for kind in RESULT_MODELS:
+        out.update({f"{METRIC_PREFIX}{name}": frozenset() for name in SCALAR_FIELDS[kind]})
+        out.update({f"{METRIC_PREFIX}{suffix}": frozenset({key}) for suffix, key in MAP_FIELDS[kind].values()})
+    out.update({f"{METRIC_PREFIX}speed_{field}": frozenset({"batch_size", "candidate"}) for field in SPEED_FIELDS})
+    return out
+
+
+SERIES_LABELS = _series_labels()
+
+
+def group_unit(key: GroupKey) -> tuple[str, str] | None:
+    """(job_uid, unit) of a group whose grouping labels are exactly a result's; None for any other group."""
+    labels = dict(key)
+    if set(labels) != {"job", *GROUP_LABELS} or labels["job"] != PUSH_JOB:
+        return None
+    return labels["job_uid"], labels["unit"]
+
+
 def group_samples(samples: list[tuple[dict[str, str], float]]) -> dict[tuple[str, str], list[Sample]]:
-    """(labels incl. __name__ and the grouping labels, value) pairs, e.g. from a Prometheus query or a
-    parsed exposition -> {(job_uid, unit): samples with the grouping and scrape labels removed}."""
-    drop = {"__name__", "job", "instance", *GROUP_LABELS}
-    groups: dict[tuple[str, str], list[Sample]] = {}
-    for labels, value in samples:
-        name = labels.get("__name__", "")
-        if not name.startswith(METRIC_PREFIX) or labels.get("job", PUSH_JOB) != PUSH_JOB:
-            continue
-        key = (labels.get("job_uid", ""), labels.get("unit", ""))
-        own = {k: v for k, v in labels.items() if k not in drop}
-        groups.setdefault(key, []).append(Sample(name=name, labels=own, value=value))
-    return groups
+    """The well-formed groups of `samples` (group_unit) by (job_uid, unit); every other group is left out."""
+    groups = group_series(samples, METRIC_PREFIX, SERIES_LABELS)
+    return {unit: group for key, group in groups.items() if (unit := group_unit(key)) is not None}
+
+
+def result_of_termination(text: str | None) -> tuple[str, Result, str | None] | None:
+    """(unit, result, signature) of a result termination message (qtune.runner.metrics.termination_result);
+    None for any other (`Reason: message`, a log tail); ProtocolError when a tagged one does not decode."""
+    doc = unpack_termination(text)
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or doc.get("kind") not in RESULT_MODELS:
+        raise ProtocolError("result message: no known result kind")
+    try:
+        result = RESULT_MODELS[doc["kind"]].model_validate(doc.get("result"))
+    except ValueError as exc:
+        raise ProtocolError(f"result message: invalid {doc['kind']} result: {exc}") from None
+    return str(doc.get("unit", "")), result, str(doc["signature"]) if doc.get("signature") else None

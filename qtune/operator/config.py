@@ -105,6 +105,9 @@ class OperatorConfig:
                                            parse=float)
     results_poll_interval: float = setting(0.25, "period of the operator-wide query of every job's results "
                                                  "(0: each job queries alone)", parse=float)
+    results_max_bytes: int = setting(8 * 1024 * 1024, "largest Prometheus answer to a results query read (bytes); a "
+                                                     "larger one is an error, counted", parse=int)
+    results_max_series: int = setting(100_000, "most series one results query may return", parse=int)
     results_deadline_seconds: float = setting(
         RESULTS_DEADLINE_DEFAULT, "seconds a succeeded unit's result may take to become queryable (Prometheus "
                                   "or the Pushgateway down) before the unit fails MetricsUnavailable; at least "
