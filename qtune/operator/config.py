@@ -130,6 +130,9 @@ class OperatorConfig:
                           env="QTUNE_TRIAL_VENDOR")
     isa_label: str = setting(c.DEFAULT_ISA_LABEL, "NFD label (value \"true\") the default node affinity "
                                                   "requires besides the vendor")
+    pushed_results_only: bool = setting(False, "believe a result only from Prometheus (the Pushgateway copy), never "
+                                               "from the pod's termination message (tests of the Prometheus path)",
+                                        parse=_flag_bool)
     keep_succeeded_pods: bool = setting(False, "keep pods whose results are recorded (failed pods are kept)",
                                         parse=_flag_bool)
     pod_env: dict[str, str] = setting(help="extra environment of every pod the operator creates (JSON object)",

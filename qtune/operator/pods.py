@@ -207,7 +207,8 @@ class PodExecutor:
             poller.watch(job.uid, any(not recorded(history, unit) and (not pod.done or pod.phase == "Succeeded")
                                       for unit, pod in pods.items()))
         results = dict(poller.results(job.uid)) if poller is not None else {}
-        for unit, observed in self._terminated(pods, history).items():
+        terminated = {} if self.ctx.config.pushed_results_only else self._terminated(pods, history)
+        for unit, observed in terminated.items():
             if unit not in results or judge(job, observed, pods.get(unit), self.ctx.config.signing_key) == ACCEPT:
                 results[unit] = observed
         needed = any(pod.phase == "Succeeded" and unit not in results and not recorded(history, unit)

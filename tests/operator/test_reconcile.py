@@ -276,6 +276,16 @@ def test_a_deleted_push_does_not_matter_when_the_termination_message_has_the_res
     assert world.results.queries == queries, "Prometheus was not even asked"
 
 
+def test_pushed_results_only_ignores_the_termination_message() -> None:
+    from qtune.runner.metrics import termination_result
+
+    world = World(config=OperatorConfig(**{**make_config().__dict__, "pushed_results_only": True}))
+    genuine, signature = _trial_0_succeeds(world)
+    world.kube.finish_pod("digits-trial-0", message=termination_result("trial-0", genuine, signature))
+    world.step()
+    assert world.kube.status["trials"]["finished"] == 0 and world.kube.status["reason"] == st.WAITING_FOR_RESULTS
+
+
 def test_a_termination_message_signed_with_another_key_is_not_believed() -> None:
     from qtune.runner.metrics import termination_result
 
