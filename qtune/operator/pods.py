@@ -208,9 +208,12 @@ class PodExecutor:
                                       for unit, pod in pods.items()))
         results = dict(poller.results(job.uid)) if poller is not None else {}
         terminated = {} if self.ctx.config.pushed_results_only else self._terminated(pods, history)
+        unverified = {}  # judged (and reported) only when Prometheus has nothing better
         for unit, observed in terminated.items():
-            if unit not in results or judge(job, observed, pods.get(unit), self.ctx.config.signing_key) == ACCEPT:
+            if judge(job, observed, pods.get(unit), self.ctx.config.signing_key) == ACCEPT:
                 results[unit] = observed
+            else:
+                unverified[unit] = observed
         needed = any(pod.phase == "Succeeded" and unit not in results and not recorded(history, unit)
                      for unit, pod in pods.items())
         if needed and services.prometheus is not None:
@@ -223,7 +226,7 @@ class PodExecutor:
                 self.results.error = str(exc)
         elif needed:
             self.results.error = "no Prometheus URL configured (--prometheus-url / QTUNE_PROMETHEUS_URL)"
-        return results
+        return {**unverified, **results}
 
     def _terminated(self, pods: dict[str, PodSummary], history: History) -> dict[str, Observed]:
         """unit -> the signed result its succeeded, unrecorded pod left in its termination message."""

@@ -121,9 +121,12 @@ def parse_vector(body: bytes, max_series: int = MAX_SERIES) -> list[dict[str, An
         payload = payload if isinstance(payload, dict) else {}
         raise MetricsError(f"Prometheus query failed: {payload.get('errorType')}: {payload.get('error')}")
     data = payload.get("data") or {}
-    if data.get("resultType") != "vector":
-        raise MetricsError(f"Prometheus returned {data.get('resultType')!r}, expected a vector")
-    result = list(data.get("result") or [])
+    if not isinstance(data, dict) or data.get("resultType") != "vector":
+        kind = data.get("resultType") if isinstance(data, dict) else type(data).__name__
+        raise MetricsError(f"Prometheus returned {kind!r}, expected a vector")
+    result = data.get("result") or []
+    if not isinstance(result, list):
+        raise MetricsError("Prometheus returned no list of samples")
     if len(result) > max_series:
         raise TooLarge(f"Prometheus answer too large: {len(result)} series, more than {max_series}")
     return result
