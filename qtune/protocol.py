@@ -12,11 +12,24 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# Re-exported: the unit vocabulary lives in qtune.units.
+from qtune.units import (  # noqa: F401
+    JOBS_FOLDER,
+    LONG_UNIT_FACTOR,
+    LONG_UNIT_FLOOR_SECONDS,
+    TRIAL_PREFIX,
+    UnitKind,
+    is_job_folder,
+    job_folder,
+    trial_unit,
+    unit_kind,
+    unit_timeout_seconds,
+    unit_trial_index,
+)
 
 # Re-exported: the message-free encodings live in qtune.wire, and `from qtune.protocol import X` keeps working.
 from qtune.wire import (  # noqa: F401
@@ -25,7 +38,9 @@ from qtune.wire import (  # noqa: F401
     INVALID_SPEC,
     PLAIN_LIMIT,
     RATIO_LIMIT,
+    RESULT_TAG,
     TERMINATION_LIMIT,
+    GroupKey,
     PayloadTooLarge,
     ProtocolError,
     Sample,
@@ -33,12 +48,15 @@ from qtune.wire import (  # noqa: F401
     decode_document,
     derive_unit_secret,
     encode_document,
+    group_series,
+    pack_termination,
     parse_termination,
     sign,
     sign_stored,
     stored_value,
     structural_count,
     termination_message,
+    unpack_termination,
     value_sha256,
     verify,
     verify_stored,
@@ -51,19 +69,6 @@ EXIT_TRIAL_FAILED = 2
 """The trial ran and failed (its result says why): recorded, the search goes on."""
 
 SUCCEEDED, FAILED = "succeeded", "failed"
-
-
-class UnitKind(StrEnum):
-    """The kinds of unit of work. A str: the values are what the wire, the pods' labels and args, the runner's
-    commands and stored histories carry. The baseline, the confirmation and the cleanup are one per job, so
-    each one's unit id is its kind's value; a trial's id is `trial-<n>` (`trial_unit`)."""
-
-    BASELINE = "baseline"
-    TRIAL = "trial"
-    CONFIRM = "confirm"
-    CLEANUP = "cleanup"
-    """Operator only: the short pod that deletes the models of non-winning trials when a job ends (no result)."""
-
 
 
 class _Message(BaseModel):
@@ -232,60 +237,6 @@ def verify_result(job_uid: str, unit: str, result: Result, secret: str, signatur
     return verify(signed_payload(job_uid, unit, result), secret, signature)
 
 
-# --- unit ids and limits ------------------------------------------------------------------------
-LONG_UNIT_FACTOR = 2
-"""The baseline and the confirmation may take this many trial timeouts ..."""
-LONG_UNIT_FLOOR_SECONDS = 600
-"""... and at least this long: the baseline also measures op sensitivity and profiles the graph."""
-
-
-def unit_timeout_seconds(kind: UnitKind, trial_timeout: float) -> float:
-    """The wall-clock limit of one unit, the same for a local process and a pod."""
-    if kind == UnitKind.TRIAL:
-        return float(trial_timeout)
-    return float(max(LONG_UNIT_FACTOR * trial_timeout, LONG_UNIT_FLOOR_SECONDS))
-
-
-TRIAL_PREFIX = f"{UnitKind.TRIAL.value}-"
-
-
-def trial_unit(index: int) -> str:
-    return f"{TRIAL_PREFIX}{int(index)}"
-
-
-def unit_trial_index(unit: str) -> int | None:
-    """3 for "trial-3"; None for "baseline", "confirm" or anything else."""
-    if unit.startswith(TRIAL_PREFIX) and unit[len(TRIAL_PREFIX):].isdigit():
-        return int(unit[len(TRIAL_PREFIX):])
-    return None
-
-
-JOBS_FOLDER = ".qtune"
-"""The folder of the workspace PVC holding one folder per job object (`job_folder`), all the operator writes."""
-_JOB_FOLDER = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?-[0-9a-f]{8}")
-
-
-def job_folder(name: str, uid: str) -> str:
-    """`<name>-<uid8>`: the job object's own folder in JOBS_FOLDER, the only place its pods may write."""
-    return f"{name}-{uid[:8]}"
-
-
-def is_job_folder(folder: str) -> bool:
-    """A name `job_folder` gives a real job (a DNS name of at most 63 characters, `-`, 8 hex digits): never a
-    path, `.`, `..` or a parent. What a folder cleanup may delete, checked by the operator and the runner."""
-    return bool(_JOB_FOLDER.fullmatch(folder)) and ".." not in folder
-
-
-def unit_kind(unit: str) -> UnitKind | None:
-    """The kind of the unit with this id: TRIAL for "trial-3", BASELINE for "baseline", ...; None for an id that
-    is no unit's."""
-    if unit_trial_index(unit) is not None:
-        return UnitKind.TRIAL
-    if unit in (UnitKind.BASELINE, UnitKind.CONFIRM, UnitKind.CLEANUP):
-        return UnitKind(unit)
-    return None
-
-
 def result_kind(result: Result) -> UnitKind:
     if isinstance(result, BaselineResult):
         return UnitKind.BASELINE
@@ -307,7 +258,7 @@ METRIC_PREFIX = "qtune_result_"
 INFO_METRIC = f"{METRIC_PREFIX}info"
 PUSH_JOB = "qtune_result"
 """The Pushgateway `job` of every result group; the grouping key adds {job_uid, unit}."""
-GROUP_LABELS = ("job_uid", "unit")
+GROUP_LABELS = ("job_uid", "unit")  # exactly these beside `job`: a group with any other is not a result
 SPEED_FIELDS = ("batch_size", "p50_ms", "p90_ms", "fp32_p50_ms", "fp32_p90_ms", "speedup", "low", "high",
                 "confidence", "rounds", "runs_per_window", "threads", "seconds", "cpu_clock", "contended_rounds",
                 "busy", "requested_threads", "trusted", "exclusive_cpus")
@@ -427,16 +378,43 @@ def decode_result(samples: list[Sample]) -> tuple[Result, str | None]:
     return result, info.labels.get(SIGNATURE_LABEL)
 
 
+def _series_labels() -> dict[str, frozenset[str]]:
+    """metric name -> the labels the metric table itself gives its series (all others are grouping labels)."""
+    out = {INFO_METRIC: frozenset({KIND_LABEL, SIGNATURE_LABEL, *(n for f in LABEL_FIELDS.values() for n in f)})}
+    for kind in RESULT_MODELS:
+        out.update({f"{METRIC_PREFIX}{name}": frozenset() for name in SCALAR_FIELDS[kind]})
+        out.update({f"{METRIC_PREFIX}{suffix}": frozenset({key}) for suffix, key in MAP_FIELDS[kind].values()})
+    out.update({f"{METRIC_PREFIX}speed_{field}": frozenset({"batch_size", "candidate"}) for field in SPEED_FIELDS})
+    return out
+
+
+SERIES_LABELS = _series_labels()
+
+
+def group_unit(key: GroupKey) -> tuple[str, str] | None:
+    """(job_uid, unit) of a group whose grouping labels are exactly a result's; None for any other group."""
+    labels = dict(key)
+    if set(labels) != {"job", *GROUP_LABELS} or labels["job"] != PUSH_JOB:
+        return None
+    return labels["job_uid"], labels["unit"]
+
+
 def group_samples(samples: list[tuple[dict[str, str], float]]) -> dict[tuple[str, str], list[Sample]]:
-    """(labels incl. __name__ and the grouping labels, value) pairs, e.g. from a Prometheus query or a
-    parsed exposition -> {(job_uid, unit): samples with the grouping and scrape labels removed}."""
-    drop = {"__name__", "job", "instance", *GROUP_LABELS}
-    groups: dict[tuple[str, str], list[Sample]] = {}
-    for labels, value in samples:
-        name = labels.get("__name__", "")
-        if not name.startswith(METRIC_PREFIX) or labels.get("job", PUSH_JOB) != PUSH_JOB:
-            continue
-        key = (labels.get("job_uid", ""), labels.get("unit", ""))
-        own = {k: v for k, v in labels.items() if k not in drop}
-        groups.setdefault(key, []).append(Sample(name=name, labels=own, value=value))
-    return groups
+    """The well-formed groups of `samples` (group_unit) by (job_uid, unit); every other group is left out."""
+    groups = group_series(samples, METRIC_PREFIX, SERIES_LABELS)
+    return {unit: group for key, group in groups.items() if (unit := group_unit(key)) is not None}
+
+
+def result_of_termination(text: str | None) -> tuple[str, Result, str | None] | None:
+    """(unit, result, signature) of a result termination message (qtune.runner.metrics.termination_result);
+    None for any other (`Reason: message`, a log tail); ProtocolError when a tagged one does not decode."""
+    doc = unpack_termination(text)
+    if doc is None:
+        return None
+    if not isinstance(doc, dict) or doc.get("kind") not in RESULT_MODELS:
+        raise ProtocolError("result message: no known result kind")
+    try:
+        result = RESULT_MODELS[doc["kind"]].model_validate(doc.get("result"))
+    except ValueError as exc:
+        raise ProtocolError(f"result message: invalid {doc['kind']} result: {exc}") from None
+    return str(doc.get("unit", "")), result, str(doc["signature"]) if doc.get("signature") else None

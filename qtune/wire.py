@@ -88,6 +88,29 @@ class Sample(BaseModel):
     value: float
 
 
+GroupKey = tuple[tuple[str, str], ...]
+"""A Pushgateway group's full grouping-label set, sorted (label, value) pairs."""
+
+
+def group_series(samples: list[tuple[dict[str, str], float]], prefix: str,
+                 own_labels: dict[str, frozenset[str]]) -> dict[GroupKey, list[Sample]]:
+    """(labels incl. __name__, value) pairs of series named `prefix...` (a Prometheus query, a parsed
+    exposition) -> {full grouping-label set: its samples with their own labels only}. A series' grouping
+    labels are all its labels but `__name__` and the ones `own_labels[name]` says the series carries itself;
+    empty ones count as absent (as Prometheus stores them). Two pushed groups never merge here unless their
+    grouping labels are equal."""
+    groups: dict[GroupKey, list[Sample]] = {}
+    for labels, value in samples:
+        name = labels.get("__name__", "")
+        if not name.startswith(prefix):
+            continue
+        own_names = own_labels.get(name, frozenset())
+        key = tuple(sorted((k, v) for k, v in labels.items() if v != "" and k != "__name__" and k not in own_names))
+        own = {k: v for k, v in labels.items() if k in own_names}
+        groups.setdefault(key, []).append(Sample(name=name, labels=own, value=value))
+    return groups
+
+
 # --- the runner's termination message ----------------------------------------------------------
 TERMINATION_LIMIT = 4096
 """Kubernetes keeps at most 4096 bytes of a container's termination message."""
@@ -111,6 +134,44 @@ def parse_termination(text: str | None) -> tuple[str | None, str]:
     if match:
         return match.group(1), match.group(2).strip()
     return None, text
+
+
+RESULT_TAG = "qtune-result/v1 "
+"""Prefix of a termination message that carries a unit's signed result (zlib + base64 JSON after it)."""
+RESULT_INFLATED_LIMIT = 256 * 1024
+"""A termination message's result may not inflate beyond this."""
+
+
+def pack_termination(document: Any) -> str | None:
+    """`RESULT_TAG` + base64(zlib(JSON of `document`)), or None when that exceeds TERMINATION_LIMIT bytes."""
+    import base64
+    import zlib
+
+    raw = json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
+    text = RESULT_TAG + base64.b64encode(zlib.compress(raw, 9)).decode()
+    return text if len(text.encode()) <= TERMINATION_LIMIT else None
+
+
+def unpack_termination(text: str | None) -> Any | None:
+    """The document of a `pack_termination` message; None for any other message (a failure's `Reason:
+    message`, a log tail); ProtocolError for a tagged one that does not decode within the limits."""
+    import base64
+    import zlib
+
+    text = (text or "").strip()
+    if not text.startswith(RESULT_TAG.strip()):
+        return None
+    body = text[len(RESULT_TAG.strip()):].strip()
+    if len(body) > TERMINATION_LIMIT:
+        raise ProtocolError(f"result message of {len(body)} bytes: more than {TERMINATION_LIMIT}")
+    try:
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(base64.b64decode(body, validate=True), RESULT_INFLATED_LIMIT + 1)
+        if len(raw) > RESULT_INFLATED_LIMIT or inflater.unconsumed_tail:
+            raise ProtocolError(f"result message inflates beyond {RESULT_INFLATED_LIMIT} bytes")
+        return json.loads(raw)
+    except (ValueError, zlib.error, RecursionError) as exc:
+        raise ProtocolError(f"result message does not decode: {type(exc).__name__}: {exc}") from None
 
 
 # --- ConfigMap payloads -------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class Janitor:
         ctx, owned = self.ctx, self.executor.owned
         if ctx.services.pushgateway is not None:
             try:
-                await ctx.services.pushgateway.delete_group(ctx.job.uid, unit)
+                await ctx.services.pushgateway.delete_unit_groups(ctx.job.uid, unit)
             except MetricsError as exc:
                 logger.warning("%s/%s: %s: %s", ctx.job.namespace, ctx.job.name, unit, exc)
                 return

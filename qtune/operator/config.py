@@ -132,6 +132,9 @@ class OperatorConfig:
                                            parse=float)
     results_poll_interval: float = setting(0.25, "period of the operator-wide query of every job's results "
                                                  "(0: each job queries alone)", parse=float)
+    results_max_bytes: int = setting(8 * 1024 * 1024, "largest Prometheus answer to a results query read (bytes); a "
+                                                     "larger one is an error, counted", parse=int)
+    results_max_series: int = setting(100_000, "most series one results query may return", parse=int)
     results_deadline_seconds: float = setting(
         RESULTS_DEADLINE_DEFAULT, "seconds a succeeded unit's result may take to become queryable (Prometheus "
                                   "or the Pushgateway down) before the unit fails MetricsUnavailable; at least "
@@ -154,6 +157,9 @@ class OperatorConfig:
                           env="QTUNE_TRIAL_VENDOR")
     isa_label: str = setting(c.DEFAULT_ISA_LABEL, "NFD label (value \"true\") the default node affinity "
                                                   "requires besides the vendor")
+    pushed_results_only: bool = setting(False, "believe a result only from Prometheus (the Pushgateway copy), never "
+                                               "from the pod's termination message (tests of the Prometheus path)",
+                                        parse=_flag_bool)
     keep_succeeded_pods: bool = setting(False, "keep pods whose results are recorded (failed pods are kept)",
                                         parse=_flag_bool)
     pod_env: dict[str, str] = setting(help="extra environment of every pod the operator creates (JSON object)",

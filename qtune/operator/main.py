@@ -176,7 +176,9 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
                                   [ns for ns in memo.namespaces if not any(ch in ns for ch in "*?[]!")])
     session = aiohttp.ClientSession()
     memo.http = session
-    prometheus = PrometheusClient(config.prometheus_url, session) if config.prometheus_url else None
+    prometheus = PrometheusClient(config.prometheus_url, session, max_bytes=config.results_max_bytes,
+                                  max_series=config.results_max_series,
+                                  rejected=memo.metrics.results_rejected) if config.prometheus_url else None
     poller = None
     if prometheus is not None and config.results_poll_interval > 0:
         poller = ResultsPoller(prometheus, config.results_poll_interval, memo.wakeups, memo.metrics.errors)

@@ -33,7 +33,7 @@ from qtune.operator.observe import Limits, Observation, observe, recorded
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import MetricsError
 from qtune.operator.rbac import ensure_identity
-from qtune.operator.results import ACCEPT, Observed, judge, unit_pods
+from qtune.operator.results import ACCEPT, Observed, judge, terminated_result, unit_pods
 from qtune.operator.spaces import SpaceLoader
 from qtune.operator.store import OWNED, ForeignObject, ownership
 from qtune.spec.errors import SpecError
@@ -90,6 +90,8 @@ class ResultWatch:
     """unit -> when its finished pod started waiting for its result (this process's clock)."""
     error: str | None = None
     """The last error of a results query (the job's own or the operator-wide poller's); None once one worked."""
+    terminated: dict[str, Observed | None] = field(default_factory=dict)
+    """pod uid -> the signed result in its termination message (None: none there), decoded once per pod."""
 
 
 @dataclass
@@ -214,11 +216,23 @@ class PodExecutor:
                 running.add(unit)
 
     async def _results(self, pods: dict[str, PodSummary], history: History) -> dict[str, Observed]:
-        """The job's queryable results: the operator-wide poller's snapshot, plus a query of this job
-        when a unit's pod has succeeded and the snapshot lacks its result."""
+        """The job's results: the operator-wide poller's snapshot, plus a query of this job when a unit's pod has
+        succeeded and neither the snapshot nor the pod's termination message has its result. A verified result
+        in a succeeded pod's termination message is preferred to the pushed copy: only the kubelet writes a pod's
+        status, while anyone reaching the Pushgateway may spoil or delete a group."""
         services, job = self.ctx.services, self.ctx.job
         poller = services.poller
+        if poller is not None:  # the poller asks Prometheus only about jobs that wait for a result
+            poller.watch(job.uid, any(not recorded(history, unit) and (not pod.done or pod.phase == "Succeeded")
+                                      for unit, pod in pods.items()))
         results = dict(poller.results(job.uid)) if poller is not None else {}
+        terminated = {} if self.ctx.config.pushed_results_only else self._terminated(pods, history)
+        unverified = {}  # judged (and reported) only when Prometheus has nothing better
+        for unit, observed in terminated.items():
+            if judge(job, observed, pods.get(unit), self.ctx.config.signing_key) == ACCEPT:
+                results[unit] = observed
+            else:
+                unverified[unit] = observed
         needed = any(pod.phase == "Succeeded" and unit not in results and not recorded(history, unit)
                      for unit, pod in pods.items())
         if needed and services.prometheus is not None:
@@ -231,7 +245,26 @@ class PodExecutor:
                 self.results.error = str(exc)
         elif needed:
             self.results.error = "no Prometheus URL configured (--prometheus-url / QTUNE_PROMETHEUS_URL)"
-        return results
+        return {**unverified, **results}
+
+    def _terminated(self, pods: dict[str, PodSummary], history: History) -> dict[str, Observed]:
+        """unit -> the signed result its succeeded, unrecorded pod left in its termination message."""
+        cache, out = self.results.terminated, {}
+        for unit, pod in pods.items():
+            if pod.phase != "Succeeded" or recorded(history, unit):
+                continue
+            if pod.uid not in cache:
+                cache[pod.uid] = terminated_result(pod)
+                if cache[pod.uid] is None and (pod.message or "").startswith(protocol.RESULT_TAG.strip()):
+                    logger.warning("%s/%s: pod %s: its termination message holds no valid result",
+                                   self.ctx.job.namespace, self.ctx.job.name, pod.name)
+            found = cache[pod.uid]
+            if found is not None:
+                out[unit] = found
+        live = {pod.uid for pod in pods.values()}
+        for uid in [uid for uid in cache if uid not in live]:
+            del cache[uid]
+        return out
 
     # ----------------------------------------------------------------------------------------
     # cancel, start

@@ -1,6 +1,7 @@
 """Which observed results the operator may believe: a result counts only with proof of origin.
 
-A result read from Prometheus is accepted for unit U of job J only when
+A result read from Prometheus, or from the termination message of U's succeeded pod (preferred: see
+qtune/operator/pods.py `_results`), is accepted for unit U of job J only when
   * the pod of U exists in J's namespace, J owns it (ownerReference uid), its name is the one the
     operator gave U's attempt, and it has finished (Succeeded) — not merely labelled with J's uid;
   * its signature verifies with U's secret, derived from the operator's signing key, J's uid, U
@@ -33,6 +34,18 @@ class Observed:
     unit: str
     result: protocol.Result
     signature: str | None
+
+
+def terminated_result(pod: PodSummary) -> Observed | None:
+    """The signed result a pod's runner left in its termination message (qtune.runner.metrics.termination_result),
+    for the pod's own unit; None when there is none or it does not decode (then the pushed copy is awaited)."""
+    try:
+        found = protocol.result_of_termination(pod.message)
+    except protocol.ProtocolError:
+        return None
+    if found is None or found[0] != pod.unit:
+        return None
+    return Observed(pod.unit, found[1], found[2])
 
 
 def unit_pods(job: JobRef, pods: Iterable[PodSummary]) -> dict[str, PodSummary]:

@@ -21,16 +21,17 @@ from qtune.operator.prom import PUSH_JOB, MetricsError, PushgatewayClient
 logger = logging.getLogger(__name__)
 
 
-def orphan_groups(groups: list[dict[str, str]], live: set[str] | None, deleted: set[str]) -> list[tuple[str, str]]:
-    """(job_uid, unit) of qtune groups whose job is gone: not in `live` (None: unknown, then only the uids
-    known `deleted` go)."""
+def orphan_groups(groups: list[dict[str, str]], live: set[str] | None, deleted: set[str]) -> list[dict[str, str]]:
+    """The full grouping labels of qtune groups whose job is gone: not in `live` (None: unknown, then only the
+    uids known `deleted` go). Any group of job `qtune_result` counts, whatever other labels it was pushed with
+    (one pushed beside a result to spoil it goes with the result)."""
     out = []
     for group in groups:
         uid = group.get("job_uid") or ""
         if group.get("job") != PUSH_JOB or not uid:
             continue
         if (live is not None and uid not in live) or (live is None and uid in deleted):
-            out.append((uid, group.get("unit", "")))
+            out.append(dict(group))
     return out
 
 
@@ -59,14 +60,13 @@ class GroupSweeper:
                 raise
             live = None  # may not list every job: sweep only what it saw deleted
         doomed = orphan_groups(groups, live, self.deleted)
-        for uid, unit in doomed:
-            await self.pushgateway.delete_group(uid, unit)
+        swept = sum([await self.pushgateway.delete_labels(group) for group in doomed])  # a 404 deleted nothing
+        uids = {group["job_uid"] for group in doomed}
         if doomed:
-            logger.info("swept %d Pushgateway group(s) of %d deleted job(s)", len(doomed),
-                        len({uid for uid, _ in doomed}))
-        self.deleted.difference_update({uid for uid, _ in doomed})
-        self.swept += len(doomed)
-        return len(doomed)
+            logger.info("swept %d Pushgateway group(s) of %d deleted job(s)", swept, len(uids))
+        self.deleted.difference_update(uids)
+        self.swept += swept
+        return swept
 
     async def run(self) -> None:
         """Sweep until cancelled; a failure (the Pushgateway down) is logged and retried next period."""

@@ -2,10 +2,11 @@
 (cleanup: see qtune/runner/cleanup.py).
 
 Each command writes its typed result (qtune/protocol.py) to `--result` as JSON and, with a
-Pushgateway, pushes it as metrics. Exit codes (protocol): 0 done, 2 the trial ran and failed (its
-result says why), 1 the job itself is unusable (bad spec, model or data): the message is the
-last line of stderr and the termination message (the pod's, or the file QTUNE_TERMINATION_LOG
-names).
+Pushgateway, pushes it as metrics; a succeeded unit's signed result also goes into its termination
+message (the copy the operator prefers: only the kubelet writes it into the pod's status). Exit
+codes (protocol): 0 done, 2 the trial ran and failed (its result says why), 1 the job itself is
+unusable (bad spec, model or data): the message is the last line of stderr and the termination
+message `Reason: message` (the pod's, or the file QTUNE_TERMINATION_LOG names).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from qtune.protocol import (  # noqa: E402 - after the SIGTERM handler
     EXIT_TRIAL_FAILED,
     FAILED,
     INVALID_SPEC,
+    TERMINATION_LIMIT,
     BaselineResult,
     ConfirmResult,
     TrialResult,
@@ -95,9 +97,22 @@ def write_termination(text: str) -> None:
     path = Path(os.environ.get("QTUNE_TERMINATION_LOG", TERMINATION_LOG))
     try:
         if path.parent.is_dir():
-            path.write_text(text[:4000])
+            path.write_bytes(text.encode()[:TERMINATION_LIMIT])
     except OSError:
         pass
+
+
+def _terminate_with_result(unit: str, result: BaselineResult | TrialResult | ConfirmResult, signature: str) -> None:
+    """A succeeded unit's signed result also in its termination message: the operator prefers that copy (only
+    the kubelet writes a pod's status), so a poisoned or deleted Pushgateway group cannot spoil it."""
+    from qtune.runner.metrics import termination_result
+
+    text = termination_result(unit, result, signature)
+    if text is None:
+        logger.info("the result of %s is over %d bytes encoded: the pushed copy alone carries it", unit,
+                    TERMINATION_LIMIT)
+        return
+    write_termination(text)
 
 
 def _read_json(value: str, what: str) -> Any:
@@ -193,13 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         # gathers (a published ConfigMap carries the space, not the verdict), so a push that never gets
         # through fails the unit now, naming why, instead of leaving the job to wait for its results deadline.
         try:
-            push_result(args.pushgateway, args.job_uid, unit, result)
+            signature = push_result(args.pushgateway, args.job_uid, unit, result)
         except Exception as exc:  # noqa: BLE001 - after push_result's retries
             logger.error("could not push the result of %s to %s: %s", unit, args.pushgateway, exc)
             text = f"the result could not be pushed to {args.pushgateway}: {type(exc).__name__}: {exc}"[:2000]
             write_termination(termination_message("PushFailed", text))
             print(f"error: {text}", file=sys.stderr)  # noqa: T201 - the last line the caller reads
             return code if code != EXIT_OK else EXIT_TRIAL_FAILED
+        if code == EXIT_OK and signature:
+            _terminate_with_result(unit, result, signature)
     if code != EXIT_OK:
         message = result.message or result.reason or "failed"
         write_termination(termination_message(result.reason or "Failed", message))

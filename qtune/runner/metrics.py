@@ -167,5 +167,15 @@ def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | di
     return signature
 
 
+def termination_result(unit: int | str, result: Result | dict[str, Any], signature: str) -> str | None:
+    """The pod's termination message carrying its signed result (what only the kubelet copies into the pod's
+    status, so no other tenant can alter, delete or delay it; the operator prefers it to the pushed copy);
+    None when it does not fit in the 4096 bytes Kubernetes keeps (then the push alone carries it)."""
+    unit = unit_id(unit)
+    message = as_result(unit, result)
+    return protocol.pack_termination({"unit": unit, "kind": protocol.result_kind(message).value,
+                                      "signature": signature, "result": message.model_dump(mode="python")})
+
+
 def delete_result(gateway: str, job_uid: str, unit: int | str) -> None:
     delete_from_gateway(gateway, job=PUSH_JOB, grouping_key=grouping_key(job_uid, unit_id(unit)), timeout=10)

@@ -219,6 +219,10 @@ class FakeResults:
         self.deleted.append(str(unit))
         self.results.pop(str(unit), None)
 
+    async def delete_unit_groups(self, job_uid: str, unit: str) -> int:
+        await self.delete_group(job_uid, unit)
+        return 1
+
     async def delete_job_groups(self, job_uid: str) -> int:
         count = len(self.results)
         self.results.clear()
@@ -242,3 +246,6 @@ class FakePoller:
 
     def results(self, job_uid: str) -> dict[str, Any]:
         return dict(self.snapshot)
+
+    def watch(self, job_uid: str, waiting: bool) -> None:
+        self.waiting = waiting

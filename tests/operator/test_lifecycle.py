@@ -297,7 +297,7 @@ class FlakyPrometheus:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def all_results(self) -> dict[str, Any]:
+    async def results_of(self, uids: Any) -> dict[str, Any]:
         self.calls += 1
         if self.calls == 1:
             raise KeyError("an unexpected bug")
@@ -311,7 +311,8 @@ def test_the_results_poller_survives_any_exception(caplog: pytest.LogCaptureFixt
 
     metrics = OperatorMetrics()
     prometheus = FlakyPrometheus()
-    poller = ResultsPoller(prometheus, 0.0, {}, metrics.errors)  # type: ignore[arg-type]
+    poller = ResultsPoller(prometheus, 0.0, {UID: asyncio.Event()}, metrics.errors)  # type: ignore[arg-type]
+    poller.watch(UID, True)
 
     async def run() -> None:
         task = asyncio.create_task(poller.run())
@@ -399,8 +400,9 @@ class FakeGateway:
     async def groups(self) -> list[dict[str, str]]:
         return list(self.groups_)
 
-    async def delete_group(self, uid: str, unit: str) -> None:
-        self.deleted.append((uid, unit))
+    async def delete_labels(self, labels: dict[str, str]) -> bool:
+        self.deleted.append((labels["job_uid"], labels["unit"]))
+        return labels.get("x") != "404"
 
 
 GROUPS = [{"job": PUSH_JOB, "job_uid": "live", "unit": "trial-0"},
@@ -410,9 +412,9 @@ GROUPS = [{"job": PUSH_JOB, "job_uid": "live", "unit": "trial-0"},
 
 
 def test_the_sweep_deletes_only_qtune_groups_of_jobs_that_do_not_exist() -> None:
-    assert orphan_groups(GROUPS, {"live"}, set()) == [("gone", "trial-0"), ("gone", "baseline")]
+    assert orphan_groups(GROUPS, {"live"}, set()) == GROUPS[1:3]
     assert orphan_groups(GROUPS, None, set()) == [], "without the list of jobs: only jobs seen deleted"
-    assert orphan_groups(GROUPS, None, {"gone"}) == [("gone", "trial-0"), ("gone", "baseline")]
+    assert orphan_groups(GROUPS, None, {"gone"}) == GROUPS[1:3]
     gateway = FakeGateway(GROUPS)
 
     async def live() -> set[str]:
@@ -434,6 +436,20 @@ def test_the_sweep_without_rights_to_list_jobs_sweeps_only_jobs_seen_deleted() -
     sweeper = GroupSweeper(gateway, forbidden, 1.0, {"gone"})  # type: ignore[arg-type]
     assert asyncio.run(sweeper.sweep_once()) == 2
     assert ("live", "trial-0") not in gateway.deleted
+
+
+def test_the_sweep_deletes_groups_pushed_with_extra_labels_and_counts_only_what_it_deleted() -> None:
+    poison = {"job": PUSH_JOB, "job_uid": "gone", "unit": "trial-0", "x": "1"}
+    missing = {"job": PUSH_JOB, "job_uid": "gone", "unit": "trial-1", "x": "404"}
+    assert orphan_groups([poison, missing], {"live"}, set()) == [poison, missing]
+    gateway = FakeGateway([*GROUPS, poison, missing])
+
+    async def live() -> set[str]:
+        return {"live"}
+
+    sweeper = GroupSweeper(gateway, live, 1.0, set())  # type: ignore[arg-type]
+    assert asyncio.run(sweeper.sweep_once()) == 3, "the 404 is not counted as swept"
+    assert ("gone", "trial-0") in gateway.deleted and sweeper.swept == 3
 
 
 # ---------------------------------------------------------------------------------------- pod index lag

@@ -38,7 +38,8 @@ def test_query_escapes_label_values() -> None:
 
 def test_group_url() -> None:
     client = PushgatewayClient("http://pgw:9091/", None)  # type: ignore[arg-type]
-    assert client.group_url("u/1", "trial-3") == "http://pgw:9091/metrics/job/qtune_result/job_uid/u%2F1/unit/trial-3"
+    assert client.group_url("u/1", "trial-3") == \
+        "http://pgw:9091/metrics/job/qtune_result/job_uid@base64/dS8x/unit/trial-3"  # a slash: base64url
 
 
 async def _with_server(handler_map: dict[tuple[str, str], Any], body: Any) -> Any:

@@ -235,6 +235,73 @@ def test_a_forged_result_is_ignored_and_the_real_one_recorded() -> None:
     assert world.kube.status["rejectedResults"] == 1
 
 
+def _trial_0_succeeds(world: World) -> tuple[Any, str]:
+    """Runs the baseline, then trial 0 to success (no push, no termination message yet): its genuine result and
+    signature."""
+    world.step()
+    world.finish_running()                          # the baseline
+    world.step()                                    # trial 0 starts
+    pod = world.kube.pods["digits-trial-0"]
+    genuine = world.runner._result(world.unit_of(pod)).result
+    signature = protocol.sign_result(world.reconciler.job.uid, "trial-0", genuine, world.secret_of(pod))
+    world.kube.finish_pod("digits-trial-0")
+    return genuine, signature
+
+
+def test_the_signed_result_in_the_termination_message_is_preferred_to_a_spoiled_push() -> None:
+    from qtune.runner.metrics import termination_result
+
+    world = World()
+    poller = FakePoller()
+    world.services.poller = poller  # type: ignore[assignment]
+    genuine, signature = _trial_0_succeeds(world)
+    world.kube.finish_pod("digits-trial-0", message=termination_result("trial-0", genuine, signature))
+    spoiled = genuine.model_copy(update={"notes": ["merged from a sibling group"], "accuracy": 0.1})
+    world.results.results["trial-0"] = Observed("trial-0", spoiled, signature)
+    poller.snapshot = dict(world.results.results)
+    world.step()
+    trial = world.history().trials[0]
+    assert trial.status == genuine.status and trial.accuracy == genuine.accuracy
+    assert world.metrics.registry.get_sample_value("qtune_operator_results_rejected_total",
+                                                   {"reason": "BadSignature"}) is None
+    assert poller.waiting is True
+
+
+def test_a_deleted_push_does_not_matter_when_the_termination_message_has_the_result() -> None:
+    from qtune.runner.metrics import termination_result
+
+    world = World()
+    genuine, signature = _trial_0_succeeds(world)
+    world.kube.finish_pod("digits-trial-0", message=termination_result("trial-0", genuine, signature))
+    queries = world.results.queries
+    world.step()
+    assert world.history().trials[0].accuracy == genuine.accuracy
+    assert world.results.queries == queries, "Prometheus was not even asked"
+
+
+def test_pushed_results_only_ignores_the_termination_message() -> None:
+    from qtune.runner.metrics import termination_result
+
+    world = World(config=OperatorConfig(**{**make_config().__dict__, "pushed_results_only": True}))
+    genuine, signature = _trial_0_succeeds(world)
+    world.kube.finish_pod("digits-trial-0", message=termination_result("trial-0", genuine, signature))
+    world.step()
+    assert world.kube.status["trials"]["finished"] == 0 and world.kube.status["reason"] == st.WAITING_FOR_RESULTS
+
+
+def test_a_termination_message_signed_with_another_key_is_not_believed() -> None:
+    from qtune.runner.metrics import termination_result
+
+    world = World()
+    genuine, _ = _trial_0_succeeds(world)
+    forged = protocol.sign_result(world.reconciler.job.uid, "trial-0", genuine, "guessed")
+    world.kube.finish_pod("digits-trial-0", message=termination_result("trial-0", genuine, forged))
+    world.step()
+    assert world.kube.status["trials"]["finished"] == 0
+    assert world.metrics.registry.get_sample_value("qtune_operator_results_rejected_total",
+                                                   {"reason": "BadSignature"}) == 1
+
+
 def test_a_result_for_a_pod_of_another_namespace_is_not_believed() -> None:
     world = World()
     poller = FakePoller()

@@ -68,7 +68,7 @@ def gateway() -> Iterator[Gateway]:
 
 
 def _decode(body: bytes) -> tuple[protocol.Result, str | None]:
-    pairs = [({**s.labels, "__name__": s.name, "job": protocol.PUSH_JOB, "job_uid": UID}, s.value)
+    pairs = [({**s.labels, "__name__": s.name, "job": protocol.PUSH_JOB, "job_uid": UID, "unit": "u"}, s.value)
              for family in text_string_to_metric_families(body.decode()) for s in family.samples]
     groups = protocol.group_samples(pairs)
     assert len(groups) == 1

@@ -43,7 +43,9 @@ from qtune.operator import constants as c
 
 OUTAGE_SECONDS = float(os.environ.get("QTUNE_CHAOS_OUTAGE_SECONDS", "600"))
 OPERATOR_FLAGS = ("--keep-succeeded-pods", "--unschedulable-seconds", "5", "--node-lost-seconds", "5",
-                  "--terminating-margin-seconds", "5")
+                  "--terminating-margin-seconds", "5", "--pushed-results-only")
+"""--pushed-results-only: the outage is a test of the Prometheus path (with the termination message, results
+would not wait for Prometheus at all)."""
 NODE_LOST, OUTAGE, A_FINISHED, OOM_FINISHED = "node lost", "outage", "chaos-a finished", "chaos-oom finished"
 
 

@@ -323,12 +323,19 @@ def test_forged_results_for_a_running_trial_are_ignored(cluster: Any, op_namespa
     request = urllib.request.Request(f"{cluster.pushgateway_url}/metrics/job/qtune_result/job_uid/{uid}/unit/trial-0",
                                      data=body, method="PUT")
     urllib.request.urlopen(request, timeout=5).close()
+    # 4. a sibling group: the victim's grouping labels plus one more (issue 20). Prometheus would merge it into
+    # the genuine result by (job_uid, unit); it is refused alone, and deleted with the job's groups.
+    sibling = urllib.request.Request(f"{cluster.pushgateway_url}/metrics/job/qtune_result/job_uid/{uid}/unit/"
+                                     "trial-0/x/1", data=b"qtune_result_accuracy 0.5\n", method="PUT")
+    urllib.request.urlopen(sibling, timeout=5).close()
     wait_for(lambda: _status(cluster, ns, name).get("rejectedResults", 0) >= 2, 30,
              "the forged results counted in status.rejectedResults",
              detail=lambda: repr(_status(cluster, ns, name).get("rejectedResults")))
 
     status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 300, "the job finished")
     assert status["state"] == "Succeeded", status
+    wait_for(lambda: opcluster.pushgateway_groups(cluster, uid) == [], 30, "every group of the job deleted, "
+             "the sibling too", detail=lambda: repr(opcluster.pushgateway_groups(cluster, uid)))
     history = _history(cluster, ns, name)
     trial = history.trials[0]
     sys.stderr.write(f"forged: rejected {status.get('rejectedResults')}, recorded trial 0: accuracy "

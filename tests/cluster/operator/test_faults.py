@@ -39,10 +39,12 @@ def _plane(cluster: Any) -> Any:
 def test_a_trial_result_survives_a_prometheus_outage(cluster: Any, op_namespace: str, workspace: Path,
                                                      start_operator: Any) -> None:
     """Prometheus stops while the trials finish and stays down for 70 s (longer than the 60 s the
-    operator used to wait): the trials are recorded as succeeded once it is back."""
+    operator used to wait): the trials are recorded as succeeded once it is back. (The Prometheus path
+    alone: with the pods' termination messages the results would not wait for Prometheus at all, see
+    test_trial_results_are_recorded_from_termination_messages_while_prometheus_is_down.)"""
     plane = _plane(cluster)
     ns, name = op_namespace, "outage"
-    start_operator([ns])
+    start_operator([ns], "--pushed-results-only")
     opcluster.create_job(cluster, ns, opcluster.job_manifest(name, maxTrials=2, parallelTrials=2))
     uid = opcluster.get_job(cluster, ns, name)["metadata"]["uid"]
     wait_for(lambda: any(p.status.phase in ("Pending", "Running") for p in _pods(cluster, ns, uid, "trial")), 180,
@@ -69,6 +71,27 @@ def test_a_trial_result_survives_a_prometheus_outage(cluster: Any, op_namespace:
     finally:
         plane.start_component("prometheus")
     status = _wait_state(cluster, ns, name, {"Succeeded", "Failed"}, 120)
+    assert status["state"] == "Succeeded", status
+    history = _history(cluster, ns, name)
+    assert [t["status"] for t in history] == ["succeeded", "succeeded"], history
+
+
+def test_trial_results_are_recorded_from_termination_messages_while_prometheus_is_down(
+        cluster: Any, op_namespace: str, workspace: Path, start_operator: Any) -> None:
+    """Each succeeded pod's signed result is in its termination message (written by the kubelet into the pod's
+    status, which no other tenant can alter): the trials are recorded while Prometheus is down."""
+    plane = _plane(cluster)
+    ns, name = op_namespace, "termination"
+    start_operator([ns])
+    opcluster.create_job(cluster, ns, opcluster.job_manifest(name, maxTrials=2, parallelTrials=2))
+    uid = opcluster.get_job(cluster, ns, name)["metadata"]["uid"]
+    wait_for(lambda: any(p.status.phase in ("Pending", "Running") for p in _pods(cluster, ns, uid, "trial")), 180,
+             "trial pods started", interval=0.2)
+    plane.stop_component("prometheus")
+    try:
+        status = _wait_state(cluster, ns, name, {"Succeeded", "Failed"}, 300)
+    finally:
+        plane.start_component("prometheus")
     assert status["state"] == "Succeeded", status
     history = _history(cluster, ns, name)
     assert [t["status"] for t in history] == ["succeeded", "succeeded"], history
