@@ -373,6 +373,30 @@ def test_what_a_job_may_choose_reaches_the_operator(helm: Path) -> None:
     assert proc.returncode != 0 and "schema" in proc.stderr
 
 
+def test_the_operators_read_limits_reach_it(helm: Path) -> None:
+    """Issue 20: the caps on what the operator decodes (a job's published space, a results answer) are chart
+    values; their defaults are the operator's own, and a value set in the chart is what the operator reads."""
+    import os
+    from unittest import mock
+
+    from qtune.operator.config import OperatorConfig
+
+    names = {"limits.spaceBytes": "space_limit_bytes", "limits.spaceElements": "space_limit_elements",
+             "limits.resultsMaxBytes": "results_max_bytes", "limits.resultsMaxSeries": "results_max_series"}
+    defaults = OperatorConfig()
+    env = env_of(render(helm))
+    for setting in names.values():
+        assert env[OperatorConfig.env_name(setting)] == str(getattr(defaults, setting))
+    env = env_of(render(helm, dict.fromkeys(names, 12345)))
+    settings = {k: v for k, v in env.items() if k.startswith("QTUNE_") and isinstance(v, str)}
+    with mock.patch.dict(os.environ, settings, clear=True):
+        config = OperatorConfig.from_env()
+    assert all(getattr(config, setting) == 12345 for setting in names.values())
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args({"limits.spaceBytes": 0})],
+                    check=False)
+    assert proc.returncode != 0 and "schema" in proc.stderr
+
+
 # --------------------------------------------------------------------------- monitoring
 
 

@@ -181,6 +181,14 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
   value: {{ .Values.lifecycle.nodeLostSeconds | quote }}
 - name: QTUNE_SWEEP_INTERVAL
   value: {{ .Values.lifecycle.sweepIntervalSeconds | quote }}
+- name: QTUNE_SPACE_LIMIT_BYTES
+  value: {{ .Values.limits.spaceBytes | int64 | quote }}
+- name: QTUNE_SPACE_LIMIT_ELEMENTS
+  value: {{ .Values.limits.spaceElements | int64 | quote }}
+- name: QTUNE_RESULTS_MAX_BYTES
+  value: {{ .Values.limits.resultsMaxBytes | int64 | quote }}
+- name: QTUNE_RESULTS_MAX_SERIES
+  value: {{ .Values.limits.resultsMaxSeries | int64 | quote }}
 - name: QTUNE_BIND_ADDRESS
   value: {{ .Values.operator.bindAddress | quote }}
 - name: QTUNE_IMPORT_TIMEOUT
