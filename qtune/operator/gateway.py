@@ -216,10 +216,12 @@ class ResultsGateway:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise Refused(413, f"body over {limit} bytes")
-        body = await request.content.read(limit + 1)
-        if len(body) > limit:
-            raise Refused(413, f"body over {limit} bytes")
-        return body
+        body = bytearray()
+        while chunk := await request.content.read(limit + 1 - len(body)):  # a read may return less: loop to EOF
+            body += chunk
+            if len(body) > limit:
+                raise Refused(413, f"body over {limit} bytes")
+        return bytes(body)
 
     async def _forward(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> web.Response:
         assert self.session is not None

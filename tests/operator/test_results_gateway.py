@@ -169,6 +169,22 @@ def test_a_body_over_the_cap_is_refused_before_it_is_checked() -> None:
     assert _through_gateway(body, max_body_bytes=1024) == (413, [])
 
 
+@pytest.mark.parametrize("size,status", [(8 * 1024, 200), (40 * 1024, 413)])
+def test_a_body_in_pieces_is_read_whole(size: int, status: int) -> None:
+    whole = b"# " + b"x" * size + b"\n" + BODY
+
+    async def pieces() -> Any:
+        for start in range(0, len(whole), 1000):
+            yield whole[start:start + 1000]
+            await asyncio.sleep(0.001)
+
+    async def body(front: str, upstream: str, session: aiohttp.ClientSession) -> Any:
+        async with session.put(front + _group(), data=pieces(), headers=_auth(body=whole)) as answer:
+            return answer.status, len(await _groups(upstream, session, want=1 if status == 200 else None))
+
+    assert _through_gateway(body, max_body_bytes=32 * 1024) == (status, int(status == 200))
+
+
 def test_reads_need_a_token_and_the_listing_the_operators() -> None:
     async def body(front: str, upstream: str, session: aiohttp.ClientSession) -> Any:
         await session.put(upstream + _group(), data=BODY)
