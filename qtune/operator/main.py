@@ -164,7 +164,6 @@ def liveness_endpoint(bind_address: str, port: int) -> str | None:
 async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     import aiohttp
 
-    from qtune import protocol
     from qtune.operator.kube import Kube, load_client
     from qtune.operator.prom import PrometheusClient, PushgatewayClient, ResultsPoller
     from qtune.operator.reconcile import Services
@@ -190,8 +189,7 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
         config=config,
         metrics=memo.metrics,
         prometheus=prometheus,
-        pushgateway=PushgatewayClient(config.pushgateway_url, session,
-                                      token=protocol.gateway_operator_token(config.signing_key))
+        pushgateway=PushgatewayClient.of_operator(config.pushgateway_url, session, config.signing_key)
         if config.pushgateway_url else None,
         poller=poller,
     )

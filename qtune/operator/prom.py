@@ -338,6 +338,11 @@ class PushgatewayClient:
         self._listing: tuple[float, list[dict[str, str]]] | None = None
         self._listing_lock = asyncio.Lock()
 
+    @classmethod
+    def of_operator(cls, base_url: str, session: aiohttp.ClientSession, signing_key: str) -> PushgatewayClient:
+        """The operator's client: it carries the results-gateway token derived from the operator's key."""
+        return cls(base_url, session, token=protocol.gateway_operator_token(signing_key) if signing_key else None)
+
     def group_url(self, job_uid: str, unit: str) -> str:
         return self.base_url + group_path({"job": PUSH_JOB, "job_uid": job_uid, "unit": str(unit)})
 

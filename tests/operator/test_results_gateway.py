@@ -6,10 +6,14 @@ a token; the operator's client lists and deletes (junk siblings included) throug
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -36,6 +40,7 @@ TRIAL = {"trial": 3, "status": "succeeded", "config_key": "0123456789abcdef01234
          "model_size_bytes": 1234, "model_path": "/workspace/jobs/x/trials/trial-3/model.int8.onnx"}
 BODY = b"qtune_result_accuracy 0.5\n"
 OPERATOR = protocol.gateway_operator_token(KEY)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _secret(uid: str = UID, unit: str = "trial-3", attempt: int = 2) -> str:
@@ -264,7 +269,7 @@ def test_the_operator_lists_and_deletes_every_group_of_a_job_through_the_gateway
         await _groups(upstream, session, want=4)
         with pytest.raises(MetricsError):
             await PushgatewayClient(front, session).delete_job_groups(UID)  # no token
-        count = await PushgatewayClient(front, session, token=OPERATOR).delete_job_groups(UID)
+        count = await PushgatewayClient.of_operator(front, session, KEY).delete_job_groups(UID)  # main.py's
         return count, await _groups(upstream, session, want=1)
 
     count, left = _through_gateway(body)
@@ -312,3 +317,34 @@ def test_a_plain_pushgateway_ignores_the_credential() -> None:
         while UID not in requests.get(f"{upstream}/api/v1/metrics", timeout=5).text:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+def test_the_qtune_results_gateway_command_serves(tmp_path: Path) -> None:
+    """`qtune results-gateway` as the chart runs it: the key from the environment, a push through it accepted."""
+    from pushgateway_proc import free_port
+
+    with real_pushgateway() as upstream:
+        port = free_port()
+        env = {**os.environ, "QTUNE_SIGNING_KEY": KEY, "PYTHONPATH": str(ROOT)}
+        proc = subprocess.Popen([sys.executable, "-m", "qtune.cli.main", "results-gateway", f"--upstream={upstream}",
+                                 "--host=127.0.0.1", f"--port={port}"], env=env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            front = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    requests.get(f"{front}/healthz", timeout=1).raise_for_status()
+                    break
+                except requests.RequestException:
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+                    time.sleep(0.1)
+            push_result(front, UID, 3, TRIAL, _secret(), attempts=1, attempt=2)
+            assert requests.get(f"{front}/api/v1/metrics", timeout=5).status_code == 401
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+    unkeyed = subprocess.run([sys.executable, "-m", "qtune.cli.main", "results-gateway", "--upstream=http://x:1"],
+                             env={k: v for k, v in env.items() if k != "QTUNE_SIGNING_KEY"}, capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert unkeyed.returncode == 1 and "QTUNE_SIGNING_KEY" in unkeyed.stderr
