@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from pushgateway_proc import real_pushgateway
+from pushgateway_proc import real_pushgateway, results_gateway
 from yarl import URL
 
 from qtune import protocol
@@ -319,32 +319,18 @@ def test_a_plain_pushgateway_ignores_the_credential() -> None:
             time.sleep(0.05)
 
 
-def test_the_qtune_results_gateway_command_serves(tmp_path: Path) -> None:
+def test_the_qtune_results_gateway_command_serves() -> None:
     """`qtune results-gateway` as the chart runs it: the key from the environment, a push through it accepted."""
-    from pushgateway_proc import free_port
-
-    with real_pushgateway() as upstream:
-        port = free_port()
-        env = {**os.environ, "QTUNE_SIGNING_KEY": KEY, "PYTHONPATH": str(ROOT)}
-        proc = subprocess.Popen([sys.executable, "-m", "qtune.cli.main", "results-gateway", f"--upstream={upstream}",
-                                 "--host=127.0.0.1", f"--port={port}"], env=env, cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            front = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    requests.get(f"{front}/healthz", timeout=1).raise_for_status()
-                    break
-                except requests.RequestException:
-                    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
-                    time.sleep(0.1)
-            push_result(front, UID, 3, TRIAL, _secret(), attempts=1, attempt=2)
-            assert requests.get(f"{front}/api/v1/metrics", timeout=5).status_code == 401
-        finally:
-            proc.terminate()
-            proc.wait(timeout=10)
+    with real_pushgateway() as upstream, results_gateway(upstream, KEY) as front:
+        push_result(front, UID, 3, TRIAL, _secret(), attempts=1, attempt=2)
+        assert requests.get(f"{front}/api/v1/metrics", timeout=5).status_code == 401
+        deadline = time.monotonic() + 5  # the Pushgateway may apply a write after answering it
+        while UID not in requests.get(f"{front}/api/v1/metrics", timeout=5,
+                                      headers={"Authorization": f"Bearer {OPERATOR}"}).text:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    env = {k: v for k, v in os.environ.items() if k != "QTUNE_SIGNING_KEY"}
     unkeyed = subprocess.run([sys.executable, "-m", "qtune.cli.main", "results-gateway", "--upstream=http://x:1"],
-                             env={k: v for k, v in env.items() if k != "QTUNE_SIGNING_KEY"}, capture_output=True,
-                             text=True, timeout=60, check=False)
+                             env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60,
+                             check=False)
     assert unkeyed.returncode == 1 and "QTUNE_SIGNING_KEY" in unkeyed.stderr
