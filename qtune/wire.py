@@ -78,6 +78,31 @@ def derive_unit_secret(signing_key: str, job_uid: str, unit: str, attempt: int =
     return hmac.new(signing_key.encode(), message, hashlib.sha256).hexdigest()
 
 
+PUSH_DOMAIN = b"qtune-push\0"
+"""Prefix of what a unit's push credential covers (keyed with its unit secret, never with the operator key)."""
+GATEWAY_OPERATOR_MESSAGE = b"qtune-results-gateway\0operator"
+"""What the operator's results-gateway token is the HMAC of (no unit secret's `uid/unit/attempt` has a NUL)."""
+
+
+def push_token(unit_secret: str, method: str, body: bytes) -> str:
+    """A unit's write credential for ONE request to the results gateway: HMAC(unit secret, method, sha256 of
+    the exact body). Replayed it writes only the same bytes again; it reveals nothing of the unit secret."""
+    message = PUSH_DOMAIN + method.upper().encode() + b"\0" + hashlib.sha256(body).hexdigest().encode()
+    return hmac.new(unit_secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def push_authorization(unit_secret: str, attempt: int, method: str, body: bytes) -> str:
+    """The `Authorization` header value of a unit's push: `Bearer <attempt>:<push_token>` (the gateway
+    derives the unit secret of (job uid, unit from the path, attempt) from the operator key and checks it)."""
+    return f"Bearer {int(attempt)}:{push_token(unit_secret, method, body)}"
+
+
+def gateway_operator_token(signing_key: str) -> str:
+    """The operator's bearer token at the results gateway (deletes of any result group, the group listing):
+    derived from the operator key, so the gateway and the operator share no other secret."""
+    return hmac.new(signing_key.encode(), GATEWAY_OPERATOR_MESSAGE, hashlib.sha256).hexdigest()
+
+
 # --- the metric table's series ----------------------------------------------------------------
 class Sample(BaseModel):
     """One series of the metric table: name, labels (grouping labels excluded), value."""

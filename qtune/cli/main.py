@@ -1,4 +1,4 @@
-"""The `qtune` command: tune | status | report | trial | operator."""
+"""The `qtune` command: tune | status | report | trial | operator | results-gateway."""
 
 from __future__ import annotations
 
@@ -91,6 +91,20 @@ def _operator(argv: list[str]) -> int:
     return operator_main(argv)
 
 
+def _results_gateway(argv: list[str]) -> int:
+    try:
+        from qtune.operator.gateway import main as gateway_main
+    except ImportError as exc:
+        raise QtuneError(f"the results gateway needs the operator extra (pip install qtune[operator]): {exc}") from None
+    try:
+        return gateway_main(argv)
+    except ValueError as exc:
+        raise QtuneError(str(exc)) from None
+
+
+PASSTHROUGH = {"trial": _trial, "operator": _operator, "results-gateway": _results_gateway}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qtune", description="Accuracy-driven int8 tuning of ONNX Runtime and "
                                      "PyTorch models, locally or on Kubernetes.")
@@ -127,17 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "see `qtune trial -h`",
                         add_help=False)
     commands.add_parser("operator", help="run the Kubernetes operator; see `qtune operator -h`", add_help=False)
+    commands.add_parser("results-gateway", help="run the authenticating front of the Pushgateway (the chart's "
+                        "results gateway); see `qtune results-gateway -h`", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # `trial` and `operator` pass their arguments through untouched
+    # `trial`, `operator` and `results-gateway` pass their arguments through untouched
     for position, word in enumerate(argv):
-        if word in ("trial", "operator"):
+        if word in PASSTHROUGH:
             rest = argv[position + 1:]
             try:
-                return _trial(rest) if word == "trial" else _operator(rest)
+                return PASSTHROUGH[word](rest)
             except QtuneError as exc:
                 print(f"qtune: error: {exc}", file=sys.stderr)  # noqa: T201
                 return 1

@@ -129,6 +129,8 @@ def _env(job: JobRef, spec: JobSpec, plan: UnitPlan, pod: str, config: OperatorC
         {"name": "QTUNE_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "QTUNE_RESULT_SECRET",
          "valueFrom": {"secretKeyRef": {"name": c.unit_key(pod), "key": c.SECRET_KEY}}},
+        # which start of the unit the Secret is for: the runner's write credential at the results gateway names it
+        {"name": "QTUNE_UNIT_ATTEMPT", "value": str(plan.attempt)},
         {"name": "OMP_NUM_THREADS", "value": str(spec.trial.resources.cpu)},
         {"name": "HOME", "value": "/tmp"},
         {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},

@@ -116,9 +116,10 @@ def setting(default: Any = None, help: str = "", *, env: str | None = "", flag: 
 @dataclass(frozen=True)
 class OperatorConfig:
     prometheus_url: str | None = setting(None, "Prometheus HTTP API the operator reads results from")
-    pushgateway_url: str | None = setting(None, "Pushgateway the operator deletes result groups from")
-    pod_pushgateway_url: str | None = setting(None, "Pushgateway address as pods reach it (default: "
-                                                    "--pushgateway-url)")
+    pushgateway_url: str | None = setting(None, "Pushgateway (or the results gateway in front of it: the operator "
+                                                "always sends its token) the operator deletes result groups from")
+    pod_pushgateway_url: str | None = setting(None, "Pushgateway (or results gateway) address as pods reach it "
+                                                    "(default: --pushgateway-url)")
     trial_image: str = setting(DEFAULT_IMAGE, "image of baseline, trial and confirm pods when the job names none")
     trial_image_pull_policy: str | None = setting(
         None, "imagePullPolicy of unit pods when the job sets none (Always, IfNotPresent or Never; none: "

@@ -189,7 +189,8 @@ async def _startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kop
         config=config,
         metrics=memo.metrics,
         prometheus=prometheus,
-        pushgateway=PushgatewayClient(config.pushgateway_url, session) if config.pushgateway_url else None,
+        pushgateway=PushgatewayClient.of_operator(config.pushgateway_url, session, config.signing_key)
+        if config.pushgateway_url else None,
         poller=poller,
     )
     if memo.services.pushgateway is not None and config.sweep_interval > 0:

@@ -320,20 +320,28 @@ def _parse_groups(body: bytes) -> list[dict[str, str]]:
 
 
 class PushgatewayClient:
-    """Deletes result groups by their full grouping labels (whatever labels a pod pushed them with)."""
+    """Deletes result groups by their full grouping labels (whatever labels a pod pushed them with). With
+    `token` (the operator's results-gateway token, qtune.wire.gateway_operator_token) every request carries
+    `Authorization: Bearer <token>`: the results gateway requires it, a plain Pushgateway ignores it."""
 
     LISTING_TTL = 5.0
     """A unit's siblings are looked for in a listing at most this old (one GET serves many deletes)."""
 
     def __init__(self, base_url: str, session: aiohttp.ClientSession, timeout: float = 10.0,
-                 max_bytes: int = LISTING_MAX_BYTES, clock: Any = time.monotonic) -> None:
+                 max_bytes: int = LISTING_MAX_BYTES, clock: Any = time.monotonic, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.session = session
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.max_bytes = max_bytes
         self.clock = clock
         self._listing: tuple[float, list[dict[str, str]]] | None = None
         self._listing_lock = asyncio.Lock()
+
+    @classmethod
+    def of_operator(cls, base_url: str, session: aiohttp.ClientSession, signing_key: str) -> PushgatewayClient:
+        """The operator's client: it carries the results-gateway token derived from the operator's key."""
+        return cls(base_url, session, token=protocol.gateway_operator_token(signing_key) if signing_key else None)
 
     def group_url(self, job_uid: str, unit: str) -> str:
         return self.base_url + group_path({"job": PUSH_JOB, "job_uid": job_uid, "unit": str(unit)})
@@ -342,7 +350,7 @@ class PushgatewayClient:
         """Delete the group with exactly these grouping labels; False when the Pushgateway had none (404)."""
         url = self.base_url + group_path(labels)
         try:
-            async with self.session.delete(url, timeout=self.timeout) as response:
+            async with self.session.delete(url, timeout=self.timeout, headers=self.headers) as response:
                 if response.status == 404:
                     return False
                 if response.status >= 400:
@@ -359,7 +367,7 @@ class PushgatewayClient:
         """Grouping labels of every group the Pushgateway holds (read within `max_bytes`, parsed off the loop)."""
         url = f"{self.base_url}/api/v1/metrics"
         try:
-            async with self.session.get(url, timeout=self.timeout) as response:
+            async with self.session.get(url, timeout=self.timeout, headers=self.headers) as response:
                 if response.status >= 400:
                     raise MetricsError(f"Pushgateway GET {url}: HTTP {response.status}")
                 body = await read_capped(response, self.max_bytes, "Pushgateway listing")

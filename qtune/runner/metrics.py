@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, delete_from_gateway, push_to_gateway
+from prometheus_client.exposition import default_handler
 from prometheus_client.metrics_core import Metric
 
 from qtune import protocol
@@ -50,6 +51,27 @@ def push_retry_seconds() -> float:
     return value
 SECRET_ENV = "QTUNE_RESULT_SECRET"
 """Env var holding this pod's result secret (set by the operator through secretKeyRef)."""
+ATTEMPT_ENV = "QTUNE_UNIT_ATTEMPT"
+"""Env var holding which start of its unit this pod is (the attempt its secret was derived for)."""
+
+
+def unit_attempt() -> int | None:
+    """This pod's attempt (env QTUNE_UNIT_ATTEMPT), None when unset or not a number."""
+    text = os.environ.get(ATTEMPT_ENV, "").strip()
+    return int(text) if text.isdigit() else None
+
+
+def credential_handler(secret: str, attempt: int) -> Callable[..., Callable[[], None]]:
+    """A prometheus_client push handler that adds the unit's write credential for the results gateway
+    (`Authorization: Bearer <attempt>:<HMAC(secret, method, sha256(body))>`, qtune.wire.push_authorization).
+    A plain Pushgateway ignores the header; the credential is good for these exact bytes only."""
+
+    def handler(url: str, method: str, timeout: float | None, headers: list[tuple[str, str]],
+                data: bytes) -> Callable[[], None]:
+        auth = protocol.push_authorization(secret, attempt, method, data)
+        return default_handler(url, method, timeout, [*headers, ("Authorization", auth)], data)
+
+    return handler
 
 HELP = {
     protocol.INFO_METRIC: "a unit's result: kind, status and string fields as labels, and its signature",
@@ -148,10 +170,11 @@ def with_retry(action: Callable[[], T], what: str, *, attempts: int | None = Non
 
 def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | dict[str, Any],
                 secret: str | None = None, *, attempts: int | None = None, backoff: float | None = None,
-                sleep: Callable[[float], None] | None = None) -> str | None:
+                sleep: Callable[[float], None] | None = None, attempt: int | None = None) -> str | None:
     """Sign (with `secret`, default env QTUNE_RESULT_SECRET) and push one result, retrying (see
     PUSH_RETRY_SECONDS; `attempts` bounds the count instead) while the gateway is unreachable or failing;
-    returns the signature."""
+    returns the signature. With a secret and the pod's `attempt` (default env QTUNE_UNIT_ATTEMPT) the push
+    carries the unit's write credential, which the results gateway requires."""
     unit = unit_id(unit)
     message = as_result(unit, result)
     secret = secret if secret is not None else os.environ.get(SECRET_ENV)
@@ -160,7 +183,9 @@ def push_result(gateway: str, job_uid: str, unit: int | str, result: Result | di
         logger.warning("no result secret (%s): the result of %s is pushed unsigned; an operator ignores it",
                        SECRET_ENV, unit)
     registry = result_registry(message, signature)
-    with_retry(lambda: push_to_gateway(gateway, job=PUSH_JOB, registry=registry,
+    attempt = attempt if attempt is not None else unit_attempt()
+    handler = credential_handler(secret, attempt) if secret and attempt is not None else default_handler
+    with_retry(lambda: push_to_gateway(gateway, job=PUSH_JOB, registry=registry, handler=handler,
                                        grouping_key=grouping_key(job_uid, unit), timeout=10),
                f"pushing the result of {unit} to {gateway}", attempts=attempts, backoff=backoff, sleep=sleep)
     logger.info("pushed the result of %s (job %s) to %s", unit, job_uid, gateway)

@@ -100,7 +100,8 @@ def one(manifests: Iterable[Manifest], kind: str, name: str | None = None, names
 
 
 def operator_container(manifests: Iterable[Manifest]) -> Manifest:
-    workloads = [m for m in manifests if m.get("kind") in ("Deployment", "StatefulSet")]
+    workloads = [m for m in manifests if m.get("kind") in ("Deployment", "StatefulSet")
+                 and m["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "operator"]
     assert len(workloads) == 1, f"expected one operator workload, got {[w['kind'] for w in workloads]}"
     containers = workloads[0]["spec"]["template"]["spec"]["containers"]
     return next(c for c in containers if c["name"] == "operator")

@@ -81,7 +81,9 @@ def rules_of(role: Manifest) -> list[tuple[str, str, set[str]]]:
     {"watch.namespaces": ["team-a", "team-b"], "metrics.podMonitor.enabled": True,
      "metrics.serviceMonitor.enabled": True},
     {"watch.allNamespaces": True, "trial.serviceAccount.create": False, "replicaCount": 3},
-], ids=["defaults", "ha", "namespaces+monitors", "cluster-wide"])
+    {"pushgateway.url": "http://pgw.monitoring:9091", "resultsGateway.enabled": True,
+     "resultsGateway.pushgatewayPolicy.enabled": True, "resultsGateway.readToken.existingSecret": "prom-read"},
+], ids=["defaults", "ha", "namespaces+monitors", "cluster-wide", "results-gateway"])
 def test_operator_chart_lints(helm: Path, values: dict[str, Any]) -> None:
     proc = run_helm(helm, ["lint", "--strict", str(OPERATOR_CHART), "--namespace", NS, *operator_args(values)])
     assert "0 chart(s) failed" in proc.stdout

@@ -239,7 +239,17 @@ def test_command_env_and_restart_policy() -> None:
     assert env["QTUNE_JOB_UID"] == UID
     assert env["QTUNE_PUSHGATEWAY_URL"] == "http://pgw:9091"
     assert env["OMP_NUM_THREADS"] == "2"
+    assert env["QTUNE_UNIT_ATTEMPT"] == "0"  # the attempt the runner's write credential names
     assert pod["spec"]["activeDeadlineSeconds"] == 1800
+
+
+def test_a_pod_knows_which_attempt_of_its_unit_it_is() -> None:
+    body = job_body()
+    spec, _ = validate(body)
+    plan = builders.UnitPlan(unit="trial-3", attempt=4, trial=3, tune_config=CONFIG)
+    pod = builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig(pushgateway_url="http://pgw:9091"))
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["QTUNE_UNIT_ATTEMPT"] == "4"  # the runner's results-gateway credential names it
 
 
 def test_the_inputs_configmap_holds_the_job_and_the_config() -> None:

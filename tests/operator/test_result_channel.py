@@ -8,9 +8,6 @@ import asyncio
 import logging
 import random
 import shutil
-import socket
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
+from pushgateway_proc import real_pushgateway
 from test_prom import _with_server
 
 from qtune import protocol
@@ -280,29 +278,9 @@ def test_a_recorded_unit_takes_its_sibling_groups_along() -> None:
     assert deleted == [base, f"{base}/x/1", f"{base}/y@base64/="] and counts == [3]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None, reason="no prometheus-pushgateway installed")
 def test_the_real_pushgateway_deletes_every_poisoned_group(tmp_path: Path) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}",
-                             "--persistence.file="],  # Debian's default persists in /var/lib/prometheus
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                requests.get(f"{url}/-/ready", timeout=1).raise_for_status()
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+    with real_pushgateway() as url:
         base = f"{url}/metrics/job/qtune_result/job_uid/{UID}/unit/trial-0"
         for path in ("", "/x/1", "/y@base64/=", "/z@base64/YS9i", "/batch_size/8"):
             requests.put(base + path, data=b"qtune_result_accuracy 0.5\n", timeout=5).raise_for_status()
@@ -326,9 +304,6 @@ def test_the_real_pushgateway_deletes_every_poisoned_group(tmp_path: Path) -> No
         count, left = asyncio.run(run())
         assert count == 5
         assert left == survivor
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 # ------------------------------------------------------------------------------------- termination message

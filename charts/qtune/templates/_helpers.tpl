@@ -147,11 +147,36 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 {{- end -}}
 
 {{/* The operator's environment: endpoints and trial defaults (QTUNE_* variables). */}}
+{{/* The Secret (key `key`) holding the operator's signing key. */}}
+{{- define "qtune.signingKeySecret" -}}
+{{- .Values.signingKey.existingSecret | default (printf "%s-signing-key" (include "qtune.fullname" .)) -}}
+{{- end -}}
+
+{{/* "true" when the results gateway runs (resultsGateway.enabled and a Pushgateway behind it). */}}
+{{- define "qtune.gateway.enabled" -}}
+{{- if and .Values.resultsGateway.enabled .Values.pushgateway.url -}}true{{- else -}}false{{- end -}}
+{{- end -}}
+
+{{- define "qtune.gateway.fullname" -}}
+{{- printf "%s-results-gateway" (include "qtune.fullname" . | trunc 47 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "qtune.gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qtune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: results-gateway
+{{- end -}}
+
+{{/* The results gateway's Service URL (what the operator and unit pods use when it runs). */}}
+{{- define "qtune.gateway.url" -}}
+{{- printf "http://%s.%s.svc:%d" (include "qtune.gateway.fullname" .) .Release.Namespace (int .Values.resultsGateway.port) -}}
+{{- end -}}
+
 {{- define "qtune.operatorEnv" -}}
 - name: QTUNE_SIGNING_KEY
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.signingKey.existingSecret | default (printf "%s-signing-key" (include "qtune.fullname" .)) }}
+      name: {{ include "qtune.signingKeySecret" . }}
       key: key
 - name: QTUNE_TRIAL_IMAGE
   value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
@@ -161,9 +186,14 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 - name: QTUNE_PROMETHEUS_URL
   value: {{ . | quote }}
 {{- end }}
+{{- if eq (include "qtune.gateway.enabled" .) "true" }}
+- name: QTUNE_PUSHGATEWAY_URL
+  value: {{ include "qtune.gateway.url" . | quote }}
+{{- else }}
 {{- with .Values.pushgateway.url }}
 - name: QTUNE_PUSHGATEWAY_URL
   value: {{ . | quote }}
+{{- end }}
 {{- end }}
 {{- with .Values.pushgateway.podUrl }}
 - name: QTUNE_POD_PUSHGATEWAY_URL
