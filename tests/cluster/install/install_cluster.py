@@ -22,13 +22,26 @@ log = logging.getLogger("qtune.tests.install")
 
 def api_server_values(cluster: Cluster) -> dict[str, Any]:
     """The chart values naming the test plane's API server (`networkPolicy.apiServer.cidrs`: the chart refuses
-    to render without them unless waived): the addresses of the `kubernetes` Endpoints, as an administrator
-    finds them (`kubectl get endpoints kubernetes -n default`)."""
+    to render without them unless waived): the addresses of the `kubernetes` Endpoints when the API server
+    publishes them (`kubectl get endpoints kubernetes -n default`), else those of the server the kubeconfig
+    names (`kubectl cluster-info`; the test plane's API server runs without its endpoint reconciler)."""
+    import socket
+    from urllib.parse import urlsplit
+
     from kubernetes import client
 
-    endpoints = client.CoreV1Api(cluster.api_client()).read_namespaced_endpoints("kubernetes", "default")
-    ips = sorted({a.ip for subset in endpoints.subsets or [] for a in subset.addresses or []})
-    assert ips, "the API server publishes no address in the kubernetes Endpoints"
+    api = cluster.api_client()
+    try:
+        endpoints = client.CoreV1Api(api).read_namespaced_endpoints("kubernetes", "default")
+        ips = sorted({a.ip for subset in endpoints.subsets or [] for a in subset.addresses or []})
+    except client.ApiException as exc:
+        if exc.status != 404:
+            raise
+        ips = []
+    if not ips:
+        host = urlsplit(api.configuration.host).hostname or ""
+        ips = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, None)})
+    assert ips, "no address of the API server found"
     return {"networkPolicy.apiServer.cidrs": [f"{ip}/128" if ":" in ip else f"{ip}/32" for ip in ips]}
 
 
