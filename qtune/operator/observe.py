@@ -146,12 +146,15 @@ def _not_succeeded(seen: Observation, unit: str, pod: PodSummary, now: float, li
 
 def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[str, str] | None:
     """(reason, message) when a pod that has not finished is past its unit's time limit plus the grace: counted
-    from its start, or from its creation while it never started (pending, unschedulable)."""
+    from its start, or from its creation while it never started (pending, unschedulable); a pod queued in Kueue
+    (spec.trial.queueName) only from when it was scheduled, after Kueue admitted it."""
     if not limits.trial_timeout:
         return None
     kind = protocol.unit_kind(unit) or protocol.UnitKind.TRIAL
     limit = protocol.unit_timeout_seconds(kind, limits.trial_timeout)
     since = pod.started if pod.started is not None else pod.created
+    if pod.started is None and pod.queue:  # waiting in Kueue's queue is not running late: count from scheduling
+        since = pod.scheduled_at
     if since is None or now - since <= limit + limits.grace:
         return None
     if pod.started is None:

@@ -1,0 +1,96 @@
+"""spec.trial.queueName (issue 21, docs/kueue.md): unit pods carry Kueue's queue-name label, nothing changes
+without it; a pod Kueue has not admitted yet is neither unschedulable nor running late."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from opfakes import job_body
+
+from qtune.operator import builders, crd, podstatus
+from qtune.operator import constants as c
+from qtune.operator.config import OperatorConfig
+from qtune.operator.layout import JobRef
+from qtune.operator.observe import Limits, _overdue
+from qtune.operator.reconcile import validate
+from qtune.spec.errors import SpecError
+from qtune.spec.load import job_from_dict
+
+CONFIG = {"approach": "static", "format": "QDQ", "calibration_sampling_size": 100, "ops": {}, "extras": {}}
+T0 = 1_700_000_000.0
+
+
+def _body(queue: str | None) -> dict:
+    body = job_body()
+    if queue is not None:
+        body["spec"]["trial"]["queueName"] = queue
+    return body
+
+
+def _pod(body: dict) -> dict:
+    spec, _ = validate(body)
+    plan = builders.UnitPlan(unit="trial-3", attempt=0, trial=3, tune_config=CONFIG)
+    return builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig(pushgateway_url="http://pgw:9091"))
+
+
+def test_unit_pods_carry_the_queue_label() -> None:
+    pod = _pod(_body("team-a"))
+    assert pod["metadata"]["labels"][c.KUEUE_QUEUE_LABEL] == "team-a"
+    assert c.KUEUE_QUEUE_LABEL == "kueue.x-k8s.io/queue-name"
+
+
+def test_without_a_queue_the_pod_is_unchanged() -> None:
+    plain = _pod(_body(None))
+    assert c.KUEUE_QUEUE_LABEL not in plain["metadata"]["labels"]
+    queued = _pod(_body("team-a"))
+    del queued["metadata"]["labels"][c.KUEUE_QUEUE_LABEL]
+    assert queued == plain
+
+
+@pytest.mark.parametrize("name", ["Team", "-a", "a-", "a_b", "x" * 64, ""])
+def test_queue_names_that_are_no_label_value_are_refused(name: str) -> None:
+    spec = copy.deepcopy(_body(name)["spec"])
+    with pytest.raises((SpecError, ValueError)):
+        job_from_dict({"apiVersion": c.API_VERSION, "kind": c.KIND, "metadata": {"name": "j"}, "spec": spec})
+
+
+def test_the_crd_has_the_field_with_the_same_rule() -> None:
+    field = crd.spec_schema()["properties"]["trial"]["properties"]["queueName"]
+    assert field["type"] == "string" and field["maxLength"] == 63 and field["pattern"].startswith("^[a-z0-9]")
+
+
+def _status(gated: bool, scheduled: float | None = None, queue: str | None = "team-a") -> dict:
+    conditions = []
+    if gated:
+        conditions.append({"type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+                           "message": "Scheduling is blocked due to non-empty scheduling gates",
+                           "lastTransitionTime": "2023-11-14T22:13:20Z"})
+    elif scheduled is not None:
+        conditions.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": scheduled})
+    return {
+        "metadata": {"name": "digits-trial-3", "namespace": "ml", "creationTimestamp": "2023-11-14T22:13:20Z",
+                     "labels": {c.LABEL_UNIT: "trial-3", **({c.KUEUE_QUEUE_LABEL: queue} if queue else {})}},
+        "spec": {"schedulingGates": [{"name": c.KUEUE_ADMISSION_GATE}] if gated else []},
+        "status": {"phase": "Pending", "conditions": conditions},
+    }
+
+
+def test_a_gated_pod_is_queued_not_unschedulable() -> None:
+    pod = podstatus.summarize_pod(_status(gated=True))
+    assert pod.queued and pod.queue == "team-a" and pod.unschedulable is None
+
+
+def test_a_queued_pod_is_never_overdue_and_an_admitted_one_counts_from_scheduling() -> None:
+    limits = Limits(trial_timeout=100.0, grace=10.0)
+    late = T0 + 10_000  # far past creation + any unit's time limit
+    assert _overdue("trial-3", podstatus.summarize_pod(_status(gated=True)), late, limits) is None
+    admitted = podstatus.summarize_pod(_status(gated=False, scheduled="2023-11-15T00:59:00Z"))
+    assert admitted.scheduled_at is not None
+    assert _overdue("trial-3", admitted, admitted.scheduled_at + 5, limits) is None
+    assert _overdue("trial-3", admitted, admitted.scheduled_at + 10_000, limits)[0] == "Timeout"
+
+
+def test_without_a_queue_a_pending_pod_is_still_timed_from_its_creation() -> None:
+    pod = podstatus.summarize_pod(_status(gated=False, queue=None))
+    assert _overdue("trial-3", pod, T0 + 10_000, Limits(trial_timeout=100.0, grace=10.0))[0] == "Timeout"
