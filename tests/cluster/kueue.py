@@ -164,6 +164,51 @@ def configuration(ports: dict[str, int], cert_dir: Path) -> dict[str, Any]:
     }
 
 
+def queue_objects(prefix: str, namespace: str, quota: dict[str, str], local_queue: str,
+                  version: str = "v1beta2") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A ResourceFlavor ``<prefix>-flavor``, a ClusterQueue ``<prefix>-cq`` with ``quota`` (resource ->
+    nominalQuota, all covered in one group) and a LocalQueue ``local_queue`` in ``namespace`` pointing at it."""
+    api = f"kueue.x-k8s.io/{version}"
+    flavor, cq = f"{prefix}-flavor", f"{prefix}-cq"
+    return (
+        {"apiVersion": api, "kind": "ResourceFlavor", "metadata": {"name": flavor}},
+        {"apiVersion": api, "kind": "ClusterQueue", "metadata": {"name": cq},
+         "spec": {"namespaceSelector": {}, "resourceGroups": [{
+             "coveredResources": list(quota),
+             "flavors": [{"name": flavor, "resources": [{"name": r, "nominalQuota": q} for r, q in quota.items()]}],
+         }]}},
+        {"apiVersion": api, "kind": "LocalQueue", "metadata": {"name": local_queue, "namespace": namespace},
+         "spec": {"clusterQueue": cq}},
+    )
+
+
+def create_queues(api_client: Any, namespace: str, quota: dict[str, str], local_queue: str,
+                  timeout: float = 60.0) -> Callable[[], None]:
+    """Create :func:`queue_objects` (prefix = the namespace), wait until the ClusterQueue is Active; returns
+    what deletes the two cluster-scoped objects (the LocalQueue goes with its namespace)."""
+    from kubernetes import client
+
+    custom, g, v = client.CustomObjectsApi(api_client), "kueue.x-k8s.io", "v1beta2"
+    flavor, cq, lq = queue_objects(namespace, namespace, quota, local_queue, v)
+    custom.create_cluster_custom_object(g, v, "resourceflavors", flavor)
+    custom.create_cluster_custom_object(g, v, "clusterqueues", cq)
+    custom.create_namespaced_custom_object(g, v, namespace, "localqueues", lq)
+    deadline = time.monotonic() + timeout
+    while True:
+        conditions = custom.get_cluster_custom_object(g, v, "clusterqueues", cq["metadata"]["name"]).get(
+            "status", {}).get("conditions", [])
+        if any(c["type"] == "Active" and c["status"] == "True" for c in conditions):
+            break
+        if time.monotonic() > deadline:
+            raise KueueError(f"ClusterQueue {cq['metadata']['name']} not Active after {timeout:.0f}s: {conditions}")
+        time.sleep(0.2)
+
+    def delete() -> None:
+        _ignore_404(custom.delete_cluster_custom_object, g, v, "clusterqueues", cq["metadata"]["name"])
+        _ignore_404(custom.delete_cluster_custom_object, g, v, "resourceflavors", flavor["metadata"]["name"])
+    return delete
+
+
 # --------------------------------------------------------------------------- certificates
 
 

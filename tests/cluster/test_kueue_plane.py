@@ -29,32 +29,9 @@ def _custom(cluster: Cluster) -> Any:
 @pytest.fixture
 def queues(cluster: Cluster, kueue: Any, namespace: str) -> Iterator[str]:
     """ResourceFlavor + ClusterQueue (cpu quota 2) + LocalQueue ``team`` in ``namespace``."""
-    custom = _custom(cluster)
-    flavor, cq = f"{namespace}-flavor", f"{namespace}-cq"
-    custom.create_cluster_custom_object(GROUP, VERSION, "resourceflavors", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ResourceFlavor", "metadata": {"name": flavor}})
-    custom.create_cluster_custom_object(GROUP, VERSION, "clusterqueues", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterQueue", "metadata": {"name": cq},
-        "spec": {"namespaceSelector": {}, "resourceGroups": [{
-            "coveredResources": ["cpu"],
-            "flavors": [{"name": flavor, "resources": [{"name": "cpu", "nominalQuota": "2"}]}]}]}})
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "localqueues", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "LocalQueue",
-        "metadata": {"name": "team", "namespace": namespace}, "spec": {"clusterQueue": cq}})
-
-    def active() -> bool:
-        obj = custom.get_cluster_custom_object(GROUP, VERSION, "clusterqueues", cq)
-        return any(c["type"] == "Active" and c["status"] == "True"
-                   for c in obj.get("status", {}).get("conditions", []))
-
-    wait_for(active, 60, f"ClusterQueue {cq} Active")
+    delete = kueue_mod.create_queues(cluster.api_client(), namespace, {"cpu": "2"}, "team")
     yield "team"
-    for plural, name in (("clusterqueues", cq), ("resourceflavors", flavor)):
-        try:
-            custom.delete_cluster_custom_object(GROUP, VERSION, plural, name)
-        except client.ApiException as e:
-            if e.status != 404:
-                raise
+    delete()
 
 
 def _pod(name: str, queue: str | None, seconds: float) -> dict[str, Any]:

@@ -1,0 +1,84 @@
+"""The digits job with spec.trial.queueName on the plane with the real Kueue (issue 21): every unit pod carries
+the queue-name label and is admitted by Kueue; a ClusterQueue with room for ONE unit makes a job with
+parallelTrials 2 run its units one at a time (the second waits, gated, with Kueue's message), and the job
+still succeeds with every trial recorded once."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import kueue as kueue_mod
+import opcluster
+from clusterlib import wait_for
+from kubernetes import client
+
+from qtune.operator import constants as c
+
+GROUP, VERSION = "kueue.x-k8s.io", "v1beta2"
+#: One unit pod's requests (job_manifest: cpu 1, memory 2Gi; the operator's ephemeral-storage request 1Gi): a
+#: ClusterQueue must cover every resource a pod requests, or Kueue never admits it.
+ONE_UNIT = {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "1Gi"}
+
+
+def _unit_pods(cluster: Any, namespace: str) -> list[Any]:
+    pods = client.CoreV1Api(cluster.api_client()).list_namespaced_pod(namespace, label_selector=c.LABEL_UNIT).items
+    return sorted(pods, key=lambda p: p.metadata.creation_timestamp)
+
+
+def _gated(pod: Any) -> bool:
+    return any(g.name == kueue_mod.ADMISSION_GATE for g in pod.spec.scheduling_gates or [])
+
+
+def _quota_messages(cluster: Any, namespace: str) -> list[str]:
+    items = client.CustomObjectsApi(cluster.api_client()).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, "workloads")["items"]
+    return [cond.get("message", "") for wl in items for cond in wl.get("status", {}).get("conditions", [])
+            if cond["type"] == "QuotaReserved" and cond["status"] == "False"]
+
+
+def _history(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:
+    from qtune.operator.store import decode_history
+    from qtune.tuning import codec
+
+    body = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map(f"{name}-history", namespace)
+    history = decode_history({"data": body.data, "binaryData": body.binary_data})
+    assert history is not None
+    return [codec.dump(t) for t in history.trials]
+
+
+def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespace: str, workspace: Path,
+                                            start_operator: Any) -> None:
+    ns, name = op_namespace, "queued"
+    delete_queues = kueue_mod.create_queues(cluster.api_client(), ns, ONE_UNIT, "tuning")
+    try:
+        start_operator([ns], "--keep-succeeded-pods")
+        manifest = opcluster.job_manifest(name, maxTrials=2, parallelTrials=2)
+        manifest["spec"]["trial"]["queueName"] = "tuning"
+        opcluster.create_job(cluster, ns, manifest)
+        waited: list[str] = []
+
+        def finished() -> bool:  # meanwhile: a unit pod gated while another holds the quota, and Kueue's reason
+            pods = _unit_pods(cluster, ns)
+            if any(_gated(p) for p in pods) and any(p.status.phase == "Running" for p in pods):
+                waited.extend(m for m in _quota_messages(cluster, ns) if "quota" in m)
+            job = opcluster.get_job(cluster, ns, name) or {}
+            return (job.get("status") or {}).get("state") in ("Succeeded", "Failed")
+
+        t0 = time.monotonic()
+        wait_for(finished, 420, f"job {ns}/{name} finished", interval=0.5)
+        status = opcluster.get_job(cluster, ns, name)["status"]
+        assert status["state"] == "Succeeded", status
+        pods = _unit_pods(cluster, ns)
+        assert len(pods) >= 3 and all(p.metadata.labels.get(kueue_mod.QUEUE_LABEL) == "tuning" for p in pods)
+        runs = sorted((p.status.container_statuses[0].state.terminated.started_at,
+                       p.status.container_statuses[0].state.terminated.finished_at) for p in pods)
+        for (_, end), (start, _) in zip(runs, runs[1:], strict=False):
+            assert start >= end, f"two units ran at once under a one-unit quota: {runs}"
+        assert waited, "no unit was seen waiting for Kueue's admission with a quota message"
+        trials = _history(cluster, ns, name)  # every trial recorded once
+        assert len(trials) == 2 and len({t["index"] for t in trials}) == 2, trials
+        print(f"\nqueued job done in {time.monotonic() - t0:.0f}s; a unit waited with: {waited[0]!r}")
+    finally:
+        delete_queues()
