@@ -202,6 +202,8 @@ def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
     assert env_of(render(helm, {"image.pullPolicy": "Never"}))["QTUNE_TRIAL_IMAGE_PULL_POLICY"] == "Never"
     assert env_of(render(helm, {"image.pullPolicy": "Never", "trial.imagePullPolicy": "Always"}))[
         "QTUNE_TRIAL_IMAGE_PULL_POLICY"] == "Always"
+    assert "QTUNE_TRIAL_QUEUE_NAME" not in env, "no Kueue queue unless asked"
+    assert env_of(render(helm, {"trial.queueName": "tuning"}))["QTUNE_TRIAL_QUEUE_NAME"] == "tuning"
     assert operator_container(manifests)["image"] == "registry.example/qtune:1.2.3"
     assert "--isa-label=feature.node.kubernetes.io/cpu-cpuid.AMXINT8" in args_of(manifests)
     assert env["QTUNE_TRIAL_TOLERATIONS"] == \
@@ -213,7 +215,8 @@ def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
 
     read = {OperatorConfig.env_name(item.name) for item in fields(OperatorConfig)}
     for name in ("QTUNE_PROMETHEUS_URL", "QTUNE_PUSHGATEWAY_URL", "QTUNE_POD_PUSHGATEWAY_URL", "QTUNE_TRIAL_IMAGE",
-                 "QTUNE_TRIAL_IMAGE_PULL_POLICY", "QTUNE_TRIAL_TOLERATIONS", "QTUNE_SIGNING_KEY"):
+                 "QTUNE_TRIAL_IMAGE_PULL_POLICY", "QTUNE_TRIAL_TOLERATIONS", "QTUNE_SIGNING_KEY",
+                 "QTUNE_TRIAL_QUEUE_NAME"):
         assert name in read, name
     digest = "sha256:" + "a" * 64
     pinned = render(helm, {"image.digest": digest})

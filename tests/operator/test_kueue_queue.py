@@ -28,10 +28,10 @@ def _body(queue: str | None) -> dict:
     return body
 
 
-def _pod(body: dict) -> dict:
+def _pod(body: dict, config: OperatorConfig | None = None) -> dict:
     spec, _ = validate(body)
     plan = builders.UnitPlan(unit="trial-3", attempt=0, trial=3, tune_config=CONFIG)
-    return builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig(pushgateway_url="http://pgw:9091"))
+    return builders.unit_pod(JobRef.from_body(body), spec, plan, config or OperatorConfig(pushgateway_url="http://pgw:9091"))
 
 
 def test_unit_pods_carry_the_queue_label() -> None:
@@ -46,6 +46,17 @@ def test_without_a_queue_the_pod_is_unchanged() -> None:
     queued = _pod(_body("team-a"))
     del queued["metadata"]["labels"][c.KUEUE_QUEUE_LABEL]
     assert queued == plain
+
+
+def test_the_operators_default_queue_applies_when_the_job_names_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QTUNE_TRIAL_QUEUE_NAME", "shared")
+    config = OperatorConfig.from_env()
+    assert config.trial_queue_name == "shared"
+    assert _pod(_body(None), config)["metadata"]["labels"][c.KUEUE_QUEUE_LABEL] == "shared"
+    assert _pod(_body("team-a"), config)["metadata"]["labels"][c.KUEUE_QUEUE_LABEL] == "team-a", "the job's wins"
+    monkeypatch.setenv("QTUNE_TRIAL_QUEUE_NAME", "Not_A_Label")
+    with pytest.raises(ValueError, match="LocalQueue"):
+        OperatorConfig.from_env()
 
 
 @pytest.mark.parametrize("name", ["Team", "-a", "a-", "a_b", "x" * 64, ""])

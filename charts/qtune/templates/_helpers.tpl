@@ -157,6 +157,10 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
   value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
 - name: QTUNE_TRIAL_IMAGE_PULL_POLICY
   value: {{ default .Values.image.pullPolicy .Values.trial.imagePullPolicy | quote }}
+{{- with .Values.trial.queueName }}
+- name: QTUNE_TRIAL_QUEUE_NAME
+  value: {{ . | quote }}
+{{- end }}
 {{- with .Values.prometheus.url }}
 - name: QTUNE_PROMETHEUS_URL
   value: {{ . | quote }}

@@ -70,6 +70,9 @@ def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespa
         wait_for(finished, 420, f"job {ns}/{name} finished", interval=0.5)
         status = opcluster.get_job(cluster, ns, name)["status"]
         assert status["state"] == "Succeeded", status
+        # the model cleanup pod (a unit pod too, so queued as well) may still wait or run
+        wait_for(lambda: all(p.status.phase in ("Succeeded", "Failed") for p in _unit_pods(cluster, ns)), 120,
+                 "every unit pod finished", interval=0.5)
         pods = _unit_pods(cluster, ns)
         assert len(pods) >= 3 and all(p.metadata.labels.get(kueue_mod.QUEUE_LABEL) == "tuning" for p in pods)
         runs = sorted((p.status.container_statuses[0].state.terminated.started_at,
@@ -79,6 +82,7 @@ def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespa
         assert waited, "no unit was seen waiting for Kueue's admission with a quota message"
         trials = _history(cluster, ns, name)  # every trial recorded once
         assert len(trials) == 2 and len({t["index"] for t in trials}) == 2, trials
-        print(f"\nqueued job done in {time.monotonic() - t0:.0f}s; a unit waited with: {waited[0]!r}")
+        print(f"\nqueued job done in {time.monotonic() - t0:.0f}s; units {[p.metadata.name for p in pods]} ran one "
+              f"at a time: {runs}; a unit waited with: {waited[0]!r}")
     finally:
         delete_queues()
