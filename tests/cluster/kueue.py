@@ -165,9 +165,11 @@ def configuration(ports: dict[str, int], cert_dir: Path) -> dict[str, Any]:
 
 
 def queue_objects(prefix: str, namespace: str, quota: dict[str, str], local_queue: str,
-                  version: str = "v1beta2") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+                  version: str = "v1beta2", preemption: dict[str, Any] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """A ResourceFlavor ``<prefix>-flavor``, a ClusterQueue ``<prefix>-cq`` with ``quota`` (resource ->
-    nominalQuota, all covered in one group) and a LocalQueue ``local_queue`` in ``namespace`` pointing at it."""
+    nominalQuota, all covered in one group; ``preemption`` = its spec.preemption) and a LocalQueue
+    ``local_queue`` in ``namespace`` pointing at it."""
     api = f"kueue.x-k8s.io/{version}"
     flavor, cq = f"{prefix}-flavor", f"{prefix}-cq"
     return (
@@ -176,20 +178,20 @@ def queue_objects(prefix: str, namespace: str, quota: dict[str, str], local_queu
          "spec": {"namespaceSelector": {}, "resourceGroups": [{
              "coveredResources": list(quota),
              "flavors": [{"name": flavor, "resources": [{"name": r, "nominalQuota": q} for r, q in quota.items()]}],
-         }]}},
+         }], **({"preemption": preemption} if preemption else {})}},
         {"apiVersion": api, "kind": "LocalQueue", "metadata": {"name": local_queue, "namespace": namespace},
          "spec": {"clusterQueue": cq}},
     )
 
 
 def create_queues(api_client: Any, namespace: str, quota: dict[str, str], local_queue: str,
-                  timeout: float = 60.0) -> Callable[[], None]:
+                  timeout: float = 60.0, preemption: dict[str, Any] | None = None) -> Callable[[], None]:
     """Create :func:`queue_objects` (prefix = the namespace), wait until the ClusterQueue is Active; returns
     what deletes the two cluster-scoped objects (the LocalQueue goes with its namespace)."""
     from kubernetes import client
 
     custom, g, v = client.CustomObjectsApi(api_client), "kueue.x-k8s.io", "v1beta2"
-    flavor, cq, lq = queue_objects(namespace, namespace, quota, local_queue, v)
+    flavor, cq, lq = queue_objects(namespace, namespace, quota, local_queue, v, preemption)
     custom.create_cluster_custom_object(g, v, "resourceflavors", flavor)
     custom.create_cluster_custom_object(g, v, "clusterqueues", cq)
     custom.create_namespaced_custom_object(g, v, namespace, "localqueues", lq)

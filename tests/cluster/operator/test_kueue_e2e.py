@@ -86,3 +86,59 @@ def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespa
               f"at a time: {runs}; a unit waited with: {waited[0]!r}")
     finally:
         delete_queues()
+
+
+def _wait_pod(cluster: Any, namespace: str, ok: Any, timeout: float, what: str) -> Any:
+    found: list[Any] = []
+
+    def check() -> bool:
+        found[:] = [p for p in _unit_pods(cluster, namespace) if ok(p)]
+        return bool(found)
+
+    wait_for(check, timeout, what, interval=0.2)
+    return found[0]
+
+
+def test_a_preempted_unit_runs_again_and_is_no_failure(cluster: Any, kueue: Any, op_namespace: str,
+                                                       workspace: Path, start_operator: Any) -> None:
+    """A higher-priority workload in the same ClusterQueue (preemption LowerPriority) makes Kueue preempt a running
+    trial pod (it deletes it): the trial runs again as the next attempt once the quota is free, nothing counts as
+    failed, and the job succeeds with every trial recorded once."""
+    ns, name, high = op_namespace, "preempted", f"{op_namespace}-high"
+    api = cluster.api_client()
+    client.SchedulingV1Api(api).create_priority_class({
+        "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": high}, "value": 1000})
+    delete_queues = kueue_mod.create_queues(api, ns, ONE_UNIT, "tuning",
+                                            preemption={"withinClusterQueue": "LowerPriority"})
+    try:
+        start_operator([ns], "--keep-succeeded-pods")
+        manifest = opcluster.job_manifest(name, maxTrials=3, parallelTrials=1)
+        manifest["spec"]["trial"]["queueName"] = "tuning"
+        opcluster.create_job(cluster, ns, manifest)
+        victim = _wait_pod(cluster, ns, lambda p: p.metadata.labels.get(c.LABEL_UNIT, "").startswith("trial-")
+                           and p.status.phase == "Running", 300, "a trial pod running")
+        unit = victim.metadata.labels[c.LABEL_UNIT]
+        client.CoreV1Api(api).create_namespaced_pod(ns, {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "urgent", "labels": {kueue_mod.QUEUE_LABEL: "tuning"}},
+            "spec": {"restartPolicy": "Never", "priorityClassName": high, "nodeSelector": {"qtune.io/pool": "xeon"},
+                     "containers": [{"name": "main", "image": "busybox", "command": ["sleep", "3"],
+                                     "resources": {"requests": ONE_UNIT, "limits": ONE_UNIT}}]}})
+        again = _wait_pod(cluster, ns, lambda p: p.metadata.labels.get(c.LABEL_UNIT) == unit
+                          and p.metadata.uid != victim.metadata.uid, 240, f"{unit} started again")
+        wait_for(lambda: (opcluster.get_job(cluster, ns, name) or {}).get("status", {}).get("state")
+                 in ("Succeeded", "Failed"), 420, f"job {ns}/{name} finished", interval=0.5)
+        status = opcluster.get_job(cluster, ns, name)["status"]
+        assert status["state"] == "Succeeded", status
+        assert status["trials"]["failed"] == 0 and status["trials"]["succeeded"] == 3, status["trials"]
+        trials = _history(cluster, ns, name)
+        assert sorted(t["index"] for t in trials) == [0, 1, 2] and all(t["status"] == "succeeded" for t in trials)
+        urgent = client.CoreV1Api(api).read_namespaced_pod("urgent", ns)
+        assert urgent.status.phase == "Succeeded"
+        events = client.CoreV1Api(api).list_namespaced_event(ns).items
+        preempted = [e.message for e in events if e.reason == "Preempted"]
+        assert preempted, sorted({(e.reason, e.involved_object.kind) for e in events})
+        print(f"\n{victim.metadata.name} preempted ({preempted[0]!r}); {unit} ran again as {again.metadata.name}")
+    finally:
+        delete_queues()
+        client.SchedulingV1Api(api).delete_priority_class(high)
