@@ -43,7 +43,7 @@ from qtune.operator.context import EventSink, JobContext, Services, Terminal
 from qtune.operator.imports import import_strategy_module
 from qtune.operator.kube import Conflict
 from qtune.operator.layout import JobRef, cluster_problem, job_document
-from qtune.operator.observe import Observation
+from qtune.operator.observe import Observation, queued_status
 from qtune.operator.pods import PodExecutor
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.statuswriter import StatusWriter
@@ -357,6 +357,7 @@ class JobReconciler:
         reason, message = self.executor.nodes.waiting(
             seen, reason, message, now,
             lambda: self.writer.progress(session) if session.ready else "the fp32 baseline waits")
+        reason, message = queued_status(seen, reason, message, now)
         metrics_error = self.executor.results.error
         if seen.awaiting:
             reason, message = st.WAITING_FOR_RESULTS, self.writer.waiting_message(seen.awaiting, now, metrics_error)

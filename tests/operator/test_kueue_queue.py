@@ -4,15 +4,18 @@ without it; a pod Kueue has not admitted yet is neither unschedulable nor runnin
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from opfakes import job_body
 
 from qtune.operator import builders, crd, podstatus
 from qtune.operator import constants as c
+from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
 from qtune.operator.layout import JobRef
-from qtune.operator.observe import Limits, _overdue
+from qtune.operator.observe import Limits, Observation, _overdue, queued_status
 from qtune.operator.reconcile import validate
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
@@ -105,3 +108,49 @@ def test_a_queued_pod_is_never_overdue_and_an_admitted_one_counts_from_schedulin
 def test_without_a_queue_a_pending_pod_is_still_timed_from_its_creation() -> None:
     pod = podstatus.summarize_pod(_status(gated=False, queue=None))
     assert _overdue("trial-3", pod, T0 + 10_000, Limits(trial_timeout=100.0, grace=10.0))[0] == "Timeout"
+
+
+# ---------------------------------------------------------------------------------------- the job's status
+
+
+def _queued_world(**tuning: Any) -> Any:
+    from test_reconcile import World, spec_dict
+
+    spec = spec_dict(**tuning)
+    spec["trial"]["queueName"] = "team-a"
+    return World(job_body(spec=spec))
+
+
+def _gate(world: Any, name: str, since: float) -> None:
+    pod = world.kube.pods[name]
+    assert pod["metadata"]["labels"][c.KUEUE_QUEUE_LABEL] == "team-a"
+    pod["metadata"]["creationTimestamp"] = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    pod["spec"]["schedulingGates"] = [{"name": c.KUEUE_ADMISSION_GATE}]
+    pod["status"] = {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "SchedulingGated",
+        "message": "Scheduling is blocked due to non-empty scheduling gates",
+        "lastTransitionTime": pod["metadata"]["creationTimestamp"]}]}
+
+
+def test_a_job_whose_units_all_wait_for_kueue_is_queued_and_says_where_and_how_long() -> None:
+    from test_reconcile import BASELINE_POD
+
+    world = _queued_world(trialTimeoutSeconds=100)
+    world.step()
+    _gate(world, BASELINE_POD, world.now)
+    world.now += 3600  # an hour in the queue: far past the unit's time limit plus grace
+    world.step()
+    status = world.kube.status
+    assert status["reason"] == st.QUEUED, status
+    assert f"pod {BASELINE_POD} (baseline) waits for Kueue's admission in LocalQueue team-a for 360" \
+        in status["message"]
+    assert status["state"] not in ("Failed", "Succeeded") and BASELINE_POD not in world.kube.deleted_pods
+    assert not [r for _, r, _ in world.events if r == st.UNSCHEDULABLE]
+
+
+def test_a_running_unit_keeps_the_reason_and_a_queued_one_is_named_in_the_message() -> None:
+    seen = Observation(running={"trial-0", "trial-1"})
+    seen.queued["trial-1"] = podstatus.summarize_pod(_status(gated=True))
+    reason, message = queued_status(seen, st.REASON_TUNING, "1/8 trials finished", T0 + 30)
+    assert reason == st.REASON_TUNING and "waits for Kueue's admission in LocalQueue team-a" in message
+    assert queued_status(Observation(running={"trial-0"}), "R", "M", T0) == ("R", "M")
