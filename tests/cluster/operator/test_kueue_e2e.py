@@ -54,9 +54,21 @@ def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespa
     delete_queues = kueue_mod.create_queues(cluster.api_client(), ns, ONE_UNIT, "tuning")
     try:
         start_operator([ns], "--keep-succeeded-pods")
+        core = client.CoreV1Api(cluster.api_client())
+        core.create_namespaced_pod(ns, _blocker("blocker", 12))  # another workload holds the team's quota
+        cluster.wait_for_pod(ns, "blocker", done=lambda p: p.status.phase == "Running", timeout=60)
         manifest = opcluster.job_manifest(name, maxTrials=2, parallelTrials=2)
         manifest["spec"]["trial"]["queueName"] = "tuning"
         opcluster.create_job(cluster, ns, manifest)
+        queued: dict[str, Any] = {}
+
+        def job_queued() -> bool:
+            queued.clear()
+            queued.update((opcluster.get_job(cluster, ns, name) or {}).get("status") or {})
+            return queued.get("reason") == "Queued"
+
+        wait_for(job_queued, 60, "the job Queued while the blocker holds the quota", detail=lambda: repr(queued))
+        assert "waits for Kueue's admission in LocalQueue tuning" in queued["message"], queued
         waited: list[str] = []
 
         def finished() -> bool:  # meanwhile: a unit pod gated while another holds the quota, and Kueue's reason
@@ -82,10 +94,23 @@ def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespa
         assert waited, "no unit was seen waiting for Kueue's admission with a quota message"
         trials = _history(cluster, ns, name)  # every trial recorded once
         assert len(trials) == 2 and len({t["index"] for t in trials}) == 2, trials
+        assert cluster.wait_for_pod(ns, "blocker").status.phase == "Succeeded"
+        print(f"\nqueued while blocked: {queued['message']!r}")
         print(f"\nqueued job done in {time.monotonic() - t0:.0f}s; units {[p.metadata.name for p in pods]} ran one "
               f"at a time: {runs}; a unit waited with: {waited[0]!r}")
     finally:
         delete_queues()
+
+
+def _blocker(name: str, seconds: int, priority_class: str | None = None) -> dict[str, Any]:
+    """A plain pod in LocalQueue `tuning` asking one unit's worth of quota."""
+    spec: dict[str, Any] = {"restartPolicy": "Never", "nodeSelector": {"qtune.io/pool": "xeon"},
+                            "containers": [{"name": "main", "image": "busybox", "command": ["sleep", str(seconds)],
+                                            "resources": {"requests": ONE_UNIT, "limits": ONE_UNIT}}]}
+    if priority_class:
+        spec["priorityClassName"] = priority_class
+    return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
+            "metadata": {"name": name, "labels": {kueue_mod.QUEUE_LABEL: "tuning"}}}
 
 
 def _wait_pod(cluster: Any, namespace: str, ok: Any, timeout: float, what: str) -> Any:
@@ -118,12 +143,7 @@ def test_a_preempted_unit_runs_again_and_is_no_failure(cluster: Any, kueue: Any,
         victim = _wait_pod(cluster, ns, lambda p: p.metadata.labels.get(c.LABEL_UNIT, "").startswith("trial-")
                            and p.status.phase == "Running", 300, "a trial pod running")
         unit = victim.metadata.labels[c.LABEL_UNIT]
-        client.CoreV1Api(api).create_namespaced_pod(ns, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "urgent", "labels": {kueue_mod.QUEUE_LABEL: "tuning"}},
-            "spec": {"restartPolicy": "Never", "priorityClassName": high, "nodeSelector": {"qtune.io/pool": "xeon"},
-                     "containers": [{"name": "main", "image": "busybox", "command": ["sleep", "3"],
-                                     "resources": {"requests": ONE_UNIT, "limits": ONE_UNIT}}]}})
+        client.CoreV1Api(api).create_namespaced_pod(ns, _blocker("urgent", 3, priority_class=high))
         again = _wait_pod(cluster, ns, lambda p: p.metadata.labels.get(c.LABEL_UNIT) == unit
                           and p.metadata.uid != victim.metadata.uid, 240, f"{unit} started again")
         wait_for(lambda: (opcluster.get_job(cluster, ns, name) or {}).get("status", {}).get("state")
