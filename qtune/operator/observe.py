@@ -171,15 +171,17 @@ def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[st
                        f"limit is {limit:g}s (spec.tuning.trialTimeoutSeconds)")
 
 
-def queued_status(seen: Observation, reason: str, message: str, now: float) -> tuple[str, str]:
+def queued_status(seen: Observation, reason: str, message: str, now: float,
+                  kueue_reasons: Mapping[str, str] | None = None) -> tuple[str, str]:
     """The running job's (reason, message) while units wait for Kueue's admission: the reason is Queued when
     every unit the job runs is waiting (nothing actually runs), and the message says which pod waits in which
-    LocalQueue, and for how long."""
+    LocalQueue, for how long, and why (Kueue's message: `kueue_reasons`, pod uid -> its Workload's)."""
     if not seen.queued:
         return reason, message
     unit, pod = min(seen.queued.items(), key=lambda item: item[1].created or now)
     waited = now - (pod.created or now)
     more = f" (and {len(seen.queued) - 1} more)" if len(seen.queued) > 1 else ""
+    why = (kueue_reasons or {}).get(pod.uid)
     message += (f"; pod {pod.name} ({unit}){more} waits for Kueue's admission in LocalQueue {pod.queue} for "
-                f"{waited:.0f}s (kubectl get workloads -n {pod.namespace})")
+                f"{waited:.0f}s" + (f": {why}" if why else f" (kubectl get workloads -n {pod.namespace})"))
     return (QUEUED if set(seen.queued) >= seen.running else reason), message

@@ -34,7 +34,7 @@ NS = "qtune-system"
 FORBIDDEN = {"*"}
 #: Namespaced resources it may only use in the namespaces it serves (Role, not ClusterRole).
 NAMESPACED = {"pods", "configmaps", "secrets", "events", "serviceaccounts", "roles", "rolebindings", "quantizationjobs",
-              "quantizationjobs/status", "kopfpeerings", "persistentvolumeclaims"}
+              "quantizationjobs/status", "kopfpeerings", "persistentvolumeclaims", "workloads"}
 API_SERVER = {"networkPolicy.apiServer.cidrs": ["10.0.0.1/32"]}
 """Every render sets the API server's addresses (the chart refuses to render without them unless waived)."""
 
@@ -272,6 +272,8 @@ def test_rbac_is_least_privilege_and_per_served_namespace(helm: Path, values: di
     for _group, resource, verbs in role:
         if resource == "secrets":
             assert verbs == {"create", "delete"}, "a unit's secret is created and deleted, never read"
+        if resource == "workloads":  # Kueue's reason for a queued unit (issue 21): read only
+            assert verbs == {"list"}
         if resource == "rolebindings":  # a job's own, once its baseline is recorded (issue 20)
             assert verbs == {"get", "create", "delete"}
         elif resource not in ("pods", "configmaps", "secrets"):

@@ -4,6 +4,7 @@ without it; a pod Kueue has not admitted yet is neither unschedulable nor runnin
 from __future__ import annotations
 
 import copy
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +17,7 @@ from qtune.operator import status as st
 from qtune.operator.config import OperatorConfig
 from qtune.operator.layout import JobRef
 from qtune.operator.observe import Limits, Observation, _overdue, queued_status
+from qtune.operator.queueing import REFRESH_SECONDS, pending_messages
 from qtune.operator.reconcile import validate
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
@@ -154,3 +156,62 @@ def test_a_running_unit_keeps_the_reason_and_a_queued_one_is_named_in_the_messag
     reason, message = queued_status(seen, st.REASON_TUNING, "1/8 trials finished", T0 + 30)
     assert reason == st.REASON_TUNING and "waits for Kueue's admission in LocalQueue team-a" in message
     assert queued_status(Observation(running={"trial-0"}), "R", "M", T0) == ("R", "M")
+
+
+KUEUE_SAYS = ("couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor default, "
+              "2 more needed")
+
+
+def _workload(pod: dict, message: str) -> dict:
+    return {"metadata": {"name": "pod-x-1", "ownerReferences": [{"kind": "Pod", "uid": pod["metadata"]["uid"]}]},
+            "status": {"conditions": [{"type": "QuotaReserved", "status": "False", "reason": "Pending",
+                                       "message": message}]}}
+
+
+def test_the_status_carries_kueues_reason_read_at_most_every_few_seconds() -> None:
+    from test_reconcile import BASELINE_POD
+
+    world = _queued_world()
+    world.step()
+    _gate(world, BASELINE_POD, world.now)
+    world.kube.pods[BASELINE_POD]["metadata"].setdefault("uid", "pod-uid-1")
+    world.kube.workloads = [_workload(world.kube.pods[BASELINE_POD], KUEUE_SAYS)]
+    world.step()
+    assert world.kube.status["reason"] == st.QUEUED
+    assert re.search(r"in LocalQueue team-a for [01]s: " + re.escape(KUEUE_SAYS) + "$", world.kube.status["message"])
+    lists = world.kube.custom_lists
+    world.step()
+    world.step()
+    assert world.kube.custom_lists == lists, "not listed again within REFRESH_SECONDS"
+    world.now += REFRESH_SECONDS + 1
+    world.step()
+    assert world.kube.custom_lists == lists + 1
+
+
+def test_without_kueues_api_the_status_names_the_queue_and_the_api_is_not_asked_again() -> None:
+    from test_reconcile import BASELINE_POD
+
+    world = _queued_world()
+    world.step()
+    _gate(world, BASELINE_POD, world.now)
+    world.step()  # workloads None: 404
+    assert world.kube.status["reason"] == st.QUEUED and "kubectl get workloads" in world.kube.status["message"]
+    world.now += 60
+    world.step()
+    assert world.kube.custom_lists == 1
+
+
+def test_a_job_without_queued_units_never_lists_workloads() -> None:
+    from test_reconcile import World
+
+    world = World()
+    world.kube.workloads = []
+    for _ in range(3):
+        world.step()
+    assert world.kube.custom_lists == 0
+
+
+def test_pending_messages_map_pod_uids_to_kueues_message() -> None:
+    admitted = {"metadata": {"ownerReferences": [{"kind": "Pod", "uid": "b"}]},
+                "status": {"conditions": [{"type": "QuotaReserved", "status": "True", "message": "admitted"}]}}
+    assert pending_messages([_workload({"metadata": {"uid": "a"}}, KUEUE_SAYS), admitted, {}]) == {"a": KUEUE_SAYS}

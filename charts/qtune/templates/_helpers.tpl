@@ -116,6 +116,10 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# list: Kueue's reason in the status while a unit waits for admission (spec.trial.queueName, docs/kueue.md)
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 {{- if eq (include "qtune.peering" .) "true" }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]

@@ -65,9 +65,10 @@ def test_units_queue_in_kueue_one_at_a_time(cluster: Any, kueue: Any, op_namespa
         def job_queued() -> bool:
             queued.clear()
             queued.update((opcluster.get_job(cluster, ns, name) or {}).get("status") or {})
-            return queued.get("reason") == "Queued"
+            return queued.get("reason") == "Queued" and "insufficient unused quota" in queued.get("message", "")
 
-        wait_for(job_queued, 60, "the job Queued while the blocker holds the quota", detail=lambda: repr(queued))
+        wait_for(job_queued, 60, "the job Queued with Kueue's reason while the blocker holds the quota",
+                 detail=lambda: repr(queued))
         assert "waits for Kueue's admission in LocalQueue tuning" in queued["message"], queued
         waited: list[str] = []
 
