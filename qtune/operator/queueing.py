@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
 REFRESH_SECONDS = 5.0
-MESSAGE_LIMIT = 300
+MESSAGE_LIMIT = 500
 
 
 def pending_messages(workloads: Iterable[Mapping[str, Any]]) -> dict[str, str]:
