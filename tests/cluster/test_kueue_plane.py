@@ -134,6 +134,21 @@ def test_a_job_with_the_queue_label_is_suspended_until_admitted(cluster: Cluster
     print(f"\nJob admitted and done in {time.monotonic() - t0:.1f}s")
 
 
+def test_the_namespaces_default_local_queue_takes_pods_without_the_label(cluster: Cluster, kueue: Any,
+                                                                        namespace: str) -> None:
+    """Kueue's LocalQueue defaulting (GA in 0.17): in a namespace with a LocalQueue named `default`, Kueue's
+    webhook labels and gates a pod that names no queue: qtune's unit pods are queued without
+    spec.trial.queueName (the operator reads the queue from the pod's label)."""
+    delete = kueue_mod.create_queues(cluster.api_client(), namespace, {"cpu": "2"}, "default")
+    try:
+        pod = cluster.core().create_namespaced_pod(namespace, _pod("plain", None, 1))
+        assert pod.metadata.labels.get(QUEUE_LABEL) == "default" and _gated(pod)
+        done = cluster.wait_for_pod(namespace, "plain", timeout=60)
+        assert done.status.phase == "Succeeded"
+    finally:
+        delete()
+
+
 def test_uninstall_leaves_the_plane_as_before(cluster: Cluster, kueue: Any) -> None:
     """Last in this module (the fixture's teardown is then a no-op): without Kueue, the plane's other tests see
     no webhook, no Kueue CRD, no kueue process, and a pod with the queue-name label is an ordinary pod."""
