@@ -58,8 +58,10 @@ class KueueReasons:
         try:
             body = await self.ctx.kube.list_custom(GROUP, VERSION, self.ctx.job.namespace, PLURAL)
         except client.ApiException as exc:
-            if exc.status not in (403, 404):
-                raise
+            if exc.status not in (403, 404):  # best effort: the status keeps the last reason, read again later
+                logger.info("%s/%s: listing Kueue Workloads failed (HTTP %s); trying again in %gs",
+                            self.ctx.job.namespace, self.ctx.job.name, exc.status, REFRESH_SECONDS)
+                return self.messages
             self.unavailable = True
             logger.warning("%s/%s: cannot list Kueue Workloads (HTTP %s): the status names the LocalQueue but not "
                            "Kueue's reason%s", self.ctx.job.namespace, self.ctx.job.name, exc.status,

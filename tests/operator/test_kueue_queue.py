@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiException
 from opfakes import job_body
 
 from qtune.operator import builders, crd, podstatus
@@ -215,3 +216,22 @@ def test_pending_messages_map_pod_uids_to_kueues_message() -> None:
     admitted = {"metadata": {"ownerReferences": [{"kind": "Pod", "uid": "b"}]},
                 "status": {"conditions": [{"type": "QuotaReserved", "status": "True", "message": "admitted"}]}}
     assert pending_messages([_workload({"metadata": {"uid": "a"}}, KUEUE_SAYS), admitted, {}]) == {"a": KUEUE_SAYS}
+
+
+def test_a_failing_workload_list_keeps_the_job_going_and_is_tried_again() -> None:
+    from test_reconcile import BASELINE_POD
+
+    world = _queued_world()
+    world.step()
+    _gate(world, BASELINE_POD, world.now)
+
+    async def broken(*_: Any) -> dict:
+        world.kube.custom_lists += 1
+        raise ApiException(status=500, reason="Internal Server Error")
+
+    world.kube.list_custom = broken
+    world.step()
+    assert world.kube.status["reason"] == st.QUEUED
+    world.now += REFRESH_SECONDS + 1
+    world.step()
+    assert world.kube.custom_lists == 2, "a 500 does not switch the reasons off"
