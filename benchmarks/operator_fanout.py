@@ -45,6 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACE = f"qtune-bench-{os.getpid()}"
 CLAIM = "qtune-work"
+QUEUE = "bench"  # the LocalQueue of --kueue
 SIGNING_KEY = "operator-fanout-benchmark-key"
 OP_TYPES = ("Conv", "MatMul", "Gemm", "Add", "Mul")
 MAX_TRIALS = 3 ** len(OP_TYPES)
@@ -335,6 +336,8 @@ class Observer:
         self.finished: dict[tuple[str, str], float] = {}
         """(job uid, unit) -> when the watch first saw its pod Succeeded or Failed."""
         self.relisted = 0
+        self.admitted: dict[str, float] = {}
+        """pod name -> when the watch first saw it without Kueue's scheduling gate (at creation without Kueue)."""
         self.result_seen: dict[tuple[str, str], float] = {}
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._watch, daemon=True),
@@ -351,6 +354,11 @@ class Observer:
         self.pods[pod.metadata.name] = PodSeen(pod.metadata.name, labels.get("qtune.io/job-uid", ""),
                                                labels["qtune.io/unit"], int(labels.get("qtune.io/attempt", 0)),
                                                when)
+
+    def _admitted(self, pod: Any, when: float) -> None:
+        gates = [g.name for g in (pod.spec.scheduling_gates or [])] if pod.spec else []
+        if "kueue.x-k8s.io/admission" not in gates:
+            self.admitted.setdefault(pod.metadata.name, when)
 
     def _finished(self, pod: Any, when: float) -> None:
         labels = pod.metadata.labels or {}
@@ -372,6 +380,7 @@ class Observer:
                                            resource_version=listed.metadata.resource_version):
                     if event["type"] == "ADDED":
                         self._add(event["object"], time.time())
+                    self._admitted(event["object"], time.time())
                     self._finished(event["object"], time.time())
                     if self.stop.is_set():
                         stream.stop()
@@ -412,8 +421,8 @@ def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg()) + f" (1/5/15 min) on {os.cpu_count()} CPUs"
 
 
-def job(name: str, trials: int, parallel: int) -> dict[str, Any]:
-    return {
+def job(name: str, trials: int, parallel: int, queue: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {
         "apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": name},
         "spec": {
             "model": {"framework": "onnxruntime", "path": "model.onnx"},
@@ -424,6 +433,9 @@ def job(name: str, trials: int, parallel: int) -> dict[str, Any]:
             "workspace": {"persistentVolumeClaim": CLAIM},
         },
     }
+    if queue:
+        body["spec"]["trial"]["queueName"] = queue
+    return body
 
 
 def operator_settings(env: dict[str, str], words: tuple[str, ...] = ("poll", "deadline", "timeout", "interval")
@@ -475,6 +487,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--node-cpus", type=int, default=1000,
                         help="CPUs of each plane node (fake pods use next to no CPU; 8, the plane's default, makes "
                              "pods of many jobs wait for the scheduler)")
+    parser.add_argument("--kueue", action="store_true",
+                        help="queue every unit pod in Kueue (issue 21): the plane runs Kueue (Plane(kueue=True)), the "
+                             "namespace a LocalQueue whose ClusterQueue's quota never binds, the jobs "
+                             "spec.trial.queueName: what Kueue's admission adds to result -> next pod")
     parser.add_argument("--operator-log-level", default="INFO", help="the operator's --log-level (its log: a file "
                                                                       "under the temp folder, printed at the end)")
     args = parser.parse_args(argv)
@@ -500,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         # fake pods use next to no CPU: by default nodes large enough that the scheduler never makes jobs wait
         nodes = tuple(replace(n, cpu=str(args.node_cpus), memory=f"{max(32, args.node_cpus)}Gi", pods="2000")
                       for n in plane_mod.NODES)
-        plane = plane_mod.Plane(state_dir=state, audit=True, nodes=nodes).start()
+        plane = plane_mod.Plane(state_dir=state, audit=True, nodes=nodes, kueue=args.kueue).start()
         admin_kubeconfig, prometheus, pushgateway = str(plane.kubeconfig), plane.prometheus_url, plane.pushgateway_url
         audit_log, operator_kubeconfig = plane.audit_log, plane.operator_kubeconfig
     import opcluster
@@ -522,6 +538,11 @@ def main(argv: list[str] | None = None) -> int:
                 break
             except client.ApiException:
                 time.sleep(0.2)
+        if args.kueue:  # one LocalQueue; a quota far above what the fake pods ask: only admission is measured
+            import kueue as kueue_mod
+
+            kueue_mod.create_queues(api, NAMESPACE, {"cpu": "100000", "memory": "100000Gi",
+                                                     "ephemeral-storage": "100000Gi"}, QUEUE)
         core.create_namespaced_persistent_volume_claim(NAMESPACE, {
             "metadata": {"name": CLAIM, "labels": dict(opcluster.WORKSPACE_LABELS)},  # opted in as a workspace
             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}})
@@ -559,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         names = [f"bench-{i:03d}" for i in range(args.jobs)]
         for name in names:
             custom.create_namespaced_custom_object("qtune.io", "v1alpha1", NAMESPACE, "quantizationjobs",
-                                                   job(name, args.trials, args.parallel))
+                                                   job(name, args.trials, args.parallel, QUEUE if args.kueue else None))
         done: dict[str, dict[str, Any]] = {}
         uids: dict[str, str] = {}
         last_report = started
@@ -667,6 +688,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  result -> next unit pod latency, {len(latencies)} samples: p50 {percentile(latencies, 0.5):.3f}s, "
               f"p90 {percentile(latencies, 0.9):.3f}s, max {max(latencies, default=float('nan')):.3f}s"
               + (f", mean {statistics.mean(latencies):.3f}s" if latencies else "") + "  (goal p50 < 1 s)")
+        admitted = [observer.admitted[pod.name] - seen for _, seen, pod in pairs if pod.name in observer.admitted]
+        admission = [observer.admitted[p.name] - p.created for p in pods if p.name in observer.admitted]
+        how = "Kueue removed its scheduling gate" if args.kueue else "no Kueue: ungated when created"
+        print(f"  result -> next unit pod admitted ({how}), {len(admitted)} samples: "
+              f"p50 {percentile(admitted, 0.5):.3f}s, "
+              f"p90 {percentile(admitted, 0.9):.3f}s; pod created -> admitted ({len(admission)} pods): p50 "
+              f"{percentile(admission, 0.5):.3f}s, p90 {percentile(admission, 0.9):.3f}s, "
+              f"max {max(admission, default=float('nan')):.3f}s")
         print(f"    of which: result queryable -> its pod seen Succeeded (node agent): p50 "
               f"{percentile(reported, 0.5):+.3f}s, p90 {percentile(reported, 0.9):+.3f}s; the later of the two -> "
               f"next pod created (the operator): p50 {percentile(operator_share, 0.5):.3f}s, "

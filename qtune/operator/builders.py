@@ -235,6 +235,8 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
     if tolerations:
         pod_spec["tolerations"] = [dict(t) for t in tolerations]
     meta = metadata(job, name, plan.role, unit=plan.unit, attempt=plan.attempt, trial=plan.trial)
+    if queue := spec.trial.queue_name or config.trial_queue_name:  # admitted by Kueue (docs/kueue.md)
+        meta["labels"][c.KUEUE_QUEUE_LABEL] = queue
     if annotations:
         meta["annotations"] = dict(annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}

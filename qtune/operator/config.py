@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from qtune.operator import constants as c
+from qtune.spec.cel import QUEUE_NAME_RE
 
 RESULTS_DEADLINE_DEFAULT = 1800.0
 RESULTS_DEADLINE_MIN = 600.0
@@ -103,6 +105,16 @@ def _pull_policy(text: str) -> str | None:
     return text
 
 
+def _queue_name(text: str) -> str | None:
+    """A Kueue LocalQueue name (the value of the pod label kueue.x-k8s.io/queue-name), or None for ""."""
+    if not text:
+        return None
+    if len(text) > 63 or not re.match(QUEUE_NAME_RE, text):
+        raise ValueError(f"{text!r} is not a LocalQueue name usable as a label value (lowercase letters, digits, "
+                         "'-' and '.', at most 63 characters, starting and ending alphanumeric)")
+    return text
+
+
 def setting(default: Any = None, help: str = "", *, env: str | None = "", flag: bool = True,  # noqa: A002
             parse: Callable[[str], Any] = str, factory: Callable[[], Any] | None = None) -> Any:
     """A field of OperatorConfig. env "" = QTUNE_<NAME>; None = no environment variable; flag: a
@@ -124,6 +136,9 @@ class OperatorConfig:
     trial_image_pull_policy: str | None = setting(
         None, "imagePullPolicy of unit pods when the job sets none (Always, IfNotPresent or Never; none: "
               "Kubernetes' default, Always for a :latest tag)", parse=_pull_policy)
+    trial_queue_name: str | None = setting(
+        None, "Kueue LocalQueue of unit pods when the job names none in spec.trial.queueName (docs/kueue.md); "
+              "none: pods are not queued", parse=_queue_name)
     runner_command: tuple[str, ...] = setting(("python", "-P", "-m", "qtune.runner"),
                                               "what pods run before `baseline|trial|confirm ...` (shell words)",
                                               flag=False, parse=lambda text: tuple(shlex.split(text)))

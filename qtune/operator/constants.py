@@ -71,6 +71,11 @@ JOB_ACCOUNT_LABEL = f"{GROUP}/job-account"
 """A ServiceAccount a job may name in spec.trial.serviceAccountName must carry this label with
 value "true" (the namespace's administrator opts it in); the operator never creates or changes it."""
 JOB_ACCOUNT_VALUE = "true"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+"""Kueue's label naming the LocalQueue of a pod (spec.trial.queueName): Kueue's pod webhook gates such a pod
+(scheduling gate kueue.x-k8s.io/admission) until its Workload is admitted (docs/kueue.md)."""
+KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
+"""The scheduling gate Kueue's pod webhook adds to a queued pod and removes when it admits it."""
 DEFAULT_WORKSPACE_LABEL = f"{GROUP}/workspace=true"
 """The label a PVC carries when its namespace's administrator lets jobs use it as their workspace."""
 

@@ -106,6 +106,12 @@ class Kube:
                                     _preload_content=False)
         return list(_raw(response).get("items") or [])
 
+    async def list_custom(self, group: str, version: str, namespace: str, plural: str) -> dict[str, Any]:
+        """A namespace's custom objects of one kind (Kueue's Workloads: qtune/operator/queueing.py)."""
+        response = await self._call(self.custom.list_namespaced_custom_object, group, version, namespace, plural,
+                                    _preload_content=False)
+        return _raw(response)
+
     async def read_node(self, name: str) -> dict[str, Any] | None:
         """The Node object, None when it no longer exists."""
         response = await self._call_or_none(404, self.core.read_node, name, _preload_content=False)

@@ -16,6 +16,7 @@ from qtune.operator.config import RESULTS_DEADLINE_DEFAULT
 from qtune.operator.layout import JobRef
 from qtune.operator.podstatus import PodSummary, failure_of
 from qtune.operator.results import ACCEPT, STALE, WAIT, Observed, judge
+from qtune.operator.status import QUEUED
 from qtune.tuning import stop
 from qtune.tuning.engine import UnitFailure, UnitOutcome
 from qtune.tuning.history import History
@@ -68,6 +69,8 @@ class Observation:
     unschedulable_pod: str | None = None
     doomed: list[str] = field(default_factory=list)
     """Pods still there whose unit was recorded failed here (past their time limit): delete them."""
+    queued: dict[str, PodSummary] = field(default_factory=dict)
+    """unit -> its pod that Kueue has not admitted yet (spec.trial.queueName; still in `running`)."""
 
     @property
     def awaiting_results(self) -> bool:
@@ -133,6 +136,8 @@ def _not_succeeded(seen: Observation, unit: str, pod: PodSummary, now: float, li
         seen.doomed.append(pod.name)
     else:
         seen.running.add(unit)
+        if pod.queued:
+            seen.queued[unit] = pod
         if pod.unschedulable and seen.waiting_for_node is None:
             seen.waiting_for_node = pod.unschedulable
             seen.unschedulable_since = pod.unschedulable_since
@@ -146,12 +151,15 @@ def _not_succeeded(seen: Observation, unit: str, pod: PodSummary, now: float, li
 
 def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[str, str] | None:
     """(reason, message) when a pod that has not finished is past its unit's time limit plus the grace: counted
-    from its start, or from its creation while it never started (pending, unschedulable)."""
+    from its start, or from its creation while it never started (pending, unschedulable); a pod queued in Kueue
+    (spec.trial.queueName) only from when it was scheduled, after Kueue admitted it."""
     if not limits.trial_timeout:
         return None
     kind = protocol.unit_kind(unit) or protocol.UnitKind.TRIAL
     limit = protocol.unit_timeout_seconds(kind, limits.trial_timeout)
     since = pod.started if pod.started is not None else pod.created
+    if pod.started is None and pod.queue:  # waiting in Kueue's queue is not running late: count from scheduling
+        since = pod.scheduled_at
     if since is None or now - since <= limit + limits.grace:
         return None
     if pod.started is None:
@@ -161,3 +169,19 @@ def _overdue(unit: str, pod: PodSummary, now: float, limits: Limits) -> tuple[st
                 f"time limit is {limit:g}s (spec.tuning.trialTimeoutSeconds)")
     return "Timeout", (f"the pod {pod.name} was still running {now - since:.0f}s after it started; the unit's time "
                        f"limit is {limit:g}s (spec.tuning.trialTimeoutSeconds)")
+
+
+def queued_status(seen: Observation, reason: str, message: str, now: float,
+                  kueue_reasons: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The running job's (reason, message) while units wait for Kueue's admission: the reason is Queued when
+    every unit the job runs is waiting (nothing actually runs), and the message says which pod waits in which
+    LocalQueue, for how long, and why (Kueue's message: `kueue_reasons`, pod uid -> its Workload's)."""
+    if not seen.queued:
+        return reason, message
+    unit, pod = min(seen.queued.items(), key=lambda item: item[1].created or now)
+    waited = now - (pod.created or now)
+    more = f" (and {len(seen.queued) - 1} more)" if len(seen.queued) > 1 else ""
+    why = (kueue_reasons or {}).get(pod.uid)
+    message += (f"; pod {pod.name} ({unit}){more} waits for Kueue's admission in LocalQueue {pod.queue} for "
+                f"{waited:.0f}s" + (f": {why}" if why else f" (kubectl get workloads -n {pod.namespace})"))
+    return (QUEUED if set(seen.queued) >= seen.running else reason), message

@@ -75,6 +75,12 @@ class PodSummary:
     """The runner container's resources.limits.memory (what an OOM kill exceeded)."""
     unschedulable_since: float | None = None
     """When the pod's PodScheduled condition became False."""
+    queue: str | None = None
+    """The Kueue LocalQueue the pod is queued in (its kueue.x-k8s.io/queue-name label), or None."""
+    queued: bool = False
+    """Kueue has not admitted the pod yet: it still carries Kueue's scheduling gate (not the scheduler's doing)."""
+    scheduled_at: float | None = None
+    """When the pod's PodScheduled condition became True (a node was chosen)."""
 
     @property
     def done(self) -> bool:
@@ -97,9 +103,12 @@ def summarize_pod(body: Any) -> PodSummary:
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") == CONTAINER or not terminated:
             terminated = (cs.get("state") or {}).get("terminated") or terminated
-    unschedulable = unschedulable_since = None
+    unschedulable = unschedulable_since = scheduled_at = None
+    queued = any(g.get("name") == c.KUEUE_ADMISSION_GATE for g in (body.get("spec") or {}).get("schedulingGates") or [])
     for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "True":
+            scheduled_at = parse_time(cond.get("lastTransitionTime"))
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and not queued:
             unschedulable = cond.get("message") or cond.get("reason")
             unschedulable_since = parse_time(cond.get("lastTransitionTime")) or parse_time(
                 meta.get("creationTimestamp"))
@@ -130,6 +139,9 @@ def summarize_pod(body: Any) -> PodSummary:
         deleted_at=parse_time(meta.get("deletionTimestamp")),
         unschedulable=unschedulable,
         unschedulable_since=unschedulable_since,
+        queue=lbl.get(c.KUEUE_QUEUE_LABEL),
+        queued=queued,
+        scheduled_at=scheduled_at,
     )
 
 

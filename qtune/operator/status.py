@@ -51,6 +51,9 @@ WAITING_FOR_RESULTS = "WaitingForResults"
 UNSCHEDULABLE = "Unschedulable"
 """A unit's pod has stayed unplaced longer than the operator's unschedulable_seconds (the scheduler's message)."""
 
+QUEUED = "Queued"
+"""Every unit the job runs waits for Kueue's admission (spec.trial.queueName; the pods carry Kueue's gate)."""
+
 MESSAGE_LIMIT = 1024
 
 

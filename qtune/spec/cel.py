@@ -17,6 +17,8 @@ VALIDATIONS = "x-kubernetes-validations"
 ENTRYPOINT_RE = "^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 NAME_RE = "^[A-Za-z_][A-Za-z0-9_-]*$"
 MEMORY_RE = "^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+#: a LocalQueue name that is also a label value (Kueue reads it from the pod label kueue.x-k8s.io/queue-name)
+QUEUE_NAME_RE = "^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 
 def cel(rule: str, message: str | None = None, *, message_expression: str | None = None,

@@ -302,6 +302,19 @@ class TrialSpec(SpecModel):
                                   "qtune.io/job-account: \"true\" (set by the namespace's administrator), else the "
                                   "job fails InvalidSpec; the operator never creates or changes it. Fixed once the "
                                   "job's pods ran: a later change fails the job InvalidSpec")
+    queue_name: str | None = Field(
+        default=None, description="Kueue LocalQueue (in the job's namespace) that admits each unit pod: the pods "
+                                  "carry the label kueue.x-k8s.io/queue-name and wait for Kueue's admission "
+                                  "(docs/kueue.md); default: none, pods are not queued",
+        json_schema_extra=cel.rules(pattern=cel.QUEUE_NAME_RE, maxLength=63))  # _queue_name
+
+    @field_validator("queue_name")
+    @classmethod
+    def _queue_name(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) > 63 or not re.match(cel.QUEUE_NAME_RE, value)):
+            raise ValueError(f"{value!r} is not a LocalQueue name usable as a label value (lowercase letters, "
+                             "digits, '-' and '.', at most 63 characters, starting and ending alphanumeric)")
+        return value
 
 
 class WorkspaceSpec(SpecModel):

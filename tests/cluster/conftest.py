@@ -4,6 +4,9 @@
   kube-controller-manager, kube-scheduler, the node agent, Prometheus and a Pushgateway), or
   uses the cluster of ``$KUBECONFIG`` when ``QTUNE_USE_EXISTING_CLUSTER=1``.
 * ``namespace``: a fresh namespace per test (deleted afterwards).
+* ``kueue`` (module): Kueue installed on the session's plane for the tests of one module, and
+  uninstalled after them (webhooks, manager, CRDs), so the other modules see a plane without it.
+  On an existing cluster it is used when its CRDs are there, else the test is skipped.
 
 Every test under tests/cluster gets the ``cluster`` marker. Without the binaries (run
 ``tests/cluster/setup.sh``) the tests are skipped, or fail when ``QTUNE_REQUIRE_CLUSTER=1``.
@@ -17,6 +20,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +108,33 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     name = cluster.create_namespace()
     yield name
     cluster.delete_namespace(name)
+
+
+@pytest.fixture(scope="module")
+def kueue(cluster: Cluster) -> Iterator[Any]:
+    """Kueue on the plane (``kueue.Kueue``; None on an existing cluster that has Kueue installed)."""
+    if cluster.plane is None:
+        from kubernetes import client
+
+        try:
+            client.ApiextensionsV1Api(cluster.api_client()).read_custom_resource_definition(
+                "workloads.kueue.x-k8s.io")
+        except client.ApiException as e:
+            if e.status == 404:
+                pytest.skip("the existing cluster has no Kueue (workloads.kueue.x-k8s.io)")
+            raise
+        yield None
+        return
+    import kueue as kueue_mod
+
+    try:
+        inst = cluster.plane.start_kueue()
+    except kueue_mod.KueueError as e:
+        if os.environ.get("QTUNE_REQUIRE_CLUSTER") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    log.info("Kueue started in %.1fs", inst.startup_seconds)
+    try:
+        yield inst
+    finally:
+        cluster.plane.stop_kueue()

@@ -362,12 +362,16 @@ class Plane:
     #: How many REAL nodes (kubelet + containerd in a network namespace, see realnode.py)
     #: to start after the plane is up; more can be added with :meth:`add_real_node`.
     real_nodes: int = 0
+    #: Install and run Kueue (kueue.py: built from its Go module, its CRDs and webhooks) once the
+    #: plane is up; or later with :meth:`start_kueue` / :meth:`stop_kueue`.
+    kueue: bool = False
     plane_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     components: list[Component] = field(default_factory=list, init=False)
     ports: dict[str, int] = field(default_factory=dict, init=False)
     startup_seconds: float = field(default=0.0, init=False)
     real: list[Any] = field(default_factory=list, init=False)  # realnode.RealNode objects
+    kueue_install: Any = field(default=None, init=False)  # kueue.Kueue while Kueue runs
     _own_state_dir: bool = field(default=False, init=False)
     _etcd_dir: Path | None = field(default=None, init=False)
     _stopped: bool = field(default=False, init=False)
@@ -451,6 +455,29 @@ class Plane:
         self._save()
         return rn
 
+    def start_kueue(self, timeout: float = 120.0) -> Any:
+        """Install Kueue on this running plane and start its manager (``kueue.Kueue``; built first
+        by build_kueue.sh when its cache folder is empty). Idempotent."""
+        if self.kueue_install is None:
+            kueue = _import_here("kueue")
+            inst = kueue.Kueue(self)
+            try:
+                inst.start(timeout)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    inst.stop()
+                raise
+            self.kueue_install = inst
+            self._save()
+        return self.kueue_install
+
+    def stop_kueue(self) -> None:
+        """Uninstall Kueue (webhooks, manager, CRDs): the plane is as before :meth:`start_kueue`."""
+        if self.kueue_install is not None:
+            inst, self.kueue_install = self.kueue_install, None
+            inst.stop()
+            self._save()
+
     # ---- lifecycle
     def start(self, timeout: float = 180.0, *, detach: bool = False) -> Plane:
         """Start every component and wait until the plane is usable.
@@ -463,6 +490,9 @@ class Plane:
                 "missing: " + ", ".join(missing) + " (run tests/cluster/setup.sh)"
             )
         self.bin_dir = self.bin_dir or default_bin_dir()
+        if self.kueue:  # a cold build takes minutes: not part of the start's timeout
+            _import_here("kueue").ensure_built()
+            t0 = time.monotonic()
         if self.state_dir is None:
             self.state_dir = Path(tempfile.mkdtemp(prefix="qtune-plane-"))
             self._own_state_dir = True
@@ -512,6 +542,8 @@ class Plane:
             self._wait_monitoring(deadline)
         for _ in range(self.real_nodes):
             self.add_real_node()
+        if self.kueue:
+            self.start_kueue(timeout=max(30.0, deadline - time.monotonic()))
         self._write_env_file()
 
     def stop(self) -> None:
@@ -526,7 +558,7 @@ class Plane:
             with contextlib.suppress(Exception):
                 rn.stop()
         # The agent first (it stops its pods), then the consumers of the apiserver, then etcd.
-        order = ["node-agent", "prometheus", "pushgateway", "kube-scheduler",
+        order = ["kueue", "node-agent", "prometheus", "pushgateway", "kube-scheduler",
                  "kube-controller-manager", "kube-apiserver", "etcd"]
         comps = sorted(self.components, key=lambda c: order.index(c.name) if c.name in order else 0)
         stop_groups([c.proc.pid for c in comps])
@@ -915,6 +947,15 @@ def node_manifest(n: NodeSpec) -> dict[str, Any]:
     }
 
 
+def _import_here(name: str) -> Any:
+    """A module of this folder (kueue, realnode, node_agent) when plane.py runs as a script too."""
+    sys.path.insert(0, str(HERE))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(HERE))
+
+
 def _cleanup_agent_paths() -> None:
     """Remove mount points the node agent created on the host (see node_agent.py)."""
     sys.path.insert(0, str(HERE))
@@ -956,7 +997,7 @@ def teardown_from_state(state_dir: Path) -> bool:
         finally:
             sys.path.remove(str(HERE))
         realnode.teardown_all(state_dir)
-    order = ["node-agent", "prometheus", "pushgateway", "kube-scheduler",
+    order = ["kueue", "node-agent", "prometheus", "pushgateway", "kube-scheduler",
              "kube-controller-manager", "kube-apiserver", "etcd"]
     pgids = info.get("pgids", {})
     stop_groups([pgids[n] for n in order if n in pgids] +
@@ -995,6 +1036,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-node-agent", action="store_true")
     parser.add_argument("--real-node", type=int, nargs="?", const=1, default=0, metavar="N",
                         help="up: also start N (default 1) real kubelet nodes (realnode.py)")
+    parser.add_argument("--kueue", action="store_true",
+                        help="up: also install and run Kueue (kueue.py; built on first use)")
     parser.add_argument("--audit", action="store_true",
                         help=f"audit the requests of user {OPERATOR_USER} (operator.kubeconfig) to audit/audit.log")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -1024,7 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     plane = Plane(state_dir=state, prometheus=not args.no_prometheus,
                   node_agent=not args.no_node_agent, audit=args.audit,
-                  real_nodes=args.real_node)
+                  real_nodes=args.real_node, kueue=args.kueue)
     plane.start(detach=not args.foreground)
     print(textwrap.dedent(f"""\
         # plane up in {plane.startup_seconds:.1f}s; state in {state}

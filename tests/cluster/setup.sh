@@ -7,7 +7,8 @@
 # kube-apiserver accepts; prometheus, prometheus-pushgateway, openssl, util-linux, procps; for the
 # real node (realnode.py): containerd, runc, containernetworking-plugins, iptables, buildah,
 # busybox-static, gcc + libc6-dev for the static pause); the Python packages the plane and tests
-# import if missing; then runs build.sh (which skips the build when the cached binaries exist) and
+# import if missing; then runs build.sh (which skips the build when the cached binaries exist),
+# build_kueue.sh (Kueue's manager and manifests, cached the same way) and
 # build_images.sh (pause + busybox OCI archives, cached too). Services the Debian packages would start are not started: the plane runs its
 # own instances on free ports (and the real node its own containerd).
 set -euo pipefail
@@ -30,5 +31,6 @@ if ! "$python" -c "import kubernetes, prometheus_client, requests, yaml, pytest"
 fi
 
 bash "$here/build.sh" >/dev/null
+bash "$here/build_kueue.sh" >/dev/null   # Kueue for Plane(kueue=True) (kueue.py); cached like build.sh's
 bash "$here/build_images.sh" >/dev/null
 log "setup done in $((SECONDS - start))s"

@@ -34,7 +34,7 @@ NS = "qtune-system"
 FORBIDDEN = {"*"}
 #: Namespaced resources it may only use in the namespaces it serves (Role, not ClusterRole).
 NAMESPACED = {"pods", "configmaps", "secrets", "events", "serviceaccounts", "roles", "rolebindings", "quantizationjobs",
-              "quantizationjobs/status", "kopfpeerings", "persistentvolumeclaims"}
+              "quantizationjobs/status", "kopfpeerings", "persistentvolumeclaims", "workloads"}
 API_SERVER = {"networkPolicy.apiServer.cidrs": ["10.0.0.1/32"]}
 """Every render sets the API server's addresses (the chart refuses to render without them unless waived)."""
 
@@ -204,6 +204,8 @@ def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
     assert env_of(render(helm, {"image.pullPolicy": "Never"}))["QTUNE_TRIAL_IMAGE_PULL_POLICY"] == "Never"
     assert env_of(render(helm, {"image.pullPolicy": "Never", "trial.imagePullPolicy": "Always"}))[
         "QTUNE_TRIAL_IMAGE_PULL_POLICY"] == "Always"
+    assert "QTUNE_TRIAL_QUEUE_NAME" not in env, "no Kueue queue unless asked"
+    assert env_of(render(helm, {"trial.queueName": "tuning"}))["QTUNE_TRIAL_QUEUE_NAME"] == "tuning"
     assert operator_container(manifests)["image"] == "registry.example/qtune:1.2.3"
     assert "--isa-label=feature.node.kubernetes.io/cpu-cpuid.AMXINT8" in args_of(manifests)
     assert env["QTUNE_TRIAL_TOLERATIONS"] == \
@@ -215,7 +217,8 @@ def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
 
     read = {OperatorConfig.env_name(item.name) for item in fields(OperatorConfig)}
     for name in ("QTUNE_PROMETHEUS_URL", "QTUNE_PUSHGATEWAY_URL", "QTUNE_POD_PUSHGATEWAY_URL", "QTUNE_TRIAL_IMAGE",
-                 "QTUNE_TRIAL_IMAGE_PULL_POLICY", "QTUNE_TRIAL_TOLERATIONS", "QTUNE_SIGNING_KEY"):
+                 "QTUNE_TRIAL_IMAGE_PULL_POLICY", "QTUNE_TRIAL_TOLERATIONS", "QTUNE_SIGNING_KEY",
+                 "QTUNE_TRIAL_QUEUE_NAME"):
         assert name in read, name
     digest = "sha256:" + "a" * 64
     pinned = render(helm, {"image.digest": digest})
@@ -271,6 +274,8 @@ def test_rbac_is_least_privilege_and_per_served_namespace(helm: Path, values: di
     for _group, resource, verbs in role:
         if resource == "secrets":
             assert verbs == {"create", "delete"}, "a unit's secret is created and deleted, never read"
+        if resource == "workloads":  # Kueue's reason for a queued unit (issue 21): read only
+            assert verbs == {"list"}
         if resource == "rolebindings":  # a job's own, once its baseline is recorded (issue 20)
             assert verbs == {"get", "create", "delete"}
         elif resource not in ("pods", "configmaps", "secrets"):

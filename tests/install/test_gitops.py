@@ -17,8 +17,8 @@ import yaml
 from helm_support import ROOT, helm_binary, kubectl_binary
 
 GITOPS = ROOT / "examples" / "gitops"
-KUSTOMIZATIONS = ["namespaces", "jobs", "flux/operator", "flux/clusters/production", "argocd", "plain/crds",
-                  "plain/operator", "plain"]
+KUSTOMIZATIONS = ["namespaces", "jobs", "kueue", "flux/operator", "flux/clusters/production", "argocd",
+                  "plain/crds", "plain/operator", "plain"]
 
 
 def load_all(path: Path) -> list[dict[str, Any]]:
@@ -104,3 +104,22 @@ def test_example_job_is_a_valid_quantization_job(tmp_path: Path) -> None:
     pvc = yaml.safe_load((GITOPS / "jobs" / "workspace-pvc.yaml").read_text())
     assert pvc["metadata"]["name"] == "qtune-work" and pvc["metadata"]["namespace"] == job["metadata"]["namespace"]
     assert job["metadata"]["namespace"] in values()["watch"]["namespaces"], "the job is in a served namespace"
+
+
+def test_the_kueue_jobs_stage_queues_every_job_in_its_namespaces_localqueue(kubectl: Path, tmp_path: Path) -> None:
+    """examples/gitops/kueue (issue 21): the jobs of ../jobs plus a LocalQueue in their namespace, which every
+    job names in spec.trial.queueName, and the jobs stay valid QuantizationJobs."""
+    from qtune.spec import load_job
+
+    proc = subprocess.run([str(kubectl), "kustomize", str(GITOPS / "kueue")], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    objects = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    queues = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects if o["kind"] == "LocalQueue"}
+    jobs = [o for o in objects if o["kind"] == "QuantizationJob"]
+    assert jobs and queues
+    for job in jobs:
+        assert (job["metadata"]["namespace"], job["spec"]["trial"]["queueName"]) in queues
+        path = tmp_path / f"{job['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(job))
+        assert load_job(path).spec.trial.queue_name == job["spec"]["trial"]["queueName"]

@@ -10,6 +10,8 @@ import itertools
 import re
 from typing import Any
 
+from kubernetes.client import ApiException
+
 from qtune.operator import constants as c
 from qtune.operator.config import OperatorConfig
 from qtune.operator.kube import Conflict
@@ -64,6 +66,9 @@ class FakeKube:
         self.deleted_objects: list[tuple[str, str]] = []
         self.force_deleted: list[str] = []
         self.nodes: dict[str, dict[str, Any]] = {}
+        self.workloads: list[dict[str, Any]] | None = None
+        """Kueue's Workloads of the namespace; None: the API has none (Kueue not installed, HTTP 404)."""
+        self.custom_lists = 0
         self._rv = itertools.count(1)
         self.add_claim(CLAIM)
 
@@ -97,6 +102,12 @@ class FakeKube:
 
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return [self.pods[name] for name in self._selected(namespace, selector)]
+
+    async def list_custom(self, group: str, version: str, namespace: str, plural: str) -> dict[str, Any]:
+        self.custom_lists += 1
+        if self.workloads is None or (group, plural) != ("kueue.x-k8s.io", "workloads"):
+            raise ApiException(status=404, reason="Not Found")
+        return {"items": copy.deepcopy(self.workloads)}
 
     async def read_node(self, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.nodes.get(name))

@@ -116,6 +116,10 @@ read. Deletion only of pods and of the per-unit ConfigMaps and Secrets.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# list: Kueue's reason in the status while a unit waits for admission (spec.trial.queueName, docs/kueue.md)
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list]
 {{- if eq (include "qtune.peering" .) "true" }}
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
@@ -182,6 +186,10 @@ app.kubernetes.io/component: results-gateway
   value: {{ default (include "qtune.image" .) .Values.trial.image | quote }}
 - name: QTUNE_TRIAL_IMAGE_PULL_POLICY
   value: {{ default .Values.image.pullPolicy .Values.trial.imagePullPolicy | quote }}
+{{- with .Values.trial.queueName }}
+- name: QTUNE_TRIAL_QUEUE_NAME
+  value: {{ . | quote }}
+{{- end }}
 {{- with .Values.prometheus.url }}
 - name: QTUNE_PROMETHEUS_URL
   value: {{ . | quote }}

@@ -66,9 +66,12 @@ INVALID = {
                                 ["spec.data.evaluation", "exactly one of path"]),
     "bad evalFunc form": (_set("data.evaluation", {"evalFunc": "not an entrypoint"}),
                           ["spec.data.evaluation.evalFunc"]),
+    # a LocalQueue name is a label value on every unit pod (issue 21)
+    "queue name no label": (_set("trial.queueName", "Team_A"), ["spec.trial.queueName"]),
 }
 
 VALID = {
+    "kueue queue": _set("trial.queueName", "team-a.tuning"),
     "evalFunc without data": _set("data.evaluation", {"evalFunc": "mymod:score"}),
     # README's tour writes the scalar form; `qtune tune` and the API server both take it, and the list form
     "scalar dtype (README)": _set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": "fp32"}}}),

@@ -1,0 +1,72 @@
+"""Kueue's own reason for a unit that waits for admission (spec.trial.queueName, docs/kueue.md).
+
+Kueue keeps a Workload per queued pod (owned by the pod); while it cannot admit it, the Workload's condition
+``QuotaReserved=False`` says why (``couldn't assign flavors to pod set main: insufficient unused quota for cpu
+in flavor ..., 1 more needed``). The operator lists the job namespace's Workloads only while a unit of the job
+waits, at most every REFRESH_SECONDS, and never again in this process when the API has no Workloads (Kueue is
+not installed: 404) or the operator may not list them (403: a chart older than this rule)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kubernetes import client
+
+from qtune.operator.context import JobContext
+
+logger = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "kueue.x-k8s.io", "v1beta2", "workloads"
+REFRESH_SECONDS = 5.0
+MESSAGE_LIMIT = 500
+
+
+def pending_messages(workloads: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """pod uid -> the message of its Workload's QuotaReserved=False condition (the pods that own a Workload)."""
+    messages: dict[str, str] = {}
+    for workload in workloads:
+        conditions = (workload.get("status") or {}).get("conditions") or []
+        pending = next((cond for cond in conditions if cond.get("type") == "QuotaReserved"
+                        and cond.get("status") == "False" and cond.get("message")), None)
+        if pending is None:
+            continue
+        for owner in (workload.get("metadata") or {}).get("ownerReferences") or []:
+            if owner.get("kind") == "Pod" and owner.get("uid"):
+                messages[owner["uid"]] = str(pending["message"])[:MESSAGE_LIMIT]
+    return messages
+
+
+class KueueReasons:
+    """The latest pending messages of the job namespace's Workloads, refreshed while the job has queued units."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.messages: dict[str, str] = {}
+        self.read_at: float | None = None
+        self.unavailable = False
+
+    async def refresh(self, queued: bool, now: float) -> dict[str, str]:
+        """pod uid -> Kueue's message; listed again when `queued` and REFRESH_SECONDS have passed."""
+        if not queued:
+            self.messages = {}
+            return self.messages
+        if self.unavailable or (self.read_at is not None and now - self.read_at < REFRESH_SECONDS):
+            return self.messages
+        self.read_at = now
+        try:
+            body = await self.ctx.kube.list_custom(GROUP, VERSION, self.ctx.job.namespace, PLURAL)
+        except client.ApiException as exc:
+            if exc.status not in (403, 404):  # best effort: the status keeps the last reason, read again later
+                logger.info("%s/%s: listing Kueue Workloads failed (HTTP %s); trying again in %gs",
+                            self.ctx.job.namespace, self.ctx.job.name, exc.status, REFRESH_SECONDS)
+                return self.messages
+            self.unavailable = True
+            logger.warning("%s/%s: cannot list Kueue Workloads (HTTP %s): the status names the LocalQueue but not "
+                           "Kueue's reason%s", self.ctx.job.namespace, self.ctx.job.name, exc.status,
+                           "; grant the operator list on workloads.kueue.x-k8s.io (the chart does)"
+                           if exc.status == 403 else "")
+            return self.messages
+        self.messages = pending_messages(body.get("items") or [])
+        return self.messages
