@@ -102,17 +102,30 @@ def write_termination(text: str) -> None:
         pass
 
 
-def _terminate_with_result(unit: str, result: BaselineResult | TrialResult | ConfirmResult, signature: str) -> None:
+def _terminate_with_result(unit: str, result: BaselineResult | TrialResult | ConfirmResult, signature: str) -> bool:
     """A succeeded unit's signed result also in its termination message: the operator prefers that copy (only
-    the kubelet writes a pod's status), so a poisoned or deleted Pushgateway group cannot spoil it."""
+    the kubelet writes a pod's status), so a poisoned or deleted Pushgateway group cannot spoil it. False when
+    it does not fit (the pushed copy alone carries it)."""
     from qtune.runner.metrics import termination_result
 
     text = termination_result(unit, result, signature)
     if text is None:
         logger.info("the result of %s is over %d bytes encoded: the pushed copy alone carries it", unit,
                     TERMINATION_LIMIT)
-        return
+        return False
     write_termination(text)
+    return True
+
+
+def _terminate_unpushed(job_uid: str, unit: str, result: BaselineResult | TrialResult | ConfirmResult) -> bool:
+    """After a push that failed for good (e.g. the Pushgateway refused it, 400, because someone pushed a group
+    whose series clash with the result's): the signed result in the termination message alone, when the unit
+    has its secret and the result fits. The operator believes that copy first, so the unit need not fail."""
+    from qtune.protocol import sign_result
+    from qtune.runner.metrics import SECRET_ENV
+
+    secret = os.environ.get(SECRET_ENV)
+    return bool(secret) and _terminate_with_result(unit, result, sign_result(job_uid, unit, result, secret or ""))
 
 
 def _read_json(value: str, what: str) -> Any:
@@ -204,13 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         from qtune.runner.metrics import push_result
 
         unit = args.command if args.command in (UnitKind.BASELINE, UnitKind.CONFIRM) else trial_unit(int(args.index))
-        # Every unit's push is required, the baseline's too: the operator believes only the signed result it
-        # gathers (a published ConfigMap carries the space, not the verdict), so a push that never gets
-        # through fails the unit now, naming why, instead of leaving the job to wait for its results deadline.
+        # Every unit's result must reach the operator signed: pushed, and (when it fits) in the termination
+        # message, which the operator believes first. A push that never gets through fails the unit now, naming
+        # why (instead of leaving the job to wait for its results deadline), unless the termination message
+        # carries the signed result alone.
         try:
             signature = push_result(args.pushgateway, args.job_uid, unit, result)
         except Exception as exc:  # noqa: BLE001 - after push_result's retries
             logger.error("could not push the result of %s to %s: %s", unit, args.pushgateway, exc)
+            if code == EXIT_OK and _terminate_unpushed(args.job_uid, unit, result):
+                logger.warning("the signed result of %s travels in the pod's termination message alone", unit)
+                return code
             text = f"the result could not be pushed to {args.pushgateway}: {type(exc).__name__}: {exc}"[:2000]
             write_termination(termination_message("PushFailed", text))
             print(f"error: {text}", file=sys.stderr)  # noqa: T201 - the last line the caller reads

@@ -1,11 +1,13 @@
 """The runner's result push (issue 12): retried with a bounded backoff on connection errors and
-5xx answers, final on 4xx; a push that never gets through fails the unit, the baseline's too (the
-operator believes only the pushed, signed result). Against a local HTTP server that fails the first
-attempts."""
+5xx answers, final on 4xx. The operator believes a signed result from the pod's termination message
+first (issue 20), so a push that never gets through leaves the signed result there and the unit
+succeeds; a result too large for the termination message fails the unit (PushFailed), the baseline's
+too. Against a local HTTP server that fails the first attempts."""
 
 from __future__ import annotations
 
 import json
+import secrets
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,6 +75,8 @@ def closed_port_url() -> str:
 
 
 TRIAL = {"trial": 3, "status": "succeeded", "accuracy": 0.9}
+UNFIT = [secrets.token_hex(4096)]
+"""Notes no termination message holds (random hex does not compress below the 4096 bytes kept)."""
 
 
 def test_push_retries_through_5xx_with_backoff(gateway_factory: Any) -> None:
@@ -137,10 +141,11 @@ def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str, result:
 
 def test_a_baseline_that_published_its_configmap_still_fails_when_its_push_never_gets_through(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gateway_factory: Any, fast_retries: None) -> None:
-    """The operator reads only the signed pushed result: a baseline whose push fails must say so at once
-    (PushFailed, non-zero exit), not exit 0 and leave its job waiting for the results deadline."""
+    """A baseline whose result reaches the operator neither pushed nor in its termination message (too large)
+    must say so at once (PushFailed, non-zero exit), not exit 0 and leave its job waiting for the results
+    deadline."""
     gateway = gateway_factory(10**9, fail_status=500)  # never recovers
-    baseline = protocol.BaselineResult(accuracy=0.97, metric="top1")
+    baseline = protocol.BaselineResult(accuracy=0.97, metric="top1", message=UNFIT[0])
     code, _, termination = _main(monkeypatch, tmp_path, "baseline", baseline, gateway.url,
                                  "--publish-configmap", "job-baseline")
     assert code != protocol.EXIT_OK and termination.startswith("PushFailed: ")
@@ -152,10 +157,31 @@ def test_a_trial_push_that_recovers_succeeds_and_one_that_never_does_fails_clean
     trial = protocol.TrialResult(trial=3, status="succeeded", accuracy=0.9)
     code, _, _ = _main(monkeypatch, tmp_path, "trial", trial, gateway_factory(2).url)
     assert code == protocol.EXIT_OK
-    # a required push that never gets through: a clean failure naming why, not a traceback
-    code, _, termination = _main(monkeypatch, tmp_path, "trial", trial, closed_port_url())
+    # a push that never gets through, of a result no termination message holds: a clean failure naming why
+    unfit = protocol.TrialResult(trial=3, status="succeeded", accuracy=0.9, notes=UNFIT)
+    code, _, termination = _main(monkeypatch, tmp_path, "trial", unfit, closed_port_url())
     assert code == protocol.EXIT_TRIAL_FAILED and termination.startswith("PushFailed: ")
-    # the baseline without a ConfigMap: its push is its only delivery, so it is required
-    code, _, termination = _main(monkeypatch, tmp_path, "baseline", protocol.BaselineResult(accuracy=0.9),
-                                 closed_port_url())
+    code, _, termination = _main(monkeypatch, tmp_path, "baseline",
+                                 protocol.BaselineResult(accuracy=0.9, message=UNFIT[0]), closed_port_url())
     assert code != protocol.EXIT_OK and termination.startswith("PushFailed: ")
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_a_push_that_never_gets_through_leaves_the_signed_result_in_the_termination_message(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, gateway_factory: Any, fast_retries: None,
+        status: int) -> None:
+    """Issue 20: a Pushgateway that refuses the push (400: someone pushed a group whose series clash with the
+    result's) or stays down does not fail the unit when its signed result fits in the termination message,
+    the copy the operator believes first."""
+    trial = protocol.TrialResult(trial=3, status="succeeded", accuracy=0.9)
+    code, _, termination = _main(monkeypatch, tmp_path, "trial", trial, gateway_factory(10**9, status).url)
+    assert code == protocol.EXIT_OK
+    found = protocol.result_of_termination(termination)
+    assert found is not None
+    unit, result, signature = found
+    assert unit == "trial-3" and result == trial
+    assert protocol.verify_result("uid-1", unit, result, "s", signature)
+    # without its secret a unit cannot sign, so nothing but a push could deliver it: PushFailed
+    monkeypatch.setattr(runner, "_terminate_unpushed", lambda *args: False)
+    code, _, termination = _main(monkeypatch, tmp_path, "trial", trial, gateway_factory(10**9, status).url)
+    assert code == protocol.EXIT_TRIAL_FAILED and termination.startswith("PushFailed: ")

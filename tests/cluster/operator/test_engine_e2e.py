@@ -324,9 +324,10 @@ def test_forged_results_for_a_running_trial_are_ignored(cluster: Any, op_namespa
                                      data=body, method="PUT")
     urllib.request.urlopen(request, timeout=5).close()
     # 4. a sibling group: the victim's grouping labels plus one more (issue 20). Prometheus would merge it into
-    # the genuine result by (job_uid, unit); it is refused alone, and deleted with the job's groups.
+    # the genuine result by (job_uid, unit); it is refused alone, and deleted with the job's groups. Its series is
+    # of a family of its own (the Pushgateway refuses, 400, a series of the result's families with other labels).
     sibling = urllib.request.Request(f"{cluster.pushgateway_url}/metrics/job/qtune_result/job_uid/{uid}/unit/"
-                                     "trial-0/x/1", data=b"qtune_result_accuracy 0.5\n", method="PUT")
+                                     "trial-0/x/1", data=b"qtune_result_poison 0.5\n", method="PUT")
     urllib.request.urlopen(sibling, timeout=5).close()
     wait_for(lambda: _status(cluster, ns, name).get("rejectedResults", 0) >= 2, 30,
              "the forged results counted in status.rejectedResults",
