@@ -47,10 +47,14 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 class TensorConstraint(SpecModel):
     """Allowed choices for one tensor role (activation or weight); None leaves the adaptor's."""
 
-    dtype: DTypeList = Field(default=None, description="allowed dtypes: int8, uint8, int4 (weightOnly weights), fp32 (fp32 = keep in fp32)")
+    dtype: DTypeList = Field(default=None, description="allowed dtypes: int8, uint8, int4 (weight_only weights), fp32 "
+                                                       "(fp32 = keep in fp32)")
     scheme: SchemeList = Field(default=None, description="sym (zero point 0) and/or asym")
-    granularity: GranularityList = Field(default=None, description="per_tensor and/or per_channel (weights); weightOnly: per_block_<n>, n in 16, 32, 64, 128, 256")
-    algorithm: AlgorithmList = Field(default=None, description="calibration: minmax, kl (entropy), percentile; weightOnly weights: rtn (round to nearest)")
+    granularity: GranularityList = Field(
+        default=None, description="per_tensor and/or per_channel (weights); weight_only: per_block_<n>, n in 16, 32, "
+                                  "64, 128, 256")
+    algorithm: AlgorithmList = Field(default=None, description="calibration: minmax, kl (entropy), percentile; "
+                                                               "weight_only weights: rtn (round to nearest)")
     reduce_range: BoolList = Field(default=None, description="7-bit ranges (for CPUs without VNNI): true and/or false")
 
 

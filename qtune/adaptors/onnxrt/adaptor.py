@@ -285,17 +285,7 @@ class OnnxRuntimeAdaptor(Adaptor):
                 calibration_log["minmax"] = "cached" if measured.cache_hit else "measured"
                 problems = calib.problem_tensors(minmax)
                 if problems:
-                    for tensor, why in problems.items():
-                        self.notes[f"tensor:{tensor}"] = why
-                    if self.keep_non_finite_fp32:
-                        extra = ops_touching(view, problems, set(plan.quantized))
-                        for name, why in extra.items():
-                            logger.warning("op %s kept fp32: %s", name, why)
-                            self.notes[name] = why
-                        plan = q.plan_static(view, cfg, quantizable, {**forced, **extra})
-                    else:
-                        logger.warning("tensors with non-finite/absurd ranges are quantized as asked "
-                                       "(quantization.keepNonFiniteFp32 is false): %s", sorted(problems))
+                    plan = self._without_problem_ops(view, cfg, quantizable, forced, plan, problems)
                 owners = q.owner_algorithms(plan)
                 by_algorithm = {"minmax": minmax}
                 for algorithm in sorted(set(owners.values()) - {"minmax"}):
@@ -321,6 +311,21 @@ class OnnxRuntimeAdaptor(Adaptor):
         logger.info("quantized %d ops (%d fp32) with %s/%s in %.2fs (calibration %.2fs)", len(plan.quantized),
                     len(plan.excluded), cfg.approach, cfg.format, quantize_seconds, calibration_seconds)
         return OnnxModel(output)
+
+    def _without_problem_ops(self, view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
+                             forced: dict[str, str], plan: q.QuantPlan, problems: dict[str, str]) -> q.QuantPlan:
+        """The static plan with the ops touching non-finite/absurd ranges kept fp32 (unless the job says not to)."""
+        for tensor, why in problems.items():
+            self.notes[f"tensor:{tensor}"] = why
+        if not self.keep_non_finite_fp32:
+            logger.warning("tensors with non-finite/absurd ranges are quantized as asked "
+                           "(quantization.keepNonFiniteFp32 is false): %s", sorted(problems))
+            return plan
+        extra = ops_touching(view, problems, set(plan.quantized))
+        for name, why in extra.items():
+            logger.warning("op %s kept fp32: %s", name, why)
+            self.notes[name] = why
+        return q.plan_static(view, cfg, quantizable, {**forced, **extra})
 
     # --- running ------------------------------------------------------------------------------------
     def evaluate(self, model: Any, dataloader: DataLoader, postprocess: Any = None,
