@@ -309,7 +309,7 @@ class OnnxRuntimeAdaptor(Adaptor):
         write_json_atomic(out_dir / "meta.json", record)
         self.last_quantization = record
         logger.info("quantized %d ops (%d fp32) with %s/%s in %.2fs (calibration %.2fs)", len(plan.quantized),
-                    len(plan.excluded), cfg.approach, cfg.format, quantize_seconds, calibration_seconds)
+                    len(plan.excluded), cfg.approach, plan.quant_format, quantize_seconds, calibration_seconds)
         return OnnxModel(output)
 
     def _without_problem_ops(self, view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],

@@ -113,3 +113,13 @@ def test_tune_weight_only_moves_the_sensitive_layers_to_8_bits(wide, tmp_path: P
     saved = next((tmp_path / "out" / "model").glob("*.onnx"))
     nodes = onnx.load(str(saved)).graph.node
     assert sum(n.op_type == "MatMulNBits" for n in nodes) == 5
+
+
+def test_profile_attributes_matmulnbits_to_its_op(wide, tmp_path: Path) -> None:
+    model, calib, _, _ = wide
+    adaptor = _adaptor(tmp_path)
+    space = build_space(adaptor.query_fw_capability(model), QuantizationSpec(approach="weight_only"), [], 100)
+    inputs = {"input": np.load(calib)["input"][:16]}
+    shares = adaptor.op_time_shares(model, codec.dump(space.default_config()), None, inputs, threads=1)
+    assert set(space.ops) <= set(shares["int8"]), shares  # MatMulNBits <op>_Q4 counted for <op>, not "(other)"
+    assert all(shares["int8"][name] > 0 for name in space.ops)
