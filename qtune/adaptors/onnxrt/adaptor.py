@@ -366,6 +366,13 @@ class OnnxRuntimeAdaptor(Adaptor):
 
         cfg = codec.load(TuneConfig, tune_cfg)
         opt = self.optimized(model)
+        if cfg.approach == wo.APPROACH and isinstance(dataset, Dataset):
+            from qtune.adaptors.onnxrt.weight_only_sensitivity import output_errors
+
+            scores = output_errors(opt.model, cfg, dataset.take(32).inputs, self.info.get("output"),
+                                   self.info.get("threads"))
+            if scores:
+                return scores
         if isinstance(dataset, Dataset):
             inputs = dataset.take(32).inputs
             full = dataset.take(cfg.calibration_sampling_size)

@@ -175,11 +175,11 @@ def unfold_gemms(proto: onnx.ModelProto, names: set[str]) -> int:
     return count
 
 
-def run_weight_only(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Path) -> dict[str, Any]:
-    """One MatMulNBitsQuantizer pass per setting; returns {setting label: op names} for the record."""
+def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """`proto` (edited in place) with the plan's ops as MatMulNBits: one MatMulNBitsQuantizer pass per setting.
+    Returns the model and {setting label: op names} for the record."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    proto = source.load()
     gemms = {name for name in plan.quantized if view.by_name[name].op_type == "Gemm"}
     if gemms:
         unfold_gemms(proto, gemms)
@@ -187,14 +187,20 @@ def run_weight_only(source: OnnxModel, view: GraphView, plan: QuantPlan, output:
     for name, op_cfg in plan.quantized.items():
         groups.setdefault(setting(op_cfg), []).append(name)
     all_names = {node.name for node in proto.graph.node}
-    started = time.perf_counter()
     for (bits, block, symmetric, level), names in sorted(groups.items()):
         quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
                                          accuracy_level=level or None, nodes_to_exclude=sorted(all_names - set(names)),
                                          op_types_to_quantize=("MatMul",))
         quantizer.process()
         proto = quantizer.model.model
+    return proto, {f"bits{b}-block{k}-{'sym' if s else 'asym'}-level{a}": sorted(n)
+                   for (b, k, s, a), n in sorted(groups.items())}
+
+
+def run_weight_only(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Path) -> dict[str, Any]:
+    """The plan applied to the source model, saved to `output`; returns {setting label: op names}."""
+    started = time.perf_counter()
+    proto, groups = quantize_proto(source.load(), view, plan)
     logger.debug("MatMulNBits quantization took %.2fs", time.perf_counter() - started)
     save_model(proto, output, external=bool(source.external_data_files()) or None)
-    return {f"bits{b}-block{k}-{'sym' if s else 'asym'}-level{a}": sorted(n)
-            for (b, k, s, a), n in sorted(groups.items())}
+    return groups

@@ -123,3 +123,25 @@ def test_profile_attributes_matmulnbits_to_its_op(wide, tmp_path: Path) -> None:
     shares = adaptor.op_time_shares(model, codec.dump(space.default_config()), None, inputs, threads=1)
     assert set(space.ops) <= set(shares["int8"]), shares  # MatMulNBits <op>_Q4 counted for <op>, not "(other)"
     assert all(shares["int8"][name] > 0 for name in space.ops)
+
+
+def test_sensitivity_is_the_model_output_error_with_that_layer_alone_quantized(wide, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model, calib, _, _ = wide
+    adaptor = _adaptor(tmp_path)
+    space = build_space(adaptor.query_fw_capability(model), QuantizationSpec(approach="weight_only"), [], 100)
+    config = space.default_config()
+    arrays = np.load(calib)
+    scores = adaptor.op_sensitivity(model, codec.dump(config), Dataset({"input": arrays["input"]}, arrays["labels"]))
+    layer = next(iter(space.ops))
+    alone = config.with_fallback([name for name in space.ops if name != layer])
+    feed = {"input": arrays["input"][:8]}
+
+    def logits(path: Path) -> np.ndarray:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, feed)[0].astype(np.float64)
+
+    reference = logits(adaptor.optimized(model).model.path)
+    diff = logits(adaptor.quantize(codec.dump(alone), model, None).path) - reference
+    assert scores[layer] == pytest.approx(float(np.sum(diff * diff) / np.sum(reference * reference)), rel=1e-3)
