@@ -4,7 +4,8 @@ It starts from the fast end, the space's default config (every eligible MatMul i
 compute), and buys accuracy back where it is cheapest to buy: the layers ranked most sensitive first (the
 baseline's per-op sensitivity: for ONNX Runtime the model's output error with that layer alone
 quantized, see qtune/adaptors/onnxrt/weight_only_sensitivity.py), it moves the top n layers to 8
-bits, then, with every layer at 8 bits, the top m to fp32. The configs form one ladder of levels, each giving more bits than the one before:
+bits, then, with every layer at 8 bits, the top m to fp32. The configs form one ladder of levels, each
+giving more bits than the one before:
 
     level n (0 <= n <= N):  the n most sensitive layers int8, the rest int4
     level N + m (0 < m < N): every layer int8, the m most sensitive fp32
