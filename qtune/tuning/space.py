@@ -278,7 +278,9 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
     if not approaches:
         raise SpecError(
             "spec.quantization.approach",
-            f"no op of the model can be quantized with approach {quantization.approach!r}",
+            f"no op of the model can be quantized with approach {quantization.approach!r}"
+            + (" (weight_only: the onnxruntime adaptor's MatMul/Gemm ops with a constant float weight)"
+               if quantization.approach == WEIGHT_ONLY else ""),
         )
     return TuningSpace(
         ops=ops,

@@ -97,6 +97,13 @@ def test_space_constraints_intersect_and_name_the_field() -> None:
     assert "per_block_32, per_block_128" in str(caught.value)
 
 
+def test_weight_only_without_eligible_ops_names_the_field() -> None:
+    capability = {"opwise": {("conv", "Conv"): {"activation": {"dtype": ["uint8", "fp32"]},
+                                                "weight": {"dtype": ["int8", "fp32"]}, "approach": ["static"]}}}
+    with pytest.raises(SpecError, match=r"spec.quantization.approach: .*'weight_only' \(weight_only: the onnxruntime"):
+        build_space(capability, QuantizationSpec(approach="weight_only"), [], 100)
+
+
 def test_unfold_gemm_keeps_the_function() -> None:
     import onnxruntime as ort
 
