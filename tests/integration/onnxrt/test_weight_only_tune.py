@@ -108,7 +108,8 @@ def test_tune_weight_only_moves_the_sensitive_layers_to_8_bits(wide, tmp_path: P
     assert outcome.best.accuracy >= outcome.baseline.accuracy * 0.99
     ops = outcome.best.tune_config.ops
     above_4 = {name for name, op in ops.items() if op.weight is not None and op.weight.dtype != "int4"}
-    assert len(above_4) == 2, {name: op.weight for name, op in ops.items()}
+    hostile = {_op_of_weight(_adaptor(tmp_path / "probe"), wide[0], weight) for weight in wide[3]}
+    assert above_4 == hostile, {name: op.weight for name, op in ops.items()}
     assert len(outcome.history.trials) <= 6  # level 0 fails, level 1 fails, level 2 passes
     saved = next((tmp_path / "out" / "model").glob("*.onnx"))
     nodes = onnx.load(str(saved)).graph.node
