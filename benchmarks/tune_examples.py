@@ -1,6 +1,6 @@
 """Tune every bundled example and the hard cases from scratch; check each claimed speedup independently.
 
-Cases: the bundled examples (digits, fashion_mnist, minilm_spam ONNX and PyTorch, when their build
+Cases: the bundled examples (digits, fashion_mnist, minilm_spam ONNX, ONNX weight-only and PyTorch, when their build
 scripts work offline here) and hard cases where int8 everywhere fails the criterion and a few ops
 must stay fp32: `hard_cnn`, `hard_transformer` (examples/hard_*), the hostile MLP of
 tests/integration/sensitive_model.py, and `mobile_strips` (examples/mobile_strips: a MobileNetV3-style
@@ -43,6 +43,9 @@ EXAMPLES = {
     "fashion_mnist": ("examples/fashion_mnist/build.py", "examples/fashion_mnist/job.yaml"),
     "minilm_spam_onnx": ("examples/minilm_spam/build.py", "examples/minilm_spam/job-onnx.yaml"),
     "minilm_spam": ("examples/minilm_spam/build.py", "examples/minilm_spam/job.yaml"),
+    "minilm_spam_weight_only": ("examples/minilm_spam/build.py", "examples/minilm_spam/job-weight-only.yaml"),
+    "minilm_spam_weight_only_cosine": ("examples/minilm_spam/build.py",
+                                       "examples/minilm_spam/job-weight-only-cosine.yaml"),
     "hard_cnn": ("examples/hard_cnn/build.py", "examples/hard_cnn/job.yaml"),
     "hard_transformer": ("examples/hard_transformer/build.py", "examples/hard_transformer/job.yaml"),
     "hostile_mlp": (None, None),

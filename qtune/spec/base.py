@@ -14,15 +14,18 @@ from pydantic.alias_generators import to_camel
 
 from qtune.spec import cel
 
-DTYPES = ("int8", "uint8", "fp32")
+DTYPES = ("int8", "uint8", "int4", "fp32")
 SCHEMES = ("sym", "asym")
-GRANULARITIES = ("per_tensor", "per_channel")
-ALGORITHMS = ("minmax", "kl", "percentile")
-APPROACHES = ("static", "dynamic")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+"""Block sizes of weight-only quantization (`per_block_<n>`: n consecutive weights of one output channel along K
+share a scale), as ORT's MatMulNBits takes them (a power of two >= 16)."""
+GRANULARITIES = ("per_tensor", "per_channel", *(f"per_block_{n}" for n in BLOCK_SIZES))
+ALGORITHMS = ("minmax", "kl", "percentile", "rtn")
+APPROACHES = ("static", "dynamic", "weight_only")
 METRICS = ("top1", "topk", "f1", "mse", "cosine")
 OBJECTIVES = ("latency", "size")
 BUILTIN_FRAMEWORKS = ("onnxruntime", "pytorch")
-BUILTIN_STRATEGIES = ("basic", "exhaustive", "random")
+BUILTIN_STRATEGIES = ("basic", "exhaustive", "random", "mixed_bits")
 
 ENTRYPOINT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -42,10 +45,10 @@ def _as_list(value: Any) -> Any:
     return [value]
 
 
-DTypeList = Annotated[list[Literal["int8", "uint8", "fp32"]] | None, BeforeValidator(_as_list)]
+DTypeList = Annotated[list[Literal[DTYPES]] | None, BeforeValidator(_as_list)]
 SchemeList = Annotated[list[Literal["sym", "asym"]] | None, BeforeValidator(_as_list)]
-GranularityList = Annotated[list[Literal["per_tensor", "per_channel"]] | None, BeforeValidator(_as_list)]
-AlgorithmList = Annotated[list[Literal["minmax", "kl", "percentile"]] | None, BeforeValidator(_as_list)]
+GranularityList = Annotated[list[Literal[GRANULARITIES]] | None, BeforeValidator(_as_list)]
+AlgorithmList = Annotated[list[Literal[ALGORITHMS]] | None, BeforeValidator(_as_list)]
 
 
 def _entrypoint_form(value: str | None) -> str | None:
@@ -57,4 +60,4 @@ def _entrypoint_form(value: str | None) -> str | None:
 Entrypoint = Annotated[str | None, AfterValidator(_entrypoint_form),
                        Field(json_schema_extra=cel.rules(pattern=cel.ENTRYPOINT_RE, maxLength=253))]
 BoolList = Annotated[list[bool] | None, BeforeValidator(_as_list)]
-ApproachList = Annotated[list[Literal["static", "dynamic"]] | None, BeforeValidator(_as_list)]
+ApproachList = Annotated[list[Literal[APPROACHES]] | None, BeforeValidator(_as_list)]

@@ -47,17 +47,21 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z
 class TensorConstraint(SpecModel):
     """Allowed choices for one tensor role (activation or weight); None leaves the adaptor's."""
 
-    dtype: DTypeList = Field(default=None, description="allowed dtypes: int8, uint8, fp32 (fp32 = keep in fp32)")
+    dtype: DTypeList = Field(default=None, description="allowed dtypes: int8, uint8, int4 (weight_only weights), fp32 "
+                                                       "(fp32 = keep in fp32)")
     scheme: SchemeList = Field(default=None, description="sym (zero point 0) and/or asym")
-    granularity: GranularityList = Field(default=None, description="per_tensor and/or per_channel (weights)")
-    algorithm: AlgorithmList = Field(default=None, description="calibration: minmax, kl (entropy), percentile")
+    granularity: GranularityList = Field(
+        default=None, description="per_tensor and/or per_channel (weights); weight_only: per_block_<n>, n in 16, 32, "
+                                  "64, 128, 256")
+    algorithm: AlgorithmList = Field(default=None, description="calibration: minmax, kl (entropy), percentile; "
+                                                               "weight_only weights: rtn (round to nearest)")
     reduce_range: BoolList = Field(default=None, description="7-bit ranges (for CPUs without VNNI): true and/or false")
 
 
 class OpConstraint(SpecModel):
     activation: TensorConstraint | None = Field(default=None, description="choices for the op's activations")
     weight: TensorConstraint | None = Field(default=None, description="choices for the op's weights")
-    approach: ApproachList = Field(default=None, description="static and/or dynamic")
+    approach: ApproachList = Field(default=None, description="static, dynamic and/or weight_only")
 
 
 class InputSpec(SpecModel):
@@ -120,9 +124,11 @@ class ModelSpec(SpecModel):
 
 
 class QuantizationSpec(SpecModel):
-    approach: Literal["static", "dynamic", "auto"] = Field(
+    approach: Literal["static", "dynamic", "auto", "weight_only"] = Field(
         default="static", description="static: calibrated activation ranges; dynamic: ranges per batch at run "
-                                      "time; auto: the strategy tries both")
+                                      "time; auto: the strategy tries both; weight_only: MatMul weights in 4 or 8 "
+                                      "bits per block (onnxruntime MatMulNBits), activations int8 at compute time "
+                                      "(accuracy_level 4) or fp32")
     format: Literal["QDQ", "QOperator"] = Field(
         default="QDQ", description="onnxruntime: QuantizeLinear/DequantizeLinear pairs, or integer operators")
     calibration_samples: int | None = Field(default=None, ge=1, description="overrides data.calibration.samples")
@@ -178,8 +184,9 @@ class TuningSpec(SpecModel):
         field_path=".parallelTrials")))
 
     strategy: str = Field(
-        default="basic", description="basic, exhaustive, random, or module:Class of your own Strategy (imported "
-                                     "from the job's folder)",
+        default="basic", description="basic, exhaustive, random, mixed_bits (weight_only: per-layer int4/int8/fp32; "
+                                     "basic uses it for weight_only too), or module:Class of your own Strategy "
+                                     "(imported from the job's folder)",
         json_schema_extra=cel.rules(cel.cel(  # _strategy_known
             f"self in {cel.in_list(BUILTIN_STRATEGIES)} || self.matches('{cel.ENTRYPOINT_RE}')",
             message_expression=f"'unknown strategy \"' + self + '\"; allowed: {', '.join(BUILTIN_STRATEGIES)}, "

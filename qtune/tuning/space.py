@@ -25,6 +25,8 @@ HEAVY_OP_TYPES = {"Conv": 1.0, "ConvTranspose": 1.0, "MatMul": 1.0, "Gemm": 1.0,
                   "Conv1d": 1.0, "Conv2d": 1.0, "Conv3d": 1.0, "Linear": 1.0}
 """Op types (ONNX and torch names) where int8 saves time: the prior when no profile was measured."""
 LIGHT_OP_WEIGHT = 0.02
+WEIGHT_ONLY = "weight_only"
+"""The approach where only weights are quantized (per block) and the activation dtype is the compute type."""
 _CAMEL = {"reduce_range": "reduceRange"}
 
 
@@ -39,7 +41,13 @@ class OpSpace:
     approach: list[str]
 
     def quantizable(self, approach: str) -> bool:
+        if approach == WEIGHT_ONLY:  # the weight decides; an fp32 activation is fp32 compute
+            return approach in self.approach and any(d != FP32 for d in (self.weight or {}).get("dtype", []))
         return approach in self.approach and any(d != FP32 for d in self.activation.get("dtype", []))
+
+    def _weight_only_activations(self) -> list[TensorConfig]:
+        """weight_only: the compute type (activation dtype only, fp32 included: MatMulNBits in fp32)."""
+        return [TensorConfig(dtype) for dtype in self.activation.get("dtype", [])] or [TensorConfig.fp32()]
 
     def _tensor_options(self, options: dict[str, list[Any]] | None) -> list[TensorConfig]:
         if options is None:
@@ -56,6 +64,9 @@ class OpSpace:
         """Every quantized setting of this op (preferred first); fp32 fallback is not included."""
         if not self.quantizable(approach):
             return []
+        if approach == WEIGHT_ONLY:
+            return [OpConfig(self.op_type, a, w) for a, w in
+                    itertools.product(self._weight_only_activations(), self._tensor_options(self.weight))]
         activations = self._tensor_options(self.activation)
         if approach == "dynamic":  # activations are quantized at run time: only the dtype matters
             activations = list(dict.fromkeys(TensorConfig(a.dtype) for a in activations))
@@ -69,6 +80,9 @@ class OpSpace:
         if not self.quantizable(approach) or op_cfg.op_type != self.op_type:
             return False
         activation = op_cfg.activation
+        if approach == WEIGHT_ONLY:
+            return (activation in self._weight_only_activations() and op_cfg.weight is not None
+                    and self.weight is not None and _tensor_allowed(self.weight, op_cfg.weight))
         if approach == "dynamic":
             if activation != TensorConfig(activation.dtype):
                 return False
@@ -85,6 +99,8 @@ class OpSpace:
         """The first of `choices(approach)` (built directly: the full list can hold hundreds)."""
         if not self.quantizable(approach):
             return self.fp32()
+        if approach == WEIGHT_ONLY:
+            return OpConfig(self.op_type, self._weight_only_activations()[0], _first_tensor(self.weight))
         activation = _first_tensor(self.activation)
         assert activation is not None  # quantizable: a non-fp32 activation dtype exists
         if approach == "dynamic":
@@ -262,7 +278,9 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
     if not approaches:
         raise SpecError(
             "spec.quantization.approach",
-            f"no op of the model can be quantized with approach {quantization.approach!r}",
+            f"no op of the model can be quantized with approach {quantization.approach!r}"
+            + (" (weight_only: the onnxruntime adaptor's MatMul/Gemm ops with a constant float weight)"
+               if quantization.approach == WEIGHT_ONLY else ""),
         )
     return TuningSpace(
         ops=ops,

@@ -15,6 +15,7 @@ import numpy as np
 from qtune.adaptors.base import Adaptor, LatencyStats, adaptor_registry
 from qtune.adaptors.onnxrt import calibration as calib
 from qtune.adaptors.onnxrt import quantize as q
+from qtune.adaptors.onnxrt import weight_only as wo
 from qtune.adaptors.onnxrt.capability import (
     build_capability,
     fused_patterns,
@@ -156,16 +157,20 @@ class OnnxRuntimeAdaptor(Adaptor):
         if digest in self._capabilities:
             return self._capabilities[digest]
         view = GraphView(opt.model.load())
+        approach = str(self._quantization_setting("approach", "auto"))
         problems = static_non_finite_tensors(view)
-        problems.update(self._known_range_problems(opt))
+        if approach != wo.APPROACH:  # weight-only quantizes no calibrated activation range
+            problems.update(self._known_range_problems(opt))
         for tensor, why in problems.items():
             logger.warning("tensor %s: %s", tensor, why)
         quantizable = {node.name for node in view.nodes}
         forced = ops_touching(view, problems, quantizable) if self.keep_non_finite_fp32 else {}
         model_notes = {f"tensor:{tensor}": why for tensor, why in problems.items()}
         model_notes.update(opt.notes)
-        capability = build_capability(view, self.quant_format, opt.per_channel, forced, model_notes,
-                                      str(self._quantization_setting("approach", "auto")))
+        if approach == wo.APPROACH:
+            capability = wo.weight_only_capability(view, forced, model_notes)
+        else:
+            capability = build_capability(view, self.quant_format, opt.per_channel, forced, model_notes, approach)
         self.notes.update(capability["notes"])
         self._capabilities[digest] = (capability, forced)
         return capability, forced
@@ -259,8 +264,14 @@ class OnnxRuntimeAdaptor(Adaptor):
         calibration_seconds = 0.0
         calibration_log: dict[str, str] = {}
         """algorithm → "measured" | "cached": which statistics this call computed or reused."""
+        passes: dict[str, list[str]] = {}
+        """weight-only: MatMulNBits setting → ops quantized with it (one ORT pass each)."""
         started = time.perf_counter()
-        if cfg.approach == "dynamic":
+        if cfg.approach == wo.APPROACH:
+            plan = wo.plan_weight_only(view, cfg, quantizable, forced)
+            if plan.quantized:
+                passes = wo.run_weight_only(source, view, plan, output)
+        elif cfg.approach == "dynamic":
             plan = q.plan_dynamic(view, cfg, quantizable, forced)
             if plan.quantized:
                 q.run_dynamic(source, view, plan, output, opt.per_channel)
@@ -274,17 +285,7 @@ class OnnxRuntimeAdaptor(Adaptor):
                 calibration_log["minmax"] = "cached" if measured.cache_hit else "measured"
                 problems = calib.problem_tensors(minmax)
                 if problems:
-                    for tensor, why in problems.items():
-                        self.notes[f"tensor:{tensor}"] = why
-                    if self.keep_non_finite_fp32:
-                        extra = ops_touching(view, problems, set(plan.quantized))
-                        for name, why in extra.items():
-                            logger.warning("op %s kept fp32: %s", name, why)
-                            self.notes[name] = why
-                        plan = q.plan_static(view, cfg, quantizable, {**forced, **extra})
-                    else:
-                        logger.warning("tensors with non-finite/absurd ranges are quantized as asked "
-                                       "(quantization.keepNonFiniteFp32 is false): %s", sorted(problems))
+                    plan = self._without_problem_ops(view, cfg, quantizable, forced, plan, problems)
                 owners = q.owner_algorithms(plan)
                 by_algorithm = {"minmax": minmax}
                 for algorithm in sorted(set(owners.values()) - {"minmax"}):
@@ -303,11 +304,28 @@ class OnnxRuntimeAdaptor(Adaptor):
         self.timings = {"calibration": round(calibration_seconds, 4), "quantize": round(quantize_seconds, 4)}
         record = {"identity": identity, "plan": plan.record(), "timings": self.timings,
                   "calibration": calibration_log, "optimizer_steps": opt.steps}
+        if passes:
+            record["weight_only_passes"] = passes
         write_json_atomic(out_dir / "meta.json", record)
         self.last_quantization = record
         logger.info("quantized %d ops (%d fp32) with %s/%s in %.2fs (calibration %.2fs)", len(plan.quantized),
-                    len(plan.excluded), cfg.approach, cfg.format, quantize_seconds, calibration_seconds)
+                    len(plan.excluded), cfg.approach, plan.quant_format, quantize_seconds, calibration_seconds)
         return OnnxModel(output)
+
+    def _without_problem_ops(self, view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
+                             forced: dict[str, str], plan: q.QuantPlan, problems: dict[str, str]) -> q.QuantPlan:
+        """The static plan with the ops touching non-finite/absurd ranges kept fp32 (unless the job says not to)."""
+        for tensor, why in problems.items():
+            self.notes[f"tensor:{tensor}"] = why
+        if not self.keep_non_finite_fp32:
+            logger.warning("tensors with non-finite/absurd ranges are quantized as asked "
+                           "(quantization.keepNonFiniteFp32 is false): %s", sorted(problems))
+            return plan
+        extra = ops_touching(view, problems, set(plan.quantized))
+        for name, why in extra.items():
+            logger.warning("op %s kept fp32: %s", name, why)
+            self.notes[name] = why
+        return q.plan_static(view, cfg, quantizable, {**forced, **extra})
 
     # --- running ------------------------------------------------------------------------------------
     def evaluate(self, model: Any, dataloader: DataLoader, postprocess: Any = None,
@@ -348,6 +366,13 @@ class OnnxRuntimeAdaptor(Adaptor):
 
         cfg = codec.load(TuneConfig, tune_cfg)
         opt = self.optimized(model)
+        if cfg.approach == wo.APPROACH and isinstance(dataset, Dataset):
+            from qtune.adaptors.onnxrt.weight_only_sensitivity import output_errors
+
+            scores = output_errors(opt.model, cfg, dataset.take(32).inputs, self.info.get("output"),
+                                   self.info.get("threads"))
+            if scores:
+                return scores
         if isinstance(dataset, Dataset):
             inputs = dataset.take(32).inputs
             full = dataset.take(cfg.calibration_sampling_size)

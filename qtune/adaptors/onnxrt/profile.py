@@ -7,6 +7,7 @@ per node and run. Node names after ORT's graph optimisation still say which op t
 
 - an fp32 fusion is named `fused <first op>` (FusedConv, FusedGemm: its Relu vanished into it);
 - a QDQ fusion (DQ → Conv → Q to QLinearConv/QGemm) keeps the op's name;
+- a weight-only MatMulNBits is named `<op>_Q4` / `<op>_Q8`;
 - a QuantizeLinear/DequantizeLinear ORT could not fuse is named `<tensor>_QuantizeLinear` /
   `<tensor>_DequantizeLinear`; its time is the price of the op that made the tensor int8 (the
   consumer of a Q, the producer of a DQ), so it is attributed to that op.
@@ -84,6 +85,7 @@ def _fusion_head(view: GraphView, node: Any, ops: set[str]) -> Any:
 def _clean(name: str) -> str:
     name = name.removeprefix("fused ")
     name = re.sub(r"_token_\d+$", "", name)
+    name = re.sub(r"_Q[248]$", "", name)  # MatMulNBits: ORT's weight-only quantizer names it <op>_Q<bits>
     return name.removesuffix("_nchwc")
 
 

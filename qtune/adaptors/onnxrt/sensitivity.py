@@ -54,6 +54,38 @@ def fake_quantize(array: np.ndarray, cfg: TensorConfig, bounds: tuple[float, flo
     return _qdq(data, float(scale), float(zero), int(qmin), int(qmax))
 
 
+def _blockwise(op_cfg: OpConfig) -> bool:
+    weight = op_cfg.weight
+    return weight is not None and not weight.is_fp32 and str(weight.granularity or "").startswith("per_block_")
+
+
+def fake_quantize_blocks(array: np.ndarray, cfg: TensorConfig, k_axis: int) -> np.ndarray:
+    """Quantize-dequantize in blocks of `per_block_<n>` consecutive values along `k_axis`, as MLAS's
+    MatMulNBits quantizer does: asym over [min(x, 0), max(x, 0)]; sym with the value of largest magnitude
+    mapped to the most negative code (-8 for int4, -128 for int8)."""
+    bits = 4 if cfg.dtype == "int4" else 8
+    block = int(str(cfg.granularity).rsplit("_", 1)[1])
+    data = np.moveaxis(np.asarray(array, dtype=np.float32), k_axis, -1)
+    k = data.shape[-1]
+    padded = -(-k // block) * block
+    blocks = np.pad(data, [(0, 0)] * (data.ndim - 1) + [(0, padded - k)]).reshape(*data.shape[:-1], -1, block)
+    if cfg.scheme == "sym":
+        index = np.argmax(np.abs(blocks), axis=-1)[..., None]
+        scale = np.take_along_axis(blocks, index, axis=-1) / -(2 ** (bits - 1))
+        scale = np.where(scale == 0, 1.0, scale)
+        codes = np.clip(np.rint(blocks / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        out = codes * scale
+    else:
+        low = np.minimum(blocks.min(axis=-1, keepdims=True), 0.0)
+        high = np.maximum(blocks.max(axis=-1, keepdims=True), 0.0)
+        scale = (high - low) / (2 ** bits - 1)
+        scale = np.where(scale == 0, 1.0, scale)
+        zero = np.clip(np.rint(-low / scale), 0, 2 ** bits - 1)
+        out = (np.clip(np.rint(blocks / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+    out = out.reshape(*data.shape[:-1], padded)[..., :k]
+    return np.moveaxis(out.astype(np.float32), -1, k_axis)
+
+
 def _qdq(data: np.ndarray, scale: float, zero: float, qmin: int, qmax: int) -> np.ndarray:
     if scale == 0:
         return data
@@ -136,7 +168,15 @@ def _fake_quantized_inputs(node: onnx.NodeProto, view: GraphView, op_cfg: OpConf
     for tensor, array in arrays.items():
         if array.dtype != np.float32:
             continue
-        if tensor in weights:
+        if tensor in weights and _blockwise(op_cfg):
+            assert op_cfg.weight is not None
+            k_axis = 1 - weights[tensor] if array.ndim == 2 else array.ndim - 2
+            quantized[tensor] = fake_quantize_blocks(array, op_cfg.weight, k_axis)
+        elif _blockwise(op_cfg):  # weight-only: int8 compute quantizes the activations per block too
+            if not op_cfg.activation.is_fp32 and op_cfg.weight is not None and tensor == node.input[0]:
+                quantized[tensor] = fake_quantize_blocks(array, TensorConfig("int8", "sym", op_cfg.weight.granularity),
+                                                         array.ndim - 1)
+        elif tensor in weights:
             if op_cfg.weight is not None and not op_cfg.weight.is_fp32:
                 axis = weights[tensor] if op_cfg.weight.granularity == "per_channel" else None
                 quantized[tensor] = fake_quantize(array, op_cfg.weight, axis=axis)

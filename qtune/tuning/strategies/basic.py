@@ -21,6 +21,9 @@ Stages, each reconstructed from the history alone (a pure function of space and 
    samples); then, while no passing config meets the goal, a sampler that learns from every trial so
    far (TPE) proposes from the rest of the space.
 
+A weight-only space (approach weight_only) is searched by the mixed_bits ladder instead (`mixed_bits.py`):
+per layer int4, int8 or fp32, most sensitive layers first.
+
 The goal (a passing config faster than `min_speedup` beyond doubt) ends the search as soon as no
 untried config is expected to be clearly faster than the fastest passing one (`outlook.py`); without
 it the whole budget is spent and the fastest passing config wins.
@@ -36,7 +39,7 @@ from collections.abc import Iterable
 
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.history import History, TrialRecord
-from qtune.tuning.space import TuningSpace
+from qtune.tuning.space import WEIGHT_ONLY, TuningSpace
 from qtune.tuning.strategies import fallback
 from qtune.tuning.strategies.base import Strategy, strategy_registry
 from qtune.tuning.strategies.fallback import MIN_REFINE_GAIN, Plan, accuracy_key, records_of, variants
@@ -242,6 +245,8 @@ class BasicStrategy(Strategy):
         are tried. A config that could not be a success may stop evaluating once it cannot pass."""
         if self.objective != "latency":
             return True
+        if space.approaches == [WEIGHT_ONLY]:
+            return False  # the mixed_bits ladder needs only pass or fail
         defaults = self._defaults(space)
         ranked = {c.key() for c in defaults}
         for default in defaults:
@@ -249,10 +254,19 @@ class BasicStrategy(Strategy):
         return config.key() in ranked or Outlook.of(space, [], None, self.min_speedup).promising(config)
 
     def propose(self, space: TuningSpace, history: History, k: int) -> list[TuneConfig]:
+        if space.approaches == [WEIGHT_ONLY]:  # per-layer bits: the mixed_bits ladder
+            from qtune.tuning.strategies.mixed_bits import weight_only_plan
+
+            return weight_only_plan(space, history, max(k, 1))[0][:k]
         return self._plan(space, history, max(k, 1)).todo[:k]
 
     def goal_reached(self, space: TuningSpace, history: History) -> bool:
         """True only when the search has nothing better to try and a passing config meets the
         objective (see `_goal`)."""
+        if space.approaches == [WEIGHT_ONLY]:
+            from qtune.tuning.strategies.mixed_bits import weight_only_plan
+
+            todo, complete = weight_only_plan(space, history, 1)
+            return complete and not todo and not history.pending() and self._goal(history)
         plan = self._plan(space, history, 1)
         return plan.complete and not plan.todo and not history.pending() and self._goal(history)

@@ -1,0 +1,206 @@
+"""Weight-only quantization (approach `weight_only`): MatMul weights in 4 or 8 bits per block, run by ONNX
+Runtime's `MatMulNBits` contrib op, written by ORT's own `MatMulNBitsQuantizer` (its DEFAULT algorithm:
+round to nearest with MLAS's C++ block quantizer).
+
+How a tune config maps onto ORT:
+- the weight's TensorConfig: dtype int4/int8 → `bits` 4/8, granularity `per_block_<n>` → `block_size` n,
+  scheme sym → `is_symmetric`, algorithm rtn (the only one offered: ORT's k-quant/GPTQ path runs Neural
+  Compressor's Python code per weight, and HQQ needs torch);
+- the activation's dtype: int8 → `accuracy_level` 4 (MLAS quantizes the activations per block to int8
+  at run time and uses its int8 kernels: the fast path on CPU), fp32 → `accuracy_level` 0 (fp32 compute);
+- an op in fp32 → `nodes_to_exclude`.
+ORT's quantizer takes one setting per call: its per-node `customized_weight_config` only reaches the
+RTN/GPTQ path (`rtn_quantize`), not the C++ DEFAULT one. So ops are grouped by setting and each group is
+one pass over the model with every other node excluded; an op rewritten by an earlier pass is a
+MatMulNBits by then, so passes never touch each other's ops.
+
+A Gemm with a constant B (no transA, alpha = beta = 1) is first rewritten as MatMul (+ Add) under its own
+name (ORT's quantizer only knows MatMul; ORT's basic optimisation turns 2-D MatMul + Add into Gemm).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from qtune.adaptors.onnxrt.capability import gemm_unfoldable
+from qtune.adaptors.onnxrt.graph import GraphView, _attr
+from qtune.adaptors.onnxrt.model import OnnxModel, save_model
+from qtune.adaptors.onnxrt.quantize import QuantPlan, _excluded_because
+from qtune.tuning.config import OpConfig, TuneConfig
+
+logger = logging.getLogger(__name__)
+
+APPROACH = "weight_only"
+WEIGHT_DTYPES = ["int4", "int8", "fp32"]
+BITS = {"int4": 4, "int8": 8}
+OFFERED_BLOCKS = (32, 128)
+"""Block sizes offered by default (ORT GenAI's CPU default first); a constraint may name others."""
+MIN_K = 16
+ACCURACY_LEVEL = {"int8": 4, "fp32": 0}
+
+
+def block_size(granularity: str | None) -> int:
+    """`per_block_<n>` → n."""
+    if not granularity or not granularity.startswith("per_block_"):
+        raise ValueError(f"weight-only granularity must be per_block_<n>, got {granularity!r}")
+    return int(granularity.rsplit("_", 1)[1])
+
+
+def ineligible(node: onnx.NodeProto, view: GraphView) -> str | None:
+    """Why MatMulNBits cannot take this op's weight; None when it can."""
+    if node.op_type == "Gemm":
+        if not gemm_unfoldable(node, view):
+            return "a Gemm is taken only with a constant B, no transA and alpha = beta = 1"
+        weight = view.initializers[node.input[1]]
+        k = weight.dims[1] if _attr(node, "transB", 0) else weight.dims[0]
+    elif node.op_type == "MatMul":
+        if len(node.input) < 2 or node.input[1] not in view.initializers:
+            return "no constant weight (input B is not an initializer)"
+        weight = view.initializers[node.input[1]]
+        if len(weight.dims) < 2 or any(d != 1 for d in weight.dims[:-2]):
+            return f"weight of shape {list(weight.dims)} is not 2-D"
+        k = weight.dims[-2]
+    else:
+        return f"{node.op_type} has no weight-only kernel"
+    if weight.data_type != onnx.TensorProto.FLOAT:
+        return "weight is not float32"
+    if k < MIN_K:
+        return f"K = {k} < {MIN_K}: too small for blocks"
+    return None
+
+
+def _entry(k: int, forced_reason: str | None) -> dict[str, Any]:
+    if forced_reason is not None:
+        return {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}, "approach": [APPROACH]}
+    blocks = [b for b in OFFERED_BLOCKS if b <= k] or [MIN_K]
+    return {"activation": {"dtype": ["int8", "fp32"]},
+            "weight": {"dtype": list(WEIGHT_DTYPES), "scheme": ["sym", "asym"],
+                       "granularity": [f"per_block_{b}" for b in blocks], "algorithm": ["rtn"]},
+            "approach": [APPROACH]}
+
+
+def _k_of(node: onnx.NodeProto, view: GraphView) -> int:
+    weight = view.initializers[node.input[1]]
+    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        return int(weight.dims[1])
+    return int(weight.dims[-2])
+
+
+def weight_only_capability(view: GraphView, forced_fp32: dict[str, str],
+                           model_notes: dict[str, str]) -> dict[str, Any]:
+    """The capability of a weight-only job: every MatMul (or unfoldable Gemm) with a constant float
+    weight. Activation dtype int8/fp32 is the MatMulNBits compute type (accuracy_level 4/0)."""
+    notes = dict(model_notes)
+    opwise: dict[tuple[str, str], dict[str, Any]] = {}
+    optypewise: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for node in view.nodes:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        why = ineligible(node, view)
+        if why is not None:
+            notes[node.name] = f"weight_only: {why}; stays fp32"
+            continue
+        forced = forced_fp32.get(node.name)
+        if forced is not None:
+            notes[node.name] = forced
+        entry = _entry(_k_of(node, view), forced)
+        opwise[(node.name, node.op_type)] = entry
+        order.append(node.name)
+        if forced is None:
+            optypewise.setdefault(node.op_type, entry)
+    for name, note in notes.items():
+        logger.info("capability note %s: %s", name, note)
+    return {"optypewise": optypewise, "opwise": opwise, "graph_order": order, "notes": notes, "fused_groups": []}
+
+
+def plan_weight_only(view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
+                     forced_fp32: dict[str, str]) -> QuantPlan:
+    quantized: dict[str, OpConfig] = {}
+    excluded: dict[str, str] = {}
+    for node in view.nodes:
+        if node.name not in quantizable:
+            continue
+        op_cfg = cfg.ops.get(node.name)
+        reason = _excluded_because(node, op_cfg, quantizable[node.name], forced_fp32, APPROACH)
+        if reason is None and (op_cfg.weight is None or op_cfg.weight.is_fp32):
+            reason = "weight fp32 in the tune config"
+        if reason is not None:
+            excluded[node.name] = reason
+        else:
+            quantized[node.name] = op_cfg
+    return QuantPlan(APPROACH, "QOperator", quantized, excluded)
+
+
+def setting(op_cfg: OpConfig) -> tuple[int, int, bool, int]:
+    """(bits, block size, symmetric, accuracy_level) of a quantized op."""
+    weight = op_cfg.weight
+    assert weight is not None
+    return (BITS[weight.dtype], block_size(weight.granularity), weight.scheme == "sym",
+            ACCURACY_LEVEL.get(op_cfg.activation.dtype, 0))
+
+
+def unfold_gemms(proto: onnx.ModelProto, names: set[str]) -> int:
+    """Rewrite the named Gemm nodes as MatMul (named as the Gemm) + Add (`<name>_bias`); B is transposed
+    when transB is set. Returns how many were rewritten."""
+    graph = proto.graph
+    initializers = {init.name: init for init in graph.initializer}
+    new_nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        if node.op_type != "Gemm" or node.name not in names:
+            new_nodes.append(node)
+            continue
+        weight_name = node.input[1]
+        if _attr(node, "transB", 0):
+            array = numpy_helper.to_array(initializers[weight_name]).T
+            weight_name = f"{weight_name}_T_{node.name}"
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), weight_name))
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        product = f"{node.output[0]}_matmul" if has_bias else node.output[0]
+        new_nodes.append(helper.make_node("MatMul", [node.input[0], weight_name], [product], name=node.name))
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [product, node.input[2]], [node.output[0]],
+                                              name=f"{node.name}_bias"))
+        count += 1
+    graph.ClearField("node")
+    graph.node.extend(new_nodes)
+    return count
+
+
+def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """`proto` (edited in place) with the plan's ops as MatMulNBits: one MatMulNBitsQuantizer pass per setting.
+    Returns the model and {setting label: op names} for the record."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    gemms = {name for name in plan.quantized if view.by_name[name].op_type == "Gemm"}
+    if gemms:
+        unfold_gemms(proto, gemms)
+    groups: dict[tuple[int, int, bool, int], list[str]] = {}
+    for name, op_cfg in plan.quantized.items():
+        groups.setdefault(setting(op_cfg), []).append(name)
+    all_names = {node.name for node in proto.graph.node}
+    for (bits, block, symmetric, level), names in sorted(groups.items()):
+        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
+                                         accuracy_level=level or None, nodes_to_exclude=sorted(all_names - set(names)),
+                                         op_types_to_quantize=("MatMul",))
+        quantizer.process()
+        proto = quantizer.model.model
+    return proto, {f"bits{b}-block{k}-{'sym' if s else 'asym'}-level{a}": sorted(n)
+                   for (b, k, s, a), n in sorted(groups.items())}
+
+
+def run_weight_only(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Path) -> dict[str, Any]:
+    """The plan applied to the source model, saved to `output`; returns {setting label: op names}."""
+    started = time.perf_counter()
+    proto, groups = quantize_proto(source.load(), view, plan)
+    logger.debug("MatMulNBits quantization took %.2fs", time.perf_counter() - started)
+    save_model(proto, output, external=bool(source.external_data_files()) or None)
+    return groups

@@ -1,0 +1,133 @@
+"""Mixed-bits strategy for weight-only quantization (approach `weight_only`): per layer 4 bits, 8 bits or fp32.
+
+It starts from the fast end, the space's default config (every eligible MatMul int4, round to nearest, int8
+compute), and buys accuracy back where it is cheapest to buy: the layers ranked most sensitive first (the
+baseline's per-op sensitivity: for ONNX Runtime the model's output error with that layer alone
+quantized, see qtune/adaptors/onnxrt/weight_only_sensitivity.py), it moves the top n layers to 8
+bits, then, with every layer at 8 bits, the top m to fp32. The configs form one ladder of levels, each
+giving more bits than the one before:
+
+    level n (0 <= n <= N):  the n most sensitive layers int8, the rest int4
+    level N + m (0 < m < N): every layer int8, the m most sensitive fp32
+
+Levels are probed 0, 1, 2, 4, 8, ... until one passes the criterion, then bisected between the highest failing
+and the lowest passing level, so the winner has the fewest layers above 4 bits the ladder allows, in about
+2·log2(N) trials. Speed is judged by the session as for any strategy (interleaved benchmark, confirmation,
+`NoSpeedup`); this strategy only decides which configs are worth measuring.
+
+The basic strategy (the default) hands a weight-only space to this ladder too, so `strategy: mixed_bits`
+only names it explicitly; a space without the weight_only approach is searched as the basic strategy does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from qtune.tuning.config import OpConfig, TuneConfig
+from qtune.tuning.history import History, TrialRecord
+from qtune.tuning.space import WEIGHT_ONLY, TuningSpace
+from qtune.tuning.strategies.base import strategy_registry
+from qtune.tuning.strategies.basic import BasicStrategy
+
+logger = logging.getLogger(__name__)
+
+
+class Ladder:
+    """The ladder of levels over a weight-only space (see the module docstring)."""
+
+    def __init__(self, space: TuningSpace) -> None:
+        self.base = space.default_config(WEIGHT_ONLY)
+        quantized = set(self.base.quantized_ops())
+        self.ranked = [name for name in space.sensitivity_order() if name in quantized]
+        self.int8: dict[str, OpConfig] = {}
+        for name in self.ranked:
+            op_cfg = self.base.ops[name]
+            assert op_cfg.weight is not None
+            wider = replace(op_cfg, weight=replace(op_cfg.weight, dtype="int8"))
+            self.int8[name] = wider if space.ops[name].allows(wider, WEIGHT_ONLY) else op_cfg.as_fp32()
+
+    @property
+    def top(self) -> int:
+        """The highest level (every layer int8 but one fp32; all fp32 would be the fp32 model)."""
+        return max(2 * len(self.ranked) - 1, 0)
+
+    def config(self, level: int) -> TuneConfig:
+        n = len(self.ranked)
+        updates: dict[str, OpConfig] = {}
+        for index, name in enumerate(self.ranked):
+            if level > n and index < level - n:
+                updates[name] = self.base.ops[name].as_fp32()
+            elif level > n or index < level:
+                updates[name] = self.int8[name]
+        return self.base.with_ops(updates)
+
+    def probes(self) -> list[int]:
+        """Escalation order: 0, 1, 2, 4, ... N, then N+1, N+2, N+4, ... up to the top."""
+        n = len(self.ranked)
+        out = [0]
+        step = 1
+        while step < n:
+            out.append(step)
+            step *= 2
+        out.append(n)
+        step = 1
+        while n + step < self.top:
+            out.append(n + step)
+            step *= 2
+        out.append(self.top)
+        return sorted(set(out))
+
+
+def _passed(record: TrialRecord) -> bool:
+    return record.ok and bool(record.passed)
+
+
+def weight_only_plan(space: TuningSpace, history: History, k: int) -> tuple[list[TuneConfig], bool]:
+    """(configs to try now, search complete). A pure function of space and history."""
+    ladder = Ladder(space)
+    if not ladder.ranked:
+        return [], True
+    records: dict[int, TrialRecord] = {}
+    for level in range(ladder.top + 1):
+        record = history.find(ladder.config(level))
+        if record is not None:
+            records[level] = record
+    done = {level: r for level, r in records.items() if r.done}
+    passing = [level for level, r in done.items() if _passed(r)]
+    lowest_pass = min(passing) if passing else None
+    failing = [level for level, r in done.items() if not _passed(r) and (lowest_pass is None or level < lowest_pass)]
+    highest_fail = max(failing, default=-1)
+    if lowest_pass is None:
+        wanted = [level for level in ladder.probes() if level > highest_fail]
+    else:
+        span = lowest_pass - highest_fail
+        if span <= 1:
+            return [], True
+        wanted = sorted({highest_fail + max(1, round(i * span / (k + 1))) for i in range(1, k + 1)} - {lowest_pass})
+    todo = [ladder.config(level) for level in wanted if level not in records][:k]
+    pending = any(not r.done for r in records.values())
+    if not todo and not pending and lowest_pass is None:
+        return [], True  # even the top level failed
+    return todo, False
+
+
+@strategy_registry
+class MixedBitsStrategy(BasicStrategy):
+    """Per-layer bits for weight-only quantization (module docstring); other spaces: the basic strategy."""
+
+    name = "mixed_bits"
+
+    def propose(self, space: TuningSpace, history: History, k: int) -> list[TuneConfig]:
+        if WEIGHT_ONLY not in space.approaches:
+            return super().propose(space, history, k)
+        return weight_only_plan(space, history, max(k, 1))[0][:k]
+
+    def goal_reached(self, space: TuningSpace, history: History) -> bool:
+        if WEIGHT_ONLY not in space.approaches:
+            return super().goal_reached(space, history)
+        todo, complete = weight_only_plan(space, history, 1)
+        return complete and not todo and not history.pending() and self._goal(history)
+
+    def needs_full_evaluation(self, space: TuningSpace, history: History, config: TuneConfig) -> bool:
+        return False if WEIGHT_ONLY in space.approaches else super().needs_full_evaluation(space, history, config)

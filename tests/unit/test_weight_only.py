@@ -1,0 +1,195 @@
+"""Weight-only quantization (approach weight_only): the spec, the capability, the space, the ORT setting
+of a config, the block fake-quantizer of the sensitivity, and the mixed_bits ladder on the real session."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from simulated import job_spec, run_simulated
+
+from qtune.adaptors.onnxrt.graph import GraphView
+from qtune.adaptors.onnxrt.sensitivity import fake_quantize_blocks
+from qtune.adaptors.onnxrt.weight_only import setting, unfold_gemms, weight_only_capability
+from qtune.spec import SpecError, job_from_dict
+from qtune.spec.models import QuantizationSpec
+from qtune.tuning import History, build_space
+from qtune.tuning.config import TensorConfig, TuneConfig
+from qtune.tuning.space import TuningSpace
+from qtune.tuning.strategies.mixed_bits import Ladder, weight_only_plan
+
+
+def _job(quantization: dict) -> dict:
+    return {"apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "j"},
+            "spec": {"model": {"framework": "onnxruntime", "path": "model.onnx"},
+                     "data": {"calibration": {"path": "c.npz"}, "evaluation": {"path": "e.npz"}},
+                     "quantization": quantization}}
+
+
+def test_spec_takes_weight_only_and_names_the_field_otherwise() -> None:
+    parsed = job_from_dict(_job({"approach": "weight_only", "opTypeWise": {"MatMul": {"weight": {
+        "dtype": ["int4", "int8"], "granularity": "per_block_128", "algorithm": "rtn"}}}}))
+    assert parsed.spec.quantization.approach == "weight_only"
+    assert parsed.spec.quantization.op_type_wise["MatMul"].weight.granularity == ["per_block_128"]
+    with pytest.raises(SpecError) as caught:
+        job_from_dict(_job({"approach": "weightonly"}))
+    assert "spec.quantization.approach" in str(caught.value) and "'weight_only'" in str(caught.value)
+    with pytest.raises(SpecError, match=r"granularity"):
+        job_from_dict(_job({"modelWise": {"weight": {"granularity": "per_block_48"}}}))
+
+
+def _graph() -> GraphView:
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+             for name, shape in (("W", (256, 64)), ("Wg", (256, 64)), ("Ws", (8, 4)), ("B", (256,)))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm"),
+             helper.make_node("MatMul", ["a", "a2"], ["b"], name="mm_act"),
+             helper.make_node("Gemm", ["b", "Wg", "B"], ["c"], name="gemm", transB=1),
+             helper.make_node("MatMul", ["c8", "Ws"], ["d"], name="mm_small")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["N", k])
+                                           for n, k in (("x", 256), ("a2", 64), ("c8", 8))],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("c", "d")], inits)
+    return GraphView(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_capability_lists_matmuls_with_a_constant_weight_and_says_why_not() -> None:
+    capability = weight_only_capability(_graph(), {}, {})
+    assert capability["graph_order"] == ["mm", "gemm"]
+    entry = capability["opwise"][("mm", "MatMul")]
+    assert entry["approach"] == ["weight_only"] and entry["activation"] == {"dtype": ["int8", "fp32"]}
+    assert entry["weight"]["dtype"] == ["int4", "int8", "fp32"]
+    assert entry["weight"]["granularity"] == ["per_block_32", "per_block_128"]
+    assert capability["opwise"][("gemm", "Gemm")]["weight"]["granularity"] == ["per_block_32"]  # K = 64 (transB)
+    assert "constant weight" in capability["notes"]["mm_act"]
+    assert "K = 8" in capability["notes"]["mm_small"]
+    forced = weight_only_capability(_graph(), {"mm": "kept fp32: reasons"}, {})
+    assert forced["opwise"][("mm", "MatMul")]["weight"] == {"dtype": ["fp32"]}
+
+
+def _space(**constraints: object) -> TuningSpace:
+    return build_space(weight_only_capability(_graph(), {}, {}),
+                       QuantizationSpec(approach="weight_only", **constraints), [], 100)
+
+
+def test_space_starts_at_the_fast_end_and_knows_the_compute_type() -> None:
+    space = _space()
+    default = space.default_config().ops["mm"]
+    assert default.activation == TensorConfig("int8")
+    assert default.weight == TensorConfig("int4", "sym", "per_block_32", "rtn")
+    assert setting(default) == (4, 32, True, 4)
+    choices = space.ops["mm"].choices("weight_only")
+    assert len(choices) == 2 * 2 * 2 * 2  # compute int8/fp32 x int4/int8 x sym/asym x 32/128
+    fp32_compute = replace(default, activation=TensorConfig("fp32"), weight=replace(default.weight, dtype="int8"))
+    assert fp32_compute in choices and space.ops["mm"].allows(fp32_compute, "weight_only")
+    assert setting(fp32_compute) == (8, 32, True, 0)
+    assert not space.ops["mm"].allows(replace(default, activation=TensorConfig("uint8")), "weight_only")
+    assert default.as_fp32().is_fp32 and not space.ops["mm"].allows(default.as_fp32(), "weight_only")
+
+
+def test_space_constraints_intersect_and_name_the_field() -> None:
+    space = _space(op_type_wise={"MatMul": {"weight": {"dtype": ["int8"], "scheme": ["asym"]}}})
+    assert space.default_config().ops["mm"].weight == TensorConfig("int8", "asym", "per_block_32", "rtn")
+    with pytest.raises(SpecError) as caught:
+        _space(model_wise={"weight": {"granularity": ["per_block_64"]}})
+    assert "spec.quantization.modelWise.weight.granularity" in str(caught.value)
+    assert "per_block_32, per_block_128" in str(caught.value)
+
+
+def test_weight_only_without_eligible_ops_names_the_field() -> None:
+    capability = {"opwise": {("conv", "Conv"): {"activation": {"dtype": ["uint8", "fp32"]},
+                                                "weight": {"dtype": ["int8", "fp32"]}, "approach": ["static"]}}}
+    with pytest.raises(SpecError, match=r"spec.quantization.approach: .*'weight_only' \(weight_only: the onnxruntime"):
+        build_space(capability, QuantizationSpec(approach="weight_only"), [], 100)
+
+
+def test_unfold_gemm_keeps_the_function() -> None:
+    import onnxruntime as ort
+
+    proto = _graph().proto
+    keep = [n for n in proto.graph.node if n.name in ("gemm",)]
+    proto.graph.ClearField("node")
+    proto.graph.node.extend(keep)
+    proto.graph.input[0].name = "b"
+    proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64
+    del proto.graph.input[1:]
+    del proto.graph.output[1:]
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    before = ort.InferenceSession(proto.SerializeToString()).run(None, {"b": x})[0]
+    assert unfold_gemms(proto, {"gemm"}) == 1
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "Add"] and proto.graph.node[0].name == "gemm"
+    after = ort.InferenceSession(proto.SerializeToString()).run(None, {"b": x})[0]
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_block_fake_quantizer_is_local_to_a_block_and_8_bits_beat_4() -> None:
+    weight = np.random.default_rng(2).standard_normal((256, 16)).astype(np.float32)
+    error = {dtype: float(np.abs(fake_quantize_blocks(weight, TensorConfig(dtype, scheme, "per_block_32"), 0)
+                                 - weight).max()) for dtype in ("int4", "int8") for scheme in ("sym",)}
+    assert error["int8"] < error["int4"] / 8
+    hostile = weight.copy()
+    hostile[0, 0] = 100.0  # one outlier: only its own block (rows 0..31 of column 0) loses precision
+    out = fake_quantize_blocks(hostile, TensorConfig("int4", "asym", "per_block_32"), 0)
+    assert np.abs(out[1:32, 0] - hostile[1:32, 0]).max() > 1.0
+    assert np.abs(out[32:, 0] - hostile[32:, 0]).max() < error["int4"] * 1.01
+    assert np.abs(out[:, 1:] - hostile[:, 1:]).max() < error["int4"] * 1.01
+
+
+# --- the mixed_bits ladder on the real session ------------------------------------------------------
+OPS = [f"mm{i:02d}" for i in range(16)]
+HOSTILE = {"mm03", "mm11"}
+"""Ops that need at least 8 bits in the simulated accuracy."""
+FP32_ONLY = {"mm07"}
+
+
+def _ladder_space(sensitivity: dict[str, float]) -> TuningSpace:
+    entry = weight_only_capability(_graph(), {}, {})["opwise"][("mm", "MatMul")]
+    capability = {"opwise": {(name, "MatMul"): entry for name in OPS}, "graph_order": OPS}
+    space = build_space(capability, QuantizationSpec(approach="weight_only"), [], 100)
+    space.sensitivity = sensitivity
+    return space
+
+
+def _accuracy(need_fp32: set[str]):
+    def accuracy(config: TuneConfig) -> float:
+        ops = config.ops
+        broken = [n for n in HOSTILE if ops[n].weight.dtype == "int4"] + [n for n in need_fp32 if not ops[n].is_fp32]
+        return 0.95 - 0.05 * len(broken)
+    return accuracy
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_ladder_moves_exactly_the_sensitive_layers_to_8_bits(k: int) -> None:
+    space = _ladder_space({"mm03": 0.9, "mm11": 0.5, "mm05": 0.01})
+    spec = job_spec(strategy="mixed_bits", parallelTrials=k, maxTrials=20, objective="size", confirmCandidates=0)
+    session, _, reason = run_simulated(spec, space, _accuracy(set()))
+    best = session.best()
+    assert best is not None and best.passed, reason
+    above = {n for n, op in best.tune_config.ops.items() if op.weight.dtype != "int4"}
+    assert above == HOSTILE
+    assert len(session.history.trials) <= 4 + k  # levels 0, 1, 2 (pass): then 1 is known to fail: done
+
+
+def test_ladder_goes_on_to_fp32_and_bisects() -> None:
+    space = _ladder_space({"mm07": 1.0, "mm03": 0.9, "mm11": 0.5})
+    spec = job_spec(strategy="basic", maxTrials=20, objective="size", confirmCandidates=0)
+    session, _, _ = run_simulated(spec, space, _accuracy(FP32_ONLY))
+    best = session.best()
+    assert best is not None
+    assert best.tune_config.fp32_ops() == ["mm07"]
+    assert all(op.weight.dtype == "int8" for n, op in best.tune_config.ops.items() if n != "mm07")
+    assert len(session.history.trials) <= 10
+
+
+def test_ladder_levels_are_monotone_and_the_plan_is_pure() -> None:
+    space = _ladder_space({"mm03": 0.9})
+    ladder = Ladder(space)
+    assert ladder.ranked[0] == "mm03" and ladder.top == 31
+    assert ladder.probes() == [0, 1, 2, 4, 8, 16, 17, 18, 20, 24, 31]
+    bits = [sum(8 if op.weight.dtype == "int8" else 32 if op.is_fp32 else 4 for op in ladder.config(level).ops.values())
+            for level in range(ladder.top + 1)]
+    assert bits == sorted(bits) and len(set(bits)) == len(bits)
+    assert ladder.config(0).key() == space.default_config().key()
+    todo, complete = weight_only_plan(space, History(job="j"), 3)
+    assert [c.key() for c in todo] == [ladder.config(level).key() for level in (0, 1, 2)] and not complete
