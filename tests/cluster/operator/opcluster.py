@@ -220,3 +220,23 @@ def pod_runs(cluster: Any, namespace: str) -> dict[str, int]:
     if not root.is_dir():
         return {}
     return {p.name: sum(1 for d in p.iterdir() if d.is_dir()) for p in root.iterdir() if p.is_dir()}
+
+
+def local_best(workspace: Path, tmp_path: Path, max_trials: int) -> tuple[str, list[str]]:
+    """`qtune tune` (qtune.local) on the digits job of `job_manifest`: (the winner's config key, every
+    trial's config key in order)."""
+    import yaml
+
+    from qtune.local.driver import tune
+    from qtune.spec import load_job
+
+    folder = tmp_path / "local"
+    folder.mkdir()
+    for name in DIGITS_FILES:
+        shutil.copy2(workspace / name, folder / name)
+    manifest = job_manifest("digits-local", maxTrials=max_trials)
+    (folder / "job.yaml").write_text(yaml.safe_dump(manifest))
+    job = load_job(folder / "job.yaml")
+    outcome = tune(job, folder / "job.yaml", output_dir=folder / "out")
+    assert outcome.best is not None
+    return outcome.best.config_key, [t.config_key for t in outcome.history.trials]

@@ -59,27 +59,6 @@ def _history(cluster: Any, namespace: str, name: str) -> list[dict[str, Any]]:
     return [codec.dump(t) for t in history.trials]
 
 
-def _local_best(workspace: Path, tmp_path: Path, max_trials: int) -> tuple[str, list[str]]:
-    """`qtune tune` (qtune.local) on the same job, model and data."""
-    import shutil
-
-    import yaml
-
-    from qtune.local.driver import tune
-    from qtune.spec import load_job
-
-    folder = tmp_path / "local"
-    folder.mkdir()
-    for name in opcluster.DIGITS_FILES:
-        shutil.copy2(workspace / name, folder / name)
-    manifest = opcluster.job_manifest("digits-local", maxTrials=max_trials)
-    (folder / "job.yaml").write_text(yaml.safe_dump(manifest))
-    job = load_job(folder / "job.yaml")
-    outcome = tune(job, folder / "job.yaml", output_dir=folder / "out")
-    assert outcome.best is not None
-    return outcome.best.config_key, [t.config_key for t in outcome.history.trials]
-
-
 def test_digits_end_to_end_with_operator_restart(cluster: Any, op_namespace: str, workspace: Path,
                                                  start_operator: Any, tmp_path: Path) -> None:
     ns, name = op_namespace, "digits"
@@ -132,7 +111,7 @@ def test_digits_end_to_end_with_operator_restart(cluster: Any, op_namespace: str
     assert all(t.get("accuracy", 0) > 0.9 and t.get("modelSizeBytes", 0) > 0 for t in status["recentTrials"])
 
     # the same winner (and the same trials) as `qtune tune` locally
-    best_key, keys = _local_best(workspace, tmp_path, max_trials=6)
+    best_key, keys = opcluster.local_best(workspace, tmp_path, max_trials=6)
     assert [t["config_key"] for t in history] == keys
     assert status["best"]["configKey"] == best_key
     assert status["best"]["tuneConfig"] == next(t["tune_config"] for t in history if t["config_key"] == best_key)

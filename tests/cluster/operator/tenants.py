@@ -1,0 +1,88 @@
+"""The hostile tenant of the multi-tenant test: what a user who may create QuantizationJobs and pods in
+one namespace (and reach the Pushgateway, which has no authentication) can try against the operator.
+
+Every attack is done the way such a user could: plain HTTP to the Pushgateway, ConfigMap edits and
+Secret reads in the tenant's own namespace, and code of its own that runs inside its baseline pod."""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from qtune import protocol
+
+UNITS = ("baseline", *(protocol.trial_unit(i) for i in range(6)), "confirm")
+"""The units of a victim job the poison covers (the digits jobs run at most 6 trials)."""
+
+JUNK_SERIES = f'{protocol.INFO_METRIC}{{kind="trial"}} 1\n'
+"""One series a poisoned group holds: enough for the old decoder to merge it into the genuine result."""
+
+
+def _request(method: str, url: str, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=body, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def group_path(gateway: str, job_uid: str, unit: str, *extra: tuple[str, str]) -> str:
+    tail = "".join(f"/{key}/{value}" for key, value in extra)
+    return f"{gateway}/metrics/job/{protocol.PUSH_JOB}/job_uid/{job_uid}/unit/{unit}{tail}"
+
+
+def push_junk_groups(gateway: str, count: int, workers: int = 8) -> int:
+    """`count` groups of well-formed but meaningless series under qtune's push job, each its own job
+    uid (what the operator-wide poller used to read and parse every 0.25 s). Returns how many took."""
+    def one(index: int) -> bool:
+        return _request("PUT", group_path(gateway, f"junk-{index:05d}", "trial-0"), JUNK_SERIES.encode()) < 300
+
+    with ThreadPoolExecutor(workers) as pool:
+        return sum(pool.map(one, range(count)))
+
+
+class Poisoner:
+    """While running: for every victim job, a sibling group under the victim's (job_uid, unit) plus one
+    more label (which the Pushgateway keeps apart and Prometheus returns with the genuine series), a
+    malformed group under the victim's exact key (a PUT replaces a genuine result), and DELETEs of it."""
+
+    def __init__(self, gateway: str, victims: Callable[[], list[str]], period: float = 0.5) -> None:
+        self.gateway = gateway
+        self.victims = victims
+        self.period = period
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="poisoner", daemon=True)
+
+    def __enter__(self) -> Poisoner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for uid in self.victims():
+                for unit in UNITS:
+                    _request("PUT", group_path(self.gateway, uid, unit, ("x", "1")), JUNK_SERIES.encode())
+                    if self.rounds % 2:
+                        _request("PUT", group_path(self.gateway, uid, unit), JUNK_SERIES.encode())
+                    else:
+                        _request("DELETE", group_path(self.gateway, uid, unit))
+            self.rounds += 1
+            self._stop.wait(self.period)
+
+
+def forged_trial(index: int, accuracy: float) -> protocol.TrialResult:
+    """A trial result nobody measured: a config key no trial has, and the accuracy the forger wants."""
+    return protocol.TrialResult(trial=index, status="succeeded", config_key="forged", accuracy=accuracy,
+                                model_size_bytes=1)
