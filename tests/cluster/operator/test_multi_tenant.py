@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,16 +174,18 @@ def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, ns_a: str
         opcluster.create_job(cluster, ns, opcluster.job_manifest("digits", maxTrials=MAX_TRIALS))
         honest[ns] = opcluster.get_job(cluster, ns, "digits")["metadata"]["uid"]
     result = TenantRun(operator=operator, honest=honest, hostile_ns=ns_h, junk_pushed=junk)
-    for name in ("history-forger", "push-forger"):
-        opcluster.create_job(cluster, ns_h, opcluster.job_manifest(name, maxTrials=2, parallelTrials=1))
+    opcluster.create_job(cluster, ns_h, opcluster.job_manifest("history-forger", maxTrials=6, parallelTrials=1))
+    opcluster.create_job(cluster, ns_h, opcluster.job_manifest("push-forger", maxTrials=2, parallelTrials=1))
     opcluster.create_job(cluster, ns_h, _hostile_manifest("bomb", "hostile_code:Bomb"))
     opcluster.create_job(cluster, ns_h, _hostile_manifest("big-space", "hostile_code:BigSpace"))
     push_uid = opcluster.get_job(cluster, ns_h, "push-forger")["metadata"]["uid"]
 
-    with tenants.Poisoner(gateway, lambda: list(honest.values())) as poisoner:
-        result.forged_pushes = _forge_push(cluster, ns_h, "push-forger", push_uid, time.monotonic() + 600)
-        wait_for(lambda: _forge_history(cluster, ns_h, "history-forger"), 600, "history-forger's trial 0 recorded",
-                 interval=0.5)
+    with tenants.Poisoner(gateway, lambda: list(honest.values())) as poisoner, ThreadPoolExecutor(2) as pool:
+        pushes = pool.submit(_forge_push, cluster, ns_h, "push-forger", push_uid, time.monotonic() + 600)
+        forged = pool.submit(wait_for, lambda: _forge_history(cluster, ns_h, "history-forger"), 600,
+                             "history-forger's trial 0 recorded", interval=0.5)
+        result.forged_pushes = pushes.result()
+        forged.result()
         result.history_forged = True
         for ns in (ns_a, ns_b):
             result.statuses[(ns, "digits")] = _final(cluster, ns, "digits", HONEST_TIMEOUT)
