@@ -22,8 +22,9 @@ JUNK_SERIES = f'{protocol.INFO_METRIC}{{kind="trial"}} 1\n'
 """One series a poisoned group holds: enough for the old decoder to merge it into the genuine result."""
 
 
-def _request(method: str, url: str, body: bytes | None = None) -> int:
-    request = urllib.request.Request(url, data=body, method=method)
+def _request(method: str, url: str, body: bytes | None = None, authorization: str | None = None) -> int:
+    headers = {"Authorization": authorization} if authorization else {}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
@@ -86,3 +87,20 @@ def forged_trial(index: int, accuracy: float) -> protocol.TrialResult:
     """A trial result nobody measured: a config key no trial has, and the accuracy the forger wants."""
     return protocol.TrialResult(trial=index, status="succeeded", config_key="forged", accuracy=accuracy,
                                 model_size_bytes=1)
+
+
+def through_the_gateway(gateway: str, victims: list[str]) -> list[int]:
+    """What a pod of a cluster whose Pushgateway only the results gateway reaches may try against other tenants'
+    groups: push without or with a made-up credential, delete, list. Returns each answer's HTTP status."""
+    answers = []
+    for uid in victims:
+        for unit in ("baseline", "trial-0"):
+            path = group_path(gateway, uid, unit)
+            answers.append(_request("PUT", path, JUNK_SERIES.encode()))
+            answers.append(_request("PUT", path, JUNK_SERIES.encode(), "Bearer 0:" + "0" * 64))
+            answers.append(_request("DELETE", path))
+            answers.append(_request("PUT", group_path(gateway, uid, unit, ("x", "1")), JUNK_SERIES.encode()))
+    answers.append(_request("GET", f"{gateway}/api/v1/metrics"))
+    answers.append(_request("GET", f"{gateway}/metrics"))
+    return answers
+

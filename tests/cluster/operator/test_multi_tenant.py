@@ -2,8 +2,11 @@
 node agent running real trial pods). Two run the digits job; the third attacks, as a user who may
 create jobs and pods in its own namespace and reach the Pushgateway:
 
-* 10,000 junk result groups on the Pushgateway, and sibling groups, malformed replacements and DELETEs
-  of the other tenants' result groups all through their runs;
+* through the results gateway (the only way to the Pushgateway a pod of a cluster with the chart's
+  NetworkPolicies has): pushes, deletes and listings of the other tenants' groups, all refused;
+* directly on the Pushgateway (as if that NetworkPolicy were missing): 10,000 junk result groups, and
+  sibling groups, malformed replacements and DELETEs of the other tenants' result groups all through
+  their runs;
 * a forged edit of its own job's history ConfigMap;
 * a forged result pushed for its own running trial, signed with the unit Secret a pod of the tenant
   could mount;
@@ -17,6 +20,7 @@ was refused, or has its forgery ignored. One run of all of it (module fixture), 
 from __future__ import annotations
 
 import base64
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +37,9 @@ from kubernetes import client
 from qtune import protocol
 from qtune.operator import constants as c
 from qtune.runner.metrics import push_result
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "support"))
+from pushgateway_proc import results_gateway  # noqa: E402
 
 MAX_TRIALS = 4
 FORGED_ACCURACY = 0.123456
@@ -51,6 +58,8 @@ class TenantRun:
     statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     junk_pushed: int = 0
+    gateway_answers: list[int] = field(default_factory=list)
+    """HTTP status of each attack on another tenant's groups through the results gateway."""
     forged_pushes: int = 0
     poison_rounds: int = 0
     history_forged: bool = False
@@ -105,7 +114,7 @@ def _forge_history(cluster: Any, ns: str, name: str) -> bool:
     return True
 
 
-def _forge_push(cluster: Any, ns: str, name: str, uid: str, until: float) -> int:
+def _forge_push(cluster: Any, gateway: str, ns: str, name: str, uid: str, until: float) -> int:
     """Push a forged result for the job's first running trial, signed with that pod's own Secret, again and
     again until its pod is done (so the forgery is the last word in the Pushgateway)."""
     core = client.CoreV1Api(cluster.api_client())
@@ -122,18 +131,13 @@ def _forge_push(cluster: Any, ns: str, name: str, uid: str, until: float) -> int
             unit = pod.metadata.labels[c.LABEL_UNIT]
             secret = core.read_namespaced_secret(c.unit_key(target), ns).data[c.SECRET_KEY]
             forged = tenants.forged_trial(protocol.unit_trial_index(unit) or 0, FORGED_ACCURACY)
-            push_result(opcluster_gateway(cluster), uid, unit, forged, base64.b64decode(secret).decode(),
-                        attempts=1)
+            push_result(gateway, uid, unit, forged, base64.b64decode(secret).decode(),
+                        attempt=int(pod.metadata.labels[c.LABEL_ATTEMPT]), attempts=1)
             pushes += 1
             if pod.status.phase in ("Succeeded", "Failed") and pushes > 5:
                 return pushes
         time.sleep(0.3)
     return pushes
-
-
-def opcluster_gateway(cluster: Any) -> str:
-    assert cluster.pushgateway_url
-    return str(cluster.pushgateway_url)
 
 
 def _hostile_workspace(cluster: Any, ns: str) -> None:
@@ -156,32 +160,34 @@ def run(cluster: Any, crds: None, tmp_path_factory: pytest.TempPathFactory) -> I
     workspace = opcluster.prepare_workspace(cluster, ns_a)
     opcluster.prepare_workspace(cluster, ns_b)
     _hostile_workspace(cluster, ns_h)
-    operator = opcluster.OperatorProcess(cluster, [ns_a, ns_b, ns_h], tmp).start()
-    try:
-        yield _attack_and_run(cluster, operator, ns_a, ns_b, ns_h, workspace, tmp)
-    finally:
-        operator.stop()
-        for ns in (ns_a, ns_b, ns_h):
-            cluster.delete_namespace(ns)
+    with results_gateway(str(cluster.pushgateway_url), opcluster.SIGNING_KEY) as gateway:
+        operator = opcluster.OperatorProcess(cluster, [ns_a, ns_b, ns_h], tmp, "--pushgateway-url", gateway).start()
+        try:
+            yield _attack_and_run(cluster, operator, gateway, ns_a, ns_b, ns_h, workspace, tmp)
+        finally:
+            operator.stop()
+            for ns in (ns_a, ns_b, ns_h):
+                cluster.delete_namespace(ns)
 
 
-def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, ns_a: str, ns_b: str, ns_h: str,
-                    workspace: Path, tmp: Path) -> TenantRun:
-    gateway = opcluster_gateway(cluster)
-    junk = tenants.push_junk_groups(gateway, JUNK_GROUPS)
+def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, gateway: str, ns_a: str, ns_b: str,
+                    ns_h: str, workspace: Path, tmp: Path) -> TenantRun:
+    pushgateway = str(cluster.pushgateway_url)
+    junk = tenants.push_junk_groups(pushgateway, JUNK_GROUPS)
     honest = {}
     for ns in (ns_a, ns_b):
         opcluster.create_job(cluster, ns, opcluster.job_manifest("digits", maxTrials=MAX_TRIALS))
         honest[ns] = opcluster.get_job(cluster, ns, "digits")["metadata"]["uid"]
     result = TenantRun(operator=operator, honest=honest, hostile_ns=ns_h, junk_pushed=junk)
+    result.gateway_answers = tenants.through_the_gateway(gateway, list(honest.values()))
     opcluster.create_job(cluster, ns_h, opcluster.job_manifest("history-forger", maxTrials=6, parallelTrials=1))
     opcluster.create_job(cluster, ns_h, opcluster.job_manifest("push-forger", maxTrials=2, parallelTrials=1))
     opcluster.create_job(cluster, ns_h, _hostile_manifest("bomb", "hostile_code:Bomb"))
     opcluster.create_job(cluster, ns_h, _hostile_manifest("big-space", "hostile_code:BigSpace"))
     push_uid = opcluster.get_job(cluster, ns_h, "push-forger")["metadata"]["uid"]
 
-    with tenants.Poisoner(gateway, lambda: list(honest.values())) as poisoner, ThreadPoolExecutor(2) as pool:
-        pushes = pool.submit(_forge_push, cluster, ns_h, "push-forger", push_uid, time.monotonic() + 600)
+    with tenants.Poisoner(pushgateway, lambda: list(honest.values())) as poisoner, ThreadPoolExecutor(2) as pool:
+        pushes = pool.submit(_forge_push, cluster, gateway, ns_h, "push-forger", push_uid, time.monotonic() + 600)
         forged = pool.submit(wait_for, lambda: _forge_history(cluster, ns_h, "history-forger"), 600,
                              "history-forger's trial 0 recorded", interval=0.5)
         result.forged_pushes = pushes.result()
@@ -205,6 +211,10 @@ def test_the_attacks_ran(run: TenantRun) -> None:
     assert run.poison_rounds >= 3
     assert run.forged_pushes > 5
     assert run.history_forged
+
+
+def test_the_results_gateway_refuses_every_attack_on_another_tenant(run: TenantRun) -> None:
+    assert run.gateway_answers and all(status in (401, 403) for status in run.gateway_answers), run.gateway_answers
 
 
 def test_honest_tenants_get_the_winner_they_get_alone(run: TenantRun) -> None:
