@@ -18,8 +18,16 @@ from qtune import protocol
 UNITS = ("baseline", *(protocol.trial_unit(i) for i in range(6)), "confirm")
 """The units of a victim job the poison covers (the digits jobs run at most 6 trials)."""
 
-JUNK_SERIES = f'{protocol.INFO_METRIC}{{kind="trial"}} 1\n'
-"""One series a poisoned group holds: enough for the old decoder to merge it into the genuine result."""
+JUNK_SERIES = f"{protocol.METRIC_PREFIX}poison 1\n"
+"""The series of a junk group, or of a victim's group replaced: of the result's prefix (the operator's queries
+return it with the genuine series), of a family of its own. The Pushgateway refuses (400) a push whose series
+clash with those it holds (same family, other label names), so each kind of poison has its own family."""
+SIBLING_SERIES = f"{protocol.METRIC_PREFIX}sibling 1\n"
+"""The series of a sibling group (the victim's grouping labels plus `x`): merged into the genuine result by the
+old decoder."""
+CLASH_SERIES = f'{protocol.INFO_METRIC}{{kind="trial"}} 1\n'
+"""A series of the results' own info family with other label names: while the Pushgateway holds it, it refuses
+every genuine result push (400), of every tenant."""
 
 
 def _request(method: str, url: str, body: bytes | None = None, authorization: str | None = None) -> int:
@@ -74,13 +82,19 @@ class Poisoner:
         while not self._stop.is_set():
             for uid in self.victims():
                 for unit in UNITS:
-                    _request("PUT", group_path(self.gateway, uid, unit, ("x", "1")), JUNK_SERIES.encode())
+                    _request("PUT", group_path(self.gateway, uid, unit, ("x", "1")), SIBLING_SERIES.encode())
                     if self.rounds % 2:
                         _request("PUT", group_path(self.gateway, uid, unit), JUNK_SERIES.encode())
                     else:
                         _request("DELETE", group_path(self.gateway, uid, unit))
             self.rounds += 1
             self._stop.wait(self.period)
+
+
+def block_every_push(gateway: str, own_job_uid: str) -> int:
+    """The clash, under the tenant's own live job (no sweep of deleted jobs removes it): every genuine result push
+    of every tenant is refused from now on. Returns the push's HTTP status."""
+    return _request("PUT", group_path(gateway, own_job_uid, "trial-99"), CLASH_SERIES.encode())
 
 
 def forged_trial(index: int, accuracy: float) -> protocol.TrialResult:

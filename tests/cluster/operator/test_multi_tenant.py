@@ -4,9 +4,9 @@ create jobs and pods in its own namespace and reach the Pushgateway:
 
 * through the results gateway (the only way to the Pushgateway a pod of a cluster with the chart's
   NetworkPolicies has): pushes, deletes and listings of the other tenants' groups, all refused;
-* directly on the Pushgateway (as if that NetworkPolicy were missing): 10,000 junk result groups, and
-  sibling groups, malformed replacements and DELETEs of the other tenants' result groups all through
-  their runs;
+* directly on the Pushgateway (as if that NetworkPolicy were missing): 10,000 junk result groups, a
+  series that makes the Pushgateway refuse every genuine result push (400), and sibling groups, malformed
+  replacements and DELETEs of the other tenants' result groups all through their runs;
 * a forged edit of its own job's history ConfigMap;
 * a forged result pushed for its own running trial, signed with the unit Secret a pod of the tenant
   could mount;
@@ -58,6 +58,7 @@ class TenantRun:
     statuses: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     junk_pushed: int = 0
+    clash_status: int = 0
     gateway_answers: list[int] = field(default_factory=list)
     """HTTP status of each attack on another tenant's groups through the results gateway."""
     forged_pushes: int = 0
@@ -185,6 +186,7 @@ def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, gateway: 
     opcluster.create_job(cluster, ns_h, _hostile_manifest("bomb", "hostile_code:Bomb"))
     opcluster.create_job(cluster, ns_h, _hostile_manifest("big-space", "hostile_code:BigSpace"))
     push_uid = opcluster.get_job(cluster, ns_h, "push-forger")["metadata"]["uid"]
+    result.clash_status = tenants.block_every_push(pushgateway, push_uid)
 
     with tenants.Poisoner(pushgateway, lambda: list(honest.values())) as poisoner, ThreadPoolExecutor(2) as pool:
         pushes = pool.submit(_forge_push, cluster, gateway, ns_h, "push-forger", push_uid, time.monotonic() + 600)
@@ -208,6 +210,7 @@ def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, gateway: 
 
 def test_the_attacks_ran(run: TenantRun) -> None:
     assert run.junk_pushed == JUNK_GROUPS
+    assert run.clash_status < 300, "the series that blocks every genuine push was refused"
     assert run.poison_rounds >= 3
     assert run.forged_pushes > 5
     assert run.history_forged
