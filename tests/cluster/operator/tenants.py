@@ -67,6 +67,10 @@ class Poisoner:
         self.victims = victims
         self.period = period
         self.rounds = 0
+        self.clash_uid: str | None = None
+        """Once set: each round also tries `block_every_push` under this (the tenant's own) job uid until it lands
+        (the Pushgateway takes it only while it holds no genuine result group)."""
+        self.clash_landed_round: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poisoner", daemon=True)
 
@@ -80,6 +84,9 @@ class Poisoner:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.clash_uid is not None and self.clash_landed_round is None and \
+                    block_every_push(self.gateway, self.clash_uid) < 300:
+                self.clash_landed_round = self.rounds
             for uid in self.victims():
                 for unit in UNITS:
                     _request("PUT", group_path(self.gateway, uid, unit, ("x", "1")), SIBLING_SERIES.encode())
@@ -92,8 +99,9 @@ class Poisoner:
 
 
 def block_every_push(gateway: str, own_job_uid: str) -> int:
-    """The clash, under the tenant's own live job (no sweep of deleted jobs removes it): every genuine result push
-    of every tenant is refused from now on. Returns the push's HTTP status."""
+    """The clash, under the tenant's own live job (no sweep of deleted jobs removes it): while it is there, every
+    genuine result push of every tenant is refused. Returns the push's HTTP status (400 while the Pushgateway
+    holds a genuine result group: the refusal is symmetric)."""
     return _request("PUT", group_path(gateway, own_job_uid, "trial-99"), CLASH_SERIES.encode())
 
 
