@@ -129,6 +129,8 @@ def _forge_push(cluster: Any, gateway: str, ns: str, name: str, uid: str, until:
             if running:
                 target = running[0].metadata.name
         pod = next((p for p in pods if p.metadata.name == target), None)
+        if target is not None and pod is None and pushes > 5:
+            return pushes  # recorded, and its pod deleted by the operator
         if target is not None and pod is not None:
             unit = pod.metadata.labels[c.LABEL_UNIT]
             secret = core.read_namespaced_secret(c.unit_key(target), ns).data[c.SECRET_KEY]
@@ -189,6 +191,10 @@ def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, gateway: 
     opcluster.create_job(cluster, ns_h, _hostile_manifest("bomb", "hostile_code:Bomb"))
     opcluster.create_job(cluster, ns_h, _hostile_manifest("big-space", "hostile_code:BigSpace"))
     push_uid = opcluster.get_job(cluster, ns_h, "push-forger")["metadata"]["uid"]
+    blocker = opcluster.job_manifest("blocker")  # fails InvalidSpec at once: a live uid the janitor is done with
+    blocker["spec"]["workspace"]["persistentVolumeClaim"] = "no-such-claim"
+    opcluster.create_job(cluster, ns_h, blocker)
+    blocker_uid = opcluster.get_job(cluster, ns_h, "blocker")["metadata"]["uid"]
 
     with tenants.Poisoner(pushgateway, lambda: list(honest.values())) as poisoner, ThreadPoolExecutor(2) as pool:
         pushes = pool.submit(_forge_push, cluster, gateway, ns_h, "push-forger", push_uid, time.monotonic() + 600)
@@ -197,7 +203,8 @@ def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, gateway: 
         result.forged_pushes = pushes.result()
         # from when it lands the Pushgateway refuses every genuine push: results reach the operator in termination
         # messages alone
-        poisoner.clash_uid = push_uid
+        _final(cluster, ns_h, "blocker", 120)
+        poisoner.clash_uid = blocker_uid
         forged.result()
         result.history_forged = True
         for ns in (ns_a, ns_b):
