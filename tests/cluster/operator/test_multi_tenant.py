@@ -117,30 +117,36 @@ def _forge_history(cluster: Any, ns: str, name: str) -> bool:
 
 
 def _forge_push(cluster: Any, gateway: str, ns: str, name: str, uid: str, until: float) -> int:
-    """Push a forged result for the job's first running trial, signed with that pod's own Secret, again and
-    again until its pod is done (so the forgery is the last word in the Pushgateway)."""
+    """Push a forged result for a running trial of the job, signed with that pod's own Secret, again and again
+    until the trial is recorded (its pod and Secret deleted by the operator), so the forgery is the last word in
+    the Pushgateway; a trial that ends before 6 pushes is replaced by the job's next one."""
     core = client.CoreV1Api(cluster.api_client())
     selector = f"{c.LABEL_JOB_UID}={uid},{c.LABEL_ROLE}=trial"
     pushes, target = 0, None
     while time.monotonic() < until:
-        pods = core.list_namespaced_pod(ns, label_selector=selector).items
+        pods = {p.metadata.name: p for p in core.list_namespaced_pod(ns, label_selector=selector).items}
         if target is None:
-            running = [p for p in pods if p.status.phase == "Running"]
-            if running:
-                target = running[0].metadata.name
-        pod = next((p for p in pods if p.metadata.name == target), None)
-        if target is not None and pod is None and pushes > 5:
-            return pushes  # recorded, and its pod deleted by the operator
-        if target is not None and pod is not None:
+            target = next((n for n, p in pods.items() if p.status.phase == "Running"), None)
+        pod = pods.get(target) if target is not None else None
+        if target is not None and pod is None:
+            if pushes > 5:
+                return pushes  # recorded, its pod deleted by the operator
+            target = None
+            continue
+        if pod is not None:
+            try:
+                secret = core.read_namespaced_secret(c.unit_key(target), ns).data[c.SECRET_KEY]
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                target = None
+                continue
             unit = pod.metadata.labels[c.LABEL_UNIT]
-            secret = core.read_namespaced_secret(c.unit_key(target), ns).data[c.SECRET_KEY]
             forged = tenants.forged_trial(protocol.unit_trial_index(unit) or 0, FORGED_ACCURACY)
             with contextlib.suppress(OSError):  # counted whether or not the Pushgateway took it
                 push_result(gateway, uid, unit, forged, base64.b64decode(secret).decode(),
                             attempt=int(pod.metadata.labels[c.LABEL_ATTEMPT]), attempts=1)
             pushes += 1
-            if pod.status.phase in ("Succeeded", "Failed") and pushes > 5:
-                return pushes
         time.sleep(0.3)
     return pushes
 
