@@ -6,6 +6,7 @@ Secret reads in the tenant's own namespace, and code of its own that runs inside
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.error
 import urllib.request
@@ -100,8 +101,16 @@ class Poisoner:
 
 def block_every_push(gateway: str, own_job_uid: str) -> int:
     """The clash, under the tenant's own live job (no sweep of deleted jobs removes it): while it is there, every
-    genuine result push of every tenant is refused. Returns the push's HTTP status (400 while the Pushgateway
-    holds a genuine result group: the refusal is symmetric)."""
+    genuine result push of every tenant is refused (400). The Pushgateway refuses the clash itself while it holds
+    a genuine result group, so those are deleted first (anyone who reaches it may). Returns the clash's status."""
+    with urllib.request.urlopen(f"{gateway}/api/v1/metrics", timeout=10) as response:
+        groups = json.load(response).get("data") or []
+    for group in groups:
+        labels = dict(group.get("labels") or {})
+        if labels.get("job") != protocol.PUSH_JOB or protocol.INFO_METRIC not in group:
+            continue
+        extra = sorted((k, v) for k, v in labels.items() if k not in ("job", "job_uid", "unit"))
+        _request("DELETE", group_path(gateway, labels.get("job_uid", ""), labels.get("unit", ""), *extra))
     return _request("PUT", group_path(gateway, own_job_uid, "trial-99"), CLASH_SERIES.encode())
 
 
