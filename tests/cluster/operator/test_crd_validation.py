@@ -48,7 +48,7 @@ INVALID = {
     # constraint fields take one value or a list (`dtype: fp32`); a wrong value is refused in either form
     "unknown dtype": (_set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": "fp16"}}}),
                       ["spec.quantization.opWise./fc2/Gemm.activation.dtype", 'Unsupported value: "fp16"',
-                       '"int8", "uint8", "fp32"']),
+                       '"int8", "uint8", "int4", "fp32"']),
     "unknown dtype in a list": (_set("quantization.opTypeWise", {"MatMul": {"weight": {"dtype": ["int8", "fp16"]}}}),
                                 ["spec.quantization.opTypeWise.MatMul.weight.dtype[1]", 'Unsupported value: "fp16"']),
     "dtype of a wrong type": (_set("quantization.modelWise", {"activation": {"dtype": 8}}),
