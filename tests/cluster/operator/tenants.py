@@ -114,6 +114,18 @@ def block_every_push(gateway: str, own_job_uid: str) -> int:
     return _request("PUT", group_path(gateway, own_job_uid, "trial-99"), CLASH_SERIES.encode())
 
 
+def clear_results(gateway: str) -> int:
+    """Delete every group of qtune's push job the Pushgateway holds (the clash would refuse the pushes of the
+    tests that run after this one). Returns how many."""
+    with urllib.request.urlopen(f"{gateway}/api/v1/metrics", timeout=30) as response:
+        groups = json.load(response).get("data") or []
+    doomed = [dict(g.get("labels") or {}) for g in groups if (g.get("labels") or {}).get("job") == protocol.PUSH_JOB]
+    for labels in doomed:
+        extra = sorted((k, v) for k, v in labels.items() if k not in ("job", "job_uid", "unit"))
+        _request("DELETE", group_path(gateway, labels.get("job_uid", ""), labels.get("unit", ""), *extra))
+    return len(doomed)
+
+
 def forged_trial(index: int, accuracy: float) -> protocol.TrialResult:
     """A trial result nobody measured: a config key no trial has, and the accuracy the forger wants."""
     return protocol.TrialResult(trial=index, status="succeeded", config_key="forged", accuracy=accuracy,

@@ -180,6 +180,7 @@ def run(cluster: Any, crds: None, tmp_path_factory: pytest.TempPathFactory) -> I
             operator.stop()
             for ns in (ns_a, ns_b, ns_h):
                 cluster.delete_namespace(ns)
+            tenants.clear_results(str(cluster.pushgateway_url))  # the plane's Pushgateway serves the next tests
 
 
 def _attack_and_run(cluster: Any, operator: opcluster.OperatorProcess, gateway: str, ns_a: str, ns_b: str,
