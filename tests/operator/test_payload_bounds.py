@@ -106,13 +106,7 @@ def test_a_bomb_in_the_history_fails_the_job_uninflated(bomb: str) -> None:
     history["data"] = {}
     history["binaryData"] = {c.HISTORY_GZ_KEY: bomb}
     world.restart()  # a new operator process reads the history again
-    gc.collect()
-    tracemalloc.start()
-    try:
-        result = world.step()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = world.traced_step()
     assert result.done and world.kube.status["reason"] == "HistoryRejected"
     assert "ConfigMap ml/digits-history" in world.kube.status["message"]
     assert peak < 16 * MiB, f"the step took {peak / MiB:.0f} MiB"

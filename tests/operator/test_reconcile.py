@@ -75,6 +75,20 @@ class World:
         self.now += 1.0
         return asyncio.run(self.reconciler.step(self.body, self.pods()))
 
+    def traced_step(self) -> tuple[StepResult, int]:
+        """One step and the peak of memory Python allocated during it (tracemalloc), in bytes."""
+        import gc
+        import tracemalloc
+
+        gc.collect()
+        tracemalloc.start()
+        try:
+            result = self.step()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return result, peak
+
     def running_pods(self) -> dict[str, dict[str, Any]]:
         return {n: p for n, p in self.kube.pods.items() if p.get("status", {}).get("phase") not in
                 ("Succeeded", "Failed")}

@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import base64
-import gc
 import json
-import tracemalloc
 import zlib
 from typing import Any
 
@@ -127,13 +125,7 @@ def test_a_signed_bomb_is_refused_under_the_caps_without_parsing(shape: str) -> 
     digest = _publish(world, packed)
     world.push("baseline", _baseline_result(world, digest), world.secret_of(world.kube.pods[BASELINE_POD]))
     world.kube.finish_pod(BASELINE_POD)
-    gc.collect()
-    tracemalloc.start()
-    try:
-        result = world.step()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    result, peak = world.traced_step()
     assert result.done and world.kube.status["reason"] == PAYLOAD_TOO_LARGE
     message = world.kube.status["message"]
     assert "ConfigMap ml/digits-baseline" in message
