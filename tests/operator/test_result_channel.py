@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from pushgateway_proc import real_pushgateway
+from pushgateway_proc import needs_pushgateway, real_pushgateway
 from test_prom import _with_server
 
 from qtune import protocol
@@ -278,7 +277,7 @@ def test_a_recorded_unit_takes_its_sibling_groups_along() -> None:
     assert deleted == [base, f"{base}/x/1", f"{base}/y@base64/="] and counts == [3]
 
 
-@pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None, reason="no prometheus-pushgateway installed")
+@needs_pushgateway
 def test_the_real_pushgateway_deletes_every_poisoned_group(tmp_path: Path) -> None:
     with real_pushgateway() as url:
         base = f"{url}/metrics/job/qtune_result/job_uid/{UID}/unit/trial-0"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import aiohttp
 import pytest
 import requests
 from aiohttp import web
-from pushgateway_proc import real_pushgateway, results_gateway
+from pushgateway_proc import needs_pushgateway, real_pushgateway, results_gateway
 from yarl import URL
 
 from qtune import protocol
@@ -29,8 +28,7 @@ from qtune.operator.prom import MetricsError, PushgatewayClient
 from qtune.runner import metrics
 from qtune.runner.metrics import push_result
 
-pytestmark = pytest.mark.skipif(shutil.which("prometheus-pushgateway") is None,
-                                reason="no prometheus-pushgateway installed")
+pytestmark = needs_pushgateway
 
 KEY = "operator-signing-key"
 READ_TOKEN = "prometheus-read-token"
