@@ -18,12 +18,12 @@ initializer names).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from sensitive_model import _data, train_mlp
 
 HIDDEN = (256, 256, 256, 256)
 HOSTILE_LAYERS = (2, 3)
@@ -32,32 +32,8 @@ OUTLIER = 10.0
 BLOCK = 32
 
 
-@lru_cache(maxsize=1)
-def _data() -> dict[str, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    return {"x_train": x[:1200], "y_train": y[:1200], "x_eval": x[1200:], "y_eval": y[1200:]}
-
-
-@lru_cache(maxsize=1)
 def _trained() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.neural_network import MLPClassifier
-    from threadpoolctl import threadpool_limits
-
-    data = _data()
-    clf = MLPClassifier(hidden_layer_sizes=HIDDEN, random_state=0, max_iter=60, tol=1e-6, n_iter_no_change=30)
-    with threadpool_limits(1), warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(data["x_train"], data["y_train"])
-    return [w.astype(np.float32) for w in clf.coefs_], [b.astype(np.float32) for b in clf.intercepts_]
+    return train_mlp(HIDDEN, 60)
 
 
 def _hostile(weights: list[np.ndarray], biases: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
