@@ -136,6 +136,16 @@ def _tensor_allowed(options: dict[str, list[Any]], tensor: TensorConfig) -> bool
 
 
 @dataclass
+class LightChain:
+    """Light ops (element-wise, activations) the framework runs int8 from one compute-heavy op to the next
+    without a Q/DQ boundary, when all of them and their `ends` (the heavy ops they connect) are int8: worth
+    quantizing whole with its ends, never in part (see qtune/adaptors/onnxrt/chains.py)."""
+
+    ops: list[str]
+    ends: list[str]
+
+
+@dataclass
 class TuningSpace:
     ops: dict[str, OpSpace]
     """Quantizable ops in graph (topological) order."""
@@ -153,6 +163,8 @@ class TuningSpace:
     """Per-op time from the framework's profiler, as fractions of the fp32 model's total time:
     {"fp32": {op: share}, "int8": {op: share (Q/DQ attributed to their op)}}; an "(other)" key
     holds what no quantizable op accounts for. Empty when not measured."""
+    light_chains: list[LightChain] = field(default_factory=list)
+    """The adaptor's light chains whose ops and ends are all in the space."""
 
     def default_config(self, approach: str | None = None) -> TuneConfig:
         approach = approach or self.approaches[0]
@@ -290,6 +302,8 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
         fused_patterns=fused_patterns,
         notes={str(k): str(v) for k, v in capability.get("notes", {}).items()},
         fused_groups=_fused_groups(capability.get("fused_groups", []), ops),
+        light_chains=[LightChain(list(c["ops"]), list(c["ends"])) for c in capability.get("light_chains", [])
+                      if all(name in ops for name in [*c["ops"], *c["ends"]])],
     )
 
 

@@ -17,10 +17,13 @@ from simulated import job_spec, run_simulated, simulated_space
 from qtune.tuning import Criterion, History, TuningSpace, create_strategy, stop
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.session import TuningSession
+from qtune.tuning.space import LightChain
 from qtune.tuning.strategies import sampler
 from qtune.tuning.strategies.basic import BasicStrategy
 from qtune.tuning.strategies.neighbours import neighbours
 from qtune.tuning.strategies.outlook import Outlook, near_miss
+from qtune.tuning.strategies.restricted import CHAIN, STRICT, restricted_candidates
+from qtune.tuning.strategies.units import build_units
 
 COMPUTE = {"Conv", "MatMul"}
 CRITERION = Criterion(0.01, None, True)
@@ -81,6 +84,41 @@ def test_restricted_configs_when_the_default_passes_but_is_not_fast_enough():
     assert session.outcome() == stop.GOAL_REACHED
     assert set(quantized_types(space, session.best().tune_config)) == COMPUTE
     assert len(trials) <= 4
+
+
+def test_chain_configs_take_the_light_chains_whose_ends_are_int8():
+    """The adaptor declares each hard-swish between two Convs a light chain (runs int8 end to end when its
+    ends are int8): the Conv chain config quantizes those whole, leaves a chain with an fp32 end (the last
+    block's, ending in a MatMul) fp32, and the Conv+MatMul chain config takes that one too. Strict configs
+    take no light op."""
+    space = recogniser.recogniser_space()
+    blocks = [[f"conv{b:02d}_{t}" for t in ("clip", "mul", "div")] for b in range(38)]
+    ends = [[f"conv{b:02d}_conv", f"conv{b + 1:02d}_conv"] for b in range(37)] + [["conv37_conv", "head00_matmul"]]
+    space.light_chains = [LightChain(ops, pair) for ops, pair in zip(blocks, ends, strict=True)]
+    strategy = BasicStrategy(0, batch_size=32, criterion=CRITERION)
+    history = History(job="chains")
+    history.baseline = _baseline()
+    default = space.default_config()
+    record = history.add(default)
+    record.status, record.accuracy, record.passed, record.full_evaluation = "succeeded", 0.96, False, True
+    found = {(r.types, r.mode): set(r.config.quantized_ops())
+             for r in restricted_candidates(space, [default], [record], strategy._outlook(space, history.trials),
+                                            CRITERION, recogniser.BASELINE)}
+    conv_chain, both_chain = found[(("Conv",), CHAIN)], found[(("Conv", "MatMul"), CHAIN)]
+    assert all(set(ops) <= conv_chain for ops in blocks[:37])
+    assert not set(blocks[37]) & conv_chain
+    assert set(blocks[37]) <= both_chain
+    assert {space.ops[n].op_type for n in found[(("Conv",), STRICT)]} == {"Conv"}
+
+
+def test_a_light_chain_falls_back_as_one_unit():
+    """Falling back one op of a light chain would leave Q/DQ pairs around fp32 kernels: the chain is one unit."""
+    space = recogniser.recogniser_space()
+    chain = ["conv05_clip", "conv05_mul", "conv05_div"]
+    space.light_chains = [LightChain(chain, ["conv05_conv", "conv06_conv"])]
+    units = {u.names for u in build_units(space, set(space.ops))}
+    assert tuple(chain) in units
+    assert not any(len(names) == 1 and names[0] in chain for names in units)
 
 
 def test_no_restricted_configs_where_int8_does_not_pay():

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from qtune.adaptors.onnxrt.chains import chain_node_types, light_chains
 from qtune.adaptors.onnxrt.graph import GraphView, _attr, weight_inputs
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ def build_capability(
     opwise: dict[tuple[str, str], dict[str, Any]] = {}
     optypewise: dict[str, dict[str, Any]] = {}
     graph_order: list[str] = []
+    static_names: list[str] = []
 
     for node in view.nodes:
         if node.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast"):
@@ -221,13 +223,18 @@ def build_capability(
             notes[node.name] = "; ".join(op_notes)
         opwise[(node.name, node.op_type)] = entry
         graph_order.append(node.name)
+        if static_ok and node.name not in forced_fp32:
+            static_names.append(node.name)
         if node.op_type not in optypewise and node.name not in forced_fp32:
             optypewise[node.op_type] = {key: (dict(value) if isinstance(value, dict) else list(value))
                                         for key, value in entry.items()}
     for name, note in notes.items():
         logger.info("capability note %s: %s", name, note)
+    chains = light_chains(view, static_names)
+    if chains:
+        logger.info("%d light int8 chain(s) between compute ops: %s", len(chains), chain_node_types(view, chains))
     return {"optypewise": optypewise, "opwise": opwise, "graph_order": graph_order, "notes": notes,
-            "fused_groups": fused_groups(view)}
+            "fused_groups": fused_groups(view), "light_chains": chains}
 
 
 def fused_patterns(view: GraphView) -> list[list[str]]:

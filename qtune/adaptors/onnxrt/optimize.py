@@ -13,7 +13,9 @@ Steps, each logged and recorded in the folder's meta.json:
 4. every node gets a unique name (ORT's quantizer addresses nodes by name);
 5. Gemm biases of shape [1, N] become [N] (ORT's per-channel int32 bias check needs the 1-D form);
 6. a constant scale (and shift) right after a Conv is folded into its weights (`fold.py`): quantized, the
-   Conv's int8 output then goes on without a DequantizeLinear and two fp32 elementwise passes.
+   Conv's int8 output then goes on without a DequantizeLinear and two fp32 elementwise passes;
+7. a division by a constant becomes a multiplication by its reciprocal (`reciprocal.py`): ORT has int8 Mul
+   and no int8 Div, so a hard-swish `x * clip(x + 3, 0, 6) / 6` can then run int8 between two int8 Convs.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ import onnx
 from qtune.adaptors.onnxrt.fold import fold_conv_affine
 from qtune.adaptors.onnxrt.graph import GraphView, ensure_node_names
 from qtune.adaptors.onnxrt.model import TWO_GB, OnnxModel, opset_of, save_model
+from qtune.adaptors.onnxrt.reciprocal import divisions_as_multiplications
 from qtune.adaptors.onnxrt.workspace import file_lock, new_staging_dir, publish_dir, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 MIN_PER_CHANNEL_OPSET = 13
-OPTIMIZER_VERSION = 3
+OPTIMIZER_VERSION = 4
 """Bump when the optimisation steps change, so cached optimised models are rebuilt."""
 
 _CHDIR_LOCK = threading.Lock()
@@ -259,6 +262,9 @@ def _build(source: OnnxModel, source_hash: str, folder: Path) -> OptimizedModel:
     folded = fold_conv_affine(final_proto)
     if folded:
         steps.append(f"folded the constant scale/shift after {folded} Conv(s) into their weights")
+    divisions = divisions_as_multiplications(final_proto)
+    if divisions:
+        steps.append(f"rewrote {divisions} division(s) by a constant as multiplications by its reciprocal")
     model = save_model(final_proto, folder / "model.onnx", external=external or None)
     seconds = time.perf_counter() - started
     return OptimizedModel(model=model, source_hash=source_hash, opset_from=opset_from,

@@ -1,7 +1,8 @@
 """Fallback units and the speed model the basic strategy searches with (plain functions of the space).
 
 A *unit* is what falls back to fp32 as a whole: a fused group (a Conv and its Relu, a Gemm and its
-activation), or a single op outside any group. Falling back one op of a fused chain leaves Q/DQ
+activation), a light chain (`space.light_chains`: a hard-swish between two Convs, int8 only when whole), or a
+single op outside any of them. Falling back one op of a fused chain leaves Q/DQ
 around an unfused fp32 kernel, which measured slower than fp32 alone (FIELD-NOTES), so the search
 never splits a group.
 
@@ -68,6 +69,12 @@ def build_units(space: TuningSpace, quantized: set[str]) -> list[Unit]:
         for name in names:
             owner[name] = len(members)
         members.append(names)
+    for chain in space.light_chains:  # a light chain runs int8 whole or pays Q/DQ pairs: it falls back whole
+        names = [n for n in chain.ops if n in quantized and n not in owner]
+        if len(names) > 1:
+            for name in names:
+                owner[name] = len(members)
+            members.append(names)
     for name in space.ops:
         if name in quantized and name not in owner:
             owner[name] = len(members)
