@@ -48,7 +48,7 @@ from qtune.operator.pods import PodExecutor
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.queueing import KueueReasons
 from qtune.operator.statuswriter import StatusWriter
-from qtune.operator.store import HISTORY_REJECTED, ForeignObject, PayloadRejected
+from qtune.operator.store import HISTORY_REJECTED, ForeignObject, PayloadRejected, recorded_sequence
 from qtune.spec.errors import SpecError
 from qtune.spec.load import job_from_dict
 from qtune.spec.models import JobSpec
@@ -227,7 +227,7 @@ class JobReconciler:
     async def _step(self, body: Mapping[str, Any], pods: list[PodSummary], now: float) -> StepResult:
         self.writer.remember(body)
         spec = self._spec(body)
-        history = await self._history(now)
+        history = await self._history(now, recorded_sequence(body.get("status")))
         await self._admit(spec, history)
         session = await self._session(spec, history)
         current = self.executor.current(pods)
@@ -265,11 +265,15 @@ class JobReconciler:
         assert ctx.spec is not None
         return ctx.spec
 
-    async def _history(self, now: float) -> History:
-        """The stored history (a new one stored at once), and the space the baseline published."""
+    async def _history(self, now: float, recorded: int) -> History:
+        """The stored history (a new one stored at once), and the space the baseline published. `recorded`: the
+        history sequence the job's status records; a history held in memory older than that was stored since by a
+        peer (read again), a stored one older than that is refused (HistoryRejected)."""
         ctx = self.ctx
+        if ctx.history is not None and ctx.history.sequence < recorded:
+            ctx.history = None
         if ctx.history is None:
-            loaded = await ctx.store.load()
+            loaded = await ctx.store.load(recorded)
             if loaded is None and (self.writer.last_status or {}).get("history"):
                 raise PayloadRejected(HISTORY_REJECTED, (
                     f"ConfigMap {self.job.namespace}/{ctx.store.name} is gone although the job's status says its "

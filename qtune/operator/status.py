@@ -230,6 +230,7 @@ class FrontStatus(StatusModel):
 class HistoryRef(StatusModel):
     config_map: str
     trials: int = 0
+    sequence: int | None = Field(default=None, description="the stored history's sequence: an older one is refused")
 
 
 class JobStatus(StatusModel):
@@ -431,9 +432,11 @@ def build_status(*, state: str, reason: str, message: str, generation: int | Non
         status.best = best
         status.front = front
     if history_configmap:
-        status.history = HistoryRef(config_map=history_configmap,
-                                    trials=len(history.trials) if history is not None else 0)
+        status.history = HistoryRef(config_map=history_configmap, trials=len(history.trials) if history else 0,
+                                    sequence=history.sequence or None if history is not None else None)
     out = status.dump()
+    if "history" not in out and isinstance(old.get("history"), dict):  # not known now: what it recorded stays
+        out["history"] = old["history"]
     if not out.get("recentTrials"):
         out.pop("recentTrials", None)
     return out

@@ -25,9 +25,14 @@ Trust boundary (issue 20): anyone who may edit ConfigMaps in the job's namespace
   same replace as the data (one object, one resourceVersion: the operator's own writes never race it).
   It is checked BEFORE anything is inflated or parsed; a history that does not verify (edited, or
   unsigned: written by an operator before issue 20, which is refused, not adopted) fails the job
-  HistoryRejected and nothing of it is believed. An earlier history the operator itself signed for the
-  job, put back, is refused by the process that stored a later one (`HistoryStore.saved`); across a
-  restart such a rollback is not detected.
+  HistoryRejected and nothing of it is believed.
+* An earlier history the operator itself signed for the job, put back (it verifies), is refused too: each store
+  raises the signed `History.sequence`, and the operator records it in the job's status (`status.history.sequence`,
+  written through the status subresource, which tenants are not granted). A history older than the status's, or
+  than this process stored (`HistoryStore.saved`), fails the job HistoryRejected, also after a restart or on a
+  peer. Jobs whose status records no sequence yet (started before it existed) are accepted and recorded from their
+  next store. Left open: the one store between a history write and the status write that follows it in the same
+  step (an operator stopped right there may, once restarted, accept the history of the step before).
 * The tuning space is bound to the baseline's signed result (`BaselineResult.space_sha256`, kept in the
   history's baseline): `SpaceLoader` decodes it only for an accepted result, only when the stored value
   has that hash (SpaceMismatch otherwise), under a byte and an element cap (PayloadTooLarge), at most
@@ -37,6 +42,7 @@ Trust boundary (issue 20): anyone who may edit ConfigMaps in the job's namespace
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -185,9 +191,24 @@ def decode_published(body: dict[str, Any] | None, key: str, limit: int = c.DECOD
     return decode_bounded(body, key, limit)
 
 
-def progress(history: History) -> tuple[int, int]:
-    """(trials started, trials done): neither ever decreases in the history of one job."""
-    return len(history.trials), sum(1 for trial in history.trials if trial.done)
+def recorded_sequence(status: Any) -> int:
+    """The history sequence a job's status records (`status.history.sequence`; 0 when none: a job started before
+    it existed, or not stored yet). Only the operator writes a job's status."""
+    ref = status.get("history") if isinstance(status, Mapping) else None
+    value = ref.get("sequence") if isinstance(ref, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def check_sequence(body: dict[str, Any], history: History, floor: int, source: str) -> None:
+    """PayloadRejected(HistoryRejected) when the signed history is older than `floor` (the sequence `source`
+    records): an earlier history the operator signed, put back by someone else."""
+    if history.sequence >= floor:
+        return
+    raise PayloadRejected(HISTORY_REJECTED, (
+        f"{where(body)} holds an earlier history of this job, older than {source}: its sequence is "
+        f"{history.sequence} ({len(history.trials)} trials), {floor} was stored. A version the operator signed "
+        "earlier was put back by someone other than the operator; nothing of it is believed. Delete and recreate "
+        "the job to tune again"))
 
 
 @dataclass
@@ -198,17 +219,18 @@ class HistoryStore:
     signing_key: str = ""
     """The operator's key: the history is signed with it (`sign_history`) and refused unless it verifies."""
     resource_version: str | None = None
-    saved: tuple[int, int] = (0, 0)
-    """`progress` of the latest history this process stored: a history read back with less (an earlier one this
-    operator signed, put back by someone else) is refused. (Across a restart such a rollback is not detected.)"""
+    saved: int = 0
+    """`History.sequence` of the latest history this process stored: a history read back with less is refused."""
 
     @property
     def name(self) -> str:
         return c.history_configmap(self.job.name)
 
-    async def load(self) -> History | None:
+    async def load(self, recorded: int = 0) -> History | None:
         """The job's stored history (None when there is none); ForeignObject when a ConfigMap of that
-        name exists that this job does not own (it is never read, adopted or overwritten)."""
+        name exists that this job does not own (it is never read, adopted or overwritten); HistoryRejected when
+        it does not verify or is older than `recorded` (the sequence the job's status records) or than this
+        process stored."""
         body = await self.kube.read_configmap(self.job.namespace, self.name)
         if body is None:
             self.resource_version = None
@@ -218,15 +240,23 @@ class HistoryStore:
         self.resource_version = body["metadata"].get("resourceVersion")
         check_history_signature(body, self.job, self.signing_key)
         history = decode_history(body)
-        if history is not None and any(now < then for now, then in zip(progress(history), self.saved, strict=True)):
-            raise PayloadRejected(HISTORY_REJECTED, (
-                f"{where(body)} holds an earlier history of this job ({progress(history)} trials, done) than this "
-                f"operator stored ({self.saved}): it was put back by someone other than the operator; nothing of it "
-                "is believed. Delete and recreate the job to tune again"))
+        if history is not None:
+            check_sequence(body, history, recorded, "the job's status (status.history.sequence)")
+            check_sequence(body, history, self.saved, "the one this operator stored")
         return history
 
     async def save(self, history: History) -> None:
-        """Create or replace; raises kube.Conflict when someone else wrote it since our read."""
+        """Create or replace, one sequence later; raises kube.Conflict when someone else wrote it since our read
+        (the history's sequence is then as it was)."""
+        history.sequence += 1
+        try:
+            await self._store(history)
+        except BaseException:
+            history.sequence -= 1
+            raise
+        self.saved = history.sequence
+
+    async def _store(self, history: History) -> None:
         data, binary = encode_history(history, self.plain_limit)
         body = configmap(self.job, self.name, c.ROLE_HISTORY, data, binary)
         body["metadata"].setdefault("annotations", {})[f"{c.GROUP}/trials"] = str(len(history.trials))
@@ -237,4 +267,3 @@ class HistoryStore:
             body["metadata"]["resourceVersion"] = self.resource_version
             created = await self.kube.replace_configmap(body)
         self.resource_version = created.get("metadata", {}).get("resourceVersion")
-        self.saved = progress(history)

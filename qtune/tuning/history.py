@@ -142,6 +142,10 @@ class History:
     attempts: dict[str, int] = field(default_factory=dict)
     """On a cluster: unit id -> the highest attempt whose result secret the operator issued, stored BEFORE the
     unit's Secret is created, so a restarted operator never issues the same (unit, attempt) secret again."""
+    sequence: int = 0
+    """On a cluster: how many times the operator stored this history (each store raises it), recorded in the job's
+    status too (`status.history.sequence`, which tenants cannot write): a stored history older than that is refused
+    (qtune/operator/store.py). 0 for local runs and for histories stored before it existed."""
 
     # --- the job's clock: THE elapsed tuning time (stop rules, status, history.json, the console) -------
     def elapsed(self, now: float) -> float:

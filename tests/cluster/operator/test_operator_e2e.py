@@ -1,6 +1,7 @@
 """End to end on the test plane: the operator (a subprocess, as `qtune operator` runs it) tunes the
 digits example with real trial pods (real ONNX Runtime quantization), survives a SIGKILL mid-job,
-continues when maxTrials is raised, cleans up on deletion, and elects one of two replicas."""
+continues when maxTrials is raised, cleans up on deletion, elects one of two replicas, and refuses an
+earlier history put back while it was stopped."""
 
 from __future__ import annotations
 
@@ -180,3 +181,27 @@ def test_two_peered_replicas_never_both_act(cluster: Any, op_namespace: str, wor
     assert "baseline started (pod" in high.log()
     assert "started" not in "".join(line for line in low.log().splitlines() if "qtune.operator" in line)
     assert re.search(r"[Pp]aus", low.log()), low.log_tail()
+
+
+def test_an_earlier_history_put_back_while_the_operator_is_down_is_refused(
+        cluster: Any, op_namespace: str, workspace: Path, start_operator: Any) -> None:
+    """A tenant who may edit ConfigMaps saves the job's history (signed by the operator: it verifies) and puts it
+    back, later, while the operator is stopped: the restarted operator finds it older than the job's status."""
+    ns, name = op_namespace, "rollback"
+    operator = start_operator([ns])
+    opcluster.create_job(cluster, ns, opcluster.job_manifest(name, maxTrials=8, parallelTrials=1))
+    core = client.CoreV1Api(cluster.api_client())
+    _wait_until(cluster, ns, name, lambda st: st.get("trials", {}).get("finished", 0) >= 1, 240, "one trial done")
+    earlier = core.read_namespaced_config_map(c.history_configmap(name), ns)
+    _wait_until(cluster, ns, name, lambda st: st.get("trials", {}).get("finished", 0) >= 2, 240, "two trials done")
+    operator.stop()
+    current = core.read_namespaced_config_map(c.history_configmap(name), ns)
+    assert _status(cluster, ns, name)["history"]["sequence"] > 1
+    current.data, current.binary_data = earlier.data, earlier.binary_data
+    current.metadata.annotations = earlier.metadata.annotations
+    core.replace_namespaced_config_map(c.history_configmap(name), ns, current)
+    operator.start()
+    status = _wait_state(cluster, ns, name, {"Succeeded", "Failed"}, 120)
+    assert status["state"] == "Failed" and status["reason"] == "HistoryRejected", status
+    assert f"ConfigMap {ns}/{c.history_configmap(name)}" in status["message"], status["message"]
+    assert "older than the job's status" in status["message"], status["message"]
