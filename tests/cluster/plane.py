@@ -365,6 +365,8 @@ class Plane:
     #: Install and run Kueue (kueue.py: built from its Go module, its CRDs and webhooks) once the
     #: plane is up; or later with :meth:`start_kueue` / :meth:`stop_kueue`.
     kueue: bool = False
+    #: Kueue with fair sharing on (its Configuration's ``fairSharing``; kueue.FAIR_SHARING).
+    kueue_fair_sharing: bool = False
     plane_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     components: list[Component] = field(default_factory=list, init=False)
@@ -460,7 +462,7 @@ class Plane:
         by build_kueue.sh when its cache folder is empty). Idempotent."""
         if self.kueue_install is None:
             kueue = _import_here("kueue")
-            inst = kueue.Kueue(self)
+            inst = kueue.Kueue(self, fair_sharing=self.kueue_fair_sharing)
             try:
                 inst.start(timeout)
             except BaseException:
