@@ -110,3 +110,15 @@ def freed_to_next(pods: list[PodLife], windows: list[Interval]) -> list[float]:
             if later:
                 out.append(later[0] - pod.finished)
     return out
+
+
+def settled(windows: list[Interval], pods: Iterable[PodLife]) -> list[Interval]:
+    """`windows` from when every unit admitted before the first of them had finished: without preemption a
+    team that came late waits until the others' running units end (up to a unit's run time), so the shares
+    Kueue's fair sharing chooses show only after that."""
+    if not windows:
+        return []
+    first = windows[0][0]
+    earlier = [p.finished if p.finished is not None else float("inf") for p in pods
+               if (p.reserved or p.admitted) is not None and (p.reserved or p.admitted) < first]  # type: ignore[operator]
+    return intersect(windows, [(max([first, *earlier]), float("inf"))])

@@ -103,3 +103,11 @@ def test_freed_quota_is_timed_to_kueues_next_reservation() -> None:
             Life("b1", "b", 1, created=0, admitted=14, finished=30, reserved=13),
             Life("c1", "c", 1, created=0, admitted=None, finished=None, reserved=None)]
     assert measures.freed_to_next(pods, [(5, 20)]) == [3]  # b1 finished outside; nothing after it anyway
+
+
+def test_the_shares_count_once_the_units_admitted_before_all_were_busy_ended() -> None:
+    pods = [Life("b1", "b", 1, created=0, admitted=1, finished=50, reserved=1),  # took the pool before a came
+            Life("a1", "a", 1, created=10, admitted=50, finished=90, reserved=49.5),
+            Life("b2", "b", 1, created=12, admitted=60, finished=100, reserved=60)]
+    assert measures.settled([(15, 40), (45, 120)], pods) == [(50, 120)]
+    assert measures.settled([], pods) == []
