@@ -85,9 +85,12 @@ class KueueStops:
         self.latest: tuple[str, str, str] | None = None
         """(pod, unit, Kueue's reason and message) of the latest stop."""
 
-    def note(self, stopped: Mapping[str, PodSummary]) -> None:
-        for unit, pod in sorted(stopped.items()):
-            if pod.name in self.units:
+    def note(self, stopped: Iterable[PodSummary]) -> None:
+        """Name each pod Kueue stopped once (those of another job or not the job's own are ignored)."""
+        for pod in sorted(stopped, key=lambda item: item.name):
+            unit = pod.unit
+            if pod.name in self.units or not pod.kueue_stopped or not pod.owned_by(self.ctx.job.namespace,
+                                                                                   self.ctx.job.uid):
                 continue
             why = (pod.kueue_stopped or "")[:MESSAGE_LIMIT]
             self.units[pod.name] = unit

@@ -362,7 +362,7 @@ class JobReconciler:
             lambda: self.writer.progress(session) if session.ready else "the fp32 baseline waits")
         kueue_reasons = await self.kueue_reasons.refresh(bool(seen.queued), now)
         reason, message = queued_status(seen, reason, message, now, kueue_reasons)
-        self.kueue_stops.note(seen.kueue_stopped)
+        self.kueue_stops.note(seen.kueue_stopped.values())
         message = self.kueue_stops.status(message)
         metrics_error = self.executor.results.error
         if seen.awaiting:
