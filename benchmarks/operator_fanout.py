@@ -98,9 +98,11 @@ def fake_run_baseline(context: Any) -> tuple[Any, Any]:
 
 
 def fake_run_trial(context: Any, config: Any, index: int, early_stopping: bool = True) -> Any:
-    """A passing trial whose speedup grows with the number of quantized ops."""
+    """A passing trial whose speedup grows with the number of quantized ops; it first sleeps
+    $QTUNE_BENCH_TRIAL_SECONDS (0: none; kueue_fair_share.py's trials hold their quota that long)."""
     from qtune.protocol import SUCCEEDED, TrialResult
 
+    time.sleep(float(os.environ.get("QTUNE_BENCH_TRIAL_SECONDS") or 0))
     quantized = len(config.quantized_ops())
     return TrialResult(trial=index, status=SUCCEEDED, config_key=config.key(), accuracy=0.9,
                        speed=_speed(context, 1.2 + 0.1 * quantized),

@@ -76,6 +76,10 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 (scheduling gate kueue.x-k8s.io/admission) until its Workload is admitted (docs/kueue.md)."""
 KUEUE_ADMISSION_GATE = "kueue.x-k8s.io/admission"
 """The scheduling gate Kueue's pod webhook adds to a queued pod and removes when it admits it."""
+KUEUE_TERMINATION_TARGET = "TerminationTarget"
+"""The pod condition Kueue sets (reason: its stop reason, e.g. WorkloadEvictedDueToPreempted; message: why, e.g.
+"Preempted to accommodate a workload ...") on a pod it is about to delete: a preemption or eviction, not the unit's
+failure."""
 DEFAULT_WORKSPACE_LABEL = f"{GROUP}/workspace=true"
 """The label a PVC carries when its namespace's administrator lets jobs use it as their workspace."""
 

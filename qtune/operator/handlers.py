@@ -2,6 +2,9 @@
 
 * `qtune_pods` (index): the operator's pods by job uid, kept current by Kopf's watch; a pod
   change also wakes its job's loop (so a finished trial is collected at once).
+* `kueue_stopped_pod` (event handler): a unit pod Kueue stopped (its TerminationTarget condition), kept in
+  `memo.kueue_stopped` for its job's loop to name (an Event, the status): Kueue deletes such a pod at once,
+  and the index never holds a deleted pod, so the loop's own step may never see it.
 * `tune` (daemon, one per active job): the job's loop: `JobReconciler.step` every
   `poll_interval` seconds or when woken. Kopf stops it when the job reaches a terminal state
   (the `when` filter) and starts it again when the job becomes active (e.g. maxTrials raised).
@@ -70,6 +73,22 @@ async def qtune_pods(body: kopf.Body, memo: kopf.Memo, **_: Any) -> dict[str, Po
     return {summary.job_uid: summary}
 
 
+def _kueue_stopped(body: kopf.Body, **_: Any) -> bool:
+    return any(cond.get("type") == c.KUEUE_TERMINATION_TARGET and cond.get("status") == "True"
+               for cond in (body.get("status") or {}).get("conditions") or [])
+
+
+@kopf.on.event("pods", id="kueue-stopped", labels={c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_JOB_UID: kopf.PRESENT},
+               when=_kueue_stopped)
+async def kueue_stopped_pod(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the pod (by job-uid label; the job's loop checks ownership) until the job's loop takes it."""
+    summary = summarize_pod(body)
+    memo.setdefault("kueue_stopped", {}).setdefault(summary.job_uid, {})[summary.name] = summary
+    event = memo.wakeups.get(summary.job_uid)
+    if event is not None:
+        event.set()
+
+
 def _events(body: kopf.Body):  # noqa: ANN202 - an EventSink
     def post(kind: str, reason: str, message: str) -> None:
         kopf.event(body, type=kind, reason=reason[:128], message=message[:1024])
@@ -87,6 +106,7 @@ async def tune(stopped: kopf.DaemonStopped, body: kopf.Body, memo: kopf.Memo, lo
     deleted: set[str] = memo.deleted
     while not stopped and job.uid not in deleted:
         wake.clear()
+        reconciler.kueue_stops.note(memo.setdefault("kueue_stopped", {}).pop(job.uid, {}).values())
         try:
             result = await reconciler.step(body, list(qtune_pods.get(job.uid, [])))
             wait = DONE_RECHECK_SECONDS if result.done else result.wait
@@ -179,6 +199,7 @@ async def job_deleted(type: str, body: kopf.Body, meta: kopf.Meta, memo: kopf.Me
     services: Services = memo.services
     namespace, uid = meta["namespace"], meta["uid"]
     memo.deleted.add(uid)
+    getattr(memo, "kueue_stopped", {}).pop(uid, None)
     wake = memo.wakeups.pop(uid, None)
     if wake is not None:
         wake.set()

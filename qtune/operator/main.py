@@ -127,7 +127,7 @@ def run(namespaces: Sequence[str] = (), *, config: OperatorConfig | None = None,
     metrics = OperatorMetrics()
     if metrics_port:
         metrics.serve(metrics_port, config.bind_address)
-    memo = kopf.Memo(config=config, metrics=metrics, wakeups={}, deleted=set(), peering=peering,
+    memo = kopf.Memo(config=config, metrics=metrics, wakeups={}, deleted=set(), kueue_stopped={}, peering=peering,
                      namespaces=list(namespaces), clusterwide=clusterwide, priority=priority)
     if not config.prometheus_url:
         logger.warning("no Prometheus URL (--prometheus-url / QTUNE_PROMETHEUS_URL): trial results cannot be "

@@ -71,6 +71,8 @@ class Observation:
     """Pods still there whose unit was recorded failed here (past their time limit): delete them."""
     queued: dict[str, PodSummary] = field(default_factory=dict)
     """unit -> its pod that Kueue has not admitted yet (spec.trial.queueName; still in `running`)."""
+    kueue_stopped: dict[str, PodSummary] = field(default_factory=dict)
+    """unit -> its pod going away because Kueue preempted or evicted it (not a failure: the unit runs again)."""
 
     @property
     def awaiting_results(self) -> bool:
@@ -97,6 +99,8 @@ def observe(job: JobRef, history: History, pods: dict[str, PodSummary], results:
             _succeeded(seen, unit, pod, accepted, space, awaiting, now, limits)
         elif not pod.deleting:  # one going away without a result: the session starts the unit again if it wants
             _not_succeeded(seen, unit, pod, now, limits)
+        elif pod.kueue_stopped:
+            seen.kueue_stopped[unit] = pod
     return seen
 
 

@@ -81,6 +81,9 @@ class PodSummary:
     """Kueue has not admitted the pod yet: it still carries Kueue's scheduling gate (not the scheduler's doing)."""
     scheduled_at: float | None = None
     """When the pod's PodScheduled condition became True (a node was chosen)."""
+    kueue_stopped: str | None = None
+    """Kueue stopped the pod (preempted or evicted its Workload): "<reason>: <message>" of its TerminationTarget
+    condition."""
 
     @property
     def done(self) -> bool:
@@ -103,11 +106,13 @@ def summarize_pod(body: Any) -> PodSummary:
     for cs in status.get("containerStatuses") or []:
         if cs.get("name") == CONTAINER or not terminated:
             terminated = (cs.get("state") or {}).get("terminated") or terminated
-    unschedulable = unschedulable_since = scheduled_at = None
+    unschedulable = unschedulable_since = scheduled_at = kueue_stopped = None
     queued = any(g.get("name") == c.KUEUE_ADMISSION_GATE for g in (body.get("spec") or {}).get("schedulingGates") or [])
     for cond in status.get("conditions") or []:
         if cond.get("type") == "PodScheduled" and cond.get("status") == "True":
             scheduled_at = parse_time(cond.get("lastTransitionTime"))
+        if cond.get("type") == c.KUEUE_TERMINATION_TARGET and cond.get("status") == "True":
+            kueue_stopped = f"{cond.get('reason') or 'Stopped'}: {cond.get('message') or ''}"[:MESSAGE_LIMIT]
         if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and not queued:
             unschedulable = cond.get("message") or cond.get("reason")
             unschedulable_since = parse_time(cond.get("lastTransitionTime")) or parse_time(
@@ -142,6 +147,7 @@ def summarize_pod(body: Any) -> PodSummary:
         queue=lbl.get(c.KUEUE_QUEUE_LABEL),
         queued=queued,
         scheduled_at=scheduled_at,
+        kueue_stopped=kueue_stopped,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from kubernetes import client
 
 from qtune.operator.context import JobContext
+from qtune.operator.podstatus import PodSummary
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +71,41 @@ class KueueReasons:
             return self.messages
         self.messages = pending_messages(body.get("items") or [])
         return self.messages
+
+
+class KueueStops:
+    """The job's unit pods Kueue stopped (preempted or evicted their Workload: the pod's TerminationTarget
+    condition) seen by this process: each named once in a Normal Event, the count and the latest in the job's
+    status message. Not failures: the pod goes, the unit runs again as its next attempt (docs/kueue.md)."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.units: dict[str, str] = {}
+        """pod name -> its unit."""
+        self.latest: tuple[str, str, str] | None = None
+        """(pod, unit, Kueue's reason and message) of the latest stop."""
+
+    def note(self, stopped: Iterable[PodSummary]) -> None:
+        """Name each pod Kueue stopped once (those of another job or not the job's own are ignored)."""
+        for pod in sorted(stopped, key=lambda item: item.name):
+            unit = pod.unit
+            if pod.name in self.units or not pod.kueue_stopped or not pod.owned_by(self.ctx.job.namespace,
+                                                                                   self.ctx.job.uid):
+                continue
+            why = (pod.kueue_stopped or "")[:MESSAGE_LIMIT]
+            self.units[pod.name] = unit
+            self.latest = (pod.name, unit, why)
+            kind = "UnitPreempted" if "preempt" in why.lower() else "UnitEvicted"
+            self.ctx.events("Normal", kind, f"pod {pod.name} ({unit}) was stopped by Kueue ({why}); not a failure: "
+                                            "the unit runs again")
+            logger.info("%s/%s: Kueue stopped pod %s (%s): %s", self.ctx.job.namespace, self.ctx.job.name,
+                        pod.name, unit, why)
+
+    def status(self, message: str) -> str:
+        """`message` with the stops so far (unchanged while there were none)."""
+        if self.latest is None:
+            return message
+        name, unit, why = self.latest
+        count = len(self.units)
+        return (f"{message}; Kueue preempted or evicted {count} unit pod{'s' if count > 1 else ''} (not failures: "
+                f"{'each runs' if count > 1 else 'it runs'} again), the latest {name} ({unit}): {why}")

@@ -46,7 +46,7 @@ from qtune.operator.layout import JobRef, cluster_problem, job_document
 from qtune.operator.observe import Observation, queued_status
 from qtune.operator.pods import PodExecutor
 from qtune.operator.podstatus import PodSummary
-from qtune.operator.queueing import KueueReasons
+from qtune.operator.queueing import KueueReasons, KueueStops
 from qtune.operator.statuswriter import StatusWriter
 from qtune.operator.store import HISTORY_REJECTED, ForeignObject, PayloadRejected, recorded_sequence
 from qtune.spec.errors import SpecError
@@ -144,6 +144,7 @@ class JobReconciler:
         self.writer = StatusWriter(self.ctx)
         self.janitor = Janitor(self.ctx, self.executor)
         self.kueue_reasons = KueueReasons(self.ctx)
+        self.kueue_stops = KueueStops(self.ctx)
         self.space: TuningSpace | None = None
         """The tuning space the baseline published (read once)."""
         self.api_failures = 0
@@ -365,6 +366,8 @@ class JobReconciler:
             lambda: self.writer.progress(session) if session.ready else "the fp32 baseline waits")
         kueue_reasons = await self.kueue_reasons.refresh(bool(seen.queued), now)
         reason, message = queued_status(seen, reason, message, now, kueue_reasons)
+        self.kueue_stops.note(seen.kueue_stopped.values())
+        message = self.kueue_stops.status(message)
         metrics_error = self.executor.results.error
         if seen.awaiting:
             reason, message = st.WAITING_FOR_RESULTS, self.writer.waiting_message(seen.awaiting, now, metrics_error)

@@ -55,6 +55,9 @@ FINALIZER_PREFIX = "kueue.x-k8s.io/"
 #: The integrations qtune's units may use (plain pods, or a batch/v1 Job per unit).
 FRAMEWORKS = ("batch/job", "pod")
 METRICS_CERT_DIR = "kueue/metrics/certs"  # under /etc, fixed in cmd/kueue
+#: Kueue's fair sharing (config v1beta2: the ``fairSharing`` section's presence turns it on; v1beta1's
+#: ``enable: true`` is gone, and ``preemptionStrategies`` is required): its default strategies.
+FAIR_SHARING = {"preemptionStrategies": ["LessThanOrEqualToFinalShare", "LessThanInitialShare"]}
 
 
 class KueueError(RuntimeError):
@@ -146,9 +149,11 @@ def webhook_manifests(kdir: Path, url: str, ca_bundle: str) -> list[dict[str, An
     return list(configs.values())
 
 
-def configuration(ports: dict[str, int], cert_dir: Path) -> dict[str, Any]:
-    """Kueue's Configuration (config.kueue.x-k8s.io/v1beta2) for the plane."""
-    return {
+def configuration(ports: dict[str, int], cert_dir: Path, fair_sharing: bool = False) -> dict[str, Any]:
+    """Kueue's Configuration (config.kueue.x-k8s.io/v1beta2) for the plane; ``fair_sharing``: with
+    :data:`FAIR_SHARING` (ClusterQueues and Cohorts then share their cohort's unused quota by their
+    ``spec.fairSharing.weight``)."""
+    config = {
         "apiVersion": "config.kueue.x-k8s.io/v1beta2",
         "kind": "Configuration",
         "namespace": NAMESPACE,
@@ -162,6 +167,9 @@ def configuration(ports: dict[str, int], cert_dir: Path) -> dict[str, Any]:
         "integrations": {"frameworks": list(FRAMEWORKS)},
         "featureGates": {"VisibilityOnDemand": False},
     }
+    if fair_sharing:
+        config["fairSharing"] = copy.deepcopy(FAIR_SHARING)
+    return config
 
 
 def queue_objects(prefix: str, namespace: str, quota: dict[str, str], local_queue: str,
@@ -255,6 +263,7 @@ class Kueue:
 
     plane: Any
     kdir: Path = field(default_factory=default_kueue_dir)
+    fair_sharing: bool = False
     startup_seconds: float = field(default=0.0, init=False)
 
     @property
@@ -288,7 +297,8 @@ class Kueue:
         _link_cert(pki, "kueue-webhook", self.folder / "webhook-certs")
         _link_cert(pki, "kueue-webhook", self.folder / "etc" / METRICS_CERT_DIR)
         config = self.folder / "config.yaml"
-        config.write_text(yaml.safe_dump(configuration(self.plane.ports, self.folder / "webhook-certs"),
+        config.write_text(yaml.safe_dump(configuration(self.plane.ports, self.folder / "webhook-certs",
+                                                       self.fair_sharing),
                                          sort_keys=False))
         ca = base64.b64encode((pki / "ca.crt").read_bytes()).decode()
         self._install_crds(ca, deadline)

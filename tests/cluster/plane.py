@@ -365,6 +365,8 @@ class Plane:
     #: Install and run Kueue (kueue.py: built from its Go module, its CRDs and webhooks) once the
     #: plane is up; or later with :meth:`start_kueue` / :meth:`stop_kueue`.
     kueue: bool = False
+    #: Kueue with fair sharing on (its Configuration's ``fairSharing``; kueue.FAIR_SHARING).
+    kueue_fair_sharing: bool = False
     plane_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     components: list[Component] = field(default_factory=list, init=False)
@@ -460,7 +462,7 @@ class Plane:
         by build_kueue.sh when its cache folder is empty). Idempotent."""
         if self.kueue_install is None:
             kueue = _import_here("kueue")
-            inst = kueue.Kueue(self)
+            inst = kueue.Kueue(self, fair_sharing=self.kueue_fair_sharing)
             try:
                 inst.start(timeout)
             except BaseException:
@@ -1038,6 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="up: also start N (default 1) real kubelet nodes (realnode.py)")
     parser.add_argument("--kueue", action="store_true",
                         help="up: also install and run Kueue (kueue.py; built on first use)")
+    parser.add_argument("--kueue-fair-sharing", action="store_true",
+                        help="up --kueue: with Kueue's fair sharing on (its Configuration's fairSharing)")
     parser.add_argument("--audit", action="store_true",
                         help=f"audit the requests of user {OPERATOR_USER} (operator.kubeconfig) to audit/audit.log")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -1067,7 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     plane = Plane(state_dir=state, prometheus=not args.no_prometheus,
                   node_agent=not args.no_node_agent, audit=args.audit,
-                  real_nodes=args.real_node, kueue=args.kueue)
+                  real_nodes=args.real_node, kueue=args.kueue or args.kueue_fair_sharing,
+                  kueue_fair_sharing=args.kueue_fair_sharing)
     plane.start(detach=not args.foreground)
     print(textwrap.dedent(f"""\
         # plane up in {plane.startup_seconds:.1f}s; state in {state}

@@ -235,3 +235,81 @@ def test_a_failing_workload_list_keeps_the_job_going_and_is_tried_again() -> Non
     world.now += REFRESH_SECONDS + 1
     world.step()
     assert world.kube.custom_lists == 2, "a 500 does not switch the reasons off"
+
+
+STOP_REASON = "WorkloadEvictedDueToPreempted"  # what Kueue v0.17 writes (seen on the plane)
+PREEMPTED = ("Preempted to accommodate a workload (UID: w-1, JobUID: j-1) due to prioritization in the "
+             "ClusterQueue")
+
+
+def _kueue_stops(world: Any, name: str) -> None:
+    """What Kueue does to a pod it preempts: the TerminationTarget condition, then the delete (the pod terminates)."""
+    pod = world.kube.pods[name]
+    pod["metadata"]["deletionTimestamp"] = "2099-01-01T00:00:30Z"
+    pod["status"] = {"phase": "Running", "startTime": "2099-01-01T00:00:00Z", "conditions": [{
+        "type": c.KUEUE_TERMINATION_TARGET, "status": "True", "reason": STOP_REASON, "message": PREEMPTED,
+        "lastTransitionTime": "2099-01-01T00:00:29Z"}]}
+
+
+def test_a_unit_kueue_preempts_is_named_in_the_status_and_an_event_and_is_no_failure() -> None:
+    world = _queued_world(maxTrials=3, parallelTrials=1)
+    world.step()
+    world.finish_running()  # the baseline
+    world.step()
+    (trial_pod,) = world.running_pods()
+    _kueue_stops(world, trial_pod)
+    world.step()
+    message = world.kube.status["message"]
+    assert (f"Kueue preempted or evicted 1 unit pod (not failures: it runs again), the latest {trial_pod} "
+            f"(trial-0): WorkloadEvictedDueToPreempted: {PREEMPTED}") in message, message
+    del world.kube.pods[trial_pod]  # gone: the unit starts again as its next attempt
+    world.step()
+    assert f"{trial_pod}-a1" in world.kube.pods
+    assert "Kueue preempted or evicted 1 unit pod" in world.kube.status["message"]
+    assert world.run_to_end().done  # (no trial of 3 passes this simulated model: the outcome is beside the point)
+    preempted = [(kind, message) for kind, reason, message in world.events if reason == "UnitPreempted"]
+    assert preempted == [("Normal", f"pod {trial_pod} (trial-0) was stopped by Kueue (WorkloadEvictedDueToPreempted: "
+                                    f"{PREEMPTED}); not a failure: the unit runs again")]
+    history = world.history()
+    assert sorted(t.index for t in history.trials) == [0, 1, 2] and all(t.status == "succeeded" for t in history.trials)
+    trials = world.kube.status["trials"]
+    assert (trials["started"], trials["succeeded"], trials["failed"]) == (3, 3, 0)
+
+
+def test_a_pod_kueue_stops_carries_kueues_reason_and_others_none() -> None:
+    body = _status(gated=False)
+    assert podstatus.summarize_pod(body).kueue_stopped is None
+    body["status"]["conditions"] = [{"type": c.KUEUE_TERMINATION_TARGET, "status": "True",
+                                     "reason": "WorkloadEvictedDueToPreempted", "message": PREEMPTED}]
+    assert podstatus.summarize_pod(body).kueue_stopped == f"WorkloadEvictedDueToPreempted: {PREEMPTED}"
+
+
+def test_a_pod_kueue_deletes_before_the_jobs_loop_sees_it_is_still_named() -> None:
+    """Kueue deletes a pod it stops at once, and Kopf's index never holds a deleted pod: the event handler keeps
+    it (DELETED events included) for the job's loop, which names it; a pod the job does not own is ignored."""
+    import asyncio
+
+    import kopf
+
+    from qtune.operator.handlers import _kueue_stopped, kueue_stopped_pod
+
+    world = _queued_world(maxTrials=3, parallelTrials=1)
+    world.step()
+    world.finish_running()
+    world.step()
+    (trial_pod,) = world.running_pods()
+    _kueue_stops(world, trial_pod)
+    body = copy.deepcopy(world.kube.pods[trial_pod])
+    del world.kube.pods[trial_pod]  # gone before the next step
+    assert _kueue_stopped(body=body) and not _kueue_stopped(body={"status": {"phase": "Running"}})
+    memo = kopf.Memo(wakeups={})
+    asyncio.run(kueue_stopped_pod(body=body, memo=memo))
+    stranger = podstatus.summarize_pod({**body, "metadata": {**body["metadata"], "name": "other",
+                                                             "ownerReferences": []}})
+    kept = list(memo.kueue_stopped[world.reconciler.job.uid].values())
+    world.reconciler.kueue_stops.note([*kept, stranger])
+    world.step()
+    assert f"the latest {trial_pod} (trial-0): {STOP_REASON}: {PREEMPTED}" in world.kube.status["message"]
+    assert [m for _, r, m in world.events if r == "UnitPreempted"] == [
+        f"pod {trial_pod} (trial-0) was stopped by Kueue ({STOP_REASON}: {PREEMPTED}); not a failure: the unit "
+        "runs again"]

@@ -159,6 +159,10 @@ def test_a_preempted_unit_runs_again_and_is_no_failure(cluster: Any, kueue: Any,
         events = client.CoreV1Api(api).list_namespaced_event(ns).items
         preempted = [e.message for e in events if e.reason == "Preempted"]
         assert preempted, sorted({(e.reason, e.involved_object.kind) for e in events})
+        named = [e.message for e in events if e.reason == "UnitPreempted" and e.involved_object.name == name]
+        assert len(named) == 1, sorted({(e.reason, e.involved_object.kind) for e in events})
+        assert named[0].startswith(f"pod {victim.metadata.name} ({unit}) was stopped by Kueue (WorkloadEvicted"), named
+        assert "Preempted to accommodate a workload" in named[0] and named[0].endswith("the unit runs again"), named
         print(f"\n{victim.metadata.name} preempted ({preempted[0]!r}); {unit} ran again as {again.metadata.name}")
     finally:
         delete_queues()
