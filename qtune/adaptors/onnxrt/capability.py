@@ -227,7 +227,8 @@ def build_capability(
     for name, note in notes.items():
         logger.info("capability note %s: %s", name, note)
     return {"optypewise": optypewise, "opwise": opwise, "graph_order": graph_order, "notes": notes,
-            "fused_groups": fused_groups(view)}
+            "fused_groups": fused_groups(view), "smooth_quant": True}
+    # smooth_quant: static configs may carry a SmoothQuant alpha (TuneConfig.extras, see smooth_quant.py)
 
 
 def fused_patterns(view: GraphView) -> list[list[str]]:
