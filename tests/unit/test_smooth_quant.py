@@ -134,3 +134,28 @@ def test_inputs_without_outlier_channels_are_left_alone() -> None:
 def test_alpha_out_of_range_is_refused() -> None:
     with pytest.raises(ValueError, match="alpha"):
         sq.smooth(_model(), {}, 1.5)
+
+
+def test_folds_into_ort_skip_layer_normalization_without_touching_the_residual_sum() -> None:
+    """ORT's transformer optimiser fuses residual Add + LayerNorm into SkipLayerNormalization: output 0 takes 1/s,
+    output 3 (the residual sum, read by the next block) does not change."""
+    rng = np.random.default_rng(0)
+    gamma = np.ones(D, np.float32)
+    gamma[OUTLIERS] = 30.0
+    inits = [numpy_helper.from_array(gamma, "g"), numpy_helper.from_array(np.full(D, 0.1, np.float32), "b"),
+             numpy_helper.from_array((rng.normal(size=(D, D)) / 3).astype(np.float32), "w")]
+    nodes = [helper.make_node("SkipLayerNormalization", ["x", "x2", "g", "b"], ["n", "", "", "sum"], name="sln",
+                              domain="com.microsoft", epsilon=1e-5),
+             helper.make_node("MatMul", ["n", "w"], ["o"], name="proj"),
+             helper.make_node("Add", ["o", "sum"], ["y"], name="residual")]
+    x = [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, [None, 4, D]) for name in ("x", "x2")]
+    graph = helper.make_graph(nodes, "sln", x, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    original = helper.make_model(graph, opset_imports=opsets)
+    proto = onnx.ModelProto()
+    proto.CopyFrom(original)
+    feed = {"x": _inputs(5)["x"], "x2": _inputs(6)["x"]}
+    record = sq.smooth(proto, sq.activation_absmax(proto, ["n"], [feed]), 0.5)
+    assert [g["absorber"] for g in record["groups"]] == ["sln"] and not record["inserted"]
+    np.testing.assert_allclose(_run(proto, feed), _run(original, feed), rtol=1e-4, atol=1e-4)

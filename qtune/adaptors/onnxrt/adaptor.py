@@ -390,6 +390,8 @@ class OnnxRuntimeAdaptor(Adaptor):
         else:
             samples = calib.collect_samples(dataset, cfg.calibration_sampling_size)
             inputs = {name: array[:32] for name, array in samples.inputs.items()}
+        if cfg.approach == "static" and cfg.extras.get(sq.EXTRA_KEY) is not None:  # the model the config quantizes
+            opt = self._smoothed(opt, samples, float(cfg.extras[sq.EXTRA_KEY]))[0]
         ranges: dict[str, Any] = {}
         for algorithm in ("minmax", "kl", "percentile"):
             path = calib.cache_path(self.workspace / "calibration", opt.source_hash, samples, algorithm)

@@ -6,7 +6,8 @@ factor s, Y = (X / s)·(diag(s)·W): the outliers move into W's rows, where per-
 them. s_j = max|X_j|^α / max|W_j|^(1-α); α = 0 leaves X as is, α = 1 flattens it entirely.
 
 1/s must be applied to X at no cost, so it is folded into the op that produces X where that is exact:
-  - LayerNormalization (last axis): its scale and bias divided by s;
+  - LayerNormalization (last axis; also ORT's fused SkipLayerNormalization and the RMS forms): its scale
+    and bias divided by s;
   - a MatMul/Gemm with a constant weight (and its constant bias Add): its output columns divided by s;
   - through a Relu on the way (relu(x / s) = relu(x) / s for s > 0).
 The folding must change nothing but X: X (and every tensor between the absorber and X) may feed only
@@ -47,6 +48,13 @@ EPS = 1e-5
 gets a tiny s, which shrinks its weight row instead of dividing by zero."""
 SMOOTH_VERSION = 1
 """Bump when the transform changes, so cached smoothed models are rebuilt."""
+
+
+NORMS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3), "SimplifiedLayerNormalization": (1,),
+         "SkipSimplifiedLayerNormalization": (2,)}
+"""Normalisations over the last axis → the inputs (scale, bias) that scale their output 0 per channel. ORT's
+transformer optimiser fuses the residual Add with the LayerNorm into SkipLayerNormalization, whose output 3
+(the residual sum) does not depend on the scale and bias."""
 
 
 @dataclass
@@ -114,9 +122,11 @@ def _with_absorber(group: SmoothGroup, view: GraphView) -> SmoothGroup:
         producer = view.producer.get(tensor)
     if producer is None:
         return group
-    if producer.op_type == "LayerNormalization" and producer.output[0] == tensor and _attr(producer, "axis", -1) == -1 \
-            and all(_unshared_constant(view, name) for name in producer.input[1:3] if name):
-        return SmoothGroup(group.activation, group.matmuls, producer.name, None, path)
+    if producer.op_type in NORMS and producer.output[0] == tensor and _attr(producer, "axis", -1) == -1:
+        scales = [producer.input[i] for i in NORMS[producer.op_type] if i < len(producer.input) and producer.input[i]]
+        if scales and all(_unshared_constant(view, name) for name in scales):
+            return SmoothGroup(group.activation, group.matmuls, producer.name, None, path)
+        return group
     bias = None
     if producer.op_type == "Add":
         constants = [name for name in producer.input if name in view.initializers]
@@ -186,10 +196,10 @@ def group_scale(view: GraphView, group: SmoothGroup, xmax: np.ndarray, alpha: fl
 def _fold(view: GraphView, group: SmoothGroup, scale: np.ndarray) -> None:
     """Divide the absorber's output channels by s (exact: see the module docstring)."""
     node = view.by_name[group.absorber or ""]
-    if node.op_type == "LayerNormalization":
-        for name in node.input[1:3]:
-            if name:
-                _set(view, name, _array(view, name) / scale)
+    if node.op_type in NORMS:
+        for index in NORMS[node.op_type]:
+            if index < len(node.input) and node.input[index]:
+                _set(view, node.input[index], _array(view, node.input[index]) / scale)
         return
     axis = _weight_axis(node)
     weight = _array(view, node.input[1])
