@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[3]
 @pytest.fixture(scope="module")
 def outlier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch")
-    spec = importlib.util.spec_from_file_location("outlier_build", ROOT / "examples" / "outlier_transformer" / "build.py")
+    source = ROOT / "examples" / "outlier_transformer" / "build.py"
+    spec = importlib.util.spec_from_file_location("outlier_build", source)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.build(tmp_path_factory.mktemp("outlier-transformer"))
