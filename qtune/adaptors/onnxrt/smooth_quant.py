@@ -34,12 +34,14 @@ import onnx
 from onnx import numpy_helper
 
 from qtune.adaptors.onnxrt.graph import GraphView, _attr
+from qtune.spec.base import SMOOTH_QUANT_AUTO_ALPHAS
+from qtune.tuning.space import SMOOTH_QUANT
 
 logger = logging.getLogger(__name__)
 
-ALPHA_AUTO = (0.5, 0.3, 0.7, 0.85)
+ALPHA_AUTO = SMOOTH_QUANT_AUTO_ALPHAS
 """The α values `smoothQuant: {alpha: auto}` lets the tuner try (preferred first: 0.5, the paper's default)."""
-EXTRA_KEY = "smooth_quant_alpha"
+EXTRA_KEY = SMOOTH_QUANT
 """TuneConfig.extras key carrying a static config's α (absent: no SmoothQuant)."""
 OUTLIER_RATIO = 4.0
 """A group is smoothed when max_j max|X_j| >= this × median_j max|X_j|."""
