@@ -103,9 +103,13 @@ class Bench:
         ranked = sorted(config.quantized_ops(), key=lambda n: -order.get(n, 0.0))
         tried: dict[int, float] = {}
 
+        kept: dict[int, int] = {}
+        """fallback count → ops the adaptor really quantized (ops forced fp32, e.g. by a mask range, are not)."""
+
         def score(count: int) -> float:
             if count not in tried:
                 tried[count] = self.accuracy(config.with_fallback(ranked[:count]))
+                kept[count] = len(self.adaptor.last_quantization.get("plan", {}).get("quantized", []))
             return tried[count]
 
         low, high = -1, 0  # low: fails (or none yet), high: the count probed next / passing
@@ -119,7 +123,7 @@ class Bench:
                 high = middle
             else:
                 low = middle
-        return len(ranked) - high, score(high), len(tried)
+        return kept[high] if high in kept else len(ranked) - high, score(high), len(tried)
 
 
 def measure(name: str, alphas: tuple[float, ...] = ALPHAS) -> dict[str, Any]:
@@ -135,9 +139,9 @@ def measure(name: str, alphas: tuple[float, ...] = ALPHAS) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qtune-sq-") as workspace:
         bench = Bench(folder / model, folder / calib, (folder / evaluation, count), samples, output, metric,
                       Path(workspace))
-        row: dict[str, Any] = {"name": name, "fp32": bench.fp32, "ops": len(bench.base.quantized_ops()),
-                               "metric": metric}
+        row: dict[str, Any] = {"name": name, "fp32": bench.fp32, "metric": metric}
         row["all_int8"] = {"off": bench.accuracy(bench.config(None))}
+        row["ops"] = len(bench.adaptor.last_quantization["plan"]["quantized"])  # all-int8: what the adaptor quantizes
         row["all_int8"].update({a: bench.accuracy(bench.config(a)) for a in ALPHAS})
         row["smoothing"] = bench.adaptor.last_quantization.get("smooth_quant", {})
         row["kept"] = {"off": bench.int8_kept(None)}
