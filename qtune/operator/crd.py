@@ -251,7 +251,19 @@ def _convert_any_of(node: dict[str, Any], defs: dict[str, Any], classes: dict[st
         if outer.get("default") is not None:
             out["default"] = outer["default"]
         return out
+    words = [w for b in branches if b.get("type") == "string" for w in b.get("enum") or [b.get("const")]]
+    if sorted(b.get("type") for b in branches) == ["number", "string"] and None not in words:  # alpha: 0.5|auto
+        return _number_or_words(node, words)
     raise SchemaError(f"spec.{path}: cannot express anyOf {branches} in a structural schema")
+
+
+def _number_or_words(node: dict[str, Any], words: list[str]) -> dict[str, Any]:
+    """`float | Literal["auto"]` (smoothQuant.alpha) kept as written like `_one_or_many`: a word or a bounded number."""
+    number = {**{k: v for k, v in NOT_A_SCALAR.items() if k not in ("minimum", "maximum")}, "minItems": 1,
+              "maxItems": 0, **{k: node[k] for k in ("minimum", "maximum", "exclusiveMinimum") if k in node}}
+    kept = {k: node[k] for k in ("description", "default") if node.get(k) is not None}
+    return {**kept, "x-kubernetes-preserve-unknown-fields": True, "anyOf": [{"enum": list(words)}, number],
+            "not": {"enum": [True, False]}}
 
 
 def _convert_properties(props: dict[str, Any], cls: type[BaseModel] | None, defs: dict[str, Any],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 from pydantic.alias_generators import to_camel
 
 from qtune.spec import cel
@@ -61,3 +61,29 @@ Entrypoint = Annotated[str | None, AfterValidator(_entrypoint_form),
                        Field(json_schema_extra=cel.rules(pattern=cel.ENTRYPOINT_RE, maxLength=253))]
 BoolList = Annotated[list[bool] | None, BeforeValidator(_as_list)]
 ApproachList = Annotated[list[Literal[APPROACHES]] | None, BeforeValidator(_as_list)]
+
+
+SMOOTH_QUANT_AUTO_ALPHAS = (0.5, 0.3, 0.7, 0.85)
+"""What `smoothQuant: {alpha: auto}` searches (qtune.adaptors.onnxrt.smooth_quant.ALPHA_AUTO is the same)."""
+
+
+class SmoothQuantSpec(SpecModel):
+    """SmoothQuant for static int8 (onnxruntime): per input channel of a MatMul/Gemm whose activation has
+    outlier channels, s = max|X|^alpha / max|W|^(1-alpha) moves the outliers from X into W's rows."""
+
+    alpha: float | Literal["auto"] = Field(
+        default=0.5, description="migration strength in (0, 1] (0.5: the paper's default), or auto: the tuner "
+                                 f"tries {', '.join(str(a) for a in SMOOTH_QUANT_AUTO_ALPHAS)} and keeps the best "
+                                 "config",
+        json_schema_extra=cel.rules(minimum=0, exclusiveMinimum=True, maximum=1))
+
+    @field_validator("alpha", mode="before")
+    @classmethod
+    def _alpha_allowed(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1):
+            return value
+        raise ValueError(f"{value!r} is not allowed; allowed: a number in (0, 1] (e.g. 0.5) or auto")
+
+    def alphas(self) -> list[float]:
+        """The alpha values to try, preferred first."""
+        return list(SMOOTH_QUANT_AUTO_ALPHAS) if self.alpha == "auto" else [float(self.alpha)]

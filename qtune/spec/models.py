@@ -33,6 +33,7 @@ from qtune.spec.base import (  # noqa: F401
     Entrypoint,
     GranularityList,
     SchemeList,
+    SmoothQuantSpec,
     SpecModel,
     _as_list,
 )
@@ -124,6 +125,10 @@ class ModelSpec(SpecModel):
 
 
 class QuantizationSpec(SpecModel):
+    model_config = ConfigDict(json_schema_extra=cel.rules(cel.cel(  # _smooth_quant_static
+        "!has(self.smoothQuant) || !has(self.approach) || self.approach in ['static', 'auto']",
+        "smoothQuant applies to static int8 (approach static or auto)", field_path=".smoothQuant")))
+
     approach: Literal["static", "dynamic", "auto", "weight_only"] = Field(
         default="static", description="static: calibrated activation ranges; dynamic: ranges per batch at run "
                                       "time; auto: the strategy tries both; weight_only: MatMul weights in 4 or 8 "
@@ -139,6 +144,16 @@ class QuantizationSpec(SpecModel):
     keep_non_finite_fp32: bool = Field(
         default=True, description="keep tensors with infinite or absurd calibration ranges in fp32"
     )
+    smooth_quant: SmoothQuantSpec | None = Field(
+        default=None, description="SmoothQuant before static int8 (onnxruntime), e.g. {alpha: 0.5} or {alpha: auto}; "
+                                  "unset: off")
+
+    @model_validator(mode="after")
+    def _smooth_quant_static(self) -> QuantizationSpec:
+        if self.smooth_quant is not None and self.approach not in ("static", "auto"):
+            raise ValueError(f"@spec.quantization.smoothQuant: applies to static int8 (approach static or auto), "
+                             f"not approach {self.approach}; remove smoothQuant or change the approach")
+        return self
 
 
 class AccuracyCriterion(SpecModel):

@@ -26,6 +26,8 @@ HEAVY_OP_TYPES = {"Conv": 1.0, "ConvTranspose": 1.0, "MatMul": 1.0, "Gemm": 1.0,
 """Op types (ONNX and torch names) where int8 saves time: the prior when no profile was measured."""
 LIGHT_OP_WEIGHT = 0.02
 WEIGHT_ONLY = "weight_only"
+SMOOTH_QUANT = "smooth_quant_alpha"
+"""TuneConfig.extras key of a static config's SmoothQuant alpha (qtune.adaptors.onnxrt.smooth_quant.EXTRA_KEY)."""
 """The approach where only weights are quantized (per block) and the activation dtype is the compute type."""
 _CAMEL = {"reduce_range": "reduceRange"}
 
@@ -165,15 +167,30 @@ class TuningSpace:
     holds what no quantizable op accounts for. Empty when not measured."""
     light_chains: list[LightChain] = field(default_factory=list)
     """The adaptor's light chains whose ops and ends are all in the space."""
+    smooth_quant_alphas: list[float] = field(default_factory=list)
+    """SmoothQuant alphas a static config may carry (TuneConfig.extras[SMOOTH_QUANT], preferred first); empty: off."""
 
-    def default_config(self, approach: str | None = None) -> TuneConfig:
+    def default_config(self, approach: str | None = None, alpha: float | None = None) -> TuneConfig:
+        """The preferred config of `approach`; static with SmoothQuant on: with `alpha` (default the first)."""
         approach = approach or self.approaches[0]
+        extras: dict[str, Any] = {}
+        if approach == "static" and self.smooth_quant_alphas:
+            extras[SMOOTH_QUANT] = float(alpha if alpha is not None else self.smooth_quant_alphas[0])
         return TuneConfig(
             approach=approach,
             format=self.format,
             ops={name: op.default(approach) for name, op in self.ops.items()},
             calibration_sampling_size=self.calibration_sampling_size,
+            extras=extras,
         )
+
+    def default_configs(self) -> list[TuneConfig]:
+        """The preferred config of each approach; static once per SmoothQuant alpha (the alpha search)."""
+        out = []
+        for approach in self.approaches:
+            alphas: list[float | None] = list(self.smooth_quant_alphas) if approach == "static" else []
+            out += [self.default_config(approach, alpha) for alpha in alphas or [None]]
+        return out
 
     def op_gains(self) -> dict[str, float]:
         """Fraction of the fp32 model's time that quantizing each op saves (negative: int8 is slower
@@ -294,7 +311,14 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
             + (" (weight_only: the onnxruntime adaptor's MatMul/Gemm ops with a constant float weight)"
                if quantization.approach == WEIGHT_ONLY else ""),
         )
+    alphas: list[float] = []
+    if quantization.smooth_quant is not None:
+        if not capability.get("smooth_quant"):
+            raise SpecError("spec.quantization.smoothQuant", "this framework's adaptor cannot apply SmoothQuant; "
+                                                             "allowed with framework onnxruntime only")
+        alphas = quantization.smooth_quant.alphas() if "static" in approaches else []
     return TuningSpace(
+        smooth_quant_alphas=alphas,
         ops=ops,
         approaches=approaches,
         format=quantization.format,

@@ -15,6 +15,7 @@ import numpy as np
 from qtune.adaptors.base import Adaptor, LatencyStats, adaptor_registry
 from qtune.adaptors.onnxrt import calibration as calib
 from qtune.adaptors.onnxrt import quantize as q
+from qtune.adaptors.onnxrt import smooth_quant as sq
 from qtune.adaptors.onnxrt import weight_only as wo
 from qtune.adaptors.onnxrt.capability import (
     build_capability,
@@ -266,6 +267,7 @@ class OnnxRuntimeAdaptor(Adaptor):
         """algorithm → "measured" | "cached": which statistics this call computed or reused."""
         passes: dict[str, list[str]] = {}
         """weight-only: MatMulNBits setting → ops quantized with it (one ORT pass each)."""
+        done: dict[str, Any] = {}  # meta.json besides the plan: weight_only_passes, smooth_quant (what SQ did)
         started = time.perf_counter()
         if cfg.approach == wo.APPROACH:
             plan = wo.plan_weight_only(view, cfg, quantizable, forced)
@@ -277,6 +279,9 @@ class OnnxRuntimeAdaptor(Adaptor):
                 q.run_dynamic(source, view, plan, output, opt.per_channel)
         else:
             assert samples is not None
+            if cfg.extras.get(sq.EXTRA_KEY) is not None:  # SmoothQuant: quantize the smoothed fp32 model
+                opt, done["smooth_quant"] = self._smoothed(opt, samples, float(cfg.extras[sq.EXTRA_KEY]))
+                source, view = opt.model, GraphView(opt.model.load())
             plan = q.plan_static(view, cfg, quantizable, forced)
             if plan.quantized:
                 measured = self._calibrate(opt, samples, "minmax", set())
@@ -305,12 +310,17 @@ class OnnxRuntimeAdaptor(Adaptor):
         record = {"identity": identity, "plan": plan.record(), "timings": self.timings,
                   "calibration": calibration_log, "optimizer_steps": opt.steps}
         if passes:
-            record["weight_only_passes"] = passes
+            done["weight_only_passes"] = passes
+        record.update(done)
         write_json_atomic(out_dir / "meta.json", record)
         self.last_quantization = record
         logger.info("quantized %d ops (%d fp32) with %s/%s in %.2fs (calibration %.2fs)", len(plan.quantized),
                     len(plan.excluded), cfg.approach, plan.quant_format, quantize_seconds, calibration_seconds)
         return OnnxModel(output)
+
+    def _smoothed(self, opt: OptimizedModel, samples: calib.CalibrationSet,
+                  alpha: float) -> tuple[OptimizedModel, dict[str, Any]]:
+        return sq.smoothed_model(opt, samples, alpha, self.workspace / "smoothed", self.info.get("threads"))
 
     def _without_problem_ops(self, view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
                              forced: dict[str, str], plan: q.QuantPlan, problems: dict[str, str]) -> q.QuantPlan:
@@ -380,6 +390,8 @@ class OnnxRuntimeAdaptor(Adaptor):
         else:
             samples = calib.collect_samples(dataset, cfg.calibration_sampling_size)
             inputs = {name: array[:32] for name, array in samples.inputs.items()}
+        if cfg.approach == "static" and cfg.extras.get(sq.EXTRA_KEY) is not None:  # the model the config quantizes
+            opt = self._smoothed(opt, samples, float(cfg.extras[sq.EXTRA_KEY]))[0]
         ranges: dict[str, Any] = {}
         for algorithm in ("minmax", "kl", "percentile"):
             path = calib.cache_path(self.workspace / "calibration", opt.source_hash, samples, algorithm)

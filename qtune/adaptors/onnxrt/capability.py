@@ -234,7 +234,8 @@ def build_capability(
     if chains:
         logger.info("%d light int8 chain(s) between compute ops: %s", len(chains), chain_node_types(view, chains))
     return {"optypewise": optypewise, "opwise": opwise, "graph_order": graph_order, "notes": notes,
-            "fused_groups": fused_groups(view), "light_chains": chains}
+            "fused_groups": fused_groups(view), "light_chains": chains, "smooth_quant": True}
+    # smooth_quant: static configs may carry a SmoothQuant alpha (TuneConfig.extras, see smooth_quant.py)
 
 
 def fused_patterns(view: GraphView) -> list[list[str]]:

@@ -65,7 +65,8 @@ class BasicStrategy(Strategy):
 
     # ----- stage configs ------------------------------------------------------------------
     def _defaults(self, space: TuningSpace) -> list[TuneConfig]:
-        return [space.default_config(approach) for approach in space.approaches]
+        """One per approach; static once per SmoothQuant alpha (alpha auto: the search starts from each)."""
+        return space.default_configs()
 
     # ----- helpers ----------------------------------------------------------------------------
     def _fast_enough(self, record: TrialRecord) -> bool | None:

@@ -12,7 +12,8 @@ quantized ops (the adaptor's capability intersected with the job's constraints),
 5. the activation dtype (uint8 <-> int8);
 6. reduce_range (7-bit) weights, then activations;
 7. the two most sensitive quantized units in fp32;
-8. half the calibration samples (a range from fewer samples clips fewer outliers).
+8. half the calibration samples (a range from fewer samples clips fewer outliers);
+9. (SmoothQuant on) each other SmoothQuant alpha of the space, nearest first.
 
 A knob applies to an op only where the changed setting is one of the op's choices; a neighbour that
 changes nothing is skipped.
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 from qtune.tuning.config import OpConfig, TuneConfig
-from qtune.tuning.space import TuningSpace
+from qtune.tuning.space import SMOOTH_QUANT, TuningSpace
 from qtune.tuning.strategies.units import build_units, fallback_priority
 
 MIN_CALIBRATION_SAMPLES = 16
@@ -93,6 +94,15 @@ def _fallback(space: TuningSpace, config: TuneConfig, count: int) -> TuneConfig 
     return config.with_fallback([n for unit in units[:count] for n in unit.names])
 
 
+def _alpha_neighbours(space: TuningSpace, config: TuneConfig) -> list[TuneConfig]:
+    """`config` with each other SmoothQuant alpha of the space, nearest to its own first."""
+    alpha = config.extras.get(SMOOTH_QUANT)
+    if config.approach != "static" or alpha is None:
+        return []
+    others = sorted((a for a in space.smooth_quant_alphas if a != alpha), key=lambda a: (round(abs(a - alpha), 6), a))
+    return [replace(config, extras={**config.extras, SMOOTH_QUANT: a}) for a in others]
+
+
 def neighbours(space: TuningSpace, config: TuneConfig) -> list[TuneConfig]:
     """The near-miss neighbours of `config`, in the order they are worth trying (module docstring)."""
     out: list[TuneConfig | None] = []
@@ -109,6 +119,7 @@ def neighbours(space: TuningSpace, config: TuneConfig) -> list[TuneConfig]:
     out.append(_fallback(space, config, 2))
     if config.approach == "static" and config.calibration_sampling_size // 2 >= MIN_CALIBRATION_SAMPLES:
         out.append(replace(config, calibration_sampling_size=config.calibration_sampling_size // 2))
+    out += _alpha_neighbours(space, config)
     unique: dict[str, TuneConfig] = {}
     for candidate in out:
         if candidate is not None and candidate.key() != config.key():

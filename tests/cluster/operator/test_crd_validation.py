@@ -59,6 +59,13 @@ INVALID = {
                                ["spec.quantization.modelWise.weight.reduceRange", 'Unsupported value: "maybe"']),
     "unknown approach": (_set("quantization.opWise", {"/fc1/Gemm": {"approach": ["static", "qat"]}}),
                          ["spec.quantization.opWise./fc1/Gemm.approach[1]", 'Unsupported value: "qat"']),
+    # SmoothQuant (issue 22): alpha in (0, 1] or auto, static int8 only
+    "smoothQuant alpha too big": (_set("quantization.smoothQuant", {"alpha": 2}),
+                                  ["spec.quantization.smoothQuant.alpha"]),
+    "smoothQuant alpha word": (_set("quantization.smoothQuant", {"alpha": "fast"}),
+                               ["spec.quantization.smoothQuant.alpha"]),
+    "smoothQuant dynamic": (lambda spec: spec["quantization"].update(approach="dynamic", smoothQuant={"alpha": 0.5}),
+                            ["spec.quantization.smoothQuant", "static int8"]),
     # evaluation: data, or an evalFunc that loads its own (rules beside EvaluationSpec's validator)
     "evalFunc and metric": (_set("data.evaluation", {"evalFunc": "mymod:score", "metric": "top1"}),
                             ["spec.data.evaluation", "either metric or evalFunc"]),
@@ -72,6 +79,8 @@ INVALID = {
 
 VALID = {
     "kueue queue": _set("trial.queueName", "team-a.tuning"),
+    "smoothQuant alpha": _set("quantization.smoothQuant", {"alpha": 0.85}),
+    "smoothQuant auto": _set("quantization.smoothQuant", {"alpha": "auto"}),
     "evalFunc without data": _set("data.evaluation", {"evalFunc": "mymod:score"}),
     # README's tour writes the scalar form; `qtune tune` and the API server both take it, and the list form
     "scalar dtype (README)": _set("quantization.opWise", {"/fc2/Gemm": {"activation": {"dtype": "fp32"}}}),
