@@ -46,10 +46,12 @@ def _components(view: GraphView, light: set[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def _ends(view: GraphView, members: set[str], quantizable: set[str]) -> list[str] | None:
-    """The ops outside `members` that feed or read it, when every one is quantizable; else None."""
+def _ends(view: GraphView, ordered: list[str], quantizable: set[str]) -> list[str] | None:
+    """The ops outside the chain `ordered` (its ops in graph order) that feed or read it, in the order met, when
+    every one is quantizable; else None."""
+    members = set(ordered)
     ends: dict[str, None] = {}
-    for name in members:
+    for name in ordered:
         node = view.by_name[name]
         for tensor in node.input:
             if not tensor or tensor in view.constants:
@@ -76,7 +78,7 @@ def light_chains(view: GraphView, quantizable: Iterable[str]) -> list[dict[str, 
     light = {name for name in quantizable if view.by_name[name].op_type not in HEAVY_TYPES}
     chains = []
     for members in _components(view, light):
-        ends = _ends(view, set(members), quantizable)
+        ends = _ends(view, members, quantizable)
         if ends and all(view.by_name[end].op_type in HEAVY_TYPES for end in ends):
             chains.append({"ops": members, "ends": ends})
     return chains
