@@ -36,7 +36,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -419,12 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  FAILED: {text}")
         return 1 if failures else 0
     finally:
-        if operator is not None and operator.poll() is None:
-            os.kill(operator.pid, signal.SIGTERM)
-            try:
-                operator.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(operator.pid, signal.SIGKILL)
+        fanout.stop_operator(operator)
         plane.stop()
 
 

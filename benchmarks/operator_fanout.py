@@ -419,6 +419,16 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def stop_operator(operator: subprocess.Popen | None) -> None:
+    """SIGTERM the operator process (if it still runs), SIGKILL after 20 s."""
+    if operator is not None and operator.poll() is None:
+        os.kill(operator.pid, signal.SIGTERM)
+        try:
+            operator.wait(20)
+        except subprocess.TimeoutExpired:
+            os.kill(operator.pid, signal.SIGKILL)
+
+
 def loadavg() -> str:
     return "/".join(f"{x:.2f}" for x in os.getloadavg()) + f" (1/5/15 min) on {os.cpu_count()} CPUs"
 
@@ -773,12 +783,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = len(done) == len(names) and not violations and alive
         return 0 if ok else 1
     finally:
-        if operator is not None and operator.poll() is None:
-            os.kill(operator.pid, signal.SIGTERM)
-            try:
-                operator.wait(20)
-            except subprocess.TimeoutExpired:
-                os.kill(operator.pid, signal.SIGKILL)
+        stop_operator(operator)
         try:
             core.delete_namespace(NAMESPACE)
         except Exception:  # noqa: BLE001 - best effort

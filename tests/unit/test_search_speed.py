@@ -96,11 +96,7 @@ def test_chain_configs_take_the_light_chains_whose_ends_are_int8():
     ends = [[f"conv{b:02d}_conv", f"conv{b + 1:02d}_conv"] for b in range(37)] + [["conv37_conv", "head00_matmul"]]
     space.light_chains = [LightChain(ops, pair) for ops, pair in zip(blocks, ends, strict=True)]
     strategy = BasicStrategy(0, batch_size=32, criterion=CRITERION)
-    history = History(job="chains")
-    history.baseline = _baseline()
-    default = space.default_config()
-    record = history.add(default)
-    record.status, record.accuracy, record.passed, record.full_evaluation = "succeeded", 0.96, False, True
+    history, default, record = _failed_default(space, "chains", 0.96)
     found = {(r.types, r.mode): set(r.config.quantized_ops())
              for r in restricted_candidates(space, [default], [record], strategy._outlook(space, history.trials),
                                             CRITERION, recogniser.BASELINE)}
@@ -127,11 +123,7 @@ def test_no_restricted_configs_where_int8_does_not_pay():
     space = recogniser.recogniser_space()
     space.time_share["int8"] = {name: 2.0 * share for name, share in space.time_share["fp32"].items()}
     strategy = BasicStrategy(0, batch_size=32, criterion=CRITERION)
-    history = History(job="slow")
-    history.baseline = _baseline()
-    default = space.default_config()
-    record = history.add(default)
-    record.status, record.accuracy, record.passed, record.full_evaluation = "succeeded", 0.90, False, True
+    history, default, record = _failed_default(space, "slow", 0.90)
     proposal = strategy.propose(space, history, 3)
     assert all(set(quantized_types(space, c)) - COMPUTE for c in proposal)  # no compute-only config
     restricted = strategy._restricted(space, history, [default], [record])
@@ -219,6 +211,16 @@ def test_only_configs_that_could_be_a_success_are_evaluated_in_full():
     everything_fp32 = space.default_config().with_fallback(list(space.ops))
     assert strategy.needs_full_evaluation(space, history, compute_only)
     assert not strategy.needs_full_evaluation(space, history, everything_fp32)
+
+
+def _failed_default(space: TuningSpace, job: str, accuracy: float):
+    """A history whose only trial is `space`'s default config, evaluated in full and failing at `accuracy`."""
+    history = History(job=job)
+    history.baseline = _baseline()
+    default = space.default_config()
+    record = history.add(default)
+    record.status, record.accuracy, record.passed, record.full_evaluation = "succeeded", accuracy, False, True
+    return history, default, record
 
 
 def _baseline(accuracy: float = recogniser.BASELINE):
