@@ -61,14 +61,9 @@ def make_model():  # noqa: ANN201
     return Net()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _common.parse_args(__doc__.splitlines()[0], argv)
-    if not args.force and _common.outputs_exist([MODEL, CALIB, EVAL]):
-        acc, count = _common.npz_accuracy(MODEL, EVAL)
-        print(f"hard_transformer: already built; fp32 accuracy {acc:.4f} ({count} images)")
-        return 0
-    _common.set_deterministic(SEED, args.threads)
-    import torch
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits in [0, 1]: (x_train, x_eval, y_train, y_eval, calibration indices into the training
+    set); 600 held out, 300 calibration images, both stratified."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -77,7 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     labels = digits.target.astype(np.int64)
     x_train, x_eval, y_train, y_eval = train_test_split(images, labels, test_size=600, stratify=labels,
                                                         random_state=SEED)
-    calib = _common.stratified_subset(y_train, 300, SEED)
+    return x_train, x_eval, y_train, y_eval, _common.stratified_subset(y_train, 300, SEED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _common.parse_args(__doc__.splitlines()[0], argv)
+    if not args.force and _common.outputs_exist([MODEL, CALIB, EVAL]):
+        acc, count = _common.npz_accuracy(MODEL, EVAL)
+        print(f"hard_transformer: already built; fp32 accuracy {acc:.4f} ({count} images)")
+        return 0
+    _common.set_deterministic(SEED, args.threads)
+    import torch
+
+    x_train, x_eval, y_train, y_eval, calib = digits_split()
     torch.manual_seed(SEED)
     model = make_model()
     _common.train(model, x_train, y_train, epochs=30, batch_size=32, lr=3e-3, seed=SEED)

@@ -61,15 +61,7 @@ def build(folder: Path, force: bool = False, threads: int = _common.THREADS) -> 
     spec = importlib.util.spec_from_file_location("hard_transformer_build", source)
     hard = importlib.util.module_from_spec(spec)  # examples/hard_transformer/build.py: the architecture
     spec.loader.exec_module(hard)
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)
-    labels = digits.target.astype(np.int64)
-    x_train, x_eval, y_train, y_eval = train_test_split(images, labels, test_size=600, stratify=labels,
-                                                        random_state=SEED)
-    calib = _common.stratified_subset(y_train, 300, SEED)
+    x_train, x_eval, y_train, y_eval, calib = hard.digits_split()  # the same split, the same SEED (0)
     torch.manual_seed(SEED)
     model = hard.make_model()
     _common.train(model, x_train, y_train, epochs=30, batch_size=32, lr=3e-3, seed=SEED)
