@@ -28,8 +28,19 @@ counter inside it shows (no steal time on some hypervisors). Measured on a 2-cor
 every counter: for seconds at a time its 2-thread runs took up to 1.7x longer, int8 graphs (more ops,
 more thread joins) more than fp32, so a config measured 0.93x in such a stretch and 1.35x outside it.
 The fp32 runs are the canary: a round whose fp32 window ran more than `SLOW_FACTOR` times slower than
-its quiet time (the fastest fp32 window of the measurement, or the baseline's fp32 figure of this job
-on this machine) counts as contended like the others.
+its quiet time (the fastest fp32 window of the measurement, or the fastest fp32 figure this job has
+measured on this machine: the baseline's and every earlier measurement's, `qtune.runner.quiet_reference`) counts as
+contended like the others.
+
+A stretch can outlast a whole measurement, and then the fastest window is a slow one. Measured here
+on PP-OCRv4's recogniser, batch 1, fp32 and int8 interleaved in one process, 2 threads: for 10–30 s
+at a time fp32 took 26–32 ms instead of 13 ms and int8 10–12 ms instead of 7.5 ms (the speedup read
+2.6–2.8× for a true 1.7×), with no run delay, pressure or steal, while the same models with ONE
+thread, timed by CPU time in the same rounds, did not move (fp32 20.2–22.4 ms, speedup 1.69–1.79×).
+Two threads slower than one is no property of the model: so a wall-clock measurement with several
+threads also times the fp32 model with one thread now and then (`ONE_THREAD_EVERY`), and a round
+whose fp32 window ran slower than that counts as contended (for models whose one-thread run takes
+at least `ONE_THREAD_CHECK_MS`: below that, thread start-up can honestly make two threads lose).
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from typing import TYPE_CHECKING
 
 from qtune.protocol import SpeedMeasurement
 from qtune.runner.contention import BUSY_SHARE, CpuProbe, CpuSample, contention, cpu_placement, load_between
+from qtune.runner.quiet_reference import job_quiet_fp32_ms, remember_quiet
 from qtune.spec.models import BenchmarkSpec
 from qtune.tuning.speed import median, percentile, speedup_interval
 
@@ -66,6 +78,11 @@ SLOW_FACTOR = 1.3
 """A round whose fp32 window median exceeds this multiple of the fp32 quiet time is contended: quiet windows
 of one model varied by about ±10% here, stretches of host load made them 1.5–1.7× slower."""
 
+ONE_THREAD_EVERY = 6
+"""With several threads, the one-thread fp32 window runs in the first round and every this many rounds after
+(it barely moves: 20.2–22.4 ms in the stretch above), so it costs about a tenth of the measurement."""
+ONE_THREAD_CHECK_MS = 2.0
+
 Clock = Callable[[], float]
 Probe = Callable[[], CpuSample]
 """Reads the CPU counters (`CpuProbe.sample`); tests pass a synthetic one."""
@@ -85,6 +102,10 @@ class _Rounds:
     drop_contended: bool
     fp32_quiet_ms: float | None
     runs_per_window: int
+    one_thread: Callable[[], None] | None = None  # the reference with one thread (module docstring)
+    one_thread_runs: int = 1
+    one_thread_clock: Clock = time.thread_time
+    one_thread_ms: list[float] = field(default_factory=list)  # its windows' medians, thread CPU time
     windows: dict[str, list[list[float]]] = field(default_factory=dict)
     # per round: why the counters say it was contended, or None
     measured: list[str | None] = field(default_factory=list)
@@ -110,10 +131,14 @@ class _Rounds:
             self.windows[name].append(_window(self.runners[name], self.runs_per_window, self.clock))
             if self.probe and before is not None:
                 reasons.append(contention(load_between(before, self.probe(), self.threads)))
+        if self.one_thread is not None and self.rounds % ONE_THREAD_EVERY == 0:
+            self.one_thread_ms.append(median(_window(self.one_thread, self.one_thread_runs, self.one_thread_clock)))
         self.measured.append(next((r for r in reasons if r), None))
         self.fp32_ms.append(median(self.windows[self.reference][-1]))
         if self.probe and self.drop_contended:  # each round again: a faster fp32 window later shows earlier ones slow
-            self.contended = _with_slow_rounds(self.measured, self.fp32_ms, self.fp32_quiet_ms)
+            one_thread = median(self.one_thread_ms) if self.one_thread_ms else None
+            self.contended = _with_slow_rounds(self.measured, self.fp32_ms, self.fp32_quiet_ms, one_thread,
+                                               self.threads)
         else:
             self.contended = list(self.measured)
         self.rounds += 1
@@ -122,7 +147,9 @@ class _Rounds:
 def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, batch_size: int,
                   settings: BenchmarkSpec, threads: int, clock: Clock = time.perf_counter,
                   wall_clock: Clock | None = None, probe: Probe | None = None,
-                  drop_contended: bool = True, fp32_quiet_ms: float | None = None) -> dict[str, SpeedMeasurement]:
+                  drop_contended: bool = True, fp32_quiet_ms: float | None = None,
+                  one_thread_reference: Callable[[], None] | None = None,
+                  one_thread_clock: Clock = time.thread_time) -> dict[str, SpeedMeasurement]:
     """Each candidate's speed against `runners[reference]` (fp32), from interleaved rounds.
 
     Every runner executes one inference per call. Warm-up: `settings.warmup_runs` calls of each
@@ -141,7 +168,9 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
     kept, and a busy machine is only reported. A round whose fp32 window ran `SLOW_FACTOR` times slower than
     its quiet time (`fp32_quiet_ms`, milliseconds on `clock`, or the fastest fp32 window so far) is contended
     too, for a wall clock with a `probe` (module docstring: load the counters cannot see; one thread's CPU
-    time stretches alike for both models)."""
+    time stretches alike for both models). So is a round whose reference window ran slower than
+    `one_thread_reference` (the reference model with one thread, timed by `one_thread_clock`: CPU time) when
+    `threads` > 1: the scaling canary of the module docstring."""
     if reference not in runners:
         raise ValueError(f"reference {reference!r} is not among the runners {sorted(runners)}")
     names = [reference] + [name for name in runners if name != reference]
@@ -157,6 +186,10 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
         runs_per_window = max(1, min(MAX_RUNS_PER_WINDOW, round(WINDOW_SECONDS / max(max(cost.values()), 1e-9))))
         state = _Rounds(runners, names, settings, threads, clock, wall, probe, drop_contended, fp32_quiet_ms,
                         runs_per_window)
+        if one_thread_reference is not None and threads > 1 and probe is not None and drop_contended:
+            one_cost = _warm_up(one_thread_reference, 2, warm_budget, one_thread_clock, wall)
+            state.one_thread, state.one_thread_clock = one_thread_reference, one_thread_clock
+            state.one_thread_runs = max(1, min(MAX_RUNS_PER_WINDOW, round(WINDOW_SECONDS / max(one_cost, 1e-9))))
         _play_until_done(state, started, batch_size)
     finally:
         if gc_was_enabled:
@@ -207,15 +240,21 @@ def _measured(state: _Rounds, batch_size: int, seconds: float) -> dict[str, Spee
     return results
 
 
-def _with_slow_rounds(reasons: list[str | None], times: list[float], quiet_ms: float | None) -> list[str | None]:
+def _with_slow_rounds(reasons: list[str | None], times: list[float], quiet_ms: float | None,
+                      one_thread_ms: float | None = None, threads: int = 1) -> list[str | None]:
     """`reasons`, plus for each round without one whether its fp32 window (median `times`) ran more than
-    SLOW_FACTOR times the quiet time (`quiet_ms`, or the fastest fp32 window of all rounds so far)."""
+    SLOW_FACTOR times the quiet time (`quiet_ms`, or the fastest fp32 window of all rounds so far), or, with
+    several `threads`, slower than the fp32 model with one thread (`one_thread_ms`, CPU time)."""
     floor = min(times + ([quiet_ms] if quiet_ms else []))
+    scaling_check = threads > 1 and one_thread_ms is not None and one_thread_ms >= ONE_THREAD_CHECK_MS
     out: list[str | None] = []
     for reason, took in zip(reasons, times, strict=True):
         if reason is None and floor > 0 and took > SLOW_FACTOR * floor:
             reason = (f"fp32 ran {took / floor:.2f}x its quiet time ({took:.3g} against {floor:.3g} ms): load "
                       "this machine's counters do not show")
+        elif reason is None and scaling_check and one_thread_ms is not None and took > one_thread_ms:
+            reason = (f"fp32 with {threads} threads ran slower than with one ({took:.3g} against {one_thread_ms:.3g} "
+                      "ms of CPU time): a CPU of ours was held back, which this machine's counters do not show")
         out.append(reason)
     return out
 
@@ -316,7 +355,7 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
         clock_name = getattr(clock, "__name__", "custom")
     probe = default_probe()
     exclusive = cpu_placement(context.threads) if in_pod() else None
-    quiet = _baseline_fp32_ms(context) if clock_name == "wall" and not in_pod() else {}
+    quiet = job_quiet_fp32_ms(context, threads) if clock_name == "wall" and not in_pod() else {}
     reference = REFERENCE
     while reference in models:
         reference = f"_{reference}"
@@ -324,9 +363,12 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
     for size, batch in context.benchmark_batches().items():
         runners = {reference: adaptor.make_runner(context.model, batch, threads)}
         runners.update({name: adaptor.make_runner(model, batch, threads) for name, model in models.items()})
+        one_thread = adaptor.make_runner(context.model, batch, 1) if clock_name == "wall" and threads > 1 else None
         measured = measure_speed(runners, reference, batch_size=size, settings=settings, threads=threads,
                                  clock=clock, wall_clock=time.perf_counter, probe=probe,
-                                 drop_contended=clock_name != "cpu", fp32_quiet_ms=quiet.get(str(size)))
+                                 drop_contended=clock_name != "cpu", fp32_quiet_ms=quiet.get(str(size)),
+                                 one_thread_reference=one_thread)
+        del one_thread
         for measurement in measured.values():
             measurement.cpu_clock = clock_name == "cpu"
         used_clock = clock_name  # per batch size: a fallback at one size leaves the next one's clock alone
@@ -341,20 +383,11 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
         for name, measurement in measured.items():
             measurement.exclusive_cpus = exclusive
             results[name][str(size)] = measurement
+        if used_clock == "wall" and not in_pod():
+            remember_quiet(context, threads, size, measured.values())
         logger.info("speed at batch %d, %d thread(s), %s time: %s", size, next(iter(measured.values())).threads,
                     used_clock, summary(measured))
     return results
-
-
-def _baseline_fp32_ms(context: JobContext) -> dict[str, float]:
-    """The baseline's fp32 p50 per batch size (str), measured alone on this machine with the same threads:
-    the quiet time of the slow-round check. Empty when there is none (a pod may run on another node than
-    the baseline's, so the runner only asks outside a pod)."""
-    try:
-        baseline = context.load_baseline()
-    except (OSError, ValueError, TypeError, KeyError):
-        return {}
-    return {size: float(ms) for size, ms in (baseline.latency_ms or {}).items() if ms and ms > 0}
 
 
 def _measure_one_thread(context: JobContext, models: Mapping[str, object], reference: str,
