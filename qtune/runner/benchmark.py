@@ -82,6 +82,8 @@ ONE_THREAD_EVERY = 6
 """With several threads, the one-thread fp32 window runs in the first round and every this many rounds after
 (it barely moves: 20.2–22.4 ms in the stretch above), so it costs about a tenth of the measurement."""
 ONE_THREAD_CHECK_MS = 2.0
+"""The one-thread check applies when the fp32 model's one-thread run takes at least this long (CPU time): below
+it, waking a second thread can honestly cost more than it saves, and two threads may lose on a quiet machine."""
 
 Clock = Callable[[], float]
 Probe = Callable[[], CpuSample]
