@@ -172,6 +172,52 @@ class CosineSimilarity(Metric):
         return self.sum / self.count if self.count else 0.0
 
 
+class Perplexity(Metric):
+    """A language model's perplexity, exp(mean negative log-likelihood) of the labelled tokens: lower is better.
+
+    Outputs are logits, [batch, positions, vocabulary] (or [batch, vocabulary] for one position per sample);
+    labels are integer token ids of the same leading shape, the token each position should predict (already
+    shifted by one), and a negative label (padding, a prompt not to be scored) is left out, as in most training
+    code (-100). The log-softmax runs in float32 in chunks of rows, so a 32,000-word vocabulary does not need the
+    whole batch in float64; the sum of log-likelihoods is kept in float64."""
+
+    higher_is_better = False
+    name = "perplexity"
+    CHUNK_ROWS = 2048
+
+    def __init__(self) -> None:
+        self.nll, self.count = 0.0, 0
+
+    def reset(self) -> None:
+        self.nll, self.count = 0.0, 0
+
+    def update(self, outputs: np.ndarray, targets: np.ndarray) -> None:
+        logits = np.asarray(outputs)
+        labels = np.asarray(targets)
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"spec.data.evaluation.labels: perplexity needs integer token ids, got {labels.dtype}")
+        vocabulary = logits.shape[-1] if logits.ndim >= 2 else 0
+        if vocabulary == 0 or logits.size // vocabulary != labels.size:
+            raise DataError(f"spec.data.evaluation.labels: perplexity needs one token id per output position: "
+                            f"labels {labels.shape} against logits {logits.shape} (positions x vocabulary)")
+        rows, chosen = logits.reshape(-1, vocabulary), labels.reshape(-1)
+        keep = chosen >= 0
+        if np.any(chosen[keep] >= vocabulary):
+            raise DataError(f"spec.data.evaluation.labels: token id {int(chosen[keep].max())} is outside the "
+                            f"model's vocabulary of {vocabulary}")
+        rows, chosen = rows[keep], chosen[keep]
+        for start in range(0, len(chosen), self.CHUNK_ROWS):
+            block = rows[start:start + self.CHUNK_ROWS].astype(np.float32)
+            top = block.max(axis=1)
+            log_normaliser = top + np.log(np.exp(block - top[:, None]).sum(axis=1))
+            picked = block[np.arange(len(block)), chosen[start:start + self.CHUNK_ROWS]]
+            self.nll += float(np.sum(log_normaliser.astype(np.float64) - picked.astype(np.float64)))
+        self.count += len(chosen)
+
+    def result(self) -> float:
+        return float(np.exp(self.nll / self.count)) if self.count else float("inf")
+
+
 def _one_line(exc: BaseException) -> str:
     text = (str(exc).strip().splitlines() or [""])[0][:300]
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -310,4 +356,6 @@ def create_metric(name: str, k: int = 5, has_labels: bool = True, base_dir: str 
         return metric
     if name == "cosine":
         return CosineSimilarity()
-    raise ValueError(f"unknown metric {name!r}; allowed: top1, topk, f1, mse, cosine, or module:Name")
+    if name == "perplexity":
+        return Perplexity()
+    raise ValueError(f"unknown metric {name!r}; allowed: top1, topk, f1, mse, cosine, perplexity, or module:Name")

@@ -72,6 +72,7 @@ class EvaluationSpec(DatasetSpec):
         default=None,
         description=".npz file (numpy, no pickles) with one array per model input, keyed by input name, plus "
                     "the labels array (any dtype the metric reads: integer class indices for top1/topk/f1, "
+                    "integer next-token ids for perplexity, "
                     "numbers for mse, strings for a metric of your own), relative to the job file's folder "
                     "(in a pod: to the workspace mount)",
     )
@@ -81,11 +82,13 @@ class EvaluationSpec(DatasetSpec):
     )
     metric: Annotated[str | None, AfterValidator(_metric_form)] = Field(
         default=None,
-        description="top1 | topk | f1 | mse | cosine, or module:Name of your own: a class with update(preds, "
+        description="top1 | topk | f1 | mse | cosine | perplexity, or module:Name of your own: a class with "
+                    "update(preds, "
                     "labels), reset(), result() (optional higher_is_better, and bounds(remaining_labels) -> "
                     "(low, high) to enable early stopping), or a function (preds, labels) -> float over the "
                     "whole set. Default: top1 (none with evalFunc). cosine, and mse without labels, compare "
-                    "with the fp32 model's outputs",
+                    "with the fp32 model's outputs; perplexity (lower is better) reads logits [batch, positions, "
+                    "vocabulary] and integer next-token labels, negative ones left out",
     )
     eval_func: Entrypoint = Field(
         default=None,

@@ -365,7 +365,7 @@ class OutputSpec(SpecModel):
                                                         "the current directory (qtune tune -o overrides)")
 
 
-LOWER_IS_BETTER_METRICS = ("mse",)
+LOWER_IS_BETTER_METRICS = ("mse", "perplexity")
 
 
 class JobSpec(SpecModel):
