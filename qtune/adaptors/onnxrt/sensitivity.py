@@ -168,7 +168,10 @@ def _fake_quantized_inputs(node: onnx.NodeProto, view: GraphView, op_cfg: OpConf
     for tensor, array in arrays.items():
         if array.dtype != np.float32:
             continue
-        if tensor in weights and _blockwise(op_cfg):
+        if node.op_type == "Gather" and tensor == node.input[0] and _blockwise(op_cfg):
+            assert op_cfg.weight is not None  # an embedding table: blocks along its width (GatherBlockQuantized)
+            quantized[tensor] = fake_quantize_blocks(array, op_cfg.weight, array.ndim - 1)
+        elif tensor in weights and _blockwise(op_cfg):
             assert op_cfg.weight is not None
             k_axis = 1 - weights[tensor] if array.ndim == 2 else array.ndim - 2
             quantized[tensor] = fake_quantize_blocks(array, op_cfg.weight, k_axis)

@@ -89,3 +89,42 @@ def test_perplexity_of_a_language_model_fp32_and_int8(adaptor: OnnxRuntimeAdapto
                                  Dataset({"ids": calib_inputs}, calib_labels).loader(16))
     int8 = adaptor.evaluate(quantized, Dataset({"ids": eval_inputs}, eval_labels).loader(16), metric=Perplexity())
     assert int8 != fp32 and int8 == pytest.approx(fp32, rel=0.05), (fp32, int8)
+
+
+def test_weight_only_takes_the_embedding_in_4_bits(tmp_path: Path) -> None:
+    """approach weight_only: the embedding Gather becomes GatherBlockQuantized (4 bits only: ORT refuses 8), the
+    projection MatMulNBits; both sensitivity measures see the embedding; perplexity stays close."""
+    from qtune.adaptors.onnxrt.sensitivity import op_sensitivity
+    from qtune.adaptors.onnxrt.weight_only_sensitivity import output_errors
+    from qtune.spec.models import QuantizationSpec
+    from qtune.tuning.space import build_space
+
+    ids, vocabulary = _text()
+    split = int(0.8 * len(ids))
+    _model(tmp_path / "lm.onnx", *_fit(ids[:split], vocabulary))
+    eval_inputs, eval_labels = _windows(ids[split:])
+    adaptor = OnnxRuntimeAdaptor({"workspace": str(tmp_path / "ws"), "threads": 1,
+                                  "quantization": {"approach": "weight_only"}})
+    capability = adaptor.query_fw_capability(tmp_path / "lm.onnx")
+    gather = next(entry for (_, op_type), entry in capability["opwise"].items() if op_type == "Gather")
+    assert gather["weight"]["dtype"] == ["int4", "fp32"] and gather["activation"]["dtype"] == ["fp32"]
+    config = build_space(capability, QuantizationSpec(approach="weight_only"), [], 100).default_config()
+    assert sorted(config.ops[name].op_type for name in config.quantized_ops()) == ["Gather", "MatMul"]
+
+    model = load(adaptor, tmp_path / "lm.onnx")
+    quantized = adaptor.quantize(codec.dump(config), model, None)
+    assert sorted(node.op_type for node in onnx.load(str(quantized.path)).graph.node) == [
+        "Add", "GatherBlockQuantized", "MatMulNBits"]
+    def weight_bytes(path: Path) -> int:
+        return sum(init.ByteSize() for init in onnx.load(str(path)).graph.initializer)  # as stored
+
+    assert weight_bytes(quantized.path) < 0.3 * weight_bytes(tmp_path / "lm.onnx")
+    fp32 = adaptor.evaluate(model, Dataset({"ids": eval_inputs}, eval_labels).loader(16), metric=Perplexity())
+    int4 = adaptor.evaluate(quantized, Dataset({"ids": eval_inputs}, eval_labels).loader(16), metric=Perplexity())
+    assert fp32 < int4 < 1.05 * fp32, (fp32, int4)
+
+    optimized = adaptor.optimized(model).model
+    gather_name = next(name for name, op in config.ops.items() if op.op_type == "Gather")
+    whole = output_errors(optimized, config, {"ids": eval_inputs[:8]}, None)
+    local = op_sensitivity(optimized.path, config, {"ids": eval_inputs[:8]})
+    assert whole[gather_name] > 0 and local[gather_name] > 0, (whole, local)
