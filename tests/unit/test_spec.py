@@ -55,7 +55,7 @@ def test_constraints_accept_one_value_or_a_list():
     ({"data": {"calibration": {"path": "c.npz", "entrypoint": "m:f"}, "evaluation": {"path": "e.npz"}}},
      "spec.data.calibration", "exactly one of path"),
     ({"data": {"calibration": {"path": "c.npz"}, "evaluation": {"path": "e.npz", "metric": "auc"}}},
-     "spec.data.evaluation.metric", "'top1', 'topk', 'f1', 'mse' or 'cosine'"),
+     "spec.data.evaluation.metric", "'top1', 'topk', 'f1', 'mse', 'cosine' or 'perplexity'"),
     ({"trial": {"resources": {"memory": "lots"}}}, "spec.trial.resources.memory", "Kubernetes memory quantity"),
 ])
 def test_errors_name_the_field_and_what_is_allowed(spec, field, words):
