@@ -81,7 +81,8 @@ of one model varied by about ±10% here, stretches of host load made them 1.5–
 
 ONE_THREAD_EVERY = 6
 """With several threads, the one-thread fp32 window runs in the first round and every this many rounds after
-(it barely moves: 20.2–22.4 ms in the stretch above), so it costs about a tenth of the measurement."""
+(it barely moves: 20.2–22.4 ms in the stretch above), so it costs a tenth of the measurement at batch 1 and
+up to a quarter where one run fills a window (PP-OCRv4 at batch 8: 186 ms every 6 rounds of 137 ms)."""
 ONE_THREAD_CHECK_MS = 2.0
 """The one-thread check applies when the fp32 model's one-thread run takes at least this long (CPU time): below
 it, waking a second thread can honestly cost more than it saves, and two threads may lose on a quiet machine."""
@@ -175,9 +176,9 @@ def measure_speed(runners: Mapping[str, Callable[[], None]], reference: str, *, 
     kept, and a busy machine is only reported. A round whose fp32 window ran `SLOW_FACTOR` times slower than
     its quiet time (`fp32_quiet_ms`, milliseconds on `clock`, or the fastest fp32 window so far) is contended
     too, for a wall clock with a `probe` (module docstring: load the counters cannot see; one thread's CPU
-    time stretches alike for both models). So is a round whose reference window ran slower than
-    `one_thread_reference` (the reference model with one thread, timed by `one_thread_clock`: CPU time) when
-    `threads` > 1: the scaling canary of the module docstring."""
+    time stretches alike for both models). So is a round whose reference window ran `ONE_THREAD_MARGIN` times
+    slower than `one_thread_reference` (the reference model with one thread, timed by `one_thread_clock`: CPU
+    time) when `threads` > 1: the scaling canary of the module docstring."""
     if reference not in runners:
         raise ValueError(f"reference {reference!r} is not among the runners {sorted(runners)}")
     names = [reference] + [name for name in runners if name != reference]
