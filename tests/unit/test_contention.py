@@ -347,6 +347,16 @@ def test_a_small_model_that_two_threads_do_not_speed_up_is_not_called_contended(
     assert flat.trusted and flat.contended_rounds == 0
 
 
+def test_the_one_thread_check_leaves_out_models_too_large_for_a_second_copy() -> None:
+    from types import SimpleNamespace
+
+    from qtune.runner.canaries import ONE_THREAD_MAX_MODEL_BYTES, one_thread_affordable
+
+    assert one_thread_affordable(SimpleNamespace(size=90_000_000))  # MiniLM's 90 MB: a second session is affordable
+    assert not one_thread_affordable(SimpleNamespace(size=ONE_THREAD_MAX_MODEL_BYTES + 1))
+    assert one_thread_affordable(object())  # says no size (an in-memory module the runner shares)
+
+
 def test_the_job_remembers_its_fastest_quiet_fp32_time(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
