@@ -317,11 +317,12 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
     while reference in models:
         reference = f"_{reference}"
     results: dict[str, dict[str, SpeedMeasurement]] = {name: {} for name in models}
+    # OnnxModel.size parses the graph for external data: asked once, not per batch size
+    check_one_thread = clock_name == "wall" and threads > 1 and one_thread_affordable(context.model)
     for size, batch in context.benchmark_batches().items():
         runners = {reference: adaptor.make_runner(context.model, batch, threads)}
         runners.update({name: adaptor.make_runner(model, batch, threads) for name, model in models.items()})
-        one_thread = (adaptor.make_runner(context.model, batch, 1)
-                      if clock_name == "wall" and threads > 1 and one_thread_affordable(context.model) else None)
+        one_thread = adaptor.make_runner(context.model, batch, 1) if check_one_thread else None
         measured = measure_speed(runners, reference, batch_size=size, settings=settings, threads=threads,
                                  clock=clock, wall_clock=time.perf_counter, probe=probe,
                                  drop_contended=clock_name != "cpu", fp32_quiet_ms=quiet.get(str(size)),
