@@ -16,6 +16,7 @@ from kubernetes import client
 
 from qtune.operator.context import JobContext
 from qtune.operator.podstatus import PodSummary
+from qtune.tuning.history import QueueStop
 
 logger = logging.getLogger(__name__)
 
@@ -75,37 +76,56 @@ class KueueReasons:
 
 class KueueStops:
     """The job's unit pods Kueue stopped (preempted or evicted their Workload: the pod's TerminationTarget
-    condition) seen by this process: each named once in a Normal Event, the count and the latest in the job's
-    status message. Not failures: the pod goes, the unit runs again as its next attempt (docs/kueue.md)."""
+    condition): each named once in a Normal Event, the count and the latest in the job's status message. Kept in
+    the history (`History.queue_stops`), so a restarted operator neither names a stop again nor forgets one. Not
+    failures: the pod goes, the unit runs again as its next attempt (docs/kueue.md)."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
-        self.units: dict[str, str] = {}
-        """pod name -> its unit."""
-        self.latest: tuple[str, str, str] | None = None
-        """(pod, unit, Kueue's reason and message) of the latest stop."""
+        self.unsaved: dict[str, QueueStop] = {}
+        """Stops noted while no history was loaded (after an API error): moved into the next one loaded."""
+        self.unstored = False
+        """A stop was noted since the history was last stored for it (see `store`)."""
+
+    def _stops(self) -> dict[str, QueueStop]:
+        history = self.ctx.history
+        if history is None:
+            return self.unsaved
+        for name, stop in self.unsaved.items():
+            history.queue_stops.setdefault(name, stop)
+        self.unsaved = {}
+        return history.queue_stops
 
     def note(self, stopped: Iterable[PodSummary]) -> None:
         """Name each pod Kueue stopped once (those of another job or not the job's own are ignored)."""
+        stops = self._stops()
         for pod in sorted(stopped, key=lambda item: item.name):
-            unit = pod.unit
-            if pod.name in self.units or not pod.kueue_stopped or not pod.owned_by(self.ctx.job.namespace,
-                                                                                   self.ctx.job.uid):
+            if pod.name in stops or not pod.kueue_stopped or not pod.owned_by(self.ctx.job.namespace,
+                                                                              self.ctx.job.uid):
                 continue
-            why = (pod.kueue_stopped or "")[:MESSAGE_LIMIT]
-            self.units[pod.name] = unit
-            self.latest = (pod.name, unit, why)
+            unit, why = pod.unit, (pod.kueue_stopped or "")[:MESSAGE_LIMIT]
+            stops[pod.name] = QueueStop(unit, why)
             kind = "UnitPreempted" if "preempt" in why.lower() else "UnitEvicted"
             self.ctx.events("Normal", kind, f"pod {pod.name} ({unit}) was stopped by Kueue ({why}); not a failure: "
                                             "the unit runs again")
             logger.info("%s/%s: Kueue stopped pod %s (%s): %s", self.ctx.job.namespace, self.ctx.job.name,
                         pod.name, unit, why)
+            self.unstored = True
+
+    async def store(self) -> None:
+        """Store the history when a stop was noted since: a restarted operator neither names it again nor forgets
+        it (a step that stores the history for its own reasons stores the stops too)."""
+        if self.unstored and self.ctx.history is not None:
+            self._stops()
+            await self.ctx.save()
+            self.unstored = False
 
     def status(self, message: str) -> str:
         """`message` with the stops so far (unchanged while there were none)."""
-        if self.latest is None:
+        stops = self._stops()
+        if not stops:
             return message
-        name, unit, why = self.latest
-        count = len(self.units)
+        name, latest = next(reversed(stops.items()))
+        count = len(stops)
         return (f"{message}; Kueue preempted or evicted {count} unit pod{'s' if count > 1 else ''} (not failures: "
-                f"{'each runs' if count > 1 else 'it runs'} again), the latest {name} ({unit}): {why}")
+                f"{'each runs' if count > 1 else 'it runs'} again), the latest {name} ({latest.unit}): {latest.why}")

@@ -367,6 +367,7 @@ class JobReconciler:
         kueue_reasons = await self.kueue_reasons.refresh(bool(seen.queued), now)
         reason, message = queued_status(seen, reason, message, now, kueue_reasons)
         self.kueue_stops.note(seen.kueue_stopped.values())
+        await self.kueue_stops.store()
         message = self.kueue_stops.status(message)
         metrics_error = self.executor.results.error
         if seen.awaiting:

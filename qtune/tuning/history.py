@@ -116,6 +116,15 @@ class Backoff:
 
 
 @dataclass
+class QueueStop:
+    """A unit pod the cluster's batch queue (Kueue) preempted or evicted: not a failure, the unit ran again."""
+
+    unit: str
+    why: str
+    """The queue's reason and message (the pod's TerminationTarget condition)."""
+
+
+@dataclass
 class History:
     job: str
     baseline: Baseline | None = None
@@ -142,6 +151,9 @@ class History:
     attempts: dict[str, int] = field(default_factory=dict)
     """On a cluster: unit id -> the highest attempt whose result secret the operator issued, stored BEFORE the
     unit's Secret is created, so a restarted operator never issues the same (unit, attempt) secret again."""
+    queue_stops: dict[str, QueueStop] = field(default_factory=dict)
+    """On a cluster: pod name -> why Kueue stopped that unit pod, in the order seen, so that the count in the
+    job's status and the one Event per stop survive an operator restart (qtune/operator/queueing.py)."""
     sequence: int = 0
     """On a cluster: how many times the operator stored this history (each store raises it), recorded in the job's
     status too (`status.history.sequence`, which tenants cannot write): a stored history older than that is refused

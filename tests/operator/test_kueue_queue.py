@@ -276,6 +276,31 @@ def test_a_unit_kueue_preempts_is_named_in_the_status_and_an_event_and_is_no_fai
     assert (trials["started"], trials["succeeded"], trials["failed"]) == (3, 3, 0)
 
 
+def test_the_stops_survive_an_operator_restart_and_are_named_once() -> None:
+    """The count of stops and the one Event per stop live in the (signed) history: a restarted operator that sees
+    the same stopped pod again neither names it a second time nor forgets it in the status."""
+    world = _queued_world(maxTrials=3, parallelTrials=1)
+    world.step()
+    world.finish_running()
+    world.step()
+    (trial_pod,) = world.running_pods()
+    _kueue_stops(world, trial_pod)
+    world.step()
+    stopped = copy.deepcopy(world.kube.pods[trial_pod])
+    del world.kube.pods[trial_pod]
+    world.step()  # trial-0 starts again as -a1: the history is stored with its attempt, and with the stop
+    assert list(world.history().queue_stops) == [trial_pod]
+    world.restart()
+    world.kube.pods[trial_pod] = stopped  # the deleted pod is still seen once by the new process
+    world.step()
+    assert "Kueue preempted or evicted 1 unit pod" in world.kube.status["message"], world.kube.status["message"]
+    assert [r for _, r, _ in world.events].count("UnitPreempted") == 1
+    del world.kube.pods[trial_pod]
+    assert world.run_to_end().done
+    assert list(world.history().queue_stops) == [trial_pod]
+    assert world.history().queue_stops[trial_pod].unit == "trial-0"
+
+
 def test_a_pod_kueue_stops_carries_kueues_reason_and_others_none() -> None:
     body = _status(gated=False)
     assert podstatus.summarize_pod(body).kueue_stopped is None

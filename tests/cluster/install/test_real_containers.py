@@ -395,3 +395,93 @@ def test_deleted_trial_pod_starts_again(installed: Installed) -> None:
     assert victim in names and any(n.startswith(f"{victim}-a") for n in names), names
     for pod in inst.pods.of_job(uid):
         assert pod.spec.node_name == inst.node.name
+
+
+# ------------------------------------------------------------------------- Kueue on the real node
+
+
+#: One unit pod's requests on the real node (the job's trial resources below and the operator's ephemeral-storage
+#: request): the ClusterQueue's quota holds exactly one, and it must cover every resource a pod requests.
+ONE_REAL_UNIT = {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"}
+
+
+def _urgent_pod(inst: Installed, queue: str, priority_class: str) -> dict[str, Any]:
+    """A busybox pod of the same LocalQueue asking one unit's quota at a higher priority, on the real node."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "urgent", "labels": {"kueue.x-k8s.io/queue-name": queue}},
+            "spec": {"restartPolicy": "Never", "nodeSelector": dict(REAL_POOL), "tolerations": [TOLERATION],
+                     "priorityClassName": priority_class,
+                     "containers": [{"name": "main", "image": inst.node.images["busybox"].ref,
+                                     "imagePullPolicy": "Never", "command": ["sleep", "5"],
+                                     "resources": {"requests": ONE_REAL_UNIT, "limits": ONE_REAL_UNIT}}]}}
+
+
+def _ran(pod: Any) -> tuple[Any, Any] | None:
+    state = (pod.status.container_statuses or [None])[0]
+    done = state.state.terminated if state is not None else None
+    return (done.started_at, done.finished_at) if done is not None and done.started_at else None
+
+
+def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, kueue: Any) -> None:
+    """The chart's operator (its own RBAC), real Kueue and the real kubelet: a ClusterQueue with room for ONE unit
+    makes the job's second trial wait gated (the job says `Queued` with Kueue's reason); a higher-priority pod of
+    the same queue then preempts the running trial (the kubelet kills its container), the trial runs again as its
+    next attempt, nothing counts as failed, and the job succeeds with every trial recorded once."""
+    import kueue as kueue_mod
+    from kubernetes import client
+
+    inst, name, queue = installed, "real-kueue", "tuning"
+    api = inst.cluster.api_client()
+    high = f"{inst.jobs}-high"
+    client.SchedulingV1Api(api).create_priority_class({
+        "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": high}, "value": 1000})
+    delete_queues = kueue_mod.create_queues(api, inst.jobs, ONE_REAL_UNIT, queue,
+                                            preemption={"withinClusterQueue": "LowerPriority"})
+    try:
+        job = real_job(name, maxTrials=2, parallelTrials=2)
+        job["spec"]["trial"]["queueName"] = queue
+        job["spec"]["trial"]["resources"] = {"cpu": ONE_REAL_UNIT["cpu"], "memory": ONE_REAL_UNIT["memory"]}
+        opcluster.create_job(inst.cluster, inst.jobs, job)
+        uid = opcluster.get_job(inst.cluster, inst.jobs, name)["metadata"]["uid"]
+        queued: dict[str, Any] = {}
+
+        def job_queued() -> bool:  # a trial holds the quota, the other waits for it
+            queued.clear()
+            queued.update(_status(inst, name))
+            return queued.get("reason") == "Queued" and "insufficient unused quota" in queued.get("message", "")
+
+        wait_for(job_queued, 300, "the job Queued with Kueue's reason", interval=0.3,
+                 detail=lambda: f"{queued!r}\n{inst.operator_log()[-3000:]}")
+        assert f"LocalQueue {queue}" in queued["message"], queued
+
+        def running_trial() -> list[Any]:
+            return [p for p in inst.pods.of_job(uid) if (p.metadata.labels or {}).get(c.LABEL_ROLE) == "trial"
+                    and p.metadata.name in inst.pods.running and p.status.phase == "Running"]
+
+        wait_for(lambda: bool(running_trial()), 120, "a trial running on the real node", interval=0.3)
+        victim = running_trial()[0]
+        inst.cluster.core().create_namespaced_pod(inst.jobs, _urgent_pod(inst, queue, high))
+        wait_for(lambda: any(p.metadata.name.startswith(f"{victim.metadata.name}-a") for p in inst.pods.of_job(uid)),
+                 240, f"{victim.metadata.name} preempted and started again", interval=0.5,
+                 detail=lambda: inst.operator_log()[-3000:])
+        status = wait_finished(inst, name, 600)
+        assert status["state"] == "Succeeded", (status, inst.operator_log()[-3000:])
+        assert status["trials"]["failed"] == 0 and status["trials"]["succeeded"] == 2, status["trials"]
+        hist = history(inst, name)
+        assert sorted(t["index"] for t in hist) == [0, 1] and all(t["status"] == "succeeded" for t in hist), hist
+        urgent = inst.cluster.wait_for_pod(inst.jobs, "urgent", timeout=60)
+        assert urgent.status.phase == "Succeeded" and urgent.spec.node_name == inst.node.name
+        events = inst.cluster.core().list_namespaced_event(inst.jobs).items
+        named = [e.message for e in events if e.reason == "UnitPreempted" and e.involved_object.name == name]
+        assert len(named) == 1 and named[0].startswith(f"pod {victim.metadata.name} "), named
+        pods = [p for p in inst.pods.of_job(uid)
+                if (p.metadata.labels or {}).get(c.LABEL_ROLE) in ("baseline", "trial")]
+        assert all(p.metadata.labels.get("kueue.x-k8s.io/queue-name") == queue for p in pods)
+        assert all(p.spec.node_name == inst.node.name for p in pods if p.spec.node_name), pods
+        runs = sorted(r for p in pods if (r := _ran(p)) is not None)
+        for (_, end), (start, _) in zip(runs, runs[1:], strict=False):
+            assert start >= end, f"two units ran at once under a one-unit quota: {runs}"
+        sys.stderr.write(f"real-kueue: queued {queued['message']!r}; preempted: {named[0]!r}\n")
+    finally:
+        delete_queues()
+        client.SchedulingV1Api(api).delete_priority_class(high)
