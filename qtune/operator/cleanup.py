@@ -91,8 +91,6 @@ class Janitor:
     executor: PodExecutor
     cleaned: set[str] = field(default_factory=set)
     """Pods of recorded units already cleaned up (once per process)."""
-    spares_dropped: set[str] = field(default_factory=set)
-    """Secrets of spares no trial used, deleted once the job finished (once per process)."""
     models_cleaned: int = -1
     """Trials the models cleanup was started for (once per finish in this process)."""
     revoked: bool = False
@@ -109,20 +107,19 @@ class Janitor:
         for pod in failed_pods_to_delete(cleaned, self.ctx.config.cleanup_failed_pods):
             await self.ctx.kube.delete_pod(self.ctx.job.namespace, pod.name)
         if finished is not None:
-            await self._drop_spares(finished.history)
+            await self._drop_spares(pods)
             await self._clean_models(pods, finished)
 
-    async def _drop_spares(self, history: History) -> None:
-        """Once per finish: the Secrets written ahead (PodExecutor spares) that no pod used: those of trials that
-        never started, and a trial's earlier attempts (a restarted operator does not take a spare an earlier
-        process wrote; a pod replaced on a lost node). Their attempts are in the history: nothing is read."""
-        ctx, started = self.ctx, {protocol.trial_unit(t.index) for t in history.trials}
-        names = [c.unit_key(c.unit_pod(ctx.job.name, unit, attempt)) for unit, last in history.attempts.items()
-                 if protocol.unit_trial_index(unit) is not None
-                 for attempt in range(last if unit in started else last + 1)]
-        await gather_all(ctx.kube.delete("Secret", ctx.job.namespace, name) for name in names
-                         if name not in self.spares_dropped)
-        self.spares_dropped.update(names)
+    async def _drop_spares(self, pods: dict[str, PodSummary]) -> None:
+        """Once the job finished: the Secrets this process wrote ahead (qtune/operator/spares.py) that no pod uses.
+        Only those: a Secret is never deleted by name unless this process created it (an earlier process's spare,
+        which a restarted operator does not take, goes with the job: ownerReferences)."""
+        ctx, spares = self.ctx, self.executor.spares
+        used = {c.unit_key(name) for name in self.cleaned} | {c.unit_key(pod.name) for pod in pods.values()}
+        names = sorted(spares.written - used)
+        spares.written.clear()
+        spares.ready.clear()
+        await gather_all(ctx.kube.delete("Secret", ctx.job.namespace, name) for name in names)
 
     async def _revoke_after_baseline(self, history: History) -> None:
         """Once the baseline is recorded (its pod gone or not), the job's publishing right goes, once per process

@@ -7,8 +7,9 @@ trial's inputs written meanwhile, before creating its pod (two round trips, not 
 
 Only a Secret this process created is ever taken (`ready`, in memory): a restarted operator takes a new attempt
 (the stored one is issued), as it cannot read Secrets. A spare is taken only while its attempt is still the unit's
-latest in the history held and among the pods seen. The janitor deletes the spares no pod used once the job
-finished (qtune/operator/cleanup.py).
+latest in the history held and among the pods seen. The janitor deletes the spares this process wrote that no pod
+used once the job finished (qtune/operator/cleanup.py); an earlier process's goes with the job (ownerReferences):
+the operator deletes a Secret by name only when it created it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class Spares:
     ctx: JobContext
     ready: dict[str, int] = field(default_factory=dict)
     """unit -> the attempt whose Secret this process wrote ahead of the unit's start."""
+    written: set[str] = field(default_factory=set)
+    """Names of the Secrets this process wrote ahead (the janitor deletes those no pod used once the job finished)."""
     plan: builders.UnitPlan | None = None
     """The spare issued in the history being stored: its Secret is written after the step's pods (`write`)."""
 
@@ -64,9 +67,11 @@ class Spares:
             return
         ctx = self.ctx
         secret = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, plan.unit, plan.attempt)
+        body = builders.unit_secret(ctx.job, plan, secret)
         try:
-            if await ctx.kube.ensure(builders.unit_secret(ctx.job, plan, secret)):
+            if await ctx.kube.ensure(body):
                 self.ready[plan.unit] = plan.attempt
+                self.written.add(body["metadata"]["name"])
         except Exception as exc:  # noqa: BLE001 - the spare only saves a round trip later
             logger.warning("%s/%s: the Secret of %s, written ahead, is not: %s", ctx.job.namespace, ctx.job.name,
                            plan.unit, exc)

@@ -280,6 +280,27 @@ def test_an_existing_unit_secret_is_never_used() -> None:
     assert c.unit_inputs("digits-baseline-a1") in world.kube.configmaps
 
 
+def test_a_secret_found_where_a_spare_goes_is_never_used() -> None:
+    """The next trial's Secret is written ahead; one of its name that exists already (anyone's) is not taken for
+    it: the trial starts under the next attempt, with a Secret the operator created."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    planted = {"kind": "Secret", "metadata": {"name": "digits-trial-1-key", "namespace": "ml"},
+               "stringData": {"secret": "known-to-its-author"}}
+    world.kube.objects[("Secret", "digits-trial-1-key")] = planted
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts; trial 1's spare Secret exists already
+    world.finish_running()
+    world.step()                       # trial 1 starts
+    assert "digits-trial-1" not in world.kube.created_pods
+    pod = world.kube.pods[c.unit_pod("digits", "trial-1", 1)]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    ref = env["QTUNE_RESULT_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+    assert ref == c.unit_key(c.unit_pod("digits", "trial-1", 1))
+    assert world.kube.objects[("Secret", ref)]["stringData"]["secret"] != "known-to-its-author"
+    assert world.kube.objects[("Secret", "digits-trial-1-key")] is planted, "not changed, not deleted"
+
+
 def test_unit_secrets_that_keep_existing_fail_the_job_naming_the_object() -> None:
     world = World()
     for name in (BASELINE_POD, "digits-baseline-a1", "digits-baseline-a2"):
@@ -570,7 +591,7 @@ def test_a_dispatch_stores_the_history_and_the_next_inputs_at_once_then_its_pod(
 def test_secrets_written_ahead_keep_every_attempt_stored_first_across_restarts() -> None:
     """After every step, each unit Secret's attempt is in the stored history; a restarted operator (which cannot
     know whether a Secret it finds is its own) never takes a Secret written ahead: the unit takes a new attempt.
-    A Secret no trial used is deleted once the job finished."""
+    The Secrets this process wrote ahead that no pod used are deleted once the job finished."""
     world = World(job_body(spec=spec_dict(parallelTrials=1)))
     for turn in range(40):
         result = world.step()
@@ -583,7 +604,10 @@ def test_secrets_written_ahead_keep_every_attempt_stored_first_across_restarts()
             world.restart()
         world.finish_running()
     assert result.done, world.kube.status
-    assert not [k for k in world.kube.objects if k[0] == "Secret"], "no Secret is left once the job finished"
+    # the earlier process's spare (trial 2, attempt 0) goes with the job: a Secret this process did not create is
+    # never deleted by name; every other one is gone
+    left = [k for k in world.kube.objects if k[0] == "Secret"]
+    assert left == [("Secret", c.unit_key(c.unit_pod("digits", "trial-2", 0)))], left
     created = world.kube.created_pods
     assert len(set(created)) == len(created)
     trials = world.history().trials
