@@ -320,7 +320,9 @@ class PodExecutor:
                 await ctx.save()
             return []
         prepared: list[Start] = []
-        early, pending, name = [], [], ""
+        early: list[tuple[WorkUnit, builders.UnitPlan]] = []
+        pending: list[WorkUnit] = []
+        name = ""
         for unit in units:
             attempt = self.spares.take(unit.id, self.attempts.latest.get(unit.id))
             if attempt is None:
