@@ -107,7 +107,19 @@ class Janitor:
         for pod in failed_pods_to_delete(cleaned, self.ctx.config.cleanup_failed_pods):
             await self.ctx.kube.delete_pod(self.ctx.job.namespace, pod.name)
         if finished is not None:
+            await self._drop_spares(pods)
             await self._clean_models(pods, finished)
+
+    async def _drop_spares(self, pods: dict[str, PodSummary]) -> None:
+        """Once the job finished: the Secrets this process wrote ahead (qtune/operator/spares.py) that no pod uses.
+        Only those: a Secret is never deleted by name unless this process created it (an earlier process's spare,
+        which a restarted operator does not take, goes with the job: ownerReferences)."""
+        ctx, spares = self.ctx, self.executor.spares
+        used = {c.unit_key(name) for name in self.cleaned} | {c.unit_key(pod.name) for pod in pods.values()}
+        names = sorted(spares.written - used)
+        spares.written.clear()
+        spares.ready.clear()
+        await gather_all(ctx.kube.delete("Secret", ctx.job.namespace, name) for name in names)
 
     async def _revoke_after_baseline(self, history: History) -> None:
         """Once the baseline is recorded (its pod gone or not), the job's publishing right goes, once per process

@@ -9,6 +9,7 @@
   restarted operator never issues a unit secret twice), then each start's Secret and inputs ConfigMap written (a
   new attempt, stored first, when a Secret of that name exists: one the operator did not just create is never
   used); the pods only once they are written. What the pod looks like is the builders' (qtune/operator/builders.py).
+  The next trial's Secret is written ahead (qtune/operator/spares.py): one round trip less before its pod.
 * cancel: pods of units the session cancelled, pods past their time limit.
 
 Every action is idempotent (deterministic names, 409/404 tolerated).
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,7 @@ from qtune.operator.prom import MetricsError
 from qtune.operator.rbac import ensure_identity
 from qtune.operator.results import ACCEPT, Observed, judge, terminated_result, unit_pods
 from qtune.operator.spaces import SpaceLoader
+from qtune.operator.spares import Spares
 from qtune.operator.store import OWNED, ForeignObject, ownership
 from qtune.spec.errors import SpecError
 from qtune.tuning import codec
@@ -106,10 +108,13 @@ class PodExecutor:
     """ConfigMaps this process created or found owned by the job's uid (deletable without a read)."""
     identity: tuple[int | None, str] | None = None
     """(generation, ServiceAccount) whose use by the job's pods was checked (rbac.ensure_identity)."""
+    spares: Spares = field(init=False)
+    """The next trial's Secret, written ahead (qtune/operator/spares.py)."""
 
     def __post_init__(self) -> None:
         self.nodes = NodeHealth(self.ctx)
         self.spaces = SpaceLoader(self.ctx.config.space_limit_bytes, self.ctx.config.space_limit_elements)
+        self.spares = Spares(self.ctx)
 
     # ----------------------------------------------------------------------------------------
     # observe
@@ -296,9 +301,11 @@ class PodExecutor:
         """Store the history, then write each start's Secret and inputs, all at once, then (the caller) the pods.
         The attempt of each start is recorded in the history (`History.attempts`) and stored BEFORE its Secret is
         created, so a restarted operator never issues the same unit secret twice (a holder of an old one could
-        sign for the new pod). A Secret that exists already is never taken for the job's own: its unit takes the
-        next attempt (stored again first), at most SECRET_TRIES times. Any failure is raised once every write
-        has ended, and then no pod is created and the Secrets and inputs written are deleted again."""
+        sign for the new pod). A start whose Secret was written ahead (spares.py: its attempt stored in an earlier
+        step) has its inputs written while the history is stored. A Secret that exists already is never taken for
+        the job's own: its unit takes the next attempt (stored again first), at most SECRET_TRIES times. Any failure
+        is raised once every write has ended, and then no pod is created and the Secrets and inputs written are
+        deleted."""
         ctx = self.ctx
         assert ctx.spec is not None and ctx.history is not None
         baseline = any(u.id == protocol.UnitKind.BASELINE for u in units)
@@ -307,29 +314,53 @@ class PodExecutor:
                 self.identity = (ctx.generation, await ensure_identity(ctx.kube, ctx.job, ctx.spec, publish=baseline))
             except SpecError as exc:
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
+        self.spares.plan = None
         if not units:
             if save:
                 await ctx.save()
             return []
         prepared: list[Start] = []
-        pending, name = list(units), ""
+        early: list[tuple[WorkUnit, builders.UnitPlan]] = []
+        pending: list[WorkUnit] = []
+        name = ""
+        for unit in units:
+            attempt = self.spares.take(unit.id, self.attempts.latest.get(unit.id))
+            if attempt is None:
+                pending.append(unit)
+            else:
+                early.append((unit, plan_of(unit, attempt)))
+        self.spares.issue(units, self._issue)
         for _ in range(SECRET_TRIES):
             plans = [plan_of(unit, self._issue(unit.id)) for unit in pending]
-            await ctx.save()  # the attempts first: no Secret exists whose attempt the stored history lacks
-            outcomes = await asyncio.gather(*(self._prepare(u, plan) for u, plan in zip(pending, plans, strict=True)),
-                                            return_exceptions=True)
-            prepared += [item for item in outcomes if isinstance(item, tuple)]
-            failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
-            if failure is not None:
+            try:  # the attempts first: no Secret exists whose attempt the stored history lacks; the inputs of the
+                # starts whose Secret was written ahead (their attempt stored in an earlier step) meanwhile
+                await self._gather([ctx.save(), *(self._prepare(u, plan, secret=False) for u, plan in early)], prepared)
+                outcomes = await self._gather([self._prepare(u, plan) for u, plan in zip(pending, plans, strict=True)],
+                                              prepared)
+            except BaseException:
+                self.spares.plan = None
                 await self._withdraw(prepared)
-                raise failure
+                raise
+            early = []
             taken = [(unit, plan) for unit, plan, item in zip(pending, plans, outcomes, strict=True) if item is None]
             if not taken:
                 return prepared
             pending = [unit for unit, _ in taken]
             name = c.unit_key(c.unit_pod(ctx.job.name, taken[0][1].unit, taken[0][1].attempt))
+        self.spares.plan = None
         await self._withdraw(prepared)
         raise ForeignObject("Secret", ctx.job.namespace, name, previous=False)
+
+    @staticmethod
+    async def _gather(calls: list[Awaitable[Any]], prepared: list[Start]) -> list[Any]:
+        """Run `calls` at once; the starts they prepared join `prepared`; the first failure is raised once every
+        call has ended."""
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        prepared += [item for item in outcomes if isinstance(item, tuple)]
+        failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
+        if failure is not None:
+            raise failure
+        return outcomes
 
     def _issue(self, unit: str) -> int:
         """The next attempt of `unit`, recorded in the history (stored before its Secret is created)."""
@@ -353,9 +384,10 @@ class PodExecutor:
                                "deleted: %s", job.namespace, job.name, outcome)
         self.owned.difference_update(c.unit_inputs(pod) for pod in names)
 
-    async def _prepare(self, unit: WorkUnit, plan: builders.UnitPlan) -> Start | None:
-        """Secret and inputs of a new start of `unit` under `plan`'s attempt, and its pod's body; None when a Secret
-        of that attempt's name exists already (the unit takes the next attempt)."""
+    async def _prepare(self, unit: WorkUnit, plan: builders.UnitPlan, secret: bool = True) -> Start | None:
+        """Secret (unless written ahead: `secret` False) and inputs of a new start of `unit` under `plan`'s attempt,
+        and its pod's body; None when a Secret of that attempt's name exists already (the unit takes the next
+        attempt)."""
         ctx = self.ctx
         assert ctx.spec is not None
         if plan.kind == protocol.UnitKind.BASELINE:
@@ -363,13 +395,13 @@ class PodExecutor:
         # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
         # holding a key its author knows). The unit starts under the next attempt's name instead. The inputs
         # are written alongside (their name is the attempt's); a superseded attempt's are deleted again.
-        secret = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, unit.id, plan.attempt)
-        secret_body = builders.unit_secret(ctx.job, plan, secret)
+        key = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, unit.id, plan.attempt)
+        secret_body = builders.unit_secret(ctx.job, plan, key)
         try:
             inputs = builders.unit_inputs(ctx.job, ctx.spec_dict, plan)
         except protocol.PayloadTooLarge as exc:
             raise Terminal("ConfigTooLarge", str(exc)) from None
-        created, _ = await gather_all([ctx.kube.ensure(secret_body), self.claim(inputs)])
+        created, _ = await gather_all([ctx.kube.ensure(secret_body) if secret else _true(), self.claim(inputs)])
         if not created:
             logger.warning("%s/%s: Secret %s exists already and is not used (it may not be the job's); %s starts "
                            "as attempt %d", ctx.job.namespace, ctx.job.name, secret_body["metadata"]["name"],
@@ -381,8 +413,9 @@ class PodExecutor:
         return plan, builders.unit_pod(ctx.job, ctx.spec, plan, ctx.config, annotations)
 
     async def start(self, starts: list[Start]) -> None:
-        """Create the prepared starts' pods (the history holding their units is stored)."""
+        """Create the prepared starts' pods (the history holding their units is stored), then the spare's Secret."""
         await gather_all(self._launch(plan, body) for plan, body in starts)
+        await self.spares.write()
 
     async def _launch(self, plan: builders.UnitPlan, body: dict[str, Any]) -> None:
         ctx = self.ctx
@@ -392,3 +425,7 @@ class PodExecutor:
                 ctx.metrics.trials_started.inc()
             logger.info("%s/%s: %s started (pod %s)", ctx.job.namespace, ctx.job.name, plan.unit,
                         body["metadata"]["name"])
+
+
+async def _true() -> bool:
+    return True

@@ -10,10 +10,10 @@ the actions are in their own rooms (the causes apart from the actions, as in Kop
    (node health: qtune/operator/nodes.py) and their units start again;
 3. record the outcomes in unit order and ask `session.advance(running, capacity)` (the session reads the
    operator's clock);
-4. apply (the pod executor): save the history BEFORE any pod starts (the started units' Secrets and inputs
-   ConfigMaps are written meanwhile: a dispatch costs two API round trips, not four), delete the pods of
-   cancelled units, create the started units' pods; then clean up recorded units (the janitor,
-   qtune/operator/cleanup.py);
+4. apply (the pod executor): save the history BEFORE any pod starts (a trial whose Secret was written ahead,
+   qtune/operator/spares.py, has its inputs written meanwhile: a dispatch costs two API round trips; otherwise the
+   Secrets and inputs follow the history, three), delete the pods of cancelled units, create the started units'
+   pods, then the next trial's Secret; then clean up recorded units (the janitor, qtune/operator/cleanup.py);
 5. write the status (the status writer, qtune/operator/statuswriter.py: a projection of the session) and post
    an Event when the state changes.
 
@@ -238,8 +238,8 @@ class JobReconciler:
         records = self._record(session, history, seen)
         decision = self._advance(session, seen)
         changed = bool(seen.outcomes or decision.changed)
-        # the history first, then pods: the starts' Secrets and inputs are written while the history is (they
-        # start nothing); their pods only once it is stored
+        # the history first, then pods: the starts' Secrets after it (or, written ahead, earlier), their inputs
+        # meanwhile (they start nothing); their pods only once it is stored
         starts = await self.executor.prepare_starts(decision.start, save=changed)
         if changed:
             self.writer.count(records)

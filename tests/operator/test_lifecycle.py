@@ -280,6 +280,27 @@ def test_an_existing_unit_secret_is_never_used() -> None:
     assert c.unit_inputs("digits-baseline-a1") in world.kube.configmaps
 
 
+def test_a_secret_found_where_a_spare_goes_is_never_used() -> None:
+    """The next trial's Secret is written ahead; one of its name that exists already (anyone's) is not taken for
+    it: the trial starts under the next attempt, with a Secret the operator created."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    planted = {"kind": "Secret", "metadata": {"name": "digits-trial-1-key", "namespace": "ml"},
+               "stringData": {"secret": "known-to-its-author"}}
+    world.kube.objects[("Secret", "digits-trial-1-key")] = planted
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts; trial 1's spare Secret exists already
+    world.finish_running()
+    world.step()                       # trial 1 starts
+    assert "digits-trial-1" not in world.kube.created_pods
+    pod = world.kube.pods[c.unit_pod("digits", "trial-1", 1)]
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    ref = env["QTUNE_RESULT_SECRET"]["valueFrom"]["secretKeyRef"]["name"]
+    assert ref == c.unit_key(c.unit_pod("digits", "trial-1", 1))
+    assert world.kube.objects[("Secret", ref)]["stringData"]["secret"] != "known-to-its-author"
+    assert world.kube.objects[("Secret", "digits-trial-1-key")] is planted, "not changed, not deleted"
+
+
 def test_unit_secrets_that_keep_existing_fail_the_job_naming_the_object() -> None:
     world = World()
     for name in (BASELINE_POD, "digits-baseline-a1", "digits-baseline-a2"):
@@ -521,14 +542,28 @@ def _slow_writes(world: World, log: list[tuple[str, str, float]]) -> None:
         setattr(world.kube, name, slowed(name, getattr(world.kube, name)))
 
 
-def test_a_dispatch_stores_the_history_then_the_next_units_objects_at_once_then_its_pod() -> None:
-    """The history (holding the finished trial and the next start's attempt) is stored first, so no unit secret
-    exists whose attempt the stored history lacks (issue 20); the next trial's Secret and inputs are then
-    written at once (one round trip, not two), and its pod only once they are."""
+def _secret_attempts(world: World) -> dict[str, int]:
+    """unit -> the highest attempt of the job's unit Secrets in the (fake) cluster."""
+    out: dict[str, int] = {}
+    for (kind, _), body in world.kube.objects.items():
+        labels = body["metadata"].get("labels") or {}
+        if kind == "Secret" and c.LABEL_UNIT in labels:
+            unit, attempt = labels[c.LABEL_UNIT], int(labels[c.LABEL_ATTEMPT])
+            out[unit] = max(out.get(unit, -1), attempt)
+    return out
+
+
+def test_a_dispatch_stores_the_history_and_the_next_inputs_at_once_then_its_pod() -> None:
+    """Issue 20: between a trial's result and the next trial's pod, one round trip: the history (holding the
+    finished trial) and the next trial's inputs are written at once, then its pod. Its Secret was written ahead,
+    after the step before had stored its attempt (no unit secret exists whose attempt the stored history lacks);
+    this step's history holds the attempt of the trial after it, whose Secret is written after the pod."""
     world = World(job_body(spec=spec_dict(parallelTrials=1)))
     world.step()
     world.finish_running()             # the baseline
-    world.step()                       # trial 0 starts
+    world.step()                       # trial 0 starts; trial 1's attempt stored, then its Secret written
+    assert world.history().attempts.get("trial-1") == 0
+    assert ("Secret", c.unit_key("digits-trial-1")) in world.kube.objects
     world.finish_running()             # trial 0 finishes
     log: list[tuple[str, str, float]] = []
 
@@ -539,16 +574,46 @@ def test_a_dispatch_stores_the_history_then_the_next_units_objects_at_once_then_
 
     asyncio.run(step())
     spans = {label: [t for what, edge, t in log if what == label] for label, _, _ in log}
-    history = next(label for label in spans if label.endswith(":digits-history"))
-    secret = next(label for label in spans if label.startswith("ensure:Secret:"))
-    inputs = next(label for label in spans if label.startswith("ensure:ConfigMap:"))
     pod = next(label for label in spans if label.startswith("create_pod:"))
     assert pod.endswith("digits-trial-1"), spans
     started = {label: times[0] for label, times in spans.items()}
     ended = {label: times[1] for label, times in spans.items()}
-    assert ended[history] <= min(started[secret], started[inputs]), "the attempt is stored before its Secret"
-    assert max(started[secret], started[inputs]) < min(ended[secret], ended[inputs])
-    assert started[pod] >= max(ended[history], ended[secret], ended[inputs])
+    inputs = "ensure:ConfigMap:" + c.unit_inputs("digits-trial-1")
+    before_pod = sorted(label for label in spans if ended[label] <= started[pod]  # (the fake's ensure creates)
+                        and not label.startswith("create_configmap:"))
+    assert before_pod == [inputs, "replace_configmap:ConfigMap:digits-history"], spans
+    assert abs(started[before_pod[0]] - started[before_pod[1]]) < 0.01, "written at once: one round trip"
+    spare = next(label for label in spans if label.startswith("ensure:Secret:"))
+    assert spare.endswith(c.unit_key("digits-trial-2")) and started[spare] >= ended[pod], spans
+    assert world.history().attempts.get("trial-2") == 0, "its attempt was stored before its Secret"
+
+
+def test_secrets_written_ahead_keep_every_attempt_stored_first_across_restarts() -> None:
+    """After every step, each unit Secret's attempt is in the stored history; a restarted operator (which cannot
+    know whether a Secret it finds is its own) never takes a Secret written ahead: the unit takes a new attempt.
+    The Secrets this process wrote ahead that no pod used are deleted once the job finished."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    for turn in range(40):
+        result = world.step()
+        stored = world.history().attempts
+        for unit, attempt in _secret_attempts(world).items():
+            assert stored.get(unit, -1) >= attempt, (unit, attempt, stored)
+        if result.done:
+            break
+        if turn == 2:                  # trial 1 runs; trial 2's Secret was written ahead by this process
+            world.restart()
+        world.finish_running()
+    assert result.done, world.kube.status
+    # the earlier process's spare (trial 2, attempt 0) goes with the job: a Secret this process did not create is
+    # never deleted by name; every other one is gone
+    left = [k for k in world.kube.objects if k[0] == "Secret"]
+    assert left == [("Secret", c.unit_key(c.unit_pod("digits", "trial-2", 0)))], left
+    created = world.kube.created_pods
+    assert len(set(created)) == len(created)
+    trials = world.history().trials
+    again = [t.index for t in trials if c.unit_pod("digits", f"trial-{t.index}", 1) in created]
+    assert len(again) == 1, f"the trial after the restart takes attempt 1, not the spare's Secret: {created}"
+    assert len(trials) == len({t.index for t in trials}) and all(t.done for t in trials)
 
 
 def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
