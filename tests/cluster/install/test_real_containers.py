@@ -400,9 +400,10 @@ def test_deleted_trial_pod_starts_again(installed: Installed) -> None:
 # ------------------------------------------------------------------------- Kueue on the real node
 
 
-#: One unit pod's requests on the real node (the job's trial resources below and the operator's ephemeral-storage
-#: request): the ClusterQueue's quota holds exactly one, and it must cover every resource a pod requests.
-ONE_REAL_UNIT = {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"}
+#: One unit pod's requests on the real node (the job's trial resources below, whole CPUs, and the operator's
+#: ephemeral-storage request): the ClusterQueue's quota holds exactly one, and it must cover every resource a pod
+#: requests.
+ONE_REAL_UNIT = {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"}
 
 
 def _urgent_pod(inst: Installed, queue: str, priority_class: str) -> dict[str, Any]:
