@@ -138,6 +138,9 @@ class ResultsGateway:
         self.session = session
         self.refused: Counter[int] = Counter()
         """HTTP status -> requests refused with it (reported by /healthz)."""
+        self.forwarded: Counter[str] = Counter()
+        """Method -> writes let through that the Pushgateway accepted (2xx; reported by /healthz): what shows that
+        results really come through the gateway."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.config.max_body_bytes)
@@ -171,7 +174,8 @@ class ResultsGateway:
     async def _route(self, request: web.Request) -> web.StreamResponse:
         path, method = request.rel_url.raw_path, request.method
         if path == "/healthz" and method == "GET":
-            return web.json_response({"status": "ok", "refused": {str(k): v for k, v in self.refused.items()}})
+            return web.json_response({"status": "ok", "refused": {str(k): v for k, v in self.refused.items()},
+                                      "forwarded": dict(self.forwarded)})
         if path in ("/metrics", "/api/v1/metrics"):
             if method != "GET":
                 raise Refused(405, "read-only")
@@ -228,6 +232,8 @@ class ResultsGateway:
         url = URL(self.upstream + path, encoded=True)
         async with self.session.request(method, url, data=body or None, headers=headers) as answer:
             text = await answer.content.read(64 * 1024)
+            if answer.status < 300:
+                self.forwarded[method] += 1
             return web.Response(status=answer.status, body=text,
                                 headers={k: answer.headers[k] for k in ANSWER_HEADERS if k in answer.headers})
 

@@ -1,6 +1,7 @@
-"""The chart's results gateway (issue 20): off by default; when on, a Deployment and Service of `qtune
-results-gateway` in front of pushgateway.url, the operator and unit pods sent to it, unit pods' egress to it
-alone, and optionally a NetworkPolicy that lets only the gateway and Prometheus reach the Pushgateway."""
+"""The chart's results gateway (issue 20): on by default (with pushgateway.url set), a Deployment and Service of
+`qtune results-gateway` in front of pushgateway.url, the operator and unit pods sent to it, unit pods' egress to it
+alone, and optionally a NetworkPolicy that lets only the gateway and Prometheus reach the Pushgateway.
+resultsGateway.enabled=false renders the direct way, with a warning."""
 
 from __future__ import annotations
 
@@ -36,12 +37,86 @@ def gateway_container(manifests: list[Manifest]) -> Manifest:
     return containers[0]
 
 
-def test_the_gateway_is_off_by_default(helm: Path) -> None:
+def unit_pod_push_urls(manifests: list[Manifest], monkeypatch: pytest.MonkeyPatch) -> set[str | None]:
+    """Where a unit pod the operator would start pushes (its env and `--pushgateway` argument), the operator
+    configured from the chart's environment as in its container."""
+    from qtune.operator import builders
+    from qtune.operator import constants as c
+    from qtune.operator.config import OperatorConfig
+    from qtune.operator.layout import JobRef
+    from qtune.operator.reconcile import validate
+
+    for name in [n for n in os.environ if n.startswith("QTUNE_")]:
+        monkeypatch.delenv(name)
+    for name, value in env_of(manifests).items():
+        if name.startswith("QTUNE_") and isinstance(value, str):
+            monkeypatch.setenv(name, value)
+    body = {"apiVersion": c.API_VERSION, "kind": c.KIND,
+            "metadata": {"name": "digits", "namespace": "ml", "uid": "0b6c7f5e-8d1a-4c2e-9f00-123456789abc"},
+            "spec": {"model": {"framework": "onnxruntime", "path": "model.onnx"},
+                     "data": {"calibration": {"path": "calib.npz"}, "evaluation": {"path": "eval.npz"}},
+                     "trial": {"resources": {"cpu": 2, "memory": "1Gi"}},
+                     "workspace": {"persistentVolumeClaim": "work", "mountPath": "/workspace"}}}
+    spec, _ = validate(body)
+    plan = builders.UnitPlan(unit="trial-0", attempt=0, trial=0, tune_config={})
+    container = builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig.from_env())["spec"][
+        "containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    args = container["args"]
+    pushed_to = args[args.index("--pushgateway") + 1] if "--pushgateway" in args else None
+    return {env.get("QTUNE_PUSHGATEWAY_URL"), pushed_to}
+
+
+def test_the_gateway_is_on_by_default(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     manifests = render(helm, {"pushgateway.url": PGW})
+    gateway_container(manifests)
+    one(manifests, "Service", name=NAME, namespace=NS)
+    url = f"http://{NAME}.{NS}.svc:9091"
+    assert env_of(manifests)["QTUNE_PUSHGATEWAY_URL"] == url
+    assert unit_pod_push_urls(manifests, monkeypatch) == {url}, "unit pods push through the gateway"
+    units, _ = unit_policies(manifests, NS)
+    assert units["spec"]["egress"][1]["ports"] == [{"protocol": "TCP", "port": 9091}]
+    assert units["spec"]["egress"][1]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == \
+        "results-gateway"
+
+
+def test_without_a_pushgateway_no_gateway_is_created(helm: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defaults (plus the API server's addresses, which the chart requires) render: nothing to front, so no
+    gateway, no push address, and NOTES says so."""
+    manifests = render(helm)
+    assert not [m for m in manifests if NAME in m["metadata"]["name"]]
+    assert "QTUNE_PUSHGATEWAY_URL" not in env_of(manifests)
+    assert unit_pod_push_urls(manifests, monkeypatch) == {None}
+    assert "no results gateway was created" in notes(helm, tmp_path, {})
+
+
+def test_off_renders_the_direct_way_with_a_warning(helm: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"pushgateway.url": PGW, "resultsGateway.enabled": False}
+    manifests = render(helm, values)
     assert not [m for m in manifests if NAME in m["metadata"]["name"]]
     assert env_of(manifests)["QTUNE_PUSHGATEWAY_URL"] == PGW
-    # on without a Pushgateway to front: nothing to run
-    assert not find(render(helm, {"resultsGateway.enabled": True}), "Deployment", name=NAME)
+    assert unit_pod_push_urls(manifests, monkeypatch) == {PGW}
+    units, _ = unit_policies(manifests, NS)
+    assert units["spec"]["egress"][1]["to"][0]["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "prometheus-pushgateway"}}
+    assert "WARNING: resultsGateway.enabled is false" in notes(helm, tmp_path, values)
+
+
+def test_pods_never_push_round_the_gateway(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pushgateway.podUrl would send unit pods straight to the Pushgateway: refused while the gateway runs;
+    resultsGateway.url is the address of the gateway itself (for pods without cluster DNS)."""
+    proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args(
+        {"pushgateway.url": PGW, "pushgateway.podUrl": "http://10.0.0.5:9091"})], check=False)
+    assert proc.returncode != 0 and "pushgateway.podUrl is set while the results gateway runs" in proc.stderr
+    direct = render(helm, {"pushgateway.url": PGW, "pushgateway.podUrl": "http://10.0.0.5:9091",
+                           "resultsGateway.enabled": False})
+    assert unit_pod_push_urls(direct, monkeypatch) == {"http://10.0.0.5:9091"}
+    manifests = render(helm, {"pushgateway.url": PGW, "resultsGateway.url": "http://10.0.0.7:9091"})
+    assert env_of(manifests)["QTUNE_PUSHGATEWAY_URL"] == "http://10.0.0.7:9091"
+    assert unit_pod_push_urls(manifests, monkeypatch) == {"http://10.0.0.7:9091"}
+    gateway_container(manifests)
 
 
 def test_the_gateway_fronts_the_pushgateway_with_the_operators_key(helm: Path) -> None:
@@ -107,14 +182,14 @@ def test_the_pushgateway_policy_admits_only_the_gateway_and_prometheus(helm: Pat
 
 def test_the_gateway_values_are_checked(helm: Path) -> None:
     bad: list[dict[str, Any]] = [{"resultsGateway.port": 0}, {"resultsGateway.enabld": True},
-                                 {"resultsGateway.readToken.key": ""}]
+                                 {"resultsGateway.readToken.key": ""}, {"resultsGateway.url": "gateway:9091"}]
     for values in bad:
         proc = run_helm(helm, ["template", "q", str(OPERATOR_CHART), *operator_args(values)], check=False)
         assert proc.returncode != 0 and "schema" in proc.stderr, values
 
 
 def test_notes_warn_while_the_pushgateway_is_open(helm: Path, tmp_path: Path) -> None:
-    assert "WARNING: resultsGateway.enabled is false" in notes(helm, tmp_path / "a", {"pushgateway.url": PGW})
+    assert "WARNING: resultsGateway" not in notes(helm, tmp_path / "a", {"pushgateway.url": PGW}), "on by default"
     text = notes(helm, tmp_path / "b", ON)
     assert "WARNING: resultsGateway" not in text and "pushgatewayPolicy" in text
     text = notes(helm, tmp_path / "c", {**ON, "resultsGateway.pushgatewayPolicy.enabled": True})

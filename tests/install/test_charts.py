@@ -192,7 +192,7 @@ def test_replicas_without_peering_are_refused(helm: Path) -> None:
 def test_endpoints_and_trial_defaults_reach_the_operator(helm: Path) -> None:
     manifests = render(helm, {"prometheus.url": "http://prometheus.monitoring:9090",
                               "pushgateway.url": "http://pushgateway.monitoring:9091",
-                              "pushgateway.podUrl": "http://pgw:9091",
+                              "pushgateway.podUrl": "http://pgw:9091", "resultsGateway.enabled": False,
                               "image.repository": "registry.example/qtune", "image.tag": "1.2.3",
                               "trial.nodeAffinity.isaLabel": "feature.node.kubernetes.io/cpu-cpuid.AMXINT8"})
     env = env_of(manifests)

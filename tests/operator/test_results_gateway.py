@@ -287,13 +287,18 @@ def test_the_operator_token_deletes_only_result_groups() -> None:
     assert status == 403 and len(left) == 1
 
 
-def test_health_needs_no_token_and_counts_refusals() -> None:
+def test_health_needs_no_token_and_counts_refusals_and_accepted_writes() -> None:
     async def body(front: str, upstream: str, session: aiohttp.ClientSession) -> Any:
         await session.put(front + _group(), data=BODY)
+        async with session.put(front + _group(), data=BODY, headers=_auth()) as pushed:
+            assert pushed.status == 200, await pushed.text()
+        async with session.delete(front + _group(), headers={"Authorization": f"Bearer {OPERATOR}"}) as deleted:
+            assert deleted.status == 202, await deleted.text()
         async with session.get(front + "/healthz") as answer:
             return answer.status, await answer.json()
 
-    assert _through_gateway(body) == (200, {"status": "ok", "refused": {"401": 1}})
+    assert _through_gateway(body) == (200, {"status": "ok", "refused": {"401": 1},
+                                            "forwarded": {"PUT": 1, "DELETE": 1}})
 
 
 def test_the_gateway_refuses_to_start_without_the_signing_key() -> None:

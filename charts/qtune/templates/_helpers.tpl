@@ -171,9 +171,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: results-gateway
 {{- end -}}
 
-{{/* The results gateway's Service URL (what the operator and unit pods use when it runs). */}}
+{{/* The results gateway's address (what the operator and unit pods use when it runs): resultsGateway.url, else
+its Service's cluster DNS name. */}}
 {{- define "qtune.gateway.url" -}}
-{{- printf "http://%s.%s.svc:%d" (include "qtune.gateway.fullname" .) .Release.Namespace (int .Values.resultsGateway.port) -}}
+{{- .Values.resultsGateway.url | default (printf "http://%s.%s.svc:%d" (include "qtune.gateway.fullname" .) .Release.Namespace (int .Values.resultsGateway.port)) -}}
 {{- end -}}
 
 {{- define "qtune.operatorEnv" -}}

@@ -7,7 +7,8 @@ tests/install/build_helm.sh builds:
 * ``qtune`` into a fresh operator namespace, serving one fresh job namespace, with the plane's
   Prometheus and Pushgateway, and ``replicaCount=0``: the tests run the operator themselves, as a
   local process whose only credential is a token of the chart's ServiceAccount (never the admin's),
-  with the arguments and environment of the chart's own Deployment.
+  with the arguments and environment of the chart's own Deployment. The results gateway is turned
+  off here (the plane has no cluster DNS: see the fixture); test_real_containers.py covers it.
 
 A third namespace, served by nobody, is there to prove what the operator may NOT do.
 """
@@ -71,6 +72,11 @@ def release(cluster: Cluster, helm: Path, tmp_path_factory: pytest.TempPathFacto
     names = [cluster.create_namespace(prefix=f"{p}-{suffix}-") for p in ("qtune-system", "qtune-jobs", "other")]
     values = {"watch.namespaces": [names[1]], "replicaCount": 0,
               "prometheus.url": cluster.prometheus_url or "", "pushgateway.url": cluster.pushgateway_url or "",
+              # The results gateway (on by default) cannot serve on this plane: its pod would run as a process of
+              # this host on the host's port 9091, and the operator and unit pods would push to its Service's name,
+              # which nothing here resolves (no cluster DNS, no Service proxy). Pods push to the plane's
+              # Pushgateway directly; test_real_containers.py runs the gateway on the real node.
+              "resultsGateway.enabled": False,
               "operator.logLevel": "DEBUG", **api_server_values(cluster)}
     rel = Release(cluster, helm, names[0], names[1], names[2], values, tmp=tmp_path_factory.mktemp("install"))
     crds_release = f"qtune-crds-{suffix}"

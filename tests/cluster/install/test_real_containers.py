@@ -7,7 +7,9 @@ One module fixture builds (or takes from its cache) the image, imports it into t
 default trial toleration = the node's taint; the jobs' ``spec.trial.nodeSelector`` keeps their pods
 off the fake Xeon nodes) and Prometheus/Pushgateway as pods reach them. Then the kubelet runs
 everything: the operator's probes, the unit pods' securityContext, Guaranteed QoS, read-only root
-file system, the workspace PVC (a hostPath volume), OOM kills and pod deletion.
+file system, the workspace PVC (a hostPath volume), OOM kills and pod deletion. The chart's results
+gateway (on by default) runs there too, on the operator's nodeSelector and toleration: the unit pods
+push through it, and a hostile pod holding a running trial's Secret is refused by it.
 
 These tests FAIL (never skip) when something is missing: CI installs everything (scripts/setup.sh)
 and the image is built on demand (cached under ~/.cache/qtune/images; warm: instant).
@@ -15,6 +17,7 @@ and the image is built on demand (cached under ~/.cache/qtune/images; warm: inst
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -92,14 +95,27 @@ class Installed:
     jobs: str
     workspace: Path
     pods: PodLog
+    gateway_url: str = ""
     release: str = "qtune"
     notes: dict[str, Any] = field(default_factory=dict)
 
-    def operator_pod(self) -> Any:
+    def _pod(self, component: str) -> Any:
         pods = self.cluster.core().list_namespaced_pod(
-            self.operator_namespace, label_selector="app.kubernetes.io/name=qtune").items
+            self.operator_namespace,
+            label_selector=f"app.kubernetes.io/name=qtune,app.kubernetes.io/component={component}").items
+        pods = [p for p in pods if p.metadata.deletion_timestamp is None]
         assert len(pods) == 1, [p.metadata.name for p in pods]
         return pods[0]
+
+    def operator_pod(self) -> Any:
+        return self._pod("operator")
+
+    def gateway_pod(self) -> Any:
+        return self._pod("results-gateway")
+
+    def gateway_health(self) -> dict[str, Any]:
+        """The results gateway's /healthz: refusals by status, writes the Pushgateway accepted by method."""
+        return dict(json.loads(in_node(self, f"{self.gateway_url}/healthz")))
 
     def operator_log(self) -> str:
         try:
@@ -182,11 +198,11 @@ def installed(cluster: Cluster, helm: Path, real_node: realnode.RealNode) -> Ite
     _adopt_crds(cluster, crds_release, op_ns)
     run_helm(helm, ["install", crds_release, str(CRD_CHART), "--namespace", op_ns, "--wait", "--timeout",
                     "120s", *kube])
-    run_helm(helm, ["install", "qtune", str(OPERATOR_CHART), "--namespace", op_ns, "--wait", "--timeout",
-                    "180s", *set_args(values), *kube])
+    gateway_url = _install_with_the_gateway(cluster, helm, op_ns, values, kube)
     t_helm = time.monotonic()
     pods = PodLog(cluster, jobs)
-    inst = Installed(cluster, real_node, image, op_ns, jobs, opcluster.prepare_workspace(cluster, jobs), pods)
+    inst = Installed(cluster, real_node, image, op_ns, jobs, opcluster.prepare_workspace(cluster, jobs), pods,
+                     gateway_url=gateway_url)
     inst.notes.update(build_s=round(t_build - t0, 1), import_s=round(t_import - t_build, 1),
                       helm_s=round(t_helm - t_import, 1))
     sys.stderr.write(f"real containers setup: {inst.notes}\n")
@@ -200,6 +216,26 @@ def installed(cluster: Cluster, helm: Path, real_node: realnode.RealNode) -> Ite
                      check=False)
         for name in (jobs, op_ns):
             cluster.delete_namespace(name)
+
+
+def _install_with_the_gateway(cluster: Cluster, helm: Path, namespace: str, values: dict[str, Any],
+                              kube: list[str]) -> str:
+    """Install the operator chart with its results gateway (the default); return the gateway's address.
+
+    The real node has no cluster DNS and no Service proxy, so pods reach the gateway at its pod IP (chart value
+    resultsGateway.url), as an admin of a cluster without DNS would set it: the chart goes in with no operator
+    replica, and once the gateway's pod runs an upgrade starts the operator with that address (the gateway's
+    Deployment is unchanged by it, so its pod stays)."""
+    run_helm(helm, ["install", "qtune", str(OPERATOR_CHART), "--namespace", namespace, "--wait", "--timeout",
+                    "180s", *set_args({**values, "replicaCount": 0}), *kube])
+    pods = cluster.core().list_namespaced_pod(
+        namespace, label_selector="app.kubernetes.io/component=results-gateway").items
+    assert len(pods) == 1 and pods[0].status.pod_ip, [(p.metadata.name, p.status.phase) for p in pods]
+    url = f"http://{pods[0].status.pod_ip}:9091"
+    values["resultsGateway.url"] = url
+    run_helm(helm, ["upgrade", "qtune", str(OPERATOR_CHART), "--namespace", namespace, "--wait", "--timeout",
+                    "180s", *set_args(values), *kube])
+    return url
 
 
 def real_job(name: str, **tuning: Any) -> dict[str, Any]:
@@ -307,9 +343,28 @@ def _assert_unit_pod(inst: Installed, pod: Any) -> None:
     assert pod.spec.security_context.run_as_user == 65532
 
 
+def _pushes_to(pod: Any) -> set[str]:
+    """The addresses a unit pod pushes its result to: env QTUNE_PUSHGATEWAY_URL and the `--pushgateway` argument."""
+    container = pod.spec.containers[0]
+    env = {e.name: e.value for e in container.env or []}
+    args = list(container.args or [])
+    return {env.get("QTUNE_PUSHGATEWAY_URL"), args[args.index("--pushgateway") + 1] if "--pushgateway" in args
+            else None}
+
+
+def _assert_gateway_pod(inst: Installed) -> None:
+    pod = inst.gateway_pod()
+    assert pod.spec.node_name == inst.node.name and pod.spec.containers[0].image == inst.image
+    assert {x.type: x.status for x in pod.status.conditions or []}.get("Ready") == "True", pod.status
+    assert pod.status.container_statuses[0].restart_count == 0
+    assert inst.gateway_url == f"http://{pod.status.pod_ip}:9091"
+
+
 def test_digits_job_on_real_containers(installed: Installed) -> None:
     inst = installed
     t0 = time.monotonic()
+    _assert_gateway_pod(inst)
+    before = inst.gateway_health()
     opcluster.create_job(inst.cluster, inst.jobs, real_job("real-digits", maxTrials=3, parallelTrials=1))
     status = wait_finished(inst, "real-digits", 600)
     assert status["state"] == "Succeeded", (status, inst.operator_log()[-3000:])
@@ -324,6 +379,21 @@ def test_digits_job_on_real_containers(installed: Installed) -> None:
     for pod in pods:
         if (pod.metadata.labels or {}).get(c.LABEL_ROLE) in ("baseline", "trial"):
             _assert_unit_pod(inst, pod)
+            assert _pushes_to(pod) == {inst.gateway_url}, (pod.metadata.name, _pushes_to(pod))
+    # the results came through the gateway: the baseline's and each trial's push accepted, none refused; the
+    # operator deletes the recorded groups through it too
+    _assert_gateway_pod(inst)
+    after: dict[str, Any] = {}
+
+    def deleted_through_the_gateway() -> bool:
+        after.update(inst.gateway_health())
+        return after["forwarded"].get("DELETE", 0) > before["forwarded"].get("DELETE", 0)
+
+    wait_for(deleted_through_the_gateway, 60, "the operator's DELETE through the gateway",
+             detail=lambda: repr(after))
+    pushed = sum(after["forwarded"].get(m, 0) - before["forwarded"].get(m, 0) for m in ("PUT", "POST"))
+    assert pushed >= 4, (before, after)
+    assert after["refused"] == before["refused"], (before, after)
     # the pods wrote the job's folder of the PVC (a hostPath volume) as uid 65532
     folders = list((inst.workspace / ".qtune").glob("real-digits-*"))
     assert len(folders) == 1, folders
@@ -417,6 +487,24 @@ def _urgent_pod(inst: Installed, queue: str, priority_class: str) -> dict[str, A
                                      "resources": {"requests": ONE_REAL_UNIT, "limits": ONE_REAL_UNIT}}]}}
 
 
+def _queue_scene(inst: Installed) -> str:
+    """The jobs namespace's pods and Kueue Workloads with their conditions: what a failed wait shows."""
+    from kubernetes import client
+
+    lines = []
+    for p in inst.cluster.core().list_namespaced_pod(inst.jobs).items:
+        gates = [g.name for g in p.spec.scheduling_gates or []]
+        conds = [f"{x.type}={x.status}({x.reason})" for x in p.status.conditions or []]
+        lines.append(f"pod {p.metadata.name} {p.status.phase} node={p.spec.node_name} gates={gates} {conds}")
+    workloads = client.CustomObjectsApi(inst.cluster.api_client()).list_namespaced_custom_object(
+        "kueue.x-k8s.io", "v1beta2", inst.jobs, "workloads")["items"]
+    for w in workloads:
+        conds = [f"{x['type']}={x['status']}({x.get('reason')}: {x.get('message', '')[:120]})"
+                 for x in w.get("status", {}).get("conditions", [])]
+        lines.append(f"workload {w['metadata']['name']} {conds}")
+    return "\n".join(lines)
+
+
 def _ran(pod: Any) -> tuple[Any, Any] | None:
     state = (pod.status.container_statuses or [None])[0]
     done = state.state.terminated if state is not None else None
@@ -459,12 +547,13 @@ def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, 
             return [p for p in inst.pods.of_job(uid) if (p.metadata.labels or {}).get(c.LABEL_ROLE) == "trial"
                     and p.metadata.name in inst.pods.running and p.status.phase == "Running"]
 
-        wait_for(lambda: bool(running_trial()), 120, "a trial running on the real node", interval=0.3)
+        wait_for(lambda: bool(running_trial()), 120, "a trial running on the real node", interval=0.3,
+                 detail=lambda: _queue_scene(inst))
         victim = running_trial()[0]
         inst.cluster.core().create_namespaced_pod(inst.jobs, _urgent_pod(inst, queue, high))
         wait_for(lambda: any(p.metadata.name.startswith(f"{victim.metadata.name}-a") for p in inst.pods.of_job(uid)),
                  240, f"{victim.metadata.name} preempted and started again", interval=0.5,
-                 detail=lambda: inst.operator_log()[-3000:])
+                 detail=lambda: _queue_scene(inst))
         status = wait_finished(inst, name, 600)
         assert status["state"] == "Succeeded", (status, inst.operator_log()[-3000:])
         assert status["trials"]["failed"] == 0 and status["trials"]["succeeded"] == 2, status["trials"]
@@ -486,3 +575,89 @@ def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, 
     finally:
         delete_queues()
         client.SchedulingV1Api(api).delete_priority_class(high)
+
+
+HOSTILE = r'''
+import json, os, urllib.error, urllib.request
+from qtune import protocol
+
+gateway, uid, secret = os.environ["GATEWAY"], os.environ["JOB_UID"], open("/unit/secret").read().strip()
+group = gateway + "/metrics/job/qtune_result/job_uid/" + uid + "/unit/"
+body = b"qtune_result_accuracy 0.99\n"
+
+
+def ask(method, url, data=None, auth=None):
+    request = urllib.request.Request(url, data=data, method=method, headers={"Authorization": auth} if auth else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+answers = {
+    "put-other-unit": ask("PUT", group + "trial-1", body, protocol.push_authorization(secret, 0, "PUT", body)),
+    "put-baseline": ask("PUT", group + "baseline", body, protocol.push_authorization(secret, 0, "PUT", body)),
+    "delete-signed": ask("DELETE", group + "baseline", None, protocol.push_authorization(secret, 0, "DELETE", b"")),
+    "delete-bare": ask("DELETE", group + "trial-0"),
+    "list-signed": ask("GET", gateway + "/api/v1/metrics", None, protocol.push_authorization(secret, 0, "GET", b"")),
+    "list-bare": ask("GET", gateway + "/api/v1/metrics"),
+}
+print(json.dumps(answers))
+open("/dev/termination-log", "w").write(json.dumps(answers))
+'''
+"""What a pod of the jobs namespace holding a running trial's unit Secret tries at the results gateway."""
+
+
+def _hostile_pod(inst: Installed, name: str, secret: str, uid: str) -> dict[str, Any]:
+    """A plain pod (no operator labels: no NetworkPolicy of the chart selects it) of the qtune image on the real
+    node, the victim trial's Secret mounted, running HOSTILE."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never", "nodeSelector": dict(REAL_POOL), "tolerations": [TOLERATION],
+                     "automountServiceAccountToken": False,
+                     "containers": [{"name": "attack", "image": inst.image, "imagePullPolicy": "Never",
+                                     "command": ["python", "-c", HOSTILE],
+                                     "env": [{"name": "GATEWAY", "value": inst.gateway_url},
+                                             {"name": "JOB_UID", "value": uid}],
+                                     "volumeMounts": [{"name": "unit", "mountPath": "/unit", "readOnly": True}]}],
+                     "volumes": [{"name": "unit", "secret": {"secretName": secret}}]}}
+
+
+def test_a_pod_holding_a_trials_secret_cannot_write_delete_or_list_through_the_gateway(installed: Installed) -> None:
+    inst = installed
+    victim = "real-victim-trial-0"
+    (inst.workspace / "stall_victim.py").write_text(stalling(victim, seconds=45))  # its Secret lives meanwhile
+    job = real_job("real-victim", maxTrials=2, parallelTrials=1)
+    job["spec"]["data"]["evaluation"]["metric"] = "stall_victim:Top1"
+    opcluster.create_job(inst.cluster, inst.jobs, job)
+    uid = opcluster.get_job(inst.cluster, inst.jobs, "real-victim")["metadata"]["uid"]
+    wait_for(lambda: victim in inst.pods.running, 300, f"{victim} running",
+             detail=lambda: inst.operator_log()[-2000:], interval=0.3)
+    before = inst.gateway_health()
+    core = inst.cluster.core()
+    core.create_namespaced_pod(inst.jobs, _hostile_pod(inst, "hostile", c.unit_key(victim), uid))
+
+    def attacked() -> bool:
+        return core.read_namespaced_pod("hostile", inst.jobs).status.phase in ("Succeeded", "Failed")
+
+    wait_for(attacked, 120, "the hostile pod finished",
+             detail=lambda: repr(core.read_namespaced_pod("hostile", inst.jobs).status), interval=0.5)
+    pod = core.read_namespaced_pod("hostile", inst.jobs)
+    assert pod.spec.node_name == inst.node.name
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert terminated.exit_code == 0, inst.node.pod_log(inst.jobs, "hostile")
+    answers = json.loads(terminated.message)
+    sys.stderr.write(f"hostile pod's answers from the gateway: {answers}\n")
+    assert answers == {"put-other-unit": 403, "put-baseline": 403, "delete-signed": 403, "delete-bare": 401,
+                       "list-signed": 403, "list-bare": 401}, answers
+    after = inst.gateway_health()
+    assert after["refused"].get("403", 0) - before["refused"].get("403", 0) >= 4, (before, after)
+    assert after["refused"].get("401", 0) - before["refused"].get("401", 0) >= 2, (before, after)
+    # the victim is untouched: it succeeds with every trial recorded once, each pod started once
+    status = wait_finished(inst, "real-victim", 600)
+    assert status["state"] == "Succeeded" and not status.get("rejectedResults"), status
+    hist = history(inst, "real-victim")
+    assert [t["index"] for t in hist] == [0, 1] and all(t["status"] == "succeeded" for t in hist), hist
+    trials = sorted(p.metadata.name for p in inst.pods.of_job(uid) if (p.metadata.labels or {}).get(c.LABEL_ROLE)
+                    == "trial")
+    assert trials == ["real-victim-trial-0", "real-victim-trial-1"], trials
