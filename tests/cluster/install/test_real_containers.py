@@ -476,15 +476,18 @@ def test_deleted_trial_pod_starts_again(installed: Installed) -> None:
 ONE_REAL_UNIT = {"cpu": "1", "memory": "1Gi", "ephemeral-storage": "1Gi"}
 
 
-def _urgent_pod(inst: Installed, queue: str, priority_class: str) -> dict[str, Any]:
-    """A busybox pod of the same LocalQueue asking one unit's quota at a higher priority, on the real node."""
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "urgent", "labels": {"kueue.x-k8s.io/queue-name": queue}},
-            "spec": {"restartPolicy": "Never", "nodeSelector": dict(REAL_POOL), "tolerations": [TOLERATION],
-                     "priorityClassName": priority_class,
-                     "containers": [{"name": "main", "image": inst.node.images["busybox"].ref,
-                                     "imagePullPolicy": "Never", "command": ["sleep", "5"],
-                                     "resources": {"requests": ONE_REAL_UNIT, "limits": ONE_REAL_UNIT}}]}}
+def _busybox_pod(inst: Installed, name: str, queue: str, seconds: int,
+                 priority_class: str | None = None) -> dict[str, Any]:
+    """A busybox pod of the LocalQueue asking one unit's quota (at a priority, if given), on the real node."""
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never", "nodeSelector": dict(REAL_POOL), "tolerations": [TOLERATION],
+        "containers": [{"name": "main", "image": inst.node.images["busybox"].ref, "imagePullPolicy": "Never",
+                        "command": ["sleep", str(seconds)],
+                        "resources": {"requests": ONE_REAL_UNIT, "limits": ONE_REAL_UNIT}}]}
+    if priority_class:
+        spec["priorityClassName"] = priority_class
+    return {"apiVersion": "v1", "kind": "Pod", "spec": spec,
+            "metadata": {"name": name, "labels": {"kueue.x-k8s.io/queue-name": queue}}}
 
 
 def _queue_scene(inst: Installed) -> str:
@@ -512,58 +515,58 @@ def _ran(pod: Any) -> tuple[Any, Any] | None:
 
 
 def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, kueue: Any) -> None:
-    """The chart's operator (its own RBAC), real Kueue and the real kubelet: a ClusterQueue with room for ONE unit
-    makes the job's second trial wait gated (the job says `Queued` with Kueue's reason); a higher-priority pod of
-    the same queue then preempts the running trial (the kubelet kills its container), the trial runs again as its
-    next attempt, nothing counts as failed, and the job succeeds with every trial recorded once."""
+    """The chart's operator (its own RBAC), real Kueue and the real kubelet, a ClusterQueue with room for ONE unit:
+    while another workload holds it the job says `Queued` with Kueue's reason and its baseline waits gated, then
+    runs; a higher-priority pod of the same queue preempts the running trial-0 (the kubelet kills its container),
+    trial-0 runs again as its next attempt, nothing counts as failed, and the job succeeds with every trial
+    recorded once."""
     import kueue as kueue_mod
     from kubernetes import client
 
     inst, name, queue = installed, "real-kueue", "tuning"
-    api = inst.cluster.api_client()
+    victim = f"{name}-trial-0"
+    (inst.workspace / "stall_kueue.py").write_text(stalling(victim))  # still running when Kueue preempts it
+    api, core = inst.cluster.api_client(), inst.cluster.core()
     high = f"{inst.jobs}-high"
     client.SchedulingV1Api(api).create_priority_class({
         "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": high}, "value": 1000})
     delete_queues = kueue_mod.create_queues(api, inst.jobs, ONE_REAL_UNIT, queue,
                                             preemption={"withinClusterQueue": "LowerPriority"})
     try:
-        job = real_job(name, maxTrials=2, parallelTrials=2)
+        core.create_namespaced_pod(inst.jobs, _busybox_pod(inst, "holder", queue, 20))
+        inst.cluster.wait_for_pod(inst.jobs, "holder", done=lambda p: p.status.phase == "Running", timeout=120)
+        job = real_job(name, maxTrials=2, parallelTrials=1)
         job["spec"]["trial"]["queueName"] = queue
         job["spec"]["trial"]["resources"] = {"cpu": ONE_REAL_UNIT["cpu"], "memory": ONE_REAL_UNIT["memory"]}
+        job["spec"]["data"]["evaluation"]["metric"] = "stall_kueue:Top1"
         opcluster.create_job(inst.cluster, inst.jobs, job)
         uid = opcluster.get_job(inst.cluster, inst.jobs, name)["metadata"]["uid"]
         queued: dict[str, Any] = {}
 
-        def job_queued() -> bool:  # a trial holds the quota, the other waits for it
+        def job_queued() -> bool:
             queued.clear()
             queued.update(_status(inst, name))
             return queued.get("reason") == "Queued" and "insufficient unused quota" in queued.get("message", "")
 
-        wait_for(job_queued, 300, "the job Queued with Kueue's reason", interval=0.3,
-                 detail=lambda: f"{queued!r}\n{inst.operator_log()[-3000:]}")
-        assert f"LocalQueue {queue}" in queued["message"], queued
-
-        def running_trial() -> list[Any]:
-            return [p for p in inst.pods.of_job(uid) if (p.metadata.labels or {}).get(c.LABEL_ROLE) == "trial"
-                    and p.metadata.name in inst.pods.running and p.status.phase == "Running"]
-
-        wait_for(lambda: bool(running_trial()), 120, "a trial running on the real node", interval=0.3,
+        wait_for(job_queued, 60, "the job Queued with Kueue's reason while the holder has the quota", interval=0.3,
+                 detail=lambda: f"{queued!r}\n{_queue_scene(inst)}")
+        assert f"waits for Kueue's admission in LocalQueue {queue}" in queued["message"], queued
+        wait_for(lambda: victim in inst.pods.running, 300, f"{victim} running on the real node", interval=0.3,
                  detail=lambda: _queue_scene(inst))
-        victim = running_trial()[0]
-        inst.cluster.core().create_namespaced_pod(inst.jobs, _urgent_pod(inst, queue, high))
-        wait_for(lambda: any(p.metadata.name.startswith(f"{victim.metadata.name}-a") for p in inst.pods.of_job(uid)),
-                 240, f"{victim.metadata.name} preempted and started again", interval=0.5,
-                 detail=lambda: _queue_scene(inst))
+        core.create_namespaced_pod(inst.jobs, _busybox_pod(inst, "urgent", queue, 5, priority_class=high))
+        wait_for(lambda: any(p.metadata.name.startswith(f"{victim}-a") for p in inst.pods.of_job(uid)),
+                 240, f"{victim} preempted and started again", interval=0.5, detail=lambda: _queue_scene(inst))
         status = wait_finished(inst, name, 600)
-        assert status["state"] == "Succeeded", (status, inst.operator_log()[-3000:])
+        assert status["state"] == "Succeeded", (status, _queue_scene(inst))
         assert status["trials"]["failed"] == 0 and status["trials"]["succeeded"] == 2, status["trials"]
         hist = history(inst, name)
         assert sorted(t["index"] for t in hist) == [0, 1] and all(t["status"] == "succeeded" for t in hist), hist
-        urgent = inst.cluster.wait_for_pod(inst.jobs, "urgent", timeout=60)
-        assert urgent.status.phase == "Succeeded" and urgent.spec.node_name == inst.node.name
-        events = inst.cluster.core().list_namespaced_event(inst.jobs).items
+        for other in ("holder", "urgent"):
+            done = inst.cluster.wait_for_pod(inst.jobs, other, timeout=60)
+            assert done.status.phase == "Succeeded" and done.spec.node_name == inst.node.name, other
+        events = core.list_namespaced_event(inst.jobs).items
         named = [e.message for e in events if e.reason == "UnitPreempted" and e.involved_object.name == name]
-        assert len(named) == 1 and named[0].startswith(f"pod {victim.metadata.name} "), named
+        assert len(named) == 1 and named[0].startswith(f"pod {victim} (trial-0) was stopped by Kueue"), named
         pods = [p for p in inst.pods.of_job(uid)
                 if (p.metadata.labels or {}).get(c.LABEL_ROLE) in ("baseline", "trial")]
         assert all(p.metadata.labels.get("kueue.x-k8s.io/queue-name") == queue for p in pods)
