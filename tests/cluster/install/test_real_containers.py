@@ -559,6 +559,7 @@ def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, 
         status = wait_finished(inst, name, 600)
         assert status["state"] == "Succeeded", (status, _queue_scene(inst))
         assert status["trials"]["failed"] == 0 and status["trials"]["succeeded"] == 2, status["trials"]
+        assert status["best"]["trial"] == 0, status["best"]  # the undisturbed digits job's winner (objective size)
         hist = history(inst, name)
         assert sorted(t["index"] for t in hist) == [0, 1] and all(t["status"] == "succeeded" for t in hist), hist
         for other in ("holder", "urgent"):
