@@ -1,0 +1,170 @@
+"""Decode speed as a measured objective (spec.benchmark.decode, qtune.runner.decode_speed): a tiny decoder with
+a KV cache (d_model 64, 2 heads, one layer), built here, through real ONNX Runtime.
+
+No speed claim is asserted (figures exist, are positive and come with their interval): which model is faster
+belongs in benchmarks/, on quiet CPUs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from qtune.runner.context import JobContext  # noqa: E402
+from qtune.spec.errors import SpecError  # noqa: E402
+from qtune.spec.load import load_job  # noqa: E402
+
+D, HEADS, VOCABULARY, WINDOW = 64, 2, 40, 24
+PAST = ["batch", HEADS, "past", D // HEADS]
+
+
+def _decoder(path: Path, seed: int = 0) -> None:
+    """input_ids -> embedding -> keys and values appended to the cache; the logits read the mean cached value,
+    so every step depends on its past."""
+    rng = np.random.default_rng(seed)
+    weights = {name: rng.normal(0, 0.2, shape).astype(np.float32)
+               for name, shape in (("embed", (VOCABULARY, D)), ("wk", (D, D)), ("wv", (D, D)),
+                                   ("head", (D, VOCABULARY)))}
+    split = np.array([0, 0, HEADS, D // HEADS], np.int64)
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x"])]
+    for part in ("k", "v"):
+        nodes += [helper.make_node("MatMul", ["x", f"w{part}"], [f"{part}_flat"]),
+                  helper.make_node("Reshape", [f"{part}_flat", "split"], [f"{part}_heads"]),
+                  helper.make_node("Transpose", [f"{part}_heads"], [f"{part}_new"], perm=[0, 2, 1, 3]),
+                  helper.make_node("Concat", [f"past_key_values.0.{'key' if part == 'k' else 'value'}",
+                                              f"{part}_new"], [f"present.0.{'key' if part == 'k' else 'value'}"],
+                                   axis=2)]
+    nodes += [helper.make_node("ReduceMean", ["present.0.value"], ["context"], axes=[2], keepdims=0),
+              helper.make_node("Reshape", ["context", "flat"], ["context_flat"]),
+              helper.make_node("Unsqueeze", ["context_flat", "one"], ["context_row"]),
+              helper.make_node("Add", ["x", "context_row"], ["mixed"]),
+              helper.make_node("MatMul", ["mixed", "head"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
+    inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kind}", TensorProto.FLOAT, PAST)
+               for kind in ("key", "value")]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCABULARY])]
+    outputs += [helper.make_tensor_value_info(f"present.0.{kind}", TensorProto.FLOAT,
+                                              ["batch", HEADS, "total", D // HEADS]) for kind in ("key", "value")]
+    constants = [numpy_helper.from_array(value, name) for name, value in weights.items()]
+    constants += [numpy_helper.from_array(split, "split"), numpy_helper.from_array(np.array([0, D], np.int64), "flat"),
+                  numpy_helper.from_array(np.array([1], np.int64), "one")]
+    graph = helper.make_graph(nodes, "tiny_decoder", inputs, outputs, constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _plain(path: Path) -> None:
+    """A model without a cache: input_ids -> logits."""
+    weights = np.random.default_rng(1).normal(0, 0.2, (VOCABULARY, VOCABULARY)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["logits"])], "plain",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence",
+                                                                                            VOCABULARY])],
+                              [numpy_helper.from_array(weights, "table")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def _job(folder: Path, model: str, benchmark: dict) -> JobContext:
+    ids = np.random.default_rng(2).integers(0, VOCABULARY, (8, WINDOW + 1))
+    past = {f"past_key_values.0.{kind}": np.zeros((8, HEADS, 0, D // HEADS), np.float32) for kind in ("key", "value")}
+    data = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+    if model != "plain.onnx":
+        data.update(past)
+    np.savez(folder / "data.npz", **data)
+    spec = {"apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "decode"},
+            "spec": {"model": {"framework": "onnxruntime", "path": model},
+                     "data": {"calibration": {"path": "data.npz"},
+                              "evaluation": {"path": "data.npz", "metric": "perplexity", "output": "logits"}},
+                     "benchmark": {"warmupRuns": 2, "runs": 10, "minRounds": 3, "maxSeconds": 2, "threads": 1,
+                                   **benchmark},
+                     "output": {"path": str(folder / "out")}}}
+    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
+    return JobContext(load_job(folder / "job.yaml"), folder, folder / "workspace", threads=1)
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    _decoder(tmp_path / "decoder.onnx")
+    _decoder(tmp_path / "other.onnx", seed=3)
+    _plain(tmp_path / "plain.onnx")
+    return tmp_path
+
+
+def test_the_layout_pairs_each_past_with_its_present_and_the_loop_feeds_it_back(folder: Path) -> None:
+    from qtune.runner.decode_speed import DecodeLoop, kv_layout
+
+    job = _job(folder, "decoder.onnx", {"decode": {"promptTokens": 5, "newTokens": 3}})
+    model = job.adaptor.step_model(job.model, 1)
+    layout = kv_layout(model)
+    assert [(past, model.outputs[index]) for past, index in layout.pairs] == [
+        ("past_key_values.0.key", "present.0.key"), ("past_key_values.0.value", "present.0.value")]
+    assert all(array.shape == (1, HEADS, 0, D // HEADS) for array in layout.empty.values())
+    loop = DecodeLoop(model, layout, np.arange(8), prompt=5, new=3)
+    lengths = []
+    for _ in range(7):
+        loop()
+        lengths.append(loop.cache["past_key_values.0.key"].shape[2])
+    assert lengths == [6, 7, 8, 6, 7, 8, 6]  # the prompt's 5, one per step, then again from the prompt's cache
+
+
+def test_prefill_and_decode_are_measured_interleaved_with_intervals(folder: Path) -> None:
+    from qtune.runner.benchmark import measure_against_fp32
+    from qtune.tuning.session import objective_batch_size
+
+    job = _job(folder, "decoder.onnx", {"decode": {"promptTokens": 12, "newTokens": 6}})
+    assert objective_batch_size(job.spec) == "decode" and job.spec.benchmark.measured_batch_sizes == []
+    result = measure_against_fp32(job, {"other": folder / "other.onnx"})
+    assert set(result["other"]) == {"prefill", "decode"}  # no batch sizes: withBatchSizes is not set
+    for measured in result["other"].values():
+        assert measured.batch_size == 1 and measured.p50_ms > 0 and measured.fp32_p50_ms > 0
+        assert 0 < measured.low <= measured.speedup <= measured.high and measured.rounds >= 3
+        assert measured.trusted in (True, False) and measured.confidence == 0.95
+
+
+def test_batch_sizes_given_beside_decode_are_measured_too(folder: Path) -> None:
+    from qtune.runner.baseline import measure_latency
+    from qtune.runner.benchmark import measure_against_fp32
+
+    job = _job(folder, "decoder.onnx", {"decode": {"promptTokens": 4, "newTokens": 2, "withBatchSizes": True},
+                                       "batchSizes": [2]})
+    assert set(measure_against_fp32(job, {"other": folder / "other.onnx"})["other"]) == {"2", "prefill", "decode"}
+    p50, p90 = measure_latency(job, job.model)
+    assert set(p50) == set(p90) == {"2", "prefill", "decode"} and all(v > 0 for v in p50.values())
+
+
+def test_a_model_without_a_cache_is_refused_naming_the_field(folder: Path) -> None:
+    from qtune.runner.benchmark import measure_against_fp32
+
+    job = _job(folder, "plain.onnx", {"decode": {}})
+    with pytest.raises(SpecError, match=r"spec\.benchmark\.decode: the model has no KV cache.*past inputs \[\]"):
+        measure_against_fp32(job, {"copy": folder / "plain.onnx"})
+
+
+def test_the_objective_key_prefers_decode() -> None:
+    from qtune.tuning.history import default_speed_key
+
+    assert default_speed_key(["1", "32", "prefill", "decode"]) == "decode"
+    assert default_speed_key(["1", "32", "prefill"]) == "32"
+    assert default_speed_key([]) is None
+
+
+def test_the_spec_names_a_bad_decode_field(tmp_path: Path) -> None:
+    from qtune.spec.errors import SpecError as LoadError
+
+    _decoder(tmp_path / "decoder.onnx")
+    with pytest.raises(LoadError, match=r"spec\.benchmark\.decode\.promptTokens"):
+        _job(tmp_path, "decoder.onnx", {"decode": {"promptTokens": 0}})
+
+
+def test_surfaces_name_the_decode_figure() -> None:
+    from qtune.tuning.front import front_document
+    from qtune.tuning.history import speed_key_text
+
+    assert front_document([], "decode")["batch_size"] == "decode" and front_document([], "32")["batch_size"] == 32
+    assert speed_key_text(32) == "batch 32" and speed_key_text("decode").startswith("decode (per new token")
