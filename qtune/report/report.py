@@ -187,10 +187,19 @@ def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[st
                                     "inference; time the OS gave other processes is left out)"
                                     if measured.cpu_clock else "each run timed by the wall clock")
                                  + (f"; {measured.caveat()}" if measured.caveat() else "")),
-            ]
+            ] + _prefill_items(history, best, batch)
     else:
         items.append(("best trial", "no configuration meets the criterion"))
     return items
+
+
+def _prefill_items(history: History, best: TrialRecord, batch: int | str) -> list[tuple[str, str]]:
+    """A decode job's other figure: the prompt's time (spec.benchmark.decode), from the same measurement."""
+    measured = speed_of(history, best, "prefill") if str(batch) == DECODE_KEY else None
+    if measured is None:
+        return []
+    return [(f"speed at {speed_key_text('prefill')}",
+             f"fp32 {measured.fp32_p50_ms:.3f} ms → {measured.p50_ms:.3f} ms: {speed_sentence(measured)}")]
 
 
 def write_report(folder: Path, job: QuantizationJob, session: TuningSession) -> None:

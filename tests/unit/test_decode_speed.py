@@ -168,3 +168,26 @@ def test_surfaces_name_the_decode_figure() -> None:
 
     assert front_document([], "decode")["batch_size"] == "decode" and front_document([], "32")["batch_size"] == 32
     assert speed_key_text(32) == "batch 32" and speed_key_text("decode").startswith("decode (per new token")
+
+
+def test_the_report_of_a_decode_job_gives_tokens_per_second_and_the_prompt_time(tmp_path: Path) -> None:
+    from qtune.protocol import SpeedMeasurement
+    from qtune.report.report import summary_items
+    from qtune.tuning.config import TuneConfig
+    from qtune.tuning.history import SUCCEEDED, Baseline, History, TrialRecord
+    from qtune.tuning.session import TuningSession
+
+    _decoder(tmp_path / "decoder.onnx")
+    job = _job(tmp_path, "decoder.onnx", {"decode": {}}).job
+
+    def figure(fp32: float, ms: float) -> SpeedMeasurement:
+        return SpeedMeasurement(batch_size=1, p50_ms=ms, p90_ms=ms, fp32_p50_ms=fp32, fp32_p90_ms=fp32,
+                                speedup=fp32 / ms, low=0.9 * fp32 / ms, high=1.1 * fp32 / ms, rounds=5, threads=1)
+
+    record = TrialRecord(0, "k", TuneConfig("weight_only", "QDQ", {}), status=SUCCEEDED, accuracy=10.0,
+                         passed=True, model_size_bytes=1,
+                         speed={"decode": figure(20.0, 5.0), "prefill": figure(90.0, 60.0)})
+    history = History("decode", baseline=Baseline(accuracy=10.0, latency_ms={"decode": 20.0}), trials=[record])
+    items = dict(summary_items(job, TuningSession(job.spec, history)))
+    assert "(50.0 → 200.0 tokens/s)" in items["speed at decode (per new token, batch 1) (in-trial figure)"]
+    assert items["speed at prefill (the prompt, batch 1)"].startswith("fp32 90.000 ms → 60.000 ms: 1.50×")
