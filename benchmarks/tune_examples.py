@@ -238,7 +238,7 @@ def claimed_at(outcome, best, batch_size: int):  # noqa: ANN001, ANN201
     """The winner's claimed speed at `batch_size`: the final (confirmed) figure at the deciding batch size,
     the trial's own figure at the others."""
     final = outcome.session.best_speed()
-    if final is not None and final.batch_size == batch_size:
+    if final is not None and str(outcome.session.batch_size) == str(batch_size):  # not a decode job's figure
         return final
     return best.speed_at(batch_size)
 
@@ -312,7 +312,7 @@ def run_case(name: str, rounds: int, runs: int) -> dict | None:
         fp32_path = Path(job_file).parent / job.spec.model.path
         eval_npz = Path(job_file).parent / job.spec.data.evaluation.path
         checks = []
-        for batch_size in sorted(job.spec.benchmark.batch_sizes):
+        for batch_size in sorted(job.spec.benchmark.measured_batch_sizes):
             claim = claimed_at(outcome, best, batch_size)
             if claim is None:
                 continue
@@ -369,18 +369,24 @@ def decode_rows(job, job_file: Path, history, best, rounds: int) -> list[dict]: 
         row = {"model": label, "trial": record.index, "perplexity": record.accuracy, "passed": record.passed,
                "bits": _bits(record)}
         for mode in ("decode", "prefill"):
+            wait_for_quiet(60.0)
+            stalled0, started = stalled_us(), time.perf_counter()
             check = remeasure_decode(fp32_path, Path(record.model_path), eval_npz, mode, settings.prompt_tokens,
                                      settings.new_tokens, threads, max(7, rounds))
+            stalled1 = stalled_us()
+            check["pressure"] = (None if stalled0 is None or stalled1 is None
+                                 else (stalled1 - stalled0) / 1e6 / (time.perf_counter() - started))
             claim = record.speed_at(mode)
-            row[mode] = {"claimed": None if claim is None else (claim.speedup, claim.low, claim.high),
-                         "independent": check}
+            row[mode] = {"claimed": None if claim is None else claim.describe() + flags(claim), "independent": check}
         decode, prefill = row["decode"]["independent"], row["prefill"]["independent"]
         print(f"  {label} (trial {record.index}, {row['bits']}): perplexity {record.accuracy:.4f} "
-              f"({'pass' if record.passed else 'FAIL'}); decode {1000 / decode['fp32_ms']:.1f} -> "
-              f"{1000 / decode['model_ms']:.1f} tokens/s, independent {decode['speedup']:.2f}x "
-              f"[{decode['low']:.2f}-{decode['high']:.2f}], claimed {row['decode']['claimed']}; prefill "
-              f"{prefill['fp32_ms']:.1f} -> {prefill['model_ms']:.1f} ms ({prefill['speedup']:.2f}x), claimed "
-              f"{row['prefill']['claimed']}", flush=True)
+              f"({'pass' if record.passed else 'FAIL'})\n"
+              f"    decode: independent {1000 / decode['fp32_ms']:.1f} -> {1000 / decode['model_ms']:.1f} tokens/s, "
+              f"{decode['speedup']:.2f}x [{decode['low']:.2f}-{decode['high']:.2f}] ({quietness(decode)}); claimed "
+              f"{row['decode']['claimed']}\n"
+              f"    prefill ({settings.prompt_tokens} tokens): independent {prefill['fp32_ms']:.1f} -> "
+              f"{prefill['model_ms']:.1f} ms, {prefill['speedup']:.2f}x [{prefill['low']:.2f}-{prefill['high']:.2f}] "
+              f"({quietness(prefill)}); claimed {row['prefill']['claimed']}", flush=True)
         rows.append(row)
     return rows
 
