@@ -27,7 +27,14 @@ def _build_module():  # noqa: ANN202
 
 @pytest.fixture(scope="module")
 def build():  # noqa: ANN201
-    return _build_module()
+    """The build module; the process-wide torch settings its training sets (deterministic kernels, threads) are
+    put back afterwards, so later tests in the same process (e.g. torch's quantized ops) run as before."""
+    import torch
+
+    deterministic, threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    yield _build_module()
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_num_threads(threads)
 
 
 def _tiny(build):  # noqa: ANN001, ANN202
