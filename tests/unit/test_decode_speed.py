@@ -10,96 +10,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 pytest.importorskip("onnxruntime")
 
-import onnx  # noqa: E402
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from tiny_decoder import HEADS, D, decoder, job_context, plain  # noqa: E402
 
-from qtune.runner.context import JobContext  # noqa: E402
 from qtune.spec.errors import SpecError  # noqa: E402
-from qtune.spec.load import load_job  # noqa: E402
-
-D, HEADS, VOCABULARY, WINDOW = 64, 2, 40, 24
-PAST = ["batch", HEADS, "past", D // HEADS]
-
-
-def _decoder(path: Path, seed: int = 0) -> None:
-    """input_ids -> embedding -> keys and values appended to the cache; the logits read the mean cached value,
-    so every step depends on its past."""
-    rng = np.random.default_rng(seed)
-    weights = {name: rng.normal(0, 0.2, shape).astype(np.float32)
-               for name, shape in (("embed", (VOCABULARY, D)), ("wk", (D, D)), ("wv", (D, D)),
-                                   ("head", (D, VOCABULARY)))}
-    split = np.array([0, 0, HEADS, D // HEADS], np.int64)
-    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x"])]
-    for part in ("k", "v"):
-        nodes += [helper.make_node("MatMul", ["x", f"w{part}"], [f"{part}_flat"]),
-                  helper.make_node("Reshape", [f"{part}_flat", "split"], [f"{part}_heads"]),
-                  helper.make_node("Transpose", [f"{part}_heads"], [f"{part}_new"], perm=[0, 2, 1, 3]),
-                  helper.make_node("Concat", [f"past_key_values.0.{'key' if part == 'k' else 'value'}",
-                                              f"{part}_new"], [f"present.0.{'key' if part == 'k' else 'value'}"],
-                                   axis=2)]
-    nodes += [helper.make_node("ReduceMean", ["present.0.value"], ["context"], axes=[2], keepdims=0),
-              helper.make_node("Reshape", ["context", "flat"], ["context_flat"]),
-              helper.make_node("Unsqueeze", ["context_flat", "one"], ["context_row"]),
-              helper.make_node("Add", ["x", "context_row"], ["mixed"]),
-              helper.make_node("MatMul", ["mixed", "head"], ["logits"])]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
-    inputs += [helper.make_tensor_value_info(f"past_key_values.0.{kind}", TensorProto.FLOAT, PAST)
-               for kind in ("key", "value")]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", VOCABULARY])]
-    outputs += [helper.make_tensor_value_info(f"present.0.{kind}", TensorProto.FLOAT,
-                                              ["batch", HEADS, "total", D // HEADS]) for kind in ("key", "value")]
-    constants = [numpy_helper.from_array(value, name) for name, value in weights.items()]
-    constants += [numpy_helper.from_array(split, "split"), numpy_helper.from_array(np.array([0, D], np.int64), "flat"),
-                  numpy_helper.from_array(np.array([1], np.int64), "one")]
-    graph = helper.make_graph(nodes, "tiny_decoder", inputs, outputs, constants)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-
-
-def _plain(path: Path) -> None:
-    """A model without a cache: input_ids -> logits."""
-    weights = np.random.default_rng(1).normal(0, 0.2, (VOCABULARY, VOCABULARY)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "input_ids"], ["logits"])], "plain",
-                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence",
-                                                                                            VOCABULARY])],
-                              [numpy_helper.from_array(weights, "table")])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-
-
-def _job(folder: Path, model: str, benchmark: dict) -> JobContext:
-    ids = np.random.default_rng(2).integers(0, VOCABULARY, (8, WINDOW + 1))
-    past = {f"past_key_values.0.{kind}": np.zeros((8, HEADS, 0, D // HEADS), np.float32) for kind in ("key", "value")}
-    data = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
-    if model != "plain.onnx":
-        data.update(past)
-    np.savez(folder / "data.npz", **data)
-    spec = {"apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "decode"},
-            "spec": {"model": {"framework": "onnxruntime", "path": model},
-                     "data": {"calibration": {"path": "data.npz"},
-                              "evaluation": {"path": "data.npz", "metric": "perplexity", "output": "logits"}},
-                     "benchmark": {"warmupRuns": 2, "runs": 10, "minRounds": 3, "maxSeconds": 2, "threads": 1,
-                                   **benchmark},
-                     "output": {"path": str(folder / "out")}}}
-    (folder / "job.yaml").write_text(yaml.safe_dump(spec))
-    return JobContext(load_job(folder / "job.yaml"), folder, folder / "workspace", threads=1)
 
 
 @pytest.fixture()
 def folder(tmp_path: Path) -> Path:
-    _decoder(tmp_path / "decoder.onnx")
-    _decoder(tmp_path / "other.onnx", seed=3)
-    _plain(tmp_path / "plain.onnx")
+    decoder(tmp_path / "decoder.onnx")
+    decoder(tmp_path / "other.onnx", seed=3)
+    plain(tmp_path / "plain.onnx")
     return tmp_path
 
 
 def test_the_layout_pairs_each_past_with_its_present_and_the_loop_feeds_it_back(folder: Path) -> None:
     from qtune.runner.decode_speed import DecodeLoop, kv_layout
 
-    job = _job(folder, "decoder.onnx", {"decode": {"promptTokens": 5, "newTokens": 3}})
+    job = job_context(folder, "decoder.onnx", {"decode": {"promptTokens": 5, "newTokens": 3}})
     model = job.adaptor.step_model(job.model, 1)
     layout = kv_layout(model)
     assert [(past, model.outputs[index]) for past, index in layout.pairs] == [
@@ -117,7 +47,7 @@ def test_prefill_and_decode_are_measured_interleaved_with_intervals(folder: Path
     from qtune.runner.benchmark import measure_against_fp32
     from qtune.tuning.session import objective_batch_size
 
-    job = _job(folder, "decoder.onnx", {"decode": {"promptTokens": 12, "newTokens": 6}})
+    job = job_context(folder, "decoder.onnx", {"decode": {"promptTokens": 12, "newTokens": 6}})
     assert objective_batch_size(job.spec) == "decode" and job.spec.benchmark.measured_batch_sizes == []
     result = measure_against_fp32(job, {"other": folder / "other.onnx"})
     assert set(result["other"]) == {"prefill", "decode"}  # no batch sizes: withBatchSizes is not set
@@ -131,7 +61,7 @@ def test_batch_sizes_given_beside_decode_are_measured_too(folder: Path) -> None:
     from qtune.runner.baseline import measure_latency
     from qtune.runner.benchmark import measure_against_fp32
 
-    job = _job(folder, "decoder.onnx", {"decode": {"promptTokens": 4, "newTokens": 2, "withBatchSizes": True},
+    job = job_context(folder, "decoder.onnx", {"decode": {"promptTokens": 4, "newTokens": 2, "withBatchSizes": True},
                                        "batchSizes": [2]})
     assert set(measure_against_fp32(job, {"other": folder / "other.onnx"})["other"]) == {"2", "prefill", "decode"}
     p50, p90 = measure_latency(job, job.model)
@@ -141,7 +71,7 @@ def test_batch_sizes_given_beside_decode_are_measured_too(folder: Path) -> None:
 def test_a_model_without_a_cache_is_refused_naming_the_field(folder: Path) -> None:
     from qtune.runner.benchmark import measure_against_fp32
 
-    job = _job(folder, "plain.onnx", {"decode": {}})
+    job = job_context(folder, "plain.onnx", {"decode": {}})
     with pytest.raises(SpecError, match=r"spec\.benchmark\.decode: the model has no KV cache.*past inputs \[\]"):
         measure_against_fp32(job, {"copy": folder / "plain.onnx"})
 
@@ -157,9 +87,9 @@ def test_the_objective_key_prefers_decode() -> None:
 def test_the_spec_names_a_bad_decode_field(tmp_path: Path) -> None:
     from qtune.spec.errors import SpecError as LoadError
 
-    _decoder(tmp_path / "decoder.onnx")
+    decoder(tmp_path / "decoder.onnx")
     with pytest.raises(LoadError, match=r"spec\.benchmark\.decode\.promptTokens"):
-        _job(tmp_path, "decoder.onnx", {"decode": {"promptTokens": 0}})
+        job_context(tmp_path, "decoder.onnx", {"decode": {"promptTokens": 0}})
 
 
 def test_surfaces_name_the_decode_figure() -> None:
@@ -177,8 +107,8 @@ def test_the_report_of_a_decode_job_gives_tokens_per_second_and_the_prompt_time(
     from qtune.tuning.history import SUCCEEDED, Baseline, History, TrialRecord
     from qtune.tuning.session import TuningSession
 
-    _decoder(tmp_path / "decoder.onnx")
-    job = _job(tmp_path, "decoder.onnx", {"decode": {}}).job
+    decoder(tmp_path / "decoder.onnx")
+    job = job_context(tmp_path, "decoder.onnx", {"decode": {}}).job
 
     def figure(fp32: float, ms: float) -> SpeedMeasurement:
         return SpeedMeasurement(batch_size=1, p50_ms=ms, p90_ms=ms, fp32_p50_ms=fp32, fp32_p90_ms=fp32,
