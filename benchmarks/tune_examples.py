@@ -4,7 +4,10 @@ Cases: the bundled examples (digits, fashion_mnist, minilm_spam ONNX, ONNX weigh
 scripts work offline here) and hard cases where int8 everywhere fails the criterion and a few ops
 must stay fp32: `hard_cnn`, `hard_transformer` (examples/hard_*), the hostile MLP of
 tests/integration/sensitive_model.py, and `mobile_strips` (examples/mobile_strips: a MobileNetV3-style
-recogniser whose speed lives in a few wide Conv/MatMul ops among many elementwise ones). Per case it
+recogniser whose speed lives in a few wide Conv/MatMul ops among many elementwise ones), and `decoder_lm`
+(a 2048-wide decoder language model with a KV cache, weight-only, decode speed: its rows compare fp32, int4
+everywhere (the ladder's first trial) and the winner on perplexity, decode tokens/s and prefill time, each
+re-measured independently by benchmarks/decode_remeasure.py). Per case it
 prints: trials to the first passing config, trials run, the outcome, the claimed speedup of the
 winner with its interval, and an INDEPENDENT re-measurement at every batch size of the job: each
 model alone in a `python` process of its own (ONNX Runtime's default options, threads as the claim
@@ -50,6 +53,7 @@ EXAMPLES = {
     "hard_transformer": ("examples/hard_transformer/build.py", "examples/hard_transformer/job.yaml"),
     "hostile_mlp": (None, None),
     "mobile_strips": ("examples/mobile_strips/build.py", "examples/mobile_strips/job.yaml"),
+    "decoder_lm": ("examples/decoder_lm/build.py", "examples/decoder_lm/job.yaml"),
 }
 HOG_SUFFIX = "_hog"
 """`<case>_hog`: the case tuned while a CPU hog holds one core (the contention row)."""
@@ -234,7 +238,7 @@ def claimed_at(outcome, best, batch_size: int):  # noqa: ANN001, ANN201
     """The winner's claimed speed at `batch_size`: the final (confirmed) figure at the deciding batch size,
     the trial's own figure at the others."""
     final = outcome.session.best_speed()
-    if final is not None and final.batch_size == batch_size:
+    if final is not None and str(outcome.session.batch_size) == str(batch_size):  # not a decode job's figure
         return final
     return best.speed_at(batch_size)
 
@@ -308,7 +312,7 @@ def run_case(name: str, rounds: int, runs: int) -> dict | None:
         fp32_path = Path(job_file).parent / job.spec.model.path
         eval_npz = Path(job_file).parent / job.spec.data.evaluation.path
         checks = []
-        for batch_size in sorted(job.spec.benchmark.batch_sizes):
+        for batch_size in sorted(job.spec.benchmark.measured_batch_sizes):
             claim = claimed_at(outcome, best, batch_size)
             if claim is None:
                 continue
@@ -325,12 +329,66 @@ def run_case(name: str, rounds: int, runs: int) -> dict | None:
             checks.append((batch_size, claim, check, verdict))
             if outcome.outcome == "GoalReached" and check["speedup"] < 1.0:
                 print(f"  WARNING: GoalReached with a winner measured slower than fp32 at batch {batch_size}")
+        if job.spec.benchmark.decode is not None:
+            row["decode"] = decode_rows(job, job_file, history, best, rounds)
         if checks:
             batch_size, _, check, verdict = next((c for c in checks if c[0] == claimed.batch_size), checks[-1])
             row.update(independent=check["speedup"], independent_low=check["low"], independent_high=check["high"],
                        verdict=verdict,
                        per_batch={c[0]: (c[1].speedup, c[2]["speedup"], c[3]) for c in checks})
         return row
+
+
+def _bits(record) -> str:  # noqa: ANN001
+    """How a weight-only config holds its ops: counts by weight dtype (fp32 for ops left unquantized)."""
+    counts: dict[str, int] = {}
+    for op in record.tune_config.ops.values():
+        dtype = "fp32" if op.is_fp32 or op.weight is None else op.weight.dtype
+        counts[dtype] = counts.get(dtype, 0) + 1
+    return ", ".join(f"{n} {dtype}" for dtype, n in sorted(counts.items()))
+
+
+def decode_rows(job, job_file: Path, history, best, rounds: int) -> list[dict]:  # noqa: ANN001
+    """fp32, int4 everywhere (the first trial whose quantized weights are all int4) and the winner: perplexity,
+    decode tokens/s and prefill ms, each candidate re-measured against fp32 in processes of their own."""
+    from decode_remeasure import remeasure_decode
+
+    settings = job.spec.benchmark.decode
+    fp32_path = Path(job_file).parent / job.spec.model.path
+    eval_npz = Path(job_file).parent / job.spec.data.evaluation.path
+    threads = job.spec.benchmark.threads or 2
+    everywhere = next((t for t in history.trials if t.ok and t.model_path and not t.tune_config.fp32_ops()
+                       and all(op.weight is None or op.weight.dtype == "int4" for op in t.tune_config.ops.values())),
+                      None)
+    rows = [{"model": "fp32", "perplexity": history.baseline.accuracy}]
+    print(f"  fp32: perplexity {history.baseline.accuracy:.4f}")
+    for label, record in (("int4 everywhere", everywhere), ("winner", best)):
+        if record is None:
+            print(f"  {label}: none")
+            continue
+        row = {"model": label, "trial": record.index, "perplexity": record.accuracy, "passed": record.passed,
+               "bits": _bits(record)}
+        for mode in ("decode", "prefill"):
+            wait_for_quiet(60.0)
+            stalled0, started = stalled_us(), time.perf_counter()
+            check = remeasure_decode(fp32_path, Path(record.model_path), eval_npz, mode, settings.prompt_tokens,
+                                     settings.new_tokens, threads, max(7, rounds))
+            stalled1 = stalled_us()
+            check["pressure"] = (None if stalled0 is None or stalled1 is None
+                                 else (stalled1 - stalled0) / 1e6 / (time.perf_counter() - started))
+            claim = record.speed_at(mode)
+            row[mode] = {"claimed": None if claim is None else claim.describe() + flags(claim), "independent": check}
+        decode, prefill = row["decode"]["independent"], row["prefill"]["independent"]
+        print(f"  {label} (trial {record.index}, {row['bits']}): perplexity {record.accuracy:.4f} "
+              f"({'pass' if record.passed else 'FAIL'})\n"
+              f"    decode: independent {1000 / decode['fp32_ms']:.1f} -> {1000 / decode['model_ms']:.1f} tokens/s, "
+              f"{decode['speedup']:.2f}x [{decode['low']:.2f}-{decode['high']:.2f}] ({quietness(decode)}); claimed "
+              f"{row['decode']['claimed']}\n"
+              f"    prefill ({settings.prompt_tokens} tokens): independent {prefill['fp32_ms']:.1f} -> "
+              f"{prefill['model_ms']:.1f} ms, {prefill['speedup']:.2f}x [{prefill['low']:.2f}-{prefill['high']:.2f}] "
+              f"({quietness(prefill)}); claimed {row['prefill']['claimed']}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> None:
@@ -345,6 +403,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     rows = [row for name in args.cases if (row := run_case(name, max(7, args.rounds), args.runs))]
     print("\n| case | trials to first pass | trials | outcome | claimed | independent | verdict | per batch "
           "(claimed / independent) |")

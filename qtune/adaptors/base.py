@@ -88,6 +88,17 @@ def get_adaptor_class(framework: str, base_dir: str | Path | None = None) -> typ
 
 
 @dataclass(frozen=True)
+class StepModel:
+    """A model run step by step with its own outputs fed back (a decoder's KV cache, qtune.runner.decode_speed):
+    its inputs as (name, shape, numpy dtype) with None or a name for a dynamic dimension, its output names, and
+    `run(feed)`: every output, in that order."""
+
+    inputs: list[tuple[str, list[int | str | None], Any]]
+    outputs: list[str]
+    run: Callable[[dict[str, Any]], list[Any]]
+
+
+@dataclass(frozen=True)
 class LatencyStats:
     """One benchmark: per-batch latency in milliseconds."""
 
@@ -201,6 +212,11 @@ class Adaptor(ABC):
             self.benchmark(model, inputs, 0, 1, threads)
 
         return run
+
+    def step_model(self, model: Any, threads: int) -> StepModel:
+        """`model` as a StepModel with `threads` threads, for a decode measurement (spec.benchmark.decode).
+        Adaptors that cannot run one raise NotImplementedError (the runner names the field)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run a model step by step")
 
     def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:
         """How much each op, quantized alone as in `tune_cfg`, perturbs its own output against fp32

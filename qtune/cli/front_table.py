@@ -8,6 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from qtune.tuning.front import FrontEntry, speedup_text
+from qtune.tuning.history import speed_key_text
 
 COLUMNS = ("trial", "accuracy", "passes", "speedup [95% interval]", "figure", "model bytes", "fp32 ops", "")
 
@@ -31,7 +32,7 @@ def _row(trial: int, accuracy: float | None, passed: bool, speed: str, confirmed
 def front_table(front: list[FrontEntry], batch_size: int | str) -> Table:
     rows = [_row(e.trial, e.accuracy, e.passed, speedup_text(e.speed.speedup, e.speed.low, e.speed.high),
                  e.confirmed, e.model_size_bytes, e.fp32_ops, e.winner) for e in front]
-    return _table(f"accuracy–speed front at batch {batch_size} (most accurate first)", rows)
+    return _table(f"accuracy–speed front at {speed_key_text(batch_size)} (most accurate first)", rows)
 
 
 def status_front_table(front: dict[str, Any]) -> Table:

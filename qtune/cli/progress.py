@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from qtune.protocol import SpeedMeasurement
 from qtune.runner.peaks import memory_text
 from qtune.tuning.front import speedup_text
-from qtune.tuning.history import Baseline, TrialRecord
+from qtune.tuning.history import DECODE_KEY, Baseline, TrialRecord, speed_key_text
 from qtune.tuning.objective import confirmed_speed
 from qtune.tuning.session import TuningSession
 from qtune.tuning.space import TuningSpace
@@ -42,7 +42,7 @@ class RichProgress:
 
     def baseline_ready(self, baseline: Baseline, space: TuningSpace, max_trials: int) -> None:
         self.baseline = baseline
-        latency = ", ".join(f"batch {b}: {v:.3f} ms" for b, v in baseline.latency_ms.items())
+        latency = ", ".join(f"{speed_key_text(b)}: {v:.3f} ms" for b, v in baseline.latency_ms.items())
         self.console.print(f"fp32 baseline: {baseline.metric or 'accuracy'} {baseline.accuracy:.4f}, "
                            f"latency p50 alone {latency}; {len(space.ops)} quantizable ops"
                            f"{memory_text(baseline.peak_rss_bytes)}")
@@ -80,10 +80,13 @@ class RichProgress:
         mark = "[green]✓[/green]" if record.passed else ("[red]✗[/red]" if record.ok else "[red]failed[/red]")
         detail = (f"accuracy {record.accuracy:.4f}" if record.accuracy is not None
                   else f"{record.reason}: {(record.message or '')[:120]}")
-        measured = record.speed_at()
+        key = record.batch_key()
+        measured = record.speed_at(key)
         if measured is not None:
-            detail += f", {speedup_text(measured.speedup, measured.low, measured.high)} vs fp32 at batch " \
-                      f"{measured.batch_size}"
+            detail += (f", {speedup_text(measured.speedup, measured.low, measured.high)} vs fp32 at "
+                       f"{speed_key_text(str(key))}")
+            if key == DECODE_KEY:
+                detail += f" ({1000 / measured.fp32_p50_ms:.1f} → {1000 / measured.p50_ms:.1f} tokens/s)"
             if measured.caveat():  # a busy machine: say how the figure was measured, or that it cannot be trusted
                 detail += f" [yellow]({measured.caveat()})[/yellow]"
         self.console.print(f"trial {record.index}: {mark} {detail}, {len(record.tune_config.fp32_ops())} fp32 ops, "

@@ -222,7 +222,7 @@ class FrontStatus(StatusModel):
     """The accuracy-speed front: configs no other measured config beats on both accuracy and speedup (point
     estimates), most accurate first; at most 5 of them, around the winner."""
 
-    batch_size: int
+    batch_size: int | str = Field(description="the speed figure: a batch size, or decode (time per new token)")
     total: int = Field(description="configs on the whole front (entries lists at most 5 of them)")
     entries: list[FrontEntryStatus] = Field(default_factory=list, max_length=FRONT_STATUS_LIMIT)
 
@@ -326,7 +326,7 @@ def _finite(value: float | None, digits: int = 6) -> float | None:
     return round(float(value), digits)
 
 
-def trial_status(record: TrialRecord, batch_size: int) -> TrialStatus:
+def trial_status(record: TrialRecord, batch_size: int | str) -> TrialStatus:
     seconds = record.finished_at - record.started_at if record.started_at and record.finished_at else None
     measured = record.speed_at(batch_size)
     return TrialStatus(
@@ -371,7 +371,7 @@ def best_status(best: BestSummary, model_path: str | None = None) -> BestStatus:
         model_path=best.model_path or model_path, **_tune_config_fields(best))
 
 
-def front_status(front: list[FrontEntry], batch_size: int, limit: int = FRONT_STATUS_LIMIT) -> FrontStatus | None:
+def front_status(front: list[FrontEntry], batch_size: int | str, limit: int = FRONT_STATUS_LIMIT) -> FrontStatus | None:
     """The front as the status shows it: bounded to `limit` entries around the winner; None when empty."""
     if not front:
         return None
@@ -403,7 +403,7 @@ def counts(history: History, max_trials: int) -> TrialCounts:
 
 def build_status(*, state: str, reason: str, message: str, generation: int | None,
                  old: dict[str, Any] | None, history: History | None = None, max_trials: int | None = None,
-                 batch_size: int = 1, best: BestStatus | None = None, front: FrontStatus | None = None,
+                 batch_size: int | str = 1, best: BestStatus | None = None, front: FrontStatus | None = None,
                  recent: int = 20,
                  history_configmap: str | None = None, workspace: str | None = None,
                  stop_reason: str | None = None, rejected: int = 0, now: float | None = None) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from qtune.protocol import SpeedMeasurement
 from qtune.spec.models import QuantizationJob
 from qtune.tuning.front import FrontEntry, session_front, speedup_text
-from qtune.tuning.history import History, TrialRecord
+from qtune.tuning.history import DECODE_KEY, History, TrialRecord, speed_key_text
 from qtune.tuning.objective import confirmed_speed, speed_of
 from qtune.tuning.session import TuningSession
 
@@ -55,7 +55,7 @@ def _plot(path: Path, history: History, session: TuningSession, best: TrialRecor
                      label=f"best (trial {best.index})")
     axes.axhline(session.criterion.threshold(baseline.accuracy), color="grey", linestyle="--", linewidth=1,
                  label="criterion")
-    axes.set_xlabel(f"latency p50 at batch {batch}, relative to fp32 (lower is faster)")
+    axes.set_xlabel(f"latency p50 at {speed_key_text(batch)}, relative to fp32 (lower is faster)")
     axes.set_ylabel("accuracy")
     axes.set_title("qtune: accuracy against latency per trial")
     axes.grid(alpha=0.3)
@@ -101,11 +101,11 @@ def front_rows(front: list[FrontEntry]) -> list[list[str]]:
     return rows
 
 
-def front_intro(front: list[FrontEntry], batch: int, best: TrialRecord | None) -> str:
+def front_intro(front: list[FrontEntry], batch: int | str, best: TrialRecord | None) -> str:
     """What the front table is and how to use one of its configs without running again."""
-    text = (f"{len(front)} config(s) that no other measured config beats on both accuracy and speedup at batch "
-            f"{batch} (point estimates; most accurate first). To use one, take its trial number n: its tune "
-            "config is the record with index n in history.json's `trials` (`tune_config`), its model the "
+    text = (f"{len(front)} config(s) that no other measured config beats on both accuracy and speedup at "
+            f"{speed_key_text(batch)} (point estimates; most accurate first). To use one, take its trial number n: "
+            "its tune config is the record with index n in history.json's `trials` (`tune_config`), its model the "
             "record's `model_path`.")
     if best is not None and front and not any(e.winner for e in front):
         text += (f" The chosen config, trial {best.index}, is not on it: a config at least as accurate has a "
@@ -160,7 +160,7 @@ def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[st
         ("search stopped", str(history.stop_reason)),
         ("trials", str(len(history.trials))),
         (f"fp32 {metric}", _fmt(baseline.accuracy)),
-        (f"fp32 alone, latency p50 (baseline step; not used for speedups), batch {batch}",
+        (f"fp32 alone, latency p50 (baseline step; not used for speedups), {speed_key_text(batch)}",
          f"{_fmt(baseline.latency_ms.get(str(batch)), 3)} ms"),
     ]
     if best is not None:
@@ -177,18 +177,29 @@ def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[st
         ]
         if measured is not None:
             items += [
-                (f"speed at batch {batch} ({figure} figure)",
-                 f"fp32 {measured.fp32_p50_ms:.3f} ms → int8 {measured.p50_ms:.3f} ms: {speed_sentence(measured)}"),
+                (f"speed at {speed_key_text(batch)} ({figure} figure)",
+                 f"fp32 {measured.fp32_p50_ms:.3f} ms → int8 {measured.p50_ms:.3f} ms: {speed_sentence(measured)}"
+                 + (f" ({1000 / measured.fp32_p50_ms:.1f} → {1000 / measured.p50_ms:.1f} tokens/s)"
+                    if str(batch) == DECODE_KEY else "")),
                 ("how measured", f"{source}; {measured.rounds} alternating rounds of {measured.runs_per_window} "
                                  f"runs, {measured.threads} thread(s), {measured.seconds:.1f}s; "
                                  + ("each run timed by the thread's CPU time (one thread runs the whole "
                                     "inference; time the OS gave other processes is left out)"
                                     if measured.cpu_clock else "each run timed by the wall clock")
                                  + (f"; {measured.caveat()}" if measured.caveat() else "")),
-            ]
+            ] + _prefill_items(history, best, batch)
     else:
         items.append(("best trial", "no configuration meets the criterion"))
     return items
+
+
+def _prefill_items(history: History, best: TrialRecord, batch: int | str) -> list[tuple[str, str]]:
+    """A decode job's other figure: the prompt's time (spec.benchmark.decode), from the same measurement."""
+    measured = speed_of(history, best, "prefill") if str(batch) == DECODE_KEY else None
+    if measured is None:
+        return []
+    return [(f"speed at {speed_key_text('prefill')}",
+             f"fp32 {measured.fp32_p50_ms:.3f} ms → {measured.p50_ms:.3f} ms: {speed_sentence(measured)}")]
 
 
 def write_report(folder: Path, job: QuantizationJob, session: TuningSession) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -34,7 +34,24 @@ def measure_latency(context: JobContext, model: object) -> tuple[dict[str, float
     for size, batch in context.benchmark_batches().items():
         stats = context.adaptor.benchmark(model, batch, bench.warmup_runs, bench.runs, context.benchmark_threads)
         p50[str(size)], p90[str(size)] = stats.p50_ms, stats.p90_ms
+    if bench.decode is not None:  # fails now, naming spec.benchmark.decode, when the model has no KV cache
+        from qtune.runner.decode_speed import decode_workloads
+
+        for key, _size, make in decode_workloads(context):
+            p50[key], p90[key] = _alone(make(model, context.benchmark_threads), bench.warmup_runs, bench.runs)
     return p50, p90
+
+
+def _alone(run: Callable[[], None], warmup: int, runs: int) -> tuple[float, float]:
+    """p50 and p90 in ms of `runs` calls of `run` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(max(runs, 1)):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return float(np.percentile(times, 50)), float(np.percentile(times, 90))
 
 
 @contextmanager
@@ -62,9 +79,9 @@ def compute_space(context: JobContext) -> TuningSpace:
     space.sensitivity = {name: float(sensitivity.get(name, 0.0)) for name in space.ops}
     logger.info("op sensitivity of %d ops measured in %.1fs", len(space.ops), time.perf_counter() - started)
     # per-op time shares (fp32 and int8) at the largest benchmark batch: where the strategy spends trials
+    size = max(context.spec.benchmark.measured_batch_sizes or [1])  # a decode job without batch sizes: one sample
     space.time_share = adaptor.op_time_shares(model, codec.dump(space.default_config()), context.calibration_loader(),
-                                              context.benchmark_batches()[max(context.spec.benchmark.batch_sizes)],
-                                              context.benchmark_threads)
+                                              context.benchmark_batches([size])[size], context.benchmark_threads)
     for name, note in space.notes.items():
         logger.info("capability note: %s: %s", name, note)
     return space

@@ -291,18 +291,40 @@ def run_clock(threads: int) -> tuple[str, Clock]:
     return "wall", time.perf_counter
 
 
+Make = Callable[[object, int], Callable[[], None]]
+"""(model, threads) -> a runner of one inference per call: how one workload runs a model."""
+
+
+def workloads(context: JobContext) -> list[tuple[str, int, Make]]:
+    """What a speed measurement measures, as (key of the figure, batch size, make): every benchmark batch size
+    (key: the size), then a language model's prefill and decode (`qtune.runner.decode_speed`) when
+    `spec.benchmark.decode` is set (batch sizes then only with its `withBatchSizes`)."""
+    adaptor = context.adaptor
+    found: list[tuple[str, int, Make]] = []
+    for size, batch in context.benchmark_batches().items():
+        def make(model: object, threads: int, batch: dict[str, object] = batch) -> Callable[[], None]:
+            return adaptor.make_runner(model, batch, threads)
+
+        found.append((str(size), size, make))
+    if context.spec.benchmark.decode is not None:
+        from qtune.runner.decode_speed import decode_workloads
+
+        found += decode_workloads(context)
+    return found
+
+
 def measure_against_fp32(context: JobContext, models: Mapping[str, object],
                          clock: Clock | None = None) -> dict[str, dict[str, SpeedMeasurement]]:
-    """Speed of each model in `models` against the job's fp32 model, at every benchmark batch size.
+    """Speed of each model in `models` against the job's fp32 model, for every workload (`workloads`: each
+    benchmark batch size; a language model's prefill and decode).
 
-    One interleaved session per batch size holds fp32 and ALL the models (a trial passes one, the
+    One interleaved session per workload holds fp32 and ALL the models (a trial passes one, the
     final confirmation several), with the job's benchmark settings and thread count; `clock`
     defaults to `run_clock(threads)`. Every window is checked for contention (module docstring);
-    when the machine stays busy during a wall-clock session, the batch size is measured again with
-    one thread by CPU time. Returns {name: {batch size (str): SpeedMeasurement}}."""
+    when the machine stays busy during a wall-clock session, the workload is measured again with
+    one thread by CPU time. Returns {name: {workload key (a batch size as str, prefill, decode): SpeedMeasurement}}."""
     if not models:
         return {}
-    adaptor = context.adaptor
     settings = context.spec.benchmark
     threads = context.benchmark_threads
     clock_name, default_clock = run_clock(threads)
@@ -319,44 +341,47 @@ def measure_against_fp32(context: JobContext, models: Mapping[str, object],
     results: dict[str, dict[str, SpeedMeasurement]] = {name: {} for name in models}
     # OnnxModel.size parses the graph for external data: asked once, not per batch size
     check_one_thread = clock_name == "wall" and threads > 1 and one_thread_affordable(context.model)
-    for size, batch in context.benchmark_batches().items():
-        runners = {reference: adaptor.make_runner(context.model, batch, threads)}
-        runners.update({name: adaptor.make_runner(model, batch, threads) for name, model in models.items()})
-        one_thread = adaptor.make_runner(context.model, batch, 1) if check_one_thread else None
+    for key, size, make in workloads(context):
+        runners = {reference: make(context.model, threads)}
+        runners.update({name: make(model, threads) for name, model in models.items()})
+        one_thread = make(context.model, 1) if check_one_thread else None
         measured = measure_speed(runners, reference, batch_size=size, settings=settings, threads=threads,
                                  clock=clock, wall_clock=time.perf_counter, probe=probe,
-                                 drop_contended=clock_name != "cpu", fp32_quiet_ms=quiet.get(str(size)),
+                                 drop_contended=clock_name != "cpu", fp32_quiet_ms=quiet.get(key),
                                  one_thread_reference=one_thread)
-        del one_thread
+        del one_thread, runners
         for measurement in measured.values():
             measurement.cpu_clock = clock_name == "cpu"
-        used_clock = clock_name  # per batch size: a fallback at one size leaves the next one's clock alone
+        used_clock = clock_name  # per workload: a fallback at one leaves the next one's clock alone
         if threads > 1 and not all(m.trusted for m in measured.values()):
             first = next(iter(measured.values()))
-            logger.warning("speed at batch %d: the machine stayed busy while measuring with %d threads (%d rounds "
-                           "contended): measuring again with 1 thread, timed by its CPU time", size, threads,
+            logger.warning("speed of %s: the machine stayed busy while measuring with %d threads (%d rounds "
+                           "contended): measuring again with 1 thread, timed by its CPU time", key, threads,
                            first.contended_rounds)
-            measured = _measure_one_thread(context, models, reference, batch, size, probe, threads,
+            measured = _measure_one_thread(context, models, reference, make, size, probe, threads,
                                            first.contended_rounds)
             used_clock = "cpu"
         for name, measurement in measured.items():
             measurement.exclusive_cpus = exclusive
-            results[name][str(size)] = measurement
+            results[name][key] = measurement
         if used_clock == "wall" and not in_pod():
-            remember_quiet(context, threads, size, measured.values())
-        logger.info("speed at batch %d, %d thread(s), %s time: %s", size, next(iter(measured.values())).threads,
-                    used_clock, summary(measured))
+            remember_quiet(context, threads, key, measured.values())
+        logger.info("speed of %s, %d thread(s), %s time: %s", _workload_text(key),
+                    next(iter(measured.values())).threads, used_clock, summary(measured))
     return results
 
 
-def _measure_one_thread(context: JobContext, models: Mapping[str, object], reference: str,
-                        batch: dict[str, object], size: int, probe: Probe | None, requested: int,
+def _workload_text(key: str) -> str:
+    return f"batch {key}" if key.isdigit() else key
+
+
+def _measure_one_thread(context: JobContext, models: Mapping[str, object], reference: str, make: Make,
+                        size: int, probe: Probe | None, requested: int,
                         contended_before: int) -> dict[str, SpeedMeasurement]:
     """The fallback on a busy machine: one thread, each run timed by the thread's CPU time, which the
     load of other processes does not bias (module docstring). Marked busy, with the thread count asked for."""
-    adaptor = context.adaptor
-    runners = {reference: adaptor.make_runner(context.model, batch, 1)}
-    runners.update({name: adaptor.make_runner(model, batch, 1) for name, model in models.items()})
+    runners = {reference: make(context.model, 1)}
+    runners.update({name: make(model, 1) for name, model in models.items()})
     measured = measure_speed(runners, reference, batch_size=size, settings=context.spec.benchmark, threads=1,
                              clock=time.thread_time, wall_clock=time.perf_counter, probe=probe,
                              drop_contended=False)

@@ -228,12 +228,12 @@ class JobContext:
         dataset = Dataset(self.evaluation_set.inputs, reference)
         return dataset.loader(self.spec.data.evaluation.batch_size)
 
-    def benchmark_batches(self) -> dict[int, dict[str, np.ndarray]]:
-        """One input batch per configured batch size, tiled from the evaluation data if short (from the
-        calibration data when an evalFunc job has no evaluation data)."""
+    def benchmark_batches(self, sizes: list[int] | None = None) -> dict[int, dict[str, np.ndarray]]:
+        """One input batch per batch size measured (`sizes`, default the benchmark's measured batch sizes), tiled
+        from the evaluation data if short (from the calibration data when an evalFunc job has no evaluation data)."""
         source = self.evaluation_set if self.spec.data.evaluation.has_data else self.calibration_set
         batches = {}
-        for size in self.spec.benchmark.batch_sizes:
+        for size in (self.spec.benchmark.measured_batch_sizes if sizes is None else sizes):
             batch = {}
             for name, array in source.inputs.items():
                 reps = -(-size // len(array))

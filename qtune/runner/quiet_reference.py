@@ -54,7 +54,7 @@ def _remembered_quiet(context: JobContext) -> dict[str, dict[str, float]]:
             for threads, by_size in stored.items() if isinstance(by_size, dict)}
 
 
-def remember_quiet(context: JobContext, threads: int, size: int, measured: Iterable[SpeedMeasurement]) -> None:
+def remember_quiet(context: JobContext, threads: int, size: int | str, measured: Iterable[SpeedMeasurement]) -> None:
     """Keep the fp32 p50 of a trusted wall-clock measurement in `QUIET_FILE` when it is the job's fastest yet
     (a later measurement inside a slow stretch is then caught even if its own rounds are all slow)."""
     figures = [m.fp32_p50_ms for m in measured if m.trusted and not m.busy and m.threads == threads]

@@ -87,3 +87,19 @@ class SmoothQuantSpec(SpecModel):
     def alphas(self) -> list[float]:
         """The alpha values to try, preferred first."""
         return list(SMOOTH_QUANT_AUTO_ALPHAS) if self.alpha == "auto" else [float(self.alpha)]
+
+
+class DecodeSpec(SpecModel):
+    """A language model's decode speed at batch 1 with its KV cache (qtune.runner.decode_speed): a prompt of
+    `promptTokens` tokens in one run (prefill), then `newTokens` runs of one token each, every run's present
+    keys and values fed back as the next run's past. The model needs an input_ids input, past inputs (names
+    with "past") and as many present outputs (names with "present"), in the same order."""
+
+    prompt_tokens: int = Field(default=64, ge=1, le=32768,
+                               description="prompt length of the prefill, taken from the first evaluation sample's "
+                                           "input_ids (repeated if shorter)")
+    new_tokens: int = Field(default=32, ge=1, le=32768,
+                            description="decode steps after the prompt; then the cache starts again from the prompt")
+    with_batch_sizes: bool = Field(default=False, description="also measure spec.benchmark.batchSizes (whole "
+                                                              "samples at those batch sizes); default: only the "
+                                                              "prefill and decode figures")

@@ -29,6 +29,7 @@ from qtune.spec.base import (  # noqa: F401
     AlgorithmList,
     ApproachList,
     BoolList,
+    DecodeSpec,
     DTypeList,
     Entrypoint,
     GranularityList,
@@ -280,6 +281,16 @@ class BenchmarkSpec(SpecModel):
                                     description="stop adding rounds once the speedup interval's half-width is "
                                                 "below this fraction of the speedup")
     confidence: float = Field(default=0.95, ge=0.5, lt=1, description="confidence level of the speedup interval")
+    decode: DecodeSpec | None = Field(
+        default=None, description="a language model's decode speed instead: prefill time of a prompt and time per "
+                                  "new token at batch 1 with the KV cache, e.g. {promptTokens: 64, newTokens: 32}; "
+                                  "objective latency then decides on the time per token")
+
+
+    @property
+    def measured_batch_sizes(self) -> list[int]:
+        """The batch sizes a speed measurement measures: all, except with `decode` (unless its withBatchSizes)."""
+        return list(self.batch_sizes) if self.decode is None or self.decode.with_batch_sizes else []
 
 
 class ResourcesSpec(SpecModel):

@@ -147,7 +147,8 @@ def front_window(front: list[FrontEntry], limit: int) -> list[FrontEntry]:
 def front_document(front: list[FrontEntry], batch_size: int | str) -> dict[str, Any]:
     """The front as history.json names it: the batch size, the rule, and the entries (`trial` is the index of
     a record in `trials`, which holds its whole tune config)."""
-    return {"batch_size": int(batch_size), "rule": RULE, "entries": [e.to_dict() for e in front]}
+    key = int(batch_size) if str(batch_size).isdigit() else str(batch_size)  # a batch size, or decode
+    return {"batch_size": key, "rule": RULE, "entries": [e.to_dict() for e in front]}
 
 
 def session_front(session: TuningSession) -> list[FrontEntry]:

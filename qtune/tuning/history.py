@@ -19,6 +19,26 @@ from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
 PENDING = "pending"
+DECODE_KEY = "decode"
+"""The speed key of a language model's time per new token (spec.benchmark.decode, qtune.runner.decode_speed);
+"prefill" is its prompt's. Other keys are batch sizes."""
+
+
+def speed_key_text(key: int | str) -> str:
+    """A speed key as surfaces name it: "batch 32", "decode (per new token, batch 1)", "prefill (the prompt)"."""
+    text = str(key)
+    if text.isdigit():
+        return f"batch {text}"
+    return {DECODE_KEY: "decode (per new token, batch 1)", "prefill": "prefill (the prompt, batch 1)"}.get(text, text)
+
+
+def default_speed_key(keys: Any) -> str | None:
+    """The figure a latency objective decides on among speed keys: decode when measured, else the largest batch."""
+    keys = [str(key) for key in keys]
+    if DECODE_KEY in keys:
+        return DECODE_KEY
+    sizes = [key for key in keys if key.isdigit()]
+    return max(sizes, key=int) if sizes else None
 """A trial started and not recorded yet; SUCCEEDED and FAILED come from the protocol."""
 
 
@@ -78,10 +98,10 @@ class TrialRecord:
         return self.status == SUCCEEDED
 
     def batch_key(self, batch_size: int | str | None = None) -> str | None:
-        """The speed key of `batch_size`; by default the largest benchmarked batch."""
+        """The speed key of `batch_size`; by default decode when measured, else the largest benchmarked batch."""
         if batch_size is not None:
             return str(batch_size)
-        return max(self.speed, key=int) if self.speed else None
+        return default_speed_key(self.speed)
 
     def speed_at(self, batch_size: int | str | None = None) -> SpeedMeasurement | None:
         key = self.batch_key(batch_size)

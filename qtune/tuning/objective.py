@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from qtune.protocol import SUCCEEDED, SpeedMeasurement
 from qtune.tuning.criterion import Criterion
-from qtune.tuning.history import History, TrialRecord
+from qtune.tuning.history import History, TrialRecord, default_speed_key
 
 
 def _tie_key(record: TrialRecord, criterion: Criterion | None) -> tuple[int, float, str]:
@@ -96,5 +96,4 @@ def select_best(history: History, objective: str, objective_tolerance: float = 0
 
 
 def _largest_batch(records: list[TrialRecord]) -> str | None:
-    keys = {k for r in records for k in r.speed}
-    return max(keys, key=int) if keys else None
+    return default_speed_key({k for r in records for k in r.speed})

@@ -29,7 +29,16 @@ from qtune.tuning import stop
 from qtune.tuning.config import TuneConfig
 from qtune.tuning.contenders import EXTRA_PASSES
 from qtune.tuning.criterion import Criterion
-from qtune.tuning.history import FAILED, SUCCEEDED, Backoff, Baseline, Confirmation, History, TrialRecord
+from qtune.tuning.history import (
+    DECODE_KEY,
+    FAILED,
+    SUCCEEDED,
+    Backoff,
+    Baseline,
+    Confirmation,
+    History,
+    TrialRecord,
+)
 from qtune.tuning.objective import rank_by_speed, select_best, speed_of
 from qtune.tuning.space import TuningSpace
 from qtune.tuning.strategies import create_strategy
@@ -47,9 +56,10 @@ COPIED_RESULT_FIELDS = tuple(name for name in TrialResult.model_fields
 per-trial figure needs only its field in each (and the surfaces that show it)."""
 
 
-def objective_batch_size(spec: JobSpec) -> int:
-    """Latency objective: the largest benchmarked batch size (where int8 pays most)."""
-    return max(spec.benchmark.batch_sizes)
+def objective_batch_size(spec: JobSpec) -> int | str:
+    """Latency objective: the key of the speed figure it decides on: the time per new token (`DECODE_KEY`) of a
+    job with spec.benchmark.decode, else the largest benchmarked batch size (where int8 pays most)."""
+    return DECODE_KEY if spec.benchmark.decode is not None else max(spec.benchmark.batch_sizes)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from qtune.adaptors.base import Adaptor, LatencyStats, adaptor_registry
+from qtune.adaptors.base import Adaptor, LatencyStats, StepModel, adaptor_registry
 from qtune.adaptors.onnxrt import calibration as calib
 from qtune.adaptors.onnxrt import quantize as q
 from qtune.adaptors.onnxrt import smooth_quant as sq
@@ -28,7 +28,7 @@ from qtune.adaptors.onnxrt.graph import GraphView
 from qtune.adaptors.onnxrt.model import OnnxModel, load_onnx_model
 from qtune.adaptors.onnxrt.optimize import OptimizedModel, optimize
 from qtune.adaptors.onnxrt.sensitivity import op_sensitivity
-from qtune.adaptors.onnxrt.session import SessionCache, benchmark, check_feed, make_runner, output_index
+from qtune.adaptors.onnxrt.session import SessionCache, benchmark, check_feed, make_runner, output_index, step_model
 from qtune.adaptors.onnxrt.workspace import file_lock, read_json, write_json_atomic
 from qtune.data import DataLoader, Dataset, Metric
 from qtune.data.metrics import TopK
@@ -369,6 +369,9 @@ class OnnxRuntimeAdaptor(Adaptor):
     def make_runner(self, model: Any, inputs: dict[str, Any], threads: int) -> Callable[[], None]:
         session = self._sessions.get(_as_model(model).path, threads)
         return make_runner(session, check_feed(session, inputs))
+
+    def step_model(self, model: Any, threads: int) -> StepModel:
+        return step_model(self._sessions.get(_as_model(model).path, threads))
 
     # --- sensitivity ----------------------------------------------------------------------------------
     def op_sensitivity(self, model: Any, tune_cfg: dict[str, Any], dataset: Dataset) -> dict[str, float]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from qtune.adaptors.base import LatencyStats
+from qtune.adaptors.base import LatencyStats, StepModel
 from qtune.spec.errors import DataError, ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,18 @@ def make_runner(session: Any, feed: dict[str, np.ndarray]) -> Callable[[], None]
         run(None, feed)
 
     return infer
+
+
+def step_model(session: Any) -> StepModel:
+    """The session as a StepModel: its inputs' names, shapes (a dynamic dimension as its name or None) and numpy
+    dtypes, its output names, and a run returning every output."""
+    inputs = [(spec.name, list(spec.shape), _ORT_TO_NUMPY.get(spec.type, np.float32)) for spec in session.get_inputs()]
+    run = session.run
+
+    def step(feed: dict[str, Any]) -> list[Any]:
+        return run(None, feed)
+
+    return StepModel(inputs, [spec.name for spec in session.get_outputs()], step)
 
 
 def benchmark(session: Any, feed: dict[str, np.ndarray], warmup: int, runs: int, threads: int) -> LatencyStats:

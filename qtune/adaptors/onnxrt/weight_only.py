@@ -192,6 +192,24 @@ def unfold_gemms(proto: onnx.ModelProto, names: set[str]) -> int:
     return count
 
 
+def _at_opset_21(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` converted to opset 21 when it is older. ORT's quantizer stamps opset 21 on a model whose Gather it
+    quantizes (int4 tensors need it) without converting the other nodes, so an op whose schema changed since the
+    model's opset (e.g. ReduceMean's `axes`, an attribute before opset 18) made the result fail to load. The
+    converter does what the stamp leaves out; where it cannot, the stamp alone remains, as before."""
+    version = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 21)
+    if version >= 21:
+        return proto
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(proto, 21)
+    except Exception as exc:  # noqa: BLE001 - the converter raises several kinds; the stamp alone remains
+        logger.warning("weight-only: could not convert the model from opset %d to 21 (%s); ORT's quantizer stamps "
+                       "21 on it as is", version, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return proto
+
+
 def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """`proto` (edited in place) with the plan's ops as MatMulNBits: one MatMulNBitsQuantizer pass per setting.
     Returns the model and {setting label: op names} for the record."""
@@ -203,8 +221,10 @@ def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan) -> 
     groups: dict[tuple[int, int, bool, int], list[str]] = {}
     for name, op_cfg in plan.quantized.items():
         groups.setdefault(setting(op_cfg), []).append(name)
-    all_names = {node.name for node in proto.graph.node}
     gathers = {name for name in plan.quantized if view.by_name[name].op_type == "Gather"}
+    if gathers:
+        proto = _at_opset_21(proto)
+    all_names = {node.name for node in proto.graph.node}
     for (bits, block, symmetric, level), names in sorted(groups.items()):
         op_types = ("MatMul", "Gather") if gathers & set(names) else ("MatMul",)
         quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
