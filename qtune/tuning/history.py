@@ -19,6 +19,7 @@ from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
 PENDING = "pending"
+"""A trial started and not recorded yet; SUCCEEDED and FAILED come from the protocol."""
 DECODE_KEY = "decode"
 """The speed key of a language model's time per new token (spec.benchmark.decode, qtune.runner.decode_speed);
 "prefill" is its prompt's. Other keys are batch sizes."""
@@ -39,7 +40,6 @@ def default_speed_key(keys: Any) -> str | None:
         return DECODE_KEY
     sizes = [key for key in keys if key.isdigit()]
     return max(sizes, key=int) if sizes else None
-"""A trial started and not recorded yet; SUCCEEDED and FAILED come from the protocol."""
 
 
 @dataclass
