@@ -76,7 +76,8 @@ def test_a_history_json_written_before_typed_values_loads_and_saves_in_the_same_
     assert history.confirmation.speed["0"]["32"].speedup == 2.0
     assert history.backoff is not None and history.backoff.until == 30.0
     written = codec.dump(history)
-    assert set(written) == set(old) - {"front"} | {"started_at", "outcome", "message", "pinned", "attempts", "queue_stops", "sequence"}
+    assert set(written) == set(old) - {"front"} | {"started_at", "outcome", "message", "pinned", "attempts",
+                                                   "queue_stops", "sequence"}
     assert written["trials"][0]["tune_config"] == config  # an op without weights has no weight key
     assert set(written["trials"][0]) == (set(old["trials"][0]) - {"retired_field"}) | {
         "model_size_bytes", "reason", "message", "timings", "peak_rss_bytes", "model_path", "proposed_by",
