@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
+
+from tune_examples import WINDOW_SECONDS, WindowProcess
 
 ONE_DECODER = textwrap.dedent("""
     import json, statistics, sys, time
@@ -55,40 +55,12 @@ ONE_DECODER = textwrap.dedent("""
             t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
         print(json.dumps({"ms": 1e3 * statistics.median(times)}), flush=True)
 """)
-WINDOW_SECONDS = 0.25
-
-
-class _Decoder:
-    def __init__(self, model: Path, npz: Path, mode: str, prompt: int, new: int, threads: int) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", ONE_DECODER, str(model), str(npz), mode, str(prompt),
-                                         str(new), str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
-        self.run_seconds = float(self._answer()["ready"])
-
-    def _answer(self) -> dict:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the re-measure process ended (exit {self.process.wait()})")
-        return json.loads(line)
-
-    def window(self, runs: int) -> float:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"{runs}\n")
-        self.process.stdin.flush()
-        return float(self._answer()["ms"])
-
-    def close(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        self.process.wait(timeout=60)
-
 
 def remeasure_decode(fp32: Path, model: Path, npz: Path, mode: str, prompt: int, new: int, threads: int,
                      rounds: int = 15) -> dict:
     """fp32 against `model` in `mode` (decode: ms per token; prefill: ms per prompt), each in its own process."""
-    workers = {"fp32": _Decoder(fp32, npz, mode, prompt, new, threads),
-               "model": _Decoder(model, npz, mode, prompt, new, threads)}
+    workers = {"fp32": WindowProcess(ONE_DECODER, fp32, npz, mode, prompt, new, threads),
+               "model": WindowProcess(ONE_DECODER, model, npz, mode, prompt, new, threads)}
     try:
         per_window = max(1, round(WINDOW_SECONDS / max(w.run_seconds for w in workers.values())))
         fp32_ms, model_ms, ratios = [], [], []

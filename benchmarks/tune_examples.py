@@ -118,12 +118,14 @@ def stalled_us() -> int | None:
         return None
 
 
-class _ModelProcess:
-    """One model in an ONNX Runtime session of its own process; `window(runs)` times `runs` runs there."""
+class WindowProcess:
+    """One model in an ONNX Runtime session of its own process (`script`, run with `python -c` and `args`: it
+    prints {"ready": seconds of one run}, then answers each line "<runs>" with {"ms": their median});
+    `window(runs)` times `runs` runs there. decode_remeasure.py runs its decode loops through it too."""
 
-    def __init__(self, model: Path, npz: Path, batch: int, threads: int) -> None:
-        self.process = subprocess.Popen([sys.executable, "-c", ONE_MODEL, str(model), str(npz), str(batch),
-                                         str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, script: str, *args: object) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
         self.run_seconds = float(self._answer()["ready"])
 
     def _answer(self) -> dict:
@@ -142,7 +144,7 @@ class _ModelProcess:
     def close(self) -> None:
         if self.process.stdin is not None:
             self.process.stdin.close()
-        self.process.wait(timeout=30)
+        self.process.wait(timeout=60)
 
 
 QUIET_PRESSURE = 0.10
@@ -179,7 +181,8 @@ def remeasure(fp32: Path, int8: Path, npz: Path, batch: int, threads: int, round
     `quiet_wait_s` for a quiet machine first. Returns the median per-round ratio, its range over the rounds,
     both medians, and `pressure`: the share of time tasks waited for a CPU while it measured (None: no PSI)."""
     wait_for_quiet(quiet_wait_s)
-    workers = {fp32: _ModelProcess(fp32, npz, batch, threads), int8: _ModelProcess(int8, npz, batch, threads)}
+    workers = {fp32: WindowProcess(ONE_MODEL, fp32, npz, batch, threads),
+               int8: WindowProcess(ONE_MODEL, int8, npz, batch, threads)}
     try:
         per_window = max(1, round(WINDOW_SECONDS / max(w.run_seconds for w in workers.values())))
         rounds = max(rounds, -(-runs // per_window))
