@@ -251,12 +251,18 @@ def _kueue_stops(world: Any, name: str) -> None:
         "lastTransitionTime": "2099-01-01T00:00:29Z"}]}
 
 
-def test_a_unit_kueue_preempts_is_named_in_the_status_and_an_event_and_is_no_failure() -> None:
+def _a_trial_running() -> tuple[Any, str]:
+    """A queued job of 3 trials, one at a time, past its baseline: the world and its running trial's pod."""
     world = _queued_world(maxTrials=3, parallelTrials=1)
     world.step()
     world.finish_running()  # the baseline
     world.step()
     (trial_pod,) = world.running_pods()
+    return world, trial_pod
+
+
+def test_a_unit_kueue_preempts_is_named_in_the_status_and_an_event_and_is_no_failure() -> None:
+    world, trial_pod = _a_trial_running()
     _kueue_stops(world, trial_pod)
     world.step()
     message = world.kube.status["message"]
@@ -279,11 +285,7 @@ def test_a_unit_kueue_preempts_is_named_in_the_status_and_an_event_and_is_no_fai
 def test_the_stops_survive_an_operator_restart_and_are_named_once() -> None:
     """The count of stops and the one Event per stop live in the (signed) history: a restarted operator that sees
     the same stopped pod again neither names it a second time nor forgets it in the status."""
-    world = _queued_world(maxTrials=3, parallelTrials=1)
-    world.step()
-    world.finish_running()
-    world.step()
-    (trial_pod,) = world.running_pods()
+    world, trial_pod = _a_trial_running()
     _kueue_stops(world, trial_pod)
     world.step()
     stopped = copy.deepcopy(world.kube.pods[trial_pod])
@@ -318,11 +320,7 @@ def test_a_pod_kueue_deletes_before_the_jobs_loop_sees_it_is_still_named() -> No
 
     from qtune.operator.handlers import _kueue_stopped, kueue_stopped_pod
 
-    world = _queued_world(maxTrials=3, parallelTrials=1)
-    world.step()
-    world.finish_running()
-    world.step()
-    (trial_pod,) = world.running_pods()
+    world, trial_pod = _a_trial_running()
     _kueue_stops(world, trial_pod)
     body = copy.deepcopy(world.kube.pods[trial_pod])
     del world.kube.pods[trial_pod]  # gone before the next step
