@@ -246,6 +246,16 @@ def real_job(name: str, **tuning: Any) -> dict[str, Any]:
     return manifest
 
 
+def stalled_job(inst: Installed, name: str, seconds: int = 300, **tuning: Any) -> tuple[dict[str, Any], str]:
+    """`real_job(name)` whose trial-0 (its first attempt) stalls `seconds` at its metric's import, so a test
+    certainly catches that pod running; returns the manifest and the pod's name."""
+    victim, module = f"{name}-trial-0", f"stall_{name.replace('-', '_')}"
+    (inst.workspace / f"{module}.py").write_text(stalling(victim, seconds))
+    job = real_job(name, **tuning)
+    job["spec"]["data"]["evaluation"]["metric"] = f"{module}:Top1"
+    return job, victim
+
+
 def _status(inst: Installed, name: str) -> dict[str, Any]:
     return (opcluster.get_job(inst.cluster, inst.jobs, name) or {}).get("status") or {}
 
@@ -428,10 +438,7 @@ def test_oom_killed_trial_has_the_kubelets_reason(installed: Installed) -> None:
 
 def test_deleted_trial_pod_starts_again(installed: Installed) -> None:
     inst = installed
-    victim = "real-deleted-trial-0"
-    (inst.workspace / "stall.py").write_text(stalling(victim))  # the victim is still running when deleted
-    job = real_job("real-deleted", maxTrials=2, parallelTrials=1)
-    job["spec"]["data"]["evaluation"]["metric"] = "stall:Top1"
+    job, victim = stalled_job(inst, "real-deleted", maxTrials=2, parallelTrials=1)  # still running when deleted
     opcluster.create_job(inst.cluster, inst.jobs, job)
     uid = opcluster.get_job(inst.cluster, inst.jobs, "real-deleted")["metadata"]["uid"]
     wait_for(lambda: victim in inst.pods.running, 300, f"{victim} running",
@@ -524,8 +531,7 @@ def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, 
     from kubernetes import client
 
     inst, name, queue = installed, "real-kueue", "tuning"
-    victim = f"{name}-trial-0"
-    (inst.workspace / "stall_kueue.py").write_text(stalling(victim))  # still running when Kueue preempts it
+    job, victim = stalled_job(inst, name, maxTrials=2, parallelTrials=1)  # still running when Kueue preempts it
     api, core = inst.cluster.api_client(), inst.cluster.core()
     high = f"{inst.jobs}-high"
     client.SchedulingV1Api(api).create_priority_class({
@@ -535,10 +541,8 @@ def test_kueue_quota_wait_and_preemption_on_the_real_node(installed: Installed, 
     try:
         core.create_namespaced_pod(inst.jobs, _busybox_pod(inst, "holder", queue, 20))
         inst.cluster.wait_for_pod(inst.jobs, "holder", done=lambda p: p.status.phase == "Running", timeout=120)
-        job = real_job(name, maxTrials=2, parallelTrials=1)
         job["spec"]["trial"]["queueName"] = queue
         job["spec"]["trial"]["resources"] = {"cpu": ONE_REAL_UNIT["cpu"], "memory": ONE_REAL_UNIT["memory"]}
-        job["spec"]["data"]["evaluation"]["metric"] = "stall_kueue:Top1"
         opcluster.create_job(inst.cluster, inst.jobs, job)
         uid = opcluster.get_job(inst.cluster, inst.jobs, name)["metadata"]["uid"]
         queued: dict[str, Any] = {}
@@ -629,10 +633,7 @@ def _hostile_pod(inst: Installed, name: str, secret: str, uid: str) -> dict[str,
 
 def test_a_pod_holding_a_trials_secret_cannot_write_delete_or_list_through_the_gateway(installed: Installed) -> None:
     inst = installed
-    victim = "real-victim-trial-0"
-    (inst.workspace / "stall_victim.py").write_text(stalling(victim, seconds=45))  # its Secret lives meanwhile
-    job = real_job("real-victim", maxTrials=2, parallelTrials=1)
-    job["spec"]["data"]["evaluation"]["metric"] = "stall_victim:Top1"
+    job, victim = stalled_job(inst, "real-victim", seconds=45, maxTrials=2, parallelTrials=1)  # its Secret lives
     opcluster.create_job(inst.cluster, inst.jobs, job)
     uid = opcluster.get_job(inst.cluster, inst.jobs, "real-victim")["metadata"]["uid"]
     wait_for(lambda: victim in inst.pods.running, 300, f"{victim} running",
