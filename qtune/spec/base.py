@@ -20,7 +20,7 @@ BLOCK_SIZES = (16, 32, 64, 128, 256)
 """Block sizes of weight-only quantization (`per_block_<n>`: n consecutive weights of one output channel along K
 share a scale), as ORT's MatMulNBits takes them (a power of two >= 16)."""
 GRANULARITIES = ("per_tensor", "per_channel", *(f"per_block_{n}" for n in BLOCK_SIZES))
-ALGORITHMS = ("minmax", "kl", "percentile", "rtn")
+ALGORITHMS = ("minmax", "kl", "percentile", "rtn", "k_quant", "gptq")
 APPROACHES = ("static", "dynamic", "weight_only")
 METRICS = ("top1", "topk", "f1", "mse", "cosine", "perplexity")
 OBJECTIVES = ("latency", "size")

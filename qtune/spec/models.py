@@ -56,7 +56,9 @@ class TensorConstraint(SpecModel):
         default=None, description="per_tensor and/or per_channel (weights); weight_only: per_block_<n>, n in 16, 32, "
                                   "64, 128, 256")
     algorithm: AlgorithmList = Field(default=None, description="calibration: minmax, kl (entropy), percentile; "
-                                                               "weight_only weights: rtn (round to nearest)")
+                                                               "weight_only weights: rtn (round to nearest), k_quant "
+                                                               "(asymmetric), gptq (int4 only; uses the calibration "
+                                                               "data)")
     reduce_range: BoolList = Field(default=None, description="7-bit ranges (for CPUs without VNNI): true and/or false")
 
 

@@ -41,6 +41,8 @@ class OpSpace:
     activation: dict[str, list[Any]]
     weight: dict[str, list[Any]] | None
     approach: list[str]
+    algorithm_dtypes: dict[str, list[str]] = field(default_factory=dict)
+    """Weight algorithm → the only weight dtypes it takes (weight_only gptq: int4); absent: every dtype."""
 
     def quantizable(self, approach: str) -> bool:
         if approach == WEIGHT_ONLY:  # the weight decides; an fp32 activation is fp32 compute
@@ -60,6 +62,7 @@ class OpSpace:
         return [
             TensorConfig(dtype, scheme, granularity, algorithm, bool(rr))
             for dtype, scheme, granularity, algorithm, rr in itertools.product(dtypes, *values, reduce)
+            if _paired(self.algorithm_dtypes, dtype, algorithm)
         ]
 
     def choices(self, approach: str) -> list[OpConfig]:
@@ -84,7 +87,8 @@ class OpSpace:
         activation = op_cfg.activation
         if approach == WEIGHT_ONLY:
             return (activation in self._weight_only_activations() and op_cfg.weight is not None
-                    and self.weight is not None and _tensor_allowed(self.weight, op_cfg.weight))
+                    and self.weight is not None and _tensor_allowed(self.weight, op_cfg.weight)
+                    and _paired(self.algorithm_dtypes, op_cfg.weight.dtype, op_cfg.weight.algorithm))
         if approach == "dynamic":
             if activation != TensorConfig(activation.dtype):
                 return False
@@ -102,7 +106,8 @@ class OpSpace:
         if not self.quantizable(approach):
             return self.fp32()
         if approach == WEIGHT_ONLY:
-            return OpConfig(self.op_type, self._weight_only_activations()[0], _first_tensor(self.weight))
+            return OpConfig(self.op_type, self._weight_only_activations()[0],
+                            next(iter(self._tensor_options(self.weight)), None))
         activation = _first_tensor(self.activation)
         assert activation is not None  # quantizable: a non-fp32 activation dtype exists
         if approach == "dynamic":
@@ -125,6 +130,10 @@ def _first_tensor(options: dict[str, list[Any]] | None) -> TensorConfig | None:
         return None
     first = [(options.get(name) or [None])[0] for name in ("scheme", "granularity", "algorithm")]
     return TensorConfig(dtypes[0], *first, bool((options.get("reduce_range") or [False])[0]))
+
+
+def _paired(algorithm_dtypes: dict[str, list[str]], dtype: str, algorithm: str | None) -> bool:
+    return algorithm not in algorithm_dtypes or dtype in algorithm_dtypes[algorithm]
 
 
 def _tensor_allowed(options: dict[str, list[Any]], tensor: TensorConfig) -> bool:
@@ -258,7 +267,7 @@ def _apply(op: OpSpace, constraint: OpConstraint | None, field_path: str) -> OpS
     if constraint.weight is not None and weight is not None:
         weight = _intersect(weight, constraint.weight, f"{field_path}.weight", label)
     activation = _intersect(op.activation, constraint.activation, f"{field_path}.activation", label)
-    return OpSpace(op.name, op.op_type, activation or {}, weight, approach)
+    return OpSpace(op.name, op.op_type, activation or {}, weight, approach, op.algorithm_dtypes)
 
 
 def _flatten_opwise(opwise: dict[Any, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -296,11 +305,8 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
         op_type, value = by_name[name]
         op = OpSpace(name, op_type, dict(value.get("activation", {})),
                      dict(value["weight"]) if value.get("weight") else None,
-                     list(value.get("approach", ["static"])))
-        op = _apply(op, quantization.model_wise, "spec.quantization.modelWise")
-        op = _apply(op, quantization.op_type_wise.get(op_type), f"spec.quantization.opTypeWise.{op_type}")
-        op = _apply(op, quantization.op_wise.get(name), f"spec.quantization.opWise.{name}")
-        ops[name] = op
+                     list(value.get("approach", ["static"])), dict(value.get("algorithm_dtypes") or {}))
+        ops[name] = _constrained(op, quantization)
 
     approaches = ["static", "dynamic"] if quantization.approach == "auto" else [quantization.approach]
     approaches = [a for a in approaches if any(op.quantizable(a) for op in ops.values())]
@@ -329,6 +335,34 @@ def build_space(capability: dict[str, Any], quantization: QuantizationSpec,
         light_chains=[LightChain(list(c["ops"]), list(c["ends"])) for c in capability.get("light_chains", [])
                       if all(name in ops for name in [*c["ops"], *c["ends"]])],
     )
+
+
+def _constrained(op: OpSpace, quantization: QuantizationSpec) -> OpSpace:
+    """`op` under the job's model-, op-type- and op-wise constraints, in that order."""
+    op = _apply(op, quantization.model_wise, "spec.quantization.modelWise")
+    op = _apply(op, quantization.op_type_wise.get(op.op_type), f"spec.quantization.opTypeWise.{op.op_type}")
+    op = _apply(op, quantization.op_wise.get(op.name), f"spec.quantization.opWise.{op.name}")
+    _check_pairs(op, quantization)
+    return op
+
+
+def _check_pairs(op: OpSpace, quantization: QuantizationSpec) -> None:
+    """A weight restricted to algorithms none of whose dtypes is left (gptq with int8 only) is an error naming the
+    field that set the algorithm (the most specific constraint that did)."""
+    dtypes = [d for d in (op.weight or {}).get("dtype", []) if d != FP32]
+    algorithms = (op.weight or {}).get("algorithm") or []
+    if not op.algorithm_dtypes or not dtypes or not algorithms:
+        return
+    if any(_paired(op.algorithm_dtypes, d, a) for d in dtypes for a in algorithms):
+        return
+    path = "spec.quantization.modelWise"
+    for where, constraint in ((f"spec.quantization.opTypeWise.{op.op_type}", quantization.op_type_wise.get(op.op_type)),
+                              (f"spec.quantization.opWise.{op.name}", quantization.op_wise.get(op.name))):
+        if constraint is not None and constraint.weight is not None and constraint.weight.algorithm is not None:
+            path = where
+    takes = "; ".join(f"{a} takes {', '.join(op.algorithm_dtypes.get(a, ['any dtype']))}" for a in algorithms)
+    raise SpecError(f"{path}.weight.algorithm", f"{algorithms} cannot quantize {op.name} ({op.op_type}) to weight "
+                                                f"dtype {', '.join(dtypes)}: {takes}")
 
 
 def _fused_groups(groups: list[list[str]], ops: dict[str, OpSpace]) -> list[list[str]]:

@@ -78,12 +78,14 @@ def test_space_starts_at_the_fast_end_and_knows_the_compute_type() -> None:
     default = space.default_config().ops["mm"]
     assert default.activation == TensorConfig("int8")
     assert default.weight == TensorConfig("int4", "sym", "per_block_32", "rtn")
-    assert setting(default) == (4, 32, True, 4)
+    assert setting(default) == ("rtn", 4, 32, True, 4)
     choices = space.ops["mm"].choices("weight_only")
-    assert len(choices) == 2 * 2 * 2 * 2  # compute int8/fp32 x int4/int8 x sym/asym x 32/128
+    # compute int8/fp32 x sym/asym x 32/128 x (int4: rtn, k_quant, gptq; int8: rtn, k_quant)
+    assert len(choices) == 2 * 2 * 2 * (3 + 2)
+    assert not any(c.weight.algorithm == "gptq" and c.weight.dtype == "int8" for c in choices)
     fp32_compute = replace(default, activation=TensorConfig("fp32"), weight=replace(default.weight, dtype="int8"))
     assert fp32_compute in choices and space.ops["mm"].allows(fp32_compute, "weight_only")
-    assert setting(fp32_compute) == (8, 32, True, 0)
+    assert setting(fp32_compute) == ("rtn", 8, 32, True, 0)
     assert not space.ops["mm"].allows(replace(default, activation=TensorConfig("uint8")), "weight_only")
     assert default.as_fp32().is_fp32 and not space.ops["mm"].allows(default.as_fp32(), "weight_only")
 
@@ -159,16 +161,22 @@ def _accuracy(need_fp32: set[str]):
     return accuracy
 
 
+def _int8_costs(config: TuneConfig) -> float:
+    """Speedup 1.8 with every layer int4, 0.1 less per layer above 4 bits (the algorithm rung is free)."""
+    return 1.8 - 0.1 * sum(1 for op in config.ops.values() if op.weight.dtype != "int4")
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_ladder_moves_exactly_the_sensitive_layers_to_8_bits(k: int) -> None:
     space = _ladder_space({"mm03": 0.9, "mm11": 0.5, "mm05": 0.01})
-    spec = job_spec(strategy="mixed_bits", parallelTrials=k, maxTrials=20, objective="size", confirmCandidates=0)
-    session, _, reason = run_simulated(spec, space, _accuracy(set()))
+    spec = job_spec(strategy="mixed_bits", parallelTrials=k, maxTrials=20, objective="latency", confirmCandidates=0)
+    session, _, reason = run_simulated(spec, space, _accuracy(set()), speed=_int8_costs)
     best = session.best()
     assert best is not None and best.passed, reason
     above = {n for n, op in best.tune_config.ops.items() if op.weight.dtype != "int4"}
     assert above == HOSTILE
-    assert len(session.history.trials) <= 4 + k  # levels 0, 1, 2 (pass): then 1 is known to fail: done
+    # levels 0, 1 (every layer gptq: the simulated accuracy ignores the algorithm), 2, 3 (pass): done
+    assert len(session.history.trials) <= 5 + k
 
 
 def test_ladder_goes_on_to_fp32_and_bisects() -> None:
@@ -185,11 +193,88 @@ def test_ladder_goes_on_to_fp32_and_bisects() -> None:
 def test_ladder_levels_are_monotone_and_the_plan_is_pure() -> None:
     space = _ladder_space({"mm03": 0.9})
     ladder = Ladder(space)
-    assert ladder.ranked[0] == "mm03" and ladder.top == 31
-    assert ladder.probes() == [0, 1, 2, 4, 8, 16, 17, 18, 20, 24, 31]
+    assert ladder.ranked[0] == "mm03" and ladder.top == 32 and ladder.rung == 1
+    assert ladder.probes() == [0, 1, 2, 3, 5, 9, 17, 18, 19, 21, 25, 32]
     bits = [sum(8 if op.weight.dtype == "int8" else 32 if op.is_fp32 else 4 for op in ladder.config(level).ops.values())
             for level in range(ladder.top + 1)]
-    assert bits == sorted(bits) and len(set(bits)) == len(bits)
+    assert bits[1:] == sorted(bits[1:]) and len(set(bits[1:])) == len(bits) - 1 and bits[0] == bits[1]
+    rung = ladder.config(1)
+    assert {op.weight.algorithm for op in rung.ops.values()} == {"gptq"}
+    assert rung.with_ops({n: replace(op, weight=replace(op.weight, algorithm="rtn")) for n, op in rung.ops.items()}
+                         ).key() == ladder.config(0).key()  # level 1 changes the algorithm only
     assert ladder.config(0).key() == space.default_config().key()
     todo, complete = weight_only_plan(space, History(job="j"), 3)
     assert [c.key() for c in todo] == [ladder.config(level).key() for level in (0, 1, 2)] and not complete
+
+
+# --- algorithms besides round to nearest (issue 22) ----------------------------------------------------
+def test_setting_maps_each_algorithm_and_refuses_what_ort_cannot_write() -> None:
+    from qtune.adaptors.onnxrt.weight_only import setting_label
+    from qtune.tuning.config import OpConfig
+
+    def op(dtype: str, scheme: str, algorithm: str | None) -> OpConfig:
+        return OpConfig("MatMul", TensorConfig("int8"), TensorConfig(dtype, scheme, "per_block_128", algorithm))
+
+    assert setting(op("int4", "sym", "gptq")) == ("gptq", 4, 128, True, 4)
+    assert setting(op("int4", "sym", "k_quant")) == ("k_quant", 4, 128, False, 4)  # k-quant writes zero points
+    assert setting(op("int8", "asym", "k_quant")) == ("k_quant", 8, 128, False, 4)
+    assert setting(op("int4", "sym", None)) == ("rtn", 4, 128, True, 4)
+    assert setting_label(("rtn", 4, 32, True, 4)) == "bits4-block32-sym-level4"  # the record's old names
+    assert setting_label(("gptq", 4, 32, True, 4)) == "gptq-bits4-block32-sym-level4"
+    with pytest.raises(ValueError, match="gptq takes weight dtype"):
+        setting(op("int8", "sym", "gptq"))
+    with pytest.raises(ValueError, match="'hqq' is not one of rtn, k_quant, gptq"):
+        setting(op("int4", "sym", "hqq"))
+
+
+def test_capability_offers_the_algorithms_for_matmul_and_rtn_for_an_embedding() -> None:
+    entry = weight_only_capability(_graph(), {}, {})["opwise"][("mm", "MatMul")]
+    assert entry["weight"]["algorithm"] == ["rtn", "k_quant", "gptq"]
+    assert entry["algorithm_dtypes"] == {"gptq": ["int4"]}
+    table = numpy_helper.from_array(np.zeros((100, 64), np.float32), "table")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed")], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)], [table])
+    view = GraphView(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    gather = weight_only_capability(view, {}, {})["opwise"][("embed", "Gather")]
+    assert gather["weight"]["algorithm"] == ["rtn"] and "algorithm_dtypes" not in gather
+
+
+def test_gptq_restricted_to_int8_names_the_algorithm_field() -> None:
+    with pytest.raises(SpecError) as caught:
+        _space(op_type_wise={"MatMul": {"weight": {"dtype": ["int8"], "algorithm": ["gptq"]}}})
+    assert "spec.quantization.opTypeWise.MatMul.weight.algorithm" in str(caught.value)
+    assert "gptq takes int4" in str(caught.value)
+    with pytest.raises(SpecError, match=r"spec.quantization.modelWise.weight.algorithm: .*allowed: rtn, k_quant, gptq"):
+        _space(model_wise={"weight": {"algorithm": ["minmax"]}})
+    space = _space(model_wise={"weight": {"algorithm": ["gptq"]}})  # int8 still offered by the dtype list
+    assert {c.weight.dtype for c in space.ops["mm"].choices("weight_only")} == {"int4"}
+    assert space.default_config().ops["mm"].weight.algorithm == "gptq"
+
+
+def test_ladder_rung_takes_k_quant_without_gptq_and_is_absent_without_either() -> None:
+    def ladder(algorithms: list[str]) -> Ladder:
+        entry = weight_only_capability(_graph(), {}, {})["opwise"][("mm", "MatMul")]
+        capability = {"opwise": {(name, "MatMul"): entry for name in OPS}, "graph_order": OPS}
+        return Ladder(build_space(capability, QuantizationSpec(
+            approach="weight_only", model_wise={"weight": {"algorithm": algorithms}}), [], 100))
+
+    k_quant = ladder(["rtn", "k_quant"])
+    assert k_quant.rung == 1 and {op.weight.algorithm for op in k_quant.config(1).ops.values()} == {"k_quant"}
+    assert {op.weight.algorithm for op in k_quant.config(2).ops.values()} == {"k_quant", "rtn"}  # int8: rtn
+    plain = ladder(["rtn"])
+    assert plain.rung == 0 and plain.top == 31 and plain.probes() == [0, 1, 2, 4, 8, 16, 17, 18, 20, 24, 31]
+
+
+def test_ladder_stops_at_the_algorithm_rung_when_it_fixes_the_fragile_layers() -> None:
+    def accuracy(config: TuneConfig) -> float:  # the fragile layers hold at int4 only with gptq
+        ops = config.ops
+        return 0.95 - 0.05 * sum(ops[n].weight.dtype == "int4" and ops[n].weight.algorithm != "gptq" for n in HOSTILE)
+
+    space = _ladder_space({"mm03": 0.9, "mm11": 0.5})
+    spec = job_spec(strategy="mixed_bits", maxTrials=20, objective="latency", confirmCandidates=0)
+    session, _, reason = run_simulated(spec, space, accuracy, speed=_int8_costs)
+    best = session.best()
+    assert best is not None and best.passed, reason
+    assert all(op.weight.dtype == "int4" and op.weight.algorithm == "gptq" for op in best.tune_config.ops.values())
+    assert len(session.history.trials) == 2  # level 0 fails, level 1 passes: nothing between to bisect

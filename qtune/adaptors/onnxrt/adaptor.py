@@ -233,8 +233,8 @@ class OnnxRuntimeAdaptor(Adaptor):
         output = out_dir / "model.onnx"
 
         samples = None
-        if cfg.approach == "static":
-            samples = calib.collect_samples(dataloader, cfg.calibration_sampling_size)
+        if cfg.approach == "static" or (cfg.approach == wo.APPROACH and wo.uses_calibration(cfg)):  # gptq reads data
+            samples = calib.collect_samples(dataloader or [], cfg.calibration_sampling_size)
             if samples.count == 0:
                 from qtune.spec.errors import DataError
 
@@ -272,7 +272,7 @@ class OnnxRuntimeAdaptor(Adaptor):
         if cfg.approach == wo.APPROACH:
             plan = wo.plan_weight_only(view, cfg, quantizable, forced)
             if plan.quantized:
-                passes = wo.run_weight_only(source, view, plan, output)
+                passes = wo.run_weight_only(source, view, plan, output, samples.batches if samples else None)
         elif cfg.approach == "dynamic":
             plan = q.plan_dynamic(view, cfg, quantizable, forced)
             if plan.quantized:

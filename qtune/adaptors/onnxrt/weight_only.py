@@ -1,18 +1,21 @@
 """Weight-only quantization (approach `weight_only`): MatMul weights in 4 or 8 bits per block, run by ONNX
-Runtime's `MatMulNBits` contrib op, written by ORT's own `MatMulNBitsQuantizer` (its DEFAULT algorithm:
-round to nearest with MLAS's C++ block quantizer).
+Runtime's `MatMulNBits` contrib op, written by ORT's own code: algorithm `rtn` by `MatMulNBitsQuantizer`'s
+DEFAULT path (round to nearest with MLAS's C++ block quantizer), `k_quant` and `gptq` by the Neural Compressor
+code ORT vendors (`weight_only_algorithms.py`: what each writes, and what it ignores).
 
 How a tune config maps onto ORT:
 - the weight's TensorConfig: dtype int4/int8 → `bits` 4/8, granularity `per_block_<n>` → `block_size` n,
-  scheme sym → `is_symmetric`, algorithm rtn (the only one offered: ORT's k-quant/GPTQ path runs Neural
-  Compressor's Python code per weight, and HQQ needs torch);
+  scheme sym → `is_symmetric` (k_quant is asymmetric whatever the scheme), algorithm rtn / k_quant / gptq
+  (gptq at int4 only: `ALGORITHM_DTYPES`; it runs on the job's calibration data; HQQ is not offered: it needs
+  torch); an embedding Gather: rtn only (ORT's other algorithms know MatMul only);
 - the activation's dtype: int8 → `accuracy_level` 4 (MLAS quantizes the activations per block to int8
   at run time and uses its int8 kernels: the fast path on CPU), fp32 → `accuracy_level` 0 (fp32 compute);
 - an op in fp32 → `nodes_to_exclude`.
 ORT's quantizer takes one setting per call: its per-node `customized_weight_config` only reaches the
-RTN/GPTQ path (`rtn_quantize`), not the C++ DEFAULT one. So ops are grouped by setting and each group is
-one pass over the model with every other node excluded; an op rewritten by an earlier pass is a
-MatMulNBits by then, so passes never touch each other's ops.
+Neural Compressor path, not the C++ DEFAULT one. So ops are grouped by setting (algorithm included) and each
+group is one pass over the model with every other node excluded; an op rewritten by an earlier pass is a
+MatMulNBits by then, so passes never touch each other's ops. GPTQ passes run last: the Hessian of a layer is
+measured on the inputs the quantized model feeds it (the other passes' layers already quantized).
 
 A Gemm with a constant B (no transA, alpha = beta = 1) is first rewritten as MatMul (+ Add) under its own
 name (ORT's quantizer only knows MatMul; ORT's basic optimisation turns 2-D MatMul + Add into Gemm).
@@ -38,6 +41,7 @@ from qtune.adaptors.onnxrt.capability import gemm_unfoldable
 from qtune.adaptors.onnxrt.graph import GraphView, _attr
 from qtune.adaptors.onnxrt.model import OnnxModel, save_model
 from qtune.adaptors.onnxrt.quantize import QuantPlan, _excluded_because
+from qtune.adaptors.onnxrt.weight_only_algorithms import Feeds, gptq_pass, k_quant_pass
 from qtune.tuning.config import OpConfig, TuneConfig
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,10 @@ BITS = {"int4": 4, "int8": 8}
 OFFERED_BLOCKS = (32, 128)
 """Block sizes offered by default (ORT GenAI's CPU default first); a constraint may name others."""
 MIN_K = 16
+ALGORITHMS = ("rtn", "k_quant", "gptq")
+"""Offered for MatMul (and unfoldable Gemm) weights, the default first; the pass order too."""
+ALGORITHM_DTYPES = {"gptq": ["int4"]}
+"""Algorithm → the only weight dtypes it writes MatMulNBits for (absent: every dtype offered)."""
 ACCURACY_LEVEL = {"int8": 4, "fp32": 0}
 GATHER_WEIGHT_DTYPES = ["int4", "fp32"]
 WEIGHT_OPS = ("MatMul", "Gemm", "Gather")
@@ -96,8 +104,9 @@ def _entry(k: int, forced_reason: str | None, gather: bool = False) -> dict[str,
     blocks = [b for b in OFFERED_BLOCKS if b <= k] or [MIN_K]
     return {"activation": {"dtype": ["fp32"] if gather else ["int8", "fp32"]},
             "weight": {"dtype": list(GATHER_WEIGHT_DTYPES if gather else WEIGHT_DTYPES), "scheme": ["sym", "asym"],
-                       "granularity": [f"per_block_{b}" for b in blocks], "algorithm": ["rtn"]},
-            "approach": [APPROACH]}
+                       "granularity": [f"per_block_{b}" for b in blocks],
+                       "algorithm": ["rtn"] if gather else list(ALGORITHMS)},
+            "approach": [APPROACH], **({} if gather else {"algorithm_dtypes": dict(ALGORITHM_DTYPES)})}
 
 
 def _k_of(node: onnx.NodeProto, view: GraphView) -> int:
@@ -156,12 +165,35 @@ def plan_weight_only(view: GraphView, cfg: TuneConfig, quantizable: dict[str, di
     return QuantPlan(APPROACH, "QOperator", quantized, excluded)
 
 
-def setting(op_cfg: OpConfig) -> tuple[int, int, bool, int]:
-    """(bits, block size, symmetric, accuracy_level) of a quantized op."""
+Setting = tuple[str, int, int, bool, int]
+"""(algorithm, bits, block size, symmetric, accuracy_level): one quantizer pass."""
+
+
+def setting(op_cfg: OpConfig) -> Setting:
+    """The pass of a quantized op. k_quant is asymmetric whatever the scheme (it always writes zero points)."""
     weight = op_cfg.weight
     assert weight is not None
-    return (BITS[weight.dtype], block_size(weight.granularity), weight.scheme == "sym",
+    algorithm = weight.algorithm or "rtn"
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"weight-only algorithm {algorithm!r} is not one of {', '.join(ALGORITHMS)}")
+    if weight.dtype not in ALGORITHM_DTYPES.get(algorithm, [weight.dtype]):
+        raise ValueError(f"weight-only algorithm {algorithm} takes weight dtype {ALGORITHM_DTYPES[algorithm]}, "
+                         f"not {weight.dtype}")
+    symmetric = weight.scheme == "sym" and algorithm != "k_quant"
+    return (algorithm, BITS[weight.dtype], block_size(weight.granularity), symmetric,
             ACCURACY_LEVEL.get(op_cfg.activation.dtype, 0))
+
+
+def setting_label(key: Setting) -> str:
+    """How a pass is named in the record (meta.json weight_only_passes), e.g. gptq-bits4-block32-sym-level4;
+    round to nearest keeps its old label (no algorithm prefix)."""
+    algorithm, bits, block, symmetric, level = key
+    label = f"bits{bits}-block{block}-{'sym' if symmetric else 'asym'}-level{level}"
+    return label if algorithm == "rtn" else f"{algorithm}-{label}"
+
+
+def _pass_order(key: Setting) -> tuple[int, Setting]:
+    return ALGORITHMS.index(key[0]), key
 
 
 def unfold_gemms(proto: onnx.ModelProto, names: set[str]) -> int:
@@ -210,36 +242,59 @@ def _at_opset_21(proto: onnx.ModelProto) -> onnx.ModelProto:
         return proto
 
 
-def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """`proto` (edited in place) with the plan's ops as MatMulNBits: one MatMulNBitsQuantizer pass per setting.
-    Returns the model and {setting label: op names} for the record."""
+def _rtn_pass(proto: onnx.ModelProto, names: list[str], all_names: set[str], gathers: set[str],
+              key: Setting) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    _, bits, block, symmetric, level = key
+    op_types = ("MatMul", "Gather") if gathers & set(names) else ("MatMul",)
+    quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
+                                     accuracy_level=level or None, nodes_to_exclude=sorted(all_names - set(names)),
+                                     op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
+    quantizer.process()
+    return quantizer.model.model
+
+
+def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan,
+                   feeds: Feeds | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """`proto` (edited in place) with the plan's ops as MatMulNBits: one pass per setting. `feeds`: the
+    calibration data, for gptq. Returns the model and {setting label: op names} for the record."""
     gemms = {name for name in plan.quantized if view.by_name[name].op_type == "Gemm"}
     if gemms:
         unfold_gemms(proto, gemms)
-    groups: dict[tuple[int, int, bool, int], list[str]] = {}
+    groups: dict[Setting, list[str]] = {}
     for name, op_cfg in plan.quantized.items():
         groups.setdefault(setting(op_cfg), []).append(name)
     gathers = {name for name in plan.quantized if view.by_name[name].op_type == "Gather"}
     if gathers:
         proto = _at_opset_21(proto)
     all_names = {node.name for node in proto.graph.node}
-    for (bits, block, symmetric, level), names in sorted(groups.items()):
-        op_types = ("MatMul", "Gather") if gathers & set(names) else ("MatMul",)
-        quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block, is_symmetric=symmetric,
-                                         accuracy_level=level or None, nodes_to_exclude=sorted(all_names - set(names)),
-                                         op_types_to_quantize=op_types, quant_axes=(("MatMul", 0), ("Gather", 1)))
-        quantizer.process()
-        proto = quantizer.model.model
-    return proto, {f"bits{b}-block{k}-{'sym' if s else 'asym'}-level{a}": sorted(n)
-                   for (b, k, s, a), n in sorted(groups.items())}
+    for key in sorted(groups, key=_pass_order):
+        names = sorted(groups[key])
+        algorithm, bits, block, symmetric, level = key
+        started = time.perf_counter()
+        if algorithm == "k_quant":
+            proto = k_quant_pass(proto, names, bits, block, level)
+        elif algorithm == "gptq":
+            proto = gptq_pass(proto, names, bits, block, symmetric, level, feeds)
+        else:
+            proto = _rtn_pass(proto, names, all_names, gathers, key)
+        logger.debug("weight-only pass %s (%d ops) took %.2fs", setting_label(key), len(names),
+                     time.perf_counter() - started)
+    return proto, {setting_label(key): sorted(groups[key]) for key in sorted(groups, key=_pass_order)}
 
 
-def run_weight_only(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Path) -> dict[str, Any]:
+def uses_calibration(cfg: TuneConfig) -> bool:
+    """The config has an op quantized by an algorithm that reads the calibration data (gptq)."""
+    return any(op.weight is not None and not op.weight.is_fp32 and op.weight.algorithm == "gptq"
+               for op in cfg.ops.values())
+
+
+def run_weight_only(source: OnnxModel, view: GraphView, plan: QuantPlan, output: Path,
+                    feeds: Feeds | None = None) -> dict[str, Any]:
     """The plan applied to the source model, saved to `output`; returns {setting label: op names}."""
     started = time.perf_counter()
-    proto, groups = quantize_proto(source.load(), view, plan)
+    proto, groups = quantize_proto(source.load(), view, plan, feeds)
     logger.debug("MatMulNBits quantization took %.2fs", time.perf_counter() - started)
     save_model(proto, output, external=bool(source.external_data_files()) or None)
     return groups

@@ -1,19 +1,27 @@
 """Mixed-bits strategy for weight-only quantization (approach `weight_only`): per layer 4 bits, 8 bits or fp32.
 
 It starts from the fast end, the space's default config (every eligible MatMul int4, round to nearest, int8
-compute), and buys accuracy back where it is cheapest to buy: the layers ranked most sensitive first (the
-baseline's per-op sensitivity: for ONNX Runtime the model's output error with that layer alone
-quantized, see qtune/adaptors/onnxrt/weight_only_sensitivity.py), it moves the top n layers to 8
-bits, then, with every layer at 8 bits, the top m to fp32. The configs form one ladder of levels, each
-giving more bits than the one before:
+compute), and buys accuracy back where it is cheapest to buy. Each layer climbs the rungs
+int4 round to nearest → int4 with a better algorithm → int8 → fp32. The better algorithm (`RUNG_ALGORITHMS`,
+the first the layer's space allows) is GPTQ, which fits the weights to the job's calibration data, else
+k-quant: both write the same 4-bit MatMulNBits (GPTQ keeps the scheme; k-quant adds zero points), so the rung
+costs quantization time, not run time, and every layer takes it at once (level 1) instead of one level per
+layer. Then, the layers ranked most sensitive first (the baseline's per-op sensitivity: for ONNX Runtime the
+model's output error with that layer alone quantized, see qtune/adaptors/onnxrt/weight_only_sensitivity.py),
+it moves the top n layers to 8 bits, then, with every layer at 8 bits, the top m to fp32. The configs form
+one ladder of levels, each giving more bits (or a better algorithm) than the one before (R = 1 with the
+algorithm rung, 0 when no layer allows one):
 
-    level n (0 <= n <= N):  the n most sensitive layers int8, the rest int4
-    level N + m (0 < m < N): every layer int8, the m most sensitive fp32
+    level 0:                  every layer int4, round to nearest
+    level 1 (R = 1):          every layer int4 with the better algorithm
+    level R + n (0 < n <= N): the n most sensitive layers int8, the rest as at level R
+    level R + N + m (0 < m < N): every layer int8, the m most sensitive fp32
 
-Levels are probed 0, 1, 2, 4, 8, ... until one passes the criterion, then bisected between the highest failing
-and the lowest passing level, so the winner has the fewest layers above 4 bits the ladder allows, in about
-2·log2(N) trials. Speed is judged by the session as for any strategy (interleaved benchmark, confirmation,
-`NoSpeedup`); this strategy only decides which configs are worth measuring.
+Levels are probed 0, R, R+1, R+2, R+4, ... until one passes the criterion, then bisected between the highest
+failing and the lowest passing level, so the winner has the fewest layers above 4 bits the ladder allows, in
+about 2·log2(N) + 1 trials. Speed is judged by the session as for any strategy (interleaved benchmark,
+confirmation, `NoSpeedup`); this strategy only decides which configs are worth measuring. Trial descriptions
+show each op's algorithm (the tune config's weight.algorithm).
 
 The basic strategy (the default) hands a weight-only space to this ladder too, so `strategy: mixed_bits`
 only names it explicitly; a space without the weight_only approach is searched as the basic strategy does.
@@ -33,6 +41,20 @@ from qtune.tuning.strategies.basic import BasicStrategy
 logger = logging.getLogger(__name__)
 
 
+RUNG_ALGORITHMS = ("gptq", "k_quant")
+"""The int4 rung above round to nearest, in preference order (measured: examples/minilm_spam/README.md)."""
+
+
+def _better_int4(space: TuningSpace, name: str, op_cfg: OpConfig) -> OpConfig | None:
+    """The op at int4 with the first rung algorithm its space allows; None when it allows none."""
+    assert op_cfg.weight is not None
+    for algorithm in RUNG_ALGORITHMS:
+        candidate = replace(op_cfg, weight=replace(op_cfg.weight, algorithm=algorithm))
+        if space.ops[name].allows(candidate, WEIGHT_ONLY):
+            return candidate
+    return None
+
+
 class Ladder:
     """The ladder of levels over a weight-only space (see the module docstring)."""
 
@@ -41,20 +63,29 @@ class Ladder:
         quantized = set(self.base.quantized_ops())
         self.ranked = [name for name in space.sensitivity_order() if name in quantized]
         self.int8: dict[str, OpConfig] = {}
+        self.better: dict[str, OpConfig] = {}
+        """The ops that take the algorithm rung → their int4 config with it."""
         for name in self.ranked:
             op_cfg = self.base.ops[name]
             assert op_cfg.weight is not None
             wider = replace(op_cfg, weight=replace(op_cfg.weight, dtype="int8"))
             self.int8[name] = wider if space.ops[name].allows(wider, WEIGHT_ONLY) else op_cfg.as_fp32()
+            better = _better_int4(space, name, op_cfg) if op_cfg.weight.algorithm not in RUNG_ALGORITHMS else None
+            if better is not None:
+                self.better[name] = better
+        self.rung = 1 if self.better and self.ranked else 0
+        """R: 1 when the algorithm rung is a level of its own."""
 
     @property
     def top(self) -> int:
         """The highest level (every layer int8 but one fp32; all fp32 would be the fp32 model)."""
-        return max(2 * len(self.ranked) - 1, 0)
+        return max(2 * len(self.ranked) - 1 + self.rung, 0)
 
     def config(self, level: int) -> TuneConfig:
         n = len(self.ranked)
         updates: dict[str, OpConfig] = {}
+        if self.rung and level >= self.rung:
+            updates, level = dict(self.better), level - self.rung
         for index, name in enumerate(self.ranked):
             if level > n and index < level - n:
                 updates[name] = self.base.ops[name].as_fp32()
@@ -63,17 +94,17 @@ class Ladder:
         return self.base.with_ops(updates)
 
     def probes(self) -> list[int]:
-        """Escalation order: 0, 1, 2, 4, ... N, then N+1, N+2, N+4, ... up to the top."""
+        """Escalation order: 0, R, then R+1, R+2, R+4, ... R+N, then R+N+1, R+N+2, R+N+4, ... up to the top."""
         n = len(self.ranked)
-        out = [0]
+        out = [0, self.rung]
         step = 1
         while step < n:
-            out.append(step)
+            out.append(self.rung + step)
             step *= 2
-        out.append(n)
+        out.append(self.rung + n)
         step = 1
-        while n + step < self.top:
-            out.append(n + step)
+        while self.rung + n + step < self.top:
+            out.append(self.rung + n + step)
             step *= 2
         out.append(self.top)
         return sorted(set(out))

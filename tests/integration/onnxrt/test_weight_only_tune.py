@@ -16,6 +16,7 @@ from qtune.adaptors.onnxrt import OnnxRuntimeAdaptor
 from qtune.data import Dataset
 from qtune.local import tune
 from qtune.spec import load_job
+from qtune.spec.errors import DataError
 from qtune.spec.models import QuantizationSpec
 from qtune.tuning import codec
 from qtune.tuning.space import build_space
@@ -79,7 +80,7 @@ def test_sensitivity_ranks_the_hostile_layers_first(wide, tmp_path: Path) -> Non
     assert set(ranked[:2]) == {_op_of_weight(adaptor, model, w) for w in hostile}, scores
 
 
-def _job(folder: Path, wide, strategy: str) -> Path:
+def _job(folder: Path, wide, strategy: str, algorithms: list[str] | None = None) -> Path:
     model, calib, evaluation, _ = wide
     spec = {
         "apiVersion": "qtune.io/v1alpha1", "kind": "QuantizationJob", "metadata": {"name": "wide"},
@@ -87,7 +88,8 @@ def _job(folder: Path, wide, strategy: str) -> Path:
             "model": {"framework": "onnxruntime", "path": str(model)},
             "data": {"calibration": {"path": str(calib), "samples": 64},
                      "evaluation": {"path": str(evaluation), "metric": "top1"}},
-            "quantization": {"approach": "weight_only"},
+            "quantization": {"approach": "weight_only",
+                             **({"modelWise": {"weight": {"algorithm": algorithms}}} if algorithms else {})},
             "tuning": {"strategy": strategy, "accuracyCriterion": {"relative": 0.01}, "objective": "size",
                        "maxTrials": 12, "seed": 0},
             "benchmark": {"batchSizes": [1], "warmupRuns": 2, "runs": 5},
@@ -102,7 +104,7 @@ def _job(folder: Path, wide, strategy: str) -> Path:
 
 @pytest.mark.parametrize("strategy", ["mixed_bits", "basic"])
 def test_tune_weight_only_moves_the_sensitive_layers_to_8_bits(wide, tmp_path: Path, strategy: str) -> None:
-    job_file = _job(tmp_path, wide, strategy)
+    job_file = _job(tmp_path, wide, strategy, algorithms=["rtn"])  # round to nearest only: no algorithm rung
     outcome = tune(load_job(job_file), job_file)
     assert outcome.best is not None, codec.dump(outcome.history)
     assert outcome.best.accuracy >= outcome.baseline.accuracy * 0.99
@@ -146,3 +148,61 @@ def test_sensitivity_is_the_model_output_error_with_that_layer_alone_quantized(w
     reference = logits(adaptor.optimized(model).model.path)
     diff = logits(adaptor.quantize(codec.dump(alone), model, None).path) - reference
     assert scores[layer] == pytest.approx(float(np.sum(diff * diff) / np.sum(reference * reference)), rel=1e-3)
+
+
+def _bits_nodes(path: Path) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in onnx.load(str(path)).graph.node if n.op_type == "MatMulNBits"}
+
+
+def test_gptq_and_k_quant_lower_the_error_of_a_fragile_layer_on_real_data(wide, tmp_path: Path) -> None:
+    """One hostile layer alone at int4 (the rest fp32): the model's output error on the held-out digits with each
+    algorithm. GPTQ sees from the calibration data that the outlier rows multiply inputs that are always 0, and
+    k-quant's weighted search gives the outlier less say than round to nearest's min/max."""
+    import onnxruntime as ort
+
+    model, calib, evaluation, hostile = wide
+    adaptor = _adaptor(tmp_path)
+    space = build_space(adaptor.query_fw_capability(model), QuantizationSpec(approach="weight_only"), [], 100)
+    layer = _op_of_weight(adaptor, model, hostile[0])
+    alone = space.default_config().with_fallback([name for name in space.ops if name != layer])
+    arrays = np.load(calib)
+    loader = Dataset({"input": arrays["input"]}, arrays["labels"]).loader(32)
+    inputs = {"input": np.load(evaluation)["input"]}
+
+    def output(path: Path) -> np.ndarray:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)[0].astype(float)
+
+    reference = output(adaptor.optimized(model).model.path)
+    errors, nodes = {}, {}
+    for algorithm in ("rtn", "k_quant", "gptq"):
+        op = alone.ops[layer]
+        config = alone.with_ops({layer: replace(op, weight=replace(op.weight, algorithm=algorithm))})
+        quantized = adaptor.quantize(codec.dump(config), model, loader)
+        assert adaptor.last_quantization["weight_only_passes"] == {
+            {"rtn": "", "k_quant": "k_quant-", "gptq": "gptq-"}[algorithm] + f"bits4-block32-"
+            f"{'asym' if algorithm == 'k_quant' else 'sym'}-level4": [layer]}
+        diff = output(quantized.path) - reference
+        errors[algorithm] = float(np.sum(diff * diff) / np.sum(reference * reference))
+        (node,) = _bits_nodes(quantized.path).values()
+        nodes[algorithm] = node
+    assert errors["rtn"] > 0.5, errors  # round to nearest breaks the layer
+    assert errors["gptq"] < errors["rtn"] / 100 and errors["k_quant"] < errors["rtn"] / 5, errors
+    for algorithm, node in nodes.items():  # the same MatMulNBits settings whatever the algorithm
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert (attributes["bits"], attributes["block_size"], attributes["accuracy_level"]) == (4, 32, 4), algorithm
+    assert len(nodes["k_quant"].input) == 4 and len(nodes["gptq"].input) == 3  # k-quant writes zero points
+    with pytest.raises(DataError, match="calibration data yielded no samples"):  # gptq without data
+        adaptor.quantize(codec.dump(alone.with_ops({layer: replace(alone.ops[layer], weight=replace(
+            alone.ops[layer].weight, algorithm="gptq", granularity="per_block_128"))})), model, None)
+
+
+def test_tune_weight_only_takes_the_gptq_rung_before_8_bits(wide, tmp_path: Path) -> None:
+    job_file = _job(tmp_path, wide, "mixed_bits")
+    outcome = tune(load_job(job_file), job_file)
+    assert outcome.best is not None, codec.dump(outcome.history)
+    assert outcome.best.accuracy >= outcome.baseline.accuracy * 0.99
+    ops = outcome.best.tune_config.ops
+    assert all(op.weight.dtype == "int4" and op.weight.algorithm == "gptq" for op in ops.values()), ops
+    assert len(outcome.history.trials) <= 3  # level 0 (round to nearest) fails, level 1 (gptq everywhere) passes
+    saved = next((tmp_path / "out" / "model").glob("*.onnx"))
+    assert len(_bits_nodes(saved)) == 5
