@@ -134,7 +134,7 @@ class TuneConfigStatus(_TuneConfigPart):
 class SpeedStatus(StatusModel):
     """The winner's speed against fp32: ONE interleaved measurement (the confirmation's when run)."""
 
-    batch_size: int
+    batch_size: int | str = Field(description="a batch size, or decode (time per new token, batch 1) / prefill")
     speedup: float
     low: float
     high: float
@@ -347,10 +347,12 @@ def baseline_status(baseline: Baseline) -> BaselineStatus:
         model_size_bytes=baseline.model_size_bytes, seconds=_finite(baseline.seconds, 2), metric=baseline.metric)
 
 
-def speed_status(measured: SpeedMeasurement, confirmed: bool) -> SpeedStatus:
+def speed_status(measured: SpeedMeasurement, confirmed: bool, key: int | str | None = None) -> SpeedStatus:
+    """`key`: the figure's speed key; a decode/prefill figure is named so, not by the batch size 1 it ran at."""
     return SpeedStatus(
-        batch_size=measured.batch_size, speedup=round(measured.speedup, 4), low=round(measured.low, 4),
-        high=round(measured.high, 4), latency_ms=round(measured.p50_ms, 5), latency_p90_ms=round(measured.p90_ms, 5),
+        batch_size=str(key) if key is not None and not str(key).isdigit() else measured.batch_size,
+        speedup=round(measured.speedup, 4), low=round(measured.low, 4), high=round(measured.high, 4),
+        latency_ms=round(measured.p50_ms, 5), latency_p90_ms=round(measured.p90_ms, 5),
         fp32_latency_ms=round(measured.fp32_p50_ms, 5), fp32_latency_p90_ms=round(measured.fp32_p90_ms, 5),
         confidence=measured.confidence, rounds=measured.rounds, confirmed=confirmed, threads=measured.threads or None,
         clock=measured.clock_name, busy=measured.busy, trusted=measured.trusted,
@@ -358,10 +360,10 @@ def speed_status(measured: SpeedMeasurement, confirmed: bool) -> SpeedStatus:
         note=measured.caveat())
 
 
-def best_status(best: BestSummary, model_path: str | None = None) -> BestStatus:
-    """status.best: the session's BestSummary (the same best_config.json shows) in the status' names;
-    `model_path` where the winner's model is when its record does not say."""
-    speed = speed_status(best.speed, best.confirmed) if best.speed is not None else None
+def best_status(best: BestSummary, model_path: str | None = None, speed_key: int | str | None = None) -> BestStatus:
+    """status.best: the session's BestSummary (the same best_config.json shows) in the status' names; `model_path`
+    where the winner's model is when its record does not say; `speed_key` its speed figure's key (or decode)."""
+    speed = speed_status(best.speed, best.confirmed, speed_key) if best.speed is not None else None
     return BestStatus(
         trial=best.trial, accuracy=_finite(best.accuracy),
         speedup=speed.speedup if speed else None,

@@ -160,7 +160,7 @@ class StatusWriter:
             rejected=len(self.rejected), now=now,
         )
 
-    def _best_and_front(self, session: TuningSession | None, batch: int) -> tuple[Any, Any]:
+    def _best_and_front(self, session: TuningSession | None, batch: int | str) -> tuple[Any, Any]:
         """status.best (the winner so far, its ONE speed figure, confirmed or not) and status.front."""
         if session is None or not session.ready:
             return None, None
@@ -170,4 +170,4 @@ class StatusWriter:
         if summary is None:
             return None, front
         model_path = trial_dir(spec, self.ctx.job, summary.trial) + "/model" if spec is not None else None
-        return st.best_status(summary, model_path), front
+        return st.best_status(summary, model_path, batch), front

@@ -74,6 +74,22 @@ def _history() -> History:
     return history
 
 
+def test_best_speed_of_a_decode_job_says_decode_not_batch_1() -> None:
+    history = _history()
+    record = history.trials[0]
+    decode = SpeedMeasurement(batch_size=1, p50_ms=20.0, p90_ms=22.0, fp32_p50_ms=30.0, fp32_p90_ms=33.0,
+                              speedup=1.5, low=1.4, high=1.6, rounds=9)
+    record.speed = {"decode": decode, "32": _speed(5.0)}
+    best = st.best_status(summarize(record, history.baseline, record.speed_at("decode"), confirmed=False),
+                          speed_key="decode")
+    status = st.build_status(state=st.RUNNING, reason=st.REASON_TUNING, message="m", generation=2, old=None,
+                             history=history, max_trials=10, batch_size="decode", best=best, recent=2,
+                             history_configmap="h", workspace="/w", now=0)
+    assert status["best"]["speed"]["batchSize"] == "decode" and status["best"]["speed"]["speedup"] == 1.5
+    batch = st.best_status(summarize(record, history.baseline, record.speed_at(32), confirmed=False), speed_key=32)
+    assert batch.speed is not None and batch.speed.batch_size == 32
+
+
 def test_build_status_projects_the_history() -> None:
     history = _history()
     record = history.trials[0]
