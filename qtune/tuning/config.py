@@ -82,6 +82,18 @@ class TuneConfig:
             if not op.activation.is_fp32 and op.activation.algorithm
         }
 
+    def weights_text(self) -> str:
+        """A weight-only config's weights by dtype and algorithm, most used first, e.g. "31 int4 k_quant, 7 int8
+        rtn, 1 fp32" (how trial lines and the report show what a trial tried); "" for other approaches."""
+        if self.approach != "weight_only":
+            return ""
+        counts: dict[str, int] = {}
+        for op in self.ops.values():
+            weight = op.weight
+            label = "fp32" if weight is None or weight.is_fp32 else f"{weight.dtype} {weight.algorithm or 'rtn'}"
+            counts[label] = counts.get(label, 0) + 1
+        return ", ".join(f"{count} {label}" for label, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def key(self) -> str:
         """Stable identity of the config: equal configs have equal keys in every process (computed once
         per instance: a config is never changed in place, `with_ops` and `replace` make new ones)."""

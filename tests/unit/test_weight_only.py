@@ -175,7 +175,7 @@ def test_ladder_moves_exactly_the_sensitive_layers_to_8_bits(k: int) -> None:
     assert best is not None and best.passed, reason
     above = {n for n, op in best.tune_config.ops.items() if op.weight.dtype != "int4"}
     assert above == HOSTILE
-    # levels 0, 1 (every layer gptq: the simulated accuracy ignores the algorithm), 2, 3 (pass): done
+    # levels 0, 1 (every layer k_quant: the simulated accuracy ignores the algorithm), 2, 3 (pass): done
     assert len(session.history.trials) <= 5 + k
 
 
@@ -199,7 +199,7 @@ def test_ladder_levels_are_monotone_and_the_plan_is_pure() -> None:
             for level in range(ladder.top + 1)]
     assert bits[1:] == sorted(bits[1:]) and len(set(bits[1:])) == len(bits) - 1 and bits[0] == bits[1]
     rung = ladder.config(1)
-    assert {op.weight.algorithm for op in rung.ops.values()} == {"gptq"}
+    assert {op.weight.algorithm for op in rung.ops.values()} == {"k_quant"}
     assert rung.with_ops({n: replace(op, weight=replace(op.weight, algorithm="rtn")) for n, op in rung.ops.items()}
                          ).key() == ladder.config(0).key()  # level 1 changes the algorithm only
     assert ladder.config(0).key() == space.default_config().key()
@@ -252,29 +252,42 @@ def test_gptq_restricted_to_int8_names_the_algorithm_field() -> None:
     assert space.default_config().ops["mm"].weight.algorithm == "gptq"
 
 
-def test_ladder_rung_takes_k_quant_without_gptq_and_is_absent_without_either() -> None:
+def test_ladder_rung_takes_gptq_without_k_quant_and_is_absent_without_either() -> None:
     def ladder(algorithms: list[str]) -> Ladder:
         entry = weight_only_capability(_graph(), {}, {})["opwise"][("mm", "MatMul")]
         capability = {"opwise": {(name, "MatMul"): entry for name in OPS}, "graph_order": OPS}
         return Ladder(build_space(capability, QuantizationSpec(
             approach="weight_only", model_wise={"weight": {"algorithm": algorithms}}), [], 100))
 
-    k_quant = ladder(["rtn", "k_quant"])
-    assert k_quant.rung == 1 and {op.weight.algorithm for op in k_quant.config(1).ops.values()} == {"k_quant"}
-    assert {op.weight.algorithm for op in k_quant.config(2).ops.values()} == {"k_quant", "rtn"}  # int8: rtn
+    gptq = ladder(["rtn", "gptq"])
+    assert gptq.rung == 1 and {op.weight.algorithm for op in gptq.config(1).ops.values()} == {"gptq"}
+    assert {op.weight.algorithm for op in gptq.config(2).ops.values()} == {"gptq", "rtn"}  # int8: rtn
     plain = ladder(["rtn"])
     assert plain.rung == 0 and plain.top == 31 and plain.probes() == [0, 1, 2, 4, 8, 16, 17, 18, 20, 24, 31]
 
 
 def test_ladder_stops_at_the_algorithm_rung_when_it_fixes_the_fragile_layers() -> None:
-    def accuracy(config: TuneConfig) -> float:  # the fragile layers hold at int4 only with gptq
+    def accuracy(config: TuneConfig) -> float:  # the fragile layers hold at int4 only with k_quant
         ops = config.ops
-        return 0.95 - 0.05 * sum(ops[n].weight.dtype == "int4" and ops[n].weight.algorithm != "gptq" for n in HOSTILE)
+        return 0.95 - 0.05 * sum(ops[n].weight.dtype == "int4" and ops[n].weight.algorithm != "k_quant"
+                                 for n in HOSTILE)
 
     space = _ladder_space({"mm03": 0.9, "mm11": 0.5})
     spec = job_spec(strategy="mixed_bits", maxTrials=20, objective="latency", confirmCandidates=0)
     session, _, reason = run_simulated(spec, space, accuracy, speed=_int8_costs)
     best = session.best()
     assert best is not None and best.passed, reason
-    assert all(op.weight.dtype == "int4" and op.weight.algorithm == "gptq" for op in best.tune_config.ops.values())
+    assert all(op.weight.dtype == "int4" and op.weight.algorithm == "k_quant" for op in best.tune_config.ops.values())
     assert len(session.history.trials) == 2  # level 0 fails, level 1 passes: nothing between to bisect
+
+
+def test_trial_descriptions_show_the_weight_algorithms() -> None:
+    from qtune.report.report import _rows
+
+    ladder = Ladder(_ladder_space({"mm03": 0.9, "mm11": 0.5}))
+    assert ladder.config(0).weights_text() == "16 int4 rtn"
+    assert ladder.config(3).weights_text() == "14 int4 k_quant, 2 int8 rtn"
+    assert ladder.config(18).weights_text() == "15 int8 rtn, 1 fp32"
+    history = History(job="j")
+    history.add(ladder.config(3))
+    assert _rows(history, 32)[0][8] == "weight_only (14 int4 k_quant, 2 int8 rtn)"
