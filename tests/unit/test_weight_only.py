@@ -291,3 +291,40 @@ def test_trial_descriptions_show_the_weight_algorithms() -> None:
     history = History(job="j")
     history.add(ladder.config(3))
     assert _rows(history, 32)[0][8] == "weight_only (14 int4 k_quant, 2 int8 rtn)"
+
+
+@pytest.mark.parametrize("bits,block", [(4, 32), (8, 32), (4, 64)])
+def test_k_quant_and_gptq_passes_write_valid_matmulnbits_with_an_odd_block_count(bits: int, block: int) -> None:
+    """K = 96 in blocks of 32 is 3 blocks: the vendored packer pairs 4-bit zero points across rows and raises; qtune
+    packs them per row. The error is that of 4 or 8 bits, and the model passes the onnx checker."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    from qtune.adaptors.onnxrt.weight_only_algorithms import gptq_pass, k_quant_pass
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((96, 128)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 128])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((64, 96)).astype(np.float32)
+
+    def error(proto: onnx.ModelProto) -> float:
+        onnx.checker.check_model(proto)
+        assert [n.op_type for n in proto.graph.node] == ["MatMulNBits"]
+        y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        return float(np.sum((y - x @ weight) ** 2) / np.sum((x @ weight) ** 2))
+
+    bound = 0.02 if bits == 4 else 2e-4
+    assert error(k_quant_pass(copy.deepcopy(model), ["mm"], bits, block, 4)) < bound
+    if bits == 4:
+        for symmetric in (True, False):
+            assert error(gptq_pass(copy.deepcopy(model), ["mm"], 4, block, symmetric, 4,
+                                   lambda: [{"x": x[:32]}, {"x": x[32:]}])) < bound
+    else:
+        with pytest.raises(ValueError, match="4 bits only"):
+            gptq_pass(copy.deepcopy(model), ["mm"], 8, block, True, 4, lambda: [{"x": x}])
