@@ -207,3 +207,16 @@ def test_tune_weight_only_takes_the_gptq_rung_before_8_bits(wide, tmp_path: Path
     assert len(outcome.history.trials) <= 3  # level 0 (round to nearest) fails, level 1 (gptq everywhere) passes
     saved = next((tmp_path / "out" / "model").glob("*.onnx"))
     assert len(_bits_nodes(saved)) == 5
+
+
+def test_sensitivity_of_a_gptq_default_fits_gptq_to_the_sensitivity_samples(wide, tmp_path: Path) -> None:
+    """A job restricted to gptq: each layer alone quantized by GPTQ on the sensitivity samples (whole-model runs),
+    not the layer-local round-to-nearest fallback, which would rank the fragile layers far above the rest."""
+    model, calib, _, _ = wide
+    adaptor = _adaptor(tmp_path)
+    quantization = QuantizationSpec(approach="weight_only", model_wise={"weight": {"algorithm": ["gptq"]}})
+    space = build_space(adaptor.query_fw_capability(model), quantization, [], 100)
+    arrays = np.load(calib)
+    scores = adaptor.op_sensitivity(model, codec.dump(space.default_config()),
+                                    Dataset({"input": arrays["input"]}, arrays["labels"]))
+    assert set(scores) == set(space.ops) and max(scores.values()) < 0.01, scores
