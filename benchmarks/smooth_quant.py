@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-ALPHAS = (0.3, 0.5, 0.7, 0.85)
+ALPHAS: tuple[float | str, ...] = (0.3, 0.5, 0.7, 0.85, "per_layer")
+PROFILE_RUNS = 30
 CRITERION = 0.01
 logger = logging.getLogger("smooth_quant")
 CASES = {  # folder, model, calibration, evaluation (samples), calibration samples, output, metric
@@ -88,16 +89,18 @@ class Bench:
         self.reference = self.adaptor.predict(self.model, self.eval.loader(64))
         self.fp32 = self.accuracy(None)
 
-    def config(self, alpha: float | None) -> Any:
+    def config(self, alpha: float | str | None) -> Any:
         from qtune.tuning.space import SMOOTH_QUANT
 
         return self.base if alpha is None else replace(self.base, extras={SMOOTH_QUANT: alpha})
 
-    def accuracy(self, config: Any) -> float:
+    def quantized(self, config: Any) -> Any:
         from qtune.tuning import codec
 
-        model = self.model if config is None else self.adaptor.quantize(codec.dump(config), self.model,
-                                                                         self.calib.loader(32))
+        return self.adaptor.quantize(codec.dump(config), self.model, self.calib.loader(32))
+
+    def accuracy(self, config: Any) -> float:
+        model = self.model if config is None else self.quantized(config)
         predictions = self.adaptor.predict(model, self.eval.loader(64))
         if self.metric == "cosine":
             a, b = predictions.reshape(len(predictions), -1), self.reference.reshape(len(predictions), -1)
@@ -109,7 +112,28 @@ class Bench:
             return accuracy >= self.fp32 - 2 * CRITERION
         return accuracy >= self.fp32 * (1 - CRITERION)
 
-    def int8_kept(self, alpha: float | None) -> tuple[int, float, int]:
+    def mul_cost(self, alpha: float | str) -> tuple[int, float]:
+        """(inserted Muls, their share of the all-int8 model's kernel time): ORT's profiler over PROFILE_RUNS
+        runs of a 32-sample batch, 2 threads, after one warm-up run."""
+        import json
+
+        import onnxruntime as ort
+
+        model = self.quantized(self.config(alpha))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.enable_profiling = 2, True
+        options.profile_file_prefix = str(Path(self.adaptor.workspace) / "sq-profile")
+        session = ort.InferenceSession(str(model.path), options, providers=["CPUExecutionProvider"])
+        feed = {name: array[:32] for name, array in self.eval.take(32).inputs.items()}
+        for _ in range(PROFILE_RUNS + 1):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+        kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+        total = sum(e["dur"] for e in kernels)
+        muls = [e for e in kernels if "_smooth_mul" in e["name"]]
+        return len({e["name"] for e in muls}), sum(e["dur"] for e in muls) / max(total, 1)
+
+    def int8_kept(self, alpha: float | str | None) -> tuple[int, float, int]:
         """(ops kept int8, score, trials): the fewest most-sensitive ops in fp32 that pass (1, 2, 4, ... then
         bisection; the adaptor's per-op sensitivity of this config ranks them)."""
         from qtune.tuning import codec
@@ -142,7 +166,7 @@ class Bench:
         return kept[high] if high in kept else len(ranked) - high, score(high), len(tried)
 
 
-def measure(name: str, alphas: tuple[float, ...] = ALPHAS) -> dict[str, Any]:
+def measure(name: str, alphas: tuple[float | str, ...] = ALPHAS) -> dict[str, Any]:
     example, model, calib, (evaluation, count), samples, output, metric = CASES[name]
     folder = ROOT / "examples" / example
     if name == "outlier_transformer" and not (folder / model).is_file():
@@ -158,8 +182,11 @@ def measure(name: str, alphas: tuple[float, ...] = ALPHAS) -> dict[str, Any]:
         row: dict[str, Any] = {"name": name, "fp32": bench.fp32, "metric": metric}
         row["all_int8"] = {"off": bench.accuracy(bench.config(None))}
         row["ops"] = len(bench.adaptor.last_quantization["plan"]["quantized"])  # all-int8: what the adaptor quantizes
-        row["all_int8"].update({a: bench.accuracy(bench.config(a)) for a in ALPHAS})
-        row["smoothing"] = bench.adaptor.last_quantization.get("smooth_quant", {})
+        row["smoothing"] = {}
+        for alpha in ALPHAS:
+            row["all_int8"][alpha] = bench.accuracy(bench.config(alpha))
+            row["smoothing"][alpha] = bench.adaptor.last_quantization.get("smooth_quant", {})
+        row["mul_cost"] = {a: bench.mul_cost(a) for a in (0.5, "per_layer")}
         row["kept"] = {"off": bench.int8_kept(None)}
         row["kept"].update({a: bench.int8_kept(a) for a in alphas})
     return row
@@ -171,13 +198,18 @@ def report(row: dict[str, Any]) -> None:
         return
     rule = f"{CRITERION:.0%} relative" if row["metric"] == "top1" else f"cosine >= {1 - 2 * CRITERION:.2f}"
     print(f"{row['name']}: fp32 {row['metric']} {row['fp32']:.4f}, {row['ops']} quantizable ops, criterion {rule}")
-    smoothing = row["smoothing"]
-    print(f"  SmoothQuant groups (alpha {smoothing.get('alpha')}): "
-          + "; ".join(f"{g['activation']} -> {','.join(g['matmuls'])} via {g['absorber']} (max/median "
-                      f"{g['outlier_ratio']})" for g in smoothing.get("groups", [])) or "  none")
-    for reason in sorted(set(smoothing.get("skipped", {}).values())):
-        count = sum(1 for r in smoothing["skipped"].values() if r == reason)
-        print(f"  skipped {count}: {reason}")
+    for alpha in (0.5, "per_layer"):
+        smoothing = row["smoothing"].get(alpha, {})
+        print(f"  SmoothQuant groups (alpha {alpha}): "
+              + ("; ".join(f"{g['activation']} -> {','.join(g['matmuls'])} via {g['absorber']} (max/median "
+                           f"{g['outlier_ratio']}, alpha {g.get('alpha')})" for g in smoothing.get("groups", []))
+                 or "none"))
+        reasons = [why.split(" (")[0] for why in smoothing.get("skipped", {}).values()]
+        for reason in sorted(set(reasons)):
+            print(f"    skipped {reasons.count(reason)}: {reason}")
+        muls, share = row["mul_cost"][alpha]
+        print(f"    inserted Muls: {muls}, {share:.1%} of the all-int8 model's kernel time (ORT profiler, "
+              f"{PROFILE_RUNS} runs of batch 32, 2 threads)")
     header = ("SmoothQuant", f"all-int8 {row['metric']}", "ops int8 at criterion", "score there", "trials")
     print(f"  {header[0]:>12} {header[1]:>15} {header[2]:>22} {header[3]:>12} {header[4]:>7}")
     for key, accuracy in row["all_int8"].items():
@@ -187,10 +219,14 @@ def report(row: dict[str, Any]) -> None:
         print(f"  {label:>12} {accuracy:>15.4f} {share:>22} {kept_accuracy:>12.4f} {trials:>7}")
 
 
+def _alpha(text: str) -> float | str:
+    return text if text == "per_layer" else float(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=list(CASES), choices=[*CASES, []])
-    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS),
+    parser.add_argument("--alphas", type=_alpha, nargs="+", default=list(ALPHAS),
                         help="the alphas whose int8 op count is searched (all-int8 is measured at every alpha)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

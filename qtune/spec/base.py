@@ -65,28 +65,36 @@ ApproachList = Annotated[list[Literal[APPROACHES]] | None, BeforeValidator(_as_l
 
 SMOOTH_QUANT_AUTO_ALPHAS = (0.5, 0.3, 0.7, 0.85)
 """What `smoothQuant: {alpha: auto}` searches (qtune.adaptors.onnxrt.smooth_quant.ALPHA_AUTO is the same)."""
+SMOOTH_QUANT_PER_LAYER = "per_layer"
+"""`smoothQuant: {alpha: per_layer}`: each smoothed MatMul group takes its own alpha (smooth_alpha.py)."""
 
 
 class SmoothQuantSpec(SpecModel):
     """SmoothQuant for static int8 (onnxruntime): per input channel of a MatMul/Gemm whose activation has
     outlier channels, s = max|X|^alpha / max|W|^(1-alpha) moves the outliers from X into W's rows."""
 
-    alpha: float | Literal["auto"] = Field(
-        default=0.5, description="migration strength in (0, 1] (0.5: the paper's default), or auto: the tuner "
-                                 f"tries {', '.join(str(a) for a in SMOOTH_QUANT_AUTO_ALPHAS)} and keeps the best "
-                                 "config",
+    alpha: float | Literal["auto", "per_layer"] = Field(
+        default=0.5, description="migration strength in (0, 1] (0.5: the paper's default); auto: the tuner "
+                                 f"tries {', '.join(str(a) for a in SMOOTH_QUANT_AUTO_ALPHAS)} for the whole model "
+                                 "and keeps the best config; per_layer: each MatMul group whose input has outlier "
+                                 "channels takes the alpha (0.3-0.9) with the lowest int8 error on the calibration "
+                                 "data, or none when smoothing does not lower it",
         json_schema_extra=cel.rules(minimum=0, exclusiveMinimum=True, maximum=1))
 
     @field_validator("alpha", mode="before")
     @classmethod
     def _alpha_allowed(cls, value: Any) -> Any:
-        if value == "auto" or (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1):
+        if value in ("auto", SMOOTH_QUANT_PER_LAYER):
             return value
-        raise ValueError(f"{value!r} is not allowed; allowed: a number in (0, 1] (e.g. 0.5) or auto")
+        if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1:
+            return value
+        raise ValueError(f"{value!r} is not allowed; allowed: a number in (0, 1] (e.g. 0.5), auto or per_layer")
 
-    def alphas(self) -> list[float]:
-        """The alpha values to try, preferred first."""
-        return list(SMOOTH_QUANT_AUTO_ALPHAS) if self.alpha == "auto" else [float(self.alpha)]
+    def alphas(self) -> list[float | str]:
+        """The alpha values to try, preferred first (per_layer: the one value `per_layer`)."""
+        if self.alpha == "auto":
+            return list(SMOOTH_QUANT_AUTO_ALPHAS)
+        return [self.alpha] if self.alpha == SMOOTH_QUANT_PER_LAYER else [float(self.alpha)]
 
 
 class DecodeSpec(SpecModel):

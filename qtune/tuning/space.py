@@ -176,15 +176,16 @@ class TuningSpace:
     holds what no quantizable op accounts for. Empty when not measured."""
     light_chains: list[LightChain] = field(default_factory=list)
     """The adaptor's light chains whose ops and ends are all in the space."""
-    smooth_quant_alphas: list[float] = field(default_factory=list)
+    smooth_quant_alphas: list[float | str] = field(default_factory=list)
     """SmoothQuant alphas a static config may carry (TuneConfig.extras[SMOOTH_QUANT], preferred first); empty: off."""
 
-    def default_config(self, approach: str | None = None, alpha: float | None = None) -> TuneConfig:
+    def default_config(self, approach: str | None = None, alpha: float | str | None = None) -> TuneConfig:
         """The preferred config of `approach`; static with SmoothQuant on: with `alpha` (default the first)."""
         approach = approach or self.approaches[0]
         extras: dict[str, Any] = {}
         if approach == "static" and self.smooth_quant_alphas:
-            extras[SMOOTH_QUANT] = float(alpha if alpha is not None else self.smooth_quant_alphas[0])
+            value = alpha if alpha is not None else self.smooth_quant_alphas[0]
+            extras[SMOOTH_QUANT] = value if isinstance(value, str) else float(value)  # str: per_layer
         return TuneConfig(
             approach=approach,
             format=self.format,
@@ -197,7 +198,7 @@ class TuningSpace:
         """The preferred config of each approach; static once per SmoothQuant alpha (the alpha search)."""
         out = []
         for approach in self.approaches:
-            alphas: list[float | None] = list(self.smooth_quant_alphas) if approach == "static" else []
+            alphas: list[float | str | None] = list(self.smooth_quant_alphas) if approach == "static" else []
             out += [self.default_config(approach, alpha) for alpha in alphas or [None]]
         return out
 

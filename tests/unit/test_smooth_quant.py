@@ -159,3 +159,54 @@ def test_folds_into_ort_skip_layer_normalization_without_touching_the_residual_s
     record = sq.smooth(proto, sq.activation_absmax(proto, ["n"], [feed]), 0.5)
     assert [g["absorber"] for g in record["groups"]] == ["sln"] and not record["inserted"]
     np.testing.assert_allclose(_run(proto, feed), _run(original, feed), rtol=1e-4, atol=1e-4)
+
+
+def test_per_layer_gives_each_group_its_own_alpha_and_keeps_fp32_output() -> None:
+    proto = _model()
+    absmax, rows = sq.activation_stats(proto, sq.smoothable_tensors(proto), [_inputs(2), _inputs(4)],
+                                       keep_rows=True)
+    assert set(rows) == set(sq.smoothable_tensors(proto)) and all(r.shape[1] in (D, H) for r in rows.values())
+    record = sq.smooth(proto, absmax, "per_layer", min_ratio=0.0, rows=rows)
+    by_input = {g["activation"]: g for g in record["groups"]}
+    outlier_group = by_input["n1"]  # LN1's outlier channels (30x) feed Q, K and V
+    assert outlier_group["alpha"] in sq.PER_LAYER_GRID
+    errors = outlier_group["int8_error"]
+    assert errors[f"{outlier_group['alpha']:g}"] == min(errors.values()) < errors["off"]
+    for name, why in record["skipped"].items():  # a group left alone said why, with its errors
+        assert "does not lower the int8 error" in why and name in rows
+    feed = _inputs(3)
+    np.testing.assert_allclose(_run(proto, feed), _run(_model(), feed), rtol=1e-4, atol=1e-4)
+
+
+def test_per_layer_leaves_a_group_that_smoothing_would_hurt() -> None:
+    from qtune.adaptors.onnxrt.smooth_alpha import choose_alpha, int8_error
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 16)).astype(np.float32)
+    x[:, 3] *= 40.0  # an outlier channel: smoothing it pays
+    weight = rng.normal(size=(16, 8)).astype(np.float32)
+    helpful = np.ones(16, np.float32)
+    helpful[3] = 8.0
+    harmful = np.exp(rng.normal(scale=3.0, size=16)).astype(np.float32)  # scales spanning 1e-4..1e4
+    assert int8_error(x, [weight], helpful) < int8_error(x, [weight], None) < int8_error(x, [weight], harmful)
+    assert choose_alpha(x, [weight], {0.5: helpful, 0.7: harmful})[0] == 0.5
+    chosen, errors = choose_alpha(x, [weight], {0.7: harmful})
+    assert chosen is None and errors["0.7"] > errors["off"]
+
+
+def test_row_sample_stays_within_its_budget_and_spans_the_batches() -> None:
+    from qtune.adaptors.onnxrt.smooth_alpha import RowSample, row_budget
+
+    sample = RowSample(2048)
+    limit = row_budget(2048)
+    for batch in range(20):
+        sample.add(np.full((8, 64, 2048), float(batch), np.float32))
+        assert sample.count <= 2 * limit + 8 * 64
+    rows = sample.rows()
+    assert rows.shape == (limit, 2048) and rows.nbytes <= 8 * 1024 * 1024
+    assert rows[0, 0] == 0.0 and rows[-1, 0] >= 17.0  # from the first batch to the last ones
+
+
+def test_a_bad_alpha_names_what_is_allowed() -> None:
+    with pytest.raises(ValueError, match="per_layer"):
+        sq.smooth(_model(), {}, "per-layer")

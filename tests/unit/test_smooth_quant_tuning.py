@@ -65,9 +65,9 @@ def test_an_adaptor_without_smooth_quant_names_the_field() -> None:
 
 
 @pytest.mark.parametrize(("value", "field", "words"), [
-    ({"alpha": 1.5}, "spec.quantization.smoothQuant.alpha", "(0, 1] (e.g. 0.5) or auto"),
+    ({"alpha": 1.5}, "spec.quantization.smoothQuant.alpha", "(0, 1] (e.g. 0.5), auto or per_layer"),
     ({"alpha": 0}, "spec.quantization.smoothQuant.alpha", "(0, 1]"),
-    ({"alpha": "fast"}, "spec.quantization.smoothQuant.alpha", "or auto"),
+    ({"alpha": "fast"}, "spec.quantization.smoothQuant.alpha", "auto or per_layer"),
     ({"beta": 0.5}, "spec.quantization.smoothQuant.beta", ""),
 ])
 def test_spec_errors_name_the_field_and_what_is_allowed(value: dict, field: str, words: str) -> None:
@@ -98,3 +98,12 @@ def test_alphas_travel_in_space_json() -> None:
     loaded = codec.load(TuningSpace, json.loads(json.dumps(codec.dump(_space("auto")))))
     assert loaded.smooth_quant_alphas == [0.5, 0.3, 0.7, 0.85]
     assert loaded.default_config().key() == _space("auto").default_config().key()
+
+
+def test_per_layer_alpha_is_one_config_in_the_space_and_the_spec() -> None:
+    space = _space("per_layer")
+    assert space.default_config().extras == {SMOOTH_QUANT: "per_layer"}
+    assert neighbours(space, space.default_config())  # fallbacks still come; no alpha neighbour to try
+    assert all(c.extras.get(SMOOTH_QUANT) == "per_layer" for c in neighbours(space, space.default_config()))
+    with pytest.raises(ValueError, match="auto or per_layer"):
+        SmoothQuantSpec(alpha="perlayer")

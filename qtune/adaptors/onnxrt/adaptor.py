@@ -280,7 +280,7 @@ class OnnxRuntimeAdaptor(Adaptor):
         else:
             assert samples is not None
             if cfg.extras.get(sq.EXTRA_KEY) is not None:  # SmoothQuant: quantize the smoothed fp32 model
-                opt, done["smooth_quant"] = self._smoothed(opt, samples, float(cfg.extras[sq.EXTRA_KEY]))
+                opt, done["smooth_quant"] = self._smoothed(opt, samples, sq.config_alpha(cfg.extras[sq.EXTRA_KEY]))
                 source, view = opt.model, GraphView(opt.model.load())
             plan = q.plan_static(view, cfg, quantizable, forced)
             if plan.quantized:
@@ -319,7 +319,7 @@ class OnnxRuntimeAdaptor(Adaptor):
         return OnnxModel(output)
 
     def _smoothed(self, opt: OptimizedModel, samples: calib.CalibrationSet,
-                  alpha: float) -> tuple[OptimizedModel, dict[str, Any]]:
+                  alpha: float | str) -> tuple[OptimizedModel, dict[str, Any]]:
         return sq.smoothed_model(opt, samples, alpha, self.workspace / "smoothed", self.info.get("threads"))
 
     def _without_problem_ops(self, view: GraphView, cfg: TuneConfig, quantizable: dict[str, dict[str, Any]],
@@ -394,7 +394,7 @@ class OnnxRuntimeAdaptor(Adaptor):
             samples = calib.collect_samples(dataset, cfg.calibration_sampling_size)
             inputs = {name: array[:32] for name, array in samples.inputs.items()}
         if cfg.approach == "static" and cfg.extras.get(sq.EXTRA_KEY) is not None:  # the model the config quantizes
-            opt = self._smoothed(opt, samples, float(cfg.extras[sq.EXTRA_KEY]))[0]
+            opt = self._smoothed(opt, samples, sq.config_alpha(cfg.extras[sq.EXTRA_KEY]))[0]
         ranges: dict[str, Any] = {}
         for algorithm in ("minmax", "kl", "percentile"):
             path = calib.cache_path(self.workspace / "calibration", opt.source_hash, samples, algorithm)

@@ -20,7 +20,8 @@ lets stay int8, and otherwise SmoothQuant could not act on a post-norm model at 
 
 MatMuls sharing one X (Q, K and V projections) share one s, from the max of |W_j| over all their weights.
 Only groups whose X has outlier channels (largest channel max at least `min_ratio` times the median
-channel max) are smoothed: elsewhere s would only move quantization error around.
+channel max) are smoothed: elsewhere s would only move quantization error around. With alpha `per_layer`
+each such group takes its own alpha, or none, by its int8 error on calibration rows (smooth_alpha.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import onnx
 from onnx import numpy_helper
 
 from qtune.adaptors.onnxrt.graph import GraphView, _attr
+from qtune.adaptors.onnxrt.smooth_alpha import PER_LAYER_GRID, RowSample, choose_alpha
 from qtune.spec.base import SMOOTH_QUANT_AUTO_ALPHAS
+from qtune.spec.base import SMOOTH_QUANT_PER_LAYER as PER_LAYER
 from qtune.tuning.space import SMOOTH_QUANT
 
 logger = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ OUTLIER_RATIO = 4.0
 EPS = 1e-5
 """Floor of max|X_j|, max|W_j| and s (the reference implementation's clamp): a channel that is always 0
 gets a tiny s, which shrinks its weight row instead of dividing by zero."""
-SMOOTH_VERSION = 1
+SMOOTH_VERSION = 2
 """Bump when the transform changes, so cached smoothed models are rebuilt."""
 
 
@@ -149,9 +152,11 @@ def _with_absorber(group: SmoothGroup, view: GraphView) -> SmoothGroup:
     return SmoothGroup(group.activation, group.matmuls, producer.name, bias, path)
 
 
-def activation_absmax(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
-                      threads: int | None = None) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max|X| of each tensor over the batches, running the fp32 model once per batch."""
+def activation_stats(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
+                     threads: int | None = None, keep_rows: bool = False
+                     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-channel (last axis) max|X| of each tensor over the batches, running the fp32 model once per batch;
+    with `keep_rows`, also a bounded, evenly thinned sample of each tensor's rows (for the per-layer alpha)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -165,12 +170,21 @@ def activation_absmax(model: onnx.ModelProto, tensors: list[str], batches: list[
         options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out: dict[str, np.ndarray] = {}
+    samples: dict[str, RowSample] = {}
     for feed in batches:
         values = session.run(tensors, feed)
         for name, value in zip(tensors, values, strict=True):
             flat = np.abs(np.asarray(value, dtype=np.float32)).reshape(-1, value.shape[-1]).max(axis=0)
             out[name] = flat if name not in out else np.maximum(out[name], flat)
-    return out
+            if keep_rows:
+                samples.setdefault(name, RowSample(value.shape[-1])).add(value)
+    return out, {name: sample.rows() for name, sample in samples.items()}
+
+
+def activation_absmax(model: onnx.ModelProto, tensors: list[str], batches: list[dict[str, np.ndarray]],
+                      threads: int | None = None) -> dict[str, np.ndarray]:
+    """Per-channel (last axis) max|X| of each tensor over the batches, running the fp32 model once per batch."""
+    return activation_stats(model, tensors, batches, threads)[0]
 
 
 def _array(view: GraphView, name: str) -> np.ndarray:
@@ -231,13 +245,36 @@ def _insert_mul(proto: onnx.ModelProto, group: SmoothGroup, scale: np.ndarray) -
     return name
 
 
-def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float, unabsorbed: str = "mul",
-           min_ratio: float = OUTLIER_RATIO) -> dict[str, Any]:
-    """Apply SmoothQuant in place to `proto` (a float model) with the measured per-channel max|X|.
+def _group_weights(view: GraphView, group: SmoothGroup) -> list[np.ndarray]:
+    """The group's weights as [K, N] (input channels first)."""
+    out = []
+    for name in group.matmuls:
+        node = view.by_name[name]
+        weight = _array(view, node.input[1])
+        out.append(weight if _weight_axis(node) == 0 else weight.T)
+    return out
+
+
+def _group_alpha(view: GraphView, group: SmoothGroup, xmax: np.ndarray, alpha: float | str,
+                 rows: dict[str, np.ndarray]) -> tuple[float | None, dict[str, float] | None]:
+    """The group's alpha: the model's, or with `per_layer` the grid's best by int8 error (None: leave it)."""
+    if alpha != PER_LAYER:
+        return float(alpha), None
+    sample = rows.get(group.activation)
+    if sample is None or not sample.size:
+        return PER_LAYER_GRID[len(PER_LAYER_GRID) // 2], None
+    scales = {a: group_scale(view, group, xmax, a) for a in PER_LAYER_GRID}
+    return choose_alpha(sample, _group_weights(view, group), scales)
+
+
+def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float | str, unabsorbed: str = "mul",
+           min_ratio: float = OUTLIER_RATIO, rows: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Apply SmoothQuant in place to `proto` (a float model) with the measured per-channel max|X|; alpha
+    `per_layer` chooses per group on the calibration `rows` (activation -> [rows, channels]).
 
     Returns the record of what was done: {"groups": [...], "inserted": [Mul names], "skipped": {tensor: why}}."""
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"SmoothQuant alpha must lie in (0, 1], got {alpha}")
+    if alpha != PER_LAYER and not (isinstance(alpha, int | float) and 0.0 < alpha <= 1.0):
+        raise ValueError(f"SmoothQuant alpha must lie in (0, 1] or be {PER_LAYER!r}, got {alpha!r}")
     if unabsorbed not in ("mul", "skip"):
         raise ValueError(f"unabsorbed must be 'mul' or 'skip', got {unabsorbed!r}")
     view = GraphView(proto)
@@ -254,7 +291,11 @@ def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float, 
         if group.absorber is None and unabsorbed == "skip":
             record["skipped"][group.activation] = "no op can absorb 1/s exactly"
             continue
-        scale = group_scale(view, group, xmax, alpha)
+        chosen, errors = _group_alpha(view, group, xmax, alpha, rows or {})
+        if chosen is None:
+            record["skipped"][group.activation] = f"smoothing does not lower the int8 error ({errors})"
+            continue
+        scale = group_scale(view, group, xmax, chosen)
         for name in group.matmuls:
             node = view.by_name[name]
             weight = _array(view, node.input[1])
@@ -264,10 +305,16 @@ def smooth(proto: onnx.ModelProto, absmax: dict[str, np.ndarray], alpha: float, 
         else:
             record["inserted"].append(_insert_mul(proto, group, scale))
         record["groups"].append({"activation": group.activation, "matmuls": list(group.matmuls),
-                                 "absorber": group.absorber or "Mul (inserted)", "outlier_ratio": round(ratio, 2)})
-    logger.info("SmoothQuant alpha %.2f: %d groups smoothed (%d with an inserted Mul), %d skipped", alpha,
+                                 "absorber": group.absorber or "Mul (inserted)", "outlier_ratio": round(ratio, 2),
+                                 "alpha": chosen, **({"int8_error": errors} if errors else {})})
+    logger.info("SmoothQuant alpha %s: %d groups smoothed (%d with an inserted Mul), %d skipped", alpha,
                 len(record["groups"]), len(record["inserted"]), len(record["skipped"]))
     return record
+
+
+def config_alpha(value: Any) -> float | str:
+    """A TuneConfig's alpha (extras[EXTRA_KEY]): a number, or `per_layer`."""
+    return PER_LAYER if value == PER_LAYER else float(value)
 
 
 def smoothable_tensors(proto: onnx.ModelProto) -> list[str]:
@@ -275,7 +322,7 @@ def smoothable_tensors(proto: onnx.ModelProto) -> list[str]:
     return [group.activation for group in find_groups(GraphView(proto))]
 
 
-def smoothed_model(opt: Any, samples: Any, alpha: float, root: Any,
+def smoothed_model(opt: Any, samples: Any, alpha: float | str, root: Any,
                    threads: int | None = None) -> tuple[Any, dict[str, Any]]:
     """The pre-optimised model `opt` (an OptimizedModel) smoothed with `alpha` on the calibration `samples`,
     built once per (model, data, α) in `root` (shared by every trial of the job) and returned as an
@@ -287,7 +334,8 @@ def smoothed_model(opt: Any, samples: Any, alpha: float, root: Any,
     from qtune.adaptors.onnxrt.model import OnnxModel, save_model
     from qtune.adaptors.onnxrt.workspace import file_lock, read_json, write_json_atomic
 
-    key = f"{opt.source_hash[:16]}-{samples.fingerprint[:16]}-n{samples.count}-a{alpha:g}-v{SMOOTH_VERSION}"
+    label = alpha if alpha == PER_LAYER else f"{float(alpha):g}"
+    key = f"{opt.source_hash[:16]}-{samples.fingerprint[:16]}-n{samples.count}-a{label}-v{SMOOTH_VERSION}"
     folder = Path(root) / key
     digest = hashlib.sha256(f"{opt.source_hash}/{key}".encode()).hexdigest()
     with file_lock(Path(root) / ".locks" / f"{key}.lock"):
@@ -295,11 +343,12 @@ def smoothed_model(opt: Any, samples: Any, alpha: float, root: Any,
         if record is None or not (folder / "model.onnx").is_file():
             proto = opt.model.load()
             tensors = smoothable_tensors(proto)
-            absmax = activation_absmax(proto, tensors, list(samples.batches()), threads) if tensors else {}
-            record = smooth(proto, absmax, alpha)
+            absmax, rows = (activation_stats(proto, tensors, list(samples.batches()), threads,
+                                             keep_rows=alpha == PER_LAYER) if tensors else ({}, {}))
+            record = smooth(proto, absmax, alpha, rows=rows)
             save_model(proto, folder / "model.onnx", external=bool(opt.model.external_data_files()) or None)
             write_json_atomic(folder / "meta.json", record)
     model = OnnxModel(folder / "model.onnx")
     smoothed = dataclasses.replace(opt, model=model, source_hash=digest,
-                                   steps=[*opt.steps, f"smooth_quant alpha {alpha:g}"])
+                                   steps=[*opt.steps, f"smooth_quant alpha {label}"])
     return smoothed, record

@@ -99,7 +99,12 @@ def _alpha_neighbours(space: TuningSpace, config: TuneConfig) -> list[TuneConfig
     alpha = config.extras.get(SMOOTH_QUANT)
     if config.approach != "static" or alpha is None:
         return []
-    others = sorted((a for a in space.smooth_quant_alphas if a != alpha), key=lambda a: (round(abs(a - alpha), 6), a))
+    def distance(other: float | str) -> tuple[float, str]:  # per_layer (a str) is neither near nor far
+        if isinstance(other, str) or isinstance(alpha, str):
+            return 1.0, str(other)
+        return round(abs(other - alpha), 6), f"{other:08.4f}"
+
+    others = sorted((a for a in space.smooth_quant_alphas if a != alpha), key=distance)
     return [replace(config, extras={**config.extras, SMOOTH_QUANT: a}) for a in others]
 
 
