@@ -41,5 +41,12 @@ def rules(*items: dict[str, str], **schema: Any) -> dict[str, Any]:
     return extra
 
 
+def no_default(schema: dict[str, Any]) -> None:
+    """json_schema_extra of a field whose default depends on other fields (set by a model validator): its schema,
+    hence the CRD, has none, or the API server would write the model's static default into every job, where the
+    validator takes it for the user's choice."""
+    schema.pop("default", None)
+
+
 def in_list(values: tuple[str, ...]) -> str:
     return "[" + ", ".join(f"'{v}'" for v in values) + "]"

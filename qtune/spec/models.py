@@ -177,8 +177,9 @@ class AccuracyCriterion(SpecModel):
     absolute: float | None = Field(default=None, ge=0, description="allowed loss in the metric's units")
     higher_is_better: bool = Field(
         default=True,
-        description="direction of the metric; default: the built-in metric's (false for mse), else your metric "
-                    "class's higher_is_better attribute must agree with it; true for evalFunc unless set",
+        description="direction of the metric; default: the built-in metric's (false for mse and perplexity), else "
+                    "your metric class's higher_is_better attribute must agree with it; true for evalFunc unless set",
+        json_schema_extra=cel.no_default,  # set from the metric by JobSpec._direction_of_the_metric
     )
 
     @model_validator(mode="before")

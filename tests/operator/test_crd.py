@@ -164,6 +164,19 @@ def test_schema_defaults_equal_the_model_defaults() -> None:
     assert JobSpec.model_validate(defaulted) == JobSpec.model_validate(minimal)
 
 
+@pytest.mark.parametrize("metric", ["perplexity", "mse", "top1"])
+def test_the_schema_leaves_the_direction_to_the_metric(metric: str) -> None:
+    """No default for accuracyCriterion.higherIsBetter: the API server would write `true` into a perplexity job,
+    which the spec then refuses as contradicting its metric (InvalidSpec on the cluster)."""
+    minimal = {"model": {"framework": "onnxruntime", "path": "m.onnx"},
+               "data": {"calibration": {"path": "c.npz"}, "evaluation": {"path": "e.npz", "metric": metric}}}
+    defaulted = _apply_defaults(_schema()["properties"]["spec"], minimal)
+    assert "higherIsBetter" not in defaulted["tuning"]["accuracyCriterion"]
+    spec = JobSpec.model_validate(defaulted)
+    assert spec == JobSpec.model_validate(minimal)
+    assert spec.tuning.accuracy_criterion.higher_is_better is (metric == "top1")
+
+
 def _model_of(annotation: Any) -> type[BaseModel] | None:
     """The pydantic model a field holds (`X | None` included), None for a plain value."""
     for arg in (annotation, *typing.get_args(annotation)):

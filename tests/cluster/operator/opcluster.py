@@ -240,3 +240,40 @@ def local_best(workspace: Path, tmp_path: Path, max_trials: int) -> tuple[str, l
     outcome = tune(job, folder / "job.yaml", output_dir=folder / "out")
     assert outcome.best is not None
     return outcome.best.config_key, [t.config_key for t in outcome.history.trials]
+
+
+def job_status(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
+    return (get_job(cluster, namespace, name) or {}).get("status") or {}
+
+
+def job_history(cluster: Any, namespace: str, name: str) -> Any:
+    """The job's History, from its history ConfigMap (the operator's signature verified)."""
+    from kubernetes import client
+
+    from qtune.operator.constants import history_configmap
+    from qtune.operator.store import decode_history
+
+    body = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map(history_configmap(name), namespace)
+    history = decode_history({"data": body.data, "binaryData": body.binary_data})
+    assert history is not None
+    return history
+
+
+def host_path(pod_path: str, mount_path: str, workspace: Path) -> Path:
+    """Where a path of the pods is on this machine (the node agent bind-mounts the PVC's folder on the mountPath,
+    or, without mount namespaces, rewrites mountPaths to host folders: then the path is the host's already)."""
+    if Path(pod_path).is_relative_to(workspace):
+        return Path(pod_path)
+    assert pod_path.startswith(mount_path + "/"), (pod_path, mount_path)
+    return workspace / pod_path[len(mount_path) + 1:]
+
+
+def onnx_file(path: Path) -> Path:
+    """A saved ONNX model: the file, or the .onnx file of a model folder."""
+    return path if path.is_file() else min(path.glob("*.onnx"))
+
+
+def op_types(path: Path) -> set[str]:
+    import onnx
+
+    return {node.op_type for node in onnx.load(str(onnx_file(path)), load_external_data=False).graph.node}
