@@ -34,7 +34,7 @@ CONFIGMAP_LIMIT = 16 * 1024
 the model's op count, not its parameters: the job document and one unit's tune config (4 ops here), the published
 space with the baseline's per-op sensitivities, the gzipped history of a few trials: a few KiB each. The fp32
 decoder file is 54 KB, so a ConfigMap carrying the model (the baseline's, or a trial's weights as fp32 or int8)
-would cross this bound; test_decoder_lm_e2e.py holds a 322 MB model's ConfigMaps to 64 KiB."""
+would cross this bound; run_decoder_lm_e2e.py holds a 322 MB model's ConfigMaps to 64 KiB."""
 
 
 def _space(cluster: Any, namespace: str, name: str) -> Any:
