@@ -257,7 +257,8 @@ def _group_weights(view: GraphView, group: SmoothGroup) -> list[np.ndarray]:
 
 def _group_alpha(view: GraphView, group: SmoothGroup, xmax: np.ndarray, alpha: float | str,
                  rows: dict[str, np.ndarray]) -> tuple[float | None, dict[str, float] | None]:
-    """The group's alpha: the model's, or with `per_layer` the grid's best by int8 error (None: leave it)."""
+    """The group's alpha: the model's, or with `per_layer` the grid's best by int8 error (None: leave it; no
+    calibration rows of its input: the grid's middle, with no errors to record)."""
     if alpha != PER_LAYER:
         return float(alpha), None
     sample = rows.get(group.activation)
