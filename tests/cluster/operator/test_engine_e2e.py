@@ -39,29 +39,16 @@ from qtune.tuning import codec
 TERMINAL = {"Succeeded", "Failed"}
 
 
-def _status(cluster: Any, namespace: str, name: str) -> dict[str, Any]:
-    return (opcluster.get_job(cluster, namespace, name) or {}).get("status") or {}
-
-
 def _wait(cluster: Any, namespace: str, name: str, ok: Any, timeout: float, what: str) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     def check() -> bool:
         seen.clear()
-        seen.update(_status(cluster, namespace, name))
+        seen.update(opcluster.job_status(cluster, namespace, name))
         return bool(ok(seen))
 
     wait_for(check, timeout, what, detail=lambda: json.dumps(seen)[:3000], interval=0.3)
     return dict(seen)
-
-
-def _history(cluster: Any, namespace: str, name: str) -> Any:
-    from qtune.operator.store import decode_history
-
-    body = client.CoreV1Api(cluster.api_client()).read_namespaced_config_map(f"{name}-history", namespace)
-    history = decode_history({"data": body.data, "binaryData": body.binary_data})
-    assert history is not None
-    return history
 
 
 def latency_manifest(name: str, parallel: int) -> dict[str, Any]:
@@ -174,12 +161,12 @@ def test_latency_job_takes_the_same_decisions_on_the_cluster_as_locally(
     _wait(cluster, ns, name, lambda st: st.get("trials", {}).get("started", 0) >= 1 or st.get("state") in TERMINAL,
           240, "the first trial started")
     operator.kill()
-    killed_at = _status(cluster, ns, name).get("trials", {})
+    killed_at = opcluster.job_status(cluster, ns, name).get("trials", {})
     time.sleep(5)  # units go on without the operator
     operator.start()
     status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 420, "the job finished")
     cluster_seconds = time.monotonic() - started
-    cluster_history = _history(cluster, ns, name)
+    cluster_history = opcluster.job_history(cluster, ns, name)
 
     # the same job locally (after the cluster run: the two never compete for the CPUs)
     local, local_seconds = run_locally(manifest, workspace, tmp_path / "local")
@@ -329,15 +316,15 @@ def test_forged_results_for_a_running_trial_are_ignored(cluster: Any, op_namespa
     sibling = urllib.request.Request(f"{cluster.pushgateway_url}/metrics/job/qtune_result/job_uid/{uid}/unit/"
                                      "trial-0/x/1", data=b"qtune_result_poison 0.5\n", method="PUT")
     urllib.request.urlopen(sibling, timeout=5).close()
-    wait_for(lambda: _status(cluster, ns, name).get("rejectedResults", 0) >= 2, 30,
+    wait_for(lambda: opcluster.job_status(cluster, ns, name).get("rejectedResults", 0) >= 2, 30,
              "the forged results counted in status.rejectedResults",
-             detail=lambda: repr(_status(cluster, ns, name).get("rejectedResults")))
+             detail=lambda: repr(opcluster.job_status(cluster, ns, name).get("rejectedResults")))
 
     status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 300, "the job finished")
     assert status["state"] == "Succeeded", status
     wait_for(lambda: opcluster.pushgateway_groups(cluster, uid) == [], 30, "every group of the job deleted, "
              "the sibling too", detail=lambda: repr(opcluster.pushgateway_groups(cluster, uid)))
-    history = _history(cluster, ns, name)
+    history = opcluster.job_history(cluster, ns, name)
     trial = history.trials[0]
     sys.stderr.write(f"forged: rejected {status.get('rejectedResults')}, recorded trial 0: accuracy "
                      f"{trial.accuracy}, speed@16 {_speed(trial)}, size {trial.model_size_bytes}\n")
@@ -376,10 +363,10 @@ def test_a_2000_op_model_trial_pod_starts_and_reports(cluster: Any, op_namespace
         except client.ApiException:
             return None
 
-    wait_for(lambda: trial_pod() is not None or _status(cluster, ns, name).get("state") in TERMINAL, 600,
-             "trial 0's pod created", detail=lambda: json.dumps(_status(cluster, ns, name))[:2000])
+    wait_for(lambda: trial_pod() is not None or opcluster.job_status(cluster, ns, name).get("state") in TERMINAL, 600,
+             "trial 0's pod created", detail=lambda: json.dumps(opcluster.job_status(cluster, ns, name))[:2000])
     pod = trial_pod()
-    assert pod is not None, _status(cluster, ns, name)
+    assert pod is not None, opcluster.job_status(cluster, ns, name)
     argv = pod.spec.containers[0].command + pod.spec.containers[0].args
     assert max(len(a) for a in argv) < 4096, "the tune config travelled as argv"
     inputs = core.read_namespaced_config_map(c.unit_inputs(pod_name), ns)
@@ -389,7 +376,7 @@ def test_a_2000_op_model_trial_pod_starts_and_reports(cluster: Any, op_namespace
 
     status = _wait(cluster, ns, name, lambda st: st.get("state") in TERMINAL, 600, "the job finished")
     seconds = time.monotonic() - started
-    history = _history(cluster, ns, name)
+    history = opcluster.job_history(cluster, ns, name)
     trial = history.trials[0]
     sys.stderr.write(f"2,000 ops: config {config_bytes} bytes, job {status.get('state')}/{status.get('reason')} in "
                      f"{seconds:.0f}s, trial 0 {trial.status} mse {trial.accuracy} size {trial.model_size_bytes}\n")
@@ -437,7 +424,7 @@ def test_a_user_metric_beside_the_job_runs_in_the_pods(cluster: Any, op_namespac
         status.get("message")
     assert status["baseline"]["metric"] == "digit_strings.sequence_metrics:ExactMatch"
     assert 0.9 <= status["baseline"]["accuracy"] <= 1.0  # exact match of 4-digit strings, fp32 ~0.96
-    history = _history(cluster, op_namespace, name)
+    history = opcluster.job_history(cluster, op_namespace, name)
     assert history.baseline.metric == "digit_strings.sequence_metrics:ExactMatch"
     assert all(t.status == "succeeded" for t in history.trials), [(t.reason, t.message) for t in history.trials]
     assert status["best"]["accuracy"] >= 0.98 * status["baseline"]["accuracy"]

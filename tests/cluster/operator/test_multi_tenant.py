@@ -69,16 +69,12 @@ class TenantRun:
     local_best: str = ""
 
 
-def _status(cluster: Any, ns: str, name: str) -> dict[str, Any]:
-    return (opcluster.get_job(cluster, ns, name) or {}).get("status") or {}
-
-
 def _final(cluster: Any, ns: str, name: str, timeout: float) -> dict[str, Any]:
     seen: dict[str, Any] = {}
 
     def done() -> bool:
         seen.clear()
-        seen.update(_status(cluster, ns, name))
+        seen.update(opcluster.job_status(cluster, ns, name))
         return seen.get("state") in ("Succeeded", "Failed")
 
     wait_for(done, timeout, f"job {ns}/{name} finished", detail=lambda: repr(seen), interval=1.0)
