@@ -89,8 +89,8 @@ class RichProgress:
                 detail += f" ({1000 / measured.fp32_p50_ms:.1f} → {1000 / measured.p50_ms:.1f} tokens/s)"
             if measured.caveat():  # a busy machine: say how the figure was measured, or that it cannot be trusted
                 detail += f" [yellow]({measured.caveat()})[/yellow]"
-        if record.tune_config.weights_text():  # weight-only: which bits and algorithms the trial tried
-            detail += f", weights {record.tune_config.weights_text()}"
+        if weights := record.tune_config.weights_text():  # weight-only: which bits and algorithms the trial tried
+            detail += f", weights {weights}"
         self.console.print(f"trial {record.index}: {mark} {detail}, {len(record.tune_config.fp32_ops())} fp32 ops, "
                            f"{(record.timings or {}).get('total', 0):.1f}s{memory_text(record.peak_rss_bytes)}")
         per_trial = (time.monotonic() - self.started) / self.finished

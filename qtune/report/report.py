@@ -133,7 +133,7 @@ def _rows(history: History, batch: int) -> list[list[str]]:
             str(t.index), t.status, _fmt(t.accuracy), "yes" if t.passed else "no",
             _fmt(measured.fp32_p50_ms if measured else None, 3), _fmt(measured.p50_ms if measured else None, 3),
             _speed_text(measured) + _busy_mark(measured), str(len(t.tune_config.fp32_ops())),
-            t.tune_config.approach + (f" ({t.tune_config.weights_text()})" if t.tune_config.weights_text() else ""),
+            t.tune_config.approach + (f" ({weights})" if (weights := t.tune_config.weights_text()) else ""),
             " / ".join(_fmt(timings.get(k), 2) for k in ("calibration", "quantize", "evaluate", "benchmark")),
             (t.reason or "") + (f": {t.message}" if t.message else ""),
         ])
@@ -174,7 +174,7 @@ def summary_items(job: QuantizationJob, session: TuningSession) -> list[tuple[st
             ("best trial", str(best.index)),
             (f"int8 {metric}", _fmt(best.accuracy)),
             ("ops kept in fp32", ", ".join(best.tune_config.fp32_ops()) or "none"),
-            *([("weights", best.tune_config.weights_text())] if best.tune_config.weights_text() else []),
+            *([("weights", weights)] if (weights := best.tune_config.weights_text()) else []),
             ("model size", f"{baseline.model_size_bytes} → {best.model_size_bytes} bytes"),
         ]
         if measured is not None:

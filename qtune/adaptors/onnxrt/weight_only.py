@@ -269,7 +269,8 @@ def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan,
     if gathers:
         proto = _at_opset_21(proto)
     all_names = {node.name for node in proto.graph.node}
-    for key in sorted(groups, key=_pass_order):
+    order = sorted(groups, key=_pass_order)
+    for key in order:
         names = sorted(groups[key])
         algorithm, bits, block, symmetric, level = key
         started = time.perf_counter()
@@ -281,7 +282,7 @@ def quantize_proto(proto: onnx.ModelProto, view: GraphView, plan: QuantPlan,
             proto = _rtn_pass(proto, names, all_names, gathers, key)
         logger.debug("weight-only pass %s (%d ops) took %.2fs", setting_label(key), len(names),
                      time.perf_counter() - started)
-    return proto, {setting_label(key): sorted(groups[key]) for key in sorted(groups, key=_pass_order)}
+    return proto, {setting_label(key): sorted(groups[key]) for key in order}
 
 
 def uses_calibration(cfg: TuneConfig) -> bool:
