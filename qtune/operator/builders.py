@@ -1,5 +1,6 @@
 """Pure builders of what the operator creates for one unit of work: its pod, the ConfigMap holding
-its inputs (job document, tune config) and the Secret holding its result secret.
+its inputs (job document, tune config) when they are too large for the pod, and the Secret holding its
+result secret.
 
 Every pod of a job: ownerReference to the job (controller, so deleting the job deletes it),
 labels `qtune.io/job`, `qtune.io/job-uid`, `qtune.io/unit`, `qtune.io/attempt` (and
@@ -7,9 +8,10 @@ labels `qtune.io/job`, `qtune.io/job-uid`, `qtune.io/unit`, `qtune.io/attempt` (
 affinity on the Intel Xeon pool's NFD labels, which spec.trial.nodeAffinity narrows (never replaces);
 non-root, read-only root filesystem, no privilege escalation, all capabilities dropped, seccomp
 RuntimeDefault; runs as the job's own ServiceAccount (or an opted-in named one, qtune/operator/rbac.py);
-an emptyDir on /tmp (sizeLimit) and an ephemeral-storage request and limit; the unit's inputs
-ConfigMap read-only on /etc/qtune/unit (the tune config never travels as argv: a 2,000-op config
-would exceed Linux's per-argument limit).
+an emptyDir on /tmp (sizeLimit) and an ephemeral-storage request and limit; the unit's input files
+read-only on /etc/qtune/unit: from the pod's own annotations (a downwardAPI volume) when they fit in
+INLINE_INPUTS_LIMIT, else from its inputs ConfigMap (the tune config never travels as argv: a 2,000-op
+config would exceed Linux's per-argument limit).
 
 What a pod may write: the workspace PVC is mounted READ-ONLY on spec.workspace.mountPath (the job's
 model, data and code are read from there), and only the job's own folder
@@ -36,6 +38,10 @@ from qtune.operator.layout import JobRef, job_document, metadata, pod_account, w
 from qtune.spec.models import JobSpec
 
 CONTAINER = "runner"
+INLINE_INPUTS_LIMIT = 32 * 1024
+"""Inputs up to this many bytes travel in the unit's pod (annotations, a downwardAPI volume): the pod is then
+created in the same round trip as the history is stored (qtune/operator/pods.py). Larger inputs (a tune config of a
+very large space) get their own ConfigMap, written first; the pod objects every watcher holds stay small."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,7 @@ def volume_mounts(job: JobRef, spec: JobSpec) -> list[dict[str, Any]]:
         {"name": "workspace", "mountPath": spec.workspace.mount_path, "readOnly": True},
         {"name": "workspace", "mountPath": job_folder,
          "subPath": posixpath.relpath(job_folder, spec.workspace.mount_path)},
-        {"name": "inputs", "mountPath": c.INPUT_MOUNT, "readOnly": True},
+        {"name": c.INPUTS_VOLUME, "mountPath": c.INPUT_MOUNT, "readOnly": True},
     ]
 
 
@@ -201,8 +207,9 @@ def _container(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfi
 
 
 def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
-             annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    """The pod running one start of a unit."""
+             annotations: dict[str, str] | None = None, inline: dict[str, str] | None = None) -> dict[str, Any]:
+    """The pod running one start of a unit; `inline`: its input files, carried in its own annotations
+    (`inline_inputs`), else they are in its inputs ConfigMap."""
     name = plan.pod_name(job)
     baseline = plan.kind == protocol.UnitKind.BASELINE
     timeout = int(spec.tuning.trial_timeout_seconds)
@@ -225,7 +232,7 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
             {"name": "tmp", "emptyDir": {"sizeLimit": config.tmp_size_limit} if config.tmp_size_limit else {}},
             {"name": "workspace",
              "persistentVolumeClaim": {"claimName": spec.workspace.persistent_volume_claim}},
-            {"name": "inputs", "configMap": {"name": c.unit_inputs(name)}},
+            inputs_volume(name, inline),
         ],
     }
     pod_spec["serviceAccountName"] = pod_account(job, spec)
@@ -237,14 +244,32 @@ def unit_pod(job: JobRef, spec: JobSpec, plan: UnitPlan, config: OperatorConfig,
     meta = metadata(job, name, plan.role, unit=plan.unit, attempt=plan.attempt, trial=plan.trial)
     if queue := spec.trial.queue_name or config.trial_queue_name:  # admitted by Kueue (docs/kueue.md)
         meta["labels"][c.KUEUE_QUEUE_LABEL] = queue
+    annotations = {**(annotations or {}), **{c.input_annotation(file): text for file, text in (inline or {}).items()}}
     if annotations:
-        meta["annotations"] = dict(annotations)
+        meta["annotations"] = annotations
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
 
 
-def unit_inputs(job: JobRef, spec_dict: dict[str, Any], plan: UnitPlan) -> dict[str, Any]:
-    """The ConfigMap mounted into the unit's pod: job.json, and config.json (a trial's tune config;
-    the confirmation's candidate configs by trial index). Plain JSON: the runner reads the files;
+def inputs_volume(pod: str, inline: dict[str, str] | None) -> dict[str, Any]:
+    """The unit's input files: from the pod's own annotations (a downwardAPI volume) or its inputs ConfigMap.
+    The runner reads the same files either way."""
+    if inline is None:
+        return {"name": c.INPUTS_VOLUME, "configMap": {"name": c.unit_inputs(pod)}}
+    items = [{"path": file, "fieldRef": {"fieldPath": f"metadata.annotations['{c.input_annotation(file)}']"}}
+             for file in sorted(inline)]
+    return {"name": c.INPUTS_VOLUME, "downwardAPI": {"items": items}}
+
+
+def inline_inputs(files: dict[str, str]) -> dict[str, str] | None:
+    """`files` when they are small enough to travel in the pod itself (INLINE_INPUTS_LIMIT), else None: then
+    they need their own ConfigMap, written before the pod."""
+    size = sum(len(c.input_annotation(k)) + len(v.encode()) for k, v in files.items())
+    return files if size <= INLINE_INPUTS_LIMIT else None
+
+
+def unit_input_files(job: JobRef, spec_dict: dict[str, Any], plan: UnitPlan) -> dict[str, str]:
+    """The files mounted into the unit's pod: job.json, and config.json (a trial's tune config; the
+    confirmation's candidate configs by trial index). Plain JSON: the runner reads the files;
     raises protocol.PayloadTooLarge beyond what a ConfigMap holds."""
     data = {c.JOB_FILE: json.dumps(job_document(job, spec_dict), separators=(",", ":"), sort_keys=True)}
     if plan.kind == protocol.UnitKind.TRIAL:
@@ -255,9 +280,14 @@ def unit_inputs(job: JobRef, spec_dict: dict[str, Any], plan: UnitPlan) -> dict[
     if size > protocol.CONFIGMAP_LIMIT:
         raise protocol.PayloadTooLarge(f"the inputs of {plan.unit} are {size} bytes: more than a ConfigMap holds "
                                        f"({protocol.CONFIGMAP_LIMIT} bytes)")
+    return data
+
+
+def unit_inputs(job: JobRef, plan: UnitPlan, files: dict[str, str]) -> dict[str, Any]:
+    """The inputs ConfigMap of inputs too large for the pod itself (`inline_inputs`)."""
     name = c.unit_inputs(plan.pod_name(job))
     return {"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": metadata(job, name, c.ROLE_INPUT, unit=plan.unit, attempt=plan.attempt), "data": data}
+            "metadata": metadata(job, name, c.ROLE_INPUT, unit=plan.unit, attempt=plan.attempt), "data": dict(files)}
 
 
 def unit_secret(job: JobRef, plan: UnitPlan, secret: str) -> dict[str, Any]:

@@ -28,10 +28,11 @@ from typing import Any
 from qtune import protocol
 from qtune.operator import builders
 from qtune.operator import constants as c
+from qtune.operator.attempts import plan_of
 from qtune.operator.config import KEEP_ALL, KEEP_BEST, OperatorConfig
 from qtune.operator.context import JobContext, gather_all
 from qtune.operator.observe import recorded
-from qtune.operator.pods import PodExecutor, plan_of
+from qtune.operator.pods import PodExecutor
 from qtune.operator.podstatus import PodSummary
 from qtune.operator.prom import MetricsError
 from qtune.operator.rbac import ACCOUNT_FIELD, revoke_publishing
@@ -44,8 +45,6 @@ __all__ = ["KEEP_ALL", "KEEP_BEST", "Janitor", "cleanup_pod", "failed_pods_to_de
            "trial_models_policy"]
 
 logger = logging.getLogger(__name__)
-
-INPUTS_VOLUME = "inputs"
 
 
 def failed_pods_to_delete(pods: Iterable[PodSummary], keep: int) -> list[PodSummary]:
@@ -75,9 +74,9 @@ def cleanup_pod(unit_pod: dict[str, Any]) -> dict[str, Any]:
     pod, which goes with the job)."""
     body = copy.deepcopy(unit_pod)
     spec = body["spec"]
-    spec["volumes"] = [v for v in spec.get("volumes", []) if v.get("name") != INPUTS_VOLUME]
+    spec["volumes"] = [v for v in spec.get("volumes", []) if v.get("name") != c.INPUTS_VOLUME]
     for container in spec["containers"]:
-        container["volumeMounts"] = [m for m in container.get("volumeMounts", []) if m.get("name") != INPUTS_VOLUME]
+        container["volumeMounts"] = [m for m in container.get("volumeMounts", []) if m.get("name") != c.INPUTS_VOLUME]
         container["env"] = [e for e in container.get("env", [])
                             if "secretKeyRef" not in (e.get("valueFrom") or {})]
     return body
@@ -142,7 +141,9 @@ class Janitor:
                 return
 
         async def delete_inputs() -> None:
-            inputs = c.unit_inputs(pod.name)
+            inputs = pod.inputs_configmap
+            if inputs is None:  # they travelled in the pod
+                return
             if inputs in owned or await ctx.read_owned(inputs) is not None:
                 await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs)
             owned.discard(inputs)

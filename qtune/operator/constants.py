@@ -98,6 +98,11 @@ def unit_inputs(pod: str) -> str:
     return f"{pod}-input"
 
 
+def input_annotation(file: str) -> str:
+    """Pod annotation carrying one input file of a unit whose inputs fit in the pod (builders.inline_inputs)."""
+    return f"{GROUP}/input.{file}"
+
+
 def unit_key(pod: str) -> str:
     """Secret holding pod `pod`'s result secret (only that pod reads it)."""
     return f"{pod}-key"
@@ -106,5 +111,7 @@ def unit_key(pod: str) -> str:
 SECRET_KEY = "secret"
 """Key of the result secret in a unit's Secret."""
 INPUT_MOUNT = "/etc/qtune/unit"
+INPUTS_VOLUME = "inputs"
+"""The unit pod's volume of input files (its annotations through the downward API, or its inputs ConfigMap)."""
 JOB_FILE = "job.json"
 CONFIG_FILE = "config.json"

@@ -6,10 +6,11 @@
   `observe` (qtune/operator/observe.py); pods this process created that the pod index does not show yet still
   run (`expect`).
 * start: the job's ServiceAccount checked, the history saved with each start's attempt (`History.attempts`: a
-  restarted operator never issues a unit secret twice), then each start's Secret and inputs ConfigMap written (a
-  new attempt, stored first, when a Secret of that name exists: one the operator did not just create is never
-  used); the pods only once they are written. What the pod looks like is the builders' (qtune/operator/builders.py).
-  The next trial's Secret is written ahead (qtune/operator/spares.py): one round trip less before its pod.
+  restarted operator never issues a unit secret twice), then each start's Secret and, when its inputs are too
+  large for the pod, its inputs ConfigMap written (a new attempt, stored first, when a Secret of that name exists:
+  one the operator did not just create is never used); the pods only once they are written. What the pod looks like
+  is the builders' (qtune/operator/builders.py). The next trial's Secret is written ahead (qtune/operator/spares.py):
+  its start then stores the history and creates the pod in one round trip.
 * cancel: pods of units the session cancelled, pods past their time limit.
 
 Every action is idempotent (deterministic names, 409/404 tolerated).
@@ -27,11 +28,12 @@ from qtune import protocol
 from qtune.operator import builders
 from qtune.operator import constants as c
 from qtune.operator import status as st
+from qtune.operator.attempts import Attempts, plan_of
 from qtune.operator.context import JobContext, Terminal, gather_all
 from qtune.operator.kube import Conflict
 from qtune.operator.nodes import NodeHealth
 from qtune.operator.observe import Limits, Observation, observe, recorded
-from qtune.operator.podstatus import PodSummary
+from qtune.operator.podstatus import PodSummary, summarize_pod
 from qtune.operator.prom import MetricsError
 from qtune.operator.rbac import ensure_identity
 from qtune.operator.results import ACCEPT, Observed, judge, terminated_result, unit_pods
@@ -39,7 +41,6 @@ from qtune.operator.spaces import SpaceLoader
 from qtune.operator.spares import Spares
 from qtune.operator.store import OWNED, ForeignObject, ownership
 from qtune.spec.errors import SpecError
-from qtune.tuning import codec
 from qtune.tuning.history import History
 from qtune.tuning.session import WorkUnit
 from qtune.tuning.space import TuningSpace
@@ -53,35 +54,6 @@ EXPECTATION_SECONDS = 60.0
 
 Start = tuple[builders.UnitPlan, dict[str, Any]]
 """A prepared start: its plan and its pod's body."""
-
-
-def plan_of(unit: WorkUnit, attempt: int) -> builders.UnitPlan:
-    return builders.UnitPlan(unit=unit.id, attempt=attempt, trial=unit.trial,
-                             tune_config=codec.dump(unit.tune_config) if unit.tune_config is not None else None,
-                             candidates=tuple(unit.candidates),
-                             candidate_configs={k: codec.dump(v) for k, v in unit.candidate_configs.items()},
-                             full_evaluation=unit.full_evaluation)
-
-
-@dataclass
-class Attempts:
-    """Which start of each unit is the current one (names and Secrets are per attempt)."""
-
-    latest: dict[str, int] = field(default_factory=dict)
-    """unit -> the highest attempt started or seen (a new start takes the next one)."""
-    expected: dict[str, tuple[int, float]] = field(default_factory=dict)
-    """unit -> (attempt, when) of pods this process created that the pod index has not shown yet."""
-    retired: set[str] = field(default_factory=set)
-    """uids of failed pods whose failure was put aside (a failed baseline run again after an edit)."""
-
-    def seen(self, unit: str, attempt: int) -> None:
-        self.latest[unit] = max(self.latest.get(unit, -1), attempt)
-
-    def next(self, unit: str, issued: int = -1) -> int:
-        """The next attempt of `unit`: above every one seen here and `issued` (the highest whose secret the history
-        says was issued: a restarted operator, which sees only the pods still there, never issues one twice)."""
-        attempt = self.latest[unit] = max(self.latest.get(unit, -1), issued) + 1
-        return attempt
 
 
 @dataclass
@@ -110,6 +82,9 @@ class PodExecutor:
     """(generation, ServiceAccount) whose use by the job's pods was checked (rbac.ensure_identity)."""
     spares: Spares = field(init=False)
     """The next trial's Secret, written ahead (qtune/operator/spares.py)."""
+    save_with_pods: bool = False
+    """The history of this step is stored with its pods (`start`), not before: every start's Secret was written
+    ahead and its inputs travel in its pod."""
 
     def __post_init__(self) -> None:
         self.nodes = NodeHealth(self.ctx)
@@ -297,15 +272,16 @@ class PodExecutor:
             raise ForeignObject.of(existing, ctx.job)
         self.owned.add(name)
 
-    async def prepare_starts(self, units: list[WorkUnit], save: bool) -> list[Start]:
+    async def prepare_starts(self, units: list[WorkUnit], save: bool, cancelling: bool = False) -> list[Start]:
         """Store the history, then write each start's Secret and inputs, all at once, then (the caller) the pods.
         The attempt of each start is recorded in the history (`History.attempts`) and stored BEFORE its Secret is
         created, so a restarted operator never issues the same unit secret twice (a holder of an old one could
         sign for the new pod). A start whose Secret was written ahead (spares.py: its attempt stored in an earlier
-        step) has its inputs written while the history is stored. A Secret that exists already is never taken for
-        the job's own: its unit takes the next attempt (stored again first), at most SECRET_TRIES times. Any failure
-        is raised once every write has ended, and then no pod is created and the Secrets and inputs written are
-        deleted."""
+        step) has its inputs written while the history is stored; when every start is such a one, its inputs fit
+        in its pod and nothing is cancelled, the history is stored with the pods instead (`start`: one round
+        trip). A Secret that exists already is never taken for the job's own: its unit takes the next attempt
+        (stored again first), at most SECRET_TRIES times. Any failure is raised once every write has ended, and
+        then no pod is created and the Secrets and inputs written are deleted."""
         ctx = self.ctx
         assert ctx.spec is not None and ctx.history is not None
         baseline = any(u.id == protocol.UnitKind.BASELINE for u in units)
@@ -315,6 +291,7 @@ class PodExecutor:
             except SpecError as exc:
                 raise Terminal(st.INVALID_SPEC, str(exc)) from None
         self.spares.plan = None
+        self.save_with_pods = False
         if not units:
             if save:
                 await ctx.save()
@@ -330,6 +307,11 @@ class PodExecutor:
             else:
                 early.append((unit, plan_of(unit, attempt)))
         self.spares.issue(units, self._issue)
+        if save and early and not pending and not cancelling:
+            bodies = [self._bodies(unit, plan) for unit, plan in early]
+            if all(inputs is None for _, inputs in bodies):
+                self.save_with_pods = True
+                return [start for start, _ in bodies]
         for _ in range(SECRET_TRIES):
             plans = [plan_of(unit, self._issue(unit.id)) for unit in pending]
             try:  # the attempts first: no Secret exists whose attempt the stored history lacks; the inputs of the
@@ -376,20 +358,34 @@ class PodExecutor:
         leaves its object to the job's deletion (ownerReferences)."""
         job = self.ctx.job
         names = [body["metadata"]["name"] for _, body in prepared]
-        deletes = [self.ctx.kube.delete(kind, job.namespace, name)
-                   for pod in names for kind, name in (("Secret", c.unit_key(pod)), ("ConfigMap", c.unit_inputs(pod)))]
+        deletes = [self.ctx.kube.delete("Secret", job.namespace, c.unit_key(pod)) for pod in names]
+        deletes += [self.ctx.kube.delete("ConfigMap", job.namespace, c.unit_inputs(body["metadata"]["name"]))
+                    for _, body in prepared if summarize_pod(body).inputs_configmap is not None]
         for outcome in await asyncio.gather(*deletes, return_exceptions=True):
             if isinstance(outcome, Exception):
                 logger.warning("%s/%s: a start's Secret or inputs that no pod will use stay until the job is "
                                "deleted: %s", job.namespace, job.name, outcome)
         self.owned.difference_update(c.unit_inputs(pod) for pod in names)
 
-    async def _prepare(self, unit: WorkUnit, plan: builders.UnitPlan, secret: bool = True) -> Start | None:
-        """Secret (unless written ahead: `secret` False) and inputs of a new start of `unit` under `plan`'s attempt,
-        and its pod's body; None when a Secret of that attempt's name exists already (the unit takes the next
-        attempt)."""
+    def _bodies(self, unit: WorkUnit, plan: builders.UnitPlan) -> tuple[Start, dict[str, Any] | None]:
+        """The start of `unit` under `plan`'s attempt, and its inputs ConfigMap: None when its inputs travel in
+        the pod itself (builders.inline_inputs)."""
         ctx = self.ctx
         assert ctx.spec is not None
+        try:
+            files = builders.unit_input_files(ctx.job, ctx.spec_dict, plan)
+        except protocol.PayloadTooLarge as exc:
+            raise Terminal("ConfigTooLarge", str(exc)) from None
+        inline = builders.inline_inputs(files)
+        annotations = {f"{c.GROUP}/config-key": unit.tune_config.key()} if unit.tune_config is not None else None
+        pod = builders.unit_pod(ctx.job, ctx.spec, plan, ctx.config, annotations, inline)
+        return (plan, pod), None if inline is not None else builders.unit_inputs(ctx.job, plan, files)
+
+    async def _prepare(self, unit: WorkUnit, plan: builders.UnitPlan, secret: bool = True) -> Start | None:
+        """Secret (unless written ahead: `secret` False) and inputs (unless they travel in the pod) of a new start
+        of `unit` under `plan`'s attempt, and its pod's body; None when a Secret of that attempt's name exists
+        already (the unit takes the next attempt)."""
+        ctx = self.ctx
         if plan.kind == protocol.UnitKind.BASELINE:
             await self.claim(builders.configmap(ctx.job, c.baseline_configmap(ctx.job.name), c.ROLE_BASELINE))
         # The operator cannot read Secrets: one it did not just create is never used (it may be anyone's,
@@ -397,35 +393,57 @@ class PodExecutor:
         # are written alongside (their name is the attempt's); a superseded attempt's are deleted again.
         key = protocol.derive_unit_secret(ctx.config.signing_key, ctx.job.uid, unit.id, plan.attempt)
         secret_body = builders.unit_secret(ctx.job, plan, key)
-        try:
-            inputs = builders.unit_inputs(ctx.job, ctx.spec_dict, plan)
-        except protocol.PayloadTooLarge as exc:
-            raise Terminal("ConfigTooLarge", str(exc)) from None
-        created, _ = await gather_all([ctx.kube.ensure(secret_body) if secret else _true(), self.claim(inputs)])
+        start, inputs = self._bodies(unit, plan)
+        created, _ = await gather_all([ctx.kube.ensure(secret_body) if secret else asyncio.sleep(0, True),
+                                       self.claim(inputs) if inputs is not None else asyncio.sleep(0, True)])
         if not created:
             logger.warning("%s/%s: Secret %s exists already and is not used (it may not be the job's); %s starts "
                            "as attempt %d", ctx.job.namespace, ctx.job.name, secret_body["metadata"]["name"],
                            unit.id, plan.attempt + 1)
-            await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs["metadata"]["name"])
-            self.owned.discard(inputs["metadata"]["name"])
+            if inputs is not None:
+                await ctx.kube.delete("ConfigMap", ctx.job.namespace, inputs["metadata"]["name"])
+                self.owned.discard(inputs["metadata"]["name"])
             return None
-        annotations = {f"{c.GROUP}/config-key": unit.tune_config.key()} if unit.tune_config is not None else None
-        return plan, builders.unit_pod(ctx.job, ctx.spec, plan, ctx.config, annotations)
+        return start
 
     async def start(self, starts: list[Start]) -> None:
-        """Create the prepared starts' pods (the history holding their units is stored), then the spare's Secret."""
-        await gather_all(self._launch(plan, body) for plan, body in starts)
+        """Create the prepared starts' pods (the history holding their units is stored, or stored now alongside:
+        `save_with_pods`), then the spare's Secret."""
+        if self.save_with_pods:
+            self.save_with_pods = False
+            await self._save_with_pods(starts)
+        else:
+            await gather_all(self._launch(plan, body) for plan, body in starts)
         await self.spares.write()
 
-    async def _launch(self, plan: builders.UnitPlan, body: dict[str, Any]) -> None:
+    async def _save_with_pods(self, starts: list[Start]) -> None:
+        """Store the history and create the pods at once. A pod whose history was not stored is deleted again
+        (so is its Secret), and the failure raised: the next step reads the stored history and starts its unit
+        under a new attempt. Only the window of an operator crash leaves a pod the stored history lacks; a
+        restarted operator lets it finish, ignores its result (no record of its trial) and runs the trial again."""
         ctx = self.ctx
-        if await ctx.kube.create_pod(body):
-            self.attempts.expected[plan.unit] = (plan.attempt, ctx.services.clock())
-            if plan.kind == protocol.UnitKind.TRIAL:
-                ctx.metrics.trials_started.inc()
-            logger.info("%s/%s: %s started (pod %s)", ctx.job.namespace, ctx.job.name, plan.unit,
-                        body["metadata"]["name"])
+        outcomes = await asyncio.gather(ctx.save(), *(self._launch(plan, body) for plan, body in starts),
+                                        return_exceptions=True)
+        failure = next((item for item in outcomes if isinstance(item, BaseException)), None)
+        if failure is None:
+            return
+        self.spares.plan = None
+        created = [body["metadata"]["name"] for (_, body), made in zip(starts, outcomes[1:], strict=True)
+                   if made is True]
+        if not isinstance(outcomes[0], BaseException):  # the history is stored: only a pod failed
+            raise failure
+        for name in created:
+            await ctx.kube.delete_pod(ctx.job.namespace, name, grace_seconds=0)
+        await self._withdraw(starts)
+        raise failure
 
-
-async def _true() -> bool:
-    return True
+    async def _launch(self, plan: builders.UnitPlan, body: dict[str, Any]) -> bool:
+        """Create one pod; True when this call created it."""
+        ctx = self.ctx
+        if not await ctx.kube.create_pod(body):
+            return False
+        self.attempts.expected[plan.unit] = (plan.attempt, ctx.services.clock())
+        if plan.kind == protocol.UnitKind.TRIAL:
+            ctx.metrics.trials_started.inc()
+        logger.info("%s/%s: %s started (pod %s)", ctx.job.namespace, ctx.job.name, plan.unit, body["metadata"]["name"])
+        return True

@@ -84,6 +84,8 @@ class PodSummary:
     kueue_stopped: str | None = None
     """Kueue stopped the pod (preempted or evicted its Workload): "<reason>: <message>" of its TerminationTarget
     condition."""
+    inputs_configmap: str | None = None
+    """The ConfigMap its inputs volume mounts; None when its inputs travel in the pod (builders.inline_inputs)."""
 
     @property
     def done(self) -> bool:
@@ -148,6 +150,8 @@ def summarize_pod(body: Any) -> PodSummary:
         queued=queued,
         scheduled_at=scheduled_at,
         kueue_stopped=kueue_stopped,
+        inputs_configmap=next((v["configMap"].get("name") for v in (body.get("spec") or {}).get("volumes") or []
+                               if v.get("name") == c.INPUTS_VOLUME and isinstance(v.get("configMap"), dict)), None),
     )
 
 

@@ -10,10 +10,10 @@ the actions are in their own rooms (the causes apart from the actions, as in Kop
    (node health: qtune/operator/nodes.py) and their units start again;
 3. record the outcomes in unit order and ask `session.advance(running, capacity)` (the session reads the
    operator's clock);
-4. apply (the pod executor): save the history BEFORE any pod starts (a trial whose Secret was written ahead,
-   qtune/operator/spares.py, has its inputs written meanwhile: a dispatch costs two API round trips; otherwise the
-   Secrets and inputs follow the history, three), delete the pods of cancelled units, create the started units'
-   pods, then the next trial's Secret; then clean up recorded units (the janitor, qtune/operator/cleanup.py);
+4. apply (the pod executor): save the history before any pod starts, or with it (a trial whose Secret was written
+   ahead, qtune/operator/spares.py, and whose inputs travel in its pod: a dispatch costs one API round trip; otherwise
+   the Secrets and inputs follow the history, two or three), delete the pods of cancelled units, create the started
+   units' pods, then the next trial's Secret; then clean up recorded units (the janitor, qtune/operator/cleanup.py);
 5. write the status (the status writer, qtune/operator/statuswriter.py: a projection of the session) and post
    an Event when the state changes.
 
@@ -186,7 +186,7 @@ class JobReconciler:
             return await self._refused(exc, now)
         except Exception:
             # the in-memory history may hold changes that never reached the ConfigMap: start over
-            # from the stored one, so no pod is ever created for a trial the store does not know
+            # from the stored one (a pod created with a history that was not stored is deleted: pods.py)
             self.ctx.history = None
             raise
         finally:
@@ -239,8 +239,10 @@ class JobReconciler:
         decision = self._advance(session, seen)
         changed = bool(seen.outcomes or decision.changed)
         # the history first, then pods: the starts' Secrets after it (or, written ahead, earlier), their inputs
-        # meanwhile (they start nothing); their pods only once it is stored
-        starts = await self.executor.prepare_starts(decision.start, save=changed)
+        # meanwhile (they start nothing); their pods only once it is stored, or with it when every Secret was
+        # written ahead and every start's inputs travel in its pod
+        starts = await self.executor.prepare_starts(decision.start, save=changed,
+                                                    cancelling=bool(decision.cancel or seen.doomed))
         if changed:
             self.writer.count(records)
         await self.executor.cancel(decision.cancel, current, seen.doomed)

@@ -177,6 +177,18 @@ class FakeKube:
 _SET_TERM = re.compile(r"^\s*([^\s!=(),]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
 
 
+def inputs_of(pod: dict[str, Any], configmaps: dict[str, Any]) -> dict[str, str]:
+    """The input files a unit's runner reads: from its pod's annotations (a downwardAPI volume), else from its
+    inputs ConfigMap."""
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "inputs")
+    if "configMap" in volume:
+        return dict(configmaps[volume["configMap"]["name"]]["data"])
+    annotations = pod["metadata"]["annotations"]
+    keys = {item["path"]: re.fullmatch(r"metadata\.annotations\['(.+)'\]", item["fieldRef"]["fieldPath"])
+            for item in volume["downwardAPI"]["items"]}
+    return {path: annotations[key[1]] for path, key in keys.items() if key is not None}
+
+
 def matches_labels(labels: dict[str, str], selector: str) -> bool:
     """Kubernetes' label selector, as the API server applies it: `a=b`, `a==b`, `a!=b`, `a` (present),
     `!a` (absent), `a in (x,y)`, `a notin (x,y)`; terms separated by commas are ANDed."""

@@ -136,7 +136,9 @@ def _foreign(name: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("name", ["digits-history", "digits-baseline", "digits-baseline-input"])
-def test_an_unrelated_configmap_of_a_job_name_is_never_changed_or_deleted(name: str) -> None:
+def test_an_unrelated_configmap_of_a_job_name_is_never_changed_or_deleted(name: str,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(builders, "INLINE_INPUTS_LIMIT", 0)  # inputs too large for the pod get their ConfigMap
     world = World()
     assert name in (c.history_configmap("digits"), c.baseline_configmap("digits"), c.unit_inputs(BASELINE_POD))
     world.kube.configmaps[name] = _foreign(name)

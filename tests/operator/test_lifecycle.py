@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 from kubernetes.client import ApiException
-from opfakes import UID, job_body, make_config
+from opfakes import UID, inputs_of, job_body, make_config
 from test_reconcile import BASELINE_POD, World, spec_dict
 
 from qtune.operator import constants as c
@@ -276,8 +276,8 @@ def test_an_existing_unit_secret_is_never_used() -> None:
     assert ref == "digits-baseline-a1-key"
     assert world.kube.objects[("Secret", ref)]["stringData"]["secret"] != "known-to-its-author"
     assert world.kube.objects[("Secret", f"{BASELINE_POD}-key")] is planted, "not changed, not deleted"
-    assert c.unit_inputs(BASELINE_POD) not in world.kube.configmaps, "the superseded attempt's inputs are deleted"
-    assert c.unit_inputs("digits-baseline-a1") in world.kube.configmaps
+    assert not [n for n in world.kube.configmaps if n.endswith("-input")], "small inputs travel in the pod"
+    assert inputs_of(pod, world.kube.configmaps).keys() == {c.JOB_FILE}
 
 
 def test_a_secret_found_where_a_spare_goes_is_never_used() -> None:
@@ -553,11 +553,12 @@ def _secret_attempts(world: World) -> dict[str, int]:
     return out
 
 
-def test_a_dispatch_stores_the_history_and_the_next_inputs_at_once_then_its_pod() -> None:
+def test_a_dispatch_stores_the_history_and_creates_the_next_pod_at_once() -> None:
     """Issue 20: between a trial's result and the next trial's pod, one round trip: the history (holding the
-    finished trial) and the next trial's inputs are written at once, then its pod. Its Secret was written ahead,
-    after the step before had stored its attempt (no unit secret exists whose attempt the stored history lacks);
-    this step's history holds the attempt of the trial after it, whose Secret is written after the pod."""
+    finished trial) is stored while the next trial's pod, which carries its inputs, is created. Its Secret was
+    written ahead, after the step before had stored its attempt (no unit secret exists whose attempt the stored
+    history lacks); this step's history holds the attempt of the trial after it, whose Secret is written after
+    the pod."""
     world = World(job_body(spec=spec_dict(parallelTrials=1)))
     world.step()
     world.finish_running()             # the baseline
@@ -578,11 +579,11 @@ def test_a_dispatch_stores_the_history_and_the_next_inputs_at_once_then_its_pod(
     assert pod.endswith("digits-trial-1"), spans
     started = {label: times[0] for label, times in spans.items()}
     ended = {label: times[1] for label, times in spans.items()}
-    inputs = "ensure:ConfigMap:" + c.unit_inputs("digits-trial-1")
-    before_pod = sorted(label for label in spans if ended[label] <= started[pod]  # (the fake's ensure creates)
-                        and not label.startswith("create_configmap:"))
-    assert before_pod == [inputs, "replace_configmap:ConfigMap:digits-history"], spans
-    assert abs(started[before_pod[0]] - started[before_pod[1]]) < 0.01, "written at once: one round trip"
+    before_pod = [label for label in spans if ended[label] <= started[pod]]
+    assert before_pod == [], spans
+    history = "replace_configmap:ConfigMap:digits-history"
+    assert abs(started[history] - started[pod]) < 0.01, "the history and the pod written at once: one round trip"
+    assert not [label for label in spans if label.startswith(("ensure:ConfigMap:", "create_configmap:"))], spans
     spare = next(label for label in spans if label.startswith("ensure:Secret:"))
     assert spare.endswith(c.unit_key("digits-trial-2")) and started[spare] >= ended[pod], spans
     assert world.history().attempts.get("trial-2") == 0, "its attempt was stored before its Secret"
@@ -633,8 +634,9 @@ def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
     world.kube.replace_configmap = refused  # type: ignore[method-assign]
     with pytest.raises(ApiException):
         world.step()
+    # the pod, created while the history was being stored, is deleted again, and so is its Secret (written ahead)
+    assert "digits-trial-1" in world.kube.created_pods
     assert set(world.kube.pods) == before, "no pod for a trial whose predecessor's result is not stored"
-    # the history (with the next start's attempt) is stored before any Secret: none was written
     assert not [key for key in world.kube.objects if key[0] == "Secret" and "trial-1" in key[1]], world.kube.objects
     assert c.unit_inputs("digits-trial-1") not in world.kube.configmaps, "the inputs no pod will read are gone"
     assert ("Secret", c.unit_key("digits-trial-1")) not in world.kube.objects
@@ -643,6 +645,44 @@ def test_a_history_that_cannot_be_stored_starts_no_pod() -> None:
     started = set(world.kube.pods) - before
     assert len(started) == 1 and started.pop().startswith("digits-trial-1"), world.kube.pods.keys()
     assert [t.index for t in world.history().trials] == [0, 1] and world.history().trials[0].status == "succeeded"
+
+
+def test_a_pod_whose_history_was_never_stored_runs_its_trial_again_after_a_crash() -> None:
+    """The window of a one-round-trip dispatch: the operator dies after creating the next trial's pod and before
+    its history is stored. The restarted operator records the trial before from its result, lets the orphan pod
+    finish, ignores its result (the stored history has no record of its trial) and runs the trial again under a
+    new attempt: every trial is recorded once."""
+    world = World(job_body(spec=spec_dict(parallelTrials=1)))
+    world.step()
+    world.finish_running()             # the baseline
+    world.step()                       # trial 0 starts
+    world.finish_running()             # trial 0 finishes
+    real = world.kube.replace_configmap, world.kube.delete_pod, world.kube.delete
+    real_replace = real[0]
+
+    async def killed(body: dict[str, Any]) -> dict[str, Any]:
+        if body["metadata"]["name"] == "digits-history":
+            raise RuntimeError("the operator was killed")
+        return await real_replace(body)
+
+    async def dead(*_: Any, **__: Any) -> bool:  # a killed process deletes nothing
+        return False
+
+    world.kube.replace_configmap, world.kube.delete_pod, world.kube.delete = killed, dead, dead  # type: ignore
+    with pytest.raises(RuntimeError):
+        world.step()
+    assert "digits-trial-1" in world.kube.pods and [t.index for t in world.history().trials] == [0]
+    world.kube.replace_configmap, world.kube.delete_pod, world.kube.delete = real  # type: ignore[method-assign]
+    world.restart()
+    for _ in range(60):
+        if world.step().done:
+            break
+        world.finish_running()
+    assert world.kube.status.get("state") == st.SUCCEEDED_STATE, world.kube.status
+    trials = world.history().trials
+    assert [t.index for t in trials] == list(range(len(trials))) and all(t.done for t in trials)
+    assert trials[0].status == "succeeded"
+    assert c.unit_pod("digits", "trial-1", 1) in world.kube.created_pods, "trial 1 ran again under a new attempt"
 
 
 def test_a_step_that_changes_nothing_does_not_build_the_status_again(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,15 +252,44 @@ def test_a_pod_knows_which_attempt_of_its_unit_it_is() -> None:
     assert env["QTUNE_UNIT_ATTEMPT"] == "4"  # the runner's results-gateway credential names it
 
 
-def test_the_inputs_configmap_holds_the_job_and_the_config() -> None:
+def test_small_inputs_travel_in_the_pod_itself() -> None:
+    """The job and the config fit in the pod's annotations: a downwardAPI volume mounts them where the runner reads
+    them, and no ConfigMap is needed (the pod is created in the same round trip as the history is stored)."""
     body = job_body()
-    _, spec_dict = validate(body)
-    inputs = builders.unit_inputs(JobRef.from_body(body), spec_dict, _plan())
+    spec, spec_dict = validate(body)
+    files = builders.unit_input_files(JobRef.from_body(body), spec_dict, _plan())
+    job = job_from_dict(json.loads(files["job.json"]))
+    assert job.name == "digits" and job.spec.tuning.objective == "size"
+    assert json.loads(files["config.json"]) == CONFIG
+    assert builders.inline_inputs(files) == files
+    pod = builders.unit_pod(JobRef.from_body(body), spec, _plan(), OperatorConfig(), inline=files)
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "inputs")
+    items = {i["path"]: i["fieldRef"]["fieldPath"] for i in volume["downwardAPI"]["items"]}
+    annotations = pod["metadata"]["annotations"]
+    assert set(items) == {"job.json", "config.json"}
+    for file, path in items.items():
+        key = path.removeprefix("metadata.annotations['").removesuffix("']")
+        assert annotations[key] == files[file]
+    args = pod["spec"]["containers"][0]["args"]
+    assert args[args.index("--config") + 1] == "/etc/qtune/unit/config.json"
+    mount = next(m for m in pod["spec"]["containers"][0]["volumeMounts"] if m["name"] == "inputs")
+    assert mount == {"name": "inputs", "mountPath": "/etc/qtune/unit", "readOnly": True}
+
+
+def test_large_inputs_get_their_own_configmap() -> None:
+    body = job_body()
+    spec, spec_dict = validate(body)
+    config = {**CONFIG, "extras": {"x": "y" * (builders.INLINE_INPUTS_LIMIT + 1)}}
+    plan = builders.UnitPlan(unit="trial-3", attempt=0, trial=3, tune_config=config)
+    files = builders.unit_input_files(JobRef.from_body(body), spec_dict, plan)
+    assert builders.inline_inputs(files) is None
+    inputs = builders.unit_inputs(JobRef.from_body(body), plan, files)
     assert inputs["metadata"]["name"] == "digits-trial-3-input"
     assert inputs["metadata"]["ownerReferences"][0]["uid"] == UID
-    job = job_from_dict(json.loads(inputs["data"]["job.json"]))
-    assert job.name == "digits" and job.spec.tuning.objective == "size"
-    assert json.loads(inputs["data"]["config.json"]) == CONFIG
+    assert json.loads(inputs["data"]["config.json"]) == config
+    pod = builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig())
+    assert {"name": "inputs", "configMap": {"name": "digits-trial-3-input"}} in pod["spec"]["volumes"]
+    assert not any(k.startswith("qtune.io/input.") for k in pod["metadata"].get("annotations") or {})
 
 
 def test_a_2000_op_config_travels_in_the_configmap_not_argv() -> None:
@@ -274,12 +303,13 @@ def test_a_2000_op_config_travels_in_the_configmap_not_argv() -> None:
     spec, spec_dict = validate(body)
     pod = builders.unit_pod(JobRef.from_body(body), spec, plan, OperatorConfig())
     assert max(len(a) for a in pod["spec"]["containers"][0]["args"]) < 200
-    inputs = builders.unit_inputs(JobRef.from_body(body), spec_dict, plan)
-    assert len(inputs["data"]["config.json"]) > 128 * 1024  # past Linux's per-argument limit
-    assert json.loads(inputs["data"]["config.json"]) == config
+    files = builders.unit_input_files(JobRef.from_body(body), spec_dict, plan)
+    assert builders.inline_inputs(files) is None
+    assert len(files["config.json"]) > 128 * 1024  # past Linux's per-argument limit
+    assert json.loads(files["config.json"]) == config
     huge = builders.UnitPlan(unit="trial-0", trial=0, tune_config={**config, "extras": {"x": "y" * 1_100_000}})
     with pytest.raises(protocol.PayloadTooLarge):
-        builders.unit_inputs(JobRef.from_body(body), spec_dict, huge)
+        builders.unit_input_files(JobRef.from_body(body), spec_dict, huge)
 
 
 def test_the_result_secret_reaches_only_its_pod() -> None:

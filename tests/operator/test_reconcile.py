@@ -14,7 +14,7 @@ from typing import Any
 import kopf
 import pytest
 from kubernetes.client import ApiException
-from opfakes import SIGNING_KEY, FakeKube, FakePoller, FakeResults, job_body, make_config
+from opfakes import SIGNING_KEY, FakeKube, FakePoller, FakeResults, inputs_of, job_body, make_config
 from simulated import SimulatedExecutor, run_simulated, sensitive_accuracy, simulated_space
 
 from qtune import protocol
@@ -94,9 +94,9 @@ class World:
                 ("Succeeded", "Failed")}
 
     def unit_of(self, pod: dict[str, Any]) -> WorkUnit:
-        """What the runner in the pod reads: its labels, args and mounted inputs ConfigMap."""
+        """What the runner in the pod reads: its labels, args and mounted inputs (annotations or ConfigMap)."""
         unit = pod["metadata"]["labels"][c.LABEL_UNIT]
-        inputs = self.kube.configmaps[c.unit_inputs(pod["metadata"]["name"])]["data"]
+        inputs = inputs_of(pod, self.kube.configmaps)
         assert c.JOB_FILE in inputs
         config = json.loads(inputs.get(c.CONFIG_FILE, "{}"))
         if unit == protocol.UnitKind.BASELINE:
