@@ -2,7 +2,7 @@
 
 Many jobs at once (objective latency, so each ends with a `confirm` unit). Their pods run this
 file's `fake-runner`: the REAL runner (`qtune.runner.__main__.main`: argument parsing, the job
-and tune config read from the unit's inputs ConfigMap, publishing the baseline's tuning space to
+and tune config read from the unit's mounted inputs (its pod's annotations), publishing the baseline's tuning space to
 its ConfigMap, signing with the pod's secret, pushing with retry, the termination message) with
 only the ONNX Runtime work (`run_baseline`, `run_trial`, `run_confirm`) replaced by made-up
 figures. What is measured is the operator, not ONNX Runtime; and a protocol change breaks it.
@@ -290,13 +290,23 @@ def created_pods(requests: dict[str, dict[str, Any]], namespace: str) -> dict[st
 @dataclass
 class StepTiming:
     """The operator's share of one dispatch (its job's pod seen finished -> next pod created), split by the
-    audit log into: before its first request, inside the API server (the job's requests in the window,
-    received -> completed) and in the operator between its requests."""
+    audit log into: before its first request, inside the API server (the time the job's requests in the window
+    cover, received -> completed: requests made at once count once) and in the operator between its requests."""
 
     wake: float
     api: float
     between: float
     requests: int
+
+
+def _covered(spans: list[tuple[float, float]]) -> float:
+    """Seconds covered by the sorted spans (their union)."""
+    total, reach = 0.0, float("-inf")
+    for begin, end in spans:
+        if end > reach:
+            total += end - max(begin, reach)
+            reach = end
+    return total
 
 
 def operator_split(requests: dict[str, dict[str, Any]], windows: Iterable[tuple[str, float, float]]
@@ -317,7 +327,7 @@ def operator_split(requests: dict[str, dict[str, Any]], windows: Iterable[tuple[
                        if start <= span[0] and span[1] <= end + 1e-3)
         if not spans:
             continue
-        api = sum(b - a for a, b in spans)
+        api = _covered(spans)
         wake = spans[0][0] - start
         out.append(StepTiming(wake, api, max(0.0, end - start - wake - api), len(spans)))
     return out

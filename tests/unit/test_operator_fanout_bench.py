@@ -224,3 +224,19 @@ def test_operator_settings_show_what_the_operator_reads_from_env() -> None:
     assert settings["poll_interval"] == "2.0*"
     names = {f.name for f in fields(OperatorConfig)}
     assert set(settings) <= names and not any(v.endswith("*") for k, v in settings.items() if k != "poll_interval")
+
+
+def test_the_operator_split_counts_requests_made_at_once_once() -> None:
+    """The history stored while the next pod is created: two requests, one stretch in the API server."""
+    def request(name: str, begin: float, end: float) -> dict[str, Any]:
+        def stamp(t: float) -> str:
+            return f"2026-12-02T01:00:{t:09.6f}Z"
+        return {"stage": "ResponseComplete", "verb": "update", "objectRef": {"name": name},
+                "requestReceivedTimestamp": stamp(begin), "stageTimestamp": stamp(end)}
+
+    requests = {"a": request("job-history", 10.1, 10.2), "b": request("job-trial-1", 10.12, 10.25),
+                "c": request("job-trial-1-key", 10.3, 10.35), "d": request("other-history", 10.1, 10.2)}
+    start = bench._timestamp("2026-12-02T01:00:10Z")
+    [split] = bench.operator_split(requests, [("job", start, start + 0.25)])
+    assert split.requests == 2 and abs(split.wake - 0.1) < 1e-6
+    assert abs(split.api - 0.15) < 1e-6 and abs(split.between) < 1e-6
