@@ -2,8 +2,9 @@
 
 A step that starts a trial also issues the attempt of the trial after it (the spare): the attempt is stored in the
 history that step stores anyway (so no unit secret exists whose attempt the stored history lacks), and its Secret
-is written after that step's pods. The step that starts the spare's trial then only stores its history, the
-trial's inputs written meanwhile, before creating its pod (two round trips, not three).
+is written after that step's pods. The step that starts the spare's trial then stores its history while it
+creates the trial's pod, which carries its inputs (one round trip, not three; two when the inputs need their own
+ConfigMap: qtune/operator/pods.py).
 
 Only a Secret this process created is ever taken (`ready`, in memory): a restarted operator takes a new attempt
 (the stored one is issued), as it cannot read Secrets. A spare is taken only while its attempt is still the unit's
