@@ -187,6 +187,14 @@ class BaselineResult(_Message):
     published space only once this result is accepted and the stored value has this hash."""
 
 
+EARLY_STOP_NOTE = "evaluation stopped early"
+"""How a trial's note begins when its evaluation stopped once the criterion was out of reach
+(qtune/runner/evaluation.py): its accuracy is then the best score it could still have reached, a bound that fails
+the criterion, not its measured score."""
+BOUND_WORDS = {True: "at most", False: "at least"}
+"""The note's words for that bound, by the metric's direction (higher is better: the score is at most the bound)."""
+
+
 class TrialResult(_Message):
     """One trial's outcome. `speed` is empty when the trial was not benchmarked (it failed the
     accuracy criterion, so its latency would decide nothing)."""
@@ -202,6 +210,7 @@ class TrialResult(_Message):
     reason: str | None = None
     message: str | None = None
     notes: list[str] = Field(default_factory=list)
+    """What the trial says about itself; a note beginning EARLY_STOP_NOTE: `accuracy` is a bound, not a score."""
     peak_rss_bytes: dict[str, int] = Field(default_factory=dict)
     """Peak resident set of the trial's process: "calibration" (while it calibrated, when it did), "total"."""
     model_sha256: str | None = None

@@ -78,7 +78,7 @@ class RichProgress:
     def trial_finished(self, record: TrialRecord, best: TrialRecord | None, elapsed: float) -> None:
         self.finished += 1
         mark = "[green]✓[/green]" if record.passed else ("[red]✗[/red]" if record.ok else "[red]failed[/red]")
-        detail = (f"accuracy {record.accuracy:.4f}" if record.accuracy is not None
+        detail = (f"accuracy {record.accuracy_text()}" if record.accuracy is not None
                   else f"{record.reason}: {(record.message or '')[:120]}")
         key = record.batch_key()
         measured = record.speed_at(key)

@@ -37,7 +37,7 @@ def print_status(job_file: str) -> int:
         table.add_column(column)
     for t in history.trials:
         measured = speed_of(history, t, batch)
-        table.add_row(str(t.index), t.status, "–" if t.accuracy is None else f"{t.accuracy:.4f}",
+        table.add_row(str(t.index), t.status, t.accuracy_text(),
                       "yes" if t.passed else "no", "–" if measured is None else f"{measured.fp32_p50_ms:.3f}",
                       "–" if measured is None else f"{measured.p50_ms:.3f}",
                       "–" if measured is None else f"{measured.speedup:.2f}× [{measured.low:.2f}–{measured.high:.2f}]",

@@ -66,6 +66,10 @@ def _plot(path: Path, history: History, session: TuningSession, best: TrialRecor
     return True
 
 
+BOUND_LEGEND = ("An accuracy marked ≤ (≥ for lower-is-better metrics) is not a measured score: the evaluation stopped "
+                "once the criterion was out of reach, and the figure is the best the trial could still have reached.")
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
@@ -130,7 +134,7 @@ def _rows(history: History, batch: int) -> list[list[str]]:
         timings = t.timings or {}
         measured = speed_of(history, t, batch)
         rows.append([
-            str(t.index), t.status, _fmt(t.accuracy), "yes" if t.passed else "no",
+            str(t.index), t.status, t.accuracy_text(), "yes" if t.passed else "no",
             _fmt(measured.fp32_p50_ms if measured else None, 3), _fmt(measured.p50_ms if measured else None, 3),
             _speed_text(measured) + _busy_mark(measured), str(len(t.tune_config.fp32_ops())),
             t.tune_config.approach + (f" ({weights})" if (weights := t.tune_config.weights_text()) else ""),
@@ -221,7 +225,7 @@ def write_report(folder: Path, job: QuantizationJob, session: TuningSession) -> 
         md += ["", "## Accuracy–speed front", "", front_intro(front, batch, best), "",
                "| " + " | ".join(FRONT_HEADERS) + " |", "|" + "---|" * len(FRONT_HEADERS)]
         md += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in front_rows(front)]
-    md += ["", "## Trials", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    md += ["", "## Trials", "", BOUND_LEGEND, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     md += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in _rows(history, batch)]
     if notes:
         md += ["", "## Notes from the adaptor", ""] + [f"- `{k}`: {v}" for k, v in notes.items()]
@@ -248,7 +252,7 @@ def write_report(folder: Path, job: QuantizationJob, session: TuningSession) -> 
 padding:3px 8px;text-align:left;font-size:13px}}</style></head><body>
 <h1>qtune report: {html.escape(job.name)}</h1><table>{items}</table>{image}
 {front_html}
-<h2>Trials</h2><table><tr>{head}</tr>{body}</table>
+<h2>Trials</h2><p>{html.escape(BOUND_LEGEND)}</p><table><tr>{head}</tr>{body}</table>
 {f"<h2>Notes from the adaptor</h2><ul>{note_items}</ul>" if notes else ""}</body></html>
 """
     (folder / "report.html").write_text(page)

@@ -24,6 +24,7 @@ import numpy as np
 
 from qtune.adaptors import Adaptor
 from qtune.data import DataLoader, Metric
+from qtune.protocol import BOUND_WORDS, EARLY_STOP_NOTE
 from qtune.spec.errors import DataError, QtuneError
 
 logger = logging.getLogger(__name__)
@@ -45,13 +46,14 @@ class EvaluationResult:
     total: int = 0
     seconds: float = 0.0
     threshold: float | None = None
+    higher_is_better: bool = True
 
     def note(self) -> str | None:
-        """The line a report or trial record shows when the evaluation stopped early."""
+        """The line a report or trial record shows when the evaluation stopped early (protocol.EARLY_STOP_NOTE)."""
         if not self.stopped_early:
             return None
-        return (f"evaluation stopped early after {self.samples} of {self.total} samples: {self.metric} can reach "
-                f"at most {self.score:.6g}, the criterion needs {self.threshold:.6g}")
+        return (f"{EARLY_STOP_NOTE} after {self.samples} of {self.total} samples: {self.metric} can reach "
+                f"{BOUND_WORDS[self.higher_is_better]} {self.score:.6g}, the criterion needs {self.threshold:.6g}")
 
 
 @dataclass
@@ -145,10 +147,12 @@ def evaluate_metric(adaptor: Adaptor, model: Any, loader: DataLoader, metric: Me
     score = adaptor.evaluate(model, stopping if stopping is not None else loader, metric=counting)
     seconds = time.perf_counter() - started
     if stopping is not None and stopping.stopped_with is not None:
-        logger.info("evaluation stopped early after %d of %d samples: %s can reach at most %.6g < %.6g",
-                    counting.seen, total, name, stopping.stopped_with, rule.threshold if rule else float("nan"))
+        logger.info("%s after %d of %d samples: %s can reach %s %.6g, the criterion needs %.6g", EARLY_STOP_NOTE,
+                    counting.seen, total, name, BOUND_WORDS[rule.higher_is_better] if rule else "",
+                    stopping.stopped_with, rule.threshold if rule else float("nan"))
+        assert rule is not None
         return EvaluationResult(float(stopping.stopped_with), name, True, counting.seen, total, seconds,
-                                rule.threshold if rule else None)
+                                rule.threshold, rule.higher_is_better)
     return EvaluationResult(_finite(float(score), name), name, False, counting.seen or total, total, seconds,
                             rule.threshold if rule else None)
 

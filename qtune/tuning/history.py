@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qtune.protocol import FAILED, SUCCEEDED, ConfirmResult, SpeedMeasurement
+from qtune.protocol import BOUND_WORDS, EARLY_STOP_NOTE, FAILED, SUCCEEDED, ConfirmResult, SpeedMeasurement
 from qtune.tuning import codec
 from qtune.tuning.config import TuneConfig
 
@@ -92,6 +92,17 @@ class TrialRecord:
     @property
     def done(self) -> bool:
         return self.status != PENDING
+
+    def accuracy_text(self, digits: int = 4) -> str:
+        """The accuracy as a trial line or table shows it: "≤ 0.9784" (≥ for lower-is-better metrics) when it is
+        the bound an evaluation stopped early at (protocol.EARLY_STOP_NOTE), not a measured score."""
+        if self.accuracy is None:
+            return "–"
+        value = f"{self.accuracy:.{digits}f}"
+        note = next((n for n in self.notes if n.startswith(EARLY_STOP_NOTE)), None)
+        if note is None:
+            return value
+        return ("≥ " if BOUND_WORDS[False] in note else "≤ ") + value
 
     @property
     def ok(self) -> bool:

@@ -18,7 +18,9 @@ from tiny_onnx import save_tiny_classifier
 from qtune.data import Dataset
 from qtune.data.metrics import CosineSimilarity, MacroF1, MeanSquaredError, TopK, UserMetric
 from qtune.runner.evaluation import StopRule, evaluate_metric
+from qtune.tuning.config import TuneConfig
 from qtune.tuning.criterion import Criterion
+from qtune.tuning.history import TrialRecord
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "digit_strings"
@@ -102,10 +104,16 @@ def test_early_stopping_never_changes_the_decision(kind: str) -> None:
         assert criterion.passes(early.score, baseline) == criterion.passes(full.score, baseline)
         if criterion.passes(full.score, baseline):
             assert not early.stopped_early and early.score == full.score and early.samples == n
+        record = TrialRecord(index=0, config_key="k", tune_config=TuneConfig("static", "QDQ", {}), accuracy=early.score,
+                             notes=[note] if (note := early.note()) else [])
         if early.stopped_early:
             stopped += 1
             assert early.samples < n and adaptor.batches < len(dataset.loader(16))
-            assert early.note() and "stopped early" in early.note()
+            # the score is the bound the full evaluation could still have reached, and it says so
+            assert early.score >= full.score - 1e-12 if higher else early.score <= full.score + 1e-12
+            assert record.accuracy_text() == ("≤ " if higher else "≥ ") + f"{early.score:.4f}", early.note()
+        else:
+            assert record.accuracy_text() == f"{early.score:.4f}"
     assert stopped > 0, "no case exercised early stopping"
 
 
