@@ -95,6 +95,7 @@ def test_the_decoder_lm_example_runs_through_the_operator(cluster: Any, op_names
               f"{best.get('accuracy')} speedup {best.get('speedupInterval')} size {best.get('modelSizeBytes')}",
               f"  baseline latency (ms) {status.get('baseline', {}).get('latencyMs')}, best speed {best.get('speed')}",
               f"  ConfigMaps (largest bytes seen): {usage.configmaps}",
+              f"  inputs in the pods' annotations (largest bytes seen): {max(usage.pod_inputs.values(), default=0)}",
               f"  pods' peak RSS, sampled (MB): { {k: v >> 20 for k, v in usage.pod_rss.items()} }",
               f"  baseline peak RSS, its own (MB): {mb}"]
     for t in history.trials:

@@ -21,6 +21,7 @@ from clusterlib import wait_for
 from kubernetes import client
 
 from qtune.operator import constants as c
+from qtune.operator.builders import INLINE_INPUTS_LIMIT
 
 pytest.importorskip("onnxruntime")
 
@@ -153,8 +154,8 @@ def test_a_weight_only_decode_job_runs_through_the_operator(cluster: Any, op_nam
     assert "MatMulNBits" in opcluster.op_types(saved), opcluster.op_types(saved)
     assert winner.model_sha256 == model_sha256(opcluster.onnx_file(saved)), text
 
-    # the ConfigMaps: the history, the published baseline, each unit's inputs; all small
-    assert {c.history_configmap(name), c.baseline_configmap(name)} <= set(usage.configmaps), usage.configmaps
-    assert any(key.startswith(f"{name}-") and key not in (c.history_configmap(name), c.baseline_configmap(name))
-               for key in usage.configmaps), f"no unit inputs ConfigMap seen: {usage.configmaps}"
+    # the ConfigMaps: the history and the published baseline, both small; each unit's inputs travel in its pod
+    assert set(usage.configmaps) == {c.history_configmap(name), c.baseline_configmap(name)}, usage.configmaps
     assert max(usage.configmaps.values()) < CONFIGMAP_LIMIT, text
+    units = {pod: size for pod, size in usage.pod_inputs.items() if "-cleanup" not in pod}
+    assert units and all(0 < size <= INLINE_INPUTS_LIMIT for size in units.values()), usage.pod_inputs

@@ -1,6 +1,7 @@
 """What a job takes on the test plane while it runs, sampled in a thread: the bytes of each ConfigMap of its
-namespace (a unit's inputs ConfigMap lives only as long as its pod, so a look at the end would miss it) and the
-resident memory of each pod's processes (the node agent runs a pod as a process session; its containerID is
+namespace (a unit's inputs ConfigMap, when its inputs are too large for its pod, lives only as long as its pod, so a
+look at the end would miss it), the bytes of the inputs each pod carries in its annotations, and the resident
+memory of each pod's processes (the node agent runs a pod as a process session; its containerID is
 `qtune://<pid of the session leader>`)."""
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 from kubernetes import client
 from node_agent import rss_by_session
+
+from qtune.operator import constants as c
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,8 @@ class Usage:
         self.interval = interval
         self.configmaps: dict[str, int] = {}
         self.pod_rss: dict[str, int] = {}
+        self.pod_inputs: dict[str, int] = {}
+        """pod name -> bytes of the input files in its annotations (keys and values; 0: they are in a ConfigMap)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="usage")
 
@@ -60,7 +65,12 @@ class Usage:
         for body in self.core.list_namespaced_config_map(self.namespace).items:
             if body.metadata.name != "kube-root-ca.crt":
                 self._keep(self.configmaps, body.metadata.name, configmap_bytes(body))
-        pids = {pod.metadata.name: _session_pid(pod) for pod in self.core.list_namespaced_pod(self.namespace).items}
+        pods = self.core.list_namespaced_pod(self.namespace).items
+        for pod in pods:
+            annotations = pod.metadata.annotations or {}
+            self._keep(self.pod_inputs, pod.metadata.name, sum(len(k) + len(v.encode()) for k, v in annotations.items()
+                                                               if k.startswith(c.input_annotation(""))))
+        pids = {pod.metadata.name: _session_pid(pod) for pod in pods}
         if any(pids.values()):
             rss = rss_by_session()
             for name, pid in pids.items():
